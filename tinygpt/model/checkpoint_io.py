@@ -1,0 +1,123 @@
+"""HF-native model directories: save and load a whole model, or only its trainable tensors plus a base reference.
+
+A directory holds ``config.json`` (``TinyGPTVConfig``: sizes, prompt template, LoRA settings), ``model.safetensors``
+and the tokenizer files. A *trainable-only* directory sets ``config.base_model`` to the directory holding everything
+else (relative paths are relative to the directory itself), so a stage output stays small; loading follows the chain.
+Everything is written to a temporary directory first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from ..io_utils import atomic_dir
+from .state import load_state
+from .vlm import TinyGPTVForConditionalGeneration
+from .vlm_config import TinyGPTVConfig
+
+log = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"
+
+
+def _read_config(directory: Path) -> TinyGPTVConfig:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: not a tinygpt model directory (no config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if raw.get("model_type") != TinyGPTVConfig.model_type:
+        raise UserError(f"{path}: model_type is {raw.get('model_type')!r}, expected {TinyGPTVConfig.model_type!r}")
+    return TinyGPTVConfig.from_pretrained(str(directory), local_files_only=True)
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{directory}: missing {WEIGHTS}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _chain(directory: Path) -> list[Path]:
+    """Model directories from the root (whole weights) to ``directory`` (last delta)."""
+    chain, seen = [directory], {directory.resolve()}
+    config = _read_config(directory)
+    while config.base_model:
+        base = Path(config.base_model)
+        base = base if base.is_absolute() else (chain[-1] / base)
+        if base.resolve() in seen:
+            raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} makes a cycle")
+        seen.add(base.resolve())
+        chain.append(base)
+        config = _read_config(base)
+    return chain[::-1]
+
+
+def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None):
+    """Load a model directory (whole or trainable-only), attach its tokenizer. Offline."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"{directory}: model directory does not exist")
+    config = _read_config(directory)
+    chain = _chain(directory)
+    model = TinyGPTVForConditionalGeneration(config)
+    for i, part in enumerate(chain):
+        root = i == 0
+        report = load_state(
+            model, _read_weights(part), str(part / WEIGHTS), expect_complete=root, ignore_missing=(".lora_",)
+        )
+        if report.unexpected:
+            raise UserError(f"{part / WEIGHTS}: tensors the model does not have; " + report.summary())
+        log.info(report.summary())
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    model.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory, config)
+    return model
+
+
+def _load_tokenizer(directory: Path, config: TinyGPTVConfig):
+    from ..tokenizer import load_tokenizer
+
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(directory))
+    return load_tokenizer(config.tokenizer_source)
+
+
+def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, base_model: str | None = None) -> Path:
+    """Write a model directory atomically. ``trainable_only`` keeps only tensors with ``requires_grad``."""
+    directory = Path(directory)
+    if trainable_only and not base_model:
+        raise UserError("save: a trainable-only directory needs base_model (the directory with the other weights)")
+    config = TinyGPTVConfig.from_dict(model.config.to_dict())
+    config.base_model = _relative_to(base_model, directory) if trainable_only else None
+    if trainable_only:
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    with atomic_dir(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+    return directory
+
+
+def _relative_to(base: str, directory: Path) -> str:
+    """Store the base as a path relative to the new directory, so a tree of stage outputs can be moved whole."""
+    base_path = Path(base).resolve()
+    try:
+        return os.path.relpath(base_path, directory.resolve())
+    except ValueError:  # another drive on Windows
+        return str(base_path)

@@ -1,0 +1,283 @@
+"""The modified Phi-2 of TinyGPT-V as a transformers ``PreTrainedModel``.
+
+Decoder layer (parallel residual, as the original code runs it, not as the paper figure draws it)::
+
+    h  = LN_in(x)
+    a  = RMSNorm_post(Attn(h))          # RMSNorm only on the attention branch
+    x' = x + a + MLP(h)
+
+Attention: fused ``qkv`` Linear (rows ``[q; k; v]``) -> per-head LayerNorm on q and k (over head_dim, shared by heads)
+-> partial NeoX RoPE on the first ``rotary_dim`` dims -> causal SDPA -> ``dense``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .phi_config import TinyGPTPhiConfig
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMSNorm with statistics in fp32; the output has the input's dtype."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
+    """cos/sin of shape [B, S, rotary_dim] for NeoX-style rotation (frequencies repeated twice)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device).float() / rotary_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, S, D]; rotates the first cos.shape[-1] dims, passes the rest through."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+class TinyGPTPhiAttention(nn.Module):
+    def __init__(self, config: TinyGPTPhiConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rotary_dim = config.rotary_dim
+        self.rope_base = config.rope_base
+        hidden = config.hidden_size
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=True)
+        self.dense = nn.Linear(hidden, hidden, bias=True)
+        if config.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        bsz, seq, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(bsz, seq, 3, self.num_heads, self.head_dim).unbind(2)
+        if self.q_layernorm is not None:
+            q = self.q_layernorm(q)
+            k = self.k_layernorm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        cos, sin = cos_sin
+        q = apply_partial_rope(q, cos, sin).to(v.dtype)
+        k = apply_partial_rope(k, cos, sin).to(v.dtype)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5)
+        return self.dense(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class TinyGPTPhiMLP(nn.Module):
+    def __init__(self, config: TinyGPTPhiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TinyGPTPhiDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TinyGPTPhiConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = TinyGPTPhiAttention(config, layer_idx)
+        self.post_layernorm = (
+            RMSNorm(config.hidden_size, config.rms_norm_eps) if config.post_attention_rmsnorm else None
+        )
+        self.mlp = TinyGPTPhiMLP(config)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states, cos_sin=None, attn_mask=None, past_key_values=None, **kwargs):
+        h = self.input_layernorm(hidden_states)
+        a = self.self_attn(h, cos_sin, attn_mask, past_key_values)
+        if self.post_layernorm is not None:
+            a = self.post_layernorm(a)
+        return hidden_states + self.resid_dropout(a) + self.resid_dropout(self.mlp(h))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, seq: int, past: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean [B, 1, S, past+S] mask (True = may attend): causal AND key not padding.
+
+    A query always sees itself, so a padding query never has an empty row (which would give NaN).
+    """
+    total = past + seq
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, seq, total)
+    if attention_mask is not None:
+        keys = attention_mask[:, -total:].bool()
+        mask = mask & keys[:, None, None, :]
+    return mask | (k_pos == q_pos)[None, None]
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, batch: int, seq: int, past: int, device):
+    """Positions count only real tokens, so left and right padding both give the unpadded positions."""
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device)[None].expand(batch, seq)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -seq:]
+
+
+class TinyGPTPhiPreTrainedModel(PreTrainedModel):
+    config_class = TinyGPTPhiConfig
+    config: TinyGPTPhiConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TinyGPTPhiDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
+    def __init__(self, config: TinyGPTPhiConfig):
+        super().__init__(config)
+        config.validate_shapes()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        self.layers = nn.ModuleList(TinyGPTPhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        batch, seq, _ = inputs_embeds.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, batch, seq, past, device)
+        mask = build_attention_mask(attention_mask, batch, seq, past, device)
+        cos_sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_base, torch.float32)
+        hidden = self.embed_dropout(inputs_embeds)
+        for layer in self.layers:
+            hidden = layer(hidden, cos_sin=cos_sin, attn_mask=mask, past_key_values=past_key_values)
+        hidden = self.final_layernorm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
+    def __init__(self, config: TinyGPTPhiConfig):
+        super().__init__(config)
+        self.model = TinyGPTPhiModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy, mean over supervised (label != -100) tokens of the whole batch."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)

@@ -1,0 +1,49 @@
+"""Configuration of the modified Phi-2 language model (TinyGPT-V's LLM)."""
+
+from transformers import PreTrainedConfig
+
+
+class TinyGPTPhiConfig(PreTrainedConfig):
+    """Phi-2 shapes plus the two optional extra norms of TinyGPT-V.
+
+    ``qk_layernorm``: a LayerNorm over head_dim (shared by all heads) on queries and keys, before RoPE.
+    ``post_attention_rmsnorm``: a weight-only RMSNorm on the attention branch output.
+    With both switched off the model is plain Phi-2 (and exports to a stock llama.cpp ``phi2`` GGUF).
+    """
+
+    model_type = "tinygpt_phi"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 51200
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    rotary_dim: int = 32
+    rope_base: float = 10000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    qk_layernorm: bool = True
+    post_attention_rmsnorm: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate_shapes(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
