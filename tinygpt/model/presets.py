@@ -16,6 +16,7 @@ PHI2 = dict(
 EVA_VIT_G = dict(
     hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, patch_size=14,
     image_size=224, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
+    initializer_range=0.02,  # transformers' default (1e-10) would make a randomly initialised ViT blind
 )
 BLIP2_QFORMER = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",

@@ -161,9 +161,9 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
         text = self.config.text_config
         generate_kwargs.setdefault("pad_token_id", text.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", text.eos_token_id)
-        if self.config.stop_strings and "stop_strings" not in generate_kwargs:
-            generate_kwargs["stop_strings"] = list(self.config.stop_strings)
-        if generate_kwargs.get("stop_strings"):
+        stops = generate_kwargs.pop("stop_strings", self.config.stop_strings)
+        if stops:
+            generate_kwargs["stop_strings"] = list(stops)
             generate_kwargs.setdefault("tokenizer", self._require_tokenizer())
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(device), **generate_kwargs

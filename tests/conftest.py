@@ -1,0 +1,36 @@
+"""Shared fixtures: offline settings, the builtin tokenizer, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tinygpt.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+@pytest.fixture
+def tiny_vlm(tokenizer):
+    """A freshly initialised tiny TinyGPT-V (seeded), with the tokenizer attached, in eval mode."""
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
+
+    def make(lora=None, extra_norms=True, seed=0, **overrides):
+        torch.manual_seed(seed)
+        model = TinyGPTVForConditionalGeneration(build_config("tiny", lora=lora, extra_norms=extra_norms, **overrides))
+        model.tokenizer = tokenizer
+        return model.eval()
+
+    return make
