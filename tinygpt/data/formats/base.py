@@ -1,0 +1,209 @@
+"""The shared machinery of map-style loaders: index and validate at construction, decode images lazily.
+
+A loader subclasses :class:`RecordDataset`, reads its annotation file(s) in ``__init__`` and calls :meth:`add`
+for every raw entry with a function that turns it into a :class:`Record` (or raises BadRecord, or returns None
+to drop it on purpose, e.g. another split). It implements :meth:`make_turns`. Randomness (prompt choice, answer
+sampling) comes from :meth:`rng`, a function of (seed, epoch, index), so a resumed run draws the same texts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
+from tinygpt.data.image import ImageTransform, load_image, safe_join
+from tinygpt.errors import UserError
+from tinygpt.tasks import IMAGE_PLACEHOLDER
+
+
+@dataclass
+class Record:
+    """One validated entry: where it came from, its images (relative to ``root``) and loader-specific data."""
+
+    images: list[str] = field(default_factory=list)
+    data: Any = None
+    where: str = ""  # set by RecordDataset.add
+
+
+def read_json(path: str | Path, what: str = "annotation file") -> Any:
+    """Parse a whole JSON file; a missing or malformed file is a UserError naming file, line and column."""
+    path = Path(path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: {what} is a directory, expected a JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def iter_json_list(path: str | Path, key: Optional[str] = None) -> Iterator[tuple[str, Any]]:
+    """(where, entry) for each entry of a JSON file that is a list (or an object whose ``key`` is a list)."""
+    content = read_json(path)
+    if key is not None:
+        if not isinstance(content, dict) or not isinstance(content.get(key), list):
+            raise UserError(f"{path}: expected a JSON object with a {key!r} list")
+        content = content[key]
+    elif not isinstance(content, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(content).__name__}")
+    for index, entry in enumerate(content):
+        yield f"{path} record {index}", entry
+
+
+def iter_jsonl(path: str | Path, counter: BadRecordCounter) -> Iterator[tuple[str, Any]]:
+    """(where, object) per non-blank line; a line that is not JSON is counted as bad and skipped."""
+    path = Path(path)
+    try:
+        f = open(path, "r", encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file does not exist") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                counter.skip(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def require(entry: Any, key: str, kind: type | tuple[type, ...] = str) -> Any:
+    """``entry[key]`` checked for type (a string must not be blank); BadRecord naming the field otherwise."""
+    if not isinstance(entry, dict):
+        raise BadRecord(f"expected a JSON object, got {type(entry).__name__}")
+    if key not in entry:
+        raise BadRecord(f"missing field {key!r}")
+    value = entry[key]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise BadRecord(f"field {key!r} has the wrong type (bool)")
+    if not isinstance(value, kind):
+        raise BadRecord(f"field {key!r} has the wrong type ({type(value).__name__})")
+    if isinstance(value, str) and not value.strip():
+        raise BadRecord(f"field {key!r} is empty")
+    return value
+
+
+def image_file_name(pattern: str, entry: dict) -> str:
+    """Format a configured file-name pattern (e.g. ``"COCO_train2014_{id}.jpg"``) with a record's fields."""
+    try:
+        return pattern.format(**entry)
+    except KeyError as exc:
+        raise BadRecord(f"missing field {exc.args[0]!r} needed by the image name pattern {pattern!r}") from None
+    except (ValueError, TypeError, IndexError) as exc:
+        raise BadRecord(f"cannot build the image name from pattern {pattern!r}: {exc}") from None
+
+
+def check_placeholders(turns: list[dict], image_count: int) -> None:
+    """The data contract: >= 1 turn, and as many ``<ImageHere>`` in all user texts as there are images (a dataset
+    text that itself contains the placeholder, or puts it in an answer, would break the model's splice)."""
+    if not turns:
+        raise BadRecord("no conversation turn")
+    placed = sum(turn["user"].count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placed != image_count or any(IMAGE_PLACEHOLDER in turn["assistant"] for turn in turns):
+        raise BadRecord(f"text holds {placed} {IMAGE_PLACEHOLDER} placeholders in user turns for {image_count} images"
+                        " (or one in an answer)")
+
+
+class RecordDataset(Dataset):
+    """Map-style dataset of validated records; bad images found while decoding are skipped, counted and reported."""
+
+    def __init__(self, *, name: str, source: str | Path, root: str | Path | None, image_size: int, seed: int,
+                 bad_records: Optional[BadRecordPolicy] = None) -> None:
+        self.name = name
+        self.source = str(source)
+        self.root = Path(root) if root is not None else None
+        if self.root is not None and not self.root.is_dir():
+            raise UserError(f"{self.root}: image root of dataset {name!r} is not a directory")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.policy = bad_records or BadRecordPolicy()
+        self.transform = ImageTransform(image_size)
+        self.record_counter = BadRecordCounter(self.source, self.policy, "records")
+        self.image_counter = BadRecordCounter(self.source, self.policy, "images")
+        self.records: list[Record] = []
+        self._bad_indices: set[int] = set()
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    def add(self, where: str, build: Callable[[], Optional[Record]]) -> None:
+        """Validate one raw entry; its image paths must stay inside the root (checked here and again at open)."""
+        try:
+            record = build()
+            if record is None:
+                return
+            record.where = where
+            for relative in record.images:
+                safe_join(self.root, relative)
+        except BadRecord as exc:
+            self.record_counter.skip(where, str(exc))
+            return
+        self.record_counter.ok()
+        self.records.append(record)
+
+    def reject(self, where: str, reason: str) -> None:
+        """Count an entry found bad before a Record could be built (e.g. a container holding several records)."""
+        self.record_counter.skip(where, reason)
+
+    def finish(self) -> None:
+        """Apply the bad-record limit to the whole file and refuse an empty dataset."""
+        self.record_counter.check_final()
+        if not self.records:
+            raise UserError(f"{self.source}: dataset {self.name!r} has no usable records")
+
+    # --- access -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the random draws (prompts, sampled answers) per epoch, reproducibly."""
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}/{self.epoch}/{index}")
+
+    def make_turns(self, record: Record, sizes: list[tuple[int, int]], rng: random.Random) -> list[dict]:
+        """The conversation of one record; ``sizes`` are the decoded images' (width, height)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.records):
+            raise IndexError(index)
+        for offset in range(len(self.records)):
+            i = (index + offset) % len(self.records)
+            if i in self._bad_indices:
+                continue
+            record = self.records[i]
+            try:
+                pil_images = [load_image(self.root, relative) for relative in record.images]
+                turns = self.make_turns(record, [image.size for image in pil_images], self.rng(i))
+                check_placeholders(turns, len(pil_images))
+            except BadRecord as exc:
+                self._bad_indices.add(i)
+                self.image_counter.skip(record.where, str(exc))
+                self.image_counter.check_running()
+                continue
+            self.image_counter.ok()
+            images = torch.stack([self.transform(im) for im in pil_images]) if pil_images else self.transform.empty()
+            return {"images": images, "turns": turns, "dataset": self.name}
+        raise UserError(f"{self.source}: every record of dataset {self.name!r} has a bad image")
+
+    def report(self) -> list[str]:
+        """One line per counter, for the per-dataset summary at the end of a run."""
+        return [self.record_counter.summary(), self.image_counter.summary()]

@@ -1,0 +1,192 @@
+"""Image-caption pairs in webdataset tar shards, as img2dataset writes them (LAION, CC+SBU; stages 1-2).
+
+A shard is a tar whose members are grouped by key: ``00000001.jpg`` + ``00000001.json`` (``{"caption": ...}``)
+(+ ``.txt``, ignored). Shards are named by a brace pattern, e.g. ``/data/laion/{00000..05244}.tar``.
+Sample: user ``"<ImageHere>"``, assistant ``blip_caption(caption)`` (the model applies the template ``"{}"``).
+
+``resampled=True`` (the original): an endless stream; each shard is drawn at random (seeded) with replacement.
+``resampled=False``: one pass over the shards per epoch, in a seeded shuffled order. Either way a seeded
+shuffle buffer (1000) mixes samples across shards. With DataLoader workers, worker k reads its own share.
+Missing shards are skipped with one warning (partial LAION downloads are common); a truncated tar or a bad sample
+is counted as a bad record naming shard and key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
+from tinygpt.data.image import ImageTransform, decode_image_bytes
+from tinygpt.data.text import blip_caption
+from tinygpt.errors import UserError
+from tinygpt.tasks import IMAGE_PLACEHOLDER
+
+logger = logging.getLogger("tinygpt.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``"a{00..02}b{x,y}"`` -> a00bx, a00by, a01bx, ... (numeric ranges keep the zero padding of the first bound)."""
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if range_match:
+        start, end = range_match.groups()
+        width = len(start) if start.startswith("0") else 0
+        low, high = int(start), int(end)
+        step = 1 if high >= low else -1
+        options = [str(n).zfill(width) for n in range(low, high + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise UserError(f"shard pattern {pattern!r}: cannot expand {{{body}}}; use {{000..123}} or {{a,b}}")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def iter_tar_samples(shard: Path, counter: BadRecordCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of one tar shard, read as a stream; a broken tar ends the shard."""
+    current_key: Optional[str] = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                if "." not in name or name.startswith("."):
+                    continue
+                key, extension = name.split(".", 1)
+                key = member.name[: len(member.name) - len(name)] + key
+                if key != current_key:
+                    if current_key is not None:
+                        yield current_key, parts
+                    current_key, parts = key, {}
+                handle = tar.extractfile(member)
+                parts[extension.lower()] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        counter.skip(f"{shard}", f"unreadable tar after key {current_key!r} ({type(exc).__name__}: {exc})")
+        counter.check_running()
+        return  # the incomplete group is dropped too
+    if current_key is not None:
+        yield current_key, parts
+
+
+class WebDatasetPairs(IterableDataset):
+    """Caption pairs from webdataset shards; yields samples ``{"images": [1,3,S,S], "turns", "dataset"}``."""
+
+    def __init__(self, shards: str | list[str], *, image_size: int, seed: int,
+                 bad_records: Optional[BadRecordPolicy] = None, name: str = "webdataset_pairs",
+                 resampled: bool = True, shuffle_buffer: int = 1000, caption_key: str = "caption",
+                 process_text: bool = True) -> None:
+        super().__init__()
+        patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+        patterns = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in patterns]
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise UserError(f"dataset {name!r}: shards must be a path pattern or a list of them, got {shards!r}")
+        expanded = [Path(path) for pattern in patterns for path in expand_braces(pattern)]
+        self.shards = [path for path in expanded if path.is_file()]
+        self.source = ", ".join(patterns)
+        if not self.shards:
+            raise UserError(f"{self.source}: no shard file exists (dataset {name!r}, {len(expanded)} names tried)")
+        missing = len(expanded) - len(self.shards)
+        if missing:
+            logger.warning("%s: %d of %d shards are missing and skipped (first: %s)", self.source, missing,
+                           len(expanded), next(p for p in expanded if not p.is_file()))
+        if shuffle_buffer < 0:
+            raise UserError(f"dataset {name!r}: shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.name = name
+        self.seed = int(seed)
+        self.epoch = 0
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.caption_key = caption_key
+        self.process_text = process_text
+        self.transform = ImageTransform(image_size)
+        self.counter = BadRecordCounter(self.source, bad_records or BadRecordPolicy(), "samples")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shard_order(self, rng: random.Random, worker: int, workers: int) -> Iterator[Path]:
+        if self.resampled:
+            while True:
+                yield rng.choice(self.shards)
+        order = self.shards[worker::workers]  # a worker past the shard count reads nothing
+        rng.shuffle(order)
+        yield from order
+
+    def _to_sample(self, key: str, parts: dict[str, bytes]) -> dict:
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+        if image_ext is None:
+            raise BadRecord(f"no image member ({'/'.join(IMAGE_EXTENSIONS)}) for this key")
+        if "json" not in parts:
+            raise BadRecord("no .json member for this key")
+        try:
+            meta = json.loads(parts["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRecord(f"the .json member is not valid JSON ({exc})") from None
+        caption = meta.get(self.caption_key) if isinstance(meta, dict) else None
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadRecord(f"the .json member has no text field {self.caption_key!r}")
+        image = decode_image_bytes(parts[image_ext], f"{key}.{image_ext}")
+        answer = blip_caption(caption) if self.process_text else caption.strip()
+        return {"images": self.transform(image).unsqueeze(0), "turns": [{"user": IMAGE_PLACEHOLDER, "assistant": answer}],
+                "dataset": self.name}
+
+    def _raw_items(self, rng: random.Random, worker: int, workers: int) -> Iterator[tuple[Path, str, dict]]:
+        empty_in_a_row, limit = 0, max(10, 2 * len(self.shards))
+        for shard in self._shard_order(rng, worker, workers):
+            found = False
+            for key, parts in iter_tar_samples(shard, self.counter):
+                found = True
+                yield shard, key, parts
+            empty_in_a_row = 0 if found else empty_in_a_row + 1
+            if empty_in_a_row >= limit:
+                raise UserError(f"{self.source}: {limit} shards in a row held no sample (last: {shard})")
+
+    def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
+        """Seeded shuffle buffer over raw (undecoded) items, as webdataset's ``shuffle(1000)`` before decoding."""
+        buffer: list = []
+        for item in items:
+            if self.shuffle_buffer <= 1:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{worker}")
+        for shard, key, parts in self._shuffled(self._raw_items(rng, worker, workers), rng):
+            try:
+                sample = self._to_sample(key, parts)
+            except BadRecord as exc:
+                self.counter.skip(f"{shard}:{key}", str(exc))
+                self.counter.check_running()
+                continue
+            self.counter.ok()
+            yield sample
+
+    def report(self) -> list[str]:
+        return [self.counter.summary()]
+

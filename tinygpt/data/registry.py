@@ -1,0 +1,127 @@
+"""The one place configs name a dataset kind: ``build_dataset(kind, image_size=..., seed=..., **params)``.
+
+Each kind is a loader class plus the params it fixes (e.g. ``invrefcocog`` = RefCOCO with dataset "refcocog" and
+``inverse=True``). A kind's params are the loader's constructor arguments minus the shared ones (``image_size``,
+``seed``, ``bad_records``) and the fixed ones; an unknown kind or param, or a missing required one, is a UserError
+naming it and the closest valid name. Every kind accepts ``name`` (the label in samples and per-dataset counts;
+default: the kind).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+from tinygpt.data.bad_records import BadRecordPolicy
+from tinygpt.data.formats.captions import COCOCaption, TextCaps
+from tinygpt.data.formats.cc_sbu_align import CCSBUAlign
+from tinygpt.data.formats.flickr import FlickrGrounding
+from tinygpt.data.formats.generic_jsonl import GenericJsonl
+from tinygpt.data.formats.llava import LlavaDataset
+from tinygpt.data.formats.refcoco import RefCOCO
+from tinygpt.data.formats.unnatural import UnnaturalInstructions
+from tinygpt.data.formats.visual_genome import VisualGenomeRefer
+from tinygpt.data.formats.vqa import VQADataset
+from tinygpt.data.formats.webdataset_pairs import WebDatasetPairs
+from tinygpt.errors import UserError
+
+SHARED_PARAMS = ("image_size", "seed", "bad_records")
+
+
+@dataclass(frozen=True)
+class Kind:
+    loader: Callable
+    fixed: dict = field(default_factory=dict)
+    summary: str = ""
+
+    def signature(self) -> dict[str, inspect.Parameter]:
+        params = inspect.signature(self.loader).parameters
+        return {n: p for n, p in params.items() if n not in SHARED_PARAMS and n not in self.fixed and n != "self"}
+
+
+def _refcoco(dataset: str, inverse: bool) -> Kind:
+    task = "identify (box -> sentence)" if inverse else "refer (sentence -> box)"
+    return Kind(RefCOCO, {"dataset": dataset, "inverse": inverse}, f"{dataset} {task}")
+
+
+KINDS: dict[str, Kind] = {
+    "webdataset_pairs": Kind(WebDatasetPairs, summary="img2dataset tar shards, jpg + json caption (stages 1-2)"),
+    "cc_sbu_align": Kind(CCSBUAlign, summary="filter_cap.json + image/ (stage 3)"),
+    "llava_detail": Kind(LlavaDataset, {"multi_turn": False}, "LLaVA detail_23k.json, first turn"),
+    "llava_reason": Kind(LlavaDataset, {"multi_turn": False}, "LLaVA complex_reasoning_77k.json, first turn"),
+    "llava_conversation": Kind(LlavaDataset, {"multi_turn": True}, "LLaVA conversation_58k.json, all turns"),
+    "multitask_conversation": Kind(LlavaDataset, {"multi_turn": True}, "MiniGPT-v2 multitask conversation"),
+    "refcoco": _refcoco("refcoco", False),
+    "refcocop": _refcoco("refcoco+", False),
+    "refcocog": _refcoco("refcocog", False),
+    "invrefcoco": _refcoco("refcoco", True),
+    "invrefcocop": _refcoco("refcoco+", True),
+    "invrefcocog": _refcoco("refcocog", True),
+    "refvg": Kind(VisualGenomeRefer, summary="Visual Genome region descriptions as [refer]"),
+    "flickr_grounded_caption": Kind(FlickrGrounding, {"task": "grounded_caption"}, "groundedcaption.json"),
+    "flickr_caption_to_phrase": Kind(FlickrGrounding, {"task": "caption_to_phrase"}, "captiontobbox.json"),
+    "flickr_object_to_phrase": Kind(FlickrGrounding, {"task": "object_to_phrase"}, "phrasetobbox.json"),
+    "textcaps_caption": Kind(TextCaps, summary="TextCaps_0.1_train.json as [caption]"),
+    "coco_caption": Kind(COCOCaption, summary="LAVIS coco_karpathy_train.json as [caption]"),
+    "coco_vqa": Kind(VQADataset, {"variant": "coco_vqa"}, "LAVIS vqa_train.json / vqa_val.json"),
+    "ok_vqa": Kind(VQADataset, {"variant": "ok_vqa"}, "LAVIS okvqa_train.json"),
+    "aok_vqa": Kind(VQADataset, {"variant": "aok_vqa"}, "aokvqa_v1p0_train.json"),
+    "gqa": Kind(VQADataset, {"variant": "gqa"}, "LAVIS train_balanced_questions.json"),
+    "unnatural_instruction": Kind(UnnaturalInstructions, summary="text only, JSON list or JSONL"),
+    "generic_jsonl": Kind(GenericJsonl, summary="tinygpt JSONL: images + multi-turn conversations"),
+}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def kind_params(kind: str) -> dict[str, Any]:
+    """Param name -> default (``inspect.Parameter.empty`` when required) of a kind, for docs and config checks."""
+    if kind not in KINDS:
+        raise UserError(f"unknown dataset kind {kind!r}{_closest(kind, KINDS)} (known: {', '.join(KINDS)})")
+    params = {name: p.default for name, p in KINDS[kind].signature().items()}
+    params["name"] = kind
+    return params
+
+
+def _policy(bad_records: Any) -> Optional[BadRecordPolicy]:
+    if bad_records is None or isinstance(bad_records, BadRecordPolicy):
+        return bad_records
+    if isinstance(bad_records, dict):
+        valid = [f.name for f in fields(BadRecordPolicy)]
+        for key in bad_records:
+            if key not in valid:
+                raise UserError(f"bad_records: unknown field {key!r}{_closest(key, valid)} (valid: {', '.join(valid)})")
+        return BadRecordPolicy(**bad_records)
+    raise UserError(f"bad_records must be a mapping or BadRecordPolicy, got {type(bad_records).__name__}")
+
+
+def build_dataset(kind: str, *, image_size: int, seed: int, bad_records: BadRecordPolicy | dict | None = None,
+                  **params: Any):
+    """Build the dataset of ``kind`` from its params (paths etc.); see ``KINDS`` and :func:`kind_params`."""
+    accepted = kind_params(kind)
+    for name in params:
+        if name not in accepted:
+            raise UserError(f"dataset kind {kind!r}: unknown param {name!r}{_closest(name, accepted)} "
+                            f"(valid: {', '.join(accepted)})")
+    missing = [name for name, default in accepted.items() if default is inspect.Parameter.empty and
+               params.get(name) is None]
+    if missing:
+        raise UserError(f"dataset kind {kind!r}: missing param {missing[0]!r} "
+                        f"(required: {', '.join(n for n, d in accepted.items() if d is inspect.Parameter.empty)})")
+    for name, value in params.items():
+        default = accepted[name]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"dataset kind {kind!r}: param {name!r} must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and (
+                not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"dataset kind {kind!r}: param {name!r} must be an integer, got {value!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise UserError(f"dataset kind {kind!r}: image_size must be a positive integer, got {image_size!r}")
+    spec = KINDS[kind]
+    params.setdefault("name", kind)
+    return spec.loader(**params, **spec.fixed, image_size=image_size, seed=seed, bad_records=_policy(bad_records))
