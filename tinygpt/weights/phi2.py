@@ -1,0 +1,138 @@
+"""Phi-2 weights (``microsoft/phi-2`` and its older layouts) -> our fused-``qkv`` language model.
+
+Three layouts are accepted, detected per tensor name (reference/tinygpt-v.md §2.4):
+
+1. transformers >= 4.37 (today's ``microsoft/phi-2``): ``self_attn.q_proj`` / ``k_proj`` / ``v_proj`` (+ bias), fused
+   here into ``self_attn.qkv`` with rows ``[q; k; v]``.
+2. transformers <= 4.36 (what TinyGPT-V ran): ``self_attn.query_key_value`` with head-interleaved rows
+   ``(heads, 3, head_dim)``, re-ordered to ``[q; k; v]``.
+3. Microsoft's original MixFormer ("phi-msft"): ``transformer.h.N.mixer.Wqkv`` (rows already ``[q; k; v]``),
+   ``mixer.out_proj``, ``ln``, ``lm_head.ln`` / ``lm_head.linear``.
+
+Names come out relative to ``TinyGPTPhiForCausalLM`` (``model.layers.N...``, ``lm_head...``). Tensors the importer does
+not know are listed as skipped. The sizes of the language model come from the directory's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .sources import read_config_json, read_model_dir, resolve_model_dir
+from .torch_file import TensorSource
+
+_SPLIT_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.(weight|bias)$")
+_FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)query_key_value\.(weight|bias)$")
+_PLAIN = re.compile(
+    r"^(model\.embed_tokens\.weight|model\.final_layernorm\.(weight|bias)|lm_head\.(weight|bias)"
+    r"|model\.layers\.\d+\.(input_layernorm|self_attn\.dense|self_attn\.q_layernorm|self_attn\.k_layernorm"
+    r"|post_layernorm|mlp\.fc1|mlp\.fc2)\.(weight|bias))$"
+)
+_MSFT_RENAMES = [
+    (re.compile(r"^transformer\.embd\.wte\.weight$"), "model.embed_tokens.weight"),
+    (re.compile(r"^transformer\.h\.(\d+)\.ln\.(weight|bias)$"), r"model.layers.\1.input_layernorm.\2"),
+    (re.compile(r"^transformer\.h\.(\d+)\.mixer\.Wqkv\.(weight|bias)$"), r"model.layers.\1.self_attn.qkv.\2"),
+    (re.compile(r"^transformer\.h\.(\d+)\.mixer\.out_proj\.(weight|bias)$"), r"model.layers.\1.self_attn.dense.\2"),
+    (re.compile(r"^transformer\.h\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), r"model.layers.\1.mlp.\2.\3"),
+    (re.compile(r"^lm_head\.ln\.(weight|bias)$"), r"model.final_layernorm.\1"),
+    (re.compile(r"^lm_head\.linear\.(weight|bias)$"), r"lm_head.\1"),
+]
+
+
+def deinterleave_qkv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows ordered ``(heads, 3, head_dim)`` (transformers <= 4.36 / TinyGPT-V) -> ``(3, heads, head_dim)`` = [q;k;v].
+
+    Works for the fused weight [3H, H], its bias [3H] and a LoRA B matrix [3H, r].
+    """
+    rows = tensor.shape[0]
+    if rows % (3 * num_heads):
+        raise UserError(f"fused query_key_value has {rows} rows, not divisible by 3 x {num_heads} heads")
+    head_dim = rows // (3 * num_heads)
+    rest = tuple(tensor.shape[1:])
+    return tensor.reshape(num_heads, 3, head_dim, *rest).transpose(0, 1).reshape(rows, *rest).contiguous()
+
+
+def phi2_tensors(raw: TensorSource, num_heads: int) -> TensorSource:
+    """Rename/fuse a Phi checkpoint (any of the three layouts) into ``TinyGPTPhiForCausalLM`` names."""
+    loaders, skipped, split = {}, [], {}
+    for key in raw:
+        if m := _SPLIT_QKV.match(key):
+            split.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = key
+        elif m := _FUSED_QKV.match(key):
+            loaders[f"{m.group(1)}qkv.{m.group(2)}"] = lambda k=key: deinterleave_qkv(raw[k], num_heads)
+        elif _PLAIN.match(key):
+            loaders[key] = lambda k=key: raw[k]
+        else:
+            target = _msft_name(key)
+            if target is None:
+                skipped.append(key)
+            else:
+                loaders[target] = lambda k=key: raw[k]
+    for (prefix, kind), parts in split.items():
+        if set(parts) != {"q", "k", "v"}:
+            have = ", ".join(sorted(parts))
+            raise UserError(f"{raw.origin}: {prefix}*_proj.{kind}: only {have} of q/k/v present")
+        loaders[f"{prefix}qkv.{kind}"] = lambda p=parts: torch.cat([raw[p["q"]], raw[p["k"]], raw[p["v"]]], 0)
+    notes = []
+    if split:
+        notes.append(f"fused q_proj/k_proj/v_proj into qkv in {len(split) // 2} layers")
+    return raw.derived(loaders, skipped=skipped, notes=notes)
+
+
+def _msft_name(key: str) -> str | None:
+    for pattern, target in _MSFT_RENAMES:
+        if pattern.match(key):
+            return pattern.sub(target, key)
+    return None
+
+
+def phi_text_overrides(config: dict, where: str) -> dict:
+    """``TinyGPTPhiConfig`` fields read from a Phi ``config.json`` (transformers "phi" or MixFormer "phi-msft")."""
+    if not config:
+        return {}
+    model_type = config.get("model_type")
+    if model_type == "phi":
+        rope = config.get("rope_parameters") or {}
+        heads = int(config["num_attention_heads"])
+        kv_heads = config.get("num_key_value_heads") or heads
+        if int(kv_heads) != heads:
+            raise UserError(f"{where}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; "
+                            "grouped-query attention is not supported")
+        head_dim = int(config["hidden_size"]) // heads
+        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
+        out = dict(
+            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads, rotary_dim=int(head_dim * float(factor)),
+            rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            layer_norm_eps=config.get("layer_norm_eps", 1e-5), hidden_act=config.get("hidden_act", "gelu_new"),
+        )
+        if config.get("qk_layernorm"):
+            out["qk_layernorm"] = True
+        return out
+    if model_type in ("phi-msft", "mixformer-sequential"):
+        hidden = int(config["n_embd"])
+        return dict(
+            vocab_size=config["vocab_size"], hidden_size=hidden,
+            intermediate_size=config.get("n_inner") or 4 * hidden, num_hidden_layers=config["n_layer"],
+            num_attention_heads=config["n_head"], rotary_dim=config["rotary_dim"],
+            max_position_embeddings=config.get("n_positions", 2048),
+            layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+            hidden_act=config.get("activation_function", "gelu_new"),
+        )
+    raise UserError(f"{where}: model_type {model_type!r} is not a Phi model (expected 'phi' or 'phi-msft')")
+
+
+def open_phi2(source: str) -> tuple[Path, dict]:
+    """Resolve a Phi-2 source (directory or hub id) -> (directory, text-config overrides)."""
+    directory = resolve_model_dir(source, "--llm")
+    overrides = phi_text_overrides(read_config_json(directory), str(directory / "config.json"))
+    return directory, overrides
+
+
+def read_phi2(directory: Path, num_heads: int) -> TensorSource:
+    return phi2_tensors(read_model_dir(directory), num_heads)

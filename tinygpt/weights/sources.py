@@ -1,0 +1,115 @@
+"""Finding a model's weight files: a local directory, or a Hugging Face Hub id the user named.
+
+A directory may hold ``model.safetensors``, sharded ``model-0000N-of-0000M.safetensors`` + ``*.safetensors.index.json``,
+or the same with ``pytorch_model*.bin``; safetensors win when both exist. A hub id is downloaded with
+``huggingface_hub.snapshot_download`` (the only network access in tinygpt, and only because the user named the id);
+``HF_HUB_OFFLINE=1`` is respected and a model that is neither cached nor reachable is one ``UserError`` line.
+When ``wanted`` is given and the repo is sharded, only the shards holding wanted tensors are downloaded (the
+vision tower of ``Salesforce/blip2-opt-2.7b`` without its 2.7B-parameter OPT).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+from .torch_file import TensorSource, read_checkpoint
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+META_FILES = ["config.json", "*.index.json", "tokenizer*", "vocab.json", "merges.txt", "added_tokens.json",
+              "special_tokens_map.json", "generation_config.json"]
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def resolve_model_dir(source: str, what: str, wanted: Callable[[str], bool] | None = None) -> Path:
+    """A local directory holding the weights of ``source`` (a directory, or a hub id that gets downloaded)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{what} '{source}': is a file; expected a model directory or a Hugging Face hub id")
+    if not looks_like_hub_id(source):
+        raise UserError(f"{what} '{source}': no such directory (expected a model directory or a hub id like "
+                        "microsoft/phi-2)")
+    return _download(source, what, wanted)
+
+
+def _download(repo: str, what: str, wanted: Callable[[str], bool] | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id=repo, allow_patterns=patterns))
+        except Exception as exc:  # offline, not cached, no such repo, gated, network errors
+            raise UserError(
+                f"{what} '{repo}': could not get it from the Hugging Face Hub or the local cache "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}...); download it where there is "
+                f"network (hf download {repo}) and copy the cache, or pass a local directory"
+            ) from None
+
+    print(f"[weights] fetching {repo} (config and index first)", flush=True)
+    directory = fetch(META_FILES)
+    for index_name in INDEX_NAMES:
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(_shards_from_index(index, wanted))
+            print(f"[weights] fetching {repo}: {len(shards)} shard(s) {', '.join(shards)}", flush=True)
+            return fetch(META_FILES + shards)
+    directory = fetch(META_FILES + ["*.safetensors"])
+    if not list(directory.glob("*.safetensors")):
+        directory = fetch(META_FILES + ["pytorch_model*.bin"])
+    return directory
+
+
+def _shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> set[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{index}: not a valid weight index ({type(exc).__name__}: {exc})") from None
+    shards = {shard for name, shard in weight_map.items() if wanted is None or wanted(name)}
+    if not shards:
+        raise UserError(f"{index}: none of the tensors this import needs is listed in the index")
+    return shards
+
+
+def weight_files(directory: Path, wanted: Callable[[str], bool] | None = None) -> list[Path]:
+    """The weight files of a model directory (only shards holding wanted tensors when an index exists)."""
+    for index_name in INDEX_NAMES:
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(_shards_from_index(index, wanted))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise UserError(f"{index}: shard {missing[0]} is listed but not in the directory")
+            return [directory / s for s in shards]
+    for pattern in ("model*.safetensors", "*.safetensors", "pytorch_model*.bin", "*.bin", "*.pth", "*.pt"):
+        files = sorted(directory.glob(pattern))
+        if files:
+            return files
+    raise UserError(f"{directory}: no weight files (*.safetensors, pytorch_model*.bin) in the directory")
+
+
+def read_model_dir(directory: Path, wanted: Callable[[str], bool] | None = None) -> TensorSource:
+    """All tensors of a model directory as one lazy source."""
+    sources = [read_checkpoint(f) for f in weight_files(directory, wanted)]
+    return TensorSource.merged(sources, str(directory))
+
+
+def read_config_json(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return raw

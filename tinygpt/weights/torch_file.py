@@ -1,0 +1,149 @@
+"""Reading checkpoint files safely and lazily: ``.pth`` / ``.bin`` / ``.pt`` pickles and ``.safetensors``.
+
+* Pickles load with ``torch.load(weights_only=True, mmap=True)``: a pickle that carries code (anything but tensors,
+  containers and numbers) is refused, and the tensors stay on disk until used. Files in the legacy (non-zip) torch
+  format cannot be memory-mapped and are read whole.
+* ``{"model": ...}``, ``{"state_dict": ...}`` and ``{"module": ...}`` wrappers are unwrapped (LAVIS and TinyGPT-V save
+  ``{"model": state_dict, "optimizer": ..., ...}``).
+* Every failure is one ``UserError`` line naming the file.
+
+A ``TensorSource`` is a read-only mapping name -> tensor whose values are produced on access, so an importer can rename,
+fuse or split tensors while only one of them is in memory at a time. Importers also record the keys they
+deliberately skipped and notes for the user (e.g. "dropped EVA block 39").
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+WRAPPER_KEYS = ("model", "state_dict", "module")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class TensorSource(Mapping):
+    """Read-only ``name -> tensor`` mapping; each value is computed by its loader when accessed."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]], origin: str,
+                 skipped: list[str] | None = None, notes: list[str] | None = None):
+        self.loaders = dict(loaders)
+        self.origin = origin
+        self.skipped = list(skipped or [])
+        self.notes = list(notes or [])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.loaders[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
+
+    def derived(self, loaders: dict[str, Callable[[], torch.Tensor]], skipped=(), notes=()) -> "TensorSource":
+        """A new source from the same origin (keeps this one's skipped keys and notes)."""
+        return TensorSource(loaders, self.origin, [*self.skipped, *skipped], [*self.notes, *notes])
+
+    def with_prefix(self, prefix: str) -> "TensorSource":
+        return self.derived({prefix + k: f for k, f in self.loaders.items()})
+
+    @staticmethod
+    def merged(sources: list["TensorSource"], origin: str) -> "TensorSource":
+        loaders, skipped, notes = {}, [], []
+        for source in sources:
+            loaders.update(source.loaders)
+            skipped += source.skipped
+            notes += source.notes
+        return TensorSource(loaders, origin, skipped, notes)
+
+
+def read_checkpoint(path: str | Path) -> TensorSource:
+    """Open a ``.safetensors`` file or a torch pickle (``.pth``/``.bin``/``.pt``); tensors are read on access."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return read_torch_pickle(path)
+
+
+def read_safetensors(path: str | Path) -> TensorSource:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        names = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated or foreign files
+        raise UserError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+    return TensorSource({name: _safetensors_loader(handle, name, path) for name in names}, str(path))
+
+
+def _safetensors_loader(handle, name: str, path: Path) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot read tensor {name} ({_one_line(exc)})") from None
+
+    return load
+
+
+def read_torch_pickle(path: str | Path) -> TensorSource:
+    """``torch.load(weights_only=True)`` with mmap where the format allows; unwraps ``{"model": ...}``."""
+    path = Path(path)
+    obj = _torch_load(path)
+    state = unwrap_state_dict(obj, path)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    others = sorted(str(k) for k in state if not isinstance(state[k], torch.Tensor))
+    if not tensors:
+        raise UserError(f"{path}: the checkpoint holds no tensors (keys: {', '.join(map(str, list(state)[:8]))})")
+    notes = [f"ignored {len(others)} non-tensor entries ({', '.join(others[:3])})"] if others else []
+    return TensorSource({k: (lambda v=v: v) for k, v in tensors.items()}, str(path), notes=notes)
+
+
+def _torch_load(path: Path):
+    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says what matters
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if found := re.search(r"GLOBAL (\S+)", str(exc)):
+            raise UserError(
+                f"{path}: refused to load: the pickle references {found.group(1)} (it could run code; only plain "
+                "state dicts of tensors are accepted)"
+            ) from None
+        raise UserError(f"{path}: not a PyTorch checkpoint, or a pickle the safe (weights_only) loader refuses "
+                        f"({_weights_only_reason(exc)})") from None
+    except Exception as exc:  # the weights-only unpickler raises anything (IndexError, KeyError...) on garbage
+        raise UserError(f"{path}: not a PyTorch checkpoint or truncated ({_one_line(exc)})") from None
+
+
+def unwrap_state_dict(obj, path: Path) -> dict:
+    """The state dict inside ``obj``: itself, or under "model" / "state_dict" / "module" (nested wrappers too)."""
+    for _ in range(3):
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        obj = inner
+    return obj
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(exc), re.S)
+    return _one_line(found.group(1)) if found else _one_line(exc)[-160:]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:240]
