@@ -1,0 +1,183 @@
+"""Export a trained tinygpt model directory to two GGUF files: `llm-<qtype>.gguf` and `vision.gguf`.
+
+    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
+
+LoRA is merged first. LLM: 2-D weights in the chosen type (rows that do not fill whole blocks widen as llama.cpp
+does), norms and biases F32. Vision: Linear weights Q8_0 (F16 when rows do not divide by 32), the rest F32.
+Both files are written tensor by tensor to a temporary name and renamed when complete; `export.json` summarises.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from tinygpt.errors import UserError
+from tinygpt.io_utils import atomic_write_text
+
+from . import gguf_names as names
+from .gguf_meta import LLMHyper, PromptInfo, TokenizerMeta, VisionHyper, llm_kv, tokenizer_metadata, vision_kv
+from .gguf_stream import FileSummary, TensorPlan, make_readable, plan_tensor, write_gguf
+from .qtypes import FILE_TYPE_BY_NAME, parse_qtype
+
+T = GGMLQuantizationType
+VISION_LINEAR_TYPE = T.Q8_0
+
+
+@dataclass
+class ExportSummary:
+    out_dir: str
+    qtype: str
+    llm: FileSummary
+    vision: FileSummary
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": self.out_dir, "qtype": self.qtype, "llm": self.llm.to_dict(), "vision": self.vision.to_dict()}
+
+    def lines(self) -> list[str]:
+        return [f"exported to {self.out_dir} (LLM {self.qtype}, vision Q8_0)", *self.llm.lines(), *self.vision.lines()]
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def llm_plans(shapes: Sequence[tuple[str, tuple[int, ...]]], qtype: GGMLQuantizationType) -> list[TensorPlan]:
+    """(GGUF name, numpy shape) in file order -> plans: 2-D weights in qtype (with fallback), the rest F32."""
+    return [plan_tensor(n, s, qtype if len(s) == 2 else T.F32) for n, s in shapes]
+
+
+def vision_plans(shapes: Sequence[tuple[str, tuple[int, ...]]]) -> list[TensorPlan]:
+    """Linear weights (2-D '.weight') Q8_0 with fallback; conv kernel, embeddings, norms, biases F32."""
+    return [
+        plan_tensor(n, s, VISION_LINEAR_TYPE if len(s) == 2 and n.endswith(".weight") else T.F32) for n, s in shapes
+    ]
+
+
+def split_state_names(torch_names: Sequence[str], where: str) -> tuple[dict[str, str], dict[str, str]]:
+    """VLM state-dict names -> ({gguf LLM name: torch name}, {gguf vision name: torch name}), in order."""
+    llm, vision, unknown = {}, {}, []
+    for name in torch_names:
+        try:
+            if name.startswith(names.LLM_PREFIX):
+                llm[names.torch_to_gguf_llm(name)] = name
+            elif names.is_vision_tensor(name):
+                vision[names.torch_to_gguf_vision(name)] = name
+            else:
+                unknown.append(name)
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UserError(f"{where}: tensors with no GGUF name (unmerged LoRA or a foreign model?): {shown}")
+    return llm, vision
+
+
+def order_llm(mapping: Mapping[str, str], hyper: LLMHyper, where: str) -> list[str]:
+    """GGUF LLM names in the canonical order; the state dict must hold exactly the tensors the config implies."""
+    expected = names.llm_tensor_names(hyper.num_layers, hyper.qk_layernorm, hyper.post_attention_rmsnorm)
+    missing = [n for n in expected if n not in mapping]
+    extra = [n for n in mapping if n not in set(expected)]
+    if missing or extra:
+        raise UserError(
+            f"{where}: language model weights do not match its config "
+            f"(missing {missing[:3] or 'none'}, unexpected {extra[:3] or 'none'})"
+        )
+    return expected
+
+
+# ------------------------------------------------------------------------------------------- writing
+def write_pair(
+    out_dir: str | Path,
+    qtype_name: str,
+    model_name: str,
+    llm_hyper: LLMHyper,
+    vision_hyper: VisionHyper,
+    prompt: PromptInfo,
+    tok: TokenizerMeta,
+    llm_shapes: Sequence[tuple[str, tuple[int, ...]]],
+    vision_shapes: Sequence[tuple[str, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    progress: bool = True,
+) -> ExportSummary:
+    """Write vision.gguf, llm-<qtype>.gguf and export.json into out_dir; produce(gguf_name) gives one tensor."""
+    qtype = parse_qtype(qtype_name)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    long = [n for n, _ in [*llm_shapes, *vision_shapes] if len(n.encode()) > names.MAX_NAME_LENGTH]
+    if long:
+        raise ValueError(f"GGUF tensor names over {names.MAX_NAME_LENGTH} bytes: {long}")
+
+    vision = write_gguf(
+        out / names.VISION_FILE_NAME, names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision"),
+        vision_plans(vision_shapes), lambda p: produce(p.name), progress,
+    )
+    llm_meta = llm_kv(llm_hyper, tok, prompt, vision_hyper.hash(), model_name, FILE_TYPE_BY_NAME[qtype_name.lower()])
+    llm = write_gguf(
+        out / names.llm_file_name(qtype_name.lower()), names.ARCH_LLM, llm_meta,
+        llm_plans(llm_shapes, qtype), lambda p: produce(p.name), progress,
+    )
+    summary = ExportSummary(str(out), qtype_name.lower(), llm, vision)
+    atomic_write_text(out / names.SUMMARY_FILE_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
+    make_readable(out / names.SUMMARY_FILE_NAME)
+    if progress:
+        print("\n".join(summary.lines()))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- the model
+def load_model_dir(model_dir: str | Path):
+    """A TinyGPTVForConditionalGeneration (LoRA merged, tokenizer attached) from a saved model directory."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"--model: {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model: {path} has no config.json, so it is not a saved tinygpt model")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise UserError(f"--model: {config_file} is not valid JSON ({exc})") from None
+    if model_type != "tinygptv":
+        raise UserError(f"--model: {config_file} field model_type is {model_type!r}, expected 'tinygptv'")
+
+    from tinygpt.model.checkpoint_io import load_vlm
+    from tinygpt.model.lora import has_lora, merge_lora
+
+    model = load_vlm(path)  # follows base_model chains, attaches the tokenizer saved with the model
+    if has_lora(model):
+        model = merge_lora(model)
+    return model.eval()
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k", progress: bool = True) -> ExportSummary:
+    """Export the model saved in model_dir to out_dir/llm-<qtype>.gguf + out_dir/vision.gguf (+ export.json)."""
+    parse_qtype(qtype)  # fail on a bad --qtype before loading anything
+    model = load_model_dir(model_dir)
+    config = model.config
+    llm_hyper = LLMHyper.from_config(config.text_config)
+    vision_hyper = VisionHyper.from_config(config)
+    text = config.text_config
+    try:
+        tok = tokenizer_metadata(model.tokenizer, llm_hyper.vocab_size, text.bos_token_id, text.eos_token_id,
+                                 text.pad_token_id)
+    except ValueError as exc:
+        raise UserError(f"--model: tokenizer of {model_dir}: {exc}") from None
+
+    state = model.state_dict()
+    llm_map, vision_map = split_state_names(list(state), where=f"--model {model_dir}")
+    llm_order = order_llm(llm_map, llm_hyper, where=f"--model {model_dir}")
+    to_torch = {**llm_map, **vision_map}
+
+    def produce(gguf_name: str) -> np.ndarray:
+        return state[to_torch[gguf_name]].detach().to("cpu").float().numpy()
+
+    return write_pair(
+        out_dir, qtype, Path(model_dir).resolve().name, llm_hyper, vision_hyper, PromptInfo.from_config(config), tok,
+        [(n, tuple(state[llm_map[n]].shape)) for n in llm_order],
+        [(n, tuple(state[t].shape)) for n, t in vision_map.items()],
+        produce, progress,
+    )
