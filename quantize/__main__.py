@@ -1,0 +1,79 @@
+"""`python -m quantize {export,random,chat,bench}`: GGUF export and CPU inference.
+
+    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
+    python -m quantize random --out DIR --size full|tiny [--qtype q4_k] [--seed 0] [--plain]
+    python -m quantize chat   --gguf DIR [--image PATH ...] [--prompt TEXT]
+    python -m quantize bench  --gguf DIR [--image PATH] [--plain-gguf DIR]
+
+A mistake the user can fix prints `error: <message>` on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+# Before torch or ggml load libgomp (torch ships its own libgomp.so.1, which ggml then shares): see ggml_llm.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys
+
+from tinygpt.errors import UserError
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    export_model(args.model, args.out, qtype=args.qtype, progress=not args.quiet)
+    return 0
+
+
+def _random(args: argparse.Namespace) -> int:
+    from .random_model import write_random_model
+
+    write_random_model(args.out, size=args.size, qtype=args.qtype, seed=args.seed, extra_norms=not args.plain,
+                       progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="write llm-<qtype>.gguf + vision.gguf from a trained model directory")
+    p.add_argument("--model", required=True, help="saved tinygpt model directory (config.json + weights)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--qtype", default="q4_k", help="q4_k (default), q4_0, q8_0 or f16")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("random", help="write a random-weight GGUF pair of the real shapes (benchmarks, tests)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", default="tiny", help="full (TinyGPT-V shapes) or tiny")
+    p.add_argument("--qtype", default="q4_k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plain", action="store_true", help="plain Phi-2 (no q/k LayerNorm, no post-attention RMSNorm)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_random)
+
+    from . import bench, chat
+
+    p = sub.add_parser("chat", help="chat with an exported model on the CPU")
+    chat.add_arguments(p)
+    p.set_defaults(func=chat.run)
+
+    p = sub.add_parser("bench", help="load / image / prefill / decode timings and peak memory")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

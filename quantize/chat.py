@@ -1,0 +1,105 @@
+"""`python -m quantize chat`: talk to an exported GGUF pair on the CPU.
+
+One-shot:     python -m quantize chat --gguf DIR --image cat.jpg --prompt "What is in the image?"
+Interactive:  python -m quantize chat --gguf DIR [--image cat.jpg]
+    then type questions; commands: /image PATH (attach to the next question), /reset, /stats, /quit.
+A bad image path, a file that is not an image, or a prompt longer than the context prints one `error:` line and
+the conversation goes on. The answer streams to stdout; timings go to stderr with --verbose.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinygpt.errors import UserError
+
+from .sampler import SamplingParams
+from .session import BACKENDS, ChatSession, TurnStats, open_session
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf")
+    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to use when the directory has several")
+    p.add_argument("--image", action="append", default=[], help="image for the (first) question; repeatable")
+    p.add_argument("--prompt", default=None, help="ask once and exit; without it, chat interactively")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="LLM engine (auto: ggml, else PyTorch)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-vision", action="store_true", help="text only: do not load vision.gguf")
+    p.add_argument("--verbose", action="store_true", help="print timings after every answer (stderr)")
+
+
+def _print_stats(stats: TurnStats) -> None:
+    print(f"[image {stats.image_encode_s:.2f}s | prompt {stats.prompt_tokens} tok in {stats.prefill_s:.2f}s "
+          f"(reused {stats.reused_tokens}) | first token {stats.first_token_s:.2f}s | {stats.generated_tokens} tok "
+          f"at {stats.decode_tokens_per_s:.1f} tok/s | stop: {stats.stopped_by}]", file=sys.stderr)
+
+
+def _answer(session: ChatSession, text: str, images: list, verbose: bool) -> None:
+    session.ask(text, images=images, on_text=lambda t: print(t, end="", flush=True))
+    print(flush=True)
+    if verbose:
+        _print_stats(session.last_stats)
+
+
+def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=None) -> int:
+    stdin = stdin or sys.stdin
+    pending = list(images)
+    prompt = ">>> " if stdin.isatty() else ""
+    print("chat: type a question; /image PATH attaches an image, /reset starts over, /quit exits.", file=sys.stderr)
+    while True:
+        print(prompt, end="", flush=True, file=sys.stderr)
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                session.reset()
+                pending.clear()
+                print("(new conversation)", file=sys.stderr)
+            elif line == "/stats":
+                _print_stats(session.last_stats)
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise UserError("/image needs a path")
+                if session.vision is None:
+                    raise UserError("/image: this session has no vision model (started with --no-vision)")
+                session.vision.preprocess(path)  # a bad path or a non-image fails here, not at the next question
+                pending.append(path)
+                print(f"(image {path} attached to the next question)", file=sys.stderr)
+            elif line.startswith("/"):
+                raise UserError(f"unknown command {line.split()[0]!r} (use /image PATH, /reset, /stats, /quit)")
+            else:
+                images_now, pending = pending, []
+                _answer(session, line, images_now, verbose)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed).validate()
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.no_vision and args.image:
+        raise UserError("--image cannot be used with --no-vision")
+    session = open_session(args.gguf, backend=args.backend, qtype=args.qtype, n_ctx=args.ctx, n_threads=args.threads,
+                           sampling=sampling, with_vision=not args.no_vision)
+    if args.prompt is not None:
+        _answer(session, args.prompt, list(args.image), args.verbose)
+        return 0
+    return interactive(session, list(args.image), args.verbose)

@@ -1,0 +1,260 @@
+"""The modified Phi-2 decoder as a ggml graph, driven from Python through ggml-python.
+
+Weights are the GGUF file's own bytes: each ggml weight tensor points into the file's memory map (quantized
+tensors stay raw Q4_K/Q4_0/Q8_0 blocks and run through ggml's quantized kernels; nothing is dequantized).
+The KV cache lives in persistent ggml tensors (K: [n_ctx, hidden] row per position, V: transposed
+[hidden, n_ctx]), so one step only builds a small graph description and writes its inputs.
+
+Layer (N = layer, all in fp32 activations):
+    h   = LayerNorm(x) * attn_norm.w + attn_norm.b
+    qkv = h @ attn_qkv.w^T + attn_qkv.b                rows [q; k; v]
+    q,k = LayerNorm_head_dim(q|k) * w + b             (when the file has attn_q_norm / attn_k_norm)
+    q,k = NeoX RoPE on the first rotary_dim dims of each head (ggml_rope_ext, mode NEOX)
+    a   = softmax(q k^T / sqrt(head_dim) + causal mask) v  @ attn_output.w^T + attn_output.b
+    a   = RMSNorm(a) * post_attention_norm.w            (when the file has it)
+    x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))
+logits = LayerNorm(x) @ output.w^T + output.b
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+# ggml's CPU backend runs its threads in an OpenMP region per graph. With libgomp's default (spinning) wait policy a
+# step slows ~100x when another process competes for the cores (measured: tiny model 1 s instead of 7 ms per token
+# at 2 threads on a busy 2-core box); PASSIVE costs nothing measurable on an idle one. Must be set before libgomp
+# loads, i.e. before `import ggml`; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import ggml  # noqa: E402  ggml-python; quantize.session falls back to torch_llm when this import fails
+
+from tinygpt.errors import UserError
+
+from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
+
+_GRAPH_NODES = 8192
+_KV_TYPES = {"f16": ggml.GGML_TYPE_F16, "f32": ggml.GGML_TYPE_F32}
+
+
+def _ne(t) -> tuple[int, ...]:
+    return tuple(t.contents.ne[:4])
+
+
+class GgmlLLM:
+    """Stateful decoder: `eval_tokens` / `eval_embeddings` append to the KV cache and return logits."""
+
+    def __init__(self, llm: GGUFContents, n_ctx: int | None = None, n_threads: int = 2, n_batch: int = 256,
+                 kv_type: str = "f16"):
+        self.file = llm
+        self.hp: LLMHyperParams = llm_hyperparams(llm)
+        self.n_ctx = int(n_ctx or self.hp.context_length)
+        if self.n_ctx <= 0:
+            raise UserError(f"context length must be positive, got {self.n_ctx}")
+        if kv_type not in _KV_TYPES:
+            raise UserError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv_type!r}")
+        self.n_threads = int(n_threads)
+        self.n_batch = int(n_batch)
+        self.n_past = 0
+        self._backend = ggml.ggml_backend_cpu_init()
+        ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
+        # the binding of ggml_backend_cpu_buffer_type truncates the pointer; ask the backend instead
+        self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self._backend))
+        self._weights_ctx = None
+        self._kv_ctx = None
+        self._load_weights()
+        self._alloc_kv(_KV_TYPES[kv_type])
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _load_weights(self) -> None:
+        tensors = self.file.tensors
+        params = ggml.ggml_init_params(mem_size=(len(tensors) + 8) * ggml.ggml_tensor_overhead(),
+                                       mem_buffer=None, no_alloc=True)
+        self._weights_ctx = ggml.ggml_init(params)
+        self.w: dict[str, object] = {}
+        for name, t in tensors.items():
+            ne = [int(x) for x in t.shape.tolist()]
+            gt = ggml.ggml_new_tensor(self._weights_ctx, int(t.tensor_type), len(ne), (ctypes.c_int64 * len(ne))(*ne))
+            if ggml.ggml_nbytes(gt) != t.data.nbytes:
+                raise UserError(f"{self.file.path}: tensor {name!r} holds {t.data.nbytes} bytes, ggml expects "
+                                f"{ggml.ggml_nbytes(gt)}")
+            gt.contents.data = t.data.ctypes.data  # the memory map stays alive through self.file.reader
+            self.w[name] = gt
+
+    def _alloc_kv(self, kv_type: int) -> None:
+        hp = self.hp
+        per_tensor = ggml.ggml_row_size(kv_type, hp.hidden_size * self.n_ctx)
+        size = 2 * hp.n_layers * (per_tensor + 64) + (2 * hp.n_layers + 4) * ggml.ggml_tensor_overhead()
+        self._kv_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=size, mem_buffer=None, no_alloc=False))
+        self.k_cache, self.v_cache = [], []
+        for _ in range(hp.n_layers):
+            self.k_cache.append(ggml.ggml_new_tensor_2d(self._kv_ctx, kv_type, hp.hidden_size, self.n_ctx))
+            self.v_cache.append(ggml.ggml_new_tensor_2d(self._kv_ctx, kv_type, self.n_ctx, hp.hidden_size))
+        self.kv_bytes = 2 * hp.n_layers * per_tensor
+
+    def close(self) -> None:
+        if self._galloc is not None:
+            ggml.ggml_gallocr_free(self._galloc)
+            self._galloc = None
+        for attr in ("_weights_ctx", "_kv_ctx"):
+            if getattr(self, attr) is not None:
+                ggml.ggml_free(getattr(self, attr))
+                setattr(self, attr, None)
+        if self._backend is not None:
+            ggml.ggml_backend_free(self._backend)
+            self._backend = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every cached position from n_keep on (the cache rows there get overwritten later)."""
+        if not 0 <= n_keep <= self.n_past:
+            raise ValueError(f"truncate({n_keep}) outside 0..{self.n_past}")
+        self.n_past = n_keep
+
+    # ------------------------------------------------------------------------------------------ public eval
+    def eval_tokens(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.hp.vocab_size):
+            raise UserError(f"token id outside 0..{self.hp.vocab_size - 1}")
+        return self._eval(ids, None, all_logits)
+
+    def eval_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.hp.hidden_size:
+            raise UserError(f"embeddings must be [n, {self.hp.hidden_size}], got {list(rows.shape)}")
+        return self._eval(None, rows, all_logits)
+
+    def _eval(self, ids, rows, all_logits: bool) -> np.ndarray:
+        n = len(ids) if ids is not None else rows.shape[0]
+        if n == 0:
+            raise ValueError("nothing to evaluate")
+        if self.n_past + n > self.n_ctx:
+            raise UserError(f"context length exceeded: {self.n_past} cached + {n} new > n_ctx {self.n_ctx}")
+        outs = []
+        for start in range(0, n, self.n_batch):
+            stop = min(n, start + self.n_batch)
+            last_chunk = stop == n
+            out = self._run_chunk(None if ids is None else ids[start:stop], None if rows is None else rows[start:stop],
+                                  want_logits=all_logits or last_chunk, all_logits=all_logits)
+            if out is not None:
+                outs.append(out)
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1][-1]
+
+    # ------------------------------------------------------------------------------------------ graph
+    def _run_chunk(self, ids, rows, want_logits: bool, all_logits: bool):
+        hp = self.hp
+        n = len(ids) if ids is not None else rows.shape[0]
+        n_kv = self.n_past + n
+        meta = ggml.ggml_init(ggml.ggml_init_params(
+            mem_size=_GRAPH_NODES * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead_custom(_GRAPH_NODES, False),
+            mem_buffer=None, no_alloc=True))
+        try:
+            gf = ggml.ggml_new_graph_custom(meta, _GRAPH_NODES, False)
+            inputs = {}
+            if ids is not None:
+                inp = ggml.ggml_new_tensor_1d(meta, ggml.GGML_TYPE_I32, n)
+                ggml.ggml_set_input(inp)
+                inputs["ids"] = (inp, ids)
+                x = ggml.ggml_get_rows(meta, self.w["token_embd.weight"], inp)
+            else:
+                x = ggml.ggml_new_tensor_2d(meta, ggml.GGML_TYPE_F32, hp.hidden_size, n)
+                ggml.ggml_set_input(x)
+                inputs["rows"] = (x, rows)
+            pos = ggml.ggml_new_tensor_1d(meta, ggml.GGML_TYPE_I32, n)
+            ggml.ggml_set_input(pos)
+            inputs["pos"] = (pos, np.arange(self.n_past, n_kv, dtype=np.int32))
+            mask = ggml.ggml_new_tensor_2d(meta, ggml.GGML_TYPE_F32, n_kv, n)
+            ggml.ggml_set_input(mask)
+            inputs["mask"] = (mask, self._causal_mask(n, n_kv))
+            for layer in range(hp.n_layers):
+                x = self._layer(meta, gf, x, layer, n, n_kv, pos, mask)
+            if not want_logits:
+                ggml.ggml_build_forward_expand(gf, x)
+                out = None
+            else:
+                if not all_logits and n > 1:
+                    x = ggml.ggml_view_2d(meta, x, hp.hidden_size, 1, x.contents.nb[1], (n - 1) * x.contents.nb[1])
+                x = self._layer_norm(meta, x, "output_norm", hp.layer_norm_eps)
+                logits = ggml.ggml_add(meta, ggml.ggml_mul_mat(meta, self.w["output.weight"], x), self.w["output.bias"])
+                ggml.ggml_set_output(logits)
+                ggml.ggml_build_forward_expand(gf, logits)
+                out = logits
+            if not ggml.ggml_gallocr_alloc_graph(self._galloc, gf):
+                raise RuntimeError("ggml could not allocate the compute graph")
+            for tensor, values in inputs.values():
+                values = np.ascontiguousarray(values)
+                ctypes.memmove(tensor.contents.data, values.ctypes.data, values.nbytes)
+            status = ggml.ggml_backend_graph_compute(self._backend, gf)
+            if status != 0:
+                raise RuntimeError(f"ggml graph compute failed with status {status}")
+            self.n_past = n_kv
+            if out is None:
+                return None
+            rows_out = _ne(out)[1]
+            data = (ctypes.c_float * (hp.vocab_size * rows_out)).from_address(out.contents.data)
+            return np.ctypeslib.as_array(data).reshape(rows_out, hp.vocab_size).copy()
+        finally:
+            ggml.ggml_free(meta)
+
+    def _causal_mask(self, n: int, n_kv: int) -> np.ndarray:
+        q_pos = np.arange(self.n_past, n_kv)[:, None]
+        k_pos = np.arange(n_kv)[None, :]
+        return np.where(k_pos <= q_pos, 0.0, -np.inf).astype(np.float32)
+
+    def _layer_norm(self, ctx, x, prefix: str, eps: float):
+        x = ggml.ggml_norm(ctx, x, eps)
+        x = ggml.ggml_mul(ctx, x, self.w[prefix + ".weight"])
+        return ggml.ggml_add(ctx, x, self.w[prefix + ".bias"])
+
+    def _linear(self, ctx, x, prefix: str):
+        return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, self.w[prefix + ".weight"], x), self.w[prefix + ".bias"])
+
+    def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask):
+        hp = self.hp
+        H, D, NH = hp.hidden_size, hp.head_dim, hp.n_heads
+        b = f"blk.{il}."
+        h = self._layer_norm(ctx, x, b + "attn_norm", hp.layer_norm_eps)
+        qkv = self._linear(ctx, h, b + "attn_qkv")  # [3H, n]
+        row = qkv.contents.nb[1]
+        q = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, 0))
+        k = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, H * 4))
+        v = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, 2 * H * 4))
+        q = ggml.ggml_reshape_3d(ctx, q, D, NH, n)
+        k = ggml.ggml_reshape_3d(ctx, k, D, NH, n)
+        if hp.qk_layernorm:
+            q = self._layer_norm(ctx, q, b + "attn_q_norm", hp.layer_norm_eps)
+            k = self._layer_norm(ctx, k, b + "attn_k_norm", hp.layer_norm_eps)
+        rope_args = (hp.rotary_dim, ggml.GGML_ROPE_TYPE_NEOX, 0, hp.rope_base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        q = ggml.ggml_rope_ext(ctx, q, pos, None, *rope_args)
+        k = ggml.ggml_rope_ext(ctx, k, pos, None, *rope_args)
+        # write this chunk's k and v into the cache, before anything reads the cache
+        kc, vc = self.k_cache[il], self.v_cache[il]
+        k_dst = ggml.ggml_view_2d(ctx, kc, H, n, kc.contents.nb[1], self.n_past * kc.contents.nb[1])
+        ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_reshape_2d(ctx, k, H, n), k_dst))
+        v_dst = ggml.ggml_view_2d(ctx, vc, n, H, vc.contents.nb[1], self.n_past * vc.contents.nb[0])
+        ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_transpose(ctx, v), v_dst))
+        # attention over positions 0..n_kv-1
+        k_all = ggml.ggml_view_3d(ctx, kc, D, n_kv, NH, kc.contents.nb[1], D * kc.contents.nb[0], 0)
+        v_all = ggml.ggml_view_3d(ctx, vc, n_kv, D, NH, vc.contents.nb[1], D * vc.contents.nb[1], 0)
+        q = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)  # [D, n, NH]
+        kq = ggml.ggml_mul_mat(ctx, k_all, q)  # [n_kv, n, NH]
+        kq = ggml.ggml_soft_max_ext(ctx, kq, mask, 1.0 / math.sqrt(D), 0.0)
+        kqv = ggml.ggml_mul_mat(ctx, v_all, kq)  # [D, n, NH]
+        att = ggml.ggml_cont_2d(ctx, ggml.ggml_permute(ctx, kqv, 0, 2, 1, 3), H, n)
+        att = self._linear(ctx, att, b + "attn_output")
+        if hp.rms_norm_eps is not None:
+            att = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, att, hp.rms_norm_eps), self.w[b + "post_attention_norm.weight"])
+        mlp = self._linear(ctx, ggml.ggml_gelu(ctx, self._linear(ctx, h, b + "ffn_up")), b + "ffn_down")
+        return ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, att), mlp)

@@ -1,0 +1,264 @@
+"""A chat session over an exported GGUF pair: turns, images, prompt template, KV-cache reuse, streaming.
+
+The conversation is laid out exactly as training lays it out (tinygpt/model/sequence.py):
+
+    [BOS] template(user_0) answer_0 end_sym [BOS] template(user_1) answer_1 end_sym ... [BOS] template(user_n)
+
+and every <ImageHere> in a user text is replaced by that image's 32 vectors. Each turn the whole layout is rebuilt,
+compared with what the KV cache already holds, the cache is cut back to the common prefix and only the rest is
+evaluated, so a follow-up question costs only its own tokens and the result equals one long prefill.
+"""
+from __future__ import annotations
+
+import os
+
+# Before torch or ggml load libgomp (torch ships its own libgomp.so.1, which ggml then shares): see ggml_llm.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tinygpt.errors import UserError
+from tinygpt.tasks import IMAGE_TAG
+
+from . import gguf_names as names
+from .gguf_file import (ChatFormat, GGUFContents, chat_format, check_pair, find_llm_file, find_vision_file,
+                        llm_hyperparams, load_tokenizer, open_gguf, vision_values)
+from .sampler import Sampler, SamplingParams, StopMatcher
+
+BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
+
+
+def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
+                        quiet: bool = False):
+    """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
+
+    backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend)."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "llama-cpp":
+        from .llama_cpp_backend import LlamaCppLLM
+
+        return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
+    if backend in ("auto", "ggml"):
+        try:
+            from .ggml_llm import GgmlLLM
+        except Exception as exc:  # ImportError, or OSError when the shared library cannot load
+            if backend == "ggml":
+                raise UserError(f"--backend ggml: ggml-python cannot be imported ({type(exc).__name__}: {exc})") from None
+            if not quiet:
+                print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
+                      file=sys.stderr)
+        else:
+            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads)
+    from .torch_llm import TorchLLM
+
+    return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
+
+
+@dataclass
+class Turn:
+    user: str
+    images: list[int]  # indices into ChatSession.image_vectors
+    answer: str | None = None
+
+
+@dataclass
+class TurnStats:
+    image_encode_s: float = 0.0
+    prompt_tokens: int = 0  # positions evaluated for this turn's prompt (after cache reuse)
+    reused_tokens: int = 0  # positions kept from the cache
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0  # from ask() to the first generated token (image encoding included)
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    stopped_by: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s > 0 and self.generated_tokens > 1 else 0.0
+
+
+@dataclass
+class ChatSession:
+    llm: object  # GgmlLLM / TorchLLM / LlamaCppLLM: eval_tokens, eval_embeddings, truncate, n_past, n_ctx
+    tokenizer: object  # tokenizers.Tokenizer
+    fmt: ChatFormat
+    vision: object | None = None  # VisionEncoder
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    turns: list[Turn] = field(default_factory=list)
+    image_vectors: list[np.ndarray] = field(default_factory=list)
+    _cached: list = field(default_factory=list)  # items in the KV cache: token id (int) or (image index, row)
+    last_stats: TurnStats = field(default_factory=TurnStats)
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.sampling)
+        self.stop = StopMatcher(self.fmt.stop_strings)
+
+    # -------------------------------------------------------------------------------------------- images
+    def add_image(self, image) -> int:
+        """Encode an image (path or [Q, H] vectors) once; returns its index for ask(images=...)."""
+        if isinstance(image, np.ndarray):
+            vecs = np.asarray(image, dtype=np.float32)
+        else:
+            if self.vision is None:
+                raise UserError(f"{image}: this session has no vision model (vision.gguf was not loaded)")
+            vecs = self.vision.encode(image)
+        want = (self.fmt.image_token_count, self.llm.hp.hidden_size)
+        if vecs.shape != want:
+            raise UserError(f"image vectors have shape {list(vecs.shape)}, expected {list(want)}")
+        self.image_vectors.append(vecs)
+        return len(self.image_vectors) - 1
+
+    # -------------------------------------------------------------------------------------------- layout
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def _user_items(self, turn: Turn) -> list:
+        pieces = self.fmt.prompt_template.replace("{}", turn.user).split(self.fmt.image_placeholder)
+        items: list = []
+        for k, piece in enumerate(pieces):
+            if k:
+                img = turn.images[k - 1]
+                items += [(img, j) for j in range(self.fmt.image_token_count)]
+            items += self._tokens(piece)
+        return items
+
+    def layout(self, turns: Sequence[Turn]) -> list:
+        items: list = []
+        for turn in turns:
+            items.append(self.fmt.bos_id)  # every turn starts with BOS, as in training (not llama.cpp's add_bos)
+            items += self._user_items(turn)
+            if turn.answer is not None:
+                items += self._tokens(turn.answer + self.fmt.end_sym)
+        return items
+
+    def _feed(self, items: list, all_logits: bool = False) -> np.ndarray:
+        """Evaluate items after the cache (token runs via eval_tokens, image rows via eval_embeddings)."""
+        logits = None
+        start = 0
+        while start < len(items):
+            is_img = isinstance(items[start], tuple)
+            stop = start
+            while stop < len(items) and isinstance(items[stop], tuple) == is_img:
+                stop += 1
+            run = items[start:stop]
+            if is_img:
+                rows = np.stack([self.image_vectors[i][j] for i, j in run])
+                logits = self.llm.eval_embeddings(rows)
+            else:
+                logits = self.llm.eval_tokens(run)
+            self._cached += run
+            start = stop
+        return logits
+
+    def _sync_cache(self, items: list) -> np.ndarray:
+        """Cut the cache back to the common prefix with `items`, evaluate the rest; logits after the last item."""
+        keep = 0
+        limit = min(len(items), len(self._cached), self.llm.n_past)
+        while keep < limit and items[keep] == self._cached[keep]:
+            keep += 1
+        if keep == len(items):  # everything cached: re-evaluate the last item to get its logits
+            keep -= 1
+        self.llm.truncate(keep)
+        del self._cached[keep:]
+        self.last_stats.reused_tokens = keep
+        self.last_stats.prompt_tokens = len(items) - keep
+        return self._feed(items[keep:])
+
+    # -------------------------------------------------------------------------------------------- chat
+    def ask(self, text: str, images: Sequence = (), on_text: Callable[[str], None] | None = None) -> str:
+        """One user turn; returns the answer (stop string removed). on_text receives the answer as it grows."""
+        t_start = time.perf_counter()
+        stats = self.last_stats = TurnStats()
+        n_before = len(self.image_vectors)
+        try:
+            indices = [self.add_image(im) for im in images]
+        except Exception:
+            del self.image_vectors[n_before:]
+            raise
+        stats.image_encode_s = time.perf_counter() - t_start
+        placeholder = self.fmt.image_placeholder
+        if placeholder in text:
+            if text.count(placeholder) != len(indices):
+                del self.image_vectors[n_before:]
+                raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) were given")
+        elif indices:
+            text = " ".join([IMAGE_TAG.replace("<ImageHere>", placeholder)] * len(indices) + [text])
+        turn = Turn(user=text, images=indices)
+        items = self.layout(self.turns + [turn])
+        budget = self.llm.n_ctx - len(items)
+        if budget < 1:
+            del self.image_vectors[n_before:]
+            raise UserError(f"prompt too long: the conversation needs {len(items)} positions, the context holds "
+                            f"{self.llm.n_ctx} (start a new conversation or shorten the prompt)")
+        t0 = time.perf_counter()
+        logits = self._sync_cache(items)
+        stats.prefill_s = time.perf_counter() - t0
+        self.turns.append(turn)
+        # the history keeps the text exactly as generated, so the next turn's layout re-tokenizes to the cached ids
+        turn.answer = self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
+        return turn.answer.strip()
+
+    def _generate(self, logits, items, max_new: int, on_text, t_start: float) -> str:
+        stats = self.last_stats
+        history = [i for i in items if isinstance(i, int)]
+        generated: list[int] = []
+        shown = 0
+        text = ""
+        t_first = None
+        while True:
+            token = self.sampler(logits, history + generated)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.first_token_s = t_first - t_start
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=False)
+            cut = self.stop.find(text)
+            if token == self.fmt.eos_id:
+                text, stats.stopped_by = self.tokenizer.decode(generated[:-1], skip_special_tokens=False), "eos"
+                break
+            if cut >= 0:
+                text, stats.stopped_by = text[:cut], "stop string"
+                break
+            if len(generated) >= max_new:
+                stats.stopped_by = "max_new_tokens" if max_new == self.sampling.max_new_tokens else "context full"
+                break
+            if on_text is not None and not text.endswith("\ufffd"):
+                safe = self.stop.safe_prefix_length(text)
+                if safe > shown:
+                    on_text(text[shown:safe])
+                    shown = safe
+            logits = self.llm.eval_tokens([token])
+            self._cached.append(token)
+        if on_text is not None and len(text) > shown:
+            on_text(text[shown:])
+        stats.generated_tokens = len(generated)
+        stats.decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
+        return text
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is reused only if the next one starts the same way)."""
+        self.turns.clear()
+
+
+def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str | None = None,
+                 n_ctx: int | None = None, n_threads: int = 2, sampling: SamplingParams | None = None,
+                 with_vision: bool = True, vision_int8: bool = True, quiet: bool = False) -> ChatSession:
+    """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime."""
+    llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
+    hp = llm_hyperparams(llm_file)
+    fmt = chat_format(llm_file)
+    vision = None
+    if with_vision:
+        vision_file = open_gguf(find_vision_file(gguf_dir), names.ARCH_VISION)
+        check_pair(llm_file, hp, vision_file, vision_values(vision_file))
+        from .vision_runtime import VisionEncoder
+
+        vision = VisionEncoder(vision_file, int8=vision_int8, n_threads=n_threads)
+    llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet)
+    return ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt, vision=vision,
+                       sampling=sampling or SamplingParams())

@@ -1,0 +1,158 @@
+"""Image -> 32 LLM input vectors on CPU, from the vision GGUF: ViT (+ ln_vision) -> Q-Former -> proj1 -> proj2.
+
+The networks are transformers' Blip2VisionModel / Blip2QFormerModel (the same classes training uses), built on
+the meta device from the file's hyper-parameters and then filled tensor by tensor from the GGUF: every Linear
+becomes a PyTorch dynamic-int8 Linear (per-output-channel symmetric weights, fbgemm kernels), everything else
+fp32. No fp32 copy of the whole model ever exists, so peak memory stays near the int8 size.
+Preprocessing = LAVIS's eval processor: RGB, bicubic resize to image_size x image_size, /255, (x - mean) / std
+with the mean/std stored in the file.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tinygpt.errors import UserError
+
+from . import gguf_names as names
+from .gguf_file import GGUFContents, as_float32, vision_values
+
+
+def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:
+    """[1, 3, S, S] float32 pixels; UserError for a missing file or one that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A dynamic-quantized Linear: int8 weights with one scale per output row, fp32 activations in and out."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    out_features, in_features = weight.shape
+    scale = (weight.abs().amax(dim=1).double() / 127.0).clamp(min=1e-12)
+    zero = torch.zeros(out_features, dtype=torch.long)
+    with warnings.catch_warnings():  # torch 2.13 marks quantized-tensor creation deprecated; the kernels remain
+        warnings.simplefilter("ignore", UserWarning)
+        layer = DynamicLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
+        qweight = torch.quantize_per_channel(weight.float(), scale, zero, 0, torch.qint8)
+        layer.set_weight_bias(qweight, bias)
+    return layer
+
+
+class VisionEncoder:
+    """`encode(path_or_pixels)` -> float32 numpy [num_query_tokens, llm_hidden_size]."""
+
+    def __init__(self, vision: GGUFContents, int8: bool = True, n_threads: int = 2):
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+        self.file = vision
+        self.values = v = vision_values(vision)
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
+        self.int8 = int8
+        self.image_size = v["image_size"]
+        self.mean, self.std = v["image_mean"], v["image_std"]
+        vcfg = Blip2VisionConfig(
+            hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_layers"],
+            num_attention_heads=v["num_heads"], image_size=v["image_size"], patch_size=v["patch_size"],
+            layer_norm_eps=v["layer_norm_eps"])
+        qcfg = Blip2QFormerConfig(
+            hidden_size=v["qformer.hidden_size"], num_hidden_layers=v["qformer.num_layers"],
+            num_attention_heads=v["qformer.num_heads"], intermediate_size=v["qformer.intermediate_size"],
+            cross_attention_frequency=v["qformer.cross_attention_frequency"],
+            encoder_hidden_size=v["qformer.encoder_hidden_size"], layer_norm_eps=v["qformer.layer_norm_eps"])
+        for cfg in (vcfg, qcfg):
+            cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.root = nn.Module()
+            self.root.vision_model = Blip2VisionModel(vcfg)
+            self.root.qformer = Blip2QFormerModel(qcfg)
+            self.root.query_tokens = nn.Parameter(torch.empty(1, v["num_query_tokens"], v["qformer.hidden_size"]))
+            self.root.proj1 = nn.Linear(v["qformer.hidden_size"], v["proj_hidden_size"])
+            self.root.proj2 = nn.Linear(v["proj_hidden_size"], v["llm_hidden_size"])
+        self.root.vision_model.post_layernorm.eps = v["ln_vision_eps"]
+        by_torch_name = {}
+        for gname in vision.tensors:
+            try:
+                by_torch_name[names.gguf_to_torch_vision(gname)] = gname
+            except KeyError:
+                raise UserError(f"{vision.path}: unknown tensor {gname!r}") from None
+        self._used: set[str] = set()
+        self._fill(self.root, "", by_torch_name)
+        unused = sorted(set(by_torch_name) - self._used)
+        if unused:
+            raise UserError(f"{vision.path}: tensor {by_torch_name[unused[0]]!r} does not fit this vision model "
+                            f"({len(unused)} unused)")
+        self.root.eval()
+
+    def _get(self, torch_name: str, by_torch_name: dict, shape) -> torch.Tensor:
+        if torch_name not in by_torch_name:
+            raise UserError(f"{self.file.path}: tensor {names.torch_to_gguf_vision(torch_name)!r} is missing")
+        arr = as_float32(self.file.tensor(by_torch_name[torch_name]))
+        if tuple(arr.shape) != tuple(shape):
+            raise UserError(f"{self.file.path}: tensor {by_torch_name[torch_name]!r} has shape {list(arr.shape)}, "
+                            f"expected {list(shape)}")
+        self._used.add(torch_name)
+        return torch.from_numpy(np.array(arr, dtype=np.float32))
+
+    def _fill(self, module: nn.Module, prefix: str, by_torch_name: dict) -> None:
+        for child_name, child in list(module.named_children()):
+            full = prefix + child_name
+            if isinstance(child, nn.Linear):
+                w = self._get(full + ".weight", by_torch_name, child.weight.shape)
+                b = self._get(full + ".bias", by_torch_name, child.bias.shape) if child.bias is not None else None
+                if self.int8:
+                    setattr(module, child_name, int8_linear(w, b))
+                else:
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+                    lin.weight = nn.Parameter(w, requires_grad=False)
+                    if b is not None:
+                        lin.bias = nn.Parameter(b, requires_grad=False)
+                    setattr(module, child_name, lin)
+            else:
+                self._fill(child, full + ".", by_torch_name)
+        for pname, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[pname] = nn.Parameter(self._get(prefix + pname, by_torch_name, p.shape),
+                                                         requires_grad=False)
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                raise UserError(f"{self.file.path}: buffer {prefix + bname} is not in the file")
+
+    def preprocess(self, path: str | os.PathLike) -> torch.Tensor:
+        return load_image(path, self.image_size, self.mean, self.std)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        r = self.root
+        states = r.vision_model(pixel_values=pixels.float()).last_hidden_state  # post_layernorm = ln_vision
+        queries = r.query_tokens.expand(states.shape[0], -1, -1)
+        mask = torch.ones(states.shape[:-1], dtype=torch.long)
+        out = r.qformer(query_embeds=queries, encoder_hidden_states=states, encoder_attention_mask=mask)
+        feats = out.last_hidden_state[:, : queries.shape[1]]
+        return r.proj2(r.proj1(feats))[0].float().numpy()
+
+    def encode(self, image: str | os.PathLike) -> np.ndarray:
+        return self.encode_pixels(self.preprocess(image))
+
+    def timed_encode(self, image) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        out = self.encode(image)
+        return out, time.perf_counter() - t0
