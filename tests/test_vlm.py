@@ -130,6 +130,11 @@ def test_loss_is_mean_cross_entropy_over_answer_tokens(tiny_vlm):
         keep = target != IGNORE
         manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
     assert torch.allclose(out.loss, manual, atol=1e-6)
+    with torch.no_grad():
+        fast = model(turns=turns, image_counts=[1, 0], pixel_values=pixels, template="{}", end_sym="\n",
+                     loss_only=True)
+    assert fast.logits is None
+    assert torch.allclose(fast.loss, manual, atol=1e-6)
 
 
 def test_images_land_at_their_own_placeholders(tiny_vlm):

@@ -256,8 +256,11 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``loss_only``: with labels, project to the vocabulary only where a label is supervised (training speed:
+        the 51,200-wide lm_head dominates small models); ``logits`` is then None. Same loss either way."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -267,6 +270,8 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
+        if loss_only and labels is not None:
+            return CausalLMOutputWithPast(loss=supervised_loss(self.lm_head, hidden, labels), logits=None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()
@@ -281,3 +286,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def supervised_loss(lm_head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The shifted cross-entropy of ``causal_lm_loss``, projecting only the positions that predict a label."""
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])

@@ -105,11 +105,13 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
         max_txt_len: int | None = None,
         template: str | None = None,
         end_sym: str | None = None,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Loss of a batch of conversations (see ``sequence.py``).
 
         Images come as ``pixel_values`` [sum N, 3, S, S] or as cached Q-Former ``image_features`` [sum N, Q, 768].
+        ``loss_only`` skips the logits of unsupervised positions (the training loop's fast path).
         """
         if turns is None:
             raise UserError("forward: pass turns (a list of conversations)")
@@ -123,6 +125,7 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
             attention_mask=inputs.attention_mask.to(device),
             labels=inputs.labels.to(device),
             use_cache=False,
+            loss_only=loss_only,
         )
 
     def _image_embeds(self, pixel_values, image_features):

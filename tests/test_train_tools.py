@@ -1,0 +1,166 @@
+"""Q-Former feature cache (same loss as from pixels, trains as a dataset kind), mixing and optimizer groups, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tinygpt.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE3 = REPO / "train_configs" / "tiny" / "stage3.yaml"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def align_root(tmp_path_factory) -> Path:
+    """A small cc_sbu_align folder: filter_cap.json + image/{id}.jpg."""
+    root = tmp_path_factory.mktemp("align")
+    (root / "image").mkdir()
+    rng = np.random.default_rng(0)
+    annotations = []
+    for i in range(1, 9):
+        pixels = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "image" / f"{i}.jpg")
+        annotations.append({"image_id": str(i), "caption": f"picture number {i} with some noise."})
+    (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
+    from tinygpt.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = TinyGPTVForConditionalGeneration(build_config("tiny"))
+    model.tokenizer = load_tokenizer(None)
+    return save_vlm(model, tmp_path_factory.mktemp("base") / "tiny-base")
+
+
+def stage3_options(align_root: Path, base_model: Path, out: Path) -> list[str]:
+    return [f"data.datasets.cc_sbu_align.params.root={align_root}", f"model.init_from={base_model}",
+            f"run.output_dir={out}", "data.datasets.cc_sbu_align.batch_size=2", "schedule.total_steps=2",
+            "schedule.warmup_steps=1", "run.progress=false", "run.resume=false", "model.lora.dropout=0.0"]
+
+
+def test_cached_features_give_the_same_loss_and_train(align_root, base_model, tmp_path):
+    from tinygpt.model import load_vlm
+    from tinygpt.train.features import FeatureDataset, collate_features, write_features
+    from tinygpt.train.loop import compute_loss
+    from tinygpt.train.stage import build_datasets, collate, run_stage
+
+    cfg = load_config(STAGE3, stage3_options(align_root, base_model, tmp_path / "unused"))
+    dataset = build_datasets(cfg, 112)[0].dataset
+    model = load_vlm(base_model)
+    cache = write_features(model, dataset, tmp_path / "cache", "cc_sbu_align", str(base_model), batch_size=3,
+                           shard_size=5, progress=False)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["samples"] == 8 and len(manifest["shards"]) == 2
+    cached = FeatureDataset(str(cache))
+    assert len(cached) == 8
+    with torch.no_grad():
+        pixels = collate([dataset[i] for i in (6, 1)])
+        features = collate_features([cached[i] for i in (6, 1)])
+        assert features["turns"] == pixels["turns"] and features["image_counts"] == [1, 1]
+        torch.testing.assert_close(features["image_features"], model.qformer_features(pixels["images"]),
+                                   atol=1e-5, rtol=1e-5)
+        loss_pixels = compute_loss(model, pixels, cfg.model)
+        loss_cached = compute_loss(model, features, cfg.model)
+    torch.testing.assert_close(loss_cached, loss_pixels, atol=1e-5, rtol=1e-5)
+
+    opts = stage3_options(align_root, base_model, tmp_path / "out")
+    opts += ["data.datasets.cc_sbu_align.kind=qformer_features", f"data.datasets.cc_sbu_align.params={{root: {cache}}}"]
+    out = run_stage(load_config(STAGE3, opts))
+    summary = json.loads((out / "train_summary.json").read_text())["summary"]
+    assert summary["counts"] == {"cc_sbu_align": 2} and summary["last_loss"] > 0
+
+
+def test_mixing_follows_ratios_and_splits_slots_across_processes():
+    from tinygpt.train.mixing import draw_table
+
+    table = draw_table([115, 14], seed=42, total_steps=20000, slots=1)
+    share = (table == 0).mean()
+    assert abs(share - 115 / 129) < 0.01
+    assert np.array_equal(table, draw_table([115, 14], seed=42, total_steps=20000, slots=1))
+    assert not np.array_equal(table, draw_table([115, 14], seed=43, total_steps=20000, slots=1))
+    # 2 slots per step: the table is the same whether 1 process accumulates 2 micro-batches or 2 processes run 1
+    assert draw_table([1, 1, 2], seed=0, total_steps=50, slots=2).shape == (50, 2)
+
+
+def test_map_style_draws_cover_each_epoch_once():
+    from tinygpt.train.mixing import MixEntry, _DrawBatches
+
+    entry = MixEntry(name="d", dataset=list(range(10)), batch_size=3, ratio=1.0)
+    table = np.zeros((9, 1), dtype=np.int32)  # always dataset 0: 3 batches per epoch (drop_last)
+    batches = list(_DrawBatches(entry, 0, table, 0, [0], seed=1))
+    assert [b[0][0] for b in batches] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # epochs
+    for epoch in range(3):
+        indices = [i for b in batches[3 * epoch:3 * epoch + 3] for _, i in b]
+        assert len(set(indices)) == 9
+    resumed = list(_DrawBatches(entry, 0, table, 4, [0], seed=1))
+    assert resumed == batches[4:]
+    rank0 = list(_DrawBatches(entry, 0, np.zeros((4, 2), dtype=np.int32), 0, [0], seed=1))
+    rank1 = list(_DrawBatches(entry, 0, np.zeros((4, 2), dtype=np.int32), 0, [1], seed=1))
+    assert [x for pair in zip(rank0, rank1) for x in pair] == batches[:8]
+
+
+def test_weight_decay_groups_match_the_original_rule(tiny_vlm):
+    from tinygpt.config.schema import OptimSection
+    from tinygpt.model.trainable import apply_trainable_set
+    from tinygpt.train.optim import build_optimizer, decays
+
+    model = tiny_vlm(lora={})
+    apply_trainable_set(model, "lora")
+    optimizer = build_optimizer(model, OptimSection(), lr=1e-4)
+    named = {id(p): n for n, p in model.named_parameters()}
+    decayed = {named[id(p)] for p in optimizer.param_groups[0]["params"]}
+    plain = {named[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert "proj1.weight" in decayed and "proj1.bias" in plain
+    assert any(".lora_A." in n for n in decayed)
+    assert all("norm" in n or n.endswith("bias") for n in plain)
+    assert not decays("language_model.model.final_layernorm.weight", torch.zeros(4))
+
+
+def test_bench_reports_step_time_memory_and_cache_ratio(capsys):
+    from tinygpt.train.bench import main
+
+    code = main(["--cfg-path", str(STAGE3), "--steps", "1", "--random-weights", "--json",
+                 "--options", "data.datasets.cc_sbu_align.batch_size=2", "model.max_txt_len=16"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch_size"] == 2 and result["image_size"] == 112
+    assert result["seconds_per_step"] > 0 and result["peak_memory_gb"] > 0
+    assert 0 < result["cached_features_step_ratio"] < 2
+
+
+def test_qlora_trains_lora_over_4bit_frozen_weights(align_root, base_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from tinygpt.model import load_vlm
+    from tinygpt.train.stage import run_stage
+
+    opts = stage3_options(align_root, base_model, tmp_path / "out") + ["model.load_in_4bit=true",
+                                                                      "schedule.total_steps=1"]
+    out = run_stage(load_config(STAGE3, opts))
+    saved = load_file(str(out / "model.safetensors"))
+    assert any(".lora_B." in name for name in saved)
+    assert not any(name.endswith("mlp.fc1.weight") for name in saved)  # the 4-bit base is never written back
+    assert any(saved[n].abs().sum() > 0 for n in saved if ".lora_B." in n)  # LoRA B left zero-init: it trained
+    model = load_vlm(out)  # full-precision base + trained deltas
+    assert model.config.lora["r"] == 64

@@ -1,0 +1,6 @@
+"""Training configuration: typed schema (``schema``) and the YAML loader (``load``)."""
+
+from .load import check_paths, config_to_dict, load_config
+from .schema import RunConfig
+
+__all__ = ["RunConfig", "check_paths", "config_to_dict", "load_config"]

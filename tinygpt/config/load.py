@@ -1,0 +1,358 @@
+"""Load a stage YAML into a validated ``RunConfig``.
+
+* ``extends:`` a path or a list of paths (relative to the YAML that names them), merged in order, then the file itself,
+  then the ``--options key=value`` overrides (dotted keys, values parsed as YAML: ``run.seed=3``, ``model.lora=null``).
+* ``${...}`` interpolation (omegaconf), including ``${oc.env:NAME,default}`` and ``${vars.x}``.
+* Every mistake is one ``UserError`` line naming the YAML file (or ``--options``) that set the key and the dotted key:
+  unknown/misspelt keys (with the closest valid key), wrong types, missing required values, bad choices and ranges.
+  This happens before any work; ``check_paths`` (called by ``run_stage``) also checks that named paths exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
+
+from ..errors import UserError
+from . import schema
+from .schema import REQUIRED, RunConfig
+
+OPTIONS = "--options"
+
+
+class _Mismatch(Exception):
+    """A value of the wrong type (turned into a UserError naming the key)."""
+
+
+# ---- reading and merging -----------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    if not path.is_file():
+        raise UserError(f"{path}: config file does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not OmegaConf.is_dict(loaded):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model, data, optim, schedule, run)")
+    return loaded
+
+
+def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_dict(node):
+        for key in node.keys():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            yield dotted
+            yield from _flat_keys(node._get_node(key), dotted)
+
+
+def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()):
+    """The merged (unresolved) config of ``path`` and everything it extends; records which file set each key."""
+    from omegaconf import OmegaConf
+
+    path = path.resolve() if path.is_absolute() else Path(os.path.abspath(path))
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise UserError(f"{stack[-1]}: extends makes a cycle ({chain})")
+    own = _read_yaml(path)
+    extends = own.pop("extends", None)
+    if extends is None:
+        bases = []
+    elif isinstance(extends, str):
+        bases = [extends]
+    elif OmegaConf.is_list(extends) and all(isinstance(item, str) for item in extends):
+        bases = list(extends)
+    else:
+        raise UserError(f"{path}: extends: expected a path or a list of paths, got {extends!r}")
+    merged = OmegaConf.create({})
+    for base in bases:
+        base_path = Path(base)
+        if base_path.is_absolute():
+            raise UserError(f"{path}: extends: {base!r} is absolute; name bases relative to this file")
+        merged = OmegaConf.merge(merged, _load_tree(path.parent / base_path, origins, (*stack, path)))
+    for key in _flat_keys(own):
+        origins[key] = str(path)
+    return OmegaConf.merge(merged, own)
+
+
+def _parse_options(options: Iterable[str], origins: dict[str, str]):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    items = list(options or [])
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"{OPTIONS}: {item!r} is not key=value (e.g. run.seed=3)")
+    try:
+        parsed = OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{OPTIONS}: cannot parse {items!r} ({str(exc).splitlines()[0]})") from None
+    for key in _flat_keys(parsed):
+        origins[key] = OPTIONS
+    return parsed
+
+
+def _resolve(merged, origins: dict[str, str], top: str) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        where = origins.get(key, top)
+        message = str(exc).strip().splitlines()[0]
+        raise UserError(f"{where}: {key}: cannot resolve interpolation ({message})") from None
+
+
+# ---- typed validation --------------------------------------------------------------------------------------------
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, cfg: RunConfig) -> Any:
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Union:
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key, cfg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _build(tp, value, key, cfg)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_checked(item, get_args(tp)[0], f"{key}.{i}", cfg) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {str(k): _checked(v, get_args(tp)[1], f"{key}.{k}", cfg) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Mismatch
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Mismatch
+        return value
+    raise TypeError(f"schema type {tp!r} is not supported")  # a bug in schema.py, not a user error
+
+
+def _checked(value: Any, tp: Any, key: str, cfg: RunConfig) -> Any:
+    if value == REQUIRED:
+        raise UserError(f"{cfg.origin(key)}: {key}: required value is missing (set it, e.g. --options {key}=...)")
+    try:
+        return _convert(value, tp, key, cfg)
+    except _Mismatch:
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        raise UserError(f"{cfg.origin(key)}: {key}: expected {_describe(tp)}, got {shown}") from None
+
+
+def _build(cls: type, values: dict, prefix: str, cfg: RunConfig):
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in values:
+        if key not in fields:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            valid = ", ".join(fields)
+            raise UserError(f"{cfg.origin(dotted)}: unknown key {dotted!r}{hint}; valid keys here: {valid}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in values:
+            kwargs[name] = _checked(values[name], hints[name], dotted, cfg)
+        elif f.default is REQUIRED:
+            raise UserError(f"{cfg.origin(prefix) if prefix else cfg.source}: {dotted}: required value is missing")
+        elif dataclasses.is_dataclass(f.default_factory):  # an absent section: its required keys are still required
+            kwargs[name] = _build(f.default_factory, {}, dotted, cfg)
+    return cls(**kwargs)
+
+
+# ---- semantic checks (no file system) ----------------------------------------------------------------------------
+
+def _choice(cfg: RunConfig, key: str, value: str, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{cfg.origin(key)}: {key}: {value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def _require(cfg: RunConfig, key: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise UserError(f"{cfg.origin(key)}: {key}: {what}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    m, d, o, s, r = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.run
+    _choice(cfg, "model.preset", m.preset, schema.PRESETS)
+    _choice(cfg, "model.trainable", m.trainable, schema.TRAINABLE_SETS)
+    if m.init_from is not None and m.init_from.startswith(schema.BUILTIN_PREFIX):
+        _choice(cfg, "model.init_from", m.init_from, schema.BUILTIN_MODELS)
+    _require(cfg, "model.init_from", m.init_from is None or m.init_from.strip() != "", "empty path (use null)")
+    if m.trainable == "lora":
+        _require(cfg, "model.lora", m.lora is not None, "trainable set 'lora' needs LoRA settings (e.g. lora: {})")
+    else:
+        _require(cfg, "model.lora", m.lora is None, "trainable set 'stage1' trains no LoRA; set lora: null")
+    if m.lora is not None:
+        _require(cfg, "model.lora.r", m.lora.r >= 1, f"must be >= 1, got {m.lora.r}")
+        _require(cfg, "model.lora.dropout", 0.0 <= m.lora.dropout < 1.0, "must be in [0, 1)")
+        for i, target in enumerate(m.lora.target_modules):
+            _choice(cfg, f"model.lora.target_modules.{i}", target, ("qkv", "dense"))
+    if m.image_size is not None:
+        _require(cfg, "model.image_size", m.image_size > 0 and m.image_size % 14 == 0,
+                 f"{m.image_size} px is not a positive multiple of the ViT patch size 14")
+    _require(cfg, "model.max_txt_len", m.max_txt_len >= 1, "must be >= 1")
+    _require(cfg, "model.prompt_template", m.prompt_template.count("{}") <= 1, "may hold at most one {}")
+    _require(cfg, "model.load_in_4bit", not (m.load_in_4bit and m.trainable != "lora"),
+             "4-bit base weights (QLoRA) need trainable: lora")
+
+    active = cfg.active_datasets()
+    _require(cfg, "data.datasets", bool(active), "no dataset (every entry is null)")
+    for name, spec in active.items():
+        key = f"data.datasets.{name}"
+        _require(cfg, f"{key}.batch_size", spec.batch_size >= 1, f"must be >= 1, got {spec.batch_size}")
+        _require(cfg, f"{key}.sample_ratio", spec.sample_ratio > 0, f"must be > 0, got {spec.sample_ratio}")
+        _require(cfg, f"{key}.kind", spec.kind.strip() != "", "empty kind")
+    _require(cfg, "data.num_workers", d.num_workers >= 0, "must be >= 0")
+    _require(cfg, "data.max_bad_fraction", 0.0 <= d.max_bad_fraction <= 1.0, "must be in [0, 1]")
+    _require(cfg, "data.bad_records_min", d.bad_records_min >= 1, "must be >= 1")
+
+    _choice(cfg, "optim.name", o.name, schema.OPTIMIZERS)
+    _require(cfg, "optim.weight_decay", o.weight_decay >= 0, "must be >= 0")
+    _require(cfg, "optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "needs two values in [0, 1)")
+    _require(cfg, "optim.eps", o.eps > 0, "must be > 0")
+    _require(cfg, "optim.max_grad_norm", o.max_grad_norm is None or o.max_grad_norm > 0, "must be > 0 or null")
+
+    for key in ("init_lr", "min_lr", "warmup_lr"):
+        _require(cfg, f"schedule.{key}", getattr(s, key) >= 0, "must be >= 0")
+    _require(cfg, "schedule.init_lr", s.init_lr > 0, "must be > 0")
+    _require(cfg, "schedule.min_lr", s.min_lr <= s.init_lr,
+             f"{s.min_lr:g} is above init_lr {s.init_lr:g} (the cosine would rise instead of decay)")
+    _require(cfg, "schedule.total_steps", s.total_steps >= 1, "must be >= 1")
+    _require(cfg, "schedule.warmup_steps", 0 <= s.warmup_steps <= s.total_steps,
+             f"must be in [0, total_steps={s.total_steps}]")
+
+    _choice(cfg, "run.precision", r.precision, schema.PRECISIONS)
+    _choice(cfg, "run.save_mode", r.save_mode, schema.SAVE_MODES)
+    _require(cfg, "run.output_dir", r.output_dir.strip() != "", "empty path")
+    _require(cfg, "run.grad_accum_steps", r.grad_accum_steps >= 1, "must be >= 1")
+    _require(cfg, "run.save_every", r.save_every >= 0, "must be >= 0")
+    _require(cfg, "run.keep_last", r.keep_last >= 1, "must be >= 1")
+    _require(cfg, "run.log_every", r.log_every >= 1, "must be >= 1")
+    _require(cfg, "run.max_nonfinite", r.max_nonfinite >= 1, "must be >= 1")
+    if isinstance(r.resume, str):
+        _require(cfg, "run.resume", r.resume.strip() != "", "empty (use false, true, auto or a checkpoint path)")
+    return cfg
+
+
+# ---- public API --------------------------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None, check_files: bool = False) -> RunConfig:
+    """YAML (+ extends + overrides) -> validated RunConfig. ``check_files`` also checks that named paths exist."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    origins: dict[str, str] = {}
+    merged = _load_tree(path, origins)
+    if overrides:
+        merged = OmegaConf.merge(merged, _parse_options(overrides, origins))
+    top = str(Path(os.path.abspath(path)))
+    values = _resolve(merged, origins, top)
+    cfg = RunConfig(source=top, origins=origins)
+    built = _build(RunConfig, values, "", cfg)
+    built.source, built.origins = top, origins
+    validate(built)
+    if check_files:
+        check_paths(built)
+    return built
+
+
+PATH_PARAM_NAMES = ("root", "path", "paths", "dir", "file")
+
+
+def _looks_like_path_param(name: str) -> bool:
+    return name in PATH_PARAM_NAMES or name.endswith(tuple(f"_{n}" for n in PATH_PARAM_NAMES)) or name == "shards"
+
+
+def _path_values(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str)]
+    return []
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Named inputs exist: ``model.init_from`` (a model dir) and the path-like params of every active dataset."""
+    init = cfg.model.init_from
+    if init is not None and not init.startswith(schema.BUILTIN_PREFIX):
+        where = cfg.origin("model.init_from")
+        if not Path(init).is_dir():
+            raise UserError(f"{where}: model.init_from: {init} does not exist (run the previous stage first, "
+                            "or build the base model with python -m tinygpt.weights.build)")
+        if not (Path(init) / "config.json").is_file():
+            raise UserError(f"{where}: model.init_from: {init} is not a model directory (no config.json)")
+    for name, spec in cfg.active_datasets().items():
+        for param, values in spec.params.items():
+            if not _looks_like_path_param(param):
+                continue
+            key = f"data.datasets.{name}.params.{param}"
+            for value in _path_values(values):
+                target = Path(value)
+                if param == "shards" and "{" in value:  # a brace pattern: its folder must exist
+                    target = Path(value.split("{", 1)[0]).parent
+                if not target.exists():
+                    raise UserError(f"{cfg.origin(key)}: {key}: {value} does not exist"
+                                    " (set TINYGPT_DATA or vars.data_root to your data folder)")
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The YAML-able content of a config (without the internal source/origins), e.g. for the run summary."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    out.pop("origins", None)
+    return out

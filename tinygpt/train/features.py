@@ -1,0 +1,180 @@
+"""Cache the frozen ViT + Q-Former outputs of a dataset once, then train on them (dataset kind ``qformer_features``).
+
+The ViT, ln_vision and the Q-Former are frozen in every stage, so their output for an image never changes; a stage
+that sees its images many times (stage 3: 5 passes over cc_sbu_align) can skip them after the first. Layout::
+
+    DIR/manifest.json                 model, image size, query count and width, sample count, shard list
+    DIR/features-00000.safetensors    "features" [sum N, Q, D] and "offsets" [n + 1] (sample i: rows offsets[i]..[i+1])
+    DIR/samples-00000.jsonl           one line per sample: {"turns": [...], "dataset": name}
+
+The texts are those of the dataset's epoch 0 (a random prompt choice is frozen with the features).
+CLI: ``python -m tinygpt.train.features --cfg-path train_configs/stage3.yaml --out DIR [--dataset NAME]``; then
+train with ``data.datasets.NAME: {kind: qformer_features, batch_size: 6, params: {root: DIR}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from ..io_utils import atomic_dir
+
+log = logging.getLogger("tinygpt.train")
+FEATURE_PARAMS = {"root": inspect.Parameter.empty, "name": None}
+MANIFEST = "manifest.json"
+
+
+class FeatureDataset(Dataset):
+    """Samples ``{"images": empty, "image_features": [N, Q, D], "turns", "dataset"}`` from a feature cache."""
+
+    def __init__(self, root: str, name: Optional[str] = None):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{self.root}: not a feature cache (no {MANIFEST}; write one with "
+                            "python -m tinygpt.train.features)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.name = name or self.manifest["dataset"]
+        self.index: list[tuple[int, int]] = []       # (shard, row in shard) per sample
+        self.texts: list[dict] = []
+        for shard, files in enumerate(self.manifest["shards"]):
+            lines = (self.root / files["samples"]).read_text().splitlines()
+            self.texts.extend(json.loads(line) for line in lines)
+            self.index.extend((shard, row) for row in range(len(lines)))
+        self._open: tuple[int, dict] | None = None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self, shard: int) -> dict:
+        if self._open is None or self._open[0] != shard:
+            path = self.root / self.manifest["shards"][shard]["features"]
+            with safe_open(str(path), framework="pt") as f:
+                self._open = (shard, {"features": f.get_tensor("features"), "offsets": f.get_tensor("offsets")})
+        return self._open[1]
+
+    def __getitem__(self, i: int) -> dict:
+        shard, row = self.index[i]
+        data = self._shard(shard)
+        start, end = int(data["offsets"][row]), int(data["offsets"][row + 1])
+        size = int(self.manifest["image_size"])
+        return {"images": torch.zeros(0, 3, size, size), "image_features": data["features"][start:end],
+                "turns": self.texts[i]["turns"], "dataset": self.name}
+
+
+def collate_features(samples: list[dict]) -> dict:
+    feats = [s["image_features"] for s in samples]
+    return {"images": torch.cat([s["images"] for s in samples]), "image_features": torch.cat(feats),
+            "image_counts": [int(f.shape[0]) for f in feats], "turns": [s["turns"] for s in samples],
+            "dataset": [s["dataset"] for s in samples]}
+
+
+@torch.no_grad()
+def write_features(model, dataset, out: Path, dataset_name: str, model_source: str, batch_size: int = 16,
+                   shard_size: int = 2048, limit: Optional[int] = None, progress: bool = True) -> Path:
+    """Run the frozen towers over ``dataset`` (map-style: in index order; streaming: the first ``limit``)."""
+    from tqdm.auto import tqdm
+
+    from ..data.collate import collate_samples
+
+    model.eval()
+    streaming = not hasattr(dataset, "__len__")
+    if streaming and limit is None:
+        raise UserError(f"{dataset_name}: a streaming dataset needs --limit (how many samples to cache)")
+    total = limit if streaming else min(len(dataset), limit or len(dataset))
+    samples = iter(dataset) if streaming else (dataset[i] for i in range(total))
+    device = next(model.parameters()).device
+    shards, buffer, written = [], [], 0
+    bar = tqdm(total=total, desc=f"features {dataset_name}", unit="sample", disable=not progress, file=sys.stderr)
+    with atomic_dir(out) as tmp:
+        def flush():
+            feats, offsets, lines = [], [0], []
+            for start in range(0, len(buffer), batch_size):
+                batch = collate_samples(buffer[start:start + batch_size])
+                if batch["images"].shape[0]:
+                    feats.append(model.qformer_features(batch["images"].to(device)).float().cpu())
+            for sample in buffer:
+                offsets.append(offsets[-1] + int(sample["images"].shape[0]))
+                lines.append(json.dumps({"turns": sample["turns"], "dataset": sample["dataset"]}))
+            q, d = model.config.num_query_tokens, model.config.qformer_config.hidden_size
+            tensor = torch.cat(feats) if feats else torch.zeros(0, q, d)
+            names = {"features": f"features-{len(shards):05d}.safetensors",
+                     "samples": f"samples-{len(shards):05d}.jsonl"}
+            save_file({"features": tensor.contiguous(), "offsets": torch.tensor(offsets, dtype=torch.int64)},
+                      str(tmp / names["features"]))
+            (tmp / names["samples"]).write_text("\n".join(lines) + "\n")
+            shards.append(names)
+            buffer.clear()
+
+        for sample in samples:
+            buffer.append(sample)
+            written += 1
+            bar.update(1)
+            if len(buffer) >= shard_size:
+                flush()
+            if written >= total:
+                break
+        if buffer:
+            flush()
+        manifest = {"dataset": dataset_name, "samples": written, "shards": shards, "model": model_source,
+                    "image_size": model.config.image_size, "num_query_tokens": model.config.num_query_tokens,
+                    "hidden_size": model.config.qformer_config.hidden_size}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    bar.close()
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinygpt.train.features",
+                                     description="Cache the frozen ViT + Q-Former outputs of a stage's dataset.")
+    parser.add_argument("--cfg-path", required=True, help="stage YAML (its init_from model and datasets)")
+    parser.add_argument("--out", required=True, help="output directory of the cache")
+    parser.add_argument("--dataset", help="which dataset of the config (default: the only one)")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--limit", type=int, help="cache at most this many samples (required for streams)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        from ..config import check_paths, load_config
+        from .build import build_model, planned_image_size
+        from .stage import build_datasets, check_dataset_specs
+
+        cfg = load_config(args.cfg_path, args.options)
+        check_paths(cfg)
+        check_dataset_specs(cfg)
+        names = list(cfg.active_datasets())
+        name = args.dataset or (names[0] if len(names) == 1 else None)
+        if name not in names:
+            raise UserError(f"--dataset: choose one of {', '.join(names)}")
+        cfg.data.datasets = {name: cfg.data.datasets[name]}
+        entry = build_datasets(cfg, planned_image_size(cfg))[0]
+        model = build_model(cfg).model
+        if torch.cuda.is_available():
+            model.cuda()
+        out = write_features(model, entry.dataset, Path(args.out), name, str(cfg.model.init_from),
+                             batch_size=args.batch_size, limit=args.limit)
+        print(f"wrote {out}")
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

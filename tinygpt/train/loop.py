@@ -1,0 +1,194 @@
+"""The training loop on accelerate: autocast (bf16, or fp16 with loss scaling), gradient accumulation, clipping,
+non-finite-loss skipping, resume checkpoints, progress.
+
+One optimizer step = ``grad_accum_steps`` micro-batches per process, each one whole batch of one dataset (see
+``mixing.py``). A non-finite loss on any process skips the whole step on every process (gradients dropped, nothing
+updated, counted); ``run.max_nonfinite`` of them in a row stop the run with a clear message, leaving the last good
+checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config.schema import RunConfig
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .mixing import DataMixer
+from .optim import build_optimizer
+from .progress import Progress, format_summary, peak_memory_gb
+from .schedule import WarmupCosine
+
+log = logging.getLogger("tinygpt.train")
+MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class TrainingStopped(UserError):
+    """Too many non-finite losses in a row."""
+
+
+def make_accelerator(run):
+    """An Accelerator for ``run`` (the RunSection). In a single, non-launched process the global accelerate state
+    is reset first, so several stages can run in one process (the tiny recipe, tests)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(True)
+    precision = MIXED[run.precision]
+    cuda = torch.cuda.is_available() and not run.cpu
+    if precision == "fp16" and not cuda:
+        log.warning("run.precision fp16 has no effect on the CPU (nothing is autocast); using bf16")
+        precision = "bf16"
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # text-only batches leave proj1/proj2 unused
+    # cpu=True also when there is no GPU: only then does accelerate see a torchrun/mpirun launch as multi-CPU (gloo)
+    return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp])
+
+
+def compute_loss(model, batch: dict, model_cfg) -> torch.Tensor:
+    """Loss of one micro-batch (the data contract's collated batch). Tests replace this to inject failures."""
+    images = batch["images"]
+    features = batch.get("image_features")
+    return model(turns=batch["turns"], image_counts=batch["image_counts"],
+                 pixel_values=None if features is not None else images,
+                 image_features=features, max_txt_len=model_cfg.max_txt_len,
+                 template=model_cfg.prompt_template, end_sym=model_cfg.end_sym, loss_only=True).loss
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    for key in ("images", "image_features"):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = out[key].to(device, non_blocking=True)
+    return out
+
+
+@dataclass
+class TrainResult:
+    start_step: int
+    end_step: int
+    skipped_steps: int
+    last_loss: float | None
+    summary: dict = field(default_factory=dict)
+
+
+def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count: int) -> TrainResult:
+    r, sched_cfg = cfg.run, cfg.schedule
+    schedule = WarmupCosine.from_config(sched_cfg)
+    optimizer = build_optimizer(model, cfg.optim, schedule.lr_at(0))
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # no DataLoader goes through prepare(), so DeepSpeed needs the micro-batch size here
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(e.batch_size for e in mixer.entries)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    start_step, skipped, nonfinite_run, data_state = 0, 0, 0, None
+    resume_from = ckpt.find_resume(r.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer)
+        start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        nonfinite_run, data_state = int(state.get("nonfinite_in_a_row", 0)), state.get("data", {})
+        data_state = data_state.get(str(accelerator.process_index), data_state.get("0"))
+        if state.get("slots") != mixer.slots:
+            log.warning("%s was written with %s micro-batch slots per step, this run has %d: the data order "
+                        "after resume differs from an uninterrupted run", resume_from, state.get("slots"), mixer.slots)
+        if accelerator.is_main_process:
+            log.info("resuming from %s (step %d)", resume_from, start_step)
+    elif accelerator.is_main_process and ckpt.list_checkpoints(cfg.checkpoint_dir):
+        stale = ckpt.list_checkpoints(cfg.checkpoint_dir)
+        log.warning("starting fresh: removing %d checkpoints of an earlier run in %s", len(stale),
+                    ckpt.checkpoints_root(cfg.checkpoint_dir))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    mixer.start(start_step, data_state)
+
+    progress = Progress(total_steps=sched_cfg.total_steps, start_step=start_step, enabled=accelerator.is_main_process,
+                        show_bar=r.progress, device=accelerator.device, log_every=r.log_every,
+                        log_dir=Path(cfg.checkpoint_dir), tensorboard=r.tensorboard,
+                        wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")))
+    started, samples_total, last_loss = time.monotonic(), 0, None
+    model_cfg = cfg.model
+    try:
+        for step in range(start_step, sched_cfg.total_steps):
+            lr = schedule.apply(optimizer, step)
+            step_losses, step_samples, finite = [], 0, True
+            for micro in range(r.grad_accum_steps):
+                _, batch = mixer.next_batch(step, micro)
+                batch = _to_device(batch, accelerator.device)
+                step_samples += len(batch["turns"])
+                last_micro = micro == r.grad_accum_steps - 1
+                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
+                with sync:
+                    with accelerator.autocast():
+                        loss = compute_loss(model, batch, model_cfg)
+                    finite = finite and bool(torch.isfinite(loss.detach()).item())
+                    accelerator.backward(loss / r.grad_accum_steps)
+                step_losses.append(float(loss.detach()))
+            flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+            any_bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if any_bad:
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                nonfinite_run += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)", step + 1,
+                            nonfinite_run, skipped)
+                if nonfinite_run >= r.max_nonfinite:
+                    last = ckpt.list_checkpoints(cfg.checkpoint_dir)
+                    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    raise TrainingStopped(
+                        f"training stopped at step {step + 1}: {nonfinite_run} non-finite losses in a row; {kept} "
+                        "(lower schedule.init_lr, set optim.max_grad_norm, or use run.precision bf16/fp32)")
+            else:
+                nonfinite_run = 0
+                if cfg.optim.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_loss = sum(step_losses) / len(step_losses)
+            samples_total += step_samples * accelerator.num_processes
+            progress.step(step, None if any_bad else last_loss, lr, step_samples * accelerator.num_processes,
+                          dict(mixer.counts))
+            done = step + 1
+            if r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps and nonfinite_run:
+                log.warning("step %d: no checkpoint while losses are non-finite (the last good one stays)", done)
+            elif r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps:
+                mixer.restart_streams(done)  # streams restart at every checkpoint, so its data position is exact
+                state = {"skipped_steps": skipped, "nonfinite_in_a_row": nonfinite_run, "slots": mixer.slots,
+                         "schedule": schedule.state_dict(), "last_loss": last_loss,
+                         "data": _gather_data_state(accelerator, mixer.state())}
+                ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    end_step = sched_cfg.total_steps
+    summary = {
+        "start_step": start_step, "end_step": end_step, "total_steps": sched_cfg.total_steps, "seconds": seconds,
+        "samples_per_s": samples_total / seconds if seconds > 0 else 0.0,
+        "steps_per_s": (end_step - start_step) / seconds if seconds > 0 else 0.0,
+        "trainable_params": trainable_count, "skipped_steps": skipped, "last_loss": last_loss,
+        "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
+        "processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        log.info("%s", format_summary(summary))
+    return TrainResult(start_step, end_step, skipped, last_loss, summary)
+
+
+def _gather_data_state(accelerator, state: dict) -> dict:
+    """Each process's data position, keyed by process index (streams are per process)."""
+    from accelerate.utils import gather_object
+
+    if accelerator.num_processes == 1:
+        return {"0": state}
+    states = gather_object([state])
+    return {str(i): s for i, s in enumerate(states)}

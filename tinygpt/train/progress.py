@@ -1,0 +1,118 @@
+"""Progress of a run: a tqdm bar (step, loss, lr, samples/s, ETA, peak memory), log lines, the end summary,
+and optional TensorBoard / Weights & Biases logging (never a network call unless ``run.wandb_project`` is set).
+Only the main process shows and logs anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("tinygpt.train")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (GiB) on a GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Progress:
+    def __init__(self, *, total_steps: int, start_step: int, enabled: bool, show_bar: bool, device: torch.device,
+                 log_every: int, log_dir: Optional[Path] = None, tensorboard: bool = False,
+                 wandb_project: Optional[str] = None, run_name: str = "", config: Optional[dict] = None):
+        self.enabled, self.device, self.log_every = enabled, device, log_every
+        self.total, self.start_step = total_steps, start_step
+        self.started = time.monotonic()
+        self.samples = 0
+        self.recent: deque = deque(maxlen=50)        # (time, samples) for the samples/s figure
+        self.losses: deque = deque(maxlen=log_every)
+        self.bar = None
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name or "train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("run.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("run.wandb_project: needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {})
+
+    def step(self, step: int, loss: Optional[float], lr: float, samples: int, counts: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        self.samples += samples
+        self.recent.append((now, self.samples))
+        if loss is not None:
+            self.losses.append(loss)
+        rate = self.rate()
+        memory = peak_memory_gb(self.device)
+        mean_loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} samples/s mem {memory:.1f}G",
+                                     refresh=False)
+        done = step + 1
+        if done % self.log_every == 0 or done == self.total:
+            if self.bar is None:
+                eta = (self.total - done) * (now - self.started) / max(1, done - self.start_step)
+                log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s peak mem %.2f GiB eta %.0f s",
+                         done, self.total, mean_loss, lr, rate, memory, eta)
+            metrics = {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate,
+                       "train/peak_mem_gb": memory}
+            if self.tb is not None:
+                for key, value in metrics.items():
+                    self.tb.add_scalar(key, value, done)
+                for name, count in counts.items():
+                    self.tb.add_scalar(f"data/{name}", count, done)
+            if self.wandb is not None:
+                self.wandb.log({**metrics, **{f"data/{k}": v for k, v in counts.items()}}, step=done)
+
+    def rate(self) -> float:
+        if len(self.recent) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"trained steps {summary['start_step']}..{summary['end_step']} of {summary['total_steps']} "
+        f"in {summary['seconds']:.1f} s ({summary['samples_per_s']:.2f} samples/s, "
+        f"{summary['steps_per_s']:.2f} steps/s)",
+        f"trainable parameters {summary['trainable_params']:,}; skipped non-finite steps {summary['skipped_steps']}; "
+        f"peak memory {summary['peak_mem_gb']:.2f} GiB; last loss {summary['last_loss']}",
+        "batches per dataset (this process): " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())),
+    ]
+    return "\n".join(lines)

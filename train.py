@@ -1,0 +1,60 @@
+"""Train one TinyGPT-V stage:  python train.py --cfg-path train_configs/stage1.yaml [--options key=value ...]
+
+With no --cfg-path it runs the embedded tiny default: synthetic data, tiny backbones, tiny stages 1-4 and their
+evaluation, on any CPU in minutes (tinygpt.tiny.recipe). Multi-GPU: accelerate launch train.py --cfg-path ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train one stage of TinyGPT-V (no arguments: the tiny recipe, stages 1-4).")
+    parser.add_argument("--cfg-path", help="stage YAML, e.g. train_configs/stage1.yaml or train_configs/tiny/stage1.yaml")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. run.output_dir=out/s1 schedule.total_steps=100 run.resume=false")
+    parser.add_argument("--check", action="store_true", help="validate the config and its paths, then exit")
+    parser.add_argument("--quiet", action="store_true", help="warnings only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tinygpt.errors import UserError
+
+    try:
+        if args.cfg_path is None:
+            if args.options or args.check:
+                raise UserError("--options/--check need --cfg-path (without it train.py runs the tiny recipe)")
+            from tinygpt.tiny.recipe import run_tiny_recipe
+
+            run_tiny_recipe()
+            return 0
+        from tinygpt.config import check_paths, load_config
+
+        cfg = load_config(args.cfg_path, args.options)
+        if args.check:
+            check_paths(cfg)
+            from tinygpt.train.stage import check_dataset_specs
+
+            check_dataset_specs(cfg)
+            print(f"{args.cfg_path}: ok")
+            return 0
+        from tinygpt.train.stage import run_stage
+
+        out = run_stage(cfg)
+        print(f"stage output: {out}")
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
