@@ -125,3 +125,23 @@ def test_load_state_reports_and_refuses_shape_errors_and_empty_matches(tiny_vlm)
     assert "1 unexpected [extra.x]" in report.summary()
     with pytest.raises(UserError, match="incomplete checkpoint"):
         load_state(model, {"proj2.bias": torch.ones(256)}, "part.pth", expect_complete=True)
+
+
+def test_trainable_only_dir_over_a_base_of_another_image_size(tiny_vlm, tmp_path):
+    """Stage 4 (larger images) saved trainable-only over a stage-3 base: loading resizes the base's positions."""
+    from tinygpt.model.vision import resize_position_embedding
+
+    base = tiny_vlm()
+    save_vlm(base, tmp_path / "base")
+    big = tiny_vlm(image_size=224)
+    pos = base.vision_model.embeddings.position_embedding
+    load_state(big, {k: v for k, v in base.state_dict().items() if "position_embedding" not in k}, "base")
+    with torch.no_grad():
+        big.vision_model.embeddings.position_embedding.copy_(resize_position_embedding(pos, 224, 14))
+    apply_trainable_set(big, "stage1")
+    perturb(big, "proj2.")
+    save_vlm(big, tmp_path / "big", trainable_only=True, base_model=tmp_path / "base")
+    again = load_vlm(tmp_path / "big")
+    assert again.vision_model.embeddings.position_embedding.shape[1] == 257
+    pixels = torch.randn(1, 3, 224, 224)
+    assert torch.equal(loss(big, pixels), loss(again, pixels))

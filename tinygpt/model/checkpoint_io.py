@@ -19,11 +19,13 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 from ..io_utils import atomic_dir
 from .state import load_state
+from .vision import resize_position_embedding
 from .vlm import TinyGPTVForConditionalGeneration
 from .vlm_config import TinyGPTVConfig
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
+POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
 
 
 def _read_config(directory: Path) -> TinyGPTVConfig:
@@ -74,9 +76,8 @@ def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | 
     model = TinyGPTVForConditionalGeneration(config)
     for i, part in enumerate(chain):
         root = i == 0
-        report = load_state(
-            model, _read_weights(part), str(part / WEIGHTS), expect_complete=root, ignore_missing=(".lora_",)
-        )
+        state = _fit_image_size(_read_weights(part), config)
+        report = load_state(model, state, str(part / WEIGHTS), expect_complete=root, ignore_missing=(".lora_",))
         if report.unexpected:
             raise UserError(f"{part / WEIGHTS}: tensors the model does not have; " + report.summary())
         log.info(report.summary())
@@ -85,6 +86,17 @@ def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | 
     model.eval()
     model.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(directory, config)
     return model
+
+
+def _fit_image_size(state: dict[str, torch.Tensor], config: TinyGPTVConfig) -> dict[str, torch.Tensor]:
+    """A base saved at another image size (stage 3 at 224 px under stage 4 at 448 px): resize its ViT position
+    embeddings once, bicubic, exactly as building the larger model from it did."""
+    pos = state.get(POSITION_EMBEDDING)
+    vision = config.vision_config
+    if pos is not None and pos.shape[1] != (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1:
+        state = dict(state)
+        state[POSITION_EMBEDDING] = resize_position_embedding(pos, int(vision.image_size), int(vision.patch_size))
+    return state
 
 
 def _load_tokenizer(directory: Path, config: TinyGPTVConfig):

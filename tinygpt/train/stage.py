@@ -4,8 +4,7 @@ The stage output (``run.output_dir``) is an HF-native model directory (``tinygpt
 chat, export and the next stage's ``init_from`` read directly. ``run.save_mode``:
   trainable_only  only the trainable tensors + a reference to the directory holding the rest (small);
   whole           every tensor;
-  auto            trainable_only when the stage started from a model directory and changed nothing else in it,
-                  else whole (random init, or ViT position embeddings resized for a new image size).
+  auto            trainable_only when the stage started from a model directory, else whole (random init).
 Release directories hold no optimizer state; resume checkpoints live under ``run.checkpoint_dir``.
 """
 
@@ -99,14 +98,15 @@ def collate(samples: list[dict]) -> dict:
     return collate_samples(samples)
 
 
-def resolve_save_mode(cfg: RunConfig, base_dir, resized: bool) -> str:
+def resolve_save_mode(cfg: RunConfig, base_dir) -> str:
+    """A stage that resized the ViT position embeddings (224 -> 448 px) still saves trainable-only: ``load_vlm``
+    redoes the same deterministic resize when it loads the base under the larger model."""
     mode = cfg.run.save_mode
     if mode == "auto":
-        return "trainable_only" if base_dir is not None and not resized else "whole"
-    if mode == "trainable_only" and (base_dir is None or resized):
-        why = "the model starts from random weights" if base_dir is None else "the ViT position embeddings were resized"
-        raise UserError(f"{cfg.origin('run.save_mode')}: run.save_mode: trainable_only is impossible here ({why}); "
-                        "use auto or whole")
+        return "trainable_only" if base_dir is not None else "whole"
+    if mode == "trainable_only" and base_dir is None:
+        raise UserError(f"{cfg.origin('run.save_mode')}: run.save_mode: trainable_only is impossible here "
+                        "(the model starts from random weights); use auto or whole")
     return mode
 
 
@@ -145,7 +145,7 @@ def run_stage(cfg: RunConfig) -> Path:
     entries = build_datasets(cfg, image_size)
     built = build_model(cfg, frozen_dtype=_frozen_dtype(cfg, accelerator))
     seed_everything(cfg.run.seed + accelerator.process_index)  # own dropout masks per process
-    mode = resolve_save_mode(cfg, built.base_dir, built.resized)
+    mode = resolve_save_mode(cfg, built.base_dir)
     if cfg.model.load_in_4bit and mode == "whole":
         raise UserError(f"{cfg.origin('model.load_in_4bit')}: model.load_in_4bit: this stage must save whole "
                         "weights (random init or resized ViT), which 4-bit base weights cannot give")
