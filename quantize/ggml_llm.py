@@ -44,6 +44,54 @@ def _ne(t) -> tuple[int, ...]:
     return tuple(t.contents.ne[:4])
 
 
+_REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
+_MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight", "output.weight")
+
+
+def _repackable(name: str, tensor_type: int, ne: list[int]) -> bool:
+    return tensor_type in _REPACK_TYPES and name.endswith(_MATMUL_WEIGHTS) and len(ne) == 2 and ne[1] % 8 == 0
+
+
+def _repack_buffer_type(backend):
+    """ggml's CPU_REPACK buffer type from the CPU device's extra buffer types, or None if this build has none."""
+    reg = ggml.ggml_backend_cpu_reg()
+    address = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not address:
+        return None
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)
+    bufts = get_extra(ggml.ggml_backend_get_device(backend))
+    i = 0
+    while bufts and bufts[i]:
+        if ggml.ggml_backend_buft_name(bufts[i]) == b"CPU_REPACK":
+            return bufts[i]
+        i += 1
+    return None
+
+
+def _drop_pages(mm: np.memmap, data: np.ndarray) -> None:
+    """Tell the kernel the file pages behind ``data`` (a view of ``mm``) are not needed any more, so the repacked copy
+    does not sit in memory next to them."""
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or not hasattr(raw, "madvise"):
+        return
+    import mmap
+
+    start = data.ctypes.data - mm.ctypes.data
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + data.nbytes) // page * page
+    if last > first:
+        raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+@ggml.ggml_log_callback
+def _quiet_log(level, text, user_data):
+    """ggml's own log (e.g. one "repack tensor" line per weight) is dropped; errors still raise in Python."""
+
+
+ggml.ggml_log_set(_quiet_log, None)
+
+
 class GgmlLLM:
     """Stateful decoder: `eval_tokens` / `eval_embeddings` append to the KV cache and return logits."""
 
@@ -70,19 +118,36 @@ class GgmlLLM:
 
     # ------------------------------------------------------------------------------------------ setup
     def _load_weights(self) -> None:
+        """Matmul weights of a type ggml can repack (Q4_0, Q4_K) go into ggml's CPU_REPACK buffer, whose interleaved
+        layout has GEMM kernels: prefill 2-3x faster, decode the same or faster (measured on one 2560x10240 matmul:
+        64 tokens Q4_K 73 -> 39 ms, Q4_0 110 -> 30 ms). Everything else points straight into the file's memory map."""
         tensors = self.file.tensors
-        params = ggml.ggml_init_params(mem_size=(len(tensors) + 8) * ggml.ggml_tensor_overhead(),
-                                       mem_buffer=None, no_alloc=True)
-        self._weights_ctx = ggml.ggml_init(params)
+        repack_buft = None if os.environ.get("TINYGPT_GGML_REPACK", "1") == "0" else _repack_buffer_type(self._backend)
+        overhead = (len(tensors) + 8) * ggml.ggml_tensor_overhead()
+        self._weights_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
+        self._repack_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
+        self._repack_buffer = None
         self.w: dict[str, object] = {}
+        to_repack = []
         for name, t in tensors.items():
             ne = [int(x) for x in t.shape.tolist()]
-            gt = ggml.ggml_new_tensor(self._weights_ctx, int(t.tensor_type), len(ne), (ctypes.c_int64 * len(ne))(*ne))
+            repack = repack_buft is not None and _repackable(name, int(t.tensor_type), ne)
+            ctx = self._repack_ctx if repack else self._weights_ctx
+            gt = ggml.ggml_new_tensor(ctx, int(t.tensor_type), len(ne), (ctypes.c_int64 * len(ne))(*ne))
             if ggml.ggml_nbytes(gt) != t.data.nbytes:
                 raise UserError(f"{self.file.path}: tensor {name!r} holds {t.data.nbytes} bytes, ggml expects "
                                 f"{ggml.ggml_nbytes(gt)}")
-            gt.contents.data = t.data.ctypes.data  # the memory map stays alive through self.file.reader
+            if repack:
+                to_repack.append((gt, t.data))
+            else:
+                gt.contents.data = t.data.ctypes.data  # the memory map stays alive through self.file.reader
             self.w[name] = gt
+        if to_repack:
+            self._repack_buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self._repack_ctx, repack_buft)
+            for gt, data in to_repack:
+                ggml.ggml_backend_tensor_set(gt, data.ctypes.data, 0, data.nbytes)
+                _drop_pages(self.file.reader, data)  # the repacked copy replaces the file's pages in memory
+        self.repacked = len(to_repack)
 
     def _alloc_kv(self, kv_type: int) -> None:
         hp = self.hp
@@ -99,7 +164,10 @@ class GgmlLLM:
         if self._galloc is not None:
             ggml.ggml_gallocr_free(self._galloc)
             self._galloc = None
-        for attr in ("_weights_ctx", "_kv_ctx"):
+        if getattr(self, "_repack_buffer", None) is not None:
+            ggml.ggml_backend_buffer_free(self._repack_buffer)
+            self._repack_buffer = None
+        for attr in ("_weights_ctx", "_repack_ctx", "_kv_ctx"):
             if getattr(self, attr) is not None:
                 ggml.ggml_free(getattr(self, attr))
                 setattr(self, attr, None)
