@@ -50,7 +50,9 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     zero = torch.zeros(out_features, dtype=torch.long)
     with warnings.catch_warnings():  # torch 2.13 marks quantized-tensor creation deprecated; the kernels remain
         warnings.simplefilter("ignore", UserWarning)
-        layer = DynamicLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
+        # built 1x1 and then given the real weight: the constructor would otherwise prepack a full-size zero weight
+        layer = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
+        layer.in_features, layer.out_features = in_features, out_features
         qweight = torch.quantize_per_channel(weight.float(), scale, zero, 0, torch.qint8)
         layer.set_weight_bias(qweight, bias)
     return layer
