@@ -1,9 +1,10 @@
-"""`python -m quantize {export,random,chat,bench}`: GGUF export and CPU inference.
+"""`python -m quantize {export,random,chat,bench,accuracy}`: GGUF export and CPU inference.
 
     python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
     python -m quantize random --out DIR --size full|tiny [--qtype q4_k] [--seed 0] [--plain]
     python -m quantize chat   --gguf DIR [--image PATH ...] [--prompt TEXT]
     python -m quantize bench  --gguf DIR [--image PATH] [--plain-gguf DIR]
+    python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit N]
 
 A mistake the user can fix prints `error: <message>` on stderr and exits with status 2.
 """
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_random)
 
-    from . import bench, chat
+    from . import accuracy, bench, chat
 
     p = sub.add_parser("chat", help="chat with an exported model on the CPU")
     chat.add_arguments(p)
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="load / image / prefill / decode timings and peak memory")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+
+    p = sub.add_parser("accuracy", help="held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model")
+    accuracy.add_arguments(p)
+    p.set_defaults(func=accuracy.run)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""How much accuracy survives quantisation: the CPU runtime's greedy answers vs the PyTorch model's, on held-out scenes.
+
+    python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit 200]
+
+Both sides answer the same ``[vqa]`` and ``[refer]`` prompts of the synthetic shapes suite
+(``tinygpt.evaluation.shapes``) greedily, with the prompt format of the model's config / the GGUF file, and are
+scored by the same metric functions. The report gives each accuracy and the retained share (GGUF / PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tinygpt.errors import UserError
+
+TASKS = ("vqa", "refer")
+
+
+def gguf_answers(session, root: Path, items: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
+    """One fresh conversation per (image, user text): greedy, no repetition penalty (as the PyTorch evaluation)."""
+    session.sampling.max_new_tokens = max_new_tokens
+    answers = []
+    for image, user in items:
+        session.reset()
+        answers.append(session.ask(user, images=[str(root / image)]))
+    return answers
+
+
+def score(task: str, answers: list[str], records: list[dict]) -> float:
+    from tinygpt.evaluation.shapes import IOU_THRESHOLD, grounding_iou, vqa_correct
+
+    if task == "vqa":
+        hits = [vqa_correct(a, r["answer"]) for a, r in zip(answers, records)]
+    else:
+        ious = [grounding_iou(a, r["bbox"], r["width"], r["height"]) for a, r in zip(answers, records)]
+        hits = [v is not None and v > IOU_THRESHOLD for v in ious]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def compare(model_dir, gguf_dir, split_dir, limit: int | None = 200, qtype: str | None = None,
+            backend: str = "auto") -> dict:
+    from tinygpt.evaluation.shapes import MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, evaluate_loaded
+    from tinygpt.model import load_vlm
+    from tinygpt.tasks import wrap_instruction
+
+    from .sampler import SamplingParams
+    from .session import open_session
+
+    root = Path(split_dir)
+    torch_scores = evaluate_loaded(load_vlm(model_dir), root, limit=limit)
+    session = open_session(gguf_dir, backend=backend, qtype=qtype, quiet=True,
+                           sampling=SamplingParams(temperature=0.0, repetition_penalty=1.0))
+    report = {"limit": limit, "gguf": str(gguf_dir), "model": str(model_dir)}
+    for task in TASKS:
+        records = json.loads((root / f"{task}.json").read_text())[:limit]
+        if task == "vqa":
+            items = [(r["image"], wrap_instruction(VQA_INSTRUCTION.format(r["question"]))) for r in records]
+        else:
+            items = [(r["image"], wrap_instruction(REFER_INSTRUCTION.format(r["sents"]))) for r in records]
+        quantized = score(task, gguf_answers(session, root, items, MAX_NEW_TOKENS[task]), records)
+        reference = torch_scores["vqa_accuracy" if task == "vqa" else "grounding_accuracy"]
+        report[task] = {"pytorch": reference, "gguf": quantized,
+                        "retained": quantized / reference if reference else float("nan")}
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the trained model directory the GGUF files were exported from")
+    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf")
+    p.add_argument("--split", required=True, help="held-out synthetic split (DATA/eval)")
+    p.add_argument("--limit", type=int, default=200, help="first N records of each task")
+    p.add_argument("--qtype", default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "ggml", "torch"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit must be positive, got {args.limit}")
+    report = compare(args.model, args.gguf, args.split, args.limit, args.qtype, args.backend)
+    print(f"{'task':8} {'pytorch':>8} {'gguf':>8} {'retained':>9}")
+    for task in TASKS:
+        r = report[task]
+        print(f"{task:8} {r['pytorch']:8.3f} {r['gguf']:8.3f} {r['retained']:9.1%}")
+    return 0
