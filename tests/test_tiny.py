@@ -1,0 +1,177 @@
+"""Tiny backbones (cache, pretraining value), the shapes metrics, and a very short run of the whole tiny recipe.
+
+One small backbone build (a few dozen pretraining steps) is shared by the tests of this module; the full-size
+default build (``ensure_tiny_backbones()``) is exercised by ``python train.py`` and measured in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
+                                       vqa_correct)
+from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
+from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
+from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
+from tinygpt.tiny.scene_code import CODE_LENGTH, VOCABULARY, scene_code, vocabulary_token_ids
+
+SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200)
+SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
+
+
+# --- metrics on hand-made cases -------------------------------------------------------------------------------------
+
+def test_vqa_normalisation_and_exact_match():
+    assert normalize_answer("Two.") == "2"
+    assert normalize_answer("The  Red!") == "red"
+    assert vqa_correct("Red", ["red"] * 10)
+    assert vqa_correct("three", ["3"])
+    assert not vqa_correct("reddish", ["red"])
+    assert not vqa_correct("red circle", ["red"])
+
+
+def test_caption_metrics_exact_numbers():
+    # articles dropped: [large red circle on left] vs [large red circle on right] -> 4 common of 5 and 5
+    assert token_f1("a large red circle on the left.", "a large red circle on the right.") == pytest.approx(0.8)
+    assert token_f1("", "a red circle") == 0.0
+    reference = "a large red circle on the left and a small green square at the bottom."
+    assert attribute_recall("large red circle and small blue square", reference) == 0.5
+    assert attribute_recall("A large red circle, a small green square.", reference) == 1.0
+    scores = caption_scores(reference.upper(), [reference])
+    assert scores == {"f1": 1.0, "exact": 1.0, "attribute_recall": 1.0}
+
+
+def test_grounding_iou_exact_numbers():
+    assert grounding_iou("{<0><0><50><50>}", [0, 0, 112, 112], 224, 224) == pytest.approx(1.0)
+    # (56,0)-(168,112) vs (0,0)-(112,112): intersection 56x112, union 2*112^2 - 56*112 -> 1/3
+    assert grounding_iou("<p>x</p> {<25><0><75><50>}", [0, 0, 112, 112], 224, 224) == pytest.approx(1 / 3)
+    assert grounding_iou("<10><10><20><20>", [22.4, 22.4, 22.4, 22.4], 224, 224) == pytest.approx(1.0)
+    assert grounding_iou("on the left", [0, 0, 10, 10], 224, 224) is None
+
+
+# --- scene code -----------------------------------------------------------------------------------------------------
+
+def test_scene_code_is_32_single_tokens_matching_box_text():
+    from tinygpt.data.synthetic import texts
+    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tasks import parse_boxes
+    from tinygpt.tokenizer import load_tokenizer
+
+    assert len(vocabulary_token_ids(load_tokenizer())) == len(VOCABULARY)
+    for i in range(20):
+        scene = sample_scene(scene_rng(7, "test-code", i), 224)
+        words = scene_code(scene)
+        assert len(words) == CODE_LENGTH
+        for obj in scene.objects:
+            slot = ["left", "top", "center", "bottom", "right"].index(obj.region) * 6
+            assert words[slot : slot + 2] == [f" {obj.colour}", f" {obj.shape}"]
+            box = parse_boxes(texts.box_text(scene, obj))[0][1]
+            assert words[slot + 2 : slot + 6] == [str(v) for v in box]
+        assert words[-2] == [" one", " two", " three"][len(scene.objects) - 1]
+        assert words.count(" none") == 6 * (5 - len(scene.objects))
+
+
+# --- backbones ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_backbones(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    start = time.monotonic()
+    path = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
+    return cache, path, time.monotonic() - start
+
+
+def test_backbone_cache_is_made_once_and_reused(small_backbones):
+    cache, path, first_seconds = small_backbones
+    assert path.name == backbones_key(SMALL_LLM, SMALL_VISION)
+    assert (path / MARKER).is_file() and (path / "config.json").is_file()
+    marker = json.loads((path / MARKER).read_text())
+    start = time.monotonic()
+    again = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
+    assert again == path
+    assert time.monotonic() - start < 0.5 < first_seconds
+    assert json.loads((path / MARKER).read_text()) == marker  # not rebuilt
+    other = backbones_key(LLMPretrainSettings(steps=21), SMALL_VISION)
+    assert other != path.name  # any change of recipe gets its own directory
+
+
+def test_backbones_keep_projections_default_and_extra_norms_at_identity(small_backbones):
+    from tinygpt.model import load_vlm
+
+    model = load_vlm(small_backbones[1])
+    for name, tensor in model.state_dict().items():
+        if any(k in name for k in ("q_layernorm", "k_layernorm", "post_layernorm")) and "language_model" in name:
+            expected = 1.0 if name.endswith("weight") else 0.0
+            assert torch.all(tensor == expected), name
+    # projections: PyTorch default init is uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), untouched by pretraining
+    bound = 1 / model.proj1.weight.shape[1] ** 0.5
+    assert model.proj1.weight.abs().max() <= bound and model.proj1.weight.std() > bound / 3
+
+
+def _ridge_predict(x_train, y_train, x_held, lam: float = 1e-2):
+    add_bias = lambda x: torch.cat([x, torch.ones(len(x), 1)], dim=1)  # noqa: E731
+    x_train, x_held = add_bias(x_train), add_bias(x_held)
+    weights = torch.linalg.solve(x_train.T @ x_train + lam * torch.eye(x_train.shape[1]), x_train.T @ y_train)
+    return x_held @ weights
+
+
+def _probes(model, train, held) -> dict:
+    """Held-out linear (ridge) probes on frozen features.
+
+    patch: ViT patch outputs -> colour x shape under the patch centre (foreground patches only);
+    count: mean of the Q-Former outputs -> number of objects (what stage 1 receives, pooled).
+    """
+    with torch.no_grad():
+        vit_train = model.vision_model(pixel_values=train[0]).last_hidden_state[:, 1:]
+        vit_held = model.vision_model(pixel_values=held[0]).last_hidden_state[:, 1:]
+        q_train, q_held = query_outputs(model, train[0]).mean(1), query_outputs(model, held[0]).mean(1)
+    labels = torch.nn.functional.one_hot(train[2].flatten(), PATCH_CLASSES).float()
+    patch_pred = _ridge_predict(vit_train.flatten(0, 1), labels, vit_held.flatten(0, 1)).argmax(-1)
+    target, foreground = held[2].flatten(), held[2].flatten() > 0
+    count_slot = CODE_LENGTH - 2
+    counts = torch.nn.functional.one_hot(train[1][:, count_slot], len(VOCABULARY)).float()
+    count_pred = _ridge_predict(q_train, counts, q_held).argmax(-1)
+    return {"patch": float((patch_pred[foreground] == target[foreground]).float().mean()),
+            "count": float((count_pred == held[1][:, count_slot]).float().mean())}
+
+
+def test_pretrained_vision_beats_random_on_heldout_probes(small_backbones):
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, load_vlm
+
+    train = render_pool(150, 11, "probe-train", 112)
+    held = render_pool(60, 11, "probe-heldout", 112)
+    torch.manual_seed(0)
+    random_model = TinyGPTVForConditionalGeneration(build_config("tiny")).eval()
+    random_probes = _probes(random_model, train, held)
+    pretrained_probes = _probes(load_vlm(small_backbones[1]), train, held)
+    print(f"probes: random {random_probes}, pretrained {pretrained_probes}")
+    assert pretrained_probes["patch"] > random_probes["patch"] + 0.05
+    assert pretrained_probes["count"] > random_probes["count"] + 0.1
+
+
+# --- the recipe, very short -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # ~40 s on an idle 2-core machine: data, 4 stages of 2 steps, 5 evaluations
+def test_short_recipe_run_writes_the_table(small_backbones, tmp_path):
+    from tinygpt.data.synthetic import Scale, generate
+    from tinygpt.tiny.recipe import run_tiny_recipe
+
+    data = tmp_path / "data"
+    generate(data, seed=3, scale=Scale(laion=60, cc_sbu=20, align=20, instruct_images=24, vqa_per_image=2,
+                                       multi_image=8, unnatural=10, eval_images=6, eval_vqa_per_image=2,
+                                       shard_size=20), progress=False)
+    results = run_tiny_recipe(out_dir=tmp_path / "out", data_dir=data, cache_dir=small_backbones[0], max_steps=2,
+                              eval_limit=4, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(written["stages"]) == ["stage 0", "stage 1", "stage 2", "stage 3", "stage 4"]
+    for row in written["stages"].values():
+        for key in ("caption_f1", "vqa_accuracy", "grounding_accuracy"):
+            assert 0.0 <= row["metrics"][key] <= 1.0
+        assert row["metrics"]["counts"]["vqa"] == 4
+    assert (tmp_path / "out" / "results.txt").read_text().startswith("stage")
+    assert written["stages"]["stage 4"]["steps"] == 2
+    assert results["timings_s"]["total"] > 0

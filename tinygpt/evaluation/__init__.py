@@ -1,0 +1,1 @@
+"""Evaluation suites (the synthetic shapes suite lives in shapes.py)."""

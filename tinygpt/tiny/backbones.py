@@ -1,0 +1,184 @@
+"""The tiny backbones: a whole tiny TinyGPT-V model directory, made once per machine and cached.
+
+Nothing can be downloaded, so the tiny twin of "Phi-2 + EVA ViT-g + BLIP-2 Q-Former" is made locally:
+
+* the LLM (tiny Phi, real Phi-2 tokenizer) is pretrained on text (``pretrain_llm.py``);
+* the ViT, ln_vision, Q-Former and query tokens are pretrained on synthetic scenes (``pretrain_vision.py``);
+* proj1 / proj2 keep their default initialisation and the extra norms (q/k LayerNorm, post-attention RMSNorm) stay
+  at weight 1 / bias 0: stage 1 trains them, exactly as the real recipe does.
+
+The directory is a normal model directory (``tinygpt.model.save_vlm``) under ``$TINYGPT_CACHE`` (default
+``~/.cache/tinygpt``), named by a version string and a hash of the pretraining settings. It is built in a temporary
+directory and renamed into place; a lock file makes a second process wait for the first instead of building again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tinygpt.errors import UserError
+from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
+from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
+
+BACKBONES_VERSION = "1"
+MARKER = "backbones.json"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("TINYGPT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tinygpt"
+
+
+def backbones_key(llm: LLMPretrainSettings, vision: VisionPretrainSettings) -> str:
+    """Directory name: version + hash of every setting, so a change of recipe never reuses a stale build."""
+    settings = json.dumps({"llm": dataclasses.asdict(llm), "vision": dataclasses.asdict(vision)}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    return f"tiny-backbones-v{BACKBONES_VERSION}-{digest}"
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / MARKER).is_file() and (directory / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (blocking). POSIX flock; elsewhere no lock (documented limitation)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: two simultaneous first builds would both build; the rename keeps one
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_tiny_backbones(
+    cache_dir: str | os.PathLike | None = None,
+    llm: LLMPretrainSettings = LLMPretrainSettings(),
+    vision: VisionPretrainSettings = VisionPretrainSettings(),
+    progress: bool = True,
+) -> Path:
+    """Path of the cached tiny backbone model directory; builds it the first time (about 3 minutes on 2 cores)."""
+    root = cache_root(cache_dir)
+    target = root / backbones_key(llm, vision)
+    if is_complete(target):
+        return target
+    try:
+        with _exclusive(root / f"{target.name}.lock"):
+            if is_complete(target):  # another process built it while we waited
+                return target
+            _build(target, llm, vision, progress)
+    except OSError as exc:
+        raise UserError(f"{root}: cannot write the tiny backbone cache ({exc}); set TINYGPT_CACHE to a writable "
+                        "directory") from None
+    return target
+
+
+VISION_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
+
+
+def _pretrain_in_parallel(model, tokenizer, llm: LLMPretrainSettings, vision: VisionPretrainSettings,
+                          progress: bool, scratch: Path) -> dict:
+    """LLM in this process and vision in a child process, one core each (no thread-sync overhead on 2 cores).
+
+    The child is a fresh interpreter (``python -m tinygpt.tiny.pretrain_vision``), so nothing depends on how this
+    process was started (no multiprocessing re-import of the caller's main module).
+    """
+    config_path, settings_path, out_path = scratch / "config.json", scratch / "settings.json", scratch / "vision.pt"
+    config_path.write_text(json.dumps(model.config.to_dict()), encoding="utf-8")
+    settings_path.write_text(json.dumps(dataclasses.asdict(vision)), encoding="utf-8")
+    command = [sys.executable, "-m", "tinygpt.tiny.pretrain_vision", "--config", str(config_path),
+               "--settings", str(settings_path), "--out", str(out_path)] + ([] if progress else ["--quiet"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    child = subprocess.Popen(command, env=env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm_figures = pretrain_llm(model.language_model, tokenizer, llm, progress=progress)
+        code = child.wait()
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    if code != 0 or not out_path.is_file():
+        raise RuntimeError(f"tiny backbones: the vision pretraining process failed (exit code {code})")
+    saved = torch.load(out_path, weights_only=True)
+    missing = [k for k in model.state_dict() if k.startswith(VISION_PREFIXES) and k not in saved["state"]]
+    if missing:
+        raise RuntimeError(f"tiny backbones: vision pretraining returned no tensor for {missing[:3]}")
+    model.load_state_dict(saved["state"], strict=False)
+    return {"llm": llm_figures, "vision": saved["figures"]}
+
+
+def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSettings, progress: bool = True,
+                         scratch: Path | None = None):
+    """A pretrained tiny model (in memory) and the measured figures of both pretrainings.
+
+    With 2+ cores and a ``scratch`` directory the two pretrainings run side by side in two processes.
+    """
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
+    from tinygpt.tokenizer import load_tokenizer
+
+    torch.manual_seed(llm.seed)
+    tokenizer = load_tokenizer()
+    config = build_config("tiny", tokenizer_source="builtin")
+    model = TinyGPTVForConditionalGeneration(config)
+    model.tokenizer = tokenizer
+    if progress:
+        print("tiny backbones: pretraining the LLM on text and the ViT + Q-Former on synthetic scenes", flush=True)
+    if scratch is not None and (os.cpu_count() or 1) >= 2:
+        figures = _pretrain_in_parallel(model, tokenizer, llm, vision, progress, scratch)
+    else:
+        figures = {"llm": pretrain_llm(model.language_model, tokenizer, llm, progress=progress),
+                   "vision": pretrain_vision(model, vision, progress=progress)}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, figures
+
+
+def _build(target: Path, llm: LLMPretrainSettings, vision: VisionPretrainSettings, progress: bool) -> None:
+    from tinygpt.model import save_vlm
+
+    start = time.monotonic()
+    building = target.parent / f".{target.name}.building-{os.getpid()}"
+    scratch = target.parent / f".{target.name}.scratch-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        model, figures = build_backbone_model(llm, vision, progress, scratch)
+        save_vlm(model, building)
+        marker = {"version": BACKBONES_VERSION, "key": target.name, "seconds": round(time.monotonic() - start, 1),
+                  "llm_settings": dataclasses.asdict(llm), "vision_settings": dataclasses.asdict(vision),
+                  "figures": figures}
+        (building / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        if target.exists():  # an incomplete leftover (no marker): replace it
+            shutil.rmtree(target)
+        os.replace(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if progress:
+        print(f"tiny backbones: wrote {target} in {time.monotonic() - start:.0f} s", flush=True)

@@ -1,0 +1,178 @@
+"""The embedded default (``python train.py`` with no arguments): the whole TinyGPT-V recipe, tiny, on any CPU.
+
+1. synthetic shapes data in the real formats (``python -m tinygpt.data.synthetic``), unless already there;
+2. the tiny backbones (``tinygpt.tiny.backbones``, cached once per machine);
+3. tiny stages 1-4 from ``train_configs/tiny/stage{1..4}.yaml`` with the real training loop, each starting from
+   the previous stage's output;
+4. the shapes suite (``tinygpt.evaluation.shapes``) on the held-out split after each stage, and on the untrained
+   projections ("stage 0": the backbones as stage 1 receives them, in stage 1's prompt format);
+5. a table (stdout), ``results.json`` and ``results.png`` (when matplotlib is installed) in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from tinygpt.errors import UserError
+from tinygpt.io_utils import atomic_path, atomic_write_text
+from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
+from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "train_configs" / "tiny"
+STAGES = (1, 2, 3, 4)
+COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. recall"),
+           ("vqa_accuracy", "VQA acc."), ("grounding_accuracy", "grounding acc."))
+
+
+def _ensure_data(data_dir: Path, seed: int, progress: bool) -> None:
+    from tinygpt.data.synthetic import generate
+
+    if (data_dir / "manifest.json").is_file() and (data_dir / "eval" / "vqa.json").is_file():
+        if progress:
+            print(f"[tiny] synthetic data: reusing {data_dir}", flush=True)
+        return
+    if progress:
+        print(f"[tiny] synthetic data: writing {data_dir}", flush=True)
+    generate(data_dir, seed=seed, scale="tiny", progress=progress)
+
+
+def _stage_options(stage: int, data_dir: Path, out_dir: Path, backbones: Path, max_steps: int | None,
+                   progress: bool) -> list[str]:
+    options = [f"vars.data_root={data_dir}", f"vars.output_root={out_dir}", "run.resume=false",
+               f"run.progress={str(progress).lower()}"]
+    if stage == 1:
+        options.append(f"model.init_from={backbones}")
+    if max_steps is not None:
+        options += [f"schedule.total_steps={max_steps}", f"schedule.warmup_steps={max(1, max_steps // 5)}",
+                    f"run.save_every={max_steps}"]
+    return options
+
+
+def _stage0_model(backbones: Path):
+    """The backbones in stage 1's prompt format: what stage 1 starts from."""
+    from tinygpt.config.load import load_config
+    from tinygpt.model import load_vlm
+
+    model = load_vlm(backbones)
+    stage1 = load_config(CONFIG_DIR / "stage1.yaml", [f"model.init_from={backbones}"]).model
+    model.config.prompt_template = stage1.prompt_template
+    model.config.end_sym = stage1.end_sym
+    model.config.stop_strings = [stage1.end_sym] if stage1.end_sym.strip() else []
+    return model
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    header = f"{'stage':<8}" + "".join(f"{title:>16}" for _, title in COLUMNS) + f"{'seconds':>10}"
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        metrics = row["metrics"]
+        cells = "".join(f"{100 * metrics[key]:>15.1f}%" for key, _ in COLUMNS)
+        lines.append(f"{name:<8}{cells}{row.get('train_seconds', 0):>10.0f}")
+    return "\n".join(lines)
+
+
+def _plot(rows: dict[str, dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(rows)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for key, title in COLUMNS:
+        axis.plot(names, [100 * rows[n]["metrics"][key] for n in names], marker="o", label=title)
+    axis.set_ylim(0, 100)
+    axis.set_ylabel("%")
+    axis.set_title("tiny TinyGPT-V on held-out synthetic shapes")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return True
+
+
+def run_tiny_recipe(
+    out_dir: str | os.PathLike = "outputs/tiny",
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    eval_limit: int | None = 120,
+    llm: LLMPretrainSettings = LLMPretrainSettings(),
+    vision: VisionPretrainSettings = VisionPretrainSettings(),
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run everything; returns the results written to ``out_dir/results.json``.
+
+    ``data_dir`` defaults to ``$TINYGPT_TINY_DATA`` or ``data/synthetic``; ``max_steps`` caps every stage's steps
+    (quick runs and tests); ``eval_limit`` caps each evaluation list (None: the whole held-out split).
+    """
+    from tinygpt.config.load import load_config
+    from tinygpt.evaluation.shapes import evaluate_loaded, evaluate_shapes
+    from tinygpt.tiny.backbones import ensure_tiny_backbones
+    from tinygpt.train.stage import run_stage
+
+    start = time.monotonic()
+    out = Path(out_dir).resolve()
+    data = Path(data_dir or os.environ.get("TINYGPT_TINY_DATA", "data/synthetic")).resolve()
+    if not CONFIG_DIR.is_dir():
+        raise UserError(f"{CONFIG_DIR}: the tiny stage configs are missing (run from a tinygpt checkout)")
+    timings: dict[str, float] = {}
+
+    t = time.monotonic()
+    _ensure_data(data, seed, progress)
+    timings["data"] = time.monotonic() - t
+
+    t = time.monotonic()
+    backbones = ensure_tiny_backbones(cache_dir, llm=llm, vision=vision, progress=progress)
+    timings["backbones"] = time.monotonic() - t
+
+    split = data / "eval"
+    rows: dict[str, dict] = {}
+    t = time.monotonic()
+    if progress:
+        print("[tiny] evaluating stage 0 (untrained projections)", flush=True)
+    rows["stage 0"] = {"metrics": evaluate_loaded(_stage0_model(backbones), split, limit=eval_limit),
+                       "model_dir": str(backbones), "train_seconds": 0.0}
+    timings["eval stage 0"] = time.monotonic() - t
+
+    for stage in STAGES:
+        path = CONFIG_DIR / f"stage{stage}.yaml"
+        cfg = load_config(path, _stage_options(stage, data, out, backbones, max_steps, progress))
+        if progress:
+            print(f"[tiny] stage {stage}: {cfg.schedule.total_steps} steps -> {cfg.run.output_dir}", flush=True)
+        t = time.monotonic()
+        model_dir = run_stage(cfg)
+        train_seconds = time.monotonic() - t
+        timings[f"stage {stage}"] = train_seconds
+        t = time.monotonic()
+        metrics = evaluate_shapes(model_dir, split, limit=eval_limit)
+        timings[f"eval stage {stage}"] = time.monotonic() - t
+        rows[f"stage {stage}"] = {"metrics": metrics, "model_dir": str(model_dir), "train_seconds": train_seconds,
+                                  "steps": cfg.schedule.total_steps}
+        if progress:
+            m = metrics
+            print(f"[tiny] stage {stage}: caption F1 {m['caption_f1']:.3f}, VQA {m['vqa_accuracy']:.3f}, "
+                  f"grounding {m['grounding_accuracy']:.3f} ({train_seconds:.0f} s training)", flush=True)
+
+    timings["total"] = time.monotonic() - start
+    results = {"stages": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "settings": {"data_dir": str(data), "backbones": str(backbones), "max_steps": max_steps,
+                            "eval_limit": eval_limit, "llm": dataclasses.asdict(llm),
+                            "vision": dataclasses.asdict(vision), "seed": seed}}
+    table = format_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.txt", table + "\n")
+    plotted = _plot(rows, out / "results.png")
+    print(table)
+    print(f"[tiny] total {timings['total']:.0f} s; results in {out / 'results.json'}"
+          + ("" if plotted else " (matplotlib not installed: no plot)"), flush=True)
+    return results
