@@ -24,7 +24,19 @@ def _import_llama_cpp():
     except Exception as exc:
         raise UserError(f"llama-cpp-python is not importable ({type(exc).__name__}: {exc}); "
                         "pip install llama-cpp-python (a source build), or use --backend ggml") from None
+    _quiet(llama_cpp)
     return llama_cpp
+
+
+_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+
+
+def _quiet(llama_cpp) -> None:
+    """Drop llama.cpp's own loading/scheduling log (a wall of lines per model); errors still raise here."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, None)
 
 
 class LlamaCppLLM:
