@@ -34,3 +34,15 @@ def tiny_vlm(tokenizer):
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory):
+    """A random tiny model directory: the stand-in for the cached pretrained backbones (builtin:tiny)."""
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
+    from tinygpt.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = TinyGPTVForConditionalGeneration(build_config("tiny"))
+    model.tokenizer = load_tokenizer(None)
+    return save_vlm(model, tmp_path_factory.mktemp("base") / "tiny-base")

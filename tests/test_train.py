@@ -41,18 +41,6 @@ def synthetic(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A random tiny model directory: the stand-in for the cached pretrained backbones (builtin:tiny)."""
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
-    from tinygpt.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    model = TinyGPTVForConditionalGeneration(build_config("tiny"))
-    model.tokenizer = load_tokenizer(None)
-    return save_vlm(model, tmp_path_factory.mktemp("base") / "tiny-base")
-
-
 def options(stage: int, synthetic: Path, out: Path, steps: int = 2, batch: int = 2, **extra) -> list[str]:
     """Tiny stage overrides for a fast test: small batches, a few steps, no progress bar."""
     cfg = load_config(TINY / f"stage{stage}.yaml")

@@ -40,17 +40,6 @@ def align_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
-    from tinygpt.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    model = TinyGPTVForConditionalGeneration(build_config("tiny"))
-    model.tokenizer = load_tokenizer(None)
-    return save_vlm(model, tmp_path_factory.mktemp("base") / "tiny-base")
-
-
 def stage3_options(align_root: Path, base_model: Path, out: Path) -> list[str]:
     return [f"data.datasets.cc_sbu_align.params.root={align_root}", f"model.init_from={base_model}",
             f"run.output_dir={out}", "data.datasets.cc_sbu_align.batch_size=2", "schedule.total_steps=2",
