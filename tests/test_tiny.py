@@ -17,9 +17,9 @@ from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, groundi
 from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
-from tinygpt.tiny.scene_code import CODE_LENGTH, VOCABULARY, scene_code, vocabulary_token_ids
+from tinygpt.tiny.scene_code import CODE_LENGTH, VOCABULARY, code_token_ids, scene_code, vocabulary_token_ids
 
-SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200)
+SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200, ceiling_scenes=4)
 SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
 
 
@@ -97,6 +97,60 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     assert json.loads((path / MARKER).read_text()) == marker  # not rebuilt
     other = backbones_key(LLMPretrainSettings(steps=21), SMALL_VISION)
     assert other != path.name  # any change of recipe gets its own directory
+
+
+def test_backbones_record_the_true_code_ceiling(small_backbones):
+    marker = json.loads((small_backbones[1] / MARKER).read_text())
+    ceiling = marker["figures"]["llm"]["true_code_ceiling"]
+    assert ceiling["scenes"] == 4
+    assert 0.0 <= ceiling["vqa_accuracy"] <= 1.0 and 0.0 <= ceiling["grounding_accuracy"] <= 1.0
+    assert sum(len(kind) > 0 for kind in ceiling["vqa_by_kind"]) == 4  # one question per scene, kinds in turn
+
+
+def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
+    """A stand-in LM that reads the code it is given back from the prompt scores 100%; one that always says the
+    same thing scores what that answer is worth."""
+    from tinygpt.data.synthetic import texts
+    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.llm_ceiling import llm_ceiling
+    from tinygpt.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    vocab = vocabulary_token_ids(tokenizer)
+
+    class Config:
+        bos_token_id, pad_token_id = 50256, 50256
+
+    class StandIn(torch.nn.Module):
+        config = Config()
+
+        def __init__(self, answer_of):
+            super().__init__()
+            self.answer_of = answer_of
+
+        def generate(self, input_ids, **kwargs):
+            ids = input_ids[0].tolist()
+            reply = tokenizer(self.answer_of(ids) + "###", add_special_tokens=False)["input_ids"]
+            return torch.tensor([ids + reply])
+
+    scenes = [sample_scene(scene_rng(0, "llm-ceiling", i), 224) for i in range(6)]
+
+    def oracle(ids):  # find the scene whose code is in the prompt, answer from the scene itself
+        for i, scene in enumerate(scenes):
+            code = code_token_ids(scene, vocab)
+            if any(ids[k : k + len(code)] == code for k in range(len(ids))):
+                prompt = tokenizer.decode(ids)
+                if "[refer]" in prompt:
+                    obj = next(o for o in scene.objects if texts.phrase(o) in prompt)
+                    return texts.box_text(scene, obj)
+                qa = texts.question(scene, texts.VQA_KINDS[i % len(texts.VQA_KINDS)], scene_rng(0, "text:llm-ceiling", i))
+                return qa.answer
+        raise AssertionError("the scene code is not in the prompt")
+
+    perfect = llm_ceiling(StandIn(oracle), tokenizer, scenes=6)
+    assert perfect["vqa_accuracy"] == 1.0 and perfect["grounding_accuracy"] == 1.0
+    blind = llm_ceiling(StandIn(lambda ids: "yes"), tokenizer, scenes=6)
+    assert blind["grounding_accuracy"] == 0.0 and blind["vqa_accuracy"] < 0.5
 
 
 def test_backbones_keep_projections_default_and_extra_norms_at_identity(small_backbones):

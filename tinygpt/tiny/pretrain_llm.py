@@ -30,6 +30,7 @@ from tinygpt.data.synthetic.writers import unnatural_records
 from tinygpt.model.sequence import IGNORE, IMAGE_SLOT, PromptFormat, sample_ids
 from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS, IDENTIFY_PROMPTS, IMAGE_PLACEHOLDER,
                            REFER_PROMPTS, VQA_PROMPTS, format_phrase_box, wrap_instruction)
+from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.scene_code import CODE_LENGTH, code_token_ids, vocabulary_token_ids
 
 # (template, end symbol) of stages 1-2, 3 and 4, with how often each frames an instruction document.
@@ -46,6 +47,7 @@ class LLMPretrainSettings:
     weight_decay: float = 0.01
     documents: int = 4000
     max_length: int = 224
+    ceiling_scenes: int = 42   # held-out scenes for the true-code ceiling (``llm_ceiling.py``; 0: skip)
     seed: int = 0
 
 
@@ -252,8 +254,12 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
     body.eval()
     accuracy = _heldout_token_accuracy(body, embed, head, held_rows, to_compact)
     _write_back(language_model, embed, head, used_ids)
-    return {"loss": loss_value, "heldout_answer_token_accuracy": accuracy, "steps": settings.steps,
-            "used_tokens": len(used), "prep_s": prep_s, "seconds": time.monotonic() - start}
+    figures = {"loss": loss_value, "heldout_answer_token_accuracy": accuracy, "steps": settings.steps,
+               "used_tokens": len(used), "prep_s": prep_s}
+    if settings.ceiling_scenes:
+        figures["true_code_ceiling"] = llm_ceiling(language_model, tokenizer, settings.ceiling_scenes, seed=settings.seed)
+    figures["seconds"] = time.monotonic() - start
+    return figures
 
 
 def _is_extra_norm(name: str) -> bool:

@@ -5,7 +5,8 @@
 3. tiny stages 1-4 from ``train_configs/tiny/stage{1..4}.yaml`` with the real training loop, each starting from
    the previous stage's output;
 4. the shapes suite (``tinygpt.evaluation.shapes``) on the held-out split after each stage, and on the untrained
-   projections ("stage 0": the backbones as stage 1 receives them, in stage 1's prompt format);
+   projections ("stage 0": the backbones as stage 1 receives them, in stage 1's prompt format); under the table,
+   the ceiling the stages cannot pass: the LLM's accuracy with the true scene code (``tinygpt.tiny.llm_ceiling``);
 5. a table (stdout), ``results.json`` and ``results.png`` (when matplotlib is installed) in ``out_dir``.
 """
 
@@ -73,6 +74,22 @@ def format_table(rows: dict[str, dict]) -> str:
         cells = "".join(f"{100 * metrics[key]:>15.1f}%" for key, _ in COLUMNS)
         lines.append(f"{name:<8}{cells}{row.get('train_seconds', 0):>10.0f}")
     return "\n".join(lines)
+
+
+def _llm_ceiling(backbones: Path) -> dict | None:
+    from tinygpt.tiny.backbones import MARKER
+
+    try:
+        figures = json.loads((backbones / MARKER).read_text(encoding="utf-8"))["figures"]["llm"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return figures.get("true_code_ceiling")
+
+
+def format_ceiling(ceiling: dict) -> str:
+    """One line: what the frozen LLM reaches when it reads the true scene code (``tinygpt.tiny.llm_ceiling``)."""
+    return (f"ceiling: the tiny LLM given the true scene code as text: VQA {100 * ceiling['vqa_accuracy']:.1f}%, "
+            f"grounding {100 * ceiling['grounding_accuracy']:.1f}% ({ceiling['scenes']} held-out scenes)")
 
 
 def _plot(rows: dict[str, dict], path: Path) -> bool:
@@ -167,7 +184,10 @@ def run_tiny_recipe(
                "settings": {"data_dir": str(data), "backbones": str(backbones), "max_steps": max_steps,
                             "eval_limit": eval_limit, "llm": dataclasses.asdict(llm),
                             "vision": dataclasses.asdict(vision), "seed": seed}}
-    table = format_table(rows)
+    ceiling = _llm_ceiling(backbones)
+    if ceiling:
+        results["llm_ceiling"] = ceiling
+    table = format_table(rows) + (f"\n{format_ceiling(ceiling)}" if ceiling else "")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.txt", table + "\n")
