@@ -13,13 +13,13 @@ import torch
 
 from tinygpt.data.synthetic import texts
 from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
-from tinygpt.evaluation.shapes import MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou, vqa_correct
+from tinygpt.evaluation.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou,
+                                       vqa_correct)
 from tinygpt.model.sequence import IMAGE_SLOT, PromptFormat, sample_ids
 from tinygpt.tasks import IMAGE_PLACEHOLDER, wrap_instruction
 from tinygpt.tiny.scene_code import CODE_LENGTH, code_token_ids, vocabulary_token_ids
 
 TEMPLATE, END_SYM = "[INST] {} [/INST]", "###"  # the stage-4 prompt format
-IOU_THRESHOLD = 0.5
 
 
 def _answer(language_model, tokenizer, fmt: PromptFormat, code: list[int], instruction: str, task: str) -> str:
