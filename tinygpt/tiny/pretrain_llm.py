@@ -14,7 +14,6 @@ very low bias, so the model never emits them.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tinygpt.model.sequence import IGNORE, IMAGE_SLOT, PromptFormat, sample_ids
 from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS, IDENTIFY_PROMPTS, IMAGE_PLACEHOLDER,
                            REFER_PROMPTS, VQA_PROMPTS, format_phrase_box, wrap_instruction)
 from tinygpt.tiny.llm_ceiling import llm_ceiling
+from tinygpt.tiny.schedule import pretrain_lr
 from tinygpt.tiny.scene_code import CODE_LENGTH, code_token_ids, vocabulary_token_ids
 
 # (template, end symbol) of stages 1-2, 3 and 4, with how often each frames an instruction document.
@@ -199,13 +199,6 @@ def _length_bucketed(rows, batch_size: int, rng: random.Random):
         yield from batches
 
 
-def _lr_at(step: int, settings: LLMPretrainSettings) -> float:
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMPretrainSettings(),
                  progress: bool = True, heldout_documents: int = 300) -> dict:
     """Train a ``TinyGPTPhiForCausalLM`` in place; returns measured figures (loss, held-out answer accuracy)."""
@@ -240,7 +233,7 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
     loss_value = float("nan")
     for step in range(settings.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, settings)
+            group["lr"] = pretrain_lr(step, settings.lr, settings.warmup, settings.steps)
         ids, labels, mask = _batch(train_rows, next(batches), to_compact)
         loss = _loss(body, embed, head, ids, labels, mask)
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import os
 import random
 import time
@@ -34,6 +33,7 @@ from torch import nn
 
 from tinygpt.data.image import ImageTransform
 from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, render_scene, sample_scene, scene_rng
+from tinygpt.tiny.schedule import pretrain_lr
 from tinygpt.tiny.scene_code import CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_classes, slot_is_number
 
 
@@ -132,13 +132,6 @@ def sincos_position_embedding(grid: int, dim: int, amplitude: float) -> torch.Te
     return amplitude * torch.cat([torch.zeros(1, dim), table])[None]
 
 
-def _lr_at(step: int, settings: VisionPretrainSettings) -> float:
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _trainable(model) -> list[nn.Parameter]:
     return [*model.vision_model.parameters(), *model.qformer.parameters(), model.query_tokens]
 
@@ -207,7 +200,7 @@ def pretrain_vision(model, settings: VisionPretrainSettings = VisionPretrainSett
     loss_value = float("nan")
     for step in range(settings.steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, settings) * group["scale"]
+            group["lr"] = pretrain_lr(step, settings.lr, settings.warmup, settings.steps) * group["scale"]
         index = torch.tensor(order.sample(range(len(pixels)), settings.batch_size))
         batch = pixels[index]
         high_res = settings.high_res_every and step % settings.high_res_every == settings.high_res_every - 1
