@@ -128,13 +128,49 @@ def test_weight_decay_groups_match_the_original_rule(tiny_vlm):
 def test_bench_reports_step_time_memory_and_cache_ratio(capsys):
     from tinygpt.train.bench import main
 
-    code = main(["--cfg-path", str(STAGE3), "--steps", "1", "--random-weights", "--json",
+    code = main(["--cfg-path", str(STAGE3), "--steps", "1", "--random-weights", "--json", "--text-tokens", "12",
                  "--options", "data.datasets.cc_sbu_align.batch_size=2", "model.max_txt_len=16"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["batch_size"] == 2 and result["image_size"] == 112
+    assert result["batch_size"] == 2 and result["image_size"] == 112 and result["text_tokens"] == 12
     assert result["seconds_per_step"] > 0 and result["peak_memory_gb"] > 0
     assert 0 < result["cached_features_step_ratio"] < 2
+
+
+def test_bench_refuses_an_answer_longer_than_max_txt_len(capsys):
+    from tinygpt.train.bench import main
+
+    code = main(["--cfg-path", str(STAGE3), "--random-weights", "--text-tokens", "17", "--options", "model.max_txt_len=16"])
+    assert code == 2
+    assert "--text-tokens must be in 1..16 (model.max_txt_len of" in capsys.readouterr().err
+
+
+def test_bench_flops_count_weight_gradients_only_for_trainable_llm_weights(tiny_vlm):
+    from tinygpt.train.bench import model_flops_per_sample
+
+    model = tiny_vlm()
+    model.requires_grad_(False)
+    frozen = model_flops_per_sample(model, text_tokens=10)
+    model.language_model.requires_grad_(True)
+    trainable = model_flops_per_sample(model, text_tokens=10)
+    llm = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
+    tokens = 1 + model.config.num_query_tokens + 10 + 16
+    assert trainable - frozen == pytest.approx(2.0 * llm * tokens)  # 6N vs 4N per token
+
+
+def test_qlora_keeps_every_other_frozen_weight_in_the_compute_dtype(base_model, align_root, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tinygpt.train.build import build_model
+
+    cfg = load_config(STAGE3, stage3_options(align_root, base_model, tmp_path / "out") + ["model.load_in_4bit=true"])
+    model = build_model(cfg, frozen_dtype=torch.bfloat16).model
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    four_bit = [n for n, p in frozen.items() if p.dtype == torch.uint8]
+    assert any("mlp.fc1" in n for n in four_bit) and any("qkv.base_layer" in n for n in four_bit)
+    floating = {n: p.dtype for n, p in frozen.items() if p.dtype.is_floating_point}
+    assert "vision_model.embeddings.patch_embedding.weight" in floating  # the ViT, Q-Former, embeddings, lm_head...
+    assert set(floating.values()) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def test_qlora_trains_lora_over_4bit_frozen_weights(align_root, base_model, tmp_path):

@@ -39,15 +39,19 @@ def synthetic_batch(model, batch_size: int, text_tokens: int, image_size: int, f
 
 
 def model_flops_per_sample(model, text_tokens: int) -> float:
-    """Forward + backward FLOPs of one sample: LLM 6 x params x tokens (activation and LoRA gradients ~ the backward),
-    frozen ViT and Q-Former forward only (2 x params x tokens)."""
+    """FLOPs one sample needs (attention scores left out): the LLM's frozen matrices 4 x params x tokens (forward, and
+    the backward's gradient with respect to their inputs; their weight gradients are never computed), its trainable
+    ones (LoRA, norms) 6 x params x tokens, the frozen ViT and Q-Former forward only, 2 x params x tokens."""
     cfg = model.config
-    llm = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
+    named = [(n, p) for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
+    frozen_llm = sum(p.numel() for _, p in named if not p.requires_grad)
+    trainable_llm = sum(p.numel() for _, p in named if p.requires_grad)
     vit = sum(p.numel() for p in model.vision_model.parameters())
     qformer = sum(p.numel() for p in model.qformer.parameters())
     patches = (cfg.image_size // int(cfg.vision_config.patch_size)) ** 2 + 1
     tokens = 1 + cfg.num_query_tokens + text_tokens + 16
-    return 6.0 * llm * tokens + 2.0 * vit * patches + 2.0 * qformer * cfg.num_query_tokens
+    return ((4.0 * frozen_llm + 6.0 * trainable_llm) * tokens + 2.0 * vit * patches
+            + 2.0 * qformer * cfg.num_query_tokens)
 
 
 def _peak_tflops() -> Optional[float]:
@@ -77,7 +81,20 @@ def time_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int) -> f
     return sum(durations[1:]) / max(1, steps)
 
 
-def bench(cfg, steps: int, random_weights: bool) -> dict:
+def profile_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int = 3, rows: int = 15) -> str:
+    """The operators that take the step time (torch.profiler over ``steps`` steps after one warm-up), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_steps(cfg, accelerator, model, optimizer, batch, 1)
+    cuda = accelerator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        time_steps(cfg, accelerator, model, optimizer, batch, steps - 1)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = None, profile: bool = False) -> dict:
     from .build import build_model
     from .loop import make_accelerator
     from .optim import build_optimizer
@@ -93,18 +110,28 @@ def bench(cfg, steps: int, random_weights: bool) -> dict:
     optimizer = build_optimizer(model, cfg.optim, cfg.schedule.init_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    load_peak = peak_memory_gb(accelerator.device)
+    if accelerator.device.type == "cuda":  # the steps' own peak, apart from the loading's
+        torch.cuda.reset_peak_memory_stats()
     batch_size = max(spec.batch_size for spec in cfg.active_datasets().values())
-    text = min(cfg.model.max_txt_len, 160)
+    text = text_tokens if text_tokens is not None else min(cfg.model.max_txt_len, 160)
     full = time_steps(cfg, accelerator, model, optimizer, synthetic_batch(unwrapped, batch_size, text,
                                                                        unwrapped.config.image_size, False), steps)
     peak = peak_memory_gb(accelerator.device)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if accelerator.device.type == "cuda" else None
     cached = time_steps(cfg, accelerator, model, optimizer, synthetic_batch(unwrapped, batch_size, text,
                                                                          unwrapped.config.image_size, True), steps)
+    if profile:
+        batch = synthetic_batch(unwrapped, batch_size, text, unwrapped.config.image_size, False)
+        print(profile_steps(cfg, accelerator, model, optimizer, batch), file=sys.stderr)
     result = {"config": cfg.source, "device": str(accelerator.device), "precision": cfg.run.precision,
               "batch_size": batch_size, "image_size": unwrapped.config.image_size, "text_tokens": text,
               "trainable_params": built.trainable_count, "seconds_per_step": full,
-              "samples_per_s": batch_size / full, "peak_memory_gb": peak,
+              "samples_per_s": batch_size / full, "peak_memory_gb": peak, "peak_reserved_gb": reserved,
+              "load_peak_memory_gb": load_peak,
               "cached_features_step_ratio": cached / full}
+    if accelerator.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
     peak_tflops = _peak_tflops()
     if peak_tflops:
         flops = model_flops_per_sample(unwrapped, text) * batch_size / full
@@ -118,6 +145,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cfg-path", required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--random-weights", action="store_true", help="random weights of the preset, no init_from")
+    parser.add_argument("--text-tokens", type=int, default=None,
+                        help="answer length per sample (default: the config's max_txt_len, at most 160)")
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of a step (stderr)")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -130,7 +160,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError("--steps must be >= 1")
         if not args.random_weights:
             check_paths(cfg)
-        result = bench(cfg, args.steps, args.random_weights)
+        if args.text_tokens is not None and not 1 <= args.text_tokens <= cfg.model.max_txt_len:
+            raise UserError(f"--text-tokens must be in 1..{cfg.model.max_txt_len} (model.max_txt_len of {cfg.source})")
+        result = bench(cfg, args.steps, args.random_weights, args.text_tokens, args.profile)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -140,7 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{result['config']}: batch {result['batch_size']} x {result['image_size']} px, "
               f"{result['trainable_params']:,} trainable, {result['device']} {result['precision']}")
         print(f"  {result['seconds_per_step']:.3f} s/step, {result['samples_per_s']:.2f} samples/s, "
-              f"peak memory {result['peak_memory_gb']:.2f} GiB")
+              f"peak memory {result['peak_memory_gb']:.2f} GiB"
+              + (f" ({result['peak_reserved_gb']:.2f} GiB reserved)" if result["peak_reserved_gb"] else ""))
         if "mfu" in result:
             print(f"  model FLOPs utilisation {result['mfu']:.1%} ({result['model_tflops']:.1f} TFLOP/s)")
         print(f"  with cached Q-Former features: {result['cached_features_step_ratio']:.2f} x the step time")

@@ -157,7 +157,7 @@ def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None) -> B
         quantize_frozen_llm(model)
     apply_trainable_set(model, m.trainable)
     count = check_trainable(model, m.trainable)
-    if frozen_dtype is not None and not m.load_in_4bit:
+    if frozen_dtype is not None:  # QLoRA too: its 4-bit weights are not floating point and stay as they are
         _cast_frozen(model, frozen_dtype)
     _gradient_checkpointing(model, m)
     set_train_mode(model)
