@@ -1,5 +1,5 @@
 """Benchmark a stage's training step: ``python -m tinygpt.train.bench --cfg-path train_configs/stageN.yaml --steps N
-[--random-weights]``.
+[--random-weights] [--text-tokens N] [--profile]``.
 
 Runs N optimizer steps at the config's real batch size, image size, text length, precision, LoRA, trainable set and
 gradient checkpointing, on synthetic batches (random pixels, answers of ``max_txt_len`` tokens), so no data and, with
@@ -173,7 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{result['trainable_params']:,} trainable, {result['device']} {result['precision']}")
         print(f"  {result['seconds_per_step']:.3f} s/step, {result['samples_per_s']:.2f} samples/s, "
               f"peak memory {result['peak_memory_gb']:.2f} GiB"
-              + (f" ({result['peak_reserved_gb']:.2f} GiB reserved)" if result["peak_reserved_gb"] else ""))
+              + (f" ({result['peak_reserved_gb']:.2f} GiB reserved)" if result["peak_reserved_gb"] else "")
+              + f", loading {result['load_peak_memory_gb']:.2f} GiB")
         if "mfu" in result:
             print(f"  model FLOPs utilisation {result['mfu']:.1%} ({result['model_tflops']:.1f} TFLOP/s)")
         print(f"  with cached Q-Former features: {result['cached_features_step_ratio']:.2f} x the step time")
