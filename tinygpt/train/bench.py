@@ -82,14 +82,14 @@ def time_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int) -> f
 
 
 def profile_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int = 3, rows: int = 15) -> str:
-    """The operators that take the step time (torch.profiler over ``steps`` steps after one warm-up), as a table."""
+    """The operators that take the step time (torch.profiler over ``steps`` steps of an already warm model: the bench
+    profiles after its timed steps), as a table."""
     from torch.profiler import ProfilerActivity, profile
 
-    time_steps(cfg, accelerator, model, optimizer, batch, 1)
     cuda = accelerator.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        time_steps(cfg, accelerator, model, optimizer, batch, steps - 1)
+        time_steps(cfg, accelerator, model, optimizer, batch, steps - 1)  # runs steps - 1 timed + 1 untimed
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
@@ -110,15 +110,16 @@ def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = No
     optimizer = build_optimizer(model, cfg.optim, cfg.schedule.init_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    cuda = accelerator.device.type == "cuda"
     load_peak = peak_memory_gb(accelerator.device)
-    if accelerator.device.type == "cuda":  # the steps' own peak, apart from the loading's
+    if cuda:  # the steps' own peak, apart from the loading's
         torch.cuda.reset_peak_memory_stats()
     batch_size = max(spec.batch_size for spec in cfg.active_datasets().values())
     text = text_tokens if text_tokens is not None else min(cfg.model.max_txt_len, 160)
     full = time_steps(cfg, accelerator, model, optimizer, synthetic_batch(unwrapped, batch_size, text,
                                                                        unwrapped.config.image_size, False), steps)
     peak = peak_memory_gb(accelerator.device)
-    reserved = torch.cuda.max_memory_reserved() / 2**30 if accelerator.device.type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     cached = time_steps(cfg, accelerator, model, optimizer, synthetic_batch(unwrapped, batch_size, text,
                                                                          unwrapped.config.image_size, True), steps)
     if profile:
@@ -130,7 +131,7 @@ def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = No
               "samples_per_s": batch_size / full, "peak_memory_gb": peak, "peak_reserved_gb": reserved,
               "load_peak_memory_gb": load_peak,
               "cached_features_step_ratio": cached / full}
-    if accelerator.device.type == "cuda":
+    if cuda:
         result["gpu"] = torch.cuda.get_device_name()
     peak_tflops = _peak_tflops()
     if peak_tflops:
