@@ -8,6 +8,11 @@ Each engine runs in its own fresh process, so load times and peak RSS are that e
 Decode speed is the median over --decode-tokens single-token steps after a --prefill-tokens prefill (random ids;
 speed does not depend on the values). Time to first token = image encode + prefill of the image vectors and a
 ~30-token question + the first sampled token, as in `chat`.
+
+A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
+--rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
+modified LLM file, then stock llama.cpp on the plain file, LLM only) and the per-round ratios and their median are
+printed: drift then hits both sides of a round alike.
 """
 from __future__ import annotations
 
@@ -41,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--plain-gguf", default=None,
                    help="directory/file of a plain-phi2 LLM GGUF: also time it on our graph and on llama-cpp-python")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="with --plain-gguf: repeat the decode comparison (ours vs stock llama.cpp) this many times in "
+                        "alternating fresh processes and print the per-round ratios and their median (default 0)")
 
 
 def _peak_rss_gb() -> float:
@@ -130,7 +138,7 @@ def _in_child(target, args: dict) -> dict:
 
 def _row(name: str, results: list[dict], key: str, fmt: str) -> str:
     cells = [(fmt.format(r[key]) if key in r else "-") for r in results]
-    return f"{name:<28}" + "".join(f"{c:>30}" for c in cells)
+    return f"{name:<34}" + "".join(f"{c:>30}" for c in cells)
 
 
 def _random_image(directory: str) -> str:
@@ -142,9 +150,47 @@ def _random_image(directory: str) -> str:
     return path
 
 
+def _decode_rounds(base: dict, gguf: str, plain_gguf: str, rounds: int, stock: bool) -> list[dict]:
+    """Alternating LLM-only decode runs: ours on the modified file, then the other engine on the plain file."""
+    other = (_llama_cpp, dict(base, gguf=plain_gguf, qtype=None)) if stock else \
+        (_ours, dict(base, gguf=plain_gguf, qtype=None, with_vision=False))
+    out = []
+    for r in range(rounds):
+        ours = _in_child(_ours, dict(base, gguf=gguf, with_vision=False))
+        theirs = _in_child(*other)
+        failed = [result["error"] for result in (ours, theirs) if "error" in result]
+        if failed:
+            print(f"error: decode round {r + 1}: {failed[0]}", file=sys.stderr)
+            out.append({"error": failed[0]})
+            break
+        out.append({"ours_ms": ours["decode_ms"], "other_ms": theirs["decode_ms"], "other": theirs["engine"],
+                    "ratio": ours["decode_ms"] / theirs["decode_ms"]})
+        print(f"  decode round {r + 1}/{rounds}: ours {ours['decode_ms']:.1f} ms/token, {theirs['engine']} "
+              f"{theirs['decode_ms']:.1f} ms/token", file=sys.stderr, flush=True)
+    return out
+
+
+def format_rounds(rounds: list[dict]) -> str:
+    rounds = [r for r in rounds if "error" not in r]
+    if not rounds:
+        return "decode, alternating rounds: no round finished"
+    other = rounds[0]["other"]
+    lines = [f"decode, alternating rounds (ms/token)   {'ours':>10} {other[:29]:>30} {'ratio':>7}"]
+    for i, r in enumerate(rounds, 1):
+        lines.append(f"  round {i:<32}{r['ours_ms']:>10.1f} {r['other_ms']:>30.1f} {r['ratio']:>7.2f}")
+    ratios = [r["ratio"] for r in rounds]
+    lines.append(f"  median ratio (ours / {other.split(' ')[0]}): {float(np.median(ratios)):.2f} "
+                 f"(min {min(ratios):.2f}, max {max(ratios):.2f}; below 1 means ours is faster)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.prefill_tokens < 1 or args.decode_tokens < 1:
         raise UserError("--prefill-tokens and --decode-tokens must be >= 1")
+    if args.rounds < 0:
+        raise UserError(f"--rounds must be >= 0, got {args.rounds}")
+    if args.rounds and not args.plain_gguf:
+        raise UserError("--rounds compares against a plain-phi2 file: give --plain-gguf DIR too")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"{args.image}: image file not found")
     from .gguf_file import find_llm_file, find_vision_file
@@ -156,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {args.threads} threads, prefill {args.prefill_tokens} tokens, median of {args.decode_tokens} "
               "decode steps; each engine in a fresh process", file=sys.stderr)
         results = [_in_child(_ours, dict(base, gguf=args.gguf, with_vision=True))]
+        stock = False
         if args.plain_gguf:
             results.append(_in_child(_ours, dict(base, gguf=args.plain_gguf, qtype=None, with_vision=False)))
             try:
@@ -163,14 +210,16 @@ def run(args: argparse.Namespace) -> int:
             except Exception:
                 print("note: llama-cpp-python is not importable; skipping the stock llama.cpp column", file=sys.stderr)
             else:
+                stock = True
                 results.append(_in_child(_llama_cpp, dict(base, gguf=args.plain_gguf, qtype=None)))
+        rounds = _decode_rounds(base, args.gguf, args.plain_gguf, args.rounds, stock) if args.rounds else []
     for r in results:
         if "error" in r:
             print(f"error: {r['error']}", file=sys.stderr)
     ok = [r for r in results if "error" not in r]
     if not ok:
         return 1
-    print(f"{'':<28}" + "".join(f"{r['engine'][:29]:>30}" for r in ok))
+    print(f"{'':<34}" + "".join(f"{r['engine'][:29]:>30}" for r in ok))
     print(_row("load (s)", ok, "load_s", "{:.2f}"))
     print(_row("image encode, int8 (s)", ok, "image_s", "{:.2f}"))
     print(_row("first token, image+question (s)", ok, "ttft_s", "{:.2f}"))
@@ -178,4 +227,6 @@ def run(args: argparse.Namespace) -> int:
     print(_row("decode (ms/token)", ok, "decode_ms", "{:.1f}"))
     print(_row("decode (tok/s)", ok, "decode_tok_s", "{:.2f}"))
     print(_row("peak RSS (GB)", ok, "peak_rss_gb", "{:.2f}"))
-    return 0 if len(ok) == len(results) else 1
+    if rounds:
+        print(format_rounds(rounds))
+    return 0 if len(ok) == len(results) and not any("error" in r for r in rounds) else 1

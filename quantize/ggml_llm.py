@@ -5,6 +5,10 @@ tensors stay raw Q4_K/Q4_0/Q8_0 blocks and run through ggml's quantized kernels;
 The KV cache lives in persistent ggml tensors (K: [n_ctx, hidden] row per position, V: transposed
 [hidden, n_ctx]), so one step only builds a small graph description and writes its inputs.
 
+Single-token steps reuse a cached graph (quantize.ggml_decode_graph): it attends to a fixed bucket of cache
+positions (masked past n_past) and writes K/V through index inputs, so a step only copies its inputs in and computes.
+TINYGPT_GGML_DECODE_GRAPH=0 turns the cache off (every step builds its graph, as prefill does).
+
 Layer (N = layer, all in fp32 activations):
     h   = LayerNorm(x) * attn_norm.w + attn_norm.b
     qkv = h @ attn_qkv.w^T + attn_qkv.b                rows [q; k; v]
@@ -34,6 +38,7 @@ import ggml  # noqa: E402  ggml-python; quantize.session falls back to torch_llm
 
 from tinygpt.errors import UserError
 
+from .ggml_decode_graph import DecodeGraph, decode_graph_key
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
 
 _GRAPH_NODES = 8192
@@ -42,6 +47,12 @@ _KV_TYPES = {"f16": ggml.GGML_TYPE_F16, "f32": ggml.GGML_TYPE_F32}
 
 def _ne(t) -> tuple[int, ...]:
     return tuple(t.contents.ne[:4])
+
+
+def _input(ctx, tensor_type: int, *ne: int):
+    t = ggml.ggml_new_tensor(ctx, tensor_type, len(ne), (ctypes.c_int64 * len(ne))(*ne))
+    ggml.ggml_set_input(t)
+    return t
 
 
 _REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
@@ -113,6 +124,8 @@ class GgmlLLM:
         self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self._backend))
         self._weights_ctx = None
         self._kv_ctx = None
+        self.decode_graph = os.environ.get("TINYGPT_GGML_DECODE_GRAPH", "1") != "0"
+        self._decode: DecodeGraph | None = None
         self._load_weights()
         self._alloc_kv(_KV_TYPES[kv_type])
 
@@ -153,7 +166,12 @@ class GgmlLLM:
         hp = self.hp
         per_tensor = ggml.ggml_row_size(kv_type, hp.hidden_size * self.n_ctx)
         size = 2 * hp.n_layers * (per_tensor + 64) + (2 * hp.n_layers + 4) * ggml.ggml_tensor_overhead()
-        self._kv_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=size, mem_buffer=None, no_alloc=False))
+        # zero-filled (calloc: pages stay untouched until written), because a decode graph also reads cache rows past
+        # n_past under a -inf mask, and 0 * NaN from uninitialised memory would poison the output
+        self._kv_buf = np.zeros(size + 64, np.uint8)
+        start = -self._kv_buf.ctypes.data % 64
+        self._kv_ctx = ggml.ggml_init(ggml.ggml_init_params(
+            mem_size=size, mem_buffer=self._kv_buf[start:].ctypes.data, no_alloc=False))
         self.k_cache, self.v_cache = [], []
         for _ in range(hp.n_layers):
             self.k_cache.append(ggml.ggml_new_tensor_2d(self._kv_ctx, kv_type, hp.hidden_size, self.n_ctx))
@@ -161,6 +179,9 @@ class GgmlLLM:
         self.kv_bytes = 2 * hp.n_layers * per_tensor
 
     def close(self) -> None:
+        if getattr(self, "_decode", None) is not None:
+            self._decode.close()
+            self._decode = None
         if self._galloc is not None:
             ggml.ggml_gallocr_free(self._galloc)
             self._galloc = None
@@ -210,6 +231,15 @@ class GgmlLLM:
             raise ValueError("nothing to evaluate")
         if self.n_past + n > self.n_ctx:
             raise UserError(f"context length exceeded: {self.n_past} cached + {n} new > n_ctx {self.n_ctx}")
+        if n == 1 and self.decode_graph:
+            key = decode_graph_key(self, ids is not None)
+            if self._decode is None or self._decode.key != key:
+                if self._decode is not None:
+                    self._decode.close()
+                    self._decode = None
+                self._decode = DecodeGraph(self, key)
+            logits = self._decode.run(self, ids if ids is not None else rows)
+            return logits[None] if all_logits else logits
         outs = []
         for start in range(0, n, self.n_batch):
             stop = min(n, start + self.n_batch)
@@ -225,45 +255,16 @@ class GgmlLLM:
         hp = self.hp
         n = len(ids) if ids is not None else rows.shape[0]
         n_kv = self.n_past + n
-        meta = ggml.ggml_init(ggml.ggml_init_params(
-            mem_size=_GRAPH_NODES * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead_custom(_GRAPH_NODES, False),
-            mem_buffer=None, no_alloc=True))
+        meta, gf = self.new_graph()
         try:
-            gf = ggml.ggml_new_graph_custom(meta, _GRAPH_NODES, False)
-            inputs = {}
-            if ids is not None:
-                inp = ggml.ggml_new_tensor_1d(meta, ggml.GGML_TYPE_I32, n)
-                ggml.ggml_set_input(inp)
-                inputs["ids"] = (inp, ids)
-                x = ggml.ggml_get_rows(meta, self.w["token_embd.weight"], inp)
-            else:
-                x = ggml.ggml_new_tensor_2d(meta, ggml.GGML_TYPE_F32, hp.hidden_size, n)
-                ggml.ggml_set_input(x)
-                inputs["rows"] = (x, rows)
-            pos = ggml.ggml_new_tensor_1d(meta, ggml.GGML_TYPE_I32, n)
-            ggml.ggml_set_input(pos)
-            inputs["pos"] = (pos, np.arange(self.n_past, n_kv, dtype=np.int32))
-            mask = ggml.ggml_new_tensor_2d(meta, ggml.GGML_TYPE_F32, n_kv, n)
-            ggml.ggml_set_input(mask)
-            inputs["mask"] = (mask, self._causal_mask(n, n_kv))
-            for layer in range(hp.n_layers):
-                x = self._layer(meta, gf, x, layer, n, n_kv, pos, mask)
-            if not want_logits:
-                ggml.ggml_build_forward_expand(gf, x)
-                out = None
-            else:
-                if not all_logits and n > 1:
-                    x = ggml.ggml_view_2d(meta, x, hp.hidden_size, 1, x.contents.nb[1], (n - 1) * x.contents.nb[1])
-                x = self._layer_norm(meta, x, "output_norm", hp.layer_norm_eps)
-                logits = ggml.ggml_add(meta, ggml.ggml_mul_mat(meta, self.w["output.weight"], x), self.w["output.bias"])
-                ggml.ggml_set_output(logits)
-                ggml.ggml_build_forward_expand(gf, logits)
-                out = logits
+            inputs, out = self.build_graph(meta, gf, n, n_kv, ids is not None, want_logits, all_logits)
             if not ggml.ggml_gallocr_alloc_graph(self._galloc, gf):
                 raise RuntimeError("ggml could not allocate the compute graph")
-            for tensor, values in inputs.values():
-                values = np.ascontiguousarray(values)
-                ctypes.memmove(tensor.contents.data, values.ctypes.data, values.nbytes)
+            values = {"x": ids if ids is not None else rows, "pos": np.arange(self.n_past, n_kv, dtype=np.int32),
+                      "mask": self._causal_mask(n, n_kv)}
+            for name, tensor in inputs.items():
+                v = np.ascontiguousarray(values[name])
+                ctypes.memmove(tensor.contents.data, v.ctypes.data, v.nbytes)
             status = ggml.ggml_backend_graph_compute(self._backend, gf)
             if status != 0:
                 raise RuntimeError(f"ggml graph compute failed with status {status}")
@@ -275,6 +276,48 @@ class GgmlLLM:
             return np.ctypeslib.as_array(data).reshape(rows_out, hp.vocab_size).copy()
         finally:
             ggml.ggml_free(meta)
+
+    @staticmethod
+    def new_graph():
+        """A no_alloc ggml context sized for one forward graph's metadata, and an empty graph in it."""
+        meta = ggml.ggml_init(ggml.ggml_init_params(
+            mem_size=_GRAPH_NODES * ggml.ggml_tensor_overhead() + ggml.ggml_graph_overhead_custom(_GRAPH_NODES, False),
+            mem_buffer=None, no_alloc=True))
+        return meta, ggml.ggml_new_graph_custom(meta, _GRAPH_NODES, False)
+
+    def build_graph(self, ctx, gf, n: int, n_kv: int, token_input: bool, want_logits: bool, all_logits: bool,
+                    kv_index_inputs: bool = False):
+        """Forward graph of n new positions attending to cache positions 0..n_kv-1. Returns its input tensors
+        ({"x": ids or rows, "pos", "mask"}) and the logits tensor (None unless want_logits). The new K/V go to cache
+        position self.n_past (a graph constant), or with kv_index_inputs to the rows named by two more I64 inputs,
+        "k_idx" [n] (K rows) and "v_idx" [hidden * n] (V viewed as n_ctx * hidden one-element rows)."""
+        hp = self.hp
+        if token_input:
+            inp = _input(ctx, ggml.GGML_TYPE_I32, n)
+            x = ggml.ggml_get_rows(ctx, self.w["token_embd.weight"], inp)
+        else:
+            inp = x = _input(ctx, ggml.GGML_TYPE_F32, hp.hidden_size, n)
+        pos = _input(ctx, ggml.GGML_TYPE_I32, n)
+        mask = _input(ctx, ggml.GGML_TYPE_F32, n_kv, n)
+        inputs = {"x": inp, "pos": pos, "mask": mask}
+        kv_rows = None
+        if kv_index_inputs:
+            inputs["k_idx"] = _input(ctx, ggml.GGML_TYPE_I64, n)
+            inputs["v_idx"] = _input(ctx, ggml.GGML_TYPE_I64, hp.hidden_size * n)
+            kv_rows = inputs["k_idx"], inputs["v_idx"]
+        for layer in range(hp.n_layers):
+            x = self._layer(ctx, gf, x, layer, n, n_kv, pos, mask, kv_rows)
+        out = None
+        if not want_logits:
+            ggml.ggml_build_forward_expand(gf, x)
+        else:
+            if not all_logits and n > 1:
+                x = ggml.ggml_view_2d(ctx, x, hp.hidden_size, 1, x.contents.nb[1], (n - 1) * x.contents.nb[1])
+            x = self._layer_norm(ctx, x, "output_norm", hp.layer_norm_eps)
+            out = ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, self.w["output.weight"], x), self.w["output.bias"])
+            ggml.ggml_set_output(out)
+            ggml.ggml_build_forward_expand(gf, out)
+        return inputs, out
 
     def _causal_mask(self, n: int, n_kv: int) -> np.ndarray:
         q_pos = np.arange(self.n_past, n_kv)[:, None]
@@ -289,7 +332,7 @@ class GgmlLLM:
     def _linear(self, ctx, x, prefix: str):
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, self.w[prefix + ".weight"], x), self.w[prefix + ".bias"])
 
-    def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask):
+    def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask, kv_rows=None):
         hp = self.hp
         H, D, NH = hp.hidden_size, hp.head_dim, hp.n_heads
         b = f"blk.{il}."
@@ -309,10 +352,17 @@ class GgmlLLM:
         k = ggml.ggml_rope_ext(ctx, k, pos, None, *rope_args)
         # write this chunk's k and v into the cache, before anything reads the cache
         kc, vc = self.k_cache[il], self.v_cache[il]
-        k_dst = ggml.ggml_view_2d(ctx, kc, H, n, kc.contents.nb[1], self.n_past * kc.contents.nb[1])
-        ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_reshape_2d(ctx, k, H, n), k_dst))
-        v_dst = ggml.ggml_view_2d(ctx, vc, n, H, vc.contents.nb[1], self.n_past * vc.contents.nb[0])
-        ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_transpose(ctx, v), v_dst))
+        if kv_rows is None:
+            k_dst = ggml.ggml_view_2d(ctx, kc, H, n, kc.contents.nb[1], self.n_past * kc.contents.nb[1])
+            ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_reshape_2d(ctx, k, H, n), k_dst))
+            v_dst = ggml.ggml_view_2d(ctx, vc, n, H, vc.contents.nb[1], self.n_past * vc.contents.nb[0])
+            ggml.ggml_build_forward_expand(gf, ggml.ggml_cpy(ctx, ggml.ggml_transpose(ctx, v), v_dst))
+        else:  # K: row k_idx[i] <- k[:, i]; V as n_ctx*H one-element rows: element (h, i) goes to row v_idx[h + i*H]
+            k_idx, v_idx = kv_rows
+            ggml.ggml_build_forward_expand(gf, ggml.ggml_set_rows(ctx, kc, ggml.ggml_reshape_2d(ctx, k, H, n), k_idx))
+            v_rows = ggml.ggml_reshape_2d(ctx, vc, 1, self.n_ctx * H)
+            ggml.ggml_build_forward_expand(gf, ggml.ggml_set_rows(ctx, v_rows, ggml.ggml_reshape_2d(ctx, v, 1, H * n),
+                                                                  v_idx))
         # attention over positions 0..n_kv-1
         k_all = ggml.ggml_view_3d(ctx, kc, D, n_kv, NH, kc.contents.nb[1], D * kc.contents.nb[0], 0)
         v_all = ggml.ggml_view_3d(ctx, vc, n_kv, D, NH, vc.contents.nb[1], D * vc.contents.nb[1], 0)

@@ -46,3 +46,16 @@ def base_model(tmp_path_factory):
     model = TinyGPTVForConditionalGeneration(build_config("tiny"))
     model.tokenizer = load_tokenizer(None)
     return save_vlm(model, tmp_path_factory.mktemp("base") / "tiny-base")
+
+
+@pytest.fixture(scope="session")
+def random_gguf_pairs(tmp_path_factory):
+    """Tiny random GGUF pairs (Q8_0 LLM + vision) of the same weights: ``modified/`` with the extra norms, ``plain/``
+    a stock phi2 file."""
+    pytest.importorskip("gguf")
+    from quantize.random_model import write_random_model
+
+    root = tmp_path_factory.mktemp("gguf-pairs")
+    write_random_model(root / "modified", size="tiny", qtype="q8_0", seed=2, progress=False)
+    write_random_model(root / "plain", size="tiny", qtype="q8_0", seed=2, extra_norms=False, progress=False)
+    return root

@@ -11,14 +11,9 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    from quantize.random_model import write_random_model
-
-    root = tmp_path_factory.mktemp("gguf")
-    write_random_model(root / "modified", size="tiny", qtype="q8_0", seed=2, progress=False)
-    write_random_model(root / "plain", size="tiny", qtype="q8_0", seed=2, extra_norms=False, progress=False)
-    return root
+@pytest.fixture
+def pairs(random_gguf_pairs):
+    return random_gguf_pairs
 
 
 def test_stock_llama_cpp_refuses_the_modified_file(pairs):

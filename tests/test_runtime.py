@@ -368,6 +368,84 @@ def test_plain_phi2_file_without_extra_norms_runs(tmp_path):
     assert np.abs(got - ref).max() < 1e-2
 
 
+# ------------------------------------------------------------------------------------------------ cached decode graph
+def _kv_bytes(m) -> list[bytes]:
+    """Every layer's whole K and V cache tensor, raw."""
+    import ctypes
+
+    import ggml
+
+    return [ctypes.string_at(t.contents.data, ggml.ggml_nbytes(t)) for t in m.k_cache + m.v_cache]
+
+
+def _decode_script(m, ids, rows) -> np.ndarray:
+    """Prefill 30, decode 40 (buckets 32, 64 and the last one cut at n_ctx 70), overflow, truncate to 45 and decode
+    5, truncate to 40 (same bucket) and decode 1, reset and decode 2 tokens and 1 embedding row: the logits of every
+    single-token step."""
+    m.eval_tokens(ids[:30])
+    out = [m.eval_tokens(ids[i:i + 1]) for i in range(30, 70)]
+    with pytest.raises(UserError, match="context length exceeded"):
+        m.eval_tokens(ids[:1])
+    m.truncate(45)
+    out += [m.eval_tokens(ids[i:i + 1]) for i in range(70, 75)]
+    m.truncate(40)
+    out.append(m.eval_tokens(ids[75:76]))
+    m.reset()
+    out += [m.eval_tokens(ids[i:i + 1], all_logits=True)[0] for i in range(76, 78)]
+    out.append(m.eval_embeddings(rows[78:79], all_logits=True)[0])
+    assert m.n_past == 3
+    return np.stack(out)
+
+
+def _decode_graph_vs_per_step_graphs(path, monkeypatch):
+    ids = _prompt_ids(79, seed=11)
+    rows = file_weights(path)["token_embd.weight"][ids]
+    monkeypatch.setenv("TINYGPT_GGML_DECODE_GRAPH", "0")
+    off = _ggml(path, n_ctx=70)
+    assert not off.decode_graph
+    want = _decode_script(off, ids, rows)
+    assert off._decode is None
+    monkeypatch.delenv("TINYGPT_GGML_DECODE_GRAPH")
+    built = []
+
+    class Counting(ggml_llm.DecodeGraph):
+        def __init__(self, llm, key):
+            built.append(key)
+            super().__init__(llm, key)
+
+    monkeypatch.setattr(ggml_llm, "DecodeGraph", Counting)
+    on = _ggml(path, n_ctx=70)
+    got = _decode_script(on, ids, rows)
+    return on, off, got, want, built
+
+
+def test_ggml_decode_graph_with_exact_bucket_is_bitwise_the_per_step_graph(llm_files, monkeypatch):
+    """Bucket 1 (attention over exactly n_past + 1 positions): the cached graph computes what the per-step graph
+    computes, so logits and the whole KV cache (every K row and V column, written through set_rows index inputs)
+    are byte-identical, through truncate and reset."""
+    monkeypatch.setattr("quantize.ggml_decode_graph.BUCKET", 1)
+    on, off, got, want, built = _decode_graph_vs_per_step_graphs(llm_files["f32"], monkeypatch)
+    assert np.array_equal(got, want)
+    assert _kv_bytes(on) == _kv_bytes(off)
+    assert len(built) == 49  # the bucket changes with every step
+
+
+def test_ggml_decode_graph_reused_across_a_bucket_matches_per_step_graph(llm_files, monkeypatch):
+    """Default bucket (32): one graph per bucket serves every step in it. Positions past n_past add exact zeros to
+    the softmax and attention sums, which only changes their SIMD summation order: measured <= 3e-5 of the largest
+    logit on F32 weights (bitwise with bucket 1, above). A K/V write to a wrong row would change layer 0's cache
+    (which depends only on the tokens) and the logits by O(1)."""
+    on, off, got, want, built = _decode_graph_vs_per_step_graphs(llm_files["f32"], monkeypatch)
+    assert _rel_err(got, want) < 1e-4, _rel_err(got, want)
+    assert got.std() > 0.5
+    n = len(on.k_cache)
+    assert _kv_bytes(on)[0] == _kv_bytes(off)[0] and _kv_bytes(on)[n] == _kv_bytes(off)[n]  # layer 0 K and V
+    assert built == [(32, True), (64, True), (70, True), (64, True), (32, True), (32, False)]  # truncate(40): reused
+    on.close()
+    on.close()
+    assert on._decode is None
+
+
 # ------------------------------------------------------------------------------------------------ torch fallback
 from quantize.torch_llm import TorchLLM  # noqa: E402
 
