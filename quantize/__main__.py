@@ -11,10 +11,6 @@ A mistake the user can fix prints `error: <message>` on stderr and exits with st
 from __future__ import annotations
 
 import argparse
-import os
-
-# Before torch or ggml load libgomp (torch ships its own libgomp.so.1, which ggml then shares): see ggml_llm.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 
 from tinygpt.errors import UserError

@@ -28,13 +28,13 @@ from typing import Sequence
 
 import numpy as np
 
-# ggml's CPU backend runs its threads in an OpenMP region per graph. With libgomp's default (spinning) wait policy a
-# step slows ~100x when another process competes for the cores (measured: tiny model 1 s instead of 7 ms per token
-# at 2 threads on a busy 2-core box); PASSIVE costs nothing measurable on an idle one. Must be set before libgomp
-# loads, i.e. before `import ggml`; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import ggml  # noqa: E402  ggml-python; quantize.session falls back to torch_llm when this import fails
+# OpenMP wait policy: left to libgomp (spin briefly, then sleep); a user's OMP_WAIT_POLICY still applies. ggml's CPU
+# backend meets its threads at an OpenMP barrier after every op (~1,000 per full-size token), and with
+# OMP_WAIT_POLICY=PASSIVE each one sleeps and must be woken: measured on an idle 2-core VM, full-size Q4_K decode 118-123
+# instead of 66-77 ms per token, the tiny model 7.2 instead of 1.1 ms. Under heavy contention (another process
+# spinning on both cores) the default has occasional slow steps (tiny model: p90 up to 30-300 ms); PASSIVE is steadier
+# there but slower in the median.
+import ggml  # ggml-python; quantize.session falls back to torch_llm when this import fails
 
 from tinygpt.errors import UserError
 

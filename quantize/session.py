@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-# Before torch or ggml load libgomp (torch ships its own libgomp.so.1, which ggml then shares): see ggml_llm.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import time
 from dataclasses import dataclass, field
