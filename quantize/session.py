@@ -11,7 +11,6 @@ evaluated, so a follow-up question costs only its own tokens and the result equa
 from __future__ import annotations
 
 import os
-
 import sys
 import time
 from dataclasses import dataclass, field
