@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dotted overrides, e.g. run.output_dir=out/s1 schedule.total_steps=100 run.resume=false")
     parser.add_argument("--check", action="store_true", help="validate the config and its paths, then exit")
     parser.add_argument("--quiet", action="store_true", help="warnings only")
+    parser.add_argument("--tiny-llm-steps", type=int, metavar="N",
+                        help="tiny recipe only: pretrain the tiny LLM for N steps instead of 200 (cached per N; 1000 "
+                             "adds ~8 min on 2 cores and lifts stage-4 VQA 40%%->51%%, grounding 10%%->22%%)")
     return parser.parse_args(argv)
 
 
@@ -32,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cfg_path is None:
             if args.options or args.check:
                 raise UserError("--options/--check need --cfg-path (without it train.py runs the tiny recipe)")
+            from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
             from tinygpt.tiny.recipe import run_tiny_recipe
 
-            run_tiny_recipe()
+            llm = LLMPretrainSettings()
+            run_tiny_recipe(llm=llm if args.tiny_llm_steps is None else llm.with_steps(args.tiny_llm_steps))
             return 0
+        if args.tiny_llm_steps is not None:
+            raise UserError("--tiny-llm-steps is for the tiny recipe (train.py without --cfg-path)")
         from tinygpt.config import check_paths, load_config
 
         cfg = load_config(args.cfg_path, args.options)

@@ -99,6 +99,35 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     assert other != path.name  # any change of recipe gets its own directory
 
 
+
+def _train_cli():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_llm_steps_flag_reaches_the_recipe_with_enough_documents(monkeypatch, capsys):
+    import tinygpt.tiny.recipe
+
+    received = []
+    monkeypatch.setattr(tinygpt.tiny.recipe, "run_tiny_recipe", lambda **kwargs: received.append(kwargs["llm"]))
+    train = _train_cli()
+    assert train.main([]) == 0 and train.main(["--tiny-llm-steps", "1000"]) == 0
+    default, longer = received
+    assert default == LLMPretrainSettings()  # no flag: the default build and its cache directory are unchanged
+    assert (longer.steps, longer.documents) == (1000, 16000)  # batch 16 x 1,000 steps: no document seen twice
+    assert backbones_key(longer, SMALL_VISION) != backbones_key(default, SMALL_VISION)
+    assert LLMPretrainSettings().with_steps(100).documents == 4000  # never fewer documents than the default
+    assert train.main(["--tiny-llm-steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --tiny-llm-steps: must be at least 1, got 0"
+    assert train.main(["--cfg-path", "train_configs/tiny/stage1.yaml", "--tiny-llm-steps", "5"]) == 2
+    assert "--tiny-llm-steps is for the tiny recipe" in capsys.readouterr().err
+    assert len(received) == 2
+
 def test_backbones_record_the_true_code_ceiling(small_backbones):
     marker = json.loads((small_backbones[1] / MARKER).read_text())
     ceiling = marker["figures"]["llm"]["true_code_ceiling"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from tinygpt.data.synthetic import texts
 from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, sample_scene, scene_rng
 from tinygpt.data.synthetic.writers import unnatural_records
+from tinygpt.errors import UserError
 from tinygpt.model.sequence import IGNORE, IMAGE_SLOT, PromptFormat, sample_ids
 from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS, IDENTIFY_PROMPTS, IMAGE_PLACEHOLDER,
                            REFER_PROMPTS, VQA_PROMPTS, format_phrase_box, wrap_instruction)
@@ -49,6 +50,13 @@ class LLMPretrainSettings:
     max_length: int = 224
     ceiling_scenes: int = 42   # held-out scenes for the true-code ceiling (``llm_ceiling.py``; 0: skip)
     seed: int = 0
+
+    def with_steps(self, steps: int) -> LLMPretrainSettings:
+        """These settings trained for ``steps`` steps, with enough documents that none is seen twice (``python
+        train.py --tiny-llm-steps``; cycled documents get memorised, see the README's Status)."""
+        if steps < 1:
+            raise UserError(f"--tiny-llm-steps: must be at least 1, got {steps}")
+        return replace(self, steps=steps, documents=max(self.documents, self.batch_size * steps))
 
 
 # --- documents -------------------------------------------------------------------------------------------------------
