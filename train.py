@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="warnings only")
     parser.add_argument("--tiny-llm-steps", type=int, metavar="N",
                         help="tiny recipe only: pretrain the tiny LLM for N steps instead of 200 (cached per N; 1000 "
-                             "adds ~8 min on 2 cores and lifts stage-4 VQA 40%%->51%%, grounding 10%%->22%%)")
+                             "adds ~7 min on 2 cores and lifts stage-4 VQA 40%%->51%%, grounding 10%%->22%%)")
     return parser.parse_args(argv)
 
 
