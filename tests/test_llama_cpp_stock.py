@@ -11,27 +11,22 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture
-def pairs(random_gguf_pairs):
-    return random_gguf_pairs
-
-
-def test_stock_llama_cpp_refuses_the_modified_file(pairs):
+def test_stock_llama_cpp_refuses_the_modified_file(random_gguf_pairs):
     from quantize.gguf_file import find_llm_file
     from quantize.llama_cpp_backend import LlamaCppLLM
     from tinygpt.errors import UserError
 
     with pytest.raises(UserError, match="stock llama.cpp cannot load this file"):
-        LlamaCppLLM(find_llm_file(pairs / "modified"), n_ctx=64)
+        LlamaCppLLM(find_llm_file(random_gguf_pairs / "modified"), n_ctx=64)
     with pytest.raises(ValueError):  # the library's own loader, not just our wrapper
-        llama_cpp.Llama(model_path=str(find_llm_file(pairs / "modified")), n_ctx=64, verbose=False)
+        llama_cpp.Llama(model_path=str(find_llm_file(random_gguf_pairs / "modified")), n_ctx=64, verbose=False)
 
 
-def test_plain_file_runs_on_stock_llama_cpp_with_image_vectors_like_our_graph(pairs):
+def test_plain_file_runs_on_stock_llama_cpp_with_image_vectors_like_our_graph(random_gguf_pairs):
     from quantize.gguf_file import find_llm_file, open_gguf
     from quantize.session import load_language_model
 
-    path = find_llm_file(pairs / "plain")
+    path = find_llm_file(random_gguf_pairs / "plain")
     vectors = np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32)
     results = {}
     for backend in ("ggml", "llama-cpp"):

@@ -11,12 +11,7 @@ from quantize.__main__ import main  # noqa: E402
 from quantize.bench import format_rounds  # noqa: E402
 
 
-@pytest.fixture
-def gguf_pair(random_gguf_pairs):
-    return random_gguf_pairs
-
-
-def test_bench_prints_every_row_and_the_alternating_decode_rounds(gguf_pair, capsys, monkeypatch):
+def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pairs, capsys, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -27,7 +22,8 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(gguf_pair, cap
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
-    code = main(["bench", "--gguf", str(gguf_pair / "modified"), "--plain-gguf", str(gguf_pair / "plain"),
+    code = main(["bench", "--gguf", str(random_gguf_pairs / "modified"),
+                 "--plain-gguf", str(random_gguf_pairs / "plain"),
                  "--prefill-tokens", "8", "--decode-tokens", "4", "--ctx", "128", "--rounds", "2"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -60,6 +56,6 @@ def test_format_rounds_reports_the_median_ratio_of_each_round():
 @pytest.mark.parametrize("extra, message", [(["--rounds", "2"], "give --plain-gguf"),
                                             (["--rounds", "-1"], "--rounds must be >= 0"),
                                             (["--decode-tokens", "0"], "must be >= 1")])
-def test_bench_argument_errors_name_the_flag(gguf_pair, capsys, extra, message):
-    assert main(["bench", "--gguf", str(gguf_pair / "modified"), *extra]) == 2
+def test_bench_argument_errors_name_the_flag(random_gguf_pairs, capsys, extra, message):
+    assert main(["bench", "--gguf", str(random_gguf_pairs / "modified"), *extra]) == 2
     assert message in capsys.readouterr().err
