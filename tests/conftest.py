@@ -1,4 +1,4 @@
-"""Shared fixtures: offline settings, the builtin tokenizer, tiny models."""
+"""Shared fixtures: offline settings, the builtin tokenizer, tiny models, hand-written tiny GGUF files."""
 
 from __future__ import annotations
 
@@ -59,3 +59,22 @@ def random_gguf_pairs(tmp_path_factory):
     write_random_model(root / "modified", size="tiny", qtype="q8_0", seed=2, progress=False)
     write_random_model(root / "plain", size="tiny", qtype="q8_0", seed=2, extra_norms=False, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights():
+    """Random weights of the hand-written tiny GGUF LLM (``gguf_reference.py``), under GGUF names."""
+    pytest.importorskip("gguf")
+    from gguf_reference import random_llm_weights
+
+    return random_llm_weights(seed=0)
+
+
+@pytest.fixture(scope="session")
+def llm_files(tmp_path_factory, tiny_weights):
+    """``tiny_weights`` written as one LLM GGUF per type: {"f32", "f16", "q8_0", "q4_0", "q4_k"} -> path."""
+    from gguf_reference import T, write_llm_gguf
+
+    d = tmp_path_factory.mktemp("gguf")
+    types = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K}
+    return {name: write_llm_gguf(d / f"llm-{name}.gguf", tiny_weights, qt) for name, qt in types.items()}
