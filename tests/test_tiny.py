@@ -14,6 +14,7 @@ import torch
 
 from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
                                        vqa_correct)
+from tinygpt.model import build_config
 from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
@@ -97,6 +98,9 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     assert json.loads((path / MARKER).read_text()) == marker  # not rebuilt
     other = backbones_key(LLMPretrainSettings(steps=21), SMALL_VISION)
     assert other != path.name  # any change of recipe gets its own directory
+    text = json.loads((path / "config.json").read_text())["text_config"]
+    assert (text["hidden_size"], text["intermediate_size"]) == (128, 512)  # the settings' width, not the preset's
+    assert build_config("tiny").text_config.hidden_size == 256
 
 
 
@@ -116,12 +120,12 @@ def test_tiny_llm_steps_flag_reaches_the_recipe_with_enough_documents(monkeypatc
     received = []
     monkeypatch.setattr(tinygpt.tiny.recipe, "run_tiny_recipe", lambda **kwargs: received.append(kwargs["llm"]))
     train = _train_cli()
-    assert train.main([]) == 0 and train.main(["--tiny-llm-steps", "1000"]) == 0
+    assert train.main([]) == 0 and train.main(["--tiny-llm-steps", "3000"]) == 0
     default, longer = received
     assert default == LLMPretrainSettings()  # no flag: the default build and its cache directory are unchanged
-    assert (longer.steps, longer.documents) == (1000, 16000)  # batch 16 x 1,000 steps: no document seen twice
+    assert (longer.steps, longer.documents) == (3000, 48000)  # batch 16 x 3,000 steps: no document seen twice
     assert backbones_key(longer, SMALL_VISION) != backbones_key(default, SMALL_VISION)
-    assert LLMPretrainSettings().with_steps(100).documents == 4000  # never fewer documents than the default
+    assert LLMPretrainSettings().with_steps(100).documents == LLMPretrainSettings().documents  # never fewer
     assert train.main(["--tiny-llm-steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --tiny-llm-steps: must be at least 1, got 0"
     assert train.main(["--cfg-path", "train_configs/tiny/stage1.yaml", "--tiny-llm-steps", "5"]) == 2

@@ -143,6 +143,7 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
     torch.manual_seed(llm.seed)
     tokenizer = load_tokenizer()
     config = build_config("tiny", tokenizer_source="builtin")
+    config.text_config.hidden_size, config.text_config.intermediate_size = llm.hidden_size, llm.intermediate_size
     model = TinyGPTVForConditionalGeneration(config)
     model.tokenizer = tokenizer
     if progress:
