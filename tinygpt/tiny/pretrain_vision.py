@@ -39,12 +39,13 @@ from tinygpt.tiny.scene_code import CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, cod
 
 @dataclass(frozen=True)
 class VisionPretrainSettings:
-    steps: int = 400
+    # 1,000 steps fit beside the LLM pretraining (on the other core) in the same minutes (README, Status).
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 20
     weight_decay: float = 0.05
-    pool: int = 2000              # distinct training scenes (rendered once)
+    pool: int = 5000              # distinct training scenes (rendered once)
     render_sizes: tuple = (112, 224)  # scenes are drawn at one of these sizes, then resized to the model's
     high_res_every: int = 0       # every k-th step at 2x the model size (0: never)
     number_sigma: float = 1.0     # width (grid units) of the soft coordinate targets
