@@ -18,7 +18,8 @@ from tinygpt.model import build_config
 from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
-from tinygpt.tiny.scene_code import CODE_LENGTH, VOCABULARY, code_token_ids, scene_code, vocabulary_token_ids
+from tinygpt.tiny.scene_code import (CODE_LENGTH, VOCABULARY, code_token_ids, scene_code, slot_embeddings,
+                                    vocabulary_token_ids)
 
 SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200, ceiling_scenes=4)
 SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
@@ -56,24 +57,55 @@ def test_grounding_iou_exact_numbers():
 
 # --- scene code -----------------------------------------------------------------------------------------------------
 
-def test_scene_code_is_32_single_tokens_matching_box_text():
+def test_scene_code_is_32_slots_of_single_tokens_matching_box_text():
     from tinygpt.data.synthetic import texts
     from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tasks import parse_boxes
     from tinygpt.tokenizer import load_tokenizer
 
     assert len(vocabulary_token_ids(load_tokenizer())) == len(VOCABULARY)
+    regions = ["left", "top", "center", "bottom", "right"]
     for i in range(20):
         scene = sample_scene(scene_rng(7, "test-code", i), 224)
-        words = scene_code(scene)
-        assert len(words) == CODE_LENGTH
+        slots = scene_code(scene)
+        assert len(slots) == CODE_LENGTH
         for obj in scene.objects:
-            slot = ["left", "top", "center", "bottom", "right"].index(obj.region) * 6
-            assert words[slot : slot + 2] == [f" {obj.colour}", f" {obj.shape}"]
+            slot = regions.index(obj.region) * 6
+            size, where = f" {obj.size}", f" {obj.region}"
+            assert slots[slot : slot + 2] == [(f" {obj.colour}", f" {obj.shape}", size, where),
+                                              (f" {obj.shape}", f" {obj.colour}", size, where)]
             box = parse_boxes(texts.box_text(scene, obj))[0][1]
-            assert words[slot + 2 : slot + 6] == [str(v) for v in box]
-        assert words[-2] == [" one", " two", " three"][len(scene.objects) - 1]
-        assert words.count(" none") == 6 * (5 - len(scene.objects))
+            assert slots[slot + 2 : slot + 6] == [(str(v),) for v in box]
+        for region in set(regions) - {o.region for o in scene.objects}:
+            slot = regions.index(region) * 6
+            assert slots[slot : slot + 6] == [(" none", f" {region}")] + [(" none",)] * 5
+        assert slots[-2:] == [([" one", " two", " three"][len(scene.objects) - 1],), (".",)]
+
+
+def test_slot_embedding_is_its_first_word_plus_half_weighted_context_rescaled():
+    embedding = torch.nn.Embedding(10, 4)
+    slots = torch.tensor([[1, 2, 3, 4], [5, -1, -1, -1], [6, 7, -1, -1]])
+    got = slot_embeddings(slots, embedding, -1)
+    w = embedding.weight
+    assert torch.allclose(got[0], (w[1] + 0.5 * (w[2] + w[3] + w[4])) / (1 + 3 * 0.25) ** 0.5)
+    assert torch.allclose(got[1], w[5])
+    assert torch.allclose(got[2], (w[6] + 0.5 * w[7]) / 1.25 ** 0.5)
+
+
+def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
+    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.pretrain_vision import soft_targets
+    from tinygpt.tiny.scene_code import code_classes
+
+    scene = sample_scene(scene_rng(7, "test-code", 3), 224)
+    classes = torch.tensor([code_classes(scene)])
+    target = soft_targets(classes, sigma=1.0)[0]
+    assert torch.allclose(target.sum(-1), torch.ones(CODE_LENGTH))
+    obj_slot = ["left", "top", "center", "bottom", "right"].index(scene.objects[0].region) * 6
+    assert sorted(target[obj_slot].nonzero().flatten().tolist()) == sorted(classes[0, obj_slot].tolist())
+    assert torch.allclose(target[obj_slot][classes[0, obj_slot]], torch.tensor([0.4, 0.2, 0.2, 0.2]))
+    number = target[obj_slot + 2]
+    assert (number > 0).sum() > 3 and number.argmax() == classes[0, obj_slot + 2, 0]
 
 
 # --- backbones ------------------------------------------------------------------------------------------------------
@@ -141,15 +173,18 @@ def test_backbones_record_the_true_code_ceiling(small_backbones):
 
 
 def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
-    """A stand-in LM that reads the code it is given back from the prompt scores 100%; one that always says the
-    same thing scores what that answer is worth."""
+    """A stand-in LM that reads the code it is given back from the prompt embeddings scores 100%; one that always
+    says the same thing scores what that answer is worth."""
     from tinygpt.data.synthetic import texts
     from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tiny.llm_ceiling import llm_ceiling
+    from tinygpt.tiny.scene_code import padded_slots
     from tinygpt.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     vocab = vocabulary_token_ids(tokenizer)
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(51200, 8)
 
     class Config:
         bos_token_id, pad_token_id = 50256, 50256
@@ -161,18 +196,21 @@ def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
             super().__init__()
             self.answer_of = answer_of
 
-        def generate(self, input_ids, **kwargs):
-            ids = input_ids[0].tolist()
-            reply = tokenizer(self.answer_of(ids) + "###", add_special_tokens=False)["input_ids"]
-            return torch.tensor([ids + reply])
+        def get_input_embeddings(self):
+            return embedding
+
+        def generate(self, inputs_embeds, **kwargs):  # like transformers: only the new tokens come back
+            reply = tokenizer(self.answer_of(inputs_embeds[0]) + "###", add_special_tokens=False)["input_ids"]
+            return torch.tensor([reply])
 
     scenes = [sample_scene(scene_rng(0, "llm-ceiling", i), 224) for i in range(6)]
 
-    def oracle(ids):  # find the scene whose code is in the prompt, answer from the scene itself
+    def oracle(embeds):  # find the scene whose code is in the prompt, answer from the scene itself
+        text_ids = [int((embedding.weight - e).abs().sum(-1).argmin()) for e in embeds]
+        prompt = tokenizer.decode([t for t, e in zip(text_ids, embeds) if torch.equal(embedding.weight[t], e)])
         for i, scene in enumerate(scenes):
-            code = code_token_ids(scene, vocab)
-            if any(ids[k : k + len(code)] == code for k in range(len(ids))):
-                prompt = tokenizer.decode(ids)
+            code = slot_embeddings(padded_slots(code_token_ids(scene, vocab)), embedding, -1)
+            if any(torch.allclose(embeds[k : k + len(code)], code) for k in range(len(embeds) - len(code) + 1)):
                 if "[refer]" in prompt:
                     obj = next(o for o in scene.objects if texts.phrase(o) in prompt)
                     return texts.box_text(scene, obj)
@@ -180,9 +218,10 @@ def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
                 return qa.answer
         raise AssertionError("the scene code is not in the prompt")
 
-    perfect = llm_ceiling(StandIn(oracle), tokenizer, scenes=6)
+    with torch.no_grad():
+        perfect = llm_ceiling(StandIn(oracle), tokenizer, scenes=6)
+        blind = llm_ceiling(StandIn(lambda embeds: "yes"), tokenizer, scenes=6)
     assert perfect["vqa_accuracy"] == 1.0 and perfect["grounding_accuracy"] == 1.0
-    blind = llm_ceiling(StandIn(lambda ids: "yes"), tokenizer, scenes=6)
     assert blind["grounding_accuracy"] == 0.0 and blind["vqa_accuracy"] < 0.5
 
 
@@ -220,10 +259,10 @@ def _probes(model, train, held) -> dict:
     patch_pred = _ridge_predict(vit_train.flatten(0, 1), labels, vit_held.flatten(0, 1)).argmax(-1)
     target, foreground = held[2].flatten(), held[2].flatten() > 0
     count_slot = CODE_LENGTH - 2
-    counts = torch.nn.functional.one_hot(train[1][:, count_slot], len(VOCABULARY)).float()
+    counts = torch.nn.functional.one_hot(train[1][:, count_slot, 0], len(VOCABULARY)).float()
     count_pred = _ridge_predict(q_train, counts, q_held).argmax(-1)
     return {"patch": float((patch_pred[foreground] == target[foreground]).float().mean()),
-            "count": float((count_pred == held[1][:, count_slot]).float().mean())}
+            "count": float((count_pred == held[1][:, count_slot, 0]).float().mean())}
 
 
 def test_pretrained_vision_beats_random_on_heldout_probes(small_backbones):

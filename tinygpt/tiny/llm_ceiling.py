@@ -1,7 +1,7 @@
 """The tiny LLM's ceiling: its VQA and grounding accuracy when it reads the *true* scene code.
 
 Stages 1-4 can at best make the projected image look like the scene code the LLM was pretrained to read
-(``scene_code.py``), so the accuracy of the frozen LLM given the exact code as text bounds what the tiny recipe
+(``scene_code.py``), so the accuracy of the frozen LLM given the exact code bounds what the tiny recipe
 can reach. Measured once, when the backbones are built, on held-out scenes in the stage-4 wording used by
 ``tinygpt.evaluation.shapes``; the recipe prints it under its table. A low ceiling means the LLM pretraining is the
 bottleneck, not the stages.
@@ -15,23 +15,25 @@ from tinygpt.data.synthetic import texts
 from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
 from tinygpt.evaluation.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou,
                                        vqa_correct)
-from tinygpt.model.sequence import IMAGE_SLOT, PromptFormat, sample_ids
+from tinygpt.model.sequence import PromptFormat, sample_ids
 from tinygpt.tasks import IMAGE_PLACEHOLDER, wrap_instruction
-from tinygpt.tiny.scene_code import CODE_LENGTH, code_token_ids, vocabulary_token_ids
+from tinygpt.tiny.scene_code import (CODE_LENGTH, code_token_ids, padded_slots, slot_embeddings, slot_matrix,
+                                    vocabulary_token_ids)
 
 TEMPLATE, END_SYM = "[INST] {} [/INST]", "###"  # the stage-4 prompt format
 
 
-def _answer(language_model, tokenizer, fmt: PromptFormat, code: list[int], instruction: str, task: str) -> str:
+def _answer(language_model, tokenizer, fmt: PromptFormat, code: list[tuple[int, ...]], instruction: str,
+            task: str) -> str:
     turns = [{"user": wrap_instruction(instruction), "assistant": None}]
     ids, _, _ = sample_ids(turns, tokenizer, fmt, None, 1, where="ceiling prompt")
-    slots = iter(code)
-    ids = [next(slots) if tok == IMAGE_SLOT else tok for tok in ids]
+    slots = slot_matrix(ids, padded_slots(code))
     with torch.no_grad():
-        out = language_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        embeds = slot_embeddings(slots, language_model.get_input_embeddings(), -1)[None]
+        out = language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       max_new_tokens=MAX_NEW_TOKENS[task], do_sample=False,
                                       pad_token_id=language_model.config.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):]).split(END_SYM)[0].strip()
+    return tokenizer.decode(out[0]).split(END_SYM)[0].strip()
 
 
 def llm_ceiling(language_model, tokenizer, scenes: int = 42, image_size: int = 224, seed: int = 0) -> dict:

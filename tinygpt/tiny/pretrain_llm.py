@@ -2,9 +2,11 @@
 
 Each training document is a conversation about one or two synthetic scenes, laid out by the model's own sequence
 builder (``tinygpt.model.sequence``: BOS, prompt template, end symbol, answer-only labels) under one of the three
-stage templates. Where an image would go, the document carries the scene's 32-token *scene code* as plain text
-(``scene_code.py``); the LLM learns to caption the scene, describe it, answer questions, give and read boxes from it.
-Text-only instructions and short generic sentences about shapes and numbers are mixed in.
+stage templates. Where an image would go, the document carries the scene's 32-slot *scene code* (``scene_code.py``;
+a slot is read as a weighted sum of its words' embeddings); the LLM learns to caption the scene, describe it, answer
+questions, give and read boxes from it. Instruction documents lean on VQA (weight 14 of 32 tasks, up to three
+follow-up questions), the skill that takes the LLM longest to learn. Text-only instructions and short generic
+sentences about shapes and numbers are mixed in.
 
 Speed: the documents use a few hundred distinct tokens, so training runs on a compact vocabulary (embedding rows and
 output rows of those tokens only) and the loss is computed on answer positions only. At the end the rows are written
@@ -32,7 +34,8 @@ from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS
                            REFER_PROMPTS, VQA_PROMPTS, format_phrase_box, wrap_instruction)
 from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.schedule import pretrain_lr
-from tinygpt.tiny.scene_code import CODE_LENGTH, code_token_ids, vocabulary_token_ids
+from tinygpt.tiny.scene_code import (CODE_LENGTH, MAX_WORDS, code_token_ids, padded_slots, slot_embeddings, slot_matrix,
+                                    vocabulary_token_ids)
 
 # (template, end symbol) of stages 1-2, 3 and 4, with how often each frames an instruction document.
 FORMATS = {"caption": ("{}", "\n"), "align": ("###Human: {} ###Assistant: ", "###"), "instruct": ("[INST] {} [/INST]", "###")}
@@ -75,11 +78,11 @@ def _single_image_turns(scene, rng: random.Random) -> list[tuple[str, str]]:
     obj = rng.choice(scene.objects)
     phrase, box = texts.phrase(obj), texts.box_text(scene, obj)
     kind = rng.choices(["vqa", "refer", "identify", "caption", "grounding", "detect", "detect_one", "chat", "reason",
-                        "detail"], weights=[6, 5, 3, 2, 1, 1, 1, 2, 1, 1])[0]
+                        "detail"], weights=[14, 5, 3, 2, 1, 1, 1, 2, 1, 1])[0]
     if kind == "vqa":
         qa = texts.question(scene, rng.choice(texts.VQA_KINDS), rng)
         pairs = [(rng.choice(VQA_PROMPTS).format(qa.question), qa.answer)]
-        for _ in range(rng.choice([0, 0, 1, 2])):  # multitask-style follow-ups
+        for _ in range(rng.choice([0, 1, 2, 3])):  # multitask-style follow-ups
             qa = texts.question(scene, rng.choice(texts.VQA_KINDS), rng)
             pairs.append((f"[vqa] {qa.question}", qa.answer))
         return pairs
@@ -167,35 +170,37 @@ def make_documents(count: int, seed: int) -> list[tuple[list[dict], list, str]]:
 
 
 def encode_documents(docs, tokenizer, vocab_ids: list[int], bos_id: int, pad_id: int, max_length: int):
-    """Documents -> list of (ids, labels); image slots carry the scene code tokens."""
+    """Documents -> list of (ids, labels, slots): ``ids`` holds IMAGE_SLOT where an image goes, ``slots`` the scene
+    code slots for those positions, in order ([n, MAX_WORDS] token ids, -1 padded)."""
     encoded = []
     for turns, scenes, fmt_name in docs:
         template, end_sym = FORMATS[fmt_name]
         fmt = PromptFormat(template, end_sym, IMAGE_PLACEHOLDER, bos_id, pad_id, CODE_LENGTH)
         ids, labels, _ = sample_ids(turns, tokenizer, fmt, None, len(scenes), where="tiny LLM document")
-        codes = [tok for scene in scenes for tok in code_token_ids(scene, vocab_ids)]
-        slots = [k for k, tok in enumerate(ids) if tok == IMAGE_SLOT]
-        for k, tok in zip(slots, codes):
-            ids[k] = tok
-        encoded.append((ids[:max_length], labels[:max_length]))
+        ids, labels = ids[:max_length], labels[:max_length]
+        codes = [slot for scene in scenes for slot in code_token_ids(scene, vocab_ids)][: ids.count(IMAGE_SLOT)]
+        encoded.append((ids, labels, padded_slots(codes)))
     return encoded
 
 
 # --- training on the compact vocabulary -------------------------------------------------------------------------------
 
 def _batch(rows, index, to_compact: torch.Tensor):
+    """[B, T, MAX_WORDS] compact ids (-1 padded), labels [B, T] (compact), attention mask [B, T]."""
     width = max(len(rows[i][0]) for i in index)
-    ids = torch.zeros(len(index), width, dtype=torch.long)
+    slots = torch.full((len(index), width, MAX_WORDS), -1, dtype=torch.long)
     labels = torch.full((len(index), width), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(index), width, dtype=torch.long)
     for r, i in enumerate(index):
-        row_ids, row_labels = rows[i]
-        ids[r, : len(row_ids)] = to_compact[torch.tensor(row_ids)]
+        row_ids, row_labels, row_slots = rows[i]
+        slots[r, : len(row_ids)] = slot_matrix(row_ids, row_slots)
         labels[r, : len(row_labels)] = torch.tensor(row_labels)
         mask[r, : len(row_ids)] = 1
+    present = slots >= 0
+    slots[present] = to_compact[slots[present]]
     supervised = labels != IGNORE
     labels[supervised] = to_compact[labels[supervised]]
-    return ids, labels, mask
+    return slots, labels, mask
 
 
 def _length_bucketed(rows, batch_size: int, rng: random.Random):
@@ -221,7 +226,7 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
     docs = make_documents(settings.documents + heldout_documents, settings.seed)
     rows = encode_documents(docs, tokenizer, vocab_ids, config.bos_token_id, config.pad_token_id, settings.max_length)
     train_rows, held_rows = rows[:settings.documents], rows[settings.documents:]
-    used = sorted({t for ids, labels in rows for t in ids + labels if t >= 0} | set(vocab_ids) | {config.bos_token_id})
+    used = sorted({t for ids, labels, _ in rows for t in ids + labels if t >= 0} | set(vocab_ids) | {config.bos_token_id})
     used_ids = torch.tensor(used)
     to_compact = torch.zeros(config.vocab_size, dtype=torch.long)
     to_compact[used_ids] = torch.arange(len(used))
@@ -241,13 +246,16 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
                                    {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
     prep_s = time.monotonic() - start
     batches = _length_bucketed(train_rows, settings.batch_size, random.Random(settings.seed))
+    # Length-bucketed batches hold documents of one kind (short captions, long multi-question documents); a per-batch
+    # mean would weigh a caption token several times a question token. Every answer token weighs the same instead.
+    tokens_per_batch = settings.batch_size * sum(_supervised(labels) for _, labels, _ in train_rows) / len(train_rows)
     body.train()
     loss_value = float("nan")
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = pretrain_lr(step, settings.lr, settings.warmup, settings.steps)
-        ids, labels, mask = _batch(train_rows, next(batches), to_compact)
-        loss = _loss(body, embed, head, ids, labels, mask)
+        slots, labels, mask = _batch(train_rows, next(batches), to_compact)
+        loss = _loss(body, embed, head, slots, labels, mask, tokens_per_batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,19 +279,24 @@ def _is_extra_norm(name: str) -> bool:
     return any(key in name for key in ("q_layernorm", "k_layernorm", "post_layernorm"))
 
 
-def _loss(body, embed, head, ids, labels, mask) -> torch.Tensor:
-    hidden = body(inputs_embeds=embed(ids), attention_mask=mask, use_cache=False).last_hidden_state
+def _supervised(labels: list[int]) -> int:
+    return sum(label != IGNORE for label in labels)
+
+
+def _loss(body, embed, head, slots, labels, mask, tokens_per_batch: float) -> torch.Tensor:
+    """Summed answer-token cross-entropy over the average answer tokens per batch."""
+    hidden = body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
     shifted = labels[:, 1:]
     keep = shifted != IGNORE
-    return F.cross_entropy(head(hidden[:, :-1][keep]), shifted[keep])
+    return F.cross_entropy(head(hidden[:, :-1][keep]), shifted[keep], reduction="sum") / tokens_per_batch
 
 
 @torch.no_grad()
 def _heldout_token_accuracy(body, embed, head, rows, to_compact, batch: int = 50) -> float:
     correct = total = 0
     for start in range(0, len(rows), batch):
-        ids, labels, mask = _batch(rows, list(range(start, min(start + batch, len(rows)))), to_compact)
-        hidden = body(inputs_embeds=embed(ids), attention_mask=mask, use_cache=False).last_hidden_state
+        slots, labels, mask = _batch(rows, list(range(start, min(start + batch, len(rows)))), to_compact)
+        hidden = body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
         shifted = labels[:, 1:]
         keep = shifted != IGNORE
         pred = head(hidden[:, :-1][keep]).argmax(-1)

@@ -1,7 +1,8 @@
 """Pretrain the tiny ViT + Q-Former (+ query tokens) on synthetic shapes scenes.
 
-Objective: query ``k`` of the Q-Former output must predict token ``k`` of the scene code (``scene_code.py``: colour,
-shape and box of each region, the object count) through one linear head shared by all queries. Coordinates use
+Objective: query ``k`` of the Q-Former output must predict the words of slot ``k`` of the scene code
+(``scene_code.py``: size, colour and shape of the object in each region, its box, the object count) through one
+linear head shared by all queries; a slot of several words spreads its target evenly over them. Coordinates use
 soft targets (a narrow Gaussian over neighbouring grid values), so near misses cost less than far ones. The head
 is discarded afterwards; what stays is a vision tower whose query outputs carry, linearly, everything the captions,
 answers and boxes of the later stages need. Each ViT patch also predicts the colour and shape under its centre
@@ -34,7 +35,8 @@ from torch import nn
 from tinygpt.data.image import ImageTransform
 from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, render_scene, sample_scene, scene_rng
 from tinygpt.tiny.schedule import pretrain_lr
-from tinygpt.tiny.scene_code import CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_classes, slot_is_number
+from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, PAD_CLASS, VOCABULARY, code_classes,
+                                    slot_is_number, word_weights)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,17 @@ def queries_from_states(model, states: torch.Tensor) -> torch.Tensor:
 
 
 def soft_targets(classes: torch.Tensor, sigma: float) -> torch.Tensor:
-    """[N, 32] class ids -> [N, 32, V] target distributions; number slots get a Gaussian over nearby numbers."""
+    """[N, 32, MAX_WORDS] class ids (PAD_CLASS padded) -> [N, 32, V] target distributions: a slot's words share
+    its mass equally; a number slot gets a Gaussian over nearby numbers."""
     n_vocab = len(VOCABULARY)
-    target = F.one_hot(classes, n_vocab).float()
+    weights = word_weights(classes != PAD_CLASS)
+    target = (F.one_hot(classes.clamp(min=0), n_vocab).float() * weights.unsqueeze(-1)).sum(-2)
+    target = target / weights.sum(-1, keepdim=True)
+    first = classes[..., 0]
     numbers = torch.tensor(NUMBER_CLASSES)
     value_of = torch.full((n_vocab,), -1, dtype=torch.long)
     value_of[numbers] = torch.arange(len(numbers))
-    values = value_of[classes]  # -1 where the slot holds no number
+    values = value_of[first]  # -1 where the slot holds no number
     soft = values >= 0
     if sigma > 0 and soft.any():
         grid = torch.arange(len(numbers)).float()
@@ -139,20 +145,21 @@ def _trainable(model) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def code_accuracy(model, head: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, batch: int = 128) -> dict:
-    """Held-out accuracy of the code head: attribute slots exact, coordinate slots within 2 grid units."""
-    preds = []
-    for start in range(0, len(pixels), batch):
-        preds.append(head(query_outputs(model, pixels[start : start + batch])).argmax(-1))
-    pred = torch.cat(preds)
+    """Held-out accuracy of the code head: a word slot is right when its top-n classes are its n words, a
+    coordinate slot when its top class is within 2 grid units."""
+    logits = torch.cat([head(query_outputs(model, pixels[start : start + batch]))
+                        for start in range(0, len(pixels), batch)])
     numbers = torch.tensor([slot_is_number(k) for k in range(CODE_LENGTH)])
     value_of = torch.full((len(VOCABULARY),), -10_000, dtype=torch.long)
     value_of[torch.tensor(NUMBER_CLASSES)] = torch.arange(len(NUMBER_CLASSES))
-    close = (value_of[pred] - value_of[targets]).abs() <= 2
-    exact = pred == targets
-    is_number = value_of[targets] >= 0
+    close = (value_of[logits.argmax(-1)] - value_of[targets[..., 0]]).abs() <= 2
+    present = targets != PAD_CLASS
+    wanted = (F.one_hot(targets.clamp(min=0), len(VOCABULARY)).bool() & present.unsqueeze(-1)).any(-2)
+    ranks = logits.argsort(-1, descending=True).argsort(-1)
+    exact = ((ranks < present.sum(-1, keepdim=True)) == wanted).all(-1)
     return {
         "attribute_accuracy": float(exact[:, ~numbers].float().mean()),
-        "coordinate_within_2": float(close[is_number].float().mean()),
+        "coordinate_within_2": float(close[:, numbers].float().mean()),
         "scene_exact": float(exact[:, ~numbers].all(dim=1).float().mean()),
     }
 
@@ -210,7 +217,7 @@ def pretrain_vision(model, settings: VisionPretrainSettings = VisionPretrainSett
         states = model.vision_model(pixel_values=batch, interpolate_pos_encoding=bool(high_res)).last_hidden_state
         logits = head(queries_from_states(model, states))
         target = soft_targets(targets[index], settings.number_sigma)
-        weights = torch.where(torch.isin(targets[index], empty), 1.0, settings.object_weight)
+        weights = torch.where(torch.isin(targets[index][..., 0], empty), 1.0, settings.object_weight)
         loss = (-(target * logits.log_softmax(-1)).sum(-1) * weights).sum() / weights.sum()
         if settings.patch_loss_weight and not high_res:
             patch_logits = patch_head(states[:, 1:])

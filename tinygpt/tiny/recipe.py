@@ -88,7 +88,7 @@ def _llm_ceiling(backbones: Path) -> dict | None:
 
 def format_ceiling(ceiling: dict) -> str:
     """One line: what the frozen LLM reaches when it reads the true scene code (``tinygpt.tiny.llm_ceiling``)."""
-    return (f"ceiling: the tiny LLM given the true scene code as text: VQA {100 * ceiling['vqa_accuracy']:.1f}%, "
+    return (f"ceiling: the tiny LLM reading the true scene code: VQA {100 * ceiling['vqa_accuracy']:.1f}%, "
             f"grounding {100 * ceiling['grounding_accuracy']:.1f}% ({ceiling['scenes']} held-out scenes)")
 
 
