@@ -2,7 +2,8 @@
 
 Objective: query ``k`` of the Q-Former output must predict the words of slot ``k`` of the scene code
 (``scene_code.py``: size, colour and shape of the object in each region, its box, the object count) through one
-linear head shared by all queries; a slot of several words spreads its target evenly over them. Coordinates use
+linear head shared by all queries; a slot of several words spreads its target over them by their word
+weights (``scene_code.word_weights``). Coordinates use
 soft targets (a narrow Gaussian over neighbouring grid values), so near misses cost less than far ones. The head
 is discarded afterwards; what stays is a vision tower whose query outputs carry, linearly, everything the captions,
 answers and boxes of the later stages need. Each ViT patch also predicts the colour and shape under its centre
@@ -105,7 +106,7 @@ def queries_from_states(model, states: torch.Tensor) -> torch.Tensor:
 
 def soft_targets(classes: torch.Tensor, sigma: float) -> torch.Tensor:
     """[N, 32, MAX_WORDS] class ids (PAD_CLASS padded) -> [N, 32, V] target distributions: a slot's words share
-    its mass equally; a number slot gets a Gaussian over nearby numbers."""
+    its mass by their word weights; a number slot gets a Gaussian over nearby numbers."""
     n_vocab = len(VOCABULARY)
     weights = word_weights(classes != PAD_CLASS)
     target = (F.one_hot(classes.clamp(min=0), n_vocab).float() * weights.unsqueeze(-1)).sum(-2)

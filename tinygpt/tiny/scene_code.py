@@ -22,8 +22,8 @@ The first word of a slot is what a caption copies ("a large red circle ..." read
 context words make every attribute of an object visible at both of its positions, so finding an object by one
 attribute and reporting another is one attention step rather than a chain of them. Measured on the default build
 together with the VQA-heavier pretraining mix (README, Status): the true-code ceiling went from VQA 55% / grounding
-67% (one word per slot) to 76% / 64%, and captions learn as before. Coordinates are the box-text integers of ``tinygpt.tasks.format_box`` (0-100
-grid), so a referring answer copies the four numbers that follow the object.
+67% (one word per slot) to 76% / 64%, and captions learn as before. Coordinates are the box-text integers of
+``tinygpt.tasks.format_box`` (0-100 grid), so a referring answer copies the four numbers that follow the object.
 """
 
 from __future__ import annotations
