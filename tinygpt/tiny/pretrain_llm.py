@@ -226,7 +226,8 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
     docs = make_documents(settings.documents + heldout_documents, settings.seed)
     rows = encode_documents(docs, tokenizer, vocab_ids, config.bos_token_id, config.pad_token_id, settings.max_length)
     train_rows, held_rows = rows[:settings.documents], rows[settings.documents:]
-    used = sorted({t for ids, labels, _ in rows for t in ids + labels if t >= 0} | set(vocab_ids) | {config.bos_token_id})
+    used = sorted({t for ids, labels, _ in rows for t in ids + labels if t >= 0} | set(vocab_ids)
+                  | {config.bos_token_id})
     used_ids = torch.tensor(used)
     to_compact = torch.zeros(config.vocab_size, dtype=torch.long)
     to_compact[used_ids] = torch.arange(len(used))
@@ -283,9 +284,13 @@ def _supervised(labels: list[int]) -> int:
     return sum(label != IGNORE for label in labels)
 
 
+def _hidden(body, embed, slots, mask) -> torch.Tensor:
+    return body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
+
+
 def _loss(body, embed, head, slots, labels, mask, tokens_per_batch: float) -> torch.Tensor:
     """Summed answer-token cross-entropy over the average answer tokens per batch."""
-    hidden = body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = _hidden(body, embed, slots, mask)
     shifted = labels[:, 1:]
     keep = shifted != IGNORE
     return F.cross_entropy(head(hidden[:, :-1][keep]), shifted[keep], reduction="sum") / tokens_per_batch
@@ -296,7 +301,7 @@ def _heldout_token_accuracy(body, embed, head, rows, to_compact, batch: int = 50
     correct = total = 0
     for start in range(0, len(rows), batch):
         slots, labels, mask = _batch(rows, list(range(start, min(start + batch, len(rows)))), to_compact)
-        hidden = body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = _hidden(body, embed, slots, mask)
         shifted = labels[:, 1:]
         keep = shifted != IGNORE
         pred = head(hidden[:, :-1][keep]).argmax(-1)
