@@ -2,12 +2,12 @@
 
 Objective: query ``k`` of the Q-Former output must predict the words of slot ``k`` of the scene code
 (``scene_code.py``: size, colour and shape of the object in each region, its box, the object count) through one
-linear head shared by all queries; a slot of several words spreads its target over them by their word
-weights (``scene_code.word_weights``). Coordinates use
-soft targets (a narrow Gaussian over neighbouring grid values), so near misses cost less than far ones. The head
-is discarded afterwards; what stays is a vision tower whose query outputs carry, linearly, everything the captions,
-answers and boxes of the later stages need. Each ViT patch also predicts the colour and shape under its centre
-(a dense auxiliary loss that teaches the ViT to see within a few dozen steps).
+linear head shared by all queries; a slot of several words spreads its target over them by their word weights
+(``scene_code.word_weights``). Coordinates use soft targets (a narrow Gaussian over neighbouring grid values), so
+near misses cost less than far ones. The head is discarded afterwards; what stays is a vision tower whose query
+outputs carry, linearly, everything the captions, answers and boxes of the later stages need. Each ViT patch also
+predicts the colour and shape under its centre (a dense auxiliary loss that teaches the ViT to see within a few
+dozen steps).
 
 What makes region routing learnable in a few hundred steps (measured, 300 steps of 32 scenes, held-out):
 Xavier-initialised Q-Former layers, 2-D sine-cosine start values for the ViT positions, and slots that describe an

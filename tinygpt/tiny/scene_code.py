@@ -48,7 +48,7 @@ VOCABULARY: tuple[str, ...] = (
 )
 INDEX = {word: i for i, word in enumerate(VOCABULARY)}
 NUMBER_CLASSES = tuple(INDEX[w] for w in NUMBER_WORDS)  # class index of the number v is NUMBER_CLASSES[v]
-PAD_CLASS = -1
+PAD_CLASS = -1  # pads a slot's word list, as class index and as token id alike
 CONTEXT_WEIGHT = 0.5  # weight of a slot's context words against its first word
 
 
@@ -101,7 +101,7 @@ def word_weights(present: torch.Tensor) -> torch.Tensor:
     return weights * present
 
 
-def slot_embeddings(slots: torch.Tensor, embedding: torch.nn.Embedding, pad: int) -> torch.Tensor:
+def slot_embeddings(slots: torch.Tensor, embedding: torch.nn.Embedding, pad: int = PAD_CLASS) -> torch.Tensor:
     """[..., MAX_WORDS] token ids (``pad`` where a slot has fewer words) -> [..., hidden]: the words' embeddings
     summed with ``word_weights``, divided by the root of the summed squared weights (a one-word slot is that word's
     embedding)."""
@@ -111,7 +111,8 @@ def slot_embeddings(slots: torch.Tensor, embedding: torch.nn.Embedding, pad: int
 
 
 def padded_slots(codes: list[tuple[int, ...]]) -> torch.Tensor:
-    slots = torch.full((len(codes), MAX_WORDS), -1, dtype=torch.long)
+    """Slots as tuples of token ids -> [n, MAX_WORDS], PAD_CLASS padded."""
+    slots = torch.full((len(codes), MAX_WORDS), PAD_CLASS, dtype=torch.long)
     for k, slot in enumerate(codes):
         slots[k, : len(slot)] = torch.tensor(slot)
     return slots
@@ -120,7 +121,7 @@ def padded_slots(codes: list[tuple[int, ...]]) -> torch.Tensor:
 def slot_matrix(ids: list[int], slots: torch.Tensor) -> torch.Tensor:
     """[len(ids), MAX_WORDS] token ids: one word per text position, the code slot's words at image positions."""
     ids_t = torch.tensor(ids)
-    matrix = torch.full((len(ids), MAX_WORDS), -1, dtype=torch.long)
+    matrix = torch.full((len(ids), MAX_WORDS), PAD_CLASS, dtype=torch.long)
     matrix[:, 0] = ids_t
     matrix[ids_t == IMAGE_SLOT] = slots
     return matrix
