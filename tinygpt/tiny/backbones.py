@@ -31,7 +31,7 @@ from tinygpt.errors import UserError
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
 
-BACKBONES_VERSION = "3"
+BACKBONES_VERSION = "4"
 MARKER = "backbones.json"
 
 
@@ -97,7 +97,8 @@ VISION_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 
 def _pretrain_in_parallel(model, tokenizer, llm: LLMPretrainSettings, vision: VisionPretrainSettings,
                           progress: bool, scratch: Path) -> dict:
-    """LLM in this process and vision in a child process, one core each (no thread-sync overhead on 2 cores).
+    """LLM in this process and vision in a child process, one core each (no thread-sync overhead on 2 cores); when
+    the vision process is done (it is the shorter of the two), the LLM takes every core for its remaining steps.
 
     The child is a fresh interpreter (``python -m tinygpt.tiny.pretrain_vision``), so nothing depends on how this
     process was started (no multiprocessing re-import of the caller's main module).
@@ -112,8 +113,13 @@ def _pretrain_in_parallel(model, tokenizer, llm: LLMPretrainSettings, vision: Vi
     child = subprocess.Popen(command, env=env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+
+    def take_freed_core(step: int) -> None:  # the vision side finishes first: the LLM then uses every core
+        if torch.get_num_threads() == 1 and child.poll() is not None:
+            torch.set_num_threads(threads)
+
     try:
-        llm_figures = pretrain_llm(model.language_model, tokenizer, llm, progress=progress)
+        llm_figures = pretrain_llm(model.language_model, tokenizer, llm, progress=progress, before_step=take_freed_core)
         code = child.wait()
     except BaseException:
         child.kill()
