@@ -53,12 +53,12 @@ class LLMPretrainSettings:
     # of the time, so three times the steps fit the same minutes (README, Status). ``build_backbone_model`` applies it.
     hidden_size: int = 128
     intermediate_size: int = 512
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.01
-    documents: int = 32000
+    documents: int = 24000
     max_length: int = 224
     ceiling_scenes: int = 42   # held-out scenes for the true-code ceiling (``llm_ceiling.py``; 0: skip)
     seed: int = 0
