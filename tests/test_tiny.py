@@ -238,6 +238,36 @@ def test_backbones_keep_projections_default_and_extra_norms_at_identity(small_ba
     assert model.proj1.weight.abs().max() <= bound and model.proj1.weight.std() > bound / 3
 
 
+def test_pretrained_llm_embeddings_start_at_unit_scale_and_unused_rows_keep_the_init(small_backbones):
+    from tinygpt.model import load_vlm
+    from tinygpt.tiny.pretrain_llm import EMBEDDING_INIT_STD, UNUSED_LOGIT_BIAS
+
+    model = load_vlm(small_backbones[1])
+    table = model.language_model.get_input_embeddings().weight
+    unused = model.language_model.lm_head.bias == UNUSED_LOGIT_BIAS  # tokens the pretraining never saw
+    used = ~unused
+    assert 300 < int(used.sum()) < 1000
+    # 20 steps at lr <= 3e-3 move a weight by at most 0.06: the trained rows are still at the enlarged init scale
+    assert abs(float(table[used].std()) - EMBEDDING_INIT_STD) < 0.15
+    assert abs(float(table[unused].std()) - model.config.text_config.initializer_range) < 0.002
+
+
+def test_pretrain_llm_calls_before_step_once_per_step_in_order():
+    from tinygpt.model import TinyGPTVForConditionalGeneration
+    from tinygpt.tiny.pretrain_llm import pretrain_llm
+    from tinygpt.tokenizer import load_tokenizer
+
+    config = build_config("tiny", tokenizer_source="builtin")
+    config.text_config.hidden_size, config.text_config.intermediate_size = 64, 128
+    language_model = TinyGPTVForConditionalGeneration(config).language_model
+    seen = []
+    settings = LLMPretrainSettings(hidden_size=64, intermediate_size=128, steps=3, batch_size=2, documents=12,
+                                   ceiling_scenes=0)
+    pretrain_llm(language_model, load_tokenizer(), settings, progress=False, heldout_documents=2,
+                 before_step=seen.append)
+    assert seen == [0, 1, 2]
+
+
 def _ridge_predict(x_train, y_train, x_held, lam: float = 1e-2):
     add_bias = lambda x: torch.cat([x, torch.ones(len(x), 1)], dim=1)  # noqa: E731
     x_train, x_held = add_bias(x_train), add_bias(x_held)
