@@ -243,7 +243,7 @@ def test_pretrained_llm_embeddings_start_at_unit_scale_and_unused_rows_keep_the_
     from tinygpt.tiny.pretrain_llm import EMBEDDING_INIT_STD, UNUSED_LOGIT_BIAS
 
     model = load_vlm(small_backbones[1])
-    table = model.language_model.get_input_embeddings().weight
+    table = model.language_model.get_input_embeddings().weight.detach()
     unused = model.language_model.lm_head.bias == UNUSED_LOGIT_BIAS  # tokens the pretraining never saw
     used = ~unused
     assert 300 < int(used.sum()) < 1000
@@ -258,10 +258,10 @@ def test_pretrain_llm_calls_before_step_once_per_step_in_order():
     from tinygpt.tokenizer import load_tokenizer
 
     config = build_config("tiny", tokenizer_source="builtin")
-    config.text_config.hidden_size, config.text_config.intermediate_size = 64, 128
+    config.text_config.hidden_size, config.text_config.intermediate_size = 128, 256
     language_model = TinyGPTVForConditionalGeneration(config).language_model
     seen = []
-    settings = LLMPretrainSettings(hidden_size=64, intermediate_size=128, steps=3, batch_size=2, documents=12,
+    settings = LLMPretrainSettings(hidden_size=128, intermediate_size=256, steps=3, batch_size=2, documents=12,
                                    ceiling_scenes=0)
     pretrain_llm(language_model, load_tokenizer(), settings, progress=False, heldout_documents=2,
                  before_step=seen.append)
