@@ -94,7 +94,7 @@ def test_tiny_stages_chain_and_freeze_exactly(synthetic, base_model, tmp_path):
     s3 = run(3, options(3, synthetic, out))
     m3 = load_vlm(s3)
     assert (m3.config.prompt_template, m3.config.end_sym) == ("###Human: {} ###Assistant: ", "###")
-    s4 = run(4, options(4, synthetic, out, batch=1))
+    s4 = run(4, options(4, synthetic, out, batch=1, model__image_size=224))  # the real 2x resize
     m4 = load_vlm(s4)
     assert m4.config.image_size == 224 and m4.config.prompt_template == "[INST] {} [/INST]"
     assert m4.vision_model.embeddings.position_embedding.shape[1] == 1 + 16 * 16
