@@ -18,8 +18,8 @@ from tinygpt.model import build_config
 from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
-from tinygpt.tiny.scene_code import (CODE_LENGTH, VOCABULARY, code_token_ids, scene_code, slot_embeddings,
-                                    vocabulary_token_ids)
+from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
+                                    slot_embeddings, vocabulary_token_ids)
 
 SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200, ceiling_scenes=4)
 SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
@@ -75,7 +75,7 @@ def test_scene_code_is_32_slots_of_single_tokens_matching_box_text():
             assert slots[slot : slot + 2] == [(f" {obj.colour}", f" {obj.shape}", size, where),
                                               (f" {obj.shape}", f" {obj.colour}", size, where)]
             box = parse_boxes(texts.box_text(scene, obj))[0][1]
-            assert slots[slot + 2 : slot + 6] == [(str(v),) for v in box]
+            assert slots[slot + 2 : slot + 6] == [(str(v), f" {obj.colour}", f" {obj.shape}") for v in box]
         for region in set(regions) - {o.region for o in scene.objects}:
             slot = regions.index(region) * 6
             assert slots[slot : slot + 6] == [(" none", f" {region}")] + [(" none",)] * 5
@@ -104,8 +104,31 @@ def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
     obj_slot = ["left", "top", "center", "bottom", "right"].index(scene.objects[0].region) * 6
     assert sorted(target[obj_slot].nonzero().flatten().tolist()) == sorted(classes[0, obj_slot].tolist())
     assert torch.allclose(target[obj_slot][classes[0, obj_slot]], torch.tensor([0.4, 0.2, 0.2, 0.2]))
-    number = target[obj_slot + 2]
-    assert (number > 0).sum() > 3 and number.argmax() == classes[0, obj_slot + 2, 0]
+    # a coordinate slot: its number's half of the mass spread over nearby numbers, its colour and shape a quarter each
+    number_slot = classes[0, obj_slot + 2]
+    numbers = torch.tensor(NUMBER_CLASSES)
+    spread = target[obj_slot + 2][numbers]
+    assert (spread > 0).sum() > 3 and numbers[spread.argmax()] == number_slot[0]
+    assert spread.sum() == pytest.approx(0.5)
+    assert target[obj_slot + 2][number_slot[1:3]].tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(monkeypatch):
+    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny import pretrain_vision
+    from tinygpt.tiny.scene_code import code_classes
+
+    scenes = [sample_scene(scene_rng(7, "test-code", i), 224) for i in range(4)]
+    targets = torch.tensor([code_classes(scene) for scene in scenes])
+    exact = pretrain_vision.soft_targets(targets, sigma=1.0)  # a head that predicts the targets exactly
+    assert (exact.argmax(-1) != targets[..., 0]).any()  # a colour outweighs the spread-out number in some slots
+    numbers = torch.tensor(NUMBER_CLASSES)
+    off_by_ten = exact.clone()
+    off_by_ten[..., numbers] = torch.roll(exact[..., numbers], 10, dims=-1)
+    for logits, coordinates in ((exact, 1.0), (off_by_ten, 0.0)):
+        monkeypatch.setattr(pretrain_vision, "query_outputs", lambda model, pixels, logits=logits: logits)
+        figures = pretrain_vision.code_accuracy(None, torch.nn.Identity(), torch.zeros(4, 1), targets)
+        assert figures == {"attribute_accuracy": 1.0, "coordinate_within_2": coordinates, "scene_exact": 1.0}
 
 
 # --- backbones ------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tinygpt.errors import UserError
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
 
-BACKBONES_VERSION = "4"
+BACKBONES_VERSION = "5"
 MARKER = "backbones.json"
 
 

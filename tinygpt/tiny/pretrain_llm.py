@@ -174,9 +174,23 @@ def make_documents(count: int, seed: int) -> list[tuple[list[dict], list, str]]:
     return docs
 
 
+class _MemoTokenizer:
+    """A tokenizer call with a memory: the documents repeat the same prompts and answers thousands of times."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._ids = tokenizer, {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        key = (text, add_special_tokens)
+        if key not in self._ids:
+            self._ids[key] = self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"input_ids": list(self._ids[key])}
+
+
 def encode_documents(docs, tokenizer, vocab_ids: list[int], bos_id: int, pad_id: int, max_length: int):
     """Documents -> list of (ids, labels, slots): ``ids`` holds IMAGE_SLOT where an image goes, ``slots`` the scene
     code slots for those positions, in order ([n, MAX_WORDS] token ids, -1 padded)."""
+    tokenizer = _MemoTokenizer(tokenizer)
     encoded = []
     for turns, scenes, fmt_name in docs:
         template, end_sym = FORMATS[fmt_name]

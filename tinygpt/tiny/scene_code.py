@@ -14,7 +14,7 @@ at weight ``CONTEXT_WEIGHT``, divided by the root of the summed squared weights 
 head is trained towards the same weights. Every word is one token of the Phi-2 tokenizer. Layout::
 
     for region in left, top, center, bottom, right:
-        object:  {colour | shape size region}  {shape | colour size region}  x1  y1  x2  y2
+        object:  {colour | shape size region}  {shape | colour size region}  {x1 | colour shape} ... {y2 | colour shape}
         empty:   {" none" | region}  " none" x 5
     count (" one" / " two" / " three")  "."
 
@@ -23,7 +23,9 @@ context words make every attribute of an object visible at both of its positions
 attribute and reporting another is one attention step rather than a chain of them. Measured on the default build
 together with the VQA-heavier pretraining mix (README, Status): the true-code ceiling went from VQA 55% / grounding
 67% (one word per slot) to 76% / 64%, and captions learn as before. Coordinates are the box-text integers of
-``tinygpt.tasks.format_box`` (0-100 grid), so a referring answer copies the four numbers that follow the object.
+``tinygpt.tasks.format_box`` (0-100 grid), so a referring answer copies the four numbers of the object it names;
+their slots carry the object's colour and shape as context for the same reason (teacher-forced boxes with IoU > 0.5
+after 1,500 LLM steps, 280 held-out prompts: 50% with bare numbers, 62% with context; README, Status).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def scene_code(scene: Scene) -> list[tuple[str, ...]]:
             continue
         box = parse_boxes(format_box(obj.box, scene.width, scene.height))[0][1]
         size, colour, shape, where = f" {obj.size}", f" {obj.colour}", f" {obj.shape}", f" {region}"
-        slots += [(colour, shape, size, where), (shape, colour, size, where), *((str(v),) for v in box)]
+        slots += [(colour, shape, size, where), (shape, colour, size, where), *((str(v), colour, shape) for v in box)]
     slots += [(COUNT_WORDS[len(scene.objects)],), (END,)]
     return slots
 
@@ -112,10 +114,8 @@ def slot_embeddings(slots: torch.Tensor, embedding: torch.nn.Embedding, pad: int
 
 def padded_slots(codes: list[tuple[int, ...]]) -> torch.Tensor:
     """Slots as tuples of token ids -> [n, MAX_WORDS], PAD_CLASS padded."""
-    slots = torch.full((len(codes), MAX_WORDS), PAD_CLASS, dtype=torch.long)
-    for k, slot in enumerate(codes):
-        slots[k, : len(slot)] = torch.tensor(slot)
-    return slots
+    rows = [list(slot) + [PAD_CLASS] * (MAX_WORDS - len(slot)) for slot in codes]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(codes), MAX_WORDS)
 
 
 def slot_matrix(ids: list[int], slots: torch.Tensor) -> torch.Tensor:
