@@ -29,7 +29,7 @@ def _answer(language_model, tokenizer, fmt: PromptFormat, code: list[tuple[int, 
     ids, _, _ = sample_ids(turns, tokenizer, fmt, None, 1, where="ceiling prompt")
     slots = slot_matrix(ids, padded_slots(code))
     with torch.no_grad():
-        embeds = slot_embeddings(slots, language_model.get_input_embeddings(), -1)[None]
+        embeds = slot_embeddings(slots, language_model.get_input_embeddings())[None]
         out = language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                       max_new_tokens=MAX_NEW_TOKENS[task], do_sample=False,
                                       pad_token_id=language_model.config.pad_token_id)

@@ -35,8 +35,8 @@ from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS
                            REFER_PROMPTS, VQA_PROMPTS, format_phrase_box, wrap_instruction)
 from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.schedule import pretrain_lr
-from tinygpt.tiny.scene_code import (CODE_LENGTH, MAX_WORDS, code_token_ids, padded_slots, slot_embeddings, slot_matrix,
-                                    vocabulary_token_ids)
+from tinygpt.tiny.scene_code import (CODE_LENGTH, MAX_WORDS, PAD_CLASS, code_token_ids, padded_slots, slot_embeddings,
+                                    slot_matrix, vocabulary_token_ids)
 
 # (template, end symbol) of stages 1-2, 3 and 4, with how often each frames an instruction document.
 FORMATS = {"caption": ("{}", "\n"), "align": ("###Human: {} ###Assistant: ", "###"), "instruct": ("[INST] {} [/INST]", "###")}
@@ -205,9 +205,9 @@ def encode_documents(docs, tokenizer, vocab_ids: list[int], bos_id: int, pad_id:
 # --- training on the compact vocabulary -------------------------------------------------------------------------------
 
 def _batch(rows, index, to_compact: torch.Tensor):
-    """[B, T, MAX_WORDS] compact ids (-1 padded), labels [B, T] (compact), attention mask [B, T]."""
+    """[B, T, MAX_WORDS] compact ids (PAD_CLASS padded), labels [B, T] (compact), attention mask [B, T]."""
     width = max(len(rows[i][0]) for i in index)
-    slots = torch.full((len(index), width, MAX_WORDS), -1, dtype=torch.long)
+    slots = torch.full((len(index), width, MAX_WORDS), PAD_CLASS, dtype=torch.long)
     labels = torch.full((len(index), width), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(index), width, dtype=torch.long)
     for r, i in enumerate(index):
@@ -215,7 +215,7 @@ def _batch(rows, index, to_compact: torch.Tensor):
         slots[r, : len(row_ids)] = slot_matrix(row_ids, row_slots)
         labels[r, : len(row_labels)] = torch.tensor(row_labels)
         mask[r, : len(row_ids)] = 1
-    present = slots >= 0
+    present = slots != PAD_CLASS
     slots[present] = to_compact[slots[present]]
     supervised = labels != IGNORE
     labels[supervised] = to_compact[labels[supervised]]
@@ -309,7 +309,7 @@ def _supervised(labels: list[int]) -> int:
 
 
 def _hidden(body, embed, slots, mask) -> torch.Tensor:
-    return body(inputs_embeds=slot_embeddings(slots, embed, -1), attention_mask=mask, use_cache=False).last_hidden_state
+    return body(inputs_embeds=slot_embeddings(slots, embed), attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def _loss(body, embed, head, slots, labels, mask, tokens_per_batch: float) -> torch.Tensor:
