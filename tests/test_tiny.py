@@ -291,6 +291,30 @@ def test_pretrain_llm_calls_before_step_once_per_step_in_order():
     assert seen == [0, 1, 2]
 
 
+def test_llm_documents_follow_the_document_mix():
+    from collections import Counter
+
+    from tinygpt.tiny.pretrain_llm import DOCUMENT_MIX, make_documents
+
+    def kind(doc):
+        turns, scenes, fmt = doc
+        return "multi" if len(scenes) == 2 else "text" if not scenes else fmt
+
+    only_captions = make_documents(60, seed=3, mix=(("caption", 1.0),))
+    assert {kind(d) for d in only_captions} == {"caption"}
+    assert all(d[0][0]["assistant"].startswith("a ") for d in only_captions)  # "a small red circle on the left ..."
+    counts = Counter(kind(d) for d in make_documents(3000, seed=3))
+    weights = dict(DOCUMENT_MIX)
+    # instruct documents are framed by one of the three templates (caption-format one time in six): compare the
+    # multi-image share and the caption-format single-image share (caption documents + a sixth of instruct ones)
+    total = sum(weights.values())
+    assert abs(counts["multi"] / 3000 - weights["multi"] / total) < 0.02
+    assert abs(counts["caption"] / 3000 - (weights["caption"] + weights["instruct"] / 6) / total) < 0.03
+    assert make_documents(50, seed=3) == make_documents(50, seed=3)
+    with pytest.raises(ValueError, match="document_mix: unknown document kinds \\['captions'\\]"):
+        make_documents(5, seed=3, mix=(("captions", 1.0),))
+
+
 def _ridge_predict(x_train, y_train, x_held, lam: float = 1e-2):
     add_bias = lambda x: torch.cat([x, torch.ones(len(x), 1)], dim=1)  # noqa: E731
     x_train, x_held = add_bias(x_train), add_bias(x_held)
