@@ -302,7 +302,7 @@ def test_llm_documents_follow_the_document_mix():
 
     only_captions = make_documents(60, seed=3, mix=(("caption", 1.0),))
     assert {kind(d) for d in only_captions} == {"caption"}
-    assert all(d[0][0]["assistant"].startswith("a ") for d in only_captions)  # "a small red circle on the left ..."
+    assert all(" shape" in d[0][0]["assistant"].split(", a ")[0] for d in only_captions)  # "two shapes, a small ..."
     counts = Counter(kind(d) for d in make_documents(3000, seed=3))
     weights = dict(DOCUMENT_MIX)
     # instruct documents are framed by one of the three templates (caption-format one time in six): compare the

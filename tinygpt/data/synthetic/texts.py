@@ -70,9 +70,14 @@ def _join(parts: list[str]) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """"a large red circle on the left and a small blue square at the bottom." (objects in region order)."""
+    """"two shapes, a large red circle on the left and a small blue square at the bottom." (objects in region order).
+
+    The count leads (then a comma, which the BLIP caption processor keeps) so that captions, the only text of stages
+    1-2, also train the projection of the image's count (without it the stage-1 projection leaves the count query
+    untrained: "how many shapes" 59% after stage 4 against 100% for the LLM reading the true scene code; README,
+    Status)."""
     parts = [f"{_with_article(phrase(o))} {REGION_PHRASES[o.region]}" for o in scene.objects]
-    return _join(parts) + "."
+    return f"{_count_phrase(len(scene.objects))}, " + _join(parts) + "."
 
 
 def detailed_description(scene: Scene) -> str:
