@@ -15,7 +15,7 @@ import torch
 from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
                                        vqa_correct)
 from tinygpt.model import build_config
-from tinygpt.tiny.backbones import MARKER, backbones_key, ensure_tiny_backbones
+from tinygpt.tiny.backbones import BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbones_key, ensure_tiny_backbones, sources_digest
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
@@ -157,6 +157,26 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     assert (text["hidden_size"], text["intermediate_size"]) == (128, 512)  # the settings' width, not the preset's
     assert build_config("tiny").text_config.hidden_size == 256
 
+
+
+def test_backbone_key_follows_the_build_sources(tmp_path, monkeypatch):
+    import tinygpt.tiny.backbones as backbones
+
+    assert (PACKAGE_ROOT / "data/synthetic/texts.py").is_file() and all((PACKAGE_ROOT / s).exists() for s in BUILD_SOURCES)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "texts.py").write_text("CAPTION = 'a red circle'\n")
+    (tmp_path / "scene.py").write_text("SLOTS = 32\n")
+    sources = ("data", "scene.py")
+    first = sources_digest(tmp_path, sources)
+    assert sources_digest(tmp_path, sources) == first  # deterministic
+    monkeypatch.setattr(backbones, "sources_digest", lambda: first)
+    key = backbones_key(SMALL_LLM, SMALL_VISION)
+    (tmp_path / "data" / "texts.py").write_text("CAPTION = 'two shapes, a red circle'\n")  # a caption wording change
+    second = sources_digest(tmp_path, sources)
+    monkeypatch.setattr(backbones, "sources_digest", lambda: second)
+    assert second != first and backbones_key(SMALL_LLM, SMALL_VISION) != key
+    (tmp_path / "data" / "notes.txt").write_text("not a source")  # only .py files inside a folder count
+    assert sources_digest(tmp_path, sources) == second
 
 
 def _train_cli():

@@ -8,7 +8,9 @@ Nothing can be downloaded, so the tiny twin of "Phi-2 + EVA ViT-g + BLIP-2 Q-For
   at weight 1 / bias 0: stage 1 trains them, exactly as the real recipe does.
 
 The directory is a normal model directory (``tinygpt.model.save_vlm``) under ``$TINYGPT_CACHE`` (default
-``~/.cache/tinygpt``), named by a version string and a hash of the pretraining settings. It is built in a temporary
+``~/.cache/tinygpt``), named by a version string and a hash of the pretraining settings and of the source files that
+decide what the backbones learn (``BUILD_SOURCES``: scenes, texts, scene code, pretraining, model), so an updated
+checkout never reuses a build made by older code (a caption wording change once did). It is built in a temporary
 directory and renamed into place; a lock file makes a second process wait for the first instead of building again.
 """
 
@@ -31,8 +33,12 @@ from tinygpt.errors import UserError
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
 
-BACKBONES_VERSION = "5"
+BACKBONES_VERSION = "6"
 MARKER = "backbones.json"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# Package-relative files and folders (every ``.py`` inside) whose content is part of the cache key.
+BUILD_SOURCES = ("tiny/pretrain_llm.py", "tiny/pretrain_vision.py", "tiny/scene_code.py", "tiny/schedule.py",
+                 "data/synthetic", "tasks.py", "prompts/alignment.txt", "model")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -42,9 +48,22 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tinygpt"
 
 
+def sources_digest(root: Path = PACKAGE_ROOT, sources: tuple[str, ...] = BUILD_SOURCES) -> str:
+    """sha256 over the names and bytes of the build's source files (``BUILD_SOURCES`` under ``root``)."""
+    digest = hashlib.sha256()
+    for entry in sources:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def backbones_key(llm: LLMPretrainSettings, vision: VisionPretrainSettings) -> str:
-    """Directory name: version + hash of every setting, so a change of recipe never reuses a stale build."""
-    settings = json.dumps({"llm": dataclasses.asdict(llm), "vision": dataclasses.asdict(vision)}, sort_keys=True)
+    """Directory name: version + hash of every setting and of the build's sources, so neither a change of recipe nor
+    updated code ever reuses a stale build."""
+    settings = json.dumps({"llm": dataclasses.asdict(llm), "vision": dataclasses.asdict(vision),
+                           "sources": sources_digest()}, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     return f"tiny-backbones-v{BACKBONES_VERSION}-{digest}"
 
