@@ -19,7 +19,7 @@ from tinygpt.tiny.backbones import BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbone
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
-                                    slot_embeddings, vocabulary_token_ids)
+                                    slot_embeddings, slot_is_number, vocabulary_token_ids)
 
 SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200, ceiling_scenes=4)
 SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
@@ -72,10 +72,12 @@ def test_scene_code_is_32_slots_of_single_tokens_matching_box_text():
         for obj in scene.objects:
             slot = regions.index(obj.region) * 6
             size, where = f" {obj.size}", f" {obj.region}"
-            assert slots[slot : slot + 2] == [(f" {obj.colour}", f" {obj.shape}", size, where),
-                                              (f" {obj.shape}", f" {obj.colour}", size, where)]
-            box = parse_boxes(texts.box_text(scene, obj))[0][1]
-            assert slots[slot + 2 : slot + 6] == [(str(v), f" {obj.colour}", f" {obj.shape}") for v in box]
+            colour, shape = f" {obj.colour}", f" {obj.shape}"
+            assert slots[slot : slot + 4] == [(colour, shape, size, where), (shape, colour, size, where),
+                                              (where, colour, shape, size), (size, colour, shape, where)]
+            box = parse_boxes(texts.box_text(scene, obj))[0][1]  # the top-left corner, on the box-text grid
+            assert slots[slot + 4 : slot + 6] == [(str(box[0]), colour, shape), (str(box[1]), colour, shape)]
+            assert [slot_is_number(k) for k in range(slot, slot + 6)] == [False] * 4 + [True] * 2
         for region in set(regions) - {o.region for o in scene.objects}:
             slot = regions.index(region) * 6
             assert slots[slot : slot + 6] == [(" none", f" {region}")] + [(" none",)] * 5
@@ -105,12 +107,12 @@ def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
     assert sorted(target[obj_slot].nonzero().flatten().tolist()) == sorted(classes[0, obj_slot].tolist())
     assert torch.allclose(target[obj_slot][classes[0, obj_slot]], torch.tensor([0.4, 0.2, 0.2, 0.2]))
     # a coordinate slot: its number's half of the mass spread over nearby numbers, its colour and shape a quarter each
-    number_slot = classes[0, obj_slot + 2]
+    number_slot = classes[0, obj_slot + 4]
     numbers = torch.tensor(NUMBER_CLASSES)
-    spread = target[obj_slot + 2][numbers]
+    spread = target[obj_slot + 4][numbers]
     assert (spread > 0).sum() > 3 and numbers[spread.argmax()] == number_slot[0]
     assert spread.sum() == pytest.approx(0.5)
-    assert target[obj_slot + 2][number_slot[1:3]].tolist() == pytest.approx([0.25, 0.25])
+    assert target[obj_slot + 4][number_slot[1:3]].tolist() == pytest.approx([0.25, 0.25])
 
 
 def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(monkeypatch):
