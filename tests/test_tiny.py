@@ -73,11 +73,11 @@ def test_scene_code_is_32_slots_of_single_tokens_matching_box_text():
             slot = regions.index(obj.region) * 6
             size, where = f" {obj.size}", f" {obj.region}"
             colour, shape = f" {obj.colour}", f" {obj.shape}"
-            assert slots[slot : slot + 3] == [(colour, shape, size, where), (shape, colour, size, where),
-                                              (where, colour, shape, size)]
-            box = parse_boxes(texts.box_text(scene, obj))[0][1]  # x1, y1, x2 on the box-text grid
-            assert slots[slot + 3 : slot + 6] == [(str(v), colour, shape) for v in box[:3]]
-            assert [slot_is_number(k) for k in range(slot, slot + 6)] == [False] * 3 + [True] * 3
+            assert slots[slot : slot + 4] == [(colour, shape, size, where), (shape, colour, size, where),
+                                              (where, colour, shape, size), (size, colour, shape, where)]
+            box = parse_boxes(texts.box_text(scene, obj))[0][1]  # the top-left corner, on the box-text grid
+            assert slots[slot + 4 : slot + 6] == [(str(box[0]), colour, shape), (str(box[1]), colour, shape)]
+            assert [slot_is_number(k) for k in range(slot, slot + 6)] == [False] * 4 + [True] * 2
         for region in set(regions) - {o.region for o in scene.objects}:
             slot = regions.index(region) * 6
             assert slots[slot : slot + 6] == [(" none", f" {region}")] + [(" none",)] * 5
@@ -107,12 +107,12 @@ def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
     assert sorted(target[obj_slot].nonzero().flatten().tolist()) == sorted(classes[0, obj_slot].tolist())
     assert torch.allclose(target[obj_slot][classes[0, obj_slot]], torch.tensor([0.4, 0.2, 0.2, 0.2]))
     # a coordinate slot: its number's half of the mass spread over nearby numbers, its colour and shape a quarter each
-    number_slot = classes[0, obj_slot + 3]
+    number_slot = classes[0, obj_slot + 4]
     numbers = torch.tensor(NUMBER_CLASSES)
-    spread = target[obj_slot + 3][numbers]
+    spread = target[obj_slot + 4][numbers]
     assert (spread > 0).sum() > 3 and numbers[spread.argmax()] == number_slot[0]
     assert spread.sum() == pytest.approx(0.5)
-    assert target[obj_slot + 3][number_slot[1:3]].tolist() == pytest.approx([0.25, 0.25])
+    assert target[obj_slot + 4][number_slot[1:3]].tolist() == pytest.approx([0.25, 0.25])
 
 
 def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(monkeypatch):

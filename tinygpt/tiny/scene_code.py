@@ -15,7 +15,7 @@ head is trained towards the same weights. Every word is one token of the Phi-2 t
 
     for region in left, top, center, bottom, right:
         object:  {colour | shape size region}  {shape | colour size region}  {region | colour shape size}
-                 {x1 | colour shape}  {y1 | colour shape}  {x2 | colour shape}
+                 {size | colour shape region}  {x1 | colour shape}  {y1 | colour shape}
         empty:   {" none" | region}  " none" x 5
     count (" one" / " two" / " three")  "."
 
@@ -73,7 +73,7 @@ def scene_code(scene: Scene) -> list[tuple[str, ...]]:
         box = parse_boxes(format_box(obj.box, scene.width, scene.height))[0][1]
         size, colour, shape, where = f" {obj.size}", f" {obj.colour}", f" {obj.shape}", f" {region}"
         slots += [(colour, shape, size, where), (shape, colour, size, where), (where, colour, shape, size),
-                  *((str(v), colour, shape) for v in box[:3])]
+                  (size, colour, shape, where), *((str(v), colour, shape) for v in box[:2])]
     slots += [(COUNT_WORDS[len(scene.objects)],), (END,)]
     return slots
 
@@ -85,7 +85,7 @@ def code_classes(scene: Scene) -> list[list[int]]:
 
 
 def slot_is_number(slot: int) -> bool:
-    return slot < len(REGIONS) * SLOTS_PER_REGION and slot % SLOTS_PER_REGION >= 3
+    return slot < len(REGIONS) * SLOTS_PER_REGION and slot % SLOTS_PER_REGION >= SLOTS_PER_REGION - 2
 
 
 def vocabulary_token_ids(tokenizer) -> list[int]:
