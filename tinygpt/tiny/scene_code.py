@@ -29,8 +29,9 @@ The tiny LLM does not learn to copy coordinate numbers in the minutes it trains 
 in the code, shifting them by 7 grid units left 70-80% of its teacher-forced box numbers unchanged and moved none by
 7): it predicts a box from the object's region and size, whose median box has IoU > 0.5 with every held-out box of
 the synthetic scenes. With the region only a half-weight context word, that prediction and "where is ...?"
-questions were what the LLM learnt least reliably (probe grounding 63% / 60% on two seeds); with a region-first and
-a size-first slot instead of the x2 / y2 slots, 99% / 98%, position questions 100% / 97% (README, Status). The top-left
+questions were what the LLM learnt least reliably (probe grounding 63% on seed 0, 58% on seed 1 in an earlier run);
+with a region-first and a size-first slot instead of the x2 / y2 slots, 99% / 98%, position questions 100% / 97%
+(README, Status). One region-first slot without the size-first one did not do it (60% / 68%). The top-left
 corner stays in the code (box-text integers of ``tinygpt.tasks.format_box``, 0-100 grid, with the object's colour
 and shape as context), so the vision side still learns where an object is to the grid unit.
 """
