@@ -15,7 +15,8 @@ import torch
 from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
                                        vqa_correct)
 from tinygpt.model import build_config
-from tinygpt.tiny.backbones import BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbones_key, ensure_tiny_backbones, sources_digest
+from tinygpt.tiny.backbones import (BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbones_key, ensure_tiny_backbones,
+                                    sources_digest)
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
@@ -164,7 +165,8 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
 def test_backbone_key_follows_the_build_sources(tmp_path, monkeypatch):
     import tinygpt.tiny.backbones as backbones
 
-    assert (PACKAGE_ROOT / "data/synthetic/texts.py").is_file() and all((PACKAGE_ROOT / s).exists() for s in BUILD_SOURCES)
+    assert (PACKAGE_ROOT / "data/synthetic/texts.py").is_file()
+    assert all((PACKAGE_ROOT / source).exists() for source in BUILD_SOURCES)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "texts.py").write_text("CAPTION = 'a red circle'\n")
     (tmp_path / "scene.py").write_text("SLOTS = 32\n")
