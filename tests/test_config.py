@@ -85,8 +85,15 @@ def test_env_interpolation_and_options(monkeypatch, tmp_path):
 
 def test_null_entry_disables_inherited_dataset():
     cfg = load_config(TINY[3])
-    assert "gqa" not in cfg.active_datasets() and cfg.data.datasets["gqa"] is None
-    assert "coco_vqa" in cfg.active_datasets()
+    assert "refvg" not in cfg.active_datasets() and cfg.data.datasets["refvg"] is None
+    assert {"coco_vqa", "ok_vqa", "aok_vqa", "gqa"} <= set(cfg.active_datasets())
+
+
+def test_tiny_stage4_keeps_the_real_share_of_vqa():
+    tiny, full = load_config(TINY[3]).active_datasets(), load_config(FULL[3]).active_datasets()
+    vqa = ("coco_vqa", "ok_vqa", "aok_vqa", "gqa")
+    assert sum(tiny[n].sample_ratio for n in vqa) == sum(full[n].sample_ratio for n in vqa) == 85
+    assert sum(d.sample_ratio for d in tiny.values()) == 580
 
 
 def relative(target: Path, start: Path) -> str:

@@ -385,6 +385,9 @@ def _kind_params(t: Path) -> dict[str, dict]:
         "flickr_caption_to_phrase": dict(ann_path=str(t / "flickr" / "captiontobbox.json"), image_root=coco),
         "flickr_object_to_phrase": dict(ann_path=str(t / "flickr" / "phrasetobbox.json"), image_root=coco),
         "coco_vqa": dict(ann_paths=[str(t / "vqa" / "vqa_train.json")], image_root=coco),
+        "ok_vqa": dict(ann_paths=[str(t / "okvqa" / "okvqa_train.json")], image_root=coco),
+        "aok_vqa": dict(ann_paths=[str(t / "aokvqa" / "aokvqa_v1p0_train.json")], image_root=coco),
+        "gqa": dict(ann_paths=[str(t / "gqa" / "train_balanced_questions.json")], image_root=coco),
         "unnatural_instruction": dict(ann_path=str(t / "unnatural" / "unnatural_instruction_200k.json")),
         "generic_jsonl": dict(path=str(t / "multi_image" / "train.jsonl")),
     }
@@ -398,6 +401,8 @@ def _expected(kind: str) -> tuple[int, int]:
         return MICRO.align, 1
     if kind == "coco_vqa":
         return MICRO.instruct_images * MICRO.vqa_per_image, 1
+    if kind in ("ok_vqa", "aok_vqa", "gqa"):
+        return MICRO.instruct_images, 1
     if kind == "unnatural_instruction":
         return MICRO.unnatural, 0
     if kind == "generic_jsonl":
@@ -421,6 +426,9 @@ def test_loaders_read_every_record(tree, kind):
         assert all(parse_boxes(sample["turns"][0]["assistant"]) for sample in samples)
     if kind in ("llava_conversation", "generic_jsonl"):
         assert all(len(sample["turns"]) == 3 for sample in samples)
+    if kind in ("coco_vqa", "ok_vqa", "aok_vqa", "gqa"):
+        assert all(sample["turns"][0]["user"].count("[vqa]") == 1 and sample["turns"][0]["assistant"]
+                   for sample in samples)
 
 
 def test_webdataset_loader_reads_shards(tree):

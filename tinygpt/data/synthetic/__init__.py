@@ -9,6 +9,9 @@
     multitask_conversation/   multitask_conversation.json (LLaVA format, task identifiers per turn)
     refcoco/refcoco/          refs(unc).p + instances.json (refer and, inverted, identify)
     vqa/                      vqa_train.json (LAVIS)
+    okvqa/, aokvqa/, gqa/     okvqa_train.json, aokvqa_v1p0_train.json, train_balanced_questions.json: more
+                              questions of the same kinds in the OK-VQA, A-OKVQA and GQA layouts (images in
+                              coco/train2014), so the tiny stage 4 keeps the real mix's share of VQA
     coco_caption/             coco_karpathy_train.json
     flickr/                   groundedcaption.json, captiontobbox.json, phrasetobbox.json (image_id -> coco/train2014)
     unnatural/                unnatural_instruction_200k.json (text only)
@@ -32,7 +35,7 @@ from pathlib import Path
 from tinygpt.data.synthetic import texts
 from tinygpt.data.synthetic.scenes import Scene, sample_scene, scene_rng
 from tinygpt.data.synthetic.writers import (
-    Progress, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align, write_images,
+    Progress, aokvqa_record, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align, write_images,
     write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
 )
 from tinygpt.errors import UserError
@@ -98,6 +101,7 @@ def _write_instruct(tmp: Path, seed: int, scale: str, plan: Scale, size: int, sh
     write_images(tmp / "coco" / "train2014", [(coco_file_name(i), s) for i, s in zip(ids, scenes)],
                  Progress("coco", len(scenes), show))
     detail, reason, conversation, multitask, vqa, captions = [], [], [], [], [], []
+    okvqa, aokvqa, gqa = [], [], []
     grounded, caption_boxes, phrase_boxes = [], [], []
     for image_id, scene in zip(ids, scenes):
         rng = scene_rng(seed, "text:instruct", image_id)
@@ -118,6 +122,12 @@ def _write_instruct(tmp: Path, seed: int, scale: str, plan: Scale, size: int, sh
         ]))
         for qa in texts.questions(scene, rng, plan.vqa_per_image):
             vqa.append(vqa_record(len(vqa) + 1, qa.question, qa.answer, coco_image))
+        qa = texts.question(scene, rng.choice(texts.VQA_KINDS), rng)
+        okvqa.append(vqa_record(len(okvqa) + 1, qa.question, qa.answer, coco_image, dataset="okvqa"))
+        qa = texts.question(scene, rng.choice(texts.VQA_KINDS), rng)
+        aokvqa.append(aokvqa_record(f"aok{image_id}", qa.question, qa.answer, coco_image))
+        qa = texts.question(scene, rng.choice(texts.VQA_KINDS), rng)
+        gqa.append({"image": coco_file_name(image_id), "question": qa.question, "answer": qa.answer})
         captions.append({"caption": texts.caption(scene), "image": coco_image, "image_id": f"coco_{image_id}"})
         grounded.append({"image_id": flickr_id, "grounded_caption": texts.grounded_caption(scene)})
         caption_boxes.append({"image_id": flickr_id, "caption": texts.object_list(scene),
@@ -131,12 +141,16 @@ def _write_instruct(tmp: Path, seed: int, scale: str, plan: Scale, size: int, sh
                   "conversation_58k.json": conversation},
         "multitask_conversation": {"multitask_conversation.json": multitask},
         "vqa": {"vqa_train.json": vqa},
+        "okvqa": {"okvqa_train.json": okvqa},
+        "aokvqa": {"aokvqa_v1p0_train.json": aokvqa},
+        "gqa": {"train_balanced_questions.json": gqa},
         "coco_caption": {"coco_karpathy_train.json": captions},
         "flickr": {"groundedcaption.json": grounded, "captiontobbox.json": caption_boxes,
                    "phrasetobbox.json": phrase_boxes},
         "unnatural": {"unnatural_instruction_200k.json": unnatural},
     }
-    formats = {"llava": "llava", "multitask_conversation": "llava", "vqa": "lavis_vqa", "coco_caption": "coco_caption",
+    formats = {"llava": "llava", "multitask_conversation": "llava", "vqa": "lavis_vqa", "okvqa": "lavis_vqa",
+               "aokvqa": "aok_vqa", "gqa": "gqa", "coco_caption": "coco_caption",
                "flickr": "flickr", "unnatural": "unnatural_instruction"}
     manifests = {"coco": _manifest(seed, scale, "train", size, "coco_images", {"images": len(scenes)})}
     for root, named in files.items():

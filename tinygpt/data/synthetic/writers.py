@@ -159,6 +159,12 @@ def vqa_record(question_id: int, question: str, answer: str, image: str, **extra
             "image": image, "dataset": "vqa", **extra}
 
 
+def aokvqa_record(question_id: str, question: str, answer: str, image: str) -> dict:
+    """A-OKVQA layout: ``direct_answers`` (ten, all agreeing here) and four ``choices`` holding the answer."""
+    return {"question_id": question_id, "question": question, "direct_answers": [answer] * VQA_ANSWERS_PER_QUESTION,
+            "choices": [answer, "none", "other", "unknown"], "correct_choice_idx": 0, "image": image}
+
+
 def unnatural_records(rng: random.Random, count: int) -> list[dict]:
     """Text-only instructions with one right answer (counting, sides of shapes, small sums)."""
     sides = {"triangle": "3", "square": "4"}
