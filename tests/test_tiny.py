@@ -392,13 +392,19 @@ def test_short_recipe_run_writes_the_table(small_backbones, tmp_path):
                                        multi_image=8, unnatural=10, eval_images=6, eval_vqa_per_image=2,
                                        shard_size=20), progress=False)
     results = run_tiny_recipe(out_dir=tmp_path / "out", data_dir=data, cache_dir=small_backbones[0], max_steps=2,
-                              eval_limit=4, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
+                              eval_limit=4, final_eval_limit=None, llm=SMALL_LLM, vision=SMALL_VISION,
+                              progress=False)
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(written["stages"]) == ["stage 0", "stage 1", "stage 2", "stage 3", "stage 4"]
     for row in written["stages"].values():
         for key in ("caption_f1", "vqa_accuracy", "grounding_accuracy"):
             assert 0.0 <= row["metrics"][key] <= 1.0
-        assert row["metrics"]["counts"]["vqa"] == 4
-    assert (tmp_path / "out" / "results.txt").read_text().startswith("stage")
+    for name in ("stage 0", "stage 1", "stage 2", "stage 3"):
+        assert written["stages"][name]["metrics"]["counts"]["vqa"] == 4
+    assert written["stages"]["stage 4"]["metrics"]["counts"]["vqa"] == 12  # the whole split: 6 scenes x 2
+    table = (tmp_path / "out" / "results.txt").read_text()
+    assert table.startswith("stage")
+    assert "stage 0, stage 1, stage 2, stage 3: 4 captions, 4 questions, 4 boxes" in table
+    assert "stage 4: 6 captions, 12 questions," in table
     assert written["stages"]["stage 4"]["steps"] == 2
     assert results["timings_s"]["total"] > 0
