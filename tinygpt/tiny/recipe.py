@@ -28,6 +28,9 @@ from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "train_configs" / "tiny"
 STAGES = (1, 2, 3, 4)
+# Tiny models on CPU evaluate fastest in batches of 128 (the whole split: 23 s against 32 s at the default 48;
+# greedy answers are the same).
+EVAL_BATCH = 128
 COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. recall"),
            ("vqa_accuracy", "VQA acc."), ("grounding_accuracy", "grounding acc."))
 
@@ -167,7 +170,8 @@ def run_tiny_recipe(
     t = time.monotonic()
     if progress:
         print("[tiny] evaluating stage 0 (untrained projections)", flush=True)
-    rows["stage 0"] = {"metrics": evaluate_loaded(_stage0_model(backbones), split, limit=eval_limit),
+    rows["stage 0"] = {"metrics": evaluate_loaded(_stage0_model(backbones), split, limit=eval_limit,
+                                                  batch_size=EVAL_BATCH),
                        "model_dir": str(backbones), "train_seconds": 0.0}
     timings["eval stage 0"] = time.monotonic() - t
 
@@ -181,7 +185,8 @@ def run_tiny_recipe(
         train_seconds = time.monotonic() - t
         timings[f"stage {stage}"] = train_seconds
         t = time.monotonic()
-        metrics = evaluate_shapes(model_dir, split, limit=final_eval_limit if stage == STAGES[-1] else eval_limit)
+        limit = final_eval_limit if stage == STAGES[-1] else eval_limit
+        metrics = evaluate_shapes(model_dir, split, limit=limit, batch_size=EVAL_BATCH)
         timings[f"eval stage {stage}"] = time.monotonic() - t
         rows[f"stage {stage}"] = {"metrics": metrics, "model_dir": str(model_dir), "train_seconds": train_seconds,
                                   "steps": cfg.schedule.total_steps}
