@@ -35,8 +35,8 @@ from pathlib import Path
 from tinygpt.data.synthetic import texts
 from tinygpt.data.synthetic.scenes import Scene, sample_scene, scene_rng
 from tinygpt.data.synthetic.writers import (
-    Progress, aokvqa_record, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align, write_images,
-    write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
+    Progress, aokvqa_record, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align,
+    write_images, write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
 )
 from tinygpt.errors import UserError
 from tinygpt.tasks import CAPTION_PROMPTS, IDENTIFY_PROMPTS, REFER_PROMPTS
