@@ -20,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="validate the config and its paths, then exit")
     parser.add_argument("--quiet", action="store_true", help="warnings only")
     parser.add_argument("--tiny-llm-steps", type=int, metavar="N",
-                        help="tiny recipe only: pretrain the tiny LLM for N steps instead of 1300 (cached per N; "
-                             "each 1000 steps add ~4 min on 2 cores)")
+                        help="tiny recipe only: pretrain the tiny LLM for N steps instead of 2700 (cached per N; "
+                             "each 1000 steps add ~1.5 min on 2 cores)")
     return parser.parse_args(argv)
 
 

@@ -157,8 +157,9 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     other = backbones_key(LLMPretrainSettings(steps=21), SMALL_VISION)
     assert other != path.name  # any change of recipe gets its own directory
     text = json.loads((path / "config.json").read_text())["text_config"]
-    assert (text["hidden_size"], text["intermediate_size"]) == (128, 512)  # the settings' width, not the preset's
-    assert build_config("tiny").text_config.hidden_size == 256
+    # the settings' width and depth, not the preset's
+    assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]) == (128, 512, 2)
+    assert (build_config("tiny").text_config.hidden_size, build_config("tiny").text_config.num_hidden_layers) == (256, 4)
 
 
 

@@ -168,7 +168,8 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
     torch.manual_seed(llm.seed)
     tokenizer = load_tokenizer()
     config = build_config("tiny", tokenizer_source="builtin")
-    config.text_config.hidden_size, config.text_config.intermediate_size = llm.hidden_size, llm.intermediate_size
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = llm.hidden_size, llm.intermediate_size, llm.num_layers
     model = TinyGPTVForConditionalGeneration(config)
     model.tokenizer = tokenizer
     if progress:
