@@ -95,7 +95,7 @@ def ensure_tiny_backbones(
     vision: VisionPretrainSettings = VisionPretrainSettings(),
     progress: bool = True,
 ) -> Path:
-    """Path of the cached tiny backbone model directory; builds it the first time (about 3 minutes on 2 cores)."""
+    """Path of the cached tiny backbone model directory; builds it the first time (about 6 minutes on 2 cores)."""
     root = cache_root(cache_dir)
     target = root / backbones_key(llm, vision)
     if is_complete(target):
