@@ -203,6 +203,7 @@ def test_tiny_llm_steps_flag_reaches_the_recipe_with_enough_documents(monkeypatc
     assert train.main([]) == 0 and train.main(["--tiny-llm-steps", "3000"]) == 0
     default, longer = received
     assert default == LLMPretrainSettings()  # no flag: the default build and its cache directory are unchanged
+    assert default.documents >= default.steps * default.batch_size  # the default sees no document twice either
     assert (longer.steps, longer.documents) == (3000, 48000)  # batch 16 x 3,000 steps: no document seen twice
     assert backbones_key(longer, SMALL_VISION) != backbones_key(default, SMALL_VISION)
     assert LLMPretrainSettings().with_steps(100).documents == LLMPretrainSettings().documents  # never fewer

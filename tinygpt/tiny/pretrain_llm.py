@@ -68,7 +68,7 @@ class LLMPretrainSettings:
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.01
-    documents: int = 24000
+    documents: int = 43200  # steps x batch_size: no document is seen twice
     document_mix: tuple[tuple[str, float], ...] = DOCUMENT_MIX
     max_length: int = 224
     ceiling_scenes: int = 42   # held-out scenes for the true-code ceiling (``llm_ceiling.py``; 0: skip)
