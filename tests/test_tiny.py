@@ -159,7 +159,8 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     text = json.loads((path / "config.json").read_text())["text_config"]
     # the settings' width and depth, not the preset's
     assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]) == (128, 512, 2)
-    assert (build_config("tiny").text_config.hidden_size, build_config("tiny").text_config.num_hidden_layers) == (256, 4)
+    preset = build_config("tiny").text_config
+    assert (preset.hidden_size, preset.num_hidden_layers) == (256, 4)
 
 
 

@@ -169,7 +169,8 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
     tokenizer = load_tokenizer()
     config = build_config("tiny", tokenizer_source="builtin")
     text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = llm.hidden_size, llm.intermediate_size, llm.num_layers
+    text.hidden_size, text.intermediate_size = llm.hidden_size, llm.intermediate_size
+    text.num_hidden_layers = llm.num_layers
     model = TinyGPTVForConditionalGeneration(config)
     model.tokenizer = tokenizer
     if progress:

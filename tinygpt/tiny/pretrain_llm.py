@@ -43,11 +43,11 @@ FORMATS = {"caption": ("{}", "\n"), "align": ("###Human: {} ###Assistant: ", "##
 UNUSED_LOGIT_BIAS = -30.0
 # Token embeddings start at standard deviation 1 instead of Phi's 0.02: the extra post-attention RMSNorm (kept at
 # weight 1 here) hands every layer's attention output at RMS 1, which drowns 0.02-sized embeddings until they have
-# grown. Measured with the per-kind probe of the README's Status: 77% first-token VQA after 1,500 steps against 69%.
+# grown. Measured with the per-kind probe (docs/tiny-twin-log.md): 77% first-token VQA after 1,500 steps against 69%.
 EMBEDDING_INIT_STD = 1.0
 # How often each kind of document is drawn. Captions and detailed descriptions are copied from the code and learnt
 # early; every document spent on them is one fewer instruction document, where VQA and boxes are learnt. Measured with
-# the per-kind probe (README, Status; 1,500 steps, two seeds): caption 4 / align 1 / instruct 10 / multi 1 / text 1
+# the per-kind probe (docs/tiny-twin-log.md; 1,500 steps, two seeds): caption 4 / align 1 / instruct 10 / multi 1 / text 1
 # gave first-token VQA 75% / 73% and grounding 62% / 52%; this mix gives 84% / 81% and 88% / 60%, with "is there a
 # ...?" questions at 82% instead of chance. Half as many captions again (0.5 / 0.25 / 14 / 1 / 0.25): 77% / 62%.
 DOCUMENT_MIX = (("caption", 1.0), ("align", 0.5), ("instruct", 14.0), ("multi", 1.0), ("text", 0.5))
@@ -56,7 +56,7 @@ DOCUMENT_MIX = (("caption", 1.0), ("align", 0.5), ("instruct", 14.0), ("multi", 
 @dataclass(frozen=True)
 class LLMPretrainSettings:
     # The tiny LLM is narrower than the "tiny" preset's 256: at 128 wide it learns as much per step and takes a third
-    # of the time, so three times the steps fit the same minutes (README, Status). ``build_backbone_model`` applies it.
+    # of the time, so three times the steps fit the same minutes (docs/tiny-twin-log.md). ``build_backbone_model`` applies it.
     hidden_size: int = 128
     intermediate_size: int = 512
     # Two layers, not the preset's four: a step takes half the time, and per minute the shallow LLM learns more and
@@ -76,7 +76,7 @@ class LLMPretrainSettings:
 
     def with_steps(self, steps: int) -> LLMPretrainSettings:
         """These settings trained for ``steps`` steps, with enough documents that none is seen twice (``python
-        train.py --tiny-llm-steps``; cycled documents get memorised, see the README's Status)."""
+        train.py --tiny-llm-steps``), as the default does."""
         if steps < 1:
             raise UserError(f"--tiny-llm-steps: must be at least 1, got {steps}")
         return replace(self, steps=steps, documents=max(self.documents, self.batch_size * steps))

@@ -43,7 +43,7 @@ from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, PAD_CLASS, VOC
 @dataclass(frozen=True)
 class VisionPretrainSettings:
     # 900 steps fit beside the LLM pretraining (on the other core); at 1,000 the code head was already exact on every
-    # held-out attribute (README, Status), so the LLM gets both cores sooner instead.
+    # held-out attribute (docs/tiny-twin-log.md), so the LLM gets both cores sooner instead.
     steps: int = 900
     batch_size: int = 32
     lr: float = 2e-3
