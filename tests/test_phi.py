@@ -123,12 +123,54 @@ def lm():
     return TinyGPTPhiForCausalLM(small_config()).eval()
 
 
-def test_greedy_with_and_without_kv_cache_gives_identical_tokens(lm):
+def full_forward_greedy(lm, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by hand: one full forward per token, no cache, no transformers generation code."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = lm(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_greedy_generate_with_and_without_cache_equals_a_hand_rolled_loop(lm):
     prompt = torch.randint(1, 119, (2, 6))
+    want = full_forward_greedy(lm, prompt, 12)
     with_cache = lm.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
     without = lm.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-    assert with_cache.shape == (2, 18)
+    assert torch.equal(with_cache, want)
+    assert torch.equal(without, want)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=True, top_p=0.9, temperature=0.8), dict(num_beams=3),
+                                  dict(do_sample=False, repetition_penalty=1.3)])
+def test_sampling_beams_and_penalties_give_the_same_tokens_with_and_without_cache(lm, mode):
+    prompt = torch.randint(1, 119, (2, 5))
+    torch.manual_seed(11)
+    with_cache = lm.generate(prompt, max_new_tokens=10, use_cache=True, **mode)
+    torch.manual_seed(11)
+    without = lm.generate(prompt, max_new_tokens=10, use_cache=False, **mode)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_is_taken_and_returned_under_each_name_transformers_has_used(lm, name):
+    ids = torch.randint(1, 119, (1, 9))
+    with torch.no_grad():
+        full = lm(ids, use_cache=False).logits[0, -1]
+        first = lm(ids[:, :8], use_cache=True)
+        assert first.cache is first.past_key_values and first.cache.get_seq_length() == 8
+        assert "cache" in first and "past_key_values" in first
+        step = lm(ids[:, 8:], use_cache=True, **{name: first[name]})
+    assert step.cache is first.cache and step.cache.get_seq_length() == 9
+    assert torch.allclose(step.logits[0, -1], full, atol=1e-5)
+
+
+def test_two_different_caches_are_refused(lm):
+    from tinygpt.model.kv_cache import KVCache
+
+    with pytest.raises(ValueError, match="two different KV caches"):
+        lm(torch.randint(1, 119, (1, 3)), cache=KVCache(), past_key_values=KVCache())
 
 
 def test_right_padded_batch_gives_same_logits_as_single_inputs(lm):

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .kv_cache import CausalLMOutput, DecoderOutput, KVCache, cache_length, cache_update, take_cache, with_cache
 from .phi_config import TinyGPTPhiConfig
 
 
@@ -81,7 +80,7 @@ class TinyGPTPhiAttention(nn.Module):
         hidden_states: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor,
-        past_key_values: Cache | None,
+        cache,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
         q, k, v = self.qkv(hidden_states).view(bsz, seq, 3, self.num_heads, self.head_dim).unbind(2)
@@ -92,8 +91,8 @@ class TinyGPTPhiAttention(nn.Module):
         cos, sin = cos_sin
         q = apply_partial_rope(q, cos, sin).to(v.dtype)
         k = apply_partial_rope(k, cos, sin).to(v.dtype)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache_update(cache, k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5)
         return self.dense(out.transpose(1, 2).reshape(bsz, seq, -1))
 
@@ -123,9 +122,9 @@ class TinyGPTPhiDecoderLayer(GradientCheckpointingLayer):
         self.mlp = TinyGPTPhiMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, hidden_states, cos_sin=None, attn_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, cos_sin=None, attn_mask=None, cache=None, **kwargs):
         h = self.input_layernorm(hidden_states)
-        a = self.self_attn(h, cos_sin, attn_mask, past_key_values)
+        a = self.self_attn(h, cos_sin, attn_mask, cache)
         if self.post_layernorm is not None:
             a = self.post_layernorm(a)
         return hidden_states + self.resid_dropout(a) + self.resid_dropout(self.mlp(h))
@@ -162,7 +161,7 @@ class TinyGPTPhiPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TinyGPTPhiDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -203,11 +202,13 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> DecoderOutput:
+        """``cache``: a KV cache (``kv_cache.py``), also accepted as ``past_key_values``; returned under both names."""
+        cache = take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -215,12 +216,12 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = KVCache()
         if not use_cache:
-            past_key_values = None
+            cache = None
         batch, seq, _ = inputs_embeds.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache_length(cache)
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch, seq, past, device)
@@ -228,9 +229,9 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         cos_sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_base, torch.float32)
         hidden = self.embed_dropout(inputs_embeds)
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin=cos_sin, attn_mask=mask, past_key_values=past_key_values)
+            hidden = layer(hidden, cos_sin=cos_sin, attn_mask=mask, cache=cache)
         hidden = self.final_layernorm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return with_cache(DecoderOutput, cache, last_hidden_state=hidden)
 
 
 class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
@@ -254,34 +255,34 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         loss_only: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutput:
         """``loss_only``: with labels, project to the vocabulary only where a label is supervised (training speed:
         the 51,200-wide lm_head dominates small models); ``logits`` is then None. Same loss either way."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state
         if loss_only and labels is not None:
-            return CausalLMOutputWithPast(loss=supervised_loss(self.lm_head, hidden, labels), logits=None)
+            return CausalLMOutput(loss=supervised_loss(self.lm_head, hidden, labels), logits=None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return with_cache(CausalLMOutput, out.cache, loss=loss, logits=logits)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
