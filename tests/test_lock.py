@@ -1,0 +1,71 @@
+"""Keeps requirements.lock honest (fast, offline): it pins everything requirements.txt names, inside the supported
+ranges, and pyproject.toml declares the same ranges as requirements.txt, so the three files can't drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+tomllib = pytest.importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirements(lines) -> dict[str, Requirement]:
+    reqs = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            reqs[canonicalize_name(req.name)] = req
+    return reqs
+
+
+def _lock() -> dict[str, Version]:
+    pins = {}
+    for name, req in _requirements((ROOT / "requirements.lock").read_text().splitlines()).items():
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"requirements.lock: {req} is not an exact pin"
+        pins[name] = Version(spec.version)
+    return pins
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_lock_pins_every_requirement_inside_its_range():
+    lock = _lock()
+    for name, req in _requirements((ROOT / "requirements.txt").read_text().splitlines()).items():
+        assert name in lock, f"{req.name} is in requirements.txt but not in requirements.lock (run python3 .ci/lock.py)"
+        assert req.specifier.contains(lock[name], prereleases=True), \
+            f"requirements.lock pins {name}=={lock[name]}, outside requirements.txt's {req}"
+
+
+def test_lock_respects_constraints():
+    lock = _lock()
+    for name, req in _requirements((ROOT / "constraints.txt").read_text().splitlines()).items():
+        if name in lock:
+            assert req.specifier.contains(lock[name], prereleases=True), f"{name}=={lock[name]} breaks {req}"
+
+
+def test_lock_keeps_torch_on_the_cpu_build():
+    lock = _lock()
+    assert lock["torch"].local == "cpu", f"torch=={lock['torch']}: not the local CPU build"
+    assert not [n for n in lock if n.startswith(("nvidia-", "triton", "cuda-"))], "CUDA packages in the lock"
+
+
+def test_pyproject_declares_requirements_txt_ranges():
+    reqs = {name: str(req.specifier) for name, req in
+            _requirements((ROOT / "requirements.txt").read_text().splitlines()).items()}
+    project = _pyproject()
+    runtime = {name: str(req.specifier) for name, req in _requirements(project["dependencies"]).items()}
+    test = {name: str(req.specifier) for name, req in
+            _requirements(project["optional-dependencies"]["test"]).items()}
+    assert not set(runtime) & set(test), "a package is both a runtime dependency and a test extra"
+    assert {**runtime, **test} == reqs, "pyproject.toml's dependencies + [test] extra differ from requirements.txt"
+    assert "pytest" in test and "pytest" not in runtime
