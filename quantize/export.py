@@ -4,10 +4,14 @@
 
 LoRA is merged first. LLM: 2-D weights in the chosen type (rows that do not fill whole blocks widen as llama.cpp
 does), norms and biases F32. Vision: Linear weights Q8_0 (F16 when rows do not divide by 32), the rest F32.
-Both files are written tensor by tensor to a temporary name and renamed when complete; `export.json` summarises.
+The pair is one transaction: both files and `export.json` are written tensor by tensor to temporary names and
+renamed only when all three are complete, so a failed (re-)export leaves the previous pair as it was. Both files
+carry the same `model_id`, a sha256 of the exported model's content (not its shapes), which the runtime checks.
+The output directory is checked before any work; a write failure is one UserError naming the directory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +21,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from tinygpt.errors import UserError
-from tinygpt.io_utils import atomic_write_text
+from tinygpt.io_utils import atomic_paths, check_output_dir, writing
 
 from . import gguf_names as names
 from .gguf_meta import LLMHyper, PromptInfo, TokenizerMeta, VisionHyper, llm_kv, tokenizer_metadata, vision_kv
-from .gguf_stream import FileSummary, TensorPlan, make_readable, plan_tensor, write_gguf
+from .gguf_stream import FileSummary, TensorPlan, plan_tensor, write_gguf_to
 from .qtypes import FILE_TYPE_BY_NAME, parse_qtype
 
 T = GGMLQuantizationType
@@ -88,6 +92,24 @@ def order_llm(mapping: Mapping[str, str], hyper: LLMHyper, where: str) -> list[s
 
 
 # ------------------------------------------------------------------------------------------- writing
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Before any work: --out is a directory (or can be made as one) that we may write."""
+    return check_output_dir(out_dir, "--out", "GGUF export")
+
+
+def content_id(tensors: Mapping[str, Any], extra: str = "") -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in name order, plus `extra`: the exported model's
+    identity, shared by its two GGUF files."""
+    import torch
+
+    sha = hashlib.sha256(extra.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        sha.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode("utf-8"))
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return sha.hexdigest()
+
+
 def write_pair(
     out_dir: str | Path,
     qtype_name: str,
@@ -100,29 +122,33 @@ def write_pair(
     vision_shapes: Sequence[tuple[str, tuple[int, ...]]],
     produce: Callable[[str], np.ndarray],
     progress: bool = True,
+    model_id: str = "",
 ) -> ExportSummary:
-    """Write vision.gguf, llm-<qtype>.gguf and export.json into out_dir; produce(gguf_name) gives one tensor."""
+    """Write vision.gguf, llm-<qtype>.gguf and export.json into out_dir as one transaction; produce(gguf_name) gives
+    one tensor; model_id (content_id of the model) goes into both files."""
     qtype = parse_qtype(qtype_name)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir)
+    if not model_id:
+        raise ValueError("write_pair needs the model_id of the exported content")
     long = [n for n, _ in [*llm_shapes, *vision_shapes] if len(n.encode()) > names.MAX_NAME_LENGTH]
     if long:
         raise ValueError(f"GGUF tensor names over {names.MAX_NAME_LENGTH} bytes: {long}")
 
-    vision = write_gguf(
-        out / names.VISION_FILE_NAME, names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision"),
-        vision_plans(vision_shapes), lambda p: produce(p.name), progress,
-    )
-    llm_meta = llm_kv(llm_hyper, tok, prompt, vision_hyper.hash(), model_name, FILE_TYPE_BY_NAME[qtype_name.lower()])
-    llm = write_gguf(
-        out / names.llm_file_name(qtype_name.lower()), names.ARCH_LLM, llm_meta,
-        llm_plans(llm_shapes, qtype), lambda p: produce(p.name), progress,
-    )
-    summary = ExportSummary(str(out), qtype_name.lower(), llm, vision)
-    atomic_write_text(out / names.SUMMARY_FILE_NAME, json.dumps(summary.to_dict(), indent=2) + "\n")
-    make_readable(out / names.SUMMARY_FILE_NAME)
+    files = [out / names.VISION_FILE_NAME, out / names.llm_file_name(qtype_name.lower()), out / names.SUMMARY_FILE_NAME]
+    llm_meta = llm_kv(llm_hyper, tok, prompt, vision_hyper.hash(), model_name, FILE_TYPE_BY_NAME[qtype_name.lower()],
+                      model_id)
+    with writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"), atomic_paths(files) as tmps:
+        vision = write_gguf_to(
+            tmps[0], files[0], names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision", model_id),
+            vision_plans(vision_shapes), lambda p: produce(p.name), progress,
+        )
+        llm = write_gguf_to(
+            tmps[1], files[1], names.ARCH_LLM, llm_meta, llm_plans(llm_shapes, qtype), lambda p: produce(p.name),
+            progress,
+        )
+        summary = ExportSummary(str(out), qtype_name.lower(), llm, vision)
+        record = {**summary.to_dict(), "model_id": model_id}
+        tmps[2].write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if progress:
         print("\n".join(summary.lines()))
     return summary
@@ -155,7 +181,8 @@ def load_model_dir(model_dir: str | Path):
 
 def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k", progress: bool = True) -> ExportSummary:
     """Export the model saved in model_dir to out_dir/llm-<qtype>.gguf + out_dir/vision.gguf (+ export.json)."""
-    parse_qtype(qtype)  # fail on a bad --qtype before loading anything
+    parse_qtype(qtype)  # fail on a bad --qtype or --out before loading anything
+    check_out_dir(out_dir)
     model = load_model_dir(model_dir)
     config = model.config
     llm_hyper = LLMHyper.from_config(config.text_config)
@@ -179,5 +206,5 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
         out_dir, qtype, Path(model_dir).resolve().name, llm_hyper, vision_hyper, PromptInfo.from_config(config), tok,
         [(n, tuple(state[llm_map[n]].shape)) for n in llm_order],
         [(n, tuple(state[t].shape)) for n, t in vision_map.items()],
-        produce, progress,
+        produce, progress, model_id=content_id(state, extra=f"{type(model).__name__}|{config.to_json_string()}"),
     )

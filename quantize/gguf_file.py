@@ -289,6 +289,16 @@ def check_pair(llm: GGUFContents, hp: LLMHyperParams, vision: GGUFContents, vis:
     expected_hash = llm.metadata.get(names.VISION_HASH)
     if expected_hash is not None and expected_hash != names.vision_hash(vis):
         raise UserError(f"{vision.path}: does not match {llm.path} ({names.VISION_HASH} differs: files of different models)")
+    llm_id, vision_id = llm.metadata.get(names.MODEL_ID), vision.metadata.get(names.VISION_MODEL_ID)
+    if llm_id is None or vision_id is None:
+        missing = llm.path if llm_id is None else vision.path
+        raise UserError(f"{missing}: no {names.MODEL_ID if llm_id is None else names.VISION_MODEL_ID}, so it cannot "
+                        "be shown to belong with the other file of the pair; re-export the model (python -m quantize "
+                        "export) to write both files again")
+    if llm_id != vision_id:
+        raise UserError(f"{vision.path}: model_id {str(vision_id)[:12]}... differs from {llm.path}'s "
+                        f"{str(llm_id)[:12]}...: the two files come from different exports of different models "
+                        "(re-export both together)")
     count = int(llm.metadata.get(names.IMAGE_TOKEN_COUNT, vis["num_query_tokens"]))
     if count != vis["num_query_tokens"]:
         raise UserError(f"{llm.path}: image_token_count {count} != {vision.path} num_query_tokens {vis['num_query_tokens']}")

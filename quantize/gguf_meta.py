@@ -189,7 +189,8 @@ def _jinja_literal(text: str) -> str:
 
 
 def llm_kv(
-    hyper: LLMHyper, tok: TokenizerMeta, prompt: PromptInfo, vision_hash: str, name: str, file_type: int
+    hyper: LLMHyper, tok: TokenizerMeta, prompt: PromptInfo, vision_hash: str, name: str, file_type: int,
+    model_id: str,
 ) -> list[KV]:
     a = names
     kv = [
@@ -225,15 +226,16 @@ def llm_kv(
         kv_u32(a.IMAGE_TOKEN_COUNT, prompt.image_token_count),
         kv_str(a.IMAGE_PLACEHOLDER, prompt.image_placeholder),
         kv_str(a.VISION_HASH, vision_hash),
+        kv_str(a.MODEL_ID, model_id),
         kv_bool(a.QK_LAYERNORM, hyper.qk_layernorm),
         kv_bool(a.POST_ATTENTION_RMSNORM, hyper.post_attention_rmsnorm),
     ]
     return kv
 
 
-def vision_kv(hyper: VisionHyper, name: str) -> list[KV]:
+def vision_kv(hyper: VisionHyper, name: str, model_id: str) -> list[KV]:
     key = names.vision_key
-    kv = [kv_str(Keys.General.NAME, name)]
+    kv = [kv_str(Keys.General.NAME, name), kv_str(names.VISION_MODEL_ID, model_id)]
     kv += [kv_u32(key(k), v) for k, v in hyper.shape_values().items()]
     kv += [kv_f32(key(k), getattr(hyper, k.replace(".", "_"))) for k in names.VISION_FLOAT_KEYS]
     kv += [kv_array(key(k), list(getattr(hyper, k)), GGUFValueType.FLOAT32) for k in names.VISION_ARRAY_KEYS]

@@ -68,6 +68,7 @@ STOP_STRINGS = "tinygptv.stop_strings"  # array of str
 IMAGE_TOKEN_COUNT = "tinygptv.image_token_count"  # 32
 IMAGE_PLACEHOLDER = "tinygptv.image_placeholder"  # "<ImageHere>"
 VISION_HASH = "tinygptv.vision_hash"  # vision_hash() of the paired vision file's keys
+MODEL_ID = "tinygptv.model_id"  # sha256 of the exported model's content; the vision file carries the same value
 QK_LAYERNORM = "tinygptv.qk_layernorm"  # bool, informative (the tensors are the truth)
 POST_ATTENTION_RMSNORM = "tinygptv.post_attention_rmsnorm"  # bool, informative
 
@@ -76,6 +77,8 @@ def vision_key(name: str) -> str:
     """'image_size' -> 'tinygptv-vision.image_size'."""
     return f"{ARCH_VISION}.{name}"
 
+
+VISION_MODEL_ID = f"{ARCH_VISION}.model_id"  # == the LLM file's MODEL_ID: both files come from one export
 
 # Integer hyper-parameters that fix every tensor shape of the vision file (and its output width).
 VISION_SHAPE_KEYS = (

@@ -2,7 +2,8 @@
 
 The caller gives the metadata (a list of KV), a plan (name, numpy shape, GGML type per tensor) and a function that
 produces one float32 tensor at a time; each tensor is quantized and appended, then dropped. The file appears under
-its final name only when complete (temporary name + os.replace), so an interrupted export leaves nothing behind.
+its final name only when complete (temporary name + os.replace), so an interrupted export leaves nothing behind;
+``write_gguf_to`` writes to a temporary name the caller commits (an export commits its two files together).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from tinygpt.io_utils import atomic_path
+from tinygpt.io_utils import atomic_path, make_readable  # noqa: F401  (make_readable: re-exported)
 
 from .qtypes import choose_type, nbytes, quantize
 
@@ -122,14 +123,14 @@ class FileSummary:
         return out
 
 
-def summarize(path: Path, plans: Sequence[TensorPlan], seconds: float) -> FileSummary:
+def summarize(path: Path, plans: Sequence[TensorPlan], seconds: float, size_bytes: int | None = None) -> FileSummary:
     per_type: dict[str, int] = {}
     for p in plans:
         per_type[p.qtype.name] = per_type.get(p.qtype.name, 0) + 1
     two_d = [p for p in plans if len(p.shape) == 2]
     return FileSummary(
         path=str(path),
-        size_bytes=path.stat().st_size,
+        size_bytes=path.stat().st_size if size_bytes is None else size_bytes,
         n_tensors=len(plans),
         n_params=sum(p.n_elements for p in plans),
         data_bytes=sum(p.nbytes for p in plans),
@@ -151,44 +152,50 @@ def write_gguf(
 ) -> FileSummary:
     """Write `path` atomically; `produce(plan)` returns the float tensor of numpy shape `plan.shape`."""
     path = Path(path)
+    with atomic_path(path) as tmp:
+        summary = write_gguf_to(tmp, path, arch, metadata, plans, produce, progress)
+    return summary
+
+
+def write_gguf_to(
+    tmp: Path,
+    path: Path,
+    arch: str,
+    metadata: Sequence[KV],
+    plans: Sequence[TensorPlan],
+    produce: Callable[[TensorPlan], np.ndarray],
+    progress: bool = True,
+) -> FileSummary:
+    """Write the GGUF file to `tmp` (the caller renames it to `path`, e.g. with tinygpt.io_utils.atomic_paths)."""
     start = time.perf_counter()
     total = sum(p.nbytes for p in plans)
-    with atomic_path(path) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        try:
-            for kv in metadata:
-                if kv.vtype == GGUFValueType.ARRAY and len(kv.value) == 0:
-                    continue  # GGUF has no empty arrays; a reader treats a missing key as empty
-                writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-            for p in plans:
-                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            done = 0
-            bar = _Progress(path.name, len(plans), total, progress)
-            for i, p in enumerate(plans):
-                array = np.asarray(produce(p), dtype=np.float32)
-                if tuple(array.shape) != p.shape:
-                    raise ValueError(f"{p.name}: produced shape {list(array.shape)}, planned {list(p.shape)}")
-                data = quantize(array, p.qtype).data
-                del array
-                writer.write_tensor_data(data)
-                done += p.nbytes
-                bar.update(i + 1, done)
-            writer.flush()
-        finally:
-            writer.close()
-        bar.close()
-        make_readable(tmp)
-    return summarize(path, plans, time.perf_counter() - start)
-
-
-def make_readable(path: Path) -> None:
-    """Temporary files are created 0600; give the final file the usual permissions (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    writer = GGUFWriter(tmp, arch)
+    try:
+        for kv in metadata:
+            if kv.vtype == GGUFValueType.ARRAY and len(kv.value) == 0:
+                continue  # GGUF has no empty arrays; a reader treats a missing key as empty
+            writer.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
+        for p in plans:
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        done = 0
+        bar = _Progress(path.name, len(plans), total, progress)
+        for i, p in enumerate(plans):
+            array = np.asarray(produce(p), dtype=np.float32)
+            if tuple(array.shape) != p.shape:
+                raise ValueError(f"{p.name}: produced shape {list(array.shape)}, planned {list(p.shape)}")
+            data = quantize(array, p.qtype).data
+            del array
+            writer.write_tensor_data(data)
+            done += p.nbytes
+            bar.update(i + 1, done)
+        writer.flush()
+    finally:
+        writer.close()
+    bar.close()
+    return summarize(path, plans, time.perf_counter() - start, size_bytes=tmp.stat().st_size)
 
 
 class _Progress:

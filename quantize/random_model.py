@@ -10,13 +10,15 @@ output is reproducible and only one tensor is in memory at a time.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from tinygpt.errors import UserError
 
-from .export import ExportSummary, order_llm, split_state_names, write_pair
+from .export import ExportSummary, check_out_dir, order_llm, split_state_names, write_pair
 from .gguf_meta import LLMHyper, PromptInfo, VisionHyper, tokenizer_metadata
 from .qtypes import parse_qtype
 
@@ -57,6 +59,7 @@ def write_random_model(
 ) -> ExportSummary:
     """Write out_dir/llm-<qtype>.gguf + vision.gguf (+ export.json) with random weights of the named size."""
     parse_qtype(qtype)
+    check_out_dir(out_dir)
     config = random_config(size, extra_norms)
     shapes = meta_shapes(config)
     llm_hyper = LLMHyper.from_config(config.text_config)
@@ -80,5 +83,13 @@ def write_random_model(
         PromptInfo.from_config(config), tok,
         [(n, shapes[llm_map[n]]) for n in llm_order],
         [(n, shapes[t]) for n, t in vision_map.items()],
-        produce, progress,
+        produce, progress, model_id=random_model_id(size, seed, extra_norms, shapes),
     )
+
+
+def random_model_id(size: str, seed: int, extra_norms: bool, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The content of a random model is a function of these, so their hash identifies it (as content_id does for
+    a trained model)."""
+    canonical = json.dumps({"random": size, "seed": seed, "extra_norms": extra_norms,
+                            "shapes": {n: list(s) for n, s in sorted(shapes.items())}}, sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,15 +1,25 @@
-"""Atomic file output: write to a temporary name in the same directory, then rename over the target.
+"""Safe file output: check where we will write before any work, write atomically, turn write failures into one error.
 
-A reader never sees a half-written file; on failure the temporary file is removed and the target is untouched.
+* ``check_output_dir(path, where, what)``: before any work starts, the place a run will write into exists or can be
+  made, is a directory (a user's file is never replaced by one) and is writable; a ``UserError`` otherwise.
+* ``atomic_path`` / ``atomic_paths`` / ``atomic_dir`` / ``atomic_write_*``: write to temporary names in the same
+  directory, then rename over the targets. A reader never sees a half-written file; on failure every temporary file
+  is removed and the targets are untouched. Results get the usual permissions (0666/0777 minus the umask).
+* ``writing(path, what)``: a full disk, a permission or an I/O error while writing becomes one ``UserError`` naming
+  the path and what was being written (OSError, safetensors' SafetensorError, torch.save's RuntimeError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+from .errors import UserError
 
 
 def _umask() -> int:
@@ -18,22 +28,113 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file (0666) or a directory (0777) the usual permissions minus the umask (temporary names are 0600/0700,
+    and safetensors writes 0600)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_output_dir(path: str | os.PathLike, where: str, what: str = "output") -> Path:
+    """``path`` is a writable directory or can be made as one; returns it. Nothing is created.
+
+    ``where`` prefixes the message (e.g. ``"stage1.yaml: run.output_dir"``), ``what`` names what goes there.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{where}: {target} exists and is a file, not a directory; refusing to replace it "
+                        f"with the {what} (choose another path)")
+    existing = target
+    while not existing.exists():
+        if existing.is_symlink():
+            raise UserError(f"{where}: {existing} is a broken symbolic link; cannot write the {what} there")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{where}: {existing} is a file, so {target} cannot be made as a directory for the {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{where}: cannot write the {what} under {existing} ({_reason(exc)})") from None
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- failures
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno)
+    text = str(exc).strip().splitlines()
+    if isinstance(exc, OSError) and text and "requested and" in text[0] and "written" in text[0]:  # numpy's tofile
+        return f"short write, the disk is full or a file size limit was reached: {text[0]}"
+    for code, name in ((errno.ENOSPC, "No space left"), (errno.EFBIG, "File too large"),
+                       (errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system")):
+        if any(name.lower() in line.lower() for line in text):
+            return os.strerror(code)
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An error that writing a file can raise: OSError, safetensors' SafetensorError, torch.save's RuntimeError."""
+    if isinstance(exc, OSError):
+        return True
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        word in str(exc) for word in ("PytorchStreamWriter", "file write failed", "unexpected pos"))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a write failure inside the block into ``UserError("<path>: could not write <what> (<reason>)")``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise UserError(f"{path}: could not write {what} ({_reason(exc)}); what was there before is unchanged"
+                        ) from None
+
+
+# ------------------------------------------------------------------------------------------------ atomic
+def _temp_file(target: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths next to each of ``paths``; on normal exit all are renamed onto their targets (in order), on
+    error all are deleted and the targets untouched. Use it for files that only make sense together."""
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for target in targets:
+            if target.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory; refusing to replace it with a file",
+                                        str(target))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(_temp_file(target))
+        yield list(tmps)
+        for tmp in tmps:
+            make_readable(tmp)
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on normal exit rename it to ``path``, on error delete it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_paths([path]) as (tmp,):
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -52,22 +153,32 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``path``; on success it replaces ``path`` (an old one is removed)."""
-    import shutil
-
+    """Yield a fresh temporary directory next to ``path``; on success it replaces ``path`` (an old directory is
+    removed; a file there is refused, never replaced). Every file written inside gets the usual permissions."""
     target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is a file, not a directory; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs + files:
+                make_readable(os.path.join(root, name))
+        make_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io_utils import atomic_dir
+from ..io_utils import atomic_dir, writing
 from .state import load_state
 from .vision import resize_position_embedding
 from .vlm import TinyGPTVForConditionalGeneration
@@ -107,8 +107,11 @@ def _load_tokenizer(directory: Path, config: TinyGPTVConfig):
     return load_tokenizer(config.tokenizer_source)
 
 
-def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, base_model: str | None = None) -> Path:
-    """Write a model directory atomically. ``trainable_only`` keeps only tensors with ``requires_grad``."""
+def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, base_model: str | None = None,
+             extra_files: dict[str, str] | None = None) -> Path:
+    """Write a model directory atomically. ``trainable_only`` keeps only tensors with ``requires_grad``;
+    ``extra_files`` (name -> text) are written into the same directory, in the same rename. A write failure raises
+    one ``UserError`` naming the directory, and leaves what was there before intact."""
     directory = Path(directory)
     if trainable_only and not base_model:
         raise UserError("save: a trainable-only directory needs base_model (the directory with the other weights)")
@@ -118,11 +121,13 @@ def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, 
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     else:
         state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
-    with atomic_dir(directory) as tmp:
+    with writing(directory, "the model directory"), atomic_dir(directory) as tmp:
         config.save_pretrained(str(tmp))
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return directory
 
 

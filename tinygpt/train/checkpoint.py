@@ -7,11 +7,14 @@
   rng_<rank>.pt           python / numpy / torch (CPU and CUDA) RNG states of each process
   state.json              step, counters, data position, schedule, run fingerprint
 A checkpoint directory is first written as ``step_N.tmp`` and renamed when complete, so a kill at any moment leaves
-the previous checkpoints intact and never a half-written one that resume could pick.
+the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it.
+``state.json`` records every other file's size and sha256; resume validates every file before restoring anything
+and names the damaged file, offering the checkpoint before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, make_readable, writing
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -84,43 +87,118 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
 def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: str | Path, state: dict,
                     keep_last: int) -> Path:
-    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path."""
+    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path.
+
+    A write failure (full disk, permissions) raises one ``UserError`` naming the checkpoint; the partial
+    ``step_N.tmp`` is removed and the earlier checkpoints stay as they were."""
     root = checkpoints_root(checkpoint_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        scaler = getattr(accelerator, "scaler", None)
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(tmp / "state.json", json.dumps({"step": step, **state}, indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    main = accelerator.is_main_process
+    try:
+        with writing(tmp, f"the checkpoint of step {step}"):
+            if main:
+                for stale in root.glob("step_*.tmp"):  # left by a run that was killed while writing
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+            if main:
+                unwrapped = accelerator.unwrap_model(model)
+                save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                scaler = getattr(accelerator, "scaler", None)
+                if scaler is not None:
+                    torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            accelerator.wait_for_everyone()
+            if main:
+                files = {}
+                for file in sorted(tmp.iterdir()):
+                    make_readable(file)
+                    files[file.name] = _digest(file)
+                record = {"step": step, **state, "files": files}
+                atomic_write_text(tmp / "state.json", json.dumps(record, indent=1, sort_keys=True))
+                make_readable(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path: Path, accelerator, model, optimizer) -> dict:
-    """Restore weights, optimizer, scaler and this process's RNG; returns state.json's content."""
+def _damaged(file: Path, reason: str) -> UserError:
+    """One error naming the damaged file, offering the checkpoint before it."""
+    ckpt = file.parent
+    step = STEP_DIR.match(ckpt.name)
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent)
+               if step is not None and int(STEP_DIR.match(p.name).group(1)) < int(step.group(1))]
+    offer = (f"resume from the previous checkpoint with --options run.resume={earlier[-1]}" if earlier else
+             "no earlier checkpoint; start afresh with --options run.resume=false")
+    return UserError(f"{file}: damaged checkpoint file ({reason}); {offer}")
+
+
+def _read(file: Path, reader):
+    if not file.is_file():
+        raise _damaged(file, "missing")
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "trainable.safetensors"))
-    except (OSError, json.JSONDecodeError, Exception) as exc:  # safetensors raises its own error types
-        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+        return reader(file)
+    except UserError:
+        raise
+    except Exception as exc:  # torch, safetensors and json raise many types for truncated or foreign files
+        text = str(exc).strip().splitlines()
+        raise _damaged(file, f"{type(exc).__name__}: {text[0][:200] if text else 'unreadable'}") from None
+
+
+def read_checkpoint(path: Path, rank: int, with_scaler: bool) -> dict:
+    """Every file of the checkpoint, read and validated before anything is restored; a damaged one raises one
+    ``UserError`` naming it. Returns {"state", "weights", "optimizer", "scaler", "rng"}."""
+    state = _read(path / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _damaged(path / "state.json", "no integer 'step'")
+    for name, expected in (state.get("files") or {}).items():  # checkpoints written before the manifest have none
+        file = path / name
+        if not file.is_file():
+            raise _damaged(file, "missing")
+        if file.stat().st_size != expected.get("bytes") or _digest(file)["sha256"] != expected.get("sha256"):
+            raise _damaged(file, "its size or sha256 differs from state.json's record")
+    loaded = {"state": state, "scaler": None, "rng": None}
+    loaded["weights"] = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    optim = _read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(optim, dict) or not {"state", "param_groups"} <= set(optim):
+        raise _damaged(path / "optimizer.pt", "not an optimizer state")
+    loaded["optimizer"] = optim
+    if with_scaler and (path / "scaler.pt").is_file():
+        loaded["scaler"] = _read(path / "scaler.pt", lambda f: torch.load(f, weights_only=True))
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.is_file() or "files" in state:
+        rng = _read(rng_file, lambda f: torch.load(f, weights_only=True))
+        if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+            raise _damaged(rng_file, "not an RNG state")
+        loaded["rng"] = rng
+    return loaded
+
+
+def load_checkpoint(path: Path, accelerator, model, optimizer) -> dict:
+    """Validate every file, then restore weights, optimizer, scaler and this process's RNG; returns state.json."""
+    scaler = getattr(accelerator, "scaler", None)
+    loaded = read_checkpoint(path, accelerator.process_index, scaler is not None)
+    weights = loaded["weights"]
     unwrapped = accelerator.unwrap_model(model)
     params = dict(unwrapped.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
@@ -128,17 +206,21 @@ def load_checkpoint(path: Path, accelerator, model, optimizer) -> dict:
         extra, missing = sorted(set(weights) - wanted), sorted(wanted - set(weights))
         raise UserError(f"{path}: checkpoint does not match this stage's trainable set "
                         f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the same config")
+    for name, value in weights.items():
+        if params[name].shape != value.shape:
+            raise UserError(f"{path}: tensor {name} has shape {list(value.shape)}, "
+                            f"the model has {list(params[name].shape)}")
+    for file, restore, value in ((path / "optimizer.pt", optimizer.load_state_dict, loaded["optimizer"]),
+                                 (path / "scaler.pt", scaler.load_state_dict if scaler else None, loaded["scaler"]),
+                                 (path / f"rng_{accelerator.process_index}.pt", set_rng_state, loaded["rng"])):
+        if value is None:
+            continue
+        try:
+            restore(value)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise UserError(f"{file}: does not match this run ({type(exc).__name__}: {exc}); "
+                            "resume with the same config") from None
     with torch.no_grad():
         for name, value in weights.items():
-            if params[name].shape != value.shape:
-                raise UserError(f"{path}: tensor {name} has shape {list(value.shape)}, "
-                                f"the model has {list(params[name].shape)}")
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng_file = path / f"rng_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
+    return loaded["state"]

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from ..io_utils import atomic_dir
+from ..io_utils import atomic_dir, check_output_dir, writing
 
 log = logging.getLogger("tinygpt.train")
 FEATURE_PARAMS = {"root": inspect.Parameter.empty, "name": None}
@@ -84,6 +84,14 @@ def collate_features(samples: list[dict]) -> dict:
             "dataset": [s["dataset"] for s in samples]}
 
 
+def check_features_out(out: Path) -> None:
+    """--out can be written and holds nothing of the user's (the cache replaces it whole)."""
+    out = check_output_dir(out, "--out", "feature cache")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"--out: {out} is a non-empty directory that is not a feature cache (no {MANIFEST}); "
+                        "the cache replaces it whole, so choose a new or empty directory")
+
+
 @torch.no_grad()
 def write_features(model, dataset, out: Path, dataset_name: str, model_source: str, batch_size: int = 16,
                    shard_size: int = 2048, limit: Optional[int] = None, progress: bool = True) -> Path:
@@ -92,6 +100,7 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: s
 
     from ..data.collate import collate_samples
 
+    check_features_out(out)
     model.eval()
     streaming = not hasattr(dataset, "__len__")
     if streaming and limit is None:
@@ -101,7 +110,7 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: s
     device = next(model.parameters()).device
     shards, buffer, written = [], [], 0
     bar = tqdm(total=total, desc=f"features {dataset_name}", unit="sample", disable=not progress, file=sys.stderr)
-    with atomic_dir(out) as tmp:
+    with writing(out, "the feature cache"), atomic_dir(out) as tmp:
         def flush():
             feats, offsets, lines = [], [0], []
             for start in range(0, len(buffer), batch_size):
@@ -156,6 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .stage import build_datasets, check_dataset_specs
 
         cfg = load_config(args.cfg_path, args.options)
+        check_features_out(Path(args.out))
         check_paths(cfg)
         check_dataset_specs(cfg)
         names = list(cfg.active_datasets())

@@ -23,7 +23,7 @@ import torch
 from ..config.load import check_paths, config_to_dict
 from ..config.schema import RunConfig
 from ..errors import UserError
-from ..io_utils import atomic_write_text
+from ..io_utils import check_output_dir
 
 log = logging.getLogger("tinygpt.train")
 FEATURES_KIND = "qformer_features"
@@ -116,16 +116,32 @@ def _frozen_dtype(cfg: RunConfig, accelerator):
     return torch.bfloat16 if cfg.run.precision == "bf16" else torch.float16
 
 
+def check_outputs(cfg: RunConfig) -> None:
+    """Before any work: ``run.output_dir`` and the checkpoint directory can be written, and writing them destroys
+    nothing of the user's (the output directory is replaced whole, so it must be missing, empty or a model dir)."""
+    where = f"{cfg.origin('run.output_dir')}: run.output_dir"
+    out = check_output_dir(cfg.run.output_dir, where, "stage output")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"{where}: {out} is a non-empty directory that is not a model directory (no config.json); "
+                        "the stage output replaces it whole, so choose a new or empty directory")
+    ckpt_where = f"{cfg.origin('run.checkpoint_dir')}: run.checkpoint_dir"
+    ckpt = check_output_dir(cfg.checkpoint_dir, ckpt_where, "checkpoints and logs")
+    if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise UserError(f"{ckpt_where}: {ckpt} is inside run.output_dir {out}, which the stage output replaces "
+                        "whole; choose a directory outside it")
+
+
 def save_output(cfg: RunConfig, model, base_dir, mode: str, summary: dict) -> Path:
+    """Write the model directory and its ``train_summary.json`` in one atomic rename."""
     from ..model import save_vlm
 
     out = Path(cfg.run.output_dir)
-    if mode == "trainable_only":
-        save_vlm(model, out, trainable_only=True, base_model=str(base_dir))
-    else:
-        save_vlm(model, out)
     record = {"summary": summary, "save_mode": mode, "config": config_to_dict(cfg), "config_file": cfg.source}
-    atomic_write_text(out / "train_summary.json", json.dumps(record, indent=1, default=str))
+    extra = {"train_summary.json": json.dumps(record, indent=1, default=str)}
+    if mode == "trainable_only":
+        save_vlm(model, out, trainable_only=True, base_model=str(base_dir), extra_files=extra)
+    else:
+        save_vlm(model, out, extra_files=extra)
     return out
 
 
@@ -135,6 +151,7 @@ def run_stage(cfg: RunConfig) -> Path:
     from .loop import make_accelerator, train
     from .mixing import DataMixer
 
+    check_outputs(cfg)  # first: where we write is checked before anything is read or built
     check_paths(cfg)
     check_dataset_specs(cfg)
     accelerator = make_accelerator(cfg.run)

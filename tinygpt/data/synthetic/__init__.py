@@ -39,6 +39,7 @@ from tinygpt.data.synthetic.writers import (
     write_images, write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
 )
 from tinygpt.errors import UserError
+from tinygpt.io_utils import check_output_dir, writing
 from tinygpt.tasks import CAPTION_PROMPTS, IDENTIFY_PROMPTS, REFER_PROMPTS
 
 GENERATOR = "tinygpt.data.synthetic"
@@ -272,10 +273,16 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, scale: str | Scale = "ti
     for flag, size in (("--pretrain-size", pretrain_size), ("--instruct-size", instruct_size)):
         if not 32 <= size <= 1024:
             raise UserError(f"{flag}: image size must be between 32 and 1024, got {size}")
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "--out", "synthetic datasets")
     if not _is_replaceable(out):
         raise UserError(f"--out: {out} exists and is not a synthetic dataset written by {GENERATOR}; "
                         "refusing to overwrite it")
+    with writing(out, "the synthetic datasets"):
+        return _generate_into(out, seed, scale, plan, pretrain_size, instruct_size, progress)
+
+
+def _generate_into(out: Path, seed: int, scale: str, plan, pretrain_size: int, instruct_size: int,
+                   progress: bool) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
