@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.cfg_path, args.options)
         if args.check:
             check_paths(cfg)
-            from tinygpt.train.stage import check_dataset_specs
+            from tinygpt.train.stage import check_dataset_specs, check_outputs
 
             check_dataset_specs(cfg)
+            check_outputs(cfg)
             print(f"{args.cfg_path}: ok")
             return 0
         from tinygpt.train.stage import run_stage
