@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tinygpt.errors import UserError
+    from tinygpt.evaluation.health import BROKEN_EXIT_CODE, BrokenModelError
 
     try:
         if args.cfg_path is None:
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         out = run_stage(cfg)
         print(f"stage output: {out}")
         return 0
+    except BrokenModelError as error:  # the results were written, but they are garbage
+        print(f"error: {error}", file=sys.stderr)
+        return BROKEN_EXIT_CODE
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
     python -m quantize bench  --gguf DIR [--image PATH] [--plain-gguf DIR]
     python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit N]
 
-A mistake the user can fix prints `error: <message>` on stderr and exits with status 2.
+A mistake the user can fix prints `error: <message>` on stderr and exits with status 2; results that are not
+believable (``tinygpt.evaluation.health``) are printed, then an `error:` line, and the exit status is 3.
 """
 from __future__ import annotations
 
@@ -69,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tinygpt.evaluation.health import BROKEN_EXIT_CODE, BrokenModelError
+
     try:
         return int(args.func(args) or 0)
+    except BrokenModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BROKEN_EXIT_CODE
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,10 @@
 Both sides answer the same ``[vqa]`` and ``[refer]`` prompts of the synthetic shapes suite
 (``tinygpt.evaluation.shapes``) greedily, with the prompt format of the model's config / the GGUF file, and are
 scored by the same metric functions. The report gives each accuracy and the retained share (GGUF / PyTorch).
+
+No silent garbage (``tinygpt.evaluation.health``): when the PyTorch model fails the decoding self-check, or when most
+answers of either side do not parse (VQA answers outside the split's answer set, grounding answers without a box),
+the table is still printed, then one ``error:`` line says so and the command exits with status 3.
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ def gguf_answers(session, root: Path, items: list[tuple[str, str]], max_new_toke
     return answers
 
 
+def unparsed(task: str, answers: list[str], all_records: list[dict]) -> float:
+    """Share of answers that are no answer at all: outside the split's VQA answer set, or without a box."""
+    from tinygpt.evaluation.shapes import normalize_answer
+    from tinygpt.tasks import parse_boxes
+
+    if task == "vqa":
+        known = {normalize_answer(a) for r in all_records for a in r["answer"]}
+        misses = [normalize_answer(a) not in known for a in answers]
+    else:
+        misses = [not parse_boxes(a) for a in answers]
+    return sum(misses) / len(misses) if misses else 0.0
+
+
 def score(task: str, answers: list[str], records: list[dict]) -> float:
     from tinygpt.evaluation.shapes import IOU_THRESHOLD, grounding_iou, vqa_correct
 
@@ -41,6 +58,7 @@ def score(task: str, answers: list[str], records: list[dict]) -> float:
 
 def compare(model_dir, gguf_dir, split_dir, limit: int | None = 200, qtype: str | None = None,
             backend: str = "auto") -> dict:
+    from tinygpt.evaluation.health import FLOORS
     from tinygpt.evaluation.shapes import MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, evaluate_loaded
     from tinygpt.model import load_vlm
     from tinygpt.tasks import wrap_instruction
@@ -48,19 +66,29 @@ def compare(model_dir, gguf_dir, split_dir, limit: int | None = 200, qtype: str 
     from .sampler import SamplingParams
     from .session import open_session
 
+    from tinygpt.evaluation.health import generation_problems
+
     root = Path(split_dir)
-    torch_scores = evaluate_loaded(load_vlm(model_dir), root, limit=limit)
+    model = load_vlm(model_dir)
+    problems = [f"PyTorch model: {p}" for p in generation_problems(model.language_model)]
+    torch_scores = evaluate_loaded(model, root, limit=limit)
     session = open_session(gguf_dir, backend=backend, qtype=qtype, quiet=True,
                            sampling=SamplingParams(temperature=0.0, repetition_penalty=1.0))
-    report = {"limit": limit, "gguf": str(gguf_dir), "model": str(model_dir)}
+    report = {"limit": limit, "gguf": str(gguf_dir), "model": str(model_dir), "problems": problems}
     for task in TASKS:
-        records = json.loads((root / f"{task}.json").read_text())[:limit]
+        all_records = json.loads((root / f"{task}.json").read_text())
+        records = all_records[:limit]
         if task == "vqa":
             items = [(r["image"], wrap_instruction(VQA_INSTRUCTION.format(r["question"]))) for r in records]
         else:
             items = [(r["image"], wrap_instruction(REFER_INSTRUCTION.format(r["sents"]))) for r in records]
-        quantized = score(task, gguf_answers(session, root, items, MAX_NEW_TOKENS[task]), records)
+        answers = gguf_answers(session, root, items, MAX_NEW_TOKENS[task])
+        quantized = score(task, answers, records)
         reference = torch_scores["vqa_accuracy" if task == "vqa" else "grounding_accuracy"]
+        for side, share in (("PyTorch", torch_scores[f"{'vqa' if task == 'vqa' else 'grounding'}_unparsed"]),
+                            ("GGUF", unparsed(task, answers, all_records))):
+            if share > FLOORS.unparsed:
+                problems.append(f"{side} {task}: {100 * share:.0f}% of the answers do not parse")
         report[task] = {"pytorch": reference, "gguf": quantized,
                         "retained": quantized / reference if reference else float("nan")}
     return report
@@ -83,4 +111,8 @@ def run(args: argparse.Namespace) -> int:
     for task in TASKS:
         r = report[task]
         print(f"{task:8} {r['pytorch']:8.3f} {r['gguf']:8.3f} {r['retained']:9.1%}")
+    if report["problems"]:
+        from tinygpt.evaluation.health import BrokenModelError, broken_message
+
+        raise BrokenModelError(broken_message(report["problems"], f"accuracy of {args.gguf}"))
     return 0

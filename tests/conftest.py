@@ -78,3 +78,17 @@ def llm_files(tmp_path_factory, tiny_weights):
     d = tmp_path_factory.mktemp("gguf")
     types = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K}
     return {name: write_llm_gguf(d / f"llm-{name}.gguf", tiny_weights, qt) for name, qt in types.items()}
+
+
+@pytest.fixture(scope="session")
+def small_backbones(tmp_path_factory):
+    """(cache dir, backbones dir, build seconds) of one small tiny-backbone build shared by the session."""
+    import time
+
+    from tiny_settings import SMALL_LLM, SMALL_VISION
+    from tinygpt.tiny.backbones import ensure_tiny_backbones
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    start = time.monotonic()
+    path = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
+    return cache, path, time.monotonic() - start

@@ -22,8 +22,7 @@ from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, 
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
                                     slot_embeddings, slot_is_number, vocabulary_token_ids)
 
-SMALL_LLM = LLMPretrainSettings(steps=20, batch_size=8, documents=200, ceiling_scenes=4)
-SMALL_VISION = VisionPretrainSettings(steps=80, batch_size=16, pool=400, lr=2e-3, warmup=10)
+from tiny_settings import SMALL_LLM, SMALL_VISION  # noqa: E402  (the small build shared with conftest's fixture)
 
 
 # --- metrics on hand-made cases -------------------------------------------------------------------------------------
@@ -135,14 +134,6 @@ def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(mo
 
 
 # --- backbones ------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def small_backbones(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("tiny-cache")
-    start = time.monotonic()
-    path = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
-    return cache, path, time.monotonic() - start
-
 
 def test_backbone_cache_is_made_once_and_reused(small_backbones):
     cache, path, first_seconds = small_backbones
@@ -381,33 +372,3 @@ def test_pretrained_vision_beats_random_on_heldout_probes(small_backbones):
     print(f"probes: random {random_probes}, pretrained {pretrained_probes}")
     assert pretrained_probes["patch"] > random_probes["patch"] + 0.05
     assert pretrained_probes["count"] > random_probes["count"] + 0.1
-
-
-# --- the recipe, very short -----------------------------------------------------------------------------------------
-
-@pytest.mark.slow  # ~40 s on an idle 2-core machine: data, 4 stages of 2 steps, 5 evaluations
-def test_short_recipe_run_writes_the_table(small_backbones, tmp_path):
-    from tinygpt.data.synthetic import Scale, generate
-    from tinygpt.tiny.recipe import run_tiny_recipe
-
-    data = tmp_path / "data"
-    generate(data, seed=3, scale=Scale(laion=60, cc_sbu=20, align=20, instruct_images=24, vqa_per_image=2,
-                                       multi_image=8, unnatural=10, eval_images=6, eval_vqa_per_image=2,
-                                       shard_size=20), progress=False)
-    results = run_tiny_recipe(out_dir=tmp_path / "out", data_dir=data, cache_dir=small_backbones[0], max_steps=2,
-                              eval_limit=4, final_eval_limit=None, llm=SMALL_LLM, vision=SMALL_VISION,
-                              progress=False)
-    written = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(written["stages"]) == ["stage 0", "stage 1", "stage 2", "stage 3", "stage 4"]
-    for row in written["stages"].values():
-        for key in ("caption_f1", "vqa_accuracy", "grounding_accuracy"):
-            assert 0.0 <= row["metrics"][key] <= 1.0
-    for name in ("stage 0", "stage 1", "stage 2", "stage 3"):
-        assert written["stages"][name]["metrics"]["counts"]["vqa"] == 4
-    assert written["stages"]["stage 4"]["metrics"]["counts"]["vqa"] == 12  # the whole split: 6 scenes x 2
-    table = (tmp_path / "out" / "results.txt").read_text()
-    assert table.startswith("stage")
-    assert "stage 0, stage 1, stage 2, stage 3: 4 captions, 4 questions, 4 boxes" in table
-    assert "stage 4: 6 captions, 12 questions," in table
-    assert written["stages"]["stage 4"]["steps"] == 2
-    assert results["timings_s"]["total"] > 0

@@ -7,6 +7,7 @@ Metrics:
 * caption: token F1 against the best reference (lower-cased, punctuation and articles removed), exact match, and
   attribute recall = the share of reference objects whose "size colour shape" phrase appears in the caption;
 * VQA: exact match after normalisation (case, punctuation, articles, number words -> digits), overall and per kind;
+  ``vqa_unparsed`` is the share of answers that are no answer of the split at all (garbage, not a wrong answer);
 * grounding: the first box parsed from the answer (``tinygpt.tasks.parse_boxes``), scaled to pixels; a hit when its
   IoU with the reference box is above 0.5 (the RefCOCO protocol); answers with no box count as misses.
 
@@ -166,7 +167,8 @@ def evaluate_loaded(model, split_dir: str | os.PathLike, limit: int | None = Non
                     progress: bool = False, keep_predictions: int = 5) -> dict:
     """Evaluate an in-memory model; ``limit`` caps each of the three record lists (first N records)."""
     root = Path(split_dir)
-    vqa = _read_json(root / "vqa.json")[:limit]
+    all_vqa = _read_json(root / "vqa.json")
+    vqa = all_vqa[:limit]
     refer = _read_json(root / "refer.json")[:limit]
     captions = _read_json(root / "captions.json")[:limit]
     start = time.monotonic()
@@ -186,6 +188,7 @@ def evaluate_loaded(model, split_dir: str | os.PathLike, limit: int | None = Non
     for p, r in zip(vqa_pred, vqa):
         per_kind[r.get("kind", "all")].append(vqa_correct(p, r["answer"]))
     ious = [grounding_iou(p, r["bbox"], r["width"], r["height"]) for p, r in zip(ref_pred, refer)]
+    answer_set = {normalize_answer(a) for r in all_vqa for a in r.get("answer", [])}
     vqa_hits = [hit for hits in per_kind.values() for hit in hits]
     mean = lambda values: sum(values) / len(values) if values else 0.0  # noqa: E731
     return {
@@ -194,6 +197,7 @@ def evaluate_loaded(model, split_dir: str | os.PathLike, limit: int | None = Non
         "caption_attribute_recall": mean([c["attribute_recall"] for c in cap]),
         "vqa_accuracy": mean([float(h) for h in vqa_hits]),
         "vqa_per_kind": {kind: mean([float(h) for h in hits]) for kind, hits in sorted(per_kind.items())},
+        "vqa_unparsed": mean([float(normalize_answer(p) not in answer_set) for p in vqa_pred]),
         "grounding_accuracy": mean([float(v is not None and v > IOU_THRESHOLD) for v in ious]),
         "grounding_mean_iou": mean([v or 0.0 for v in ious]),
         "grounding_unparsed": mean([float(v is None) for v in ious]),

@@ -2,9 +2,12 @@
 
 Stages 1-4 can at best make the projected image look like the scene code the LLM was pretrained to read
 (``scene_code.py``), so the accuracy of the frozen LLM given the exact code bounds what the tiny recipe
-can reach. Measured once, when the backbones are built, on held-out scenes in the stage-4 wording used by
-``tinygpt.evaluation.shapes``; the recipe prints it under its table. A low ceiling means the LLM pretraining is the
-bottleneck, not the stages.
+can reach. Measured when the backbones are built, on held-out scenes in the stage-4 wording used by
+``tinygpt.evaluation.shapes``, and again whenever torch or transformers differ from the versions recorded with it
+(``backbones.current_ceiling``); the recipe prints it under its table. A low ceiling means the LLM pretraining is the
+bottleneck, not the stages; a ceiling under the floors (``tinygpt.evaluation.health``) means a broken install.
+
+    python -m tinygpt.tiny.llm_ceiling --check     # re-measure it under the installed versions; exit 1 if broken
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from tinygpt.data.synthetic import texts
+from tinygpt.evaluation.health import installed_versions
 from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
 from tinygpt.evaluation.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou,
                                        vqa_correct)
@@ -62,4 +66,13 @@ def llm_ceiling(language_model, tokenizer, scenes: int = 42, image_size: int = 2
         refer_hits.append(overlap is not None and overlap > IOU_THRESHOLD)
     language_model.train(was_training)
     return {"vqa_accuracy": sum(vqa_hits) / len(vqa_hits), "grounding_accuracy": sum(refer_hits) / len(refer_hits),
-            "vqa_by_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "scenes": scenes}
+            "vqa_by_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "scenes": scenes,
+            "versions": installed_versions()}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tinygpt.tiny.backbones import check_ceiling_main
+
+    sys.exit(check_ceiling_main(sys.argv[1:]))

@@ -10,7 +10,11 @@
    figure is the one that counts (120 questions leave a standard error of ~3.5 points); under the table, how many
    items each row used and the ceiling the stages cannot pass: the LLM's accuracy with the true scene code
    (``tinygpt.tiny.llm_ceiling``);
-5. a table (stdout), ``results.json`` and ``results.png`` (when matplotlib is installed) in ``out_dir``.
+5. a table (stdout), ``results.json``, ``results.txt`` and the per-stage chart ``results.png`` in ``out_dir``;
+6. no silent garbage (``tinygpt.evaluation.health``): a greedy-decoding self-check of the backbones' LLM (KV cache
+   against plain forwards) and, for full-length runs, floors on the ceiling and on stage 4. When one fails, the
+   results are still written, then :class:`BrokenModelError` names what failed, the installed versions and the
+   drift canary (``train.py`` exits with status 3).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 from pathlib import Path
 
 from tinygpt.errors import UserError
+from tinygpt.evaluation.health import (FLOORS, BrokenModelError, broken_message, generation_problems, installed_versions,
+                                       score_problems)
 from tinygpt.io_utils import atomic_path, atomic_write_text
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
@@ -88,43 +94,66 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _llm_ceiling(backbones: Path) -> dict | None:
-    from tinygpt.tiny.backbones import MARKER
-
-    try:
-        figures = json.loads((backbones / MARKER).read_text(encoding="utf-8"))["figures"]["llm"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return figures.get("true_code_ceiling")
-
-
 def format_ceiling(ceiling: dict) -> str:
     """One line: what the frozen LLM reaches when it reads the true scene code (``tinygpt.tiny.llm_ceiling``)."""
     return (f"ceiling: the tiny LLM reading the true scene code: VQA {100 * ceiling['vqa_accuracy']:.1f}%, "
-            f"grounding {100 * ceiling['grounding_accuracy']:.1f}% ({ceiling['scenes']} held-out scenes)")
+            f"grounding {100 * ceiling['grounding_accuracy']:.1f}% ({ceiling['scenes']} held-out scenes"
+            + "".join(f", {name} {version}" for name, version in ceiling.get("versions", {}).items()) + ")")
 
 
-def _plot(rows: dict[str, dict], path: Path) -> bool:
-    try:
-        import matplotlib
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the vision pretraining runs in one)."""
+    import resource
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _plot(rows: dict[str, dict], ceiling: dict | None, path: Path) -> None:
+    """Grouped bars per stage (caption F1, attribute recall, VQA, grounding), the ceiling as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = list(rows)
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    for key, title in COLUMNS:
-        axis.plot(names, [100 * rows[n]["metrics"][key] for n in names], marker="o", label=title)
-    axis.set_ylim(0, 100)
-    axis.set_ylabel("%")
-    axis.set_title("tiny TinyGPT-V on held-out synthetic shapes")
-    axis.legend(loc="lower right", fontsize=8)
+    width = 0.8 / len(COLUMNS)
+    figure, axis = plt.subplots(figsize=(7.5, 3.8))
+    for i, (key, title) in enumerate(COLUMNS):
+        xs = [n + (i - (len(COLUMNS) - 1) / 2) * width for n in range(len(names))]
+        axis.bar(xs, [100 * rows[n]["metrics"][key] for n in names], width, label=title, color=f"C{i}")
+    if ceiling:
+        for key, colour in (("vqa_accuracy", "C2"), ("grounding_accuracy", "C3")):
+            axis.axhline(100 * ceiling[key], color=colour, linestyle="--", linewidth=1)
+        axis.text(len(names) - 0.5, 100 * ceiling["vqa_accuracy"] + 1, "ceiling (true scene code)", ha="right",
+                  fontsize=7)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylim(0, 105)
+    axis.set_ylabel("% on held-out scenes")
+    axis.set_title("tiny TinyGPT-V: each stage on held-out synthetic shapes")
+    axis.legend(loc="upper left", fontsize=7, ncols=2)
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+        figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
-    return True
+
+
+def health_problems(rows: dict[str, dict], ceiling: dict | None, generation: list[str],
+                    floors_apply: bool) -> list[str]:
+    """What makes this run's results unbelievable: the generation self-check always; the floors on the ceiling and on
+    the final stage only for full-length runs (a shortened run is expected to score low)."""
+    problems = list(generation)
+    if floors_apply:
+        if ceiling:
+            problems += score_problems(ceiling, label="LLM ceiling")
+        problems += score_problems(rows[f"stage {STAGES[-1]}"]["metrics"], label=f"stage {STAGES[-1]}")
+    return problems
+
+
+def format_health(problems: list[str], floors_apply: bool) -> str:
+    floors = (f"floors VQA {100 * FLOORS.vqa:.0f}% / grounding {100 * FLOORS.grounding:.0f}%" if floors_apply
+              else "floors not applied to a shortened run")
+    return f"health: {'BROKEN: ' + '; '.join(problems) if problems else 'ok'} (decoding self-check, {floors})"
 
 
 def run_tiny_recipe(
@@ -147,7 +176,7 @@ def run_tiny_recipe(
     """
     from tinygpt.config.load import load_config
     from tinygpt.evaluation.shapes import evaluate_loaded, evaluate_shapes
-    from tinygpt.tiny.backbones import ensure_tiny_backbones
+    from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
     from tinygpt.train.stage import run_stage
 
     start = time.monotonic()
@@ -168,10 +197,14 @@ def run_tiny_recipe(
     split = data / "eval"
     rows: dict[str, dict] = {}
     t = time.monotonic()
+    stage0 = _stage0_model(backbones)
+    generation = generation_problems(stage0.language_model)
+    if generation and progress:
+        print(f"[tiny] WARNING: {generation[0]}: the scores below will be garbage", flush=True)
+    ceiling = current_ceiling(backbones, progress)
     if progress:
         print("[tiny] evaluating stage 0 (untrained projections)", flush=True)
-    rows["stage 0"] = {"metrics": evaluate_loaded(_stage0_model(backbones), split, limit=eval_limit,
-                                                  batch_size=EVAL_BATCH),
+    rows["stage 0"] = {"metrics": evaluate_loaded(stage0, split, limit=eval_limit, batch_size=EVAL_BATCH),
                        "model_dir": str(backbones), "train_seconds": 0.0}
     timings["eval stage 0"] = time.monotonic() - t
 
@@ -201,15 +234,22 @@ def run_tiny_recipe(
                             "eval_limit": eval_limit,
                             "final_eval_limit": final_eval_limit, "llm": dataclasses.asdict(llm),
                             "vision": dataclasses.asdict(vision), "seed": seed}}
-    ceiling = _llm_ceiling(backbones)
+    results["cpu_seconds"] = round(cpu_seconds(), 1)
     if ceiling:
         results["llm_ceiling"] = ceiling
-    table = format_table(rows) + (f"\n{format_ceiling(ceiling)}" if ceiling else "")
+    floors_apply = max_steps is None and llm.steps >= LLMPretrainSettings().steps
+    problems = health_problems(rows, ceiling, generation, floors_apply)
+    results["health"] = {"ok": not problems, "problems": problems, "floors_applied": floors_apply,
+                         "floors": dataclasses.asdict(FLOORS), "versions": installed_versions()}
+    table = "\n".join([format_table(rows), *([format_ceiling(ceiling)] if ceiling else []),
+                       format_health(problems, floors_apply)])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.txt", table + "\n")
-    plotted = _plot(rows, out / "results.png")
+    _plot(rows, ceiling, out / "results.png")
     print(table)
-    print(f"[tiny] total {timings['total']:.0f} s; results in {out / 'results.json'}"
-          + ("" if plotted else " (matplotlib not installed: no plot)"), flush=True)
+    print(f"[tiny] total {timings['total']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; results in "
+          f"{out / 'results.json'}, chart in {out / 'results.png'}", flush=True)
+    if problems:
+        raise BrokenModelError(broken_message(problems, str(out / "results.json")))
     return results
