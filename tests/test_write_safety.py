@@ -54,15 +54,6 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     from tinygpt.data.synthetic import generate
@@ -88,10 +79,8 @@ def train_main(opts: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def trained(synthetic, base_model, tmp_path_factory) -> Path:
-    """A finished 3-step tiny stage 1: ``stage1/`` (output) and ``stage1-checkpoints/`` holding steps 1 and 2."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    """A finished 3-step tiny stage 1: ``stage1/`` (output) and ``stage1-checkpoints/`` holding steps 1 and 2.
+    (Every run here uses the same single-process CPU accelerator, so its shared state needs no reset.)"""
     root = tmp_path_factory.mktemp("trained")
     assert train_main(stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2,
                                     run__resume="false")) == 0
@@ -190,6 +179,40 @@ def test_stage_output_location_is_checked_before_any_work(case, synthetic, base_
     line = one_error(capsys.readouterr().err)
     assert key in line and str(target) in line
     assert snapshot(user) == before  # nothing replaced, nothing hidden away as .NAME.old-<pid>
+
+
+@pytest.mark.parametrize("target_kind", ["a_file", "under_a_file", "foreign_dir"])
+@pytest.mark.parametrize("writer", ["export", "random", "synthetic", "weights_build", "features"])
+def test_other_writers_check_their_out_before_any_work(writer, target_kind, trained, tmp_path, capsys):
+    """The same rules for every other CLI that writes a directory: a file is never replaced by one, nothing is
+    written under a file, and a directory of the user's is not replaced whole."""
+    import quantize.__main__ as q
+    import tinygpt.data.synthetic.__main__ as synth
+    import tinygpt.train.features as features
+    import tinygpt.weights.build as weights
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "afile").write_text("the user's file\n")
+    (user / "notes").mkdir()
+    (user / "notes" / "todo.txt").write_text("keep me\n")
+    out = {"a_file": user / "afile", "under_a_file": user / "afile" / "out", "foreign_dir": user / "notes"}[target_kind]
+    if writer in ("export", "random") and target_kind == "foreign_dir":
+        pytest.skip("an export adds its files to a directory and replaces only its own three")
+    before = snapshot(user)
+    call = {
+        "export": lambda: q.main(["export", "--model", str(trained / "stage1"), "--out", str(out), "--quiet"]),
+        "random": lambda: q.main(["random", "--out", str(out), "--quiet"]),
+        "synthetic": lambda: synth.main(["--out", str(out), "--quiet"]),
+        "weights_build": lambda: weights.main(["--llm", str(tmp_path / "no-phi2"), "--vision", "none",
+                                               "--out", str(out)]),
+        "features": lambda: features.main(["--cfg-path", str(STAGE1), "--out", str(out)]),
+    }[writer]
+    capsys.readouterr()
+    assert call() == 2
+    line = one_error(capsys.readouterr().err)
+    assert line.startswith("error: --out: ") and str(out if target_kind != "under_a_file" else user / "afile") in line
+    assert snapshot(user) == before
 
 
 # -------------------------------------------------------------------------- 4: permissions

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io_utils import atomic_dir, writing
+from ..io_utils import atomic_dir, check_output_dir, writing
 from .state import load_state
 from .vision import resize_position_embedding
 from .vlm import TinyGPTVForConditionalGeneration
@@ -105,6 +105,16 @@ def _load_tokenizer(directory: Path, config: TinyGPTVConfig):
     if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
         return load_tokenizer(str(directory))
     return load_tokenizer(config.tokenizer_source)
+
+
+def check_model_out(path: str | os.PathLike, where: str) -> Path:
+    """Before any work: ``save_vlm`` can write ``path`` and destroys nothing of the user's there. It replaces the
+    directory whole, so it must be missing, empty or a model directory (config.json); never a file."""
+    out = check_output_dir(path, where, "model directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"{where}: {out} is a non-empty directory that is not a model directory (no config.json); "
+                        "the model replaces it whole, so choose a new or empty directory")
+    return out
 
 
 def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, base_model: str | None = None,

@@ -119,11 +119,9 @@ def _frozen_dtype(cfg: RunConfig, accelerator):
 def check_outputs(cfg: RunConfig) -> None:
     """Before any work: ``run.output_dir`` and the checkpoint directory can be written, and writing them destroys
     nothing of the user's (the output directory is replaced whole, so it must be missing, empty or a model dir)."""
-    where = f"{cfg.origin('run.output_dir')}: run.output_dir"
-    out = check_output_dir(cfg.run.output_dir, where, "stage output")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"{where}: {out} is a non-empty directory that is not a model directory (no config.json); "
-                        "the stage output replaces it whole, so choose a new or empty directory")
+    from ..model.checkpoint_io import check_model_out
+
+    out = check_model_out(cfg.run.output_dir, f"{cfg.origin('run.output_dir')}: run.output_dir")
     ckpt_where = f"{cfg.origin('run.checkpoint_dir')}: run.checkpoint_dir"
     ckpt = check_output_dir(cfg.checkpoint_dir, ckpt_where, "checkpoints and logs")
     if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:

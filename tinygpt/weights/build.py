@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer source (default: the --llm directory/hub id if it has one, "
                                        "else the builtin Phi-2 tokenizer)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weights dtype (default bf16)")
-    p.add_argument("--out", required=True, help="output model directory (replaced if it exists)")
+    p.add_argument("--out", required=True, help="output model directory (replaced if it is a model directory; "
+                   "a file or another non-empty directory is refused)")
     args = p.parse_args(argv)
     if bool(args.vision) == bool(args.eva or args.qformer):
         p.error("give either --vision, or --eva together with --qformer")
@@ -147,6 +148,9 @@ def _tokenizer(args, llm_dir):
 
 
 def build(args: argparse.Namespace):
+    from ..model.checkpoint_io import check_model_out
+
+    check_model_out(args.out, "--out")  # before reading gigabytes of weights
     steps = Steps(6)
     dtype = DTYPES[args.dtype]
     steps(f"locating sources (LLM {args.llm}, vision {args.vision or args.eva})")
