@@ -56,6 +56,16 @@ def parse_pins(text: str) -> dict[str, str]:
     return pins
 
 
+def parse_requirement_names(text: str) -> list[str]:
+    """Canonical names of the requirements in a requirements file (ranges, pins or bare names)."""
+    names = []
+    for line in text.splitlines():
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#", 1)[0])
+        if m and not line.lstrip().startswith("-"):
+            names.append(canonical(m.group(1)))
+    return names
+
+
 def read_lock(path: Path = LOCK) -> dict[str, str]:
     return parse_pins(path.read_text())
 
