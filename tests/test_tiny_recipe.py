@@ -123,3 +123,18 @@ def test_the_recorded_ceiling_is_measured_again_when_the_versions_change(small_b
     assert fresh["scenes"] == 4 and recorded_ceiling(path) == fresh  # recorded for the next run
     # greedy decoding of the same weights under the same versions: the build's own figures, not the stale ones
     assert (fresh["vqa_accuracy"], fresh["grounding_accuracy"]) == (built["vqa_accuracy"], built["grounding_accuracy"])
+
+
+def test_an_output_location_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    import tinygpt.tiny.recipe as recipe
+    from tinygpt.errors import UserError
+
+    started = []
+    monkeypatch.setattr(recipe, "_ensure_data", lambda *a: started.append(a))
+    afile = tmp_path / "afile"
+    afile.write_text("the user's file\n")
+    with pytest.raises(UserError, match="afile exists and is a file, not a directory"):
+        recipe.run_tiny_recipe(out_dir=afile, data_dir=tmp_path / "data", progress=False)
+    with pytest.raises(UserError, match="is a file, so .*afile/out cannot be made as a directory"):
+        recipe.run_tiny_recipe(out_dir=afile / "out", data_dir=tmp_path / "data", progress=False)
+    assert not started and afile.read_text() == "the user's file\n"

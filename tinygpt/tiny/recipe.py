@@ -28,7 +28,7 @@ from pathlib import Path
 from tinygpt.errors import UserError
 from tinygpt.evaluation.health import (FLOORS, BrokenModelError, broken_message, generation_problems, installed_versions,
                                        score_problems)
-from tinygpt.io_utils import atomic_path, atomic_write_text
+from tinygpt.io_utils import atomic_path, atomic_write_text, check_output_dir, writing
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
 
@@ -110,7 +110,8 @@ def cpu_seconds() -> float:
 
 
 def _plot(rows: dict[str, dict], ceiling: dict | None, path: Path) -> None:
-    """Grouped bars per stage (caption F1, attribute recall, VQA, grounding), the ceiling as dashed lines."""
+    """Grouped bars per stage (caption F1, attribute recall, VQA, grounding); dashed: the ceiling (the frozen LLM
+    reading the true scene code)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,16 +123,15 @@ def _plot(rows: dict[str, dict], ceiling: dict | None, path: Path) -> None:
     for i, (key, title) in enumerate(COLUMNS):
         xs = [n + (i - (len(COLUMNS) - 1) / 2) * width for n in range(len(names))]
         axis.bar(xs, [100 * rows[n]["metrics"][key] for n in names], width, label=title, color=f"C{i}")
-    if ceiling:
-        for key, colour in (("vqa_accuracy", "C2"), ("grounding_accuracy", "C3")):
+    if ceiling:  # labelled over stage 0, whose bars stay low
+        for key, colour, label in (("vqa_accuracy", "C2", "VQA"), ("grounding_accuracy", "C3", "grounding")):
             axis.axhline(100 * ceiling[key], color=colour, linestyle="--", linewidth=1)
-        axis.text(len(names) - 0.5, 100 * ceiling["vqa_accuracy"] + 1, "ceiling (true scene code)", ha="right",
-                  fontsize=7)
+            axis.text(-0.45, 100 * ceiling[key] - 4.5, f"{label} ceiling", color=colour, fontsize=7)
     axis.set_xticks(range(len(names)), names)
     axis.set_ylim(0, 105)
     axis.set_ylabel("% on held-out scenes")
     axis.set_title("tiny TinyGPT-V: each stage on held-out synthetic shapes")
-    axis.legend(loc="upper left", fontsize=7, ncols=2)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncols=len(COLUMNS), frameon=False)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
@@ -184,6 +184,7 @@ def run_tiny_recipe(
     data = Path(data_dir or os.environ.get("TINYGPT_TINY_DATA", "data/synthetic")).resolve()
     if not CONFIG_DIR.is_dir():
         raise UserError(f"{CONFIG_DIR}: the tiny stage configs are missing (run from a tinygpt checkout)")
+    check_output_dir(out, "tiny recipe: out_dir", "tiny recipe's stage outputs and results")
     timings: dict[str, float] = {}
 
     t = time.monotonic()
@@ -243,10 +244,11 @@ def run_tiny_recipe(
                          "floors": dataclasses.asdict(FLOORS), "versions": installed_versions()}
     table = "\n".join([format_table(rows), *([format_ceiling(ceiling)] if ceiling else []),
                        format_health(problems, floors_apply)])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / "results.txt", table + "\n")
-    _plot(rows, ceiling, out / "results.png")
+    with writing(out, "the tiny recipe's results (results.json, results.txt, results.png)"):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "results.txt", table + "\n")
+        _plot(rows, ceiling, out / "results.png")
     print(table)
     print(f"[tiny] total {timings['total']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; results in "
           f"{out / 'results.json'}, chart in {out / 'results.png'}", flush=True)
