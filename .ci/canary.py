@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lock  # noqa: E402  (.ci/lock.py: the lock's reader, uv and its pinned version)
@@ -126,24 +126,35 @@ def install(report: Report, work: Path) -> Path | None:
     return python
 
 
-def pytest_summary(output: str) -> tuple[str, str]:
-    """(counts line such as '1 failed, 200 passed, 2 skipped', first failure or '')."""
-    counts = ""
-    for ln in reversed(output.splitlines()):
-        m = re.search(r"((?:\d+ (?:passed|failed|skipped|errors?|xfailed|xpassed|deselected|warnings?)"
-                      r"(?:, )?)+)(?: in [\d.]+s)?", ln.strip("= "))
-        if m and re.match(r"^=*\s*\d+ \w+", ln.strip()):
-            counts = m.group(1).rstrip(", ")
+def pytest_summary(junit: Path) -> tuple[str, str]:
+    """(counts such as '1 failed, 200 passed, 2 skipped', first failure or '') from pytest's JUnit XML report
+    (pyproject's addopts -q plus -q hide pytest's own counts line)."""
+    if not junit.exists():
+        return "", ""
+    try:
+        root = ElementTree.parse(junit).getroot()
+    except ElementTree.ParseError:
+        return "", ""
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    total, failed, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+    parts = [f"{n} {label}" for n, label in ((failed, "failed"), (errors, "errors"),
+                                             (total - failed - errors - skipped, "passed"), (skipped, "skipped")) if n]
+    first = ""
+    for case in suite.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            message = (bad.get("message") or "").splitlines()
+            first = f"{case.get('classname')}::{case.get('name')}: {message[0] if message else bad.tag}"
             break
-    first = next((ln.strip() for ln in output.splitlines() if ln.startswith(("FAILED ", "ERROR "))), "")
-    return counts, first
+    return ", ".join(parts), first
 
 
 def run_tests(report: Report, python: Path, work: Path) -> None:
     progress(f"{report.flavour}: running the test suite (python -m pytest -x -q; ~5 min)")
-    rc, output = run_logged([str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"],
+    junit = work / "tests.xml"
+    rc, output = run_logged([str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
                             work / "tests.log", TEST_TIMEOUT, cwd=ROOT, env=clean_env())
-    counts, first = pytest_summary(output)
+    counts, first = pytest_summary(junit)
     report.tests_ok = rc == 0
     if rc == 124:
         report.tests = f"timed out after {TEST_TIMEOUT // 60} min ({counts or 'no summary'})"
@@ -183,6 +194,7 @@ def run_ceiling(report: Report, python: Path, work: Path) -> None:
 
 def check(flavour: str, args) -> Report:
     work = Path(tempfile.mkdtemp(prefix=f"tinygpt-canary-{flavour}-"))
+    work.chmod(0o755)  # some tests run this venv's python as an unprivileged user (tests/test_write_safety.py)
     report = Report(flavour, workdir=str(work))
     try:
         python = install(report, work)
