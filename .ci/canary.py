@@ -9,7 +9,7 @@ For each flavour it builds a throwaway venv in a temp dir:
   uv pinned in .ci/lock.py), installed with pip;
 
 torch is forced to the local 2.13.0+cpu wheel in both (never a CUDA download). In each venv it runs the test suite
-(``python -m pytest -x -q`` from the checkout) and the tiny LLM ceiling check (``python -m tinygpt.tiny.llm_ceiling
+(``python -m pytest -x -q`` from the checkout) and the tiny LLM ceiling check (``python -m tinygpt.tiny.ceiling_check
 --check``; $TINYGPT_CACHE is passed through, so every flavour reuses one backbone build), then prints one screen: per
 flavour the versions that differ from requirements.lock, the test and ceiling results, and a verdict. Exit status 0
 only when everything passed. Run it before every lock refresh (``python3 .ci/lock.py``). Stdlib only.
@@ -36,7 +36,7 @@ FLAVOURS = ("newest", "oldest")
 INSTALL_TIMEOUT = 40 * 60
 TEST_TIMEOUT = 40 * 60
 CEILING_TIMEOUT = 30 * 60  # the first run in a fresh $TINYGPT_CACHE builds the tiny backbones (~6 min)
-CEILING_MODULE = "tinygpt.tiny.llm_ceiling"
+CEILING_MODULE = "tinygpt.tiny.ceiling_check"
 T0 = time.monotonic()
 
 
@@ -166,17 +166,7 @@ def run_tests(report: Report, python: Path, work: Path) -> None:
     progress(f"{report.flavour}: tests: {report.tests.splitlines()[0]}")
 
 
-def ceiling_available() -> bool:
-    """The --check command exists once llm_ceiling has a command line that accepts it (not faked otherwise)."""
-    path = ROOT / Path(*CEILING_MODULE.split(".")).with_suffix(".py")
-    source = path.read_text() if path.exists() else ""
-    return "__main__" in source and "--check" in source
-
-
 def run_ceiling(report: Report, python: Path, work: Path) -> None:
-    if not ceiling_available():
-        report.ceiling = f"not available (python -m {CEILING_MODULE} --check does not exist yet)"
-        return
     progress(f"{report.flavour}: tiny LLM ceiling check (builds the backbones if $TINYGPT_CACHE lacks them)")
     rc, output = run_logged([str(python), "-m", CEILING_MODULE, "--check"], work / "ceiling.log",
                             CEILING_TIMEOUT, cwd=ROOT, env=clean_env())

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tinygpt.errors import UserError
-from tinygpt.evaluation.health import generation_problems, installed_versions, score_problems, versions_text
+from tinygpt.evaluation.health import installed_versions, versions_text
 from tinygpt.io_utils import atomic_write_text
 from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
@@ -252,29 +252,3 @@ def current_ceiling(directory: Path, progress: bool = True) -> dict | None:
         if progress:
             print(f"[tiny] could not record the re-measured ceiling in {directory / MARKER} ({exc})", flush=True)
     return ceiling
-
-
-def check_ceiling_main(argv: list[str]) -> int:
-    """``python -m tinygpt.tiny.llm_ceiling --check``: the drift canary's check of the tiny LLM (exit 0 / 1)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m tinygpt.tiny.llm_ceiling",
-                                     description="Re-measure the tiny LLM's true-code ceiling under the installed "
-                                                 "versions (builds the cached backbones first if needed).")
-    parser.add_argument("--check", action="store_true", help="exit 1 when the ceiling or generation is broken")
-    parser.add_argument("--cache-dir", help="backbone cache (default $TINYGPT_CACHE or ~/.cache/tinygpt)")
-    args = parser.parse_args(argv)
-    try:
-        directory = ensure_tiny_backbones(args.cache_dir, progress=True)
-    except UserError as exc:
-        print(f"error: {exc}")
-        return 2
-    from tinygpt.model import load_vlm
-
-    problems = generation_problems(load_vlm(directory).language_model)
-    ceiling = measure_ceiling(directory)
-    problems += score_problems(ceiling, label="ceiling")
-    print(f"tiny LLM ceiling: VQA {100 * ceiling['vqa_accuracy']:.1f}%, grounding "
-          f"{100 * ceiling['grounding_accuracy']:.1f}% ({ceiling['scenes']} scenes) under {versions_text()}: "
-          + ("ok" if not problems else "BROKEN: " + "; ".join(problems)), flush=True)
-    return 1 if problems and args.check else 0

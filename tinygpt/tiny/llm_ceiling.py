@@ -7,7 +7,7 @@ can reach. Measured when the backbones are built, on held-out scenes in the stag
 (``backbones.current_ceiling``); the recipe prints it under its table. A low ceiling means the LLM pretraining is the
 bottleneck, not the stages; a ceiling under the floors (``tinygpt.evaluation.health``) means a broken install.
 
-    python -m tinygpt.tiny.llm_ceiling --check     # re-measure it under the installed versions; exit 1 if broken
+    python -m tinygpt.tiny.ceiling_check --check    # re-measure it under the installed versions; exit 1 if broken
 """
 
 from __future__ import annotations
@@ -69,10 +69,3 @@ def llm_ceiling(language_model, tokenizer, scenes: int = 42, image_size: int = 2
             "vqa_by_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "scenes": scenes,
             "versions": installed_versions()}
 
-
-if __name__ == "__main__":
-    import sys
-
-    from tinygpt.tiny.backbones import check_ceiling_main
-
-    sys.exit(check_ceiling_main(sys.argv[1:]))
