@@ -2,8 +2,9 @@
 
 Tolerances are relative Frobenius errors ||dequant(q(W)) - W|| / ||W|| on Gaussian weights (the models here are
 randomly initialised with N(0, 0.02)). Measured on a 2560x10240 Gaussian matrix: Q8_0 0.0054, Q5_0 0.043,
-Q4_K 0.071, Q4_0 0.086, F16 0.0002 (and reference/cpu-inference.md gives the same for Q4_0/Q8_0/Q4_K). The bounds sit
-~30-60 % above those, and each type also has a lower bound, so a file that silently kept full precision fails too.
+Q4_K 0.071, Q4_0 0.086, F16 0.0002 (an independent measurement with gguf-py and ggml gave the same for Q4_0/Q8_0/Q4_K;
+docs/benchmarks.md, "Quantisation error per type"). The bounds sit ~30-60 % above those, and each type also has a
+lower bound, so a file that silently kept full precision fails too.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class TinyGPTPhiMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         # Phi-2's "gelu_new" is the tanh approximation of GELU; torch's fused kernel computes the same function in one
-        # pass (transformers' version is seven element-wise ops; a tiny-LLM CPU training step is 9% faster).
+        # pass (transformers' version is seven element-wise ops; speed-up: docs/benchmarks.md, "Tiny training speed").
         act = "gelu_pytorch_tanh" if config.hidden_act == "gelu_new" else config.hidden_act
         self.act = ACT2FN[act]
 

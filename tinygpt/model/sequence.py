@@ -1,6 +1,6 @@
 """The one place that turns conversations + image embeddings into LLM inputs (training, evaluation and chat alike).
 
-Layout of one sample (reference/tinygpt-v.md §3.2)::
+Layout of one sample, as the original TinyGPT-V builds it (docs/training.md, "Sequence layout")::
 
     [BOS] template(user_0)  answer_0 end_sym  [BOS] template(user_1)  answer_1 end_sym ...
 

@@ -1,6 +1,6 @@
 """LAVIS checkpoints: ``eva_vit_g.pth`` (EVA ViT-g), ``blip2_pretrained_flant5xxl.pth`` (Q-Former, queries, ln_vision).
 
-Key mapping (reference/dependencies.md §2), LAVIS -> ours:
+Key mapping, LAVIS -> ours (the files' contents: docs/training.md, "Weight layouts the importers read"):
 
 * ViT (keys bare, or under ``visual_encoder.``): ``cls_token`` -> ``vision_model.embeddings.class_embedding``,
   ``pos_embed`` -> ``embeddings.position_embedding``, ``patch_embed.proj`` -> ``embeddings.patch_embedding``,

@@ -1,6 +1,6 @@
 """Phi-2 weights (``microsoft/phi-2`` and its older layouts) -> our fused-``qkv`` language model.
 
-Three layouts are accepted, detected per tensor name (reference/tinygpt-v.md §2.4):
+Three layouts are accepted, detected per tensor name (docs/training.md, "Weight layouts the importers read"):
 
 1. transformers >= 4.37 (today's ``microsoft/phi-2``): ``self_attn.q_proj`` / ``k_proj`` / ``v_proj`` (+ bias), fused
    here into ``self_attn.qkv`` with rows ``[q; k; v]``.

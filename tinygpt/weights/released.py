@@ -1,6 +1,7 @@
 """The released TinyGPT-V checkpoints ``TinyGPT-V_for_Stage{1..4}.pth`` -> our model names.
 
-The files hold ``{"model": <trainable tensors>, "optimizer": ..., ...}`` (reference/tinygpt-v.md §2.2). Mapping:
+The files hold ``{"model": <trainable tensors>, "optimizer": ..., ...}``, all fp32 (docs/training.md, "Weight layouts
+the importers read"). Mapping:
 
 * ``llama_proj`` -> ``proj1``, ``llama_proj2`` -> ``proj2``;
 * ``llama_model.model.*`` (stage 1, no LoRA) and ``llama_model.base_model.model.model.*`` (stages 2-4, peft 0.2.0
