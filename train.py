@@ -29,43 +29,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tinygpt.errors import report_errors
+
+    return report_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from tinygpt.errors import UserError
-    from tinygpt.evaluation.health import BROKEN_EXIT_CODE, BrokenModelError
 
-    try:
-        if args.cfg_path is None:
-            if args.options or args.check:
-                raise UserError("--options/--check need --cfg-path (without it train.py runs the tiny recipe)")
-            from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
-            from tinygpt.tiny.recipe import run_tiny_recipe
+    if args.cfg_path is None:
+        if args.options or args.check:
+            raise UserError("--options/--check need --cfg-path (without it train.py runs the tiny recipe)")
+        from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
+        from tinygpt.tiny.recipe import run_tiny_recipe
 
-            llm = LLMPretrainSettings()
-            run_tiny_recipe(llm=llm if args.tiny_llm_steps is None else llm.with_steps(args.tiny_llm_steps))
-            return 0
-        if args.tiny_llm_steps is not None:
-            raise UserError("--tiny-llm-steps is for the tiny recipe (train.py without --cfg-path)")
-        from tinygpt.config import check_paths, load_config
-
-        cfg = load_config(args.cfg_path, args.options)
-        if args.check:
-            check_paths(cfg)
-            from tinygpt.train.stage import check_dataset_specs, check_outputs
-
-            check_dataset_specs(cfg)
-            check_outputs(cfg)
-            print(f"{args.cfg_path}: ok")
-            return 0
-        from tinygpt.train.stage import run_stage
-
-        out = run_stage(cfg)
-        print(f"stage output: {out}")
+        llm = LLMPretrainSettings()
+        run_tiny_recipe(llm=llm if args.tiny_llm_steps is None else llm.with_steps(args.tiny_llm_steps))
         return 0
-    except BrokenModelError as error:  # the results were written, but they are garbage
-        print(f"error: {error}", file=sys.stderr)
-        return BROKEN_EXIT_CODE
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.tiny_llm_steps is not None:
+        raise UserError("--tiny-llm-steps is for the tiny recipe (train.py without --cfg-path)")
+    from tinygpt.config import check_paths, load_config
+
+    cfg = load_config(args.cfg_path, args.options)
+    if args.check:
+        check_paths(cfg)
+        from tinygpt.train.stage import check_dataset_specs, check_outputs
+
+        check_dataset_specs(cfg)
+        check_outputs(cfg)
+        print(f"{args.cfg_path}: ok")
+        return 0
+    from tinygpt.tiny.backbones import resolve_builtin
+    from tinygpt.train.stage import run_stage
+
+    resolve_builtin(cfg)
+    out = run_stage(cfg)
+    print(f"stage output: {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinygpt.errors import UserError
+from tinygpt.errors import report_errors
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_random)
 
-    from . import accuracy, bench, chat
+    from tinygpt.tiny import gguf_accuracy as accuracy  # the twin's tool, registered here (entry point)
+
+    from . import bench, chat
 
     p = sub.add_parser("chat", help="chat with an exported model on the CPU")
     chat.add_arguments(p)
@@ -70,16 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tinygpt.evaluation.health import BROKEN_EXIT_CODE, BrokenModelError
-
-    try:
-        return int(args.func(args) or 0)
-    except BrokenModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return BROKEN_EXIT_CODE
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Scoring used by `python -m quantize accuracy` (the same metrics as the PyTorch shapes evaluation)."""
 
-from quantize.accuracy import score
+from tinygpt.tiny.gguf_accuracy import score
 
 
 def test_vqa_and_grounding_scores_on_hand_made_answers():
@@ -12,7 +12,7 @@ def test_vqa_and_grounding_scores_on_hand_made_answers():
 
 
 def test_answers_that_do_not_parse_are_counted():
-    from quantize.accuracy import unparsed
+    from tinygpt.tiny.gguf_accuracy import unparsed
 
     split = [{"answer": ["red"] * 10}, {"answer": ["2"] * 10}]
     assert unparsed("vqa", ["Red.", "two", "red red red red", "yes#####"], split) == 0.5  # garbage is not an answer
@@ -23,7 +23,7 @@ def test_accuracy_of_a_garbage_model_prints_its_table_then_refuses_it(base_model
     """An untrained model answers noise on both sides: the table is printed, then one error line and exit 3."""
     from quantize.__main__ import main
     from quantize.export import export_model
-    from tinygpt.data.synthetic import Scale, generate
+    from tinygpt.tiny.synthetic import Scale, generate
 
     data = tmp_path / "data"
     generate(data, seed=1, scale=Scale(laion=4, cc_sbu=2, align=2, instruct_images=2, vqa_per_image=1, multi_image=2,

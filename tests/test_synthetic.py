@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinygpt.data.synthetic import Scale, generate, texts
-from tinygpt.data.synthetic.__main__ import main as cli_main
-from tinygpt.data.synthetic.scenes import (
+from tinygpt.tiny.synthetic import Scale, generate, texts
+from tinygpt.tiny.synthetic.__main__ import main as cli_main
+from tinygpt.tiny.synthetic.scenes import (
     COLOURS, REGIONS, SHAPES, SIZES, render_scene, sample_scene, scene_rng,
 )
 from tinygpt.errors import UserError
@@ -233,7 +233,7 @@ def test_eval_split_disjoint_from_training(tree):
 
 def test_manifests(tree):
     top = json.loads((tree / "manifest.json").read_text())
-    assert top["generator"] == "tinygpt.data.synthetic" and top["seed"] == 3 and top["version"] >= 1
+    assert top["generator"] == "tinygpt.tiny.synthetic" and top["seed"] == 3 and top["version"] >= 1
     for name in top["roots"]:
         manifest = json.loads((tree / name / "manifest.json").read_text())
         assert manifest["seed"] == 3 and manifest["counts"] == top["roots"][name]
@@ -344,7 +344,7 @@ def test_failure_leaves_previous_output_untouched(tree, tmp_path, monkeypatch):
     out = tmp_path / "data"
     generate(out, seed=3, scale=MICRO, progress=False)
     before = _tree_digest(out)
-    import tinygpt.data.synthetic as synthetic
+    import tinygpt.tiny.synthetic as synthetic
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tinygpt.evaluation.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
+from tinygpt.tiny.shapes import (attribute_recall, caption_scores, grounding_iou, normalize_answer, token_f1,
                                        vqa_correct)
 from tinygpt.model import build_config
 from tinygpt.tiny.backbones import (BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbones_key, ensure_tiny_backbones,
@@ -58,8 +58,8 @@ def test_grounding_iou_exact_numbers():
 # --- scene code -----------------------------------------------------------------------------------------------------
 
 def test_scene_code_is_32_slots_of_single_tokens_matching_box_text():
-    from tinygpt.data.synthetic import texts
-    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.synthetic import texts
+    from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tasks import parse_boxes
     from tinygpt.tokenizer import load_tokenizer
 
@@ -95,7 +95,7 @@ def test_slot_embedding_is_its_first_word_plus_half_weighted_context_rescaled():
 
 
 def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
-    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tiny.pretrain_vision import soft_targets
     from tinygpt.tiny.scene_code import code_classes
 
@@ -116,7 +116,7 @@ def test_vision_targets_weigh_a_slots_words_and_numbers_are_soft():
 
 
 def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(monkeypatch):
-    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tiny import pretrain_vision
     from tinygpt.tiny.scene_code import code_classes
 
@@ -158,7 +158,7 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
 def test_backbone_key_follows_the_build_sources(tmp_path, monkeypatch):
     import tinygpt.tiny.backbones as backbones
 
-    assert (PACKAGE_ROOT / "data/synthetic/texts.py").is_file()
+    assert (PACKAGE_ROOT / "tiny/synthetic/texts.py").is_file()
     assert all((PACKAGE_ROOT / source).exists() for source in BUILD_SOURCES)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "texts.py").write_text("CAPTION = 'a red circle'\n")
@@ -216,8 +216,8 @@ def test_backbones_record_the_true_code_ceiling(small_backbones):
 def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
     """A stand-in LM that reads the code it is given back from the prompt embeddings scores 100%; one that always
     says the same thing scores what that answer is worth."""
-    from tinygpt.data.synthetic import texts
-    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.synthetic import texts
+    from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
     from tinygpt.tiny.llm_ceiling import llm_ceiling
     from tinygpt.tiny.scene_code import padded_slots
     from tinygpt.tokenizer import load_tokenizer

@@ -13,7 +13,7 @@ from tiny_settings import SMALL_LLM, SMALL_VISION
 
 @pytest.fixture(scope="module")
 def short_data(tmp_path_factory):
-    from tinygpt.data.synthetic import Scale, generate
+    from tinygpt.tiny.synthetic import Scale, generate
 
     data = tmp_path_factory.mktemp("tiny-data") / "data"
     generate(data, seed=3, scale=Scale(laion=60, cc_sbu=20, align=20, instruct_images=24, vqa_per_image=2,
@@ -60,7 +60,8 @@ def test_a_broken_decoder_is_named_after_the_results_are_written(small_backbones
     """The transformers 5.25 failure, on purpose: the model never sees the cache it is handed, so each step decodes
     without its past. The recipe must still write its table, then refuse to present it."""
     import tinygpt.model.phi as phi
-    from tinygpt.evaluation.health import CANARY_COMMAND, BrokenModelError
+    from tinygpt.errors import BrokenModelError
+    from tinygpt.evaluation.health import CANARY_COMMAND
 
     def drop_cache(explicit, kwargs):
         for name in ("cache", "past_key_values"):
@@ -86,7 +87,8 @@ def test_train_py_prints_one_error_line_and_exits_3_for_broken_results(monkeypat
     from pathlib import Path
 
     import tinygpt.tiny.recipe
-    from tinygpt.evaluation.health import BrokenModelError, broken_message
+    from tinygpt.errors import BrokenModelError
+    from tinygpt.evaluation.health import broken_message
 
     def broken(**kwargs):
         raise BrokenModelError(broken_message(["stage 4 VQA 10.3% < floor 50%"], "outputs/tiny/results.json"))

@@ -34,7 +34,7 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from tinygpt.data.synthetic import generate
+    from tinygpt.tiny.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     generate(out, seed=0, scale="tiny", progress=False)

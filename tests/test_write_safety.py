@@ -56,7 +56,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from tinygpt.data.synthetic import generate
+    from tinygpt.tiny.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     generate(out, seed=0, scale="tiny", progress=False)
@@ -187,7 +187,7 @@ def test_other_writers_check_their_out_before_any_work(writer, target_kind, trai
     """The same rules for every other CLI that writes a directory: a file is never replaced by one, nothing is
     written under a file, and a directory of the user's is not replaced whole."""
     import quantize.__main__ as q
-    import tinygpt.data.synthetic.__main__ as synth
+    import tinygpt.tiny.synthetic.__main__ as synth
     import tinygpt.train.features as features
     import tinygpt.weights.build as weights
 
@@ -219,7 +219,7 @@ def test_other_writers_check_their_out_before_any_work(writer, target_kind, trai
 UNPRIVILEGED = textwrap.dedent("""
     import contextlib, io, json, sys
     sys.path.insert(0, sys.argv[1])
-    import train, quantize.__main__ as q, tinygpt.data.synthetic.__main__ as synth
+    import train, quantize.__main__ as q, tinygpt.tiny.synthetic.__main__ as synth
     ro, cfg = sys.argv[2], sys.argv[3]
     calls = {
         "output_dir": lambda: train.main(["--quiet", "--cfg-path", cfg, "--options", f"vars.data_root={ro}/none",

@@ -1,9 +1,36 @@
-"""The one exception type for mistakes a user can cause (bad config, bad file, bad argument).
+"""The exceptions for what a user can cause, and the one wrapper every command line uses to report them.
 
-CLIs catch it, print ``error: <message>`` to stderr and exit with status 2, without a traceback.
-Messages are one line and name the file and the field or argument at fault.
+* :class:`UserError`: a mistake the user can fix (bad config, bad file, bad argument). The command prints
+  ``error: <message>`` on stderr and exits with status 2, without a traceback. Messages are one line and name the file
+  and the field or argument at fault.
+* :class:`BrokenModelError`: the run finished and wrote its results, but they are not believable (garbage answers,
+  scores under the floors; ``tinygpt.evaluation.health``). Same one line, exit status 3.
 """
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USER_ERROR_EXIT_CODE = 2
+BROKEN_EXIT_CODE = 3
 
 
 class UserError(Exception):
     """A problem the user can fix: bad input file, bad config value, bad CLI argument."""
+
+
+class BrokenModelError(UserError):
+    """The run finished and wrote its results, but they are not believable (see the message)."""
+
+
+def report_errors(main: Callable[[], int | None]) -> int:
+    """Run a command's body; a UserError becomes one ``error:`` line and exit status 2 (3 for BrokenModelError)."""
+    try:
+        return int(main() or 0)
+    except BrokenModelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return BROKEN_EXIT_CODE
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_path
+from tinygpt.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,9 @@ def load_tokenizer(source: str | os.PathLike | None = None):
                     f"a hub id like microsoft/phi-2, or '{BUILTIN}')")
 
 
-def cache_dir() -> Path:
-    """The tinygpt cache root: $TINYGPT_CACHE, else ~/.cache/tinygpt."""
-    return Path(os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt").expanduser()
-
-
 def builtin_cache_path() -> Path:
-    """Where the rebuilt tokenizer.json is cached."""
-    return cache_dir() / "tokenizers" / _BUILTIN_CACHE_NAME
+    """Where the rebuilt tokenizer.json is cached (under ``tinygpt.paths.cache_root``)."""
+    return cache_root() / "tokenizers" / _BUILTIN_CACHE_NAME
 
 
 # ---------------------------------------------------------------------------------------------- local dir / hub id

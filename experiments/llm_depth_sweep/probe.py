@@ -24,9 +24,9 @@ DEVICE = os.environ.get("PROBE_DEVICE", "cuda")
 
 def evaluate_vqa(language_model, tokenizer, scenes=700, seed=0, batch=350):
     import torch
-    from tinygpt.data.synthetic import texts
-    from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
-    from tinygpt.evaluation.shapes import VQA_INSTRUCTION
+    from tinygpt.tiny.synthetic import texts
+    from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
+    from tinygpt.tiny.shapes import VQA_INSTRUCTION
     from tinygpt.model.sequence import IGNORE
     from tinygpt.tasks import wrap_instruction
     from tinygpt.tiny import pretrain_llm as P

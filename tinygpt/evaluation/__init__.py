@@ -1,1 +1,1 @@
-"""Evaluation suites (the synthetic shapes suite lives in shapes.py)."""
+"""Generic evaluation checks: the health checks that keep broken results from passing as results (health.py)."""

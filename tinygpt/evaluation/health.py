@@ -10,9 +10,9 @@ Two kinds of check, both cheap:
 * :func:`score_problems` compares the shapes suite's figures with :data:`FLOORS`: levels that no working build of the
   embedded default comes near (README, "Why the floors"), and the share of answers that do not parse.
 
-Callers write their table and results first, then raise :class:`BrokenModelError` with :func:`broken_message`, which
-names the installed torch/transformers and the drift canary; ``train.py`` and ``python -m quantize`` print it as one
-``error:`` line and exit with status 3.
+Callers write their table and results first, then raise ``tinygpt.errors.BrokenModelError`` with
+:func:`broken_message`, which names the installed torch/transformers and the drift canary; every command line prints it
+as one ``error:`` line and exits with status 3 (``tinygpt.errors.report_errors``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tinygpt.errors import UserError
+from tinygpt.errors import BrokenModelError  # noqa: F401  (raised by the callers of broken_message)
 
 CANARY_COMMAND = "python .ci/canary.py"
-BROKEN_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,6 @@ class Floors:
 
 
 FLOORS = Floors()
-
-
-class BrokenModelError(UserError):
-    """The run finished and wrote its results, but they are not believable (see the message)."""
 
 
 def installed_versions() -> dict[str, str]:

@@ -32,6 +32,7 @@ import torch
 from tinygpt.errors import UserError
 from tinygpt.evaluation.health import installed_versions, versions_text
 from tinygpt.io_utils import atomic_write_text
+from tinygpt.paths import cache_root
 from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
@@ -41,14 +42,7 @@ MARKER = "backbones.json"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # Package-relative files and folders (every ``.py`` inside) whose content is part of the cache key.
 BUILD_SOURCES = ("tiny/pretrain_llm.py", "tiny/pretrain_vision.py", "tiny/scene_code.py", "tiny/schedule.py",
-                 "data/synthetic", "tasks.py", "prompts/alignment.txt", "model")
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("TINYGPT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "tinygpt"
+                 "tiny/synthetic", "tasks.py", "prompts/alignment.txt", "model")
 
 
 def sources_digest(root: Path = PACKAGE_ROOT, sources: tuple[str, ...] = BUILD_SOURCES) -> str:
@@ -252,3 +246,10 @@ def current_ceiling(directory: Path, progress: bool = True) -> dict | None:
         if progress:
             print(f"[tiny] could not record the re-measured ceiling in {directory / MARKER} ({exc})", flush=True)
     return ceiling
+
+
+def resolve_builtin(cfg) -> None:
+    """Replace ``model.init_from: builtin:tiny`` in a loaded stage config by the cached tiny backbones (built once);
+    the entry points call this before ``run_stage``, so training never imports the twin."""
+    if cfg.model.init_from == "builtin:tiny":
+        cfg.model.init_from = str(ensure_tiny_backbones())

@@ -3,7 +3,7 @@
 Stages 1-4 can at best make the projected image look like the scene code the LLM was pretrained to read
 (``scene_code.py``), so the accuracy of the frozen LLM given the exact code bounds what the tiny recipe
 can reach. Measured when the backbones are built, on held-out scenes in the stage-4 wording used by
-``tinygpt.evaluation.shapes``, and again whenever torch or transformers differ from the versions recorded with it
+``tinygpt.tiny.shapes``, and again whenever torch or transformers differ from the versions recorded with it
 (``backbones.current_ceiling``); the recipe prints it under its table. A low ceiling means the LLM pretraining is the
 bottleneck, not the stages; a ceiling under the floors (``tinygpt.evaluation.health``) means a broken install.
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from tinygpt.data.synthetic import texts
+from tinygpt.tiny.synthetic import texts
 from tinygpt.evaluation.health import installed_versions
-from tinygpt.data.synthetic.scenes import sample_scene, scene_rng
-from tinygpt.evaluation.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou,
+from tinygpt.tiny.synthetic.scenes import sample_scene, scene_rng
+from tinygpt.tiny.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, grounding_iou,
                                        vqa_correct)
 from tinygpt.model.sequence import PromptFormat, sample_ids
 from tinygpt.tasks import IMAGE_PLACEHOLDER, wrap_instruction

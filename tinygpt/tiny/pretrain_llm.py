@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinygpt.data.synthetic import texts
-from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, sample_scene, scene_rng
-from tinygpt.data.synthetic.writers import unnatural_records
+from tinygpt.tiny.synthetic import texts
+from tinygpt.tiny.synthetic.scenes import COLOURS, SHAPES, sample_scene, scene_rng
+from tinygpt.tiny.synthetic.writers import unnatural_records
 from tinygpt.errors import UserError
 from tinygpt.model.sequence import IGNORE, IMAGE_SLOT, PromptFormat, sample_ids
 from tinygpt.tasks import (CAPTION_PROMPTS, DETECTION_PROMPTS, GROUNDING_PROMPTS, IDENTIFY_PROMPTS, IMAGE_PLACEHOLDER,

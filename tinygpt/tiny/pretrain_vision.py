@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from tinygpt.data.image import ImageTransform
-from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, render_scene, sample_scene, scene_rng
+from tinygpt.tiny.synthetic.scenes import COLOURS, SHAPES, render_scene, sample_scene, scene_rng
 from tinygpt.tiny.schedule import pretrain_lr
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, PAD_CLASS, VOCABULARY, code_classes,
                                     slot_is_number, word_weights)

@@ -1,10 +1,10 @@
 """The embedded default (``python train.py`` with no arguments): the whole TinyGPT-V recipe, tiny, on any CPU.
 
-1. synthetic shapes data in the real formats (``python -m tinygpt.data.synthetic``), unless already there;
+1. synthetic shapes data in the real formats (``python -m tinygpt.tiny.synthetic``), unless already there;
 2. the tiny backbones (``tinygpt.tiny.backbones``, cached once per machine);
 3. tiny stages 1-4 from ``train_configs/tiny/stage{1..4}.yaml`` with the real training loop, each starting from
    the previous stage's output;
-4. the shapes suite (``tinygpt.evaluation.shapes``) on the held-out split after each stage, and on the untrained
+4. the shapes suite (``tinygpt.tiny.shapes``) on the held-out split after each stage, and on the untrained
    projections ("stage 0": the backbones as stage 1 receives them, in stage 1's prompt format): the first 120 items
    of each list for stages 0-3, the whole split (600 questions, ~600 boxes, 300 captions) for the final stage, whose
    figure is the one that counts (120 questions leave a standard error of ~3.5 points); under the table, how many
@@ -25,14 +25,14 @@ import os
 import time
 from pathlib import Path
 
-from tinygpt.errors import UserError
-from tinygpt.evaluation.health import (FLOORS, BrokenModelError, broken_message, generation_problems, installed_versions,
-                                       score_problems)
+from tinygpt.errors import BrokenModelError, UserError
+from tinygpt.evaluation.health import FLOORS, broken_message, generation_problems, installed_versions, score_problems
 from tinygpt.io_utils import atomic_path, atomic_write_text, check_output_dir, writing
+from tinygpt.paths import TINY_OUTPUT_DIR, tiny_data_dir, train_configs_dir
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "train_configs" / "tiny"
+CONFIG_DIR = train_configs_dir() / "tiny"
 STAGES = (1, 2, 3, 4)
 # Tiny models on CPU evaluate fastest in batches of 128 (the whole split: 23 s against 32 s at the default 48;
 # the same figures on the two stage-4 models compared).
@@ -42,7 +42,7 @@ COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. rec
 
 
 def _ensure_data(data_dir: Path, seed: int, progress: bool) -> None:
-    from tinygpt.data.synthetic import generate
+    from tinygpt.tiny.synthetic import generate
 
     if (data_dir / "manifest.json").is_file() and (data_dir / "eval" / "vqa.json").is_file():
         if progress:
@@ -157,7 +157,7 @@ def format_health(problems: list[str], floors_apply: bool) -> str:
 
 
 def run_tiny_recipe(
-    out_dir: str | os.PathLike = "outputs/tiny",
+    out_dir: str | os.PathLike = TINY_OUTPUT_DIR,
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     max_steps: int | None = None,
@@ -175,15 +175,16 @@ def run_tiny_recipe(
     the last stage (None: the whole held-out split).
     """
     from tinygpt.config.load import load_config
-    from tinygpt.evaluation.shapes import evaluate_loaded, evaluate_shapes
+    from tinygpt.tiny.shapes import evaluate_loaded, evaluate_shapes
     from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
     from tinygpt.train.stage import run_stage
 
     start = time.monotonic()
     out = Path(out_dir).resolve()
-    data = Path(data_dir or os.environ.get("TINYGPT_TINY_DATA", "data/synthetic")).resolve()
+    data = tiny_data_dir(data_dir).resolve()
     if not CONFIG_DIR.is_dir():
-        raise UserError(f"{CONFIG_DIR}: the tiny stage configs are missing (run from a tinygpt checkout)")
+        raise UserError(f"{CONFIG_DIR}: the tiny stage configs are missing (a checkout has them in train_configs/tiny, "
+                        "an installed package in tinygpt/train_configs/tiny)")
     check_output_dir(out, "tiny recipe: out_dir", "tiny recipe's stage outputs and results")
     timings: dict[str, float] = {}
 

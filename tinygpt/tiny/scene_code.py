@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from tinygpt.data.synthetic.scenes import COLOURS, REGIONS, SHAPES, SIZES, Scene
+from tinygpt.tiny.synthetic.scenes import COLOURS, REGIONS, SHAPES, SIZES, Scene
 from tinygpt.errors import UserError
 from tinygpt.model.sequence import IMAGE_SLOT
 from tinygpt.tasks import BOX_GRID, format_box, parse_boxes

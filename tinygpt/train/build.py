@@ -1,4 +1,4 @@
-"""The model a stage trains: from a preset (random weights), a model directory, or the cached tiny backbones.
+"""The model a stage trains: from a preset (random weights) or a model directory (the tiny backbones included).
 
 Steps: load (``init_from``) -> resize the ViT position embeddings when the stage's image size differs (224 -> 448,
 bicubic, once) -> add LoRA when the stage has it and the loaded model does not -> store the stage's prompt template
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config.schema import ModelSection, RunConfig
+from ..config.schema import BUILTIN_PREFIX, ModelSection, RunConfig
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,13 @@ class BuiltModel:
 
 
 def resolve_init_dir(init_from: Optional[str]) -> Optional[Path]:
-    """The model directory ``init_from`` names (``builtin:tiny`` -> the cached tiny backbones, made once)."""
+    """The model directory ``init_from`` names; ``builtin:tiny`` must already be resolved to a directory
+    (``tinygpt.tiny.backbones.resolve_builtin``, called by the entry points)."""
     if init_from is None:
         return None
-    if init_from == "builtin:tiny":
-        from ..tiny.backbones import ensure_tiny_backbones  # later step by design: only the tiny default needs it
-
-        return Path(ensure_tiny_backbones())
+    if init_from.startswith(BUILTIN_PREFIX):  # the twin sits above training: its entry points resolve it first
+        raise UserError(f"model.init_from: {init_from} names a built-in model that only the entry points resolve "
+                        "(python train.py --cfg-path ... or tinygpt train); pass a model directory instead")
     return Path(init_from)
 
 

@@ -32,9 +32,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tinygpt.data.synthetic import texts
-from tinygpt.data.synthetic.scenes import Scene, sample_scene, scene_rng
-from tinygpt.data.synthetic.writers import (
+from tinygpt.tiny.synthetic import texts
+from tinygpt.tiny.synthetic.scenes import Scene, sample_scene, scene_rng
+from tinygpt.tiny.synthetic.writers import (
     Progress, aokvqa_record, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align,
     write_images, write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
 )
@@ -42,7 +42,7 @@ from tinygpt.errors import UserError
 from tinygpt.io_utils import check_output_dir, writing
 from tinygpt.tasks import CAPTION_PROMPTS, IDENTIFY_PROMPTS, REFER_PROMPTS
 
-GENERATOR = "tinygpt.data.synthetic"
+GENERATOR = "tinygpt.tiny.synthetic"
 GENERATOR_VERSION = 1
 DETAIL_PROMPTS = ("Describe the image in detail.", "Give a detailed description of the image.",
                   "What do you see in this image? Describe it in detail.")

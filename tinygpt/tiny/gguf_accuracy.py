@@ -3,7 +3,7 @@
     python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit 200]
 
 Both sides answer the same ``[vqa]`` and ``[refer]`` prompts of the synthetic shapes suite
-(``tinygpt.evaluation.shapes``) greedily, with the prompt format of the model's config / the GGUF file, and are
+(``tinygpt.tiny.shapes``) greedily, with the prompt format of the model's config / the GGUF file, and are
 scored by the same metric functions. The report gives each accuracy and the retained share (GGUF / PyTorch).
 
 No silent garbage (``tinygpt.evaluation.health``): when the PyTorch model fails the decoding self-check, or when most
@@ -17,7 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
-from tinygpt.errors import UserError
+from quantize.sampler import SamplingParams
+from quantize.session import open_session
+from tinygpt.errors import BrokenModelError, UserError
+from tinygpt.evaluation.health import FLOORS, broken_message, generation_problems
+from tinygpt.model import load_vlm
+from tinygpt.tasks import parse_boxes, wrap_instruction
+from tinygpt.tiny.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, evaluate_loaded,
+                                 grounding_iou, normalize_answer, vqa_correct)
 
 TASKS = ("vqa", "refer")
 
@@ -34,9 +41,6 @@ def gguf_answers(session, root: Path, items: list[tuple[str, str]], max_new_toke
 
 def unparsed(task: str, answers: list[str], all_records: list[dict]) -> float:
     """Share of answers that are no answer at all: outside the split's VQA answer set, or without a box."""
-    from tinygpt.evaluation.shapes import normalize_answer
-    from tinygpt.tasks import parse_boxes
-
     if task == "vqa":
         known = {normalize_answer(a) for r in all_records for a in r["answer"]}
         misses = [normalize_answer(a) not in known for a in answers]
@@ -46,8 +50,6 @@ def unparsed(task: str, answers: list[str], all_records: list[dict]) -> float:
 
 
 def score(task: str, answers: list[str], records: list[dict]) -> float:
-    from tinygpt.evaluation.shapes import IOU_THRESHOLD, grounding_iou, vqa_correct
-
     if task == "vqa":
         hits = [vqa_correct(a, r["answer"]) for a, r in zip(answers, records)]
     else:
@@ -58,16 +60,6 @@ def score(task: str, answers: list[str], records: list[dict]) -> float:
 
 def compare(model_dir, gguf_dir, split_dir, limit: int | None = 200, qtype: str | None = None,
             backend: str = "auto") -> dict:
-    from tinygpt.evaluation.health import FLOORS
-    from tinygpt.evaluation.shapes import MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, evaluate_loaded
-    from tinygpt.model import load_vlm
-    from tinygpt.tasks import wrap_instruction
-
-    from .sampler import SamplingParams
-    from .session import open_session
-
-    from tinygpt.evaluation.health import generation_problems
-
     root = Path(split_dir)
     model = load_vlm(model_dir)
     problems = [f"PyTorch model: {p}" for p in generation_problems(model.language_model)]
@@ -112,7 +104,5 @@ def run(args: argparse.Namespace) -> int:
         r = report[task]
         print(f"{task:8} {r['pytorch']:8.3f} {r['gguf']:8.3f} {r['retained']:9.1%}")
     if report["problems"]:
-        from tinygpt.evaluation.health import BrokenModelError, broken_message
-
         raise BrokenModelError(broken_message(report["problems"], f"accuracy of {args.gguf}"))
     return 0

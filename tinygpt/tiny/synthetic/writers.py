@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tinygpt.data.synthetic.scenes import SHAPES, Scene, render_jpeg
-from tinygpt.data.synthetic.texts import phrase
+from tinygpt.tiny.synthetic.scenes import SHAPES, Scene, render_jpeg
+from tinygpt.tiny.synthetic.texts import phrase
 
 COCO_PREFIX = "COCO_train2014_"
 VQA_ANSWERS_PER_QUESTION = 10   # VQAv2 has ten human answers per question; ours all agree

@@ -1,4 +1,4 @@
-"""python -m tinygpt.data.synthetic --out DIR [--seed N] [--scale tiny|small]: write the synthetic shapes datasets."""
+"""python -m tinygpt.tiny.synthetic --out DIR [--seed N] [--scale tiny|small]: write the synthetic shapes datasets."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import sys
 import time
 
-from tinygpt.data.synthetic import SCALES, generate
+from tinygpt.tiny.synthetic import SCALES, generate
 from tinygpt.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tinygpt.data.synthetic",
+        prog="python -m tinygpt.tiny.synthetic",
         description="Write seeded synthetic shapes datasets in the real formats of stages 1-4 "
                     "(webdataset, cc_sbu_align, LLaVA, RefCOCO, VQA, ...) plus held-out evaluation splits.")
     parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier output)")

@@ -1,4 +1,4 @@
-"""The synthetic shapes suite: captioning, VQA and grounding on the held-out split of ``tinygpt.data.synthetic``.
+"""The synthetic shapes suite: captioning, VQA and grounding on the held-out split of ``tinygpt.tiny.synthetic``.
 
 Split layout (written by the generator under ``<data>/eval``): ``images/``, ``vqa.json`` (LAVIS VQA records with a
 ``kind``), ``refer.json`` (phrase + COCO box [x, y, w, h] + image size), ``captions.json`` (reference captions).
@@ -104,7 +104,7 @@ def grounding_iou(prediction: str, box_xywh: list[float], width: float, height: 
 
 def _read_json(path: Path) -> list:
     if not path.is_file():
-        raise UserError(f"{path}: missing (write the split with: python -m tinygpt.data.synthetic --out DIR)")
+        raise UserError(f"{path}: missing (write the split with: python -m tinygpt.tiny.synthetic --out DIR)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

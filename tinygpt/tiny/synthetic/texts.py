@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tinygpt.data.synthetic.scenes import COLOURS, SHAPES, Scene, ShapeObject
+from tinygpt.tiny.synthetic.scenes import COLOURS, SHAPES, Scene, ShapeObject
 from tinygpt.tasks import DELIM, format_box, format_phrase_box
 
 REGION_PHRASES = {

@@ -1,0 +1,35 @@
+"""What `pip install .` ships: every package of the checkout, the prompts and the stage configs (so an installed
+tinygpt runs its tiny default from any directory)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_package_of_the_checkout():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(init.parent.relative_to(ROOT).parts) for top in ("tinygpt", "quantize")
+             for init in (ROOT / top).rglob("__init__.py")}
+    listed = set(setuptools["packages"])
+    assert found <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed - found == {"tinygpt.train_configs"}
+    assert setuptools["package-dir"] == {"tinygpt.train_configs": "train_configs"}
+
+
+def test_the_stage_configs_ship_with_the_package(monkeypatch, tmp_path):
+    import tinygpt.paths as paths
+
+    assert paths.train_configs_dir() == ROOT / "train_configs"  # a checkout uses its own folder
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = data["tinygpt.train_configs"]
+    shipped = {p.relative_to(ROOT / "train_configs").as_posix() for pattern in patterns
+               for p in (ROOT / "train_configs").glob(pattern)}
+    every = {p.relative_to(ROOT / "train_configs").as_posix() for p in (ROOT / "train_configs").rglob("*.yaml")}
+    assert shipped == every and "tiny/stage1.yaml" in shipped
+    installed = tmp_path / "site-packages" / "tinygpt"
+    (installed / "train_configs" / "tiny").mkdir(parents=True)
+    monkeypatch.setattr(paths, "PACKAGE_ROOT", installed)  # no train_configs/ beside it: the installed copy
+    assert paths.train_configs_dir() == installed / "train_configs"

@@ -1,0 +1,36 @@
+"""Where tinygpt keeps things, in one place: the cache root, the stage configs, the tiny default's data and outputs.
+
+* cache root: ``$TINYGPT_CACHE``, else ``~/.cache/tinygpt`` (``~`` expanded either way); it holds the rebuilt builtin
+  tokenizer (``tokenizers/``) and the tiny backbones (``tiny-backbones-v*-<hash>/``);
+* stage configs: the checkout's top-level ``train_configs/`` when tinygpt runs from a checkout, else the copy that
+  ``pip install`` puts in the package (``tinygpt/train_configs``, see pyproject.toml), so an installed tinygpt runs its
+  tiny default from any directory;
+* the tiny default's data (``$TINYGPT_TINY_DATA``, else ``data/synthetic``) and outputs (``outputs/tiny``), relative to
+  the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def cache_root(override: str | os.PathLike | None = None) -> Path:
+    """``override``, else ``$TINYGPT_CACHE``, else ``~/.cache/tinygpt``."""
+    chosen = override if override is not None else os.environ.get("TINYGPT_CACHE")
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "tinygpt"
+
+
+def train_configs_dir() -> Path:
+    """The stage YAML folder: the checkout's ``train_configs/`` first, else the installed package's copy."""
+    checkout = PACKAGE_ROOT.parent / "train_configs"
+    return checkout if checkout.is_dir() else PACKAGE_ROOT / "train_configs"
+
+
+def tiny_data_dir(override: str | os.PathLike | None = None) -> Path:
+    return Path(override or os.environ.get("TINYGPT_TINY_DATA") or "data/synthetic")
+
+
+TINY_OUTPUT_DIR = Path("outputs/tiny")
