@@ -32,8 +32,8 @@ def _random(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="write llm-<qtype>.gguf + vision.gguf from a trained model directory")
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m quantize") -> int:
+    """``prog``: the name usage lines print (``tinygpt`` when run as ``tinygpt chat`` etc., tinygpt.cli)."""
+    args = build_parser(prog).parse_args(argv)
     return report_errors(lambda: args.func(args))
 
 

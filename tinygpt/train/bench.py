@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, report_errors
 
 # dense bf16 peak of common training GPUs (TFLOP/s), for the utilisation figure
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0,
@@ -153,20 +153,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        from ..config import check_paths, load_config
+    return report_errors(lambda: _bench_command(args))
 
-        cfg = load_config(args.cfg_path, args.options)
-        if args.steps < 1:
-            raise UserError("--steps must be >= 1")
-        if not args.random_weights:
-            check_paths(cfg)
-        if args.text_tokens is not None and not 1 <= args.text_tokens <= cfg.model.max_txt_len:
-            raise UserError(f"--text-tokens must be in 1..{cfg.model.max_txt_len} (model.max_txt_len of {cfg.source})")
-        result = bench(cfg, args.steps, args.random_weights, args.text_tokens, args.profile)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from ..config import check_paths, load_config
+
+    cfg = load_config(args.cfg_path, args.options)
+    if args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    if not args.random_weights:
+        check_paths(cfg)
+    if args.text_tokens is not None and not 1 <= args.text_tokens <= cfg.model.max_txt_len:
+        raise UserError(f"--text-tokens must be in 1..{cfg.model.max_txt_len} (model.max_txt_len of {cfg.source})")
+    result = bench(cfg, args.steps, args.random_weights, args.text_tokens, args.profile)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

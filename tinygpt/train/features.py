@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import UserError, report_errors
 from ..io_utils import atomic_dir, check_output_dir, writing
 
 log = logging.getLogger("tinygpt.train")
@@ -159,31 +159,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        from ..config import check_paths, load_config
-        from .build import build_model, planned_image_size
-        from .stage import build_datasets, check_dataset_specs
+    return report_errors(lambda: _features_command(args))
 
-        cfg = load_config(args.cfg_path, args.options)
-        check_features_out(Path(args.out))
-        check_paths(cfg)
-        check_dataset_specs(cfg)
-        names = list(cfg.active_datasets())
-        name = args.dataset or (names[0] if len(names) == 1 else None)
-        if name not in names:
-            raise UserError(f"--dataset: choose one of {', '.join(names)}")
-        cfg.data.datasets = {name: cfg.data.datasets[name]}
-        entry = build_datasets(cfg, planned_image_size(cfg))[0]
-        model = build_model(cfg).model
-        if torch.cuda.is_available():
-            model.cuda()
-        out = write_features(model, entry.dataset, Path(args.out), name, str(cfg.model.init_from),
-                             batch_size=args.batch_size, limit=args.limit)
-        print(f"wrote {out}")
-        return 0
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+
+def _features_command(args: argparse.Namespace) -> int:
+    from ..config import check_paths, load_config
+    from .build import build_model, planned_image_size
+    from .stage import build_datasets, check_dataset_specs
+
+    cfg = load_config(args.cfg_path, args.options)
+    check_features_out(Path(args.out))
+    check_paths(cfg)
+    check_dataset_specs(cfg)
+    names = list(cfg.active_datasets())
+    name = args.dataset or (names[0] if len(names) == 1 else None)
+    if name not in names:
+        raise UserError(f"--dataset: choose one of {', '.join(names)}")
+    cfg.data.datasets = {name: cfg.data.datasets[name]}
+    entry = build_datasets(cfg, planned_image_size(cfg))[0]
+    model = build_model(cfg).model
+    if torch.cuda.is_available():
+        model.cuda()
+    out = write_features(model, entry.dataset, Path(args.out), name, str(cfg.model.init_from),
+                         batch_size=args.batch_size, limit=args.limit)
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

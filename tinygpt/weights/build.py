@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, report_errors
 from ..model import TinyGPTVConfig, TinyGPTVForConditionalGeneration, build_config, save_vlm
 from ..model.lora import lora_settings, merge_lora
 from ..model.presets import PRESETS
@@ -42,8 +42,8 @@ _ONES = ("self_attn.q_layernorm.weight", "self_attn.k_layernorm.weight", "post_l
 _ZEROS = ("self_attn.q_layernorm.bias", "self_attn.k_layernorm.bias")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tinygpt.weights.build", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m tinygpt.weights.build") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", required=True, help="Phi-2 hub id (microsoft/phi-2) or a local directory")
     p.add_argument("--vision", help="Hugging Face BLIP-2 hub id (Salesforce/blip2-opt-2.7b) or directory")
     p.add_argument("--eva", help="LAVIS eva_vit_g.pth (instead of --vision)")
@@ -204,19 +204,19 @@ def build(args: argparse.Namespace):
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.weights.build") -> int:
+    args = parse_args(argv, prog)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[weights] %(message)s"))
     logger = logging.getLogger("tinygpt.weights")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    try:
+
+    def run() -> int:
         build(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return report_errors(run)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import sys
 import time
 
 from tinygpt.tiny.synthetic import SCALES, generate
-from tinygpt.errors import UserError
+from tinygpt.errors import report_errors
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.tiny.synthetic") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tinygpt.tiny.synthetic",
+        prog=prog,
         description="Write seeded synthetic shapes datasets in the real formats of stages 1-4 "
                     "(webdataset, cc_sbu_align, LLaVA, RefCOCO, VQA, ...) plus held-out evaluation splits.")
     parser.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier output)")
@@ -23,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="image side for stage 4, multi-image and eval sets (default 224)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
+    return report_errors(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    try:
-        manifest = generate(args.out, seed=args.seed, scale=args.scale, pretrain_size=args.pretrain_size,
-                            instruct_size=args.instruct_size, progress=not args.quiet)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    manifest = generate(args.out, seed=args.seed, scale=args.scale, pretrain_size=args.pretrain_size,
+                        instruct_size=args.instruct_size, progress=not args.quiet)
     if not args.quiet:
         for name, counts in manifest["roots"].items():
             print(f"{name:24s} {', '.join(f'{k}={v}' for k, v in counts.items())}")

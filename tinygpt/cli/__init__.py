@@ -1,0 +1,63 @@
+"""The ``tinygpt`` console script: one front door whose verbs are the existing entry points.
+
+    tinygpt train [--cfg-path YAML] ...   = python train.py ...
+    tinygpt build --llm ... --out DIR     = python -m tinygpt.weights.build ...
+    tinygpt synth --out DIR               = python -m tinygpt.tiny.synthetic ...
+    tinygpt export|random|chat|bench|accuracy ...   = python -m quantize export|random|chat|bench|accuracy ...
+    tinygpt ceiling [--check]             = python -m tinygpt.tiny.ceiling_check ...
+
+Each verb hands the rest of the command line, unchanged, to that entry point's ``main`` (its own flags, messages and
+exit codes: 0, 2 for a user error, 3 for results that are not believable; tinygpt.errors), so the documented forms and
+the verbs cannot drift apart. Only the program name in usage lines differs ("tinygpt chat" instead of
+"python -m quantize chat"). The verb modules are imported only when their verb runs, so ``tinygpt --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NamedTuple
+
+
+class Verb(NamedTuple):
+    module: str  # its main(argv, prog=...) is called with the rest of the command line
+    summary: str  # one line for `tinygpt --help`
+    quantize_command: bool = False  # a `python -m quantize` subcommand: main([verb, *rest], prog="tinygpt")
+
+
+VERBS: dict[str, Verb] = {
+    "train": Verb("tinygpt.cli.train", "train one stage from a YAML config (no arguments: the tiny default)"),
+    "build": Verb("tinygpt.weights.build", "assemble stage 1's starting model from Phi-2 + BLIP-2/EVA weights"),
+    "synth": Verb("tinygpt.tiny.synthetic.__main__", "write the seeded synthetic shapes datasets of stages 1-4"),
+    "export": Verb("quantize.__main__", "write llm-<qtype>.gguf + vision.gguf from a trained model directory", True),
+    "random": Verb("quantize.__main__", "write a random-weight GGUF pair of the real shapes (benchmarks, tests)", True),
+    "chat": Verb("quantize.__main__", "chat with an exported GGUF model on the CPU", True),
+    "bench": Verb("quantize.__main__", "time a GGUF model on the CPU: load, image, prefill, decode, peak memory", True),
+    "accuracy": Verb("quantize.__main__", "held-out VQA / grounding accuracy of the GGUF runtime vs PyTorch", True),
+    "ceiling": Verb("tinygpt.tiny.ceiling_check", "re-measure the tiny LLM's ceiling under the installed versions"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top level only: it lists the verbs and rejects unknown ones; each verb parses its own flags."""
+    parser = argparse.ArgumentParser(
+        prog="tinygpt", description="Train TinyGPT-V-style vision-language models and run them as GGUF on a CPU.",
+        epilog="`tinygpt VERB --help` shows a verb's own flags.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, verb in VERBS.items():
+        sub.add_parser(name, help=verb.summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        build_parser().parse_args(argv)  # --help, no verb or an unknown verb: prints and exits (0 or 2)
+        return 2  # not reached: every argv that gets here is one of the cases above
+    name, rest = argv[0], argv[1:]
+    verb = VERBS[name]
+    entry = importlib.import_module(verb.module).main
+    if verb.quantize_command:
+        return entry([name, *rest], prog="tinygpt")
+    return entry(rest, prog=f"tinygpt {name}")
