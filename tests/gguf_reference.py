@@ -118,7 +118,8 @@ def write_llm_gguf(path: Path, weights: dict[str, np.ndarray], qtype=T.F32, visi
         if arr.ndim == 1:
             wr.add_tensor(name, arr.astype(np.float32))
             continue
-        q = qtypes.quantize(arr, qtypes.choose_type(qtype, arr.shape)) if qtype != T.F32 else qtypes.Quantized(arr, T.F32)
+        q = (qtypes.quantize(arr, qtypes.choose_type(qtype, arr.shape)) if qtype != T.F32
+             else qtypes.Quantized(arr, T.F32))
         if q.qtype in (T.F32, T.F16):
             wr.add_tensor(name, q.data)
         else:

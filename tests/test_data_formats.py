@@ -49,7 +49,8 @@ def write_shard(path: Path, samples: list) -> Path:
 
 
 def pair(key: str, caption: str, color=(0, 128, 255)):
-    return key, {"jpg": jpeg_bytes(color=color), "txt": caption.encode(), "json": json.dumps({"caption": caption}).encode()}
+    return key, {"jpg": jpeg_bytes(color=color), "txt": caption.encode(),
+                 "json": json.dumps({"caption": caption}).encode()}
 
 
 def assert_contract(sample, n_images):
@@ -255,7 +256,8 @@ def test_textcaps_and_coco_caption(tmp_path):
     from tinygpt.tasks import CAPTION_PROMPTS
     make_image(tmp_path / "img" / "abc.jpg")
     make_image(tmp_path / "img" / "COCO_train2014_000000000009.jpg")
-    textcaps = write_json(tmp_path / "TextCaps_0.1_train.json", {"data": [{"image_id": "abc", "caption_str": "A Sign."}]})
+    textcaps = write_json(tmp_path / "TextCaps_0.1_train.json",
+                          {"data": [{"image_id": "abc", "caption_str": "A Sign."}]})
     coco = write_json(tmp_path / "coco_karpathy_train.json", [
         {"image": "train2014/COCO_train2014_000000000009.jpg", "caption": "Two Cats.", "image_id": "coco_9"},
         {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "not train", "image_id": "coco_1"}])
@@ -272,7 +274,8 @@ def test_vqa_answer_sampled_by_frequency_and_seeded(tmp_path):
     make_image(tmp_path / "coco" / "COCO_train2014_000000000001.jpg")
     answers = ["Yes"] * 9 + ["no"]
     ann = write_json(tmp_path / "vqa_train.json", [
-        {"question_id": 1, "question": "Is it Red?", "answer": answers, "image": "train2014/COCO_train2014_000000000001.jpg"},
+        {"question_id": 1, "question": "Is it Red?", "answer": answers,
+         "image": "train2014/COCO_train2014_000000000001.jpg"},
         {"question_id": 2, "question": "Gone?", "answer": ["x"], "image": "train2014/COCO_train2014_000000000404.jpg"}])
     dataset = VQADataset([str(ann)], str(tmp_path / "coco"), variant="coco_vqa", image_size=S, seed=3)
     assert len(dataset) == 1  # the question with a missing image is dropped, as the original
@@ -280,8 +283,8 @@ def test_vqa_answer_sampled_by_frequency_and_seeded(tmp_path):
     for epoch in range(200):
         dataset.set_epoch(epoch)
         turn = dataset[0]["turns"][0]
-        assert turn["user"] in (f"{IMAGE_TAG} [vqa] is it red? ",
-                                f"{IMAGE_TAG} [vqa] Based on the image, respond to this question with a short answer: is it red? ")
+        long_form = "Based on the image, respond to this question with a short answer: is it red? "
+        assert turn["user"] in (f"{IMAGE_TAG} [vqa] is it red? ", f"{IMAGE_TAG} [vqa] {long_form}")
         drawn.append(turn["assistant"])
     assert set(drawn) == {"yes", "no"} and 0.8 < drawn.count("yes") / len(drawn) < 0.97
     dataset.set_epoch(5)
@@ -295,7 +298,8 @@ def test_aok_vqa_and_gqa(tmp_path):
     make_image(tmp_path / "img" / "n1.jpg")
     aok = write_json(tmp_path / "aokvqa_v1p0_train.json", [{"question_id": "q", "question": "What?",
                      "direct_answers": ["tree"] * 10, "choices": ["a", "tree"], "image": "train2017/000000000007.jpg"}])
-    gqa = write_json(tmp_path / "train_balanced_questions.json", [{"image": "n1.jpg", "question": "Color?", "answer": "Blue"}])
+    gqa = write_json(tmp_path / "train_balanced_questions.json",
+                     [{"image": "n1.jpg", "question": "Color?", "answer": "Blue"}])
     turn = VQADataset(str(aok), str(tmp_path / "img"), variant="aok_vqa", image_size=S, seed=0)[0]["turns"][0]
     assert turn["assistant"] == "tree"
     sample = VQADataset(str(gqa), str(tmp_path / "img"), variant="gqa", image_size=S, seed=0)[0]
@@ -360,7 +364,8 @@ def test_registry_builds_kinds_and_names_them(tmp_path):
     ("refcocoo", {}, "unknown dataset kind 'refcocoo'; did you mean 'refcoco'"),
     ("refcoco", {"ann_rot": "x", "image_root": "y"}, "unknown param 'ann_rot'; did you mean 'ann_root'"),
     ("refcoco", {"image_root": "y"}, "missing param 'ann_root'"),
-    ("coco_vqa", {"ann_paths": ["a"], "image_root": "b", "process_text": "yes"}, "'process_text' must be true or false"),
+    ("coco_vqa", {"ann_paths": ["a"], "image_root": "b", "process_text": "yes"},
+     "'process_text' must be true or false"),
 ])
 def test_registry_errors_name_the_problem(kind, params, message):
     from tinygpt.data.registry import build_dataset

@@ -21,7 +21,8 @@ def write_jsonl(path, lines):
 
 
 def bad_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "skipped bad record" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "skipped bad record" in r.getMessage()]
 
 
 def test_bad_json_line_is_skipped_and_reported_with_file_and_line(tmp_path, caplog):
@@ -71,7 +72,8 @@ def test_paths_escaping_the_root_are_refused_at_construction(tmp_path, caplog):
     secret = make_image(tmp_path / "outside.png")  # a valid image that must never be read
     (root / "link.png").symlink_to(secret)
     (root / "sub").mkdir()
-    escaping = [str(secret), "../outside.png", "sub/../../outside.png", "link.png", "C:\\outside.png", "\\\\host\\x.png"]
+    escaping = [str(secret), "../outside.png", "sub/../../outside.png", "link.png", "C:\\outside.png",
+                "\\\\host\\x.png"]
     lines = [GOOD] + [{"images": [p], "conversations": [{"user": "<image>", "assistant": "leak"}]} for p in escaping]
     path = write_jsonl(root / "d.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="tinygpt.data"):
@@ -101,7 +103,8 @@ def test_box_outside_the_image_is_skipped(tmp_path, caplog):
     from tinygpt.data.formats.refcoco import RefCOCO
     extra = [{"ref_id": 9, "ann_id": 12, "image_id": 5, "split": "train", "sentences": [{"raw": "x"}]}]
     ann_root, image_root = write_refcoco(tmp_path, bbox=(90, 20, 30, 40), extra_refs=extra)  # x 90..120 > width 100
-    with caplog.at_level(logging.WARNING, logger="tinygpt.data"), pytest.raises(UserError, match="2 of 2 records are bad"):
+    with caplog.at_level(logging.WARNING, logger="tinygpt.data"), \
+            pytest.raises(UserError, match="2 of 2 records are bad"):
         RefCOCO(ann_root, image_root, image_size=S, seed=0)
     messages = bad_warnings(caplog)
     assert "record 0: skipped bad record: box [90, 20, 30, 40] lies outside the 100x200 image" in messages[0]
@@ -120,7 +123,8 @@ def test_placeholder_inside_dataset_text_is_bad(tmp_path):
     from tinygpt.data.formats.llava import LlavaDataset
     make_image(tmp_path / "COCO_train2014_1.jpg")
     make_image(tmp_path / "COCO_train2014_2.jpg")
-    conv = lambda answer: [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": answer}]
+    def conv(answer):
+        return [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": answer}]
     ann = write_json(tmp_path / "a.json", [{"id": "1", "conversations": conv("see <ImageHere>")},
                                            {"id": "2", "conversations": conv("fine")}])
     dataset = LlavaDataset(str(ann), str(tmp_path), image_size=S, seed=0)

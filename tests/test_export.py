@@ -192,7 +192,6 @@ def test_vision_file_keys_tensors_and_hash(q4k):
     out, model, summary = q4k
     reader = _reader(out / "vision.gguf")
     f = _fields(reader)
-    cfg = model.config
     assert f["general.architecture"] == "tinygptv-vision"
     key = names.vision_key
     assert f[key("image_size")] == 112 and f[key("patch_size")] == 14 and f[key("num_layers")] == 4

@@ -78,7 +78,8 @@ def randomised_layer(cfg):
     layer = TinyGPTPhiDecoderLayer(cfg, 0).eval()
     with torch.no_grad():
         for name, param in layer.named_parameters():  # non-trivial norms, so leaving one out changes the output
-            param.copy_(torch.randn_like(param) * (0.5 if "norm" in name else 0.2) + (1.0 if "norm.weight" in name else 0))
+            scale, offset = (0.5, 1.0 if "norm.weight" in name else 0.0) if "norm" in name else (0.2, 0.0)
+            param.copy_(torch.randn_like(param) * scale + offset)
     return layer
 
 

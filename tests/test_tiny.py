@@ -18,7 +18,7 @@ from tinygpt.model import build_config
 from tinygpt.tiny.backbones import (BUILD_SOURCES, MARKER, PACKAGE_ROOT, backbones_key, ensure_tiny_backbones,
                                     sources_digest)
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
-from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, VisionPretrainSettings, query_outputs, render_pool
+from tinygpt.tiny.pretrain_vision import PATCH_CLASSES, query_outputs, render_pool
 from tinygpt.tiny.scene_code import (CODE_LENGTH, NUMBER_CLASSES, VOCABULARY, code_token_ids, scene_code,
                                     slot_embeddings, slot_is_number, vocabulary_token_ids)
 
@@ -255,7 +255,8 @@ def test_llm_ceiling_scores_an_oracle_and_a_blind_model():
                 if "[refer]" in prompt:
                     obj = next(o for o in scene.objects if texts.phrase(o) in prompt)
                     return texts.box_text(scene, obj)
-                qa = texts.question(scene, texts.VQA_KINDS[i % len(texts.VQA_KINDS)], scene_rng(0, "text:llm-ceiling", i))
+                kind = texts.VQA_KINDS[i % len(texts.VQA_KINDS)]
+                qa = texts.question(scene, kind, scene_rng(0, "text:llm-ceiling", i))
                 return qa.answer
         raise AssertionError("the scene code is not in the prompt")
 

@@ -123,7 +123,7 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_kill_and_resume_is_bit_identical(synthetic, base_model, tmp_path):
     """Stage 2 (LoRA dropout, a streaming and a map-style dataset): 5 steps straight vs killed right after the
     checkpoint of step 4 (streams restarted at steps 2 and 4), then resumed."""
-    mix = [f"data.datasets.align.kind=cc_sbu_align", "data.datasets.align.batch_size=2",
+    mix = ["data.datasets.align.kind=cc_sbu_align", "data.datasets.align.batch_size=2",
            f"data.datasets.align.params.root={synthetic}/cc_sbu_align", "run.save_every=2",
            f"model.init_from={base_model}"]
     straight = options(2, synthetic, tmp_path / "a", steps=5) + mix

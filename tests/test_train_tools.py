@@ -140,7 +140,8 @@ def test_bench_reports_step_time_memory_and_cache_ratio(capsys):
 def test_bench_refuses_an_answer_longer_than_max_txt_len(capsys):
     from tinygpt.train.bench import main
 
-    code = main(["--cfg-path", str(STAGE3), "--random-weights", "--text-tokens", "17", "--options", "model.max_txt_len=16"])
+    code = main(["--cfg-path", str(STAGE3), "--random-weights", "--text-tokens", "17",
+                 "--options", "model.max_txt_len=16"])
     assert code == 2
     assert "--text-tokens must be in 1..16 (model.max_txt_len of" in capsys.readouterr().err
 

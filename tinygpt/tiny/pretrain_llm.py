@@ -39,29 +39,27 @@ from tinygpt.tiny.scene_code import (CODE_LENGTH, MAX_WORDS, PAD_CLASS, code_tok
                                     slot_matrix, vocabulary_token_ids)
 
 # (template, end symbol) of stages 1-2, 3 and 4, with how often each frames an instruction document.
-FORMATS = {"caption": ("{}", "\n"), "align": ("###Human: {} ###Assistant: ", "###"), "instruct": ("[INST] {} [/INST]", "###")}
+FORMATS = {"caption": ("{}", "\n"), "align": ("###Human: {} ###Assistant: ", "###"),
+           "instruct": ("[INST] {} [/INST]", "###")}
 UNUSED_LOGIT_BIAS = -30.0
 # Token embeddings start at standard deviation 1 instead of Phi's 0.02: the extra post-attention RMSNorm (kept at
 # weight 1 here) hands every layer's attention output at RMS 1, which drowns 0.02-sized embeddings until they have
-# grown. Measured with the per-kind probe (docs/tiny-twin-log.md): 77% first-token VQA after 1,500 steps against 69%.
+# grown (the per-kind probe's comparison is in docs/tiny-twin-log.md).
 EMBEDDING_INIT_STD = 1.0
 # How often each kind of document is drawn. Captions and detailed descriptions are copied from the code and learnt
-# early; every document spent on them is one fewer instruction document, where VQA and boxes are learnt. Measured with
-# the per-kind probe (docs/tiny-twin-log.md; 1,500 steps, two seeds): caption 4 / align 1 / instruct 10 / multi 1 / text 1
-# gave first-token VQA 75% / 73% and grounding 62% / 52%; this mix gives 84% / 81% and 88% / 60%, with "is there a
-# ...?" questions at 82% instead of chance. Half as many captions again (0.5 / 0.25 / 14 / 1 / 0.25): 77% / 62%.
+# early; every document spent on them is one fewer instruction document, where VQA and boxes are learnt. The per-kind
+# probe chose this mix over the others it measured (docs/tiny-twin-log.md).
 DOCUMENT_MIX = (("caption", 1.0), ("align", 0.5), ("instruct", 14.0), ("multi", 1.0), ("text", 0.5))
 
 
 @dataclass(frozen=True)
 class LLMPretrainSettings:
-    # The tiny LLM is narrower than the "tiny" preset's 256: at 128 wide it learns as much per step and takes a third
-    # of the time, so three times the steps fit the same minutes (docs/tiny-twin-log.md). ``build_backbone_model`` applies it.
+    # The tiny LLM is narrower than the "tiny" preset's 256: at 128 wide it learns as much per step in less time
+    # (docs/tiny-twin-log.md). ``build_backbone_model`` applies it.
     hidden_size: int = 128
     intermediate_size: int = 512
-    # Two layers, not the preset's four: a step takes half the time, and per minute the shallow LLM learns more and
-    # more reliably (README, Status: 2,700 two-layer steps cost what 1,300 four-layer ones did; whole builds from
-    # three seeds all pass 85% VQA / 97% grounding, where three layers x 2,000 steps lost grounding in two of three).
+    # Two layers, not the preset's four: per minute the shallow LLM learns more and more reliably (docs/benchmarks.md,
+    # "Tiny LLM depth sweep", and docs/tiny-twin.md for the whole builds from three seeds).
     num_layers: int = 2
     steps: int = 2700
     batch_size: int = 16
@@ -136,8 +134,8 @@ def _generic_sentence(rng: random.Random) -> tuple[str, str]:
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     a, b = rng.randint(0, 50), rng.randint(0, 50)
     return rng.choice([
-        (f"Name a colour.", colour),
-        (f"Name a shape.", shape),
+        ("Name a colour.", colour),
+        ("Name a shape.", shape),
         (f"Write the number after {a}.", str(a + 1)),
         (f"Which is larger, {a} or {b}?", str(max(a, b))),
         (f"Describe a {colour} {shape}.", f"It is a {colour} {shape}."),
@@ -311,7 +309,8 @@ def pretrain_llm(language_model, tokenizer, settings: LLMPretrainSettings = LLMP
     figures = {"loss": loss_value, "heldout_answer_token_accuracy": accuracy, "steps": settings.steps,
                "used_tokens": len(used), "prep_s": prep_s}
     if settings.ceiling_scenes:
-        figures["true_code_ceiling"] = llm_ceiling(language_model, tokenizer, settings.ceiling_scenes, seed=settings.seed)
+        figures["true_code_ceiling"] = llm_ceiling(language_model, tokenizer, settings.ceiling_scenes,
+                                                   seed=settings.seed)
     figures["seconds"] = time.monotonic() - start
     return figures
 

@@ -183,9 +183,10 @@ def pretrain_vision(model, settings: VisionPretrainSettings = VisionPretrainSett
                                                settings.render_sizes, patch)
     render_s = time.monotonic() - start
     if settings.xavier_qformer:
-        # BERT's std-0.02 init leaves the post-LayerNorm Q-Former almost blind to the image at the start (the
-        # cross-attention output is ~1% of the query stream) and the slot objective then stalls at its prior for
-        # hundreds of steps; Xavier-scaled layers plus strong 2-D positions learn region routing in ~80 steps.
+        # BERT's std-0.02 init leaves the post-LayerNorm Q-Former almost blind to the image at the start (its
+        # cross-attention output is a tiny share of the query stream) and the slot objective then stalls at its prior
+        # for hundreds of steps; Xavier-scaled layers plus strong 2-D positions learn region routing in a few dozen
+        # (docs/tiny-twin-log.md).
         for module in model.qformer.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

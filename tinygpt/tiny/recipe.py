@@ -34,8 +34,7 @@ from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
 
 CONFIG_DIR = train_configs_dir() / "tiny"
 STAGES = (1, 2, 3, 4)
-# Tiny models on CPU evaluate fastest in batches of 128 (the whole split: 23 s against 32 s at the default 48;
-# the same figures on the two stage-4 models compared).
+# Tiny models on CPU evaluate fastest in batches of 128 (docs/tiny-twin-log.md; the same answers as at 48).
 EVAL_BATCH = 128
 COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. recall"),
            ("vqa_accuracy", "VQA acc."), ("grounding_accuracy", "grounding acc."))

@@ -21,17 +21,16 @@ head is trained towards the same weights. Every word is one token of the Phi-2 t
 
 The first word of a slot is what a caption copies ("a large red circle ..." reads colour, then shape, in order). The
 context words make every attribute of an object visible at each of its positions, so finding an object by one
-attribute and reporting another is one attention step rather than a chain of them (ceiling VQA 55% -> 76% against
-one word per slot; docs/tiny-twin-log.md).
+attribute and reporting another is one attention step rather than a chain of them (the ceiling against one word
+per slot: docs/tiny-twin-log.md).
 
 Every attribute a question or a box needs is the *first* word of a slot of its object: colour, shape, region, size.
-The tiny LLM does not learn to copy coordinate numbers in the minutes it trains (with the object's four box numbers
-in the code, shifting them by 7 grid units left 70-80% of its teacher-forced box numbers unchanged and moved none by
-7): it predicts a box from the object's region and size, whose median box has IoU > 0.5 with every held-out box of
-the synthetic scenes. With the region only a half-weight context word, that prediction and "where is ...?"
-questions were what the LLM learnt least reliably (probe grounding 63% on seed 0, 58% on seed 1 in an earlier run);
-with a region-first and a size-first slot instead of the x2 / y2 slots, 99% / 98%, position questions 100% / 97%
-(docs/tiny-twin-log.md). One region-first slot without the size-first one did not do it (60% / 68%). The top-left
+The tiny LLM does not learn to copy coordinate numbers in the minutes it trains (shifting the code's box numbers
+left its teacher-forced box numbers unchanged): it predicts a box from the object's region and size, whose median box
+has IoU > 0.5 with every held-out box of the synthetic scenes. With the region only a half-weight context word, that
+prediction and "where is ...?" questions were what the LLM learnt least reliably; a region-first and a size-first
+slot instead of the x2 / y2 slots fixed both, and one region-first slot alone did not (the probe's figures are in
+docs/tiny-twin-log.md). The top-left
 corner stays in the code (box-text integers of ``tinygpt.tasks.format_box``, 0-100 grid, with the object's colour
 and shape as context), so the vision side still learns where an object is to the grid unit.
 """
@@ -95,7 +94,8 @@ def vocabulary_token_ids(tokenizer) -> list[int]:
     for word in VOCABULARY:
         got = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(got) != 1:
-            raise UserError(f"tokenizer: scene-code word {word!r} is {len(got)} tokens, expected 1 (not a Phi-2 tokenizer?)")
+            raise UserError(f"tokenizer: scene-code word {word!r} is {len(got)} tokens, expected 1 "
+                            "(not a Phi-2 tokenizer?)")
         ids.append(got[0])
     return ids
 

@@ -74,8 +74,7 @@ def caption(scene: Scene) -> str:
 
     The count leads (then a comma, which the BLIP caption processor keeps) so that captions, the only text of stages
     1-2, also train the projection of the image's count (without it the stage-1 projection leaves the count query
-    untrained: "how many shapes" 59% after stage 4 against 100% for the LLM reading the true scene code; README,
-    Status)."""
+    untrained, and "how many shapes" stayed far under the ceiling; docs/tiny-twin-log.md)."""
     parts = [f"{_with_article(phrase(o))} {REGION_PHRASES[o.region]}" for o in scene.objects]
     return f"{_count_phrase(len(scene.objects))}, " + _join(parts) + "."
 

@@ -1,4 +1,5 @@
-"""Writers of the real dataset file layouts (reference/tinygpt-v.md §4), fed with synthetic scenes.
+"""Writers of the real dataset file layouts (docs/data-formats.md, "The original datasets' file layouts"), fed with
+synthetic scenes.
 
 Each function writes one format under a dataset root and returns the counts it wrote. The layouts are the ones the
 original data has, so the same loaders read synthetic and real data:
