@@ -357,7 +357,7 @@ def test_registry_builds_kinds_and_names_them(tmp_path):
     ann_root, image_root = write_refcoco(tmp_path, "refcocog", "umd")
     dataset = build_dataset("invrefcocog", image_size=S, seed=0, ann_root=ann_root, image_root=image_root)
     assert dataset[0]["dataset"] == "invrefcocog" and "[identify]" in dataset[0]["turns"][0]["user"]
-    assert len(KINDS) == 24
+    assert len(KINDS) == 25
 
 
 @pytest.mark.parametrize("kind,params,message", [

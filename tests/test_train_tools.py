@@ -47,10 +47,12 @@ def stage3_options(align_root: Path, base_model: Path, out: Path) -> list[str]:
 
 
 def test_cached_features_give_the_same_loss_and_train(align_root, base_model, tmp_path):
+    from tinygpt.data.collate import collate_batch, collate_features
+    from tinygpt.data.formats.qformer_features import FeatureDataset
     from tinygpt.model import load_vlm
-    from tinygpt.train.features import FeatureDataset, collate_features, write_features
+    from tinygpt.train.features import write_features
     from tinygpt.train.loop import compute_loss
-    from tinygpt.train.stage import build_datasets, collate, run_stage
+    from tinygpt.train.stage import build_datasets, run_stage
 
     cfg = load_config(STAGE3, stage3_options(align_root, base_model, tmp_path / "unused"))
     dataset = build_datasets(cfg, 112)[0].dataset
@@ -62,7 +64,7 @@ def test_cached_features_give_the_same_loss_and_train(align_root, base_model, tm
     cached = FeatureDataset(str(cache))
     assert len(cached) == 8
     with torch.no_grad():
-        pixels = collate([dataset[i] for i in (6, 1)])
+        pixels = collate_batch([dataset[i] for i in (6, 1)])
         features = collate_features([cached[i] for i in (6, 1)])
         assert features["turns"] == pixels["turns"] and features["image_counts"] == [1, 1]
         torch.testing.assert_close(features["image_features"], model.qformer_features(pixels["images"]),

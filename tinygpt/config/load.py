@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
-from ..errors import UserError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+from ..errors import UserError, did_you_mean
 from . import schema
 from .schema import REQUIRED, RunConfig
 
@@ -30,10 +33,6 @@ class _Mismatch(Exception):
 # ---- reading and merging -----------------------------------------------------------------------------------------
 
 def _read_yaml(path: Path):
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
     if not path.is_file():
         raise UserError(f"{path}: config file does not exist")
     try:
@@ -47,8 +46,6 @@ def _read_yaml(path: Path):
 
 
 def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_dict(node):
         for key in node.keys():
             dotted = f"{prefix}.{key}" if prefix else str(key)
@@ -58,8 +55,6 @@ def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
 
 def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()):
     """The merged (unresolved) config of ``path`` and everything it extends; records which file set each key."""
-    from omegaconf import OmegaConf
-
     path = path.resolve() if path.is_absolute() else Path(os.path.abspath(path))
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
@@ -86,9 +81,6 @@ def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()
 
 
 def _parse_options(options: Iterable[str], origins: dict[str, str]):
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     items = list(options or [])
     for item in items:
         if "=" not in item or not item.split("=", 1)[0].strip():
@@ -103,9 +95,6 @@ def _parse_options(options: Iterable[str], origins: dict[str, str]):
 
 
 def _resolve(merged, origins: dict[str, str], top: str) -> dict:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         return OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
@@ -195,8 +184,7 @@ def _build(cls: type, values: dict, prefix: str, cfg: RunConfig):
     for key in values:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), fields, cutoff=0.5, prefix=prefix + "." if prefix else "")
             valid = ", ".join(fields)
             raise UserError(f"{cfg.origin(dotted)}: unknown key {dotted!r}{hint}; valid keys here: {valid}")
     kwargs = {}
@@ -216,8 +204,7 @@ def _build(cls: type, values: dict, prefix: str, cfg: RunConfig):
 def _choice(cfg: RunConfig, key: str, value: str, choices: Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(value, choices)
         raise UserError(f"{cfg.origin(key)}: {key}: {value!r} is not one of {', '.join(choices)}{hint}")
 
 
@@ -293,8 +280,6 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None, check_files: bool = False) -> RunConfig:
     """YAML (+ extends + overrides) -> validated RunConfig. ``check_files`` also checks that named paths exist."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     origins: dict[str, str] = {}
     merged = _load_tree(path, origins)

@@ -1,4 +1,8 @@
-"""Batching samples: images of all samples concatenated in order, texts kept as lists."""
+"""Batching samples: images of all samples concatenated in order, texts kept as lists.
+
+:func:`collate_batch` is the one collate of training: :func:`collate_features` for samples of cached Q-Former
+features (kind ``qformer_features``, they carry ``image_features``), :func:`collate_samples` for all others.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +27,18 @@ def collate_samples(samples: list[dict]) -> dict:
         "turns": [sample["turns"] for sample in samples],
         "dataset": [sample["dataset"] for sample in samples],
     }
+
+
+def collate_features(samples: list[dict]) -> dict:
+    """Samples of cached features -> :func:`collate_samples`' batch plus ``"image_features": Tensor[sum N, Q, D]``."""
+    feats = [s["image_features"] for s in samples]
+    return {"images": torch.cat([s["images"] for s in samples]), "image_features": torch.cat(feats),
+            "image_counts": [int(f.shape[0]) for f in feats], "turns": [s["turns"] for s in samples],
+            "dataset": [s["dataset"] for s in samples]}
+
+
+def collate_batch(samples: list[dict]) -> dict:
+    """The collate of every dataset kind: stacked cached features when the samples carry them, else pixels."""
+    if samples and "image_features" in samples[0]:
+        return collate_features(samples)
+    return collate_samples(samples)

@@ -4,12 +4,12 @@ Each kind is a loader class plus the params it fixes (e.g. ``invrefcocog`` = Ref
 ``inverse=True``). A kind's params are the loader's constructor arguments minus the shared ones (``image_size``,
 ``seed``, ``bad_records``) and the fixed ones; an unknown kind or param, or a missing required one, is a UserError
 naming it and the closest valid name. Every kind accepts ``name`` (the label in samples and per-dataset counts;
-default: the kind).
+default: the kind). :func:`check_params` is the one validator of a kind's params (``build_dataset`` and the stage's
+config check both call it); its :class:`DatasetSpecError` says which kind of problem, so a caller can name the YAML key.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
@@ -20,12 +20,13 @@ from tinygpt.data.formats.cc_sbu_align import CCSBUAlign
 from tinygpt.data.formats.flickr import FlickrGrounding
 from tinygpt.data.formats.generic_jsonl import GenericJsonl
 from tinygpt.data.formats.llava import LlavaDataset
+from tinygpt.data.formats.qformer_features import FeatureDataset
 from tinygpt.data.formats.refcoco import RefCOCO
 from tinygpt.data.formats.unnatural import UnnaturalInstructions
 from tinygpt.data.formats.visual_genome import VisualGenomeRefer
 from tinygpt.data.formats.vqa import VQADataset
 from tinygpt.data.formats.webdataset_pairs import WebDatasetPairs
-from tinygpt.errors import UserError
+from tinygpt.errors import UserError, did_you_mean
 
 SHARED_PARAMS = ("image_size", "seed", "bad_records")
 
@@ -71,18 +72,29 @@ KINDS: dict[str, Kind] = {
     "gqa": Kind(VQADataset, {"variant": "gqa"}, "LAVIS train_balanced_questions.json"),
     "unnatural_instruction": Kind(UnnaturalInstructions, summary="text only, JSON list or JSONL"),
     "generic_jsonl": Kind(GenericJsonl, summary="tinygpt JSONL: images + multi-turn conversations"),
+    "qformer_features": Kind(FeatureDataset, summary="ViT + Q-Former outputs cached by tinygpt.train.features"),
 }
 
 
+class DatasetSpecError(UserError):
+    """A dataset spec :func:`check_params` rejects. ``problem``: "kind" (unknown kind), "unknown" (unknown param),
+    "missing" (required param absent) or "value" (wrong type); ``name``: the kind or param at fault; ``valid``: the
+    known kinds, or the kind's params."""
+
+    def __init__(self, message: str, problem: str, name: str, valid: list[str]):
+        super().__init__(message)
+        self.problem, self.name, self.valid = problem, name, valid
+
+
 def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return did_you_mean(name, options, cutoff=0.5, form="; did you mean {!r}?")
 
 
 def kind_params(kind: str) -> dict[str, Any]:
     """Param name -> default (``inspect.Parameter.empty`` when required) of a kind, for docs and config checks."""
     if kind not in KINDS:
-        raise UserError(f"unknown dataset kind {kind!r}{_closest(kind, KINDS)} (known: {', '.join(KINDS)})")
+        raise DatasetSpecError(f"unknown dataset kind {kind!r}{_closest(kind, KINDS)} (known: {', '.join(KINDS)})",
+                               "kind", kind, list(KINDS))
     params = {name: p.default for name, p in KINDS[kind].signature().items()}
     params["name"] = kind
     return params
@@ -100,26 +112,37 @@ def _policy(bad_records: Any) -> Optional[BadRecordPolicy]:
     raise UserError(f"bad_records must be a mapping or BadRecordPolicy, got {type(bad_records).__name__}")
 
 
-def build_dataset(kind: str, *, image_size: int, seed: int, bad_records: BadRecordPolicy | dict | None = None,
-                  **params: Any):
-    """Build the dataset of ``kind`` from its params (paths etc.); see ``KINDS`` and :func:`kind_params`."""
+def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The kind is known and ``params`` are its params: none unknown, none required missing, booleans and integers
+    of the right type (in that order). Returns :func:`kind_params`; raises :class:`DatasetSpecError`."""
     accepted = kind_params(kind)
+    valid = list(accepted)
     for name in params:
         if name not in accepted:
-            raise UserError(f"dataset kind {kind!r}: unknown param {name!r}{_closest(name, accepted)} "
-                            f"(valid: {', '.join(accepted)})")
+            raise DatasetSpecError(f"dataset kind {kind!r}: unknown param {name!r}{_closest(name, accepted)} "
+                                   f"(valid: {', '.join(accepted)})", "unknown", name, valid)
     missing = [name for name, default in accepted.items() if default is inspect.Parameter.empty and
                params.get(name) is None]
     if missing:
-        raise UserError(f"dataset kind {kind!r}: missing param {missing[0]!r} "
-                        f"(required: {', '.join(n for n, d in accepted.items() if d is inspect.Parameter.empty)})")
+        raise DatasetSpecError(f"dataset kind {kind!r}: missing param {missing[0]!r} (required: "
+                               f"{', '.join(n for n, d in accepted.items() if d is inspect.Parameter.empty)})",
+                               "missing", missing[0], valid)
     for name, value in params.items():
         default = accepted[name]
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise UserError(f"dataset kind {kind!r}: param {name!r} must be true or false, got {value!r}")
+            raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be true or false, got {value!r}",
+                                   "value", name, valid)
         if isinstance(default, int) and not isinstance(default, bool) and (
                 not isinstance(value, int) or isinstance(value, bool)):
-            raise UserError(f"dataset kind {kind!r}: param {name!r} must be an integer, got {value!r}")
+            raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be an integer, got {value!r}",
+                                   "value", name, valid)
+    return accepted
+
+
+def build_dataset(kind: str, *, image_size: int, seed: int, bad_records: BadRecordPolicy | dict | None = None,
+                  **params: Any):
+    """Build the dataset of ``kind`` from its params (paths etc.); see ``KINDS`` and :func:`kind_params`."""
+    check_params(kind, params)
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise UserError(f"dataset kind {kind!r}: image_size must be a positive integer, got {image_size!r}")
     spec = KINDS[kind]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io_utils import atomic_dir, check_output_dir, writing
+from ..tokenizer import load_tokenizer
 from .state import load_state
 from .vision import resize_position_embedding
 from .vlm import TinyGPTVForConditionalGeneration
@@ -28,7 +29,8 @@ WEIGHTS = "model.safetensors"
 POSITION_EMBEDDING = "vision_model.embeddings.position_embedding"
 
 
-def _read_config(directory: Path) -> TinyGPTVConfig:
+def read_config(directory: Path) -> TinyGPTVConfig:
+    """The ``TinyGPTVConfig`` of a model directory (UserError when it is not one), without loading weights."""
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"{directory}: not a tinygpt model directory (no config.json)")
@@ -54,7 +56,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def _chain(directory: Path) -> list[Path]:
     """Model directories from the root (whole weights) to ``directory`` (last delta)."""
     chain, seen = [directory], {directory.resolve()}
-    config = _read_config(directory)
+    config = read_config(directory)
     while config.base_model:
         base = Path(config.base_model)
         base = base if base.is_absolute() else (chain[-1] / base)
@@ -62,7 +64,7 @@ def _chain(directory: Path) -> list[Path]:
             raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} makes a cycle")
         seen.add(base.resolve())
         chain.append(base)
-        config = _read_config(base)
+        config = read_config(base)
     return chain[::-1]
 
 
@@ -71,7 +73,7 @@ def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | 
     directory = Path(directory)
     if not directory.exists():
         raise UserError(f"{directory}: model directory does not exist")
-    config = _read_config(directory)
+    config = read_config(directory)
     chain = _chain(directory)
     model = TinyGPTVForConditionalGeneration(config)
     for i, part in enumerate(chain):
@@ -100,8 +102,6 @@ def _fit_image_size(state: dict[str, torch.Tensor], config: TinyGPTVConfig) -> d
 
 
 def _load_tokenizer(directory: Path, config: TinyGPTVConfig):
-    from ..tokenizer import load_tokenizer
-
     if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
         return load_tokenizer(str(directory))
     return load_tokenizer(config.tokenizer_source)

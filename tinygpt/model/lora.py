@@ -25,7 +25,7 @@ def lora_settings(settings: dict | None) -> dict:
 
 
 def inject_lora(language_model: nn.Module, settings: dict) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft pulls in bitsandbytes; tinygpt.model stays light
 
     s = lora_settings(settings)
     config = LoraConfig(
@@ -39,14 +39,14 @@ def inject_lora(language_model: nn.Module, settings: dict) -> None:
 
 
 def has_lora(model: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: see inject_lora
 
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA delta into its base Linear and put the plain Linear back; clears ``config.lora``."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: see inject_lora
 
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, layer in targets:

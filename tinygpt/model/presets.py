@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import difflib
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from .vlm_config import TinyGPTVConfig
 
 PHI2 = dict(
@@ -47,8 +46,7 @@ def build_config(
 ) -> TinyGPTVConfig:
     """A ``TinyGPTVConfig`` for a named size. ``extra_norms=False`` gives plain Phi-2 (no q/k LN, no post RMSNorm)."""
     if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(preset, PRESETS)
         raise UserError(f"model.preset: unknown preset {preset!r}{hint}; known: {', '.join(PRESETS)}")
     spec = copy.deepcopy(PRESETS[preset])
     if image_size is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
+from .lora import lora_settings
 
 NORM_WEIGHT_SUFFIXES = (
     "self_attn.q_layernorm.weight",
@@ -61,8 +62,6 @@ def expected_trainable(config, trainable_set: str) -> int:
     per_layer += hidden if text.post_attention_rmsnorm else 0
     total = projections + layers * per_layer + hidden  # + final LayerNorm weight
     if trainable_set == "lora":
-        from .lora import lora_settings
-
         settings = lora_settings(config.lora)
         r = int(settings["r"])
         shapes = {"qkv": (hidden, 3 * hidden), "dense": (hidden, hidden)}

@@ -17,8 +17,14 @@ import time
 from typing import Optional
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ..errors import UserError, report_errors
+from .build import build_model
+from .loop import compute_loss, make_accelerator, to_device
+from .optim import build_optimizer
+from .progress import peak_memory_gb
+from .stage import frozen_weight_dtype, seed_everything
 
 # dense bf16 peak of common training GPUs (TFLOP/s), for the utilisation figure
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0,
@@ -62,9 +68,7 @@ def _peak_tflops() -> Optional[float]:
 
 
 def time_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int) -> float:
-    from .loop import _to_device, compute_loss
-
-    batch = _to_device(batch, accelerator.device)
+    batch = to_device(batch, accelerator.device)
     durations = []
     for _ in range(steps + 1):  # the first step warms up (allocations, kernels) and is not counted
         if accelerator.device.type == "cuda":
@@ -84,8 +88,6 @@ def time_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int) -> f
 def profile_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int = 3, rows: int = 15) -> str:
     """The operators that take the step time (torch.profiler over ``steps`` steps of an already warm model: the bench
     profiles after its timed steps), as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = accelerator.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -95,17 +97,11 @@ def profile_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int = 
 
 
 def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = None, profile: bool = False) -> dict:
-    from .build import build_model
-    from .loop import make_accelerator
-    from .optim import build_optimizer
-    from .progress import peak_memory_gb
-    from .stage import _frozen_dtype, seed_everything
-
     if random_weights:
         cfg.model.init_from = None
     accelerator = make_accelerator(cfg.run)
     seed_everything(cfg.run.seed)
-    built = build_model(cfg, frozen_dtype=_frozen_dtype(cfg, accelerator))
+    built = build_model(cfg, frozen_dtype=frozen_weight_dtype(cfg, accelerator))
     model = built.model
     optimizer = build_optimizer(model, cfg.optim, cfg.schedule.init_lr)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -19,6 +19,14 @@ from torch import nn
 
 from ..config.schema import BUILTIN_PREFIX, ModelSection, RunConfig
 from ..errors import UserError
+from ..model import TinyGPTVForConditionalGeneration, build_config, load_vlm
+from ..model.checkpoint_io import read_config
+from ..model.lora import has_lora, inject_lora, lora_settings
+from ..model.presets import PRESETS
+from ..model.trainable import apply_trainable_set, check_trainable
+from ..model.vision import resize_position_embedding
+from ..tokenizer import load_tokenizer
+from .qlora import quantize_frozen_llm
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +55,8 @@ def planned_image_size(cfg: RunConfig) -> int:
     if cfg.model.image_size is not None:
         return cfg.model.image_size
     if cfg.model.init_from is None:
-        from ..model.presets import PRESETS
-
         return int(PRESETS[cfg.model.preset]["vision"]["image_size"])
-    from ..model.checkpoint_io import _read_config
-
-    return _read_config(resolve_init_dir(cfg.model.init_from)).image_size
+    return read_config(resolve_init_dir(cfg.model.init_from)).image_size
 
 
 def _lora_dict(model_cfg: ModelSection) -> Optional[dict]:
@@ -63,9 +67,6 @@ def _lora_dict(model_cfg: ModelSection) -> Optional[dict]:
 
 
 def _fresh_model(m: ModelSection):
-    from ..model import TinyGPTVForConditionalGeneration, build_config
-    from ..tokenizer import load_tokenizer
-
     config = build_config(m.preset, image_size=m.image_size, lora=None, extra_norms=m.extra_norms,
                           tokenizer_source=m.tokenizer)
     model = TinyGPTVForConditionalGeneration(config)
@@ -75,8 +76,6 @@ def _fresh_model(m: ModelSection):
 
 def resize_vision(model: nn.Module, image_size: int) -> bool:
     """Resize the ViT position embeddings in place (bicubic, CLS kept); returns whether anything changed."""
-    from ..model.vision import resize_position_embedding
-
     embeddings = model.vision_model.embeddings
     if int(model.config.vision_config.image_size) == image_size:
         return False
@@ -93,8 +92,6 @@ def resize_vision(model: nn.Module, image_size: int) -> bool:
 
 
 def _attach_lora(model: nn.Module, wanted: Optional[dict], source: str) -> None:
-    from ..model.lora import has_lora, inject_lora, lora_settings
-
     present = has_lora(model)
     if wanted is None:
         if present:
@@ -139,9 +136,6 @@ def set_train_mode(model: nn.Module) -> None:
 
 def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None) -> BuiltModel:
     """The stage's model, trainable set applied and checked, ready for the loop."""
-    from ..model import load_vlm
-    from ..model.trainable import apply_trainable_set, check_trainable
-
     m = cfg.model
     init_dir = resolve_init_dir(m.init_from)
     if init_dir is None:
@@ -152,8 +146,6 @@ def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None) -> B
     _attach_lora(model, _lora_dict(m), source)
     _set_prompt_format(model, m)
     if m.load_in_4bit:
-        from .qlora import quantize_frozen_llm
-
         quantize_frozen_llm(model)
     apply_trainable_set(model, m.trainable)
     count = check_trainable(model, m.trainable)

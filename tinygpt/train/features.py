@@ -1,11 +1,8 @@
 """Cache the frozen ViT + Q-Former outputs of a dataset once, then train on them (dataset kind ``qformer_features``).
 
 The ViT, ln_vision and the Q-Former are frozen in every stage, so their output for an image never changes; a stage
-that sees its images many times (stage 3: 5 passes over cc_sbu_align) can skip them after the first. Layout::
-
-    DIR/manifest.json                 model, image size, query count and width, sample count, shard list
-    DIR/features-00000.safetensors    "features" [sum N, Q, D] and "offsets" [n + 1] (sample i: rows offsets[i]..[i+1])
-    DIR/samples-00000.jsonl           one line per sample: {"turns": [...], "dataset": name}
+that sees its images many times (stage 3: 5 passes over cc_sbu_align) can skip them after the first. This module
+writes the cache (it needs the model); ``tinygpt.data.formats.qformer_features`` reads it and documents its layout.
 
 The texts are those of the dataset's epoch 0 (a random prompt choice is frozen with the features).
 CLI: ``python -m tinygpt.train.features --cfg-path train_configs/stage3.yaml --out DIR [--dataset NAME]``; then
@@ -15,7 +12,6 @@ train with ``data.datasets.NAME: {kind: qformer_features, batch_size: 6, params:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -23,65 +19,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
+from ..data.collate import collate_samples
+from ..data.formats.qformer_features import MANIFEST
 from ..errors import UserError, report_errors
 from ..io_utils import atomic_dir, check_output_dir, writing
 
 log = logging.getLogger("tinygpt.train")
-FEATURE_PARAMS = {"root": inspect.Parameter.empty, "name": None}
-MANIFEST = "manifest.json"
-
-
-class FeatureDataset(Dataset):
-    """Samples ``{"images": empty, "image_features": [N, Q, D], "turns", "dataset"}`` from a feature cache."""
-
-    def __init__(self, root: str, name: Optional[str] = None):
-        self.root = Path(root)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"{self.root}: not a feature cache (no {MANIFEST}; write one with "
-                            "python -m tinygpt.train.features)")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.name = name or self.manifest["dataset"]
-        self.index: list[tuple[int, int]] = []       # (shard, row in shard) per sample
-        self.texts: list[dict] = []
-        for shard, files in enumerate(self.manifest["shards"]):
-            lines = (self.root / files["samples"]).read_text().splitlines()
-            self.texts.extend(json.loads(line) for line in lines)
-            self.index.extend((shard, row) for row in range(len(lines)))
-        self._open: tuple[int, dict] | None = None
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _shard(self, shard: int) -> dict:
-        if self._open is None or self._open[0] != shard:
-            path = self.root / self.manifest["shards"][shard]["features"]
-            with safe_open(str(path), framework="pt") as f:
-                self._open = (shard, {"features": f.get_tensor("features"), "offsets": f.get_tensor("offsets")})
-        return self._open[1]
-
-    def __getitem__(self, i: int) -> dict:
-        shard, row = self.index[i]
-        data = self._shard(shard)
-        start, end = int(data["offsets"][row]), int(data["offsets"][row + 1])
-        size = int(self.manifest["image_size"])
-        return {"images": torch.zeros(0, 3, size, size), "image_features": data["features"][start:end],
-                "turns": self.texts[i]["turns"], "dataset": self.name}
-
-
-def collate_features(samples: list[dict]) -> dict:
-    feats = [s["image_features"] for s in samples]
-    return {"images": torch.cat([s["images"] for s in samples]), "image_features": torch.cat(feats),
-            "image_counts": [int(f.shape[0]) for f in feats], "turns": [s["turns"] for s in samples],
-            "dataset": [s["dataset"] for s in samples]}
 
 
 def check_features_out(out: Path) -> None:
@@ -96,10 +42,6 @@ def check_features_out(out: Path) -> None:
 def write_features(model, dataset, out: Path, dataset_name: str, model_source: str, batch_size: int = 16,
                    shard_size: int = 2048, limit: Optional[int] = None, progress: bool = True) -> Path:
     """Run the frozen towers over ``dataset`` (map-style: in index order; streaming: the first ``limit``)."""
-    from tqdm.auto import tqdm
-
-    from ..data.collate import collate_samples
-
     check_features_out(out)
     model.eval()
     streaming = not hasattr(dataset, "__len__")

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from ..config.schema import RunConfig
 from ..errors import UserError
@@ -38,10 +41,6 @@ class TrainingStopped(UserError):
 def make_accelerator(run):
     """An Accelerator for ``run`` (the RunSection). In a single, non-launched process the global accelerate state
     is reset first, so several stages can run in one process (the tiny recipe, tests)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(True)
     precision = MIXED[run.precision]
@@ -64,7 +63,8 @@ def compute_loss(model, batch: dict, model_cfg) -> torch.Tensor:
                  template=model_cfg.prompt_template, end_sym=model_cfg.end_sym, loss_only=True).loss
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors (``images``, ``image_features``) moved to ``device``."""
     out = dict(batch)
     for key in ("images", "image_features"):
         if isinstance(out.get(key), torch.Tensor):
@@ -124,7 +124,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
             step_losses, step_samples, finite = [], 0, True
             for micro in range(r.grad_accum_steps):
                 _, batch = mixer.next_batch(step, micro)
-                batch = _to_device(batch, accelerator.device)
+                batch = to_device(batch, accelerator.device)
                 step_samples += len(batch["turns"])
                 last_micro = micro == r.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
@@ -186,8 +186,6 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
 
 def _gather_data_state(accelerator, state: dict) -> dict:
     """Each process's data position, keyed by process index (streams are per process)."""
-    from accelerate.utils import gather_object
-
     if accelerator.num_processes == 1:
         return {"0": state}
     states = gather_object([state])

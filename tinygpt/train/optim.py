@@ -37,7 +37,7 @@ def build_optimizer(model: nn.Module, optim, lr: float) -> torch.optim.Optimizer
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim.eps)
     if optim.name == "adamw8bit":
-        try:
+        try:  # lazy: bitsandbytes is slow to import and only the 8-bit optimizer needs it
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("optim.name: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None

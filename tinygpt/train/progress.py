@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 
@@ -43,18 +44,16 @@ class Progress:
         if not enabled:
             return
         if show_bar:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name or "train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
         if tensorboard:
-            try:
+            try:  # lazy: only runs that ask for it need tensorboard
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("run.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
             self.tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
         if wandb_project:
-            try:
+            try:  # lazy: wandb is optional (not in the requirements)
                 import wandb
             except ImportError:
                 raise UserError("run.wandb_project: needs the wandb package (pip install wandb)") from None

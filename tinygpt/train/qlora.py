@@ -14,7 +14,7 @@ from ..errors import UserError
 
 
 def _quantized(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # lazy: slow to import, CUDA-only; checked by quantize_frozen_llm first
 
     device = linear.weight.device
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -27,7 +27,7 @@ def _quantized(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
 
 def quantize_frozen_llm(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace the decoder layers' frozen Linear weights by 4-bit ones in place; returns how many were replaced."""
-    try:
+    try:  # lazy: bitsandbytes is slow to import and only 4-bit runs need it
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("model.load_in_4bit: needs bitsandbytes (pip install bitsandbytes)") from None

@@ -14,8 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from ..errors import UserError
+from ..model.lora import has_lora, inject_lora, lora_settings
 from ..model.state import LoadReport, load_state
+from ..model.trainable import is_trainable
 from ..model.vision import resize_position_embedding
 from .blip2_hf import open_blip2, read_blip2
 from .lavis import eva_tensors, lavis_qformer_tensors
@@ -66,8 +70,6 @@ def _resize_positions(model, tensors: TensorSource) -> TensorSource:
 
 
 def _with_progress(tensors: TensorSource) -> TensorSource:
-    from tqdm import tqdm
-
     bar = tqdm(total=len(tensors), desc=f"loading {tensors.origin.rsplit('/', 1)[-1]}", unit="tensor",
                leave=False, mininterval=1.0)
 
@@ -120,9 +122,6 @@ def load_lavis(model, eva: str | None = None, qformer: str | None = None, progre
 
 def load_released(model, path: str, progress: bool = False) -> LoadReport:
     """A released ``TinyGPT-V_for_Stage{1..4}.pth``; injects LoRA (rank from the file) when the model has none."""
-    from ..model.lora import has_lora, inject_lora, lora_settings
-    from ..model.trainable import is_trainable
-
     raw = read_checkpoint(path)
     rank = released_lora_rank(raw)
     if rank is not None and not has_lora(model.language_model):

@@ -26,9 +26,11 @@ from torch import nn
 
 from ..errors import UserError, report_errors
 from ..model import TinyGPTVConfig, TinyGPTVForConditionalGeneration, build_config, save_vlm
+from ..model.checkpoint_io import check_model_out
 from ..model.lora import lora_settings, merge_lora
 from ..model.presets import PRESETS
 from ..model.trainable import is_trainable
+from ..tokenizer import load_tokenizer
 from . import load_weights, vision_scope
 from .blip2_hf import open_blip2, read_blip2
 from .lavis import eva_tensors, lavis_config_overrides, lavis_qformer_tensors
@@ -137,8 +139,6 @@ def _linear_default_init(linear: nn.Linear, param: torch.Tensor) -> None:
 
 
 def _tokenizer(args, llm_dir):
-    from ..tokenizer import load_tokenizer
-
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
     if any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -148,8 +148,6 @@ def _tokenizer(args, llm_dir):
 
 
 def build(args: argparse.Namespace):
-    from ..model.checkpoint_io import check_model_out
-
     check_model_out(args.out, "--out")  # before reading gigabytes of weights
     steps = Steps(6)
     dtype = DTYPES[args.dtype]

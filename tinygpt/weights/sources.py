@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ..errors import UserError
 from .torch_file import TensorSource, read_checkpoint
 
@@ -42,8 +44,6 @@ def resolve_model_dir(source: str, what: str, wanted: Callable[[str], bool] | No
 
 
 def _download(repo: str, what: str, wanted: Callable[[str], bool] | None) -> Path:
-    from huggingface_hub import snapshot_download
-
     def fetch(patterns: list[str]) -> Path:
         try:
             return Path(snapshot_download(repo_id=repo, allow_patterns=patterns))

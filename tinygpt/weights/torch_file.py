@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import UserError
 
@@ -76,8 +77,6 @@ def read_checkpoint(path: str | Path) -> TensorSource:
 
 
 def read_safetensors(path: str | Path) -> TensorSource:
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
