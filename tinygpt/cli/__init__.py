@@ -27,15 +27,15 @@ class Verb(NamedTuple):
 
 
 VERBS: dict[str, Verb] = {
-    "train": Verb("tinygpt.cli.train", "train one stage from a YAML config (no arguments: the tiny default)"),
-    "build": Verb("tinygpt.weights.build", "assemble stage 1's starting model from Phi-2 + BLIP-2/EVA weights"),
-    "synth": Verb("tinygpt.tiny.synthetic.__main__", "write the seeded synthetic shapes datasets of stages 1-4"),
-    "export": Verb("quantize.__main__", "write llm-<qtype>.gguf + vision.gguf from a trained model directory", True),
-    "random": Verb("quantize.__main__", "write a random-weight GGUF pair of the real shapes (benchmarks, tests)", True),
+    "train": Verb("tinygpt.cli.train", "train a stage from its YAML (no arguments: the tiny default)"),
+    "build": Verb("tinygpt.weights.build", "assemble stage 1's start model from Phi-2 + BLIP-2/EVA"),
+    "synth": Verb("tinygpt.tiny.synthetic.__main__", "write the seeded synthetic shapes datasets"),
+    "export": Verb("quantize.__main__", "export a trained model directory to a GGUF pair", True),
+    "random": Verb("quantize.__main__", "write a random-weight GGUF pair (benchmarks, tests)", True),
     "chat": Verb("quantize.__main__", "chat with an exported GGUF model on the CPU", True),
-    "bench": Verb("quantize.__main__", "time a GGUF model on the CPU: load, image, prefill, decode, peak memory", True),
-    "accuracy": Verb("quantize.__main__", "held-out VQA / grounding accuracy of the GGUF runtime vs PyTorch", True),
-    "ceiling": Verb("tinygpt.tiny.ceiling_check", "re-measure the tiny LLM's ceiling under the installed versions"),
+    "bench": Verb("quantize.__main__", "time a GGUF model on the CPU (load, prefill, decode, memory)", True),
+    "accuracy": Verb("quantize.__main__", "held-out accuracy of the GGUF runtime vs PyTorch", True),
+    "ceiling": Verb("tinygpt.tiny.ceiling_check", "re-measure the tiny LLM's ceiling (drift canary)"),
 }
 
 
