@@ -5,6 +5,7 @@
   and the field or argument at fault.
 * :class:`BrokenModelError`: the run finished and wrote its results, but they are not believable (garbage answers,
   scores under the floors; ``tinygpt.evaluation.health``). Same one line, exit status 3.
+* :func:`did_you_mean`: the `` (did you mean 'x'?)`` hint every message about a misspelt name uses.
 """
 
 from __future__ import annotations
