@@ -30,9 +30,10 @@ PLATFORM = "x86_64-manylinux_2_28"
 TORCH_CPU = "torch==2.13.0+cpu"  # forced in every resolution: a plain torch==2.13.0 may be PyPI's CUDA build
 NOT_LOCKED = {"pip"}  # installed by venv itself; everything else in an environment must be in the lock
 
+TORCH_VERSION = TORCH_CPU.split("==")[1]
 HEADER = f"""\
 # requirements.lock: the exact versions, direct and transitive, that the quick start and .ci/run install.
-# Platform: CPython {PYTHON_VERSION} on linux x86_64 (manylinux_2_28). torch {TORCH_CPU.split('==')[1]} is the CPU wheel,
+# Platform: CPython {PYTHON_VERSION} on linux x86_64 (manylinux_2_28). torch {TORCH_VERSION} is the CPU wheel,
 # which pip takes from {FIND_LINKS} on this machine (elsewhere: --extra-index-url https://download.pytorch.org/whl/cpu).
 # Made from requirements.txt + constraints.txt by `python3 .ci/lock.py` (uv {UV_VERSION}: uv pip compile
 # --python-version {PYTHON_VERSION} --python-platform {PLATFORM} --find-links {FIND_LINKS}); do not edit by hand.

@@ -278,7 +278,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 # ---- public API --------------------------------------------------------------------------------------------------
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None, check_files: bool = False) -> RunConfig:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None,
+                check_files: bool = False) -> RunConfig:
     """YAML (+ extends + overrides) -> validated RunConfig. ``check_files`` also checks that named paths exist."""
     path = Path(path)
     origins: dict[str, str] = {}

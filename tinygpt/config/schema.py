@@ -38,7 +38,7 @@ class GradientCheckpointing:
 @dataclass
 class ModelSection:
     preset: str = "tinygptv"         # size when init_from is null: tinygptv (full) | tiny
-    init_from: Optional[str] = None  # model dir (a previous stage's output or a built base) | builtin:tiny | null (random)
+    init_from: Optional[str] = None  # model dir (a previous stage's output or a built base) | builtin:tiny | null
     image_size: Optional[int] = None  # ViT input size; differs from init_from's -> position embeddings resized once
     trainable: str = "stage1"        # trainable set: stage1 (proj + norm weights) | lora (stage1 + LoRA A/B)
     lora: Optional[LoraSettings] = None  # null = no LoRA layers; {} = r 64, alpha 16, dropout 0.05 on qkv, dense

@@ -140,7 +140,8 @@ class DataMixer:
         return DataLoader(_EpochIndexed(entry.dataset), batch_sampler=sampler, **common)
 
     def start(self, step: int, state: Optional[dict] = None) -> None:
-        """(Re)create every loader to serve from optimizer step ``step`` (skipping batches a checkpoint says were read)."""
+        """(Re)create every loader to serve from optimizer step ``step`` (skipping the batches a checkpoint says were
+        read)."""
         state = state or {}
         self.restart_step = int(state.get("restart_step", step))
         skip = Counter({k: int(v) for k, v in state.get("read_since_restart", {}).items()})

@@ -8,7 +8,8 @@ One object per line::
 
 Each ``<image>`` in a user text marks where the next image of ``images`` goes (in order); their total count must
 equal ``len(images)`` (0 for text-only lines). Image paths are relative to ``image_root`` (default: the folder of
-the JSONL file) and may not leave it. Other fields (an ``id``, metadata) are ignored. ``<image>`` becomes ``<Img><ImageHere></Img>``; texts are used as written.
+the JSONL file) and may not leave it. Other fields (an ``id``, metadata) are ignored. ``<image>`` becomes
+``<Img><ImageHere></Img>``; texts are used as written.
 :func:`write_generic_jsonl` writes the same format, so a dataset round-trips.
 """
 

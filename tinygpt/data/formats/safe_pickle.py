@@ -1,8 +1,9 @@
 """Reading a pickle that should hold only plain data (RefCOCO's ``refs(unc).p``), without running its code.
 
 A pickle can name any importable callable and call it while loading. This reader resolves no global at all except
-``set``, ``frozenset`` and ``_codecs.encode`` (bytes in old protocols); dicts, lists, tuples, strings, bytes, numbers, booleans and None need no global, so a
-genuine annotation file loads and anything else is refused with a UserError naming the file and the global.
+``set``, ``frozenset`` and ``_codecs.encode`` (bytes in old protocols); dicts, lists, tuples, strings, bytes,
+numbers, booleans and None need no global, so a genuine annotation file loads and anything else is refused with a
+UserError naming the file and the global.
 """
 
 from __future__ import annotations

@@ -144,8 +144,8 @@ class WebDatasetPairs(IterableDataset):
             raise BadRecord(f"the .json member has no text field {self.caption_key!r}")
         image = decode_image_bytes(parts[image_ext], f"{key}.{image_ext}")
         answer = blip_caption(caption) if self.process_text else caption.strip()
-        return {"images": self.transform(image).unsqueeze(0), "turns": [{"user": IMAGE_PLACEHOLDER, "assistant": answer}],
-                "dataset": self.name}
+        return {"images": self.transform(image).unsqueeze(0),
+                "turns": [{"user": IMAGE_PLACEHOLDER, "assistant": answer}], "dataset": self.name}
 
     def _raw_items(self, rng: random.Random, worker: int, workers: int) -> Iterator[tuple[Path, str, dict]]:
         empty_in_a_row, limit = 0, max(10, 2 * len(self.shards))
