@@ -26,10 +26,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tinygpt.errors import UserError
 
-from .session import BACKENDS
+from . import gguf_names as names
+from .chat import add_ggml_switches
+from .gguf_file import chat_format, find_llm_file, find_vision_file, load_tokenizer, open_gguf
+from .llama_cpp_backend import LlamaCppLLM
+from .sampler import SamplingParams
+from .session import BACKENDS, ChatSession, load_language_model, open_session
 
 QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "
             "person on the left is doing right now.")
@@ -49,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=0,
                    help="with --plain-gguf: repeat the decode comparison (ours vs stock llama.cpp) this many times in "
                         "alternating fresh processes and print the per-round ratios and their median (default 0)")
+    add_ggml_switches(p)
 
 
 def _peak_rss_gb() -> float:
@@ -76,20 +83,17 @@ def _time_llm(llm, prefill: int, decode: int, out: dict) -> None:
 def _ours(args: dict, queue) -> None:
     """Child process: our runtime on the pair in args['gguf'] (or the LLM file only, for plain)."""
     try:
-        from .gguf_file import find_llm_file, open_gguf
-        from .sampler import SamplingParams
-        from .session import ChatSession, chat_format, load_language_model, load_tokenizer, open_session
-        from . import gguf_names as names
-
         out: dict = {}
+        switches = dict(decode_graph=args["decode_graph"], repack=args["repack"])
         t0 = time.perf_counter()
         if args["with_vision"]:
             session = open_session(args["gguf"], backend=args["backend"], qtype=args["qtype"], n_ctx=args["ctx"],
-                                   n_threads=args["threads"], sampling=SamplingParams(max_new_tokens=1), quiet=True)
+                                   n_threads=args["threads"], sampling=SamplingParams(max_new_tokens=1), quiet=True,
+                                   **switches)
         else:
             f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
-            session = ChatSession(llm=load_language_model(f, args["backend"], args["ctx"], args["threads"], quiet=True),
-                                  tokenizer=load_tokenizer(f), fmt=chat_format(f))
+            llm = load_language_model(f, args["backend"], args["ctx"], args["threads"], quiet=True, **switches)
+            session = ChatSession(llm=llm, tokenizer=load_tokenizer(f), fmt=chat_format(f))
         out["load_s"] = time.perf_counter() - t0
         out["engine"] = f"ours ({type(session.llm).__name__}, {session.llm.file.path.name})"
         if args["with_vision"]:
@@ -110,9 +114,6 @@ def _ours(args: dict, queue) -> None:
 
 def _llama_cpp(args: dict, queue) -> None:
     try:
-        from .gguf_file import find_llm_file
-        from .llama_cpp_backend import LlamaCppLLM
-
         out: dict = {}
         t0 = time.perf_counter()
         llm = LlamaCppLLM(find_llm_file(args["gguf"], args["qtype"]), n_ctx=args["ctx"], n_threads=args["threads"])
@@ -142,8 +143,6 @@ def _row(name: str, results: list[dict], key: str, fmt: str) -> str:
 
 
 def _random_image(directory: str) -> str:
-    from PIL import Image
-
     path = os.path.join(directory, "bench.png")
     pixels = (np.random.default_rng(0).random((224, 224, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
@@ -193,19 +192,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--rounds compares against a plain-phi2 file: give --plain-gguf DIR too")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"{args.image}: image file not found")
-    from .gguf_file import find_llm_file, find_vision_file
-
     find_llm_file(args.gguf, args.qtype), find_vision_file(args.gguf)  # fail fast on a wrong directory
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(qtype=args.qtype, backend=args.backend, threads=args.threads, ctx=args.ctx,
-                    prefill=args.prefill_tokens, decode=args.decode_tokens, image=args.image or _random_image(tmp))
+                    prefill=args.prefill_tokens, decode=args.decode_tokens, image=args.image or _random_image(tmp),
+                    decode_graph=args.decode_graph, repack=args.repack)
         print(f"bench: {args.threads} threads, prefill {args.prefill_tokens} tokens, median of {args.decode_tokens} "
               "decode steps; each engine in a fresh process", file=sys.stderr)
         results = [_in_child(_ours, dict(base, gguf=args.gguf, with_vision=True))]
         stock = False
         if args.plain_gguf:
             results.append(_in_child(_ours, dict(base, gguf=args.plain_gguf, qtype=None, with_vision=False)))
-            try:
+            try:  # the optional extra: only probed, so a missing one skips its column instead of failing
                 import llama_cpp  # noqa: F401
             except Exception:
                 print("note: llama-cpp-python is not importable; skipping the stock llama.cpp column", file=sys.stderr)

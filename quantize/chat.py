@@ -32,6 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-vision", action="store_true", help="text only: do not load vision.gguf")
     p.add_argument("--verbose", action="store_true", help="print timings after every answer (stderr)")
+    add_ggml_switches(p)
+
+
+def add_ggml_switches(p: argparse.ArgumentParser) -> None:
+    """The ggml backend's two switches (quantize.ggml_llm.GgmlLLM), for `chat` and `bench`; other backends ignore them."""
+    p.add_argument("--no-decode-graph", dest="decode_graph", action="store_false",
+                   help="ggml backend: build a fresh graph for every generated token instead of reusing one cached "
+                        "graph (slower; for checking the cached graph against the plain path, or debugging)")
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="ggml backend: run the Q4_0/Q4_K matmuls on the file's own blocks instead of copying them into "
+                        "ggml's faster interleaved layout at load (slower prefill; for comparing the two layouts, or to "
+                        "work around a ggml build whose repacked kernels misbehave)")
 
 
 def _print_stats(stats: TurnStats) -> None:
@@ -98,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_vision and args.image:
         raise UserError("--image cannot be used with --no-vision")
     session = open_session(args.gguf, backend=args.backend, qtype=args.qtype, n_ctx=args.ctx, n_threads=args.threads,
-                           sampling=sampling, with_vision=not args.no_vision)
+                           sampling=sampling, with_vision=not args.no_vision, decode_graph=args.decode_graph,
+                           repack=args.repack)
     if args.prompt is not None:
         _answer(session, args.prompt, list(args.image), args.verbose)
         return 0

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_paths, check_output_dir, writing
+from tinygpt.model.checkpoint_io import load_vlm
+from tinygpt.model.lora import has_lora, merge_lora
 
 from . import gguf_names as names
 from .gguf_meta import LLMHyper, PromptInfo, TokenizerMeta, VisionHyper, llm_kv, tokenizer_metadata, vision_kv
@@ -100,8 +103,6 @@ def check_out_dir(out_dir: str | Path) -> Path:
 def content_id(tensors: Mapping[str, Any], extra: str = "") -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor in name order, plus `extra`: the exported model's
     identity, shared by its two GGUF files."""
-    import torch
-
     sha = hashlib.sha256(extra.encode("utf-8"))
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -169,10 +170,6 @@ def load_model_dir(model_dir: str | Path):
         raise UserError(f"--model: {config_file} is not valid JSON ({exc})") from None
     if model_type != "tinygptv":
         raise UserError(f"--model: {config_file} field model_type is {model_type!r}, expected 'tinygptv'")
-
-    from tinygpt.model.checkpoint_io import load_vlm
-    from tinygpt.model.lora import has_lora, merge_lora
-
     model = load_vlm(path)  # follows base_model chains, attaches the tokenizer saved with the model
     if has_lora(model):
         model = merge_lora(model)

@@ -14,10 +14,10 @@ import ctypes
 
 import numpy as np
 
-import ggml
+import ggml  # ggml-python: optional, so only quantize.ggml_llm (itself imported lazily) imports this module
 
-# Cache positions per bucket. On the full-size Q4_K model each masked position costs ~0.03 % of a step's compute (its
-# K and V rows in 32 layers) and a rebuild ~5 ms of Python, once per bucket: 16 and 32 come out even, 64 costs more.
+# Cache positions per bucket: each masked position costs a little compute (its K and V rows in every layer) and each
+# bucket one graph rebuild in Python; 16 and 32 come out even, 64 costs more (docs/gguf-runtime.md, "Cached decode graph").
 BUCKET = 32
 
 
@@ -39,7 +39,7 @@ class DecodeGraph:
         self._meta, self.gf = llm.new_graph()
         try:
             inputs, out = llm.build_graph(self._meta, self.gf, 1, self.n_kv, token_input, True, False, True)
-            self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(llm._backend))
+            self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(llm.cpu_backend))
             if not ggml.ggml_gallocr_alloc_graph(self._galloc, self.gf):
                 raise RuntimeError("ggml could not allocate the decode graph")
         except BaseException:
@@ -69,7 +69,7 @@ class DecodeGraph:
         np.add(self._v_base, n_past, out=self._v_idx)
         for dst, src, nbytes in self._copies:
             ctypes.memmove(dst, src, nbytes)
-        status = ggml.ggml_backend_graph_compute(llm._backend, self.gf)
+        status = ggml.ggml_backend_graph_compute(llm.cpu_backend, self.gf)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
         llm.n_past = n_past + 1

@@ -7,7 +7,7 @@ The KV cache lives in persistent ggml tensors (K: [n_ctx, hidden] row per positi
 
 Single-token steps reuse a cached graph (quantize.ggml_decode_graph): it attends to a fixed bucket of cache
 positions (masked past n_past) and writes K/V through index inputs, so a step only copies its inputs in and computes.
-TINYGPT_GGML_DECODE_GRAPH=0 turns the cache off (every step builds its graph, as prefill does).
+GgmlLLM(decode_graph=False) (CLI: --no-decode-graph) turns the cache off: every step builds its graph, as prefill does.
 
 Layer (N = layer, all in fp32 activations):
     h   = LayerNorm(x) * attn_norm.w + attn_norm.b
@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
+import mmap
 from typing import Sequence
 
 import numpy as np
 
 # OpenMP wait policy: left to libgomp (spin briefly, then sleep); a user's OMP_WAIT_POLICY still applies. ggml's CPU
-# backend meets its threads at an OpenMP barrier after every op (~1,000 per full-size token), and with
-# OMP_WAIT_POLICY=PASSIVE each one sleeps and must be woken: measured on an idle 2-core VM, full-size Q4_K decode 118-123
-# instead of 66-77 ms per token, the tiny model 7.2 instead of 1.1 ms. Under heavy contention (another process
-# spinning on both cores) the default has occasional slow steps (tiny model: p90 up to 30-300 ms); PASSIVE is steadier
-# there but slower in the median.
-import ggml  # ggml-python; quantize.session falls back to torch_llm when this import fails
+# backend meets its threads at an OpenMP barrier after every op, and with OMP_WAIT_POLICY=PASSIVE each one sleeps and
+# must be woken, which makes decode much slower; PASSIVE is steadier only when other processes spin on every core.
+# Measurements: docs/gguf-runtime.md, "OpenMP wait policy".
+import ggml  # ggml-python; quantize.session imports this module lazily and falls back to torch_llm when this fails
 
 from tinygpt.errors import UserError
 
 from .ggml_decode_graph import DecodeGraph, decode_graph_key
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
+from .llm_backend import LLMBackend
 
 _GRAPH_NODES = 8192
 _KV_TYPES = {"f16": ggml.GGML_TYPE_F16, "f32": ggml.GGML_TYPE_F32}
@@ -85,8 +84,6 @@ def _drop_pages(mm: np.memmap, data: np.ndarray) -> None:
     raw = getattr(mm, "_mmap", None)
     if raw is None or not hasattr(raw, "madvise"):
         return
-    import mmap
-
     start = data.ctypes.data - mm.ctypes.data
     page = mmap.PAGESIZE
     first = -(-start // page) * page
@@ -103,11 +100,14 @@ def _quiet_log(level, text, user_data):
 ggml.ggml_log_set(_quiet_log, None)
 
 
-class GgmlLLM:
-    """Stateful decoder: `eval_tokens` / `eval_embeddings` append to the KV cache and return logits."""
+class GgmlLLM(LLMBackend):
+    """Stateful decoder: `eval_tokens` / `eval_embeddings` append to the KV cache and return logits.
+
+    decode_graph: reuse one cached graph for single-token steps (False: build every step's graph, as prefill does).
+    repack: copy Q4_0/Q4_K matmul weights into ggml's CPU_REPACK layout at load (False: run on the file's blocks)."""
 
     def __init__(self, llm: GGUFContents, n_ctx: int | None = None, n_threads: int = 2, n_batch: int = 256,
-                 kv_type: str = "f16"):
+                 kv_type: str = "f16", decode_graph: bool = True, repack: bool = True):
         self.file = llm
         self.hp: LLMHyperParams = llm_hyperparams(llm)
         self.n_ctx = int(n_ctx or self.hp.context_length)
@@ -118,24 +118,24 @@ class GgmlLLM:
         self.n_threads = int(n_threads)
         self.n_batch = int(n_batch)
         self.n_past = 0
-        self._backend = ggml.ggml_backend_cpu_init()
-        ggml.ggml_backend_cpu_set_n_threads(self._backend, self.n_threads)
+        self.cpu_backend = ggml.ggml_backend_cpu_init()  # ggml's CPU backend handle (ggml_decode_graph uses it too)
+        ggml.ggml_backend_cpu_set_n_threads(self.cpu_backend, self.n_threads)
         # the binding of ggml_backend_cpu_buffer_type truncates the pointer; ask the backend instead
-        self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self._backend))
+        self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.cpu_backend))
         self._weights_ctx = None
         self._kv_ctx = None
-        self.decode_graph = os.environ.get("TINYGPT_GGML_DECODE_GRAPH", "1") != "0"
+        self.decode_graph = bool(decode_graph)
         self._decode: DecodeGraph | None = None
-        self._load_weights()
+        self._load_weights(bool(repack))
         self._alloc_kv(_KV_TYPES[kv_type])
 
     # ------------------------------------------------------------------------------------------ setup
-    def _load_weights(self) -> None:
-        """Matmul weights of a type ggml can repack (Q4_0, Q4_K) go into ggml's CPU_REPACK buffer, whose interleaved
-        layout has GEMM kernels: prefill 2-3x faster, decode the same or faster (measured on one 2560x10240 matmul:
-        64 tokens Q4_K 73 -> 39 ms, Q4_0 110 -> 30 ms). Everything else points straight into the file's memory map."""
+    def _load_weights(self, repack: bool) -> None:
+        """With repack, matmul weights of a type ggml can repack (Q4_0, Q4_K) go into ggml's CPU_REPACK buffer, whose
+        interleaved layout has GEMM kernels: prefill faster, decode the same or faster (measurements:
+        docs/gguf-runtime.md, "Repacked weights"). Everything else points straight into the file's memory map."""
         tensors = self.file.tensors
-        repack_buft = None if os.environ.get("TINYGPT_GGML_REPACK", "1") == "0" else _repack_buffer_type(self._backend)
+        repack_buft = _repack_buffer_type(self.cpu_backend) if repack else None
         overhead = (len(tensors) + 8) * ggml.ggml_tensor_overhead()
         self._weights_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
         self._repack_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
@@ -192,9 +192,9 @@ class GgmlLLM:
             if getattr(self, attr) is not None:
                 ggml.ggml_free(getattr(self, attr))
                 setattr(self, attr, None)
-        if self._backend is not None:
-            ggml.ggml_backend_free(self._backend)
-            self._backend = None
+        if self.cpu_backend is not None:
+            ggml.ggml_backend_free(self.cpu_backend)
+            self.cpu_backend = None
 
     def __del__(self):
         try:
@@ -265,7 +265,7 @@ class GgmlLLM:
             for name, tensor in inputs.items():
                 v = np.ascontiguousarray(values[name])
                 ctypes.memmove(tensor.contents.data, v.ctypes.data, v.nbytes)
-            status = ggml.ggml_backend_graph_compute(self._backend, gf)
+            status = ggml.ggml_backend_graph_compute(self.cpu_backend, gf)
             if status != 0:
                 raise RuntimeError(f"ggml graph compute failed with status {status}")
             self.n_past = n_kv

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from tinygpt.errors import UserError
 
@@ -117,8 +120,6 @@ class GGUFTensor:
 
 def _parse(path: Path):
     """A direct reader of the GGUF v2/v3 layout (gguf.GGUFReader takes seconds on a 51200-entry vocabulary)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     buf = memoryview(mm)
     pos = 4
@@ -335,8 +336,6 @@ def find_vision_file(gguf_dir: str | os.PathLike) -> Path:
 
 def load_tokenizer(llm: GGUFContents):
     """A `tokenizers.Tokenizer` rebuilt from the file's GPT-2 BPE vocabulary and merges (no hub access)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     model = llm.require("tokenizer.ggml.model")
     if model != "gpt2":
         raise UserError(f"{llm.path}: tokenizer.ggml.model is {model!r}, only 'gpt2' (BPE) is supported")
@@ -363,9 +362,6 @@ def load_tokenizer(llm: GGUFContents):
 
 def as_float32(t: Any) -> np.ndarray:
     """A GGUF tensor as float32 numpy in numpy-order shape (dequantizing quantized blocks)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     if t.tensor_type == GGMLQuantizationType.F32:
         arr = np.asarray(t.data, dtype=np.float32)
     elif t.tensor_type == GGMLQuantizationType.F16:

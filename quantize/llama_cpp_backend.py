@@ -17,10 +17,12 @@ import numpy as np
 
 from tinygpt.errors import UserError
 
+from .llm_backend import LLMBackend
+
 
 def _import_llama_cpp():
     try:
-        import llama_cpp
+        import llama_cpp  # optional extra (a source build): imported only when this backend is chosen
     except Exception as exc:
         raise UserError(f"llama-cpp-python is not importable ({type(exc).__name__}: {exc}); "
                         "pip install llama-cpp-python (a source build), or use --backend ggml") from None
@@ -39,7 +41,7 @@ def _quiet(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, None)
 
 
-class LlamaCppLLM:
+class LlamaCppLLM(LLMBackend):
     """Stateful decoder over llama.cpp's own KV cache (sequence 0)."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int = 2, n_batch: int = 256):

@@ -15,8 +15,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tinygpt.errors import UserError
+from tinygpt.model.presets import build_config
+from tinygpt.model.vlm import TinyGPTVForConditionalGeneration
+from tinygpt.tokenizer import load_tokenizer
 
 from .export import ExportSummary, check_out_dir, order_llm, split_state_names, write_pair
 from .gguf_meta import LLMHyper, PromptInfo, VisionHyper, tokenizer_metadata
@@ -29,17 +33,11 @@ def random_config(size: str, extra_norms: bool = True):
     """The TinyGPTVConfig of a named size."""
     if size not in SIZES:
         raise UserError(f"--size: unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    from tinygpt.model.presets import build_config
-
     return build_config(SIZES[size], extra_norms=extra_norms)
 
 
 def meta_shapes(config) -> dict[str, tuple[int, ...]]:
     """State-dict names -> shapes of the model class for `config`, built on the meta device (no allocation)."""
-    import torch
-
-    from tinygpt.model.vlm import TinyGPTVForConditionalGeneration
-
     with torch.device("meta"):
         model = TinyGPTVForConditionalGeneration(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -68,9 +66,6 @@ def write_random_model(
     llm_order = order_llm(llm_map, llm_hyper, where)
     to_torch = {**llm_map, **vision_map}
     index = {name: i for i, name in enumerate([*llm_order, *vision_map])}
-
-    from tinygpt.tokenizer import load_tokenizer
-
     text = config.text_config
     tok = tokenizer_metadata(load_tokenizer(None), llm_hyper.vocab_size, text.bos_token_id, text.eos_token_id,
                              text.pad_token_id)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from tinygpt.errors import UserError
 from tinygpt.tasks import IMAGE_TAG
@@ -24,24 +25,27 @@ from tinygpt.tasks import IMAGE_TAG
 from . import gguf_names as names
 from .gguf_file import (ChatFormat, GGUFContents, chat_format, check_pair, find_llm_file, find_vision_file,
                         llm_hyperparams, load_tokenizer, open_gguf, vision_values)
+from .llama_cpp_backend import LlamaCppLLM
+from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
+from .torch_llm import TorchLLM
+from .vision_runtime import VisionEncoder
 
 BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
 
 
 def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
-                        quiet: bool = False):
+                        quiet: bool = False, decode_graph: bool = True, repack: bool = True) -> LLMBackend:
     """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
 
-    backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend)."""
+    backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend).
+    decode_graph and repack are GgmlLLM's switches (see there); the other backends have no such choice."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "llama-cpp":
-        from .llama_cpp_backend import LlamaCppLLM
-
         return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
     if backend in ("auto", "ggml"):
-        try:
+        try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves
             from .ggml_llm import GgmlLLM
         except Exception as exc:  # ImportError, or OSError when the shared library cannot load
             if backend == "ggml":
@@ -50,9 +54,7 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
                 print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
                       file=sys.stderr)
         else:
-            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads)
-    from .torch_llm import TorchLLM
-
+            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack)
     return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
 
 
@@ -81,10 +83,10 @@ class TurnStats:
 
 @dataclass
 class ChatSession:
-    llm: object  # GgmlLLM / TorchLLM / LlamaCppLLM: eval_tokens, eval_embeddings, truncate, n_past, n_ctx
+    llm: LLMBackend  # GgmlLLM / TorchLLM / LlamaCppLLM
     tokenizer: object  # tokenizers.Tokenizer
     fmt: ChatFormat
-    vision: object | None = None  # VisionEncoder
+    vision: VisionEncoder | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     turns: list[Turn] = field(default_factory=list)
     image_vectors: list[np.ndarray] = field(default_factory=list)
@@ -243,11 +245,9 @@ class ChatSession:
 
     def warm_up(self, n_tokens: int = 32) -> None:
         """Pay the one-off costs (compute buffers, thread pools, first-touch pages) at load time instead of in the
-        user's first answer: one blank image through the vision tower, a short prefill that is then forgotten.
-        Measured on the full-size Q4_K model: first answer 5.8 s -> 4.9 s to the first token."""
+        user's first answer: one blank image through the vision tower, a short prefill that is then forgotten
+        (what it saves on the full-size model: docs/benchmarks.md, "Time to first token")."""
         if self.vision is not None:
-            import torch
-
             self.vision.encode_pixels(torch.zeros(1, 3, self.vision.image_size, self.vision.image_size))
         self.llm.eval_tokens([self.llm.hp.vocab_size - 1] * min(n_tokens, self.llm.n_ctx))
         self.llm.truncate(0)
@@ -256,8 +256,11 @@ class ChatSession:
 
 def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str | None = None,
                  n_ctx: int | None = None, n_threads: int = 2, sampling: SamplingParams | None = None,
-                 with_vision: bool = True, vision_int8: bool = True, quiet: bool = False) -> ChatSession:
-    """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime."""
+                 with_vision: bool = True, vision_int8: bool = True, quiet: bool = False, decode_graph: bool = True,
+                 repack: bool = True) -> ChatSession:
+    """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime.
+
+    decode_graph / repack: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others."""
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)
@@ -265,10 +268,9 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
     if with_vision:
         vision_file = open_gguf(find_vision_file(gguf_dir), names.ARCH_VISION)
         check_pair(llm_file, hp, vision_file, vision_values(vision_file))
-        from .vision_runtime import VisionEncoder
-
         vision = VisionEncoder(vision_file, int8=vision_int8, n_threads=n_threads)
-    llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet)
+    llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
+                              decode_graph=decode_graph, repack=repack)
     session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt, vision=vision,
                           sampling=sampling or SamplingParams())
     session.warm_up()

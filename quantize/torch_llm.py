@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from tinygpt.errors import UserError
 
 from .gguf_file import GGUFContents, LLMHyperParams, as_float32, llm_hyperparams
+from .llm_backend import LLMBackend
 
 _AUTO_BF16_BYTES = 4 << 30
 
 
-class TorchLLM:
+class TorchLLM(LLMBackend):
     """Stateful decoder: `eval_tokens` / `eval_embeddings` append to the KV cache and return logits."""
 
     def __init__(self, llm: GGUFContents, n_ctx: int | None = None, n_threads: int = 2, n_batch: int = 256,

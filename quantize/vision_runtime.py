@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
 from tinygpt.errors import UserError
 
@@ -26,8 +29,6 @@ from .gguf_file import GGUFContents, as_float32, vision_values
 
 def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:
     """[1, 3, S, S] float32 pixels; UserError for a missing file or one that is not an image."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
@@ -43,8 +44,6 @@ def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Ten
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A dynamic-quantized Linear: int8 weights with one scale per output row, fp32 activations in and out."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     out_features, in_features = weight.shape
     scale = (weight.abs().amax(dim=1).double() / 127.0).clamp(min=1e-12)
     zero = torch.zeros(out_features, dtype=torch.long)
@@ -62,8 +61,6 @@ class VisionEncoder:
     """`encode(path_or_pixels)` -> float32 numpy [num_query_tokens, llm_hidden_size]."""
 
     def __init__(self, vision: GGUFContents, int8: bool = True, n_threads: int = 2):
-        from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
-
         self.file = vision
         self.values = v = vision_values(vision)
         if n_threads:

@@ -13,7 +13,7 @@ ggml = pytest.importorskip("ggml")
 
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q4_0"])
-def test_repacked_weights_are_as_accurate_as_the_plain_blocks(tmp_path, monkeypatch, qtype):
+def test_repacked_weights_are_as_accurate_as_the_plain_blocks(tmp_path, qtype):
     from quantize.ggml_llm import GgmlLLM
     from quantize.gguf_file import find_llm_file, open_gguf
     from quantize.random_model import write_random_model
@@ -26,13 +26,12 @@ def test_repacked_weights_are_as_accurate_as_the_plain_blocks(tmp_path, monkeypa
     reference = (exact.eval_tokens(ids), exact.eval_tokens([7]))
     scale = np.abs(reference[0]).max()
     errors, repacked = {}, {}
-    for repack in ("1", "0"):
-        monkeypatch.setenv("TINYGPT_GGML_REPACK", repack)
-        llm = GgmlLLM(open_gguf(path, "phi2"), n_ctx=64)
+    for repack in (True, False):
+        llm = GgmlLLM(open_gguf(path, "phi2"), n_ctx=64, repack=repack)
         got = (llm.eval_tokens(ids), llm.eval_tokens([7]))
         repacked[repack] = llm.repacked
         errors[repack] = max(np.abs(g - r).max() for g, r in zip(got, reference)) / scale
         llm.close()
-    assert repacked["1"] == 4 * 4 + 1 and repacked["0"] == 0  # 4 matmul weights per layer + the output head
-    assert errors["1"] < 0.03 and errors["0"] < 0.03
-    assert errors["1"] < 2 * errors["0"] + 1e-3
+    assert repacked[True] == 4 * 4 + 1 and repacked[False] == 0  # 4 matmul weights per layer + the output head
+    assert errors[True] < 0.03 and errors[False] < 0.03
+    assert errors[True] < 2 * errors[False] + 1e-3

@@ -195,12 +195,10 @@ def _decode_script(m, ids, rows) -> np.ndarray:
 def _decode_graph_vs_per_step_graphs(path, monkeypatch):
     ids = prompt_ids(79, seed=11)
     rows = file_weights(path)["token_embd.weight"][ids]
-    monkeypatch.setenv("TINYGPT_GGML_DECODE_GRAPH", "0")
-    off = _ggml(path, n_ctx=70)
+    off = _ggml(path, n_ctx=70, decode_graph=False)
     assert not off.decode_graph
     want = _decode_script(off, ids, rows)
     assert off._decode is None
-    monkeypatch.delenv("TINYGPT_GGML_DECODE_GRAPH")
     built = []
 
     class Counting(ggml_llm.DecodeGraph):
