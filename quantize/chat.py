@@ -36,14 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_ggml_switches(p: argparse.ArgumentParser) -> None:
-    """The ggml backend's two switches (quantize.ggml_llm.GgmlLLM), for `chat` and `bench`; other backends ignore them."""
+    """The ggml backend's two switches (quantize.ggml_llm.GgmlLLM), for `chat` and `bench`; other backends ignore
+    them."""
     p.add_argument("--no-decode-graph", dest="decode_graph", action="store_false",
                    help="ggml backend: build a fresh graph for every generated token instead of reusing one cached "
                         "graph (slower; for checking the cached graph against the plain path, or debugging)")
     p.add_argument("--no-repack", dest="repack", action="store_false",
-                   help="ggml backend: run the Q4_0/Q4_K matmuls on the file's own blocks instead of copying them into "
-                        "ggml's faster interleaved layout at load (slower prefill; for comparing the two layouts, or to "
-                        "work around a ggml build whose repacked kernels misbehave)")
+                   help="ggml backend: run the Q4_0/Q4_K matmuls on the file's own blocks instead of copying them "
+                        "into ggml's faster interleaved layout at load (slower prefill; for comparing the two layouts, "
+                        "or to work around a ggml build whose repacked kernels misbehave)")
 
 
 def _print_stats(stats: TurnStats) -> None:

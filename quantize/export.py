@@ -43,7 +43,8 @@ class ExportSummary:
     vision: FileSummary
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out_dir": self.out_dir, "qtype": self.qtype, "llm": self.llm.to_dict(), "vision": self.vision.to_dict()}
+        return {"out_dir": self.out_dir, "qtype": self.qtype, "llm": self.llm.to_dict(),
+                "vision": self.vision.to_dict()}
 
     def lines(self) -> list[str]:
         return [f"exported to {self.out_dir} (LLM {self.qtype}, vision Q8_0)", *self.llm.lines(), *self.vision.lines()]
@@ -176,7 +177,8 @@ def load_model_dir(model_dir: str | Path):
     return model.eval()
 
 
-def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k", progress: bool = True) -> ExportSummary:
+def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k",
+                 progress: bool = True) -> ExportSummary:
     """Export the model saved in model_dir to out_dir/llm-<qtype>.gguf + out_dir/vision.gguf (+ export.json)."""
     parse_qtype(qtype)  # fail on a bad --qtype or --out before loading anything
     check_out_dir(out_dir)

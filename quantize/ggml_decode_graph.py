@@ -17,7 +17,8 @@ import numpy as np
 import ggml  # ggml-python: optional, so only quantize.ggml_llm (itself imported lazily) imports this module
 
 # Cache positions per bucket: each masked position costs a little compute (its K and V rows in every layer) and each
-# bucket one graph rebuild in Python; 16 and 32 come out even, 64 costs more (docs/gguf-runtime.md, "Cached decode graph").
+# bucket one graph rebuild in Python; 16 and 32 come out even, 64 costs more (docs/gguf-runtime.md, "Cached decode
+# graph").
 BUCKET = 32
 
 

@@ -373,6 +373,7 @@ class GgmlLLM(LLMBackend):
         att = ggml.ggml_cont_2d(ctx, ggml.ggml_permute(ctx, kqv, 0, 2, 1, 3), H, n)
         att = self._linear(ctx, att, b + "attn_output")
         if hp.rms_norm_eps is not None:
-            att = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, att, hp.rms_norm_eps), self.w[b + "post_attention_norm.weight"])
+            att = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, att, hp.rms_norm_eps),
+                                self.w[b + "post_attention_norm.weight"])
         mlp = self._linear(ctx, ggml.ggml_gelu(ctx, self._linear(ctx, h, b + "ffn_up")), b + "ffn_down")
         return ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, att), mlp)

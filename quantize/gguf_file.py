@@ -79,7 +79,8 @@ class ChatFormat:
 
 
 def open_gguf(path: str | os.PathLike, expected_arch: str) -> GGUFContents:
-    """Read a GGUF file's header and tensor table; UserError when it is absent, foreign, truncated or of another arch."""
+    """Read a GGUF file's header and tensor table; UserError when it is absent, foreign, truncated or of another
+    arch."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: GGUF file not found")
@@ -216,18 +217,21 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
     )
     kv_heads = int(llm.metadata.get(names.LLM_HEAD_COUNT_KV, hp.n_heads))
     if kv_heads != hp.n_heads:
-        raise UserError(f"{llm.path}: {names.LLM_HEAD_COUNT_KV}={kv_heads} != head_count {hp.n_heads} (GQA unsupported)")
+        raise UserError(f"{llm.path}: {names.LLM_HEAD_COUNT_KV}={kv_heads} != head_count {hp.n_heads} "
+                        "(GQA unsupported)")
     if hp.hidden_size % hp.n_heads or hp.rotary_dim > hp.head_dim:
-        raise UserError(f"{llm.path}: inconsistent shapes (hidden {hp.hidden_size}, heads {hp.n_heads}, rope {hp.rotary_dim})")
+        raise UserError(f"{llm.path}: inconsistent shapes (hidden {hp.hidden_size}, heads {hp.n_heads}, "
+                        f"rope {hp.rotary_dim})")
     has_post = "blk.0.post_attention_norm.weight" in llm.tensors
     if has_post and hp.rms_norm_eps is None:
-        raise UserError(f"{llm.path}: metadata key {names.LLM_RMS_NORM_EPS!r} is missing (the file has post-attention norms)")
+        raise UserError(f"{llm.path}: metadata key {names.LLM_RMS_NORM_EPS!r} is missing "
+                        "(the file has post-attention norms)")
     if not has_post:
         hp.rms_norm_eps = None
     hp.vocab_size = tensor_shape(llm.tensor("token_embd.weight"))[0]
     h, f, d = hp.hidden_size, hp.ffn_size, hp.head_dim
-    expected = {"token_embd.weight": (hp.vocab_size, h), "output.weight": (hp.vocab_size, h), "output.bias": (hp.vocab_size,),
-                "output_norm.weight": (h,), "output_norm.bias": (h,)}
+    expected = {"token_embd.weight": (hp.vocab_size, h), "output.weight": (hp.vocab_size, h),
+                "output.bias": (hp.vocab_size,), "output_norm.weight": (h,), "output_norm.bias": (h,)}
     for i in range(hp.n_layers):
         b = f"blk.{i}."
         expected.update({b + "attn_norm.weight": (h,), b + "attn_norm.bias": (h,), b + "attn_qkv.weight": (3 * h, h),
@@ -289,7 +293,8 @@ def check_pair(llm: GGUFContents, hp: LLMHyperParams, vision: GGUFContents, vis:
             f"{hp.hidden_size} (files of different models)")
     expected_hash = llm.metadata.get(names.VISION_HASH)
     if expected_hash is not None and expected_hash != names.vision_hash(vis):
-        raise UserError(f"{vision.path}: does not match {llm.path} ({names.VISION_HASH} differs: files of different models)")
+        raise UserError(f"{vision.path}: does not match {llm.path} ({names.VISION_HASH} differs: files of different "
+                        "models)")
     llm_id, vision_id = llm.metadata.get(names.MODEL_ID), vision.metadata.get(names.VISION_MODEL_ID)
     if llm_id is None or vision_id is None:
         missing = llm.path if llm_id is None else vision.path
@@ -302,7 +307,8 @@ def check_pair(llm: GGUFContents, hp: LLMHyperParams, vision: GGUFContents, vis:
                         "(re-export both together)")
     count = int(llm.metadata.get(names.IMAGE_TOKEN_COUNT, vis["num_query_tokens"]))
     if count != vis["num_query_tokens"]:
-        raise UserError(f"{llm.path}: image_token_count {count} != {vision.path} num_query_tokens {vis['num_query_tokens']}")
+        raise UserError(f"{llm.path}: image_token_count {count} != {vision.path} num_query_tokens "
+                        f"{vis['num_query_tokens']}")
 
 
 def find_llm_file(gguf_dir: str | os.PathLike, qtype: str | None = None) -> Path:
@@ -356,7 +362,8 @@ def load_tokenizer(llm: GGUFContents):
     for content, index, special in sorted(added, key=lambda a: a[1]):
         tok.add_tokens([AddedToken(content, special=special, normalized=False)])
         if tok.token_to_id(content) != index:
-            raise UserError(f"{llm.path}: added token {content!r} has id {index} but rebuilds as {tok.token_to_id(content)}")
+            raise UserError(f"{llm.path}: added token {content!r} has id {index} but rebuilds as "
+                            f"{tok.token_to_id(content)}")
     return tok
 
 

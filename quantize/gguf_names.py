@@ -223,7 +223,8 @@ def llm_tensor_names(n_layers: int, qk_layernorm: bool, post_attention_rmsnorm: 
         b = f"blk.{i}."
         names += [b + "attn_norm.weight", b + "attn_norm.bias", b + "attn_qkv.weight", b + "attn_qkv.bias"]
         if qk_layernorm:
-            names += [b + "attn_q_norm.weight", b + "attn_q_norm.bias", b + "attn_k_norm.weight", b + "attn_k_norm.bias"]
+            names += [b + "attn_q_norm.weight", b + "attn_q_norm.bias",
+                      b + "attn_k_norm.weight", b + "attn_k_norm.bias"]
         names += [b + "attn_output.weight", b + "attn_output.bias"]
         if post_attention_rmsnorm:
             names += [b + "post_attention_norm.weight"]

@@ -7,7 +7,6 @@ its final name only when complete (temporary name + os.replace), so an interrupt
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field

@@ -35,7 +35,8 @@ FILE_TYPE_BY_NAME: dict[str, int] = {
 }
 
 # Next wider type when rows do not divide into blocks (llama.cpp: Q4_K -> Q5_0, then anything -> F16).
-_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {T.Q4_K: T.Q5_0, T.Q5_0: T.F16, T.Q4_0: T.F16, T.Q8_0: T.F16}
+_FALLBACK: dict[GGMLQuantizationType, GGMLQuantizationType] = {T.Q4_K: T.Q5_0, T.Q5_0: T.F16, T.Q4_0: T.F16,
+                                                                T.Q8_0: T.F16}
 
 
 def parse_qtype(name: str, what: str = "--qtype") -> GGMLQuantizationType:

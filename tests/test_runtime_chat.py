@@ -166,7 +166,8 @@ class _ScriptedLLM:
 def test_session_streams_text_and_stops_at_stop_string(llm_files):
     f = open_gguf(llm_files["f32"], names.ARCH_LLM)
     tok = load_tokenizer(f)
-    script = tok.encode("Hi there Human ok", add_special_tokens=False).ids + tok.encode("###", add_special_tokens=False).ids
+    script = (tok.encode("Hi there Human ok", add_special_tokens=False).ids
+              + tok.encode("###", add_special_tokens=False).ids)
     script += tok.encode(" never shown", add_special_tokens=False).ids
     s = ChatSession(llm=_ScriptedLLM([0] + script, 256, len(tiny_vocab()[0])), tokenizer=tok, fmt=chat_format(f),
                     sampling=SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=50))
@@ -177,8 +178,9 @@ def test_session_streams_text_and_stops_at_stop_string(llm_files):
     assert "".join(chunks) == "Hi there Human ok" and all("#" not in c for c in chunks)
     assert s.last_stats.stopped_by == "stop string"
     eos = tiny_vocab()[3]
-    s2 = ChatSession(llm=_ScriptedLLM(tok.encode("Yes", add_special_tokens=False).ids + [eos, 5], 256, len(tiny_vocab()[0])),
-                     tokenizer=tok, fmt=chat_format(f), sampling=SamplingParams(temperature=0.0, repetition_penalty=1.0))
+    scripted = _ScriptedLLM(tok.encode("Yes", add_special_tokens=False).ids + [eos, 5], 256, len(tiny_vocab()[0]))
+    s2 = ChatSession(llm=scripted, tokenizer=tok, fmt=chat_format(f),
+                     sampling=SamplingParams(temperature=0.0, repetition_penalty=1.0))
     assert s2.ask("q") == "Yes" and s2.last_stats.stopped_by == "eos"
 
 
@@ -202,7 +204,8 @@ def test_backend_auto_falls_back_to_torch_with_notice(llm_files, monkeypatch, ca
 # ------------------------------------------------------------------------------------------------ exported tiny VLM
 @pytest.fixture(scope="module")
 def exported_tiny(tmp_path_factory):
-    """The tiny TinyGPT-V preset (seeded random init, norms perturbed), saved and exported as F16 with quantize.export."""
+    """The tiny TinyGPT-V preset (seeded random init, norms perturbed), saved and exported as F16 with
+    quantize.export."""
     import torch
     from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
     from tinygpt.model.checkpoint_io import save_vlm

@@ -298,7 +298,8 @@ def test_runtime_matches_pytorch_model_with_spliced_image_vectors(llm_files, tin
     model = _torch_model_with(tiny_weights)
     ids = prompt_ids(14, seed=21)
     image = image_vectors(5) * 0.5
-    emb = np.concatenate([tiny_weights["token_embd.weight"][ids[:5]], image, tiny_weights["token_embd.weight"][ids[5:]]])
+    table = tiny_weights["token_embd.weight"]
+    emb = np.concatenate([table[ids[:5]], image, table[ids[5:]]])
     want = _torch_logits(model, emb)
     m = _ggml(llm_files[qtype])
     m.eval_tokens(ids[:5])
