@@ -62,8 +62,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.cfg_path}: ok")
         return 0
     from tinygpt.tiny.backbones import resolve_builtin
-    from tinygpt.train.stage import run_stage
+    from tinygpt.train.stage import check_outputs, run_stage
 
+    check_outputs(cfg)  # before builtin:tiny may build the backbones: a bad output location costs nothing
     resolve_builtin(cfg)
     out = run_stage(cfg)
     print(f"stage output: {out}")
