@@ -187,20 +187,60 @@ class ChatSession:
                 raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) were given")
         elif indices:
             text = " ".join([IMAGE_TAG.replace("<ImageHere>", placeholder)] * len(indices) + [text])
-        turn = Turn(user=text, images=indices)
-        items = self.layout(self.turns + [turn])
+        n_turns = len(self.turns)
+        try:
+            return self.respond(self.turns + [Turn(user=text, images=indices)], on_text, t_start)
+        except UserError:
+            if len(self.turns) == n_turns:  # refused before the turn was taken: forget its images
+                del self.image_vectors[n_before:]
+            raise
+
+    def respond(self, turns: Sequence[Turn], on_text: Callable[[str], None] | None = None,
+                t_start: float | None = None) -> str:
+        """Answer the last of `turns` (its answer None; images are add_image indices) and make `turns` the history.
+
+        The public form of ask() for callers that keep the conversation themselves (tinygpt.chat): the same images
+        keep the same indices, so the KV cache is reused across calls. UserError, before any state changes, when the
+        prompt leaves no room in the context."""
+        if t_start is None:
+            t_start, self.last_stats = time.perf_counter(), TurnStats()
+        stats = self.last_stats
+        items = self.layout(turns)
         budget = self.llm.n_ctx - len(items)
         if budget < 1:
-            del self.image_vectors[n_before:]
             raise UserError(f"prompt too long: the conversation needs {len(items)} positions, the context holds "
                             f"{self.llm.n_ctx} (start a new conversation or shorten the prompt)")
         t0 = time.perf_counter()
         logits = self._sync_cache(items)
         stats.prefill_s = time.perf_counter() - t0
-        self.turns.append(turn)
+        self.turns = list(turns)
+        turn = self.turns[-1]
         # the history keeps the text exactly as generated, so the next turn's layout re-tokenizes to the cached ids
         turn.answer = self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
         return turn.answer.strip()
+
+    def score(self, turns: Sequence[Turn], candidates: Sequence[str]) -> list[float]:
+        """Summed log-probability of each candidate as the answer to the last of `turns` (answer None): the
+        candidate's tokens (tokenized alone, as training tokenizes answers; no end symbol) after the prompt.
+        The prompt is evaluated once (reusing the KV cache) and each candidate is evaluated after it."""
+        items = self.layout(turns)
+        longest = max((len(self._tokens(c)) for c in candidates), default=0)
+        if len(items) + longest > self.llm.n_ctx:
+            raise UserError(f"prompt too long: scoring needs {len(items) + longest} positions, the context holds "
+                            f"{self.llm.n_ctx}")
+        logits = self._sync_cache(items)
+        n_prompt = len(items)
+        scores = []
+        for text in candidates:
+            ids = self._tokens(text)
+            if not ids:
+                raise UserError("score: a candidate answer is empty")
+            rows = np.vstack([logits[None], self.llm.eval_tokens(ids, all_logits=True)[:-1]]).astype(np.float64)
+            self.llm.truncate(n_prompt)
+            peak = rows.max(axis=1, keepdims=True)
+            log_norm = (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))[:, 0]
+            scores.append(float(sum(rows[k, t] - log_norm[k] for k, t in enumerate(ids))))
+        return scores
 
     def _generate(self, logits, items, max_new: int, on_text, t_start: float) -> str:
         stats = self.last_stats

@@ -1,0 +1,188 @@
+"""`ChatEngine`: the one way the demo, the server, the CLI chat, evaluation and tests talk to a model.
+
+    engine = ChatEngine.from_gguf("out/gguf")             # or ChatEngine.from_model_dir("runs/stage4/final")
+    engine.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                              {"type": "text", "text": "What is it?"}]}])
+    for piece in engine.stream(messages, GenerationSettings(temperature=0.7, seed=1)): ...
+    engine.score(messages, ["yes", "no"])                  # summed log-probabilities, for metrics
+    engine.ask("cat.png", "refer", "the cat")              # TaskAnswer(text, boxes in pixels)
+
+Contract:
+* messages are OpenAI content-part dicts (`tinygpt.chat.messages`) or an already parsed `Conversation`;
+* images are encoded once per content (sha256 of the file / data-URI bytes or of the pixels) and kept in a bounded
+  least-recently-used cache (`image_cache_size`; images of the conversation being answered are never evicted);
+* before generating, the prompt's length is checked against the context: a UserError says how long it is;
+  `max_new_tokens` is cut to the room left;
+* one generation at a time per engine (a lock; a stream holds it until it is exhausted, closed or cancelled);
+* `stream(..., cancel=event)` stops at the next token once `event` is set; closing the iterator does the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+from ..errors import UserError
+from ..tasks import CAPTION_PROMPTS, GROUNDING_PROMPTS, TASKS, format_box
+from .backend import ChatBackend, EncodedTurn, encoded_turns
+from .boxes import PixelBox, answer_boxes
+from .messages import Conversation, ImageRef, image_ref, parse_messages
+from .settings import GenerationSettings
+
+BOX_TASKS = ("refer", "grounding", "detection")  # tasks whose answers carry boxes
+
+
+@dataclass(frozen=True)
+class TaskAnswer:
+    text: str
+    boxes: list[tuple[Optional[str], PixelBox]]  # pixel boxes of the image asked about (BOX_TASKS only)
+    prompt: str
+
+
+def task_prompt(task: str, text: str | None = None, box: PixelBox | None = None,
+                size: tuple[int, int] | None = None) -> str:
+    """The tagged instruction of a task, in the training wording (tinygpt.tasks).
+
+    vqa / refer / detection need `text` (the question, the phrase, the object list); caption and grounding use
+    their first training instruction unless `text` is given; identify needs `box` (pixels of an image of `size`
+    (width, height)), written on the 0-100 grid: ``[identify] {<x1><y1><x2><y2>}`` (after `text` when given)."""
+    if task not in TASKS:
+        raise UserError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    text = (text or "").strip()
+    if task == "identify":
+        if box is None or size is None:
+            raise UserError("box: the identify task needs a box (x1, y1, x2, y2) in pixels")
+        if len(box) != 4:
+            raise UserError(f"box: expected (x1, y1, x2, y2), got {box!r}")
+        box_text = format_box(tuple(float(v) for v in box), size[0], size[1])  # type: ignore[arg-type]
+        return f"[identify] {text} {box_text}" if text else f"[identify] {box_text}"
+    if text:
+        return f"[{task}] {text}"
+    if task == "caption":
+        return CAPTION_PROMPTS[0]
+    if task == "grounding":
+        return GROUNDING_PROMPTS[0]
+    raise UserError(f"text: the {task} task needs a text (the question or phrase)")
+
+
+class ChatEngine:
+    def __init__(self, backend: ChatBackend, settings: GenerationSettings | None = None, image_cache_size: int = 64):
+        if image_cache_size < 1:
+            raise UserError(f"image_cache_size: must be >= 1, got {image_cache_size}")
+        self.backend = backend
+        self.settings = settings or GenerationSettings()
+        self.image_cache_size = image_cache_size
+        self._images: OrderedDict[str, Any] = OrderedDict()
+        self.encode_count = 0  # images actually encoded (cache misses)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_model_dir(cls, model_dir, device: str = "auto", bits: int | None = None, **engine_options) -> "ChatEngine":
+        """The PyTorch backend over a saved model directory (bits 8/4: bitsandbytes, CUDA only)."""
+        from .torch_backend import TorchBackend
+
+        return cls(TorchBackend.load(model_dir, device=device, bits=bits), **engine_options)
+
+    @classmethod
+    def from_gguf(cls, gguf_dir, session_options: dict | None = None, **engine_options) -> "ChatEngine":
+        """The GGUF CPU runtime over an exported directory (options go to quantize.session.open_session)."""
+        from .gguf_backend import GGUFBackend
+
+        return cls(GGUFBackend.load(gguf_dir, **(session_options or {})), **engine_options)
+
+    # ---- facts the demo and server show ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.context_length
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self.backend.prompt.stop_strings
+
+    # ---- the conversation ------------------------------------------------------------------------------------------
+    def _encode(self, conversation: Conversation) -> list[EncodedTurn]:
+        """Encoded turns; images come from the cache, misses are encoded and cached (caller holds the lock)."""
+        refs = conversation.images
+        handles = []
+        for ref in refs:
+            if ref.key in self._images:
+                self._images.move_to_end(ref.key)
+            else:
+                self._images[ref.key] = self.backend.encode_image(ref.open())
+                self.encode_count += 1
+            handles.append(self._images[ref.key])
+        needed = {ref.key for ref in refs}
+        for key in list(self._images):
+            if len(self._images) <= self.image_cache_size:
+                break
+            if key not in needed:
+                self.backend.release_image(self._images.pop(key))
+        return encoded_turns(conversation.turns, handles)
+
+    def _prepare(self, messages, settings: GenerationSettings | None) -> tuple[list[EncodedTurn], GenerationSettings]:
+        conversation = messages if isinstance(messages, Conversation) else parse_messages(messages)
+        if conversation.turns[-1].assistant is not None:
+            raise UserError("messages: the last message must be a user message")
+        settings = settings or self.settings
+        turns = self._encode(conversation)
+        length = self.backend.prompt_length(turns)
+        if length >= self.context_length:
+            raise UserError(f"prompt too long: the conversation needs {length} positions and the model's context "
+                            f"holds {self.context_length} (start a new conversation or shorten it)")
+        room = self.context_length - length
+        if settings.max_new_tokens > room:
+            settings = settings.with_(max_new_tokens=room)
+        return turns, settings
+
+    # ---- the entry points -------------------------------------------------------------------------------------------
+    def chat(self, messages, settings: GenerationSettings | None = None) -> str:
+        """The assistant's answer to the last user message."""
+        with self._lock:
+            turns, settings = self._prepare(messages, settings)
+            return self.backend.generate(turns, settings)
+
+    def stream(self, messages, settings: GenerationSettings | None = None,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        """The same answer as `chat`, in pieces. Bad message shapes raise here; a too-long prompt raises at the
+        first next() (the engine lock is taken there and held until the stream ends, is closed or cancelled)."""
+        conversation = messages if isinstance(messages, Conversation) else parse_messages(messages)
+        return self._stream(conversation, settings, cancel)
+
+    def _stream(self, conversation: Conversation, settings, cancel) -> Iterator[str]:
+        with self._lock:
+            turns, settings = self._prepare(conversation, settings)
+            pieces = self.backend.stream(turns, settings, cancel)
+            try:
+                yield from pieces
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+
+    def score(self, messages, candidates: Sequence[str]) -> list[float]:
+        """Summed log-probability of each candidate as the answer to the last user message (each <= 0)."""
+        if isinstance(candidates, str) or not all(isinstance(c, str) and c for c in candidates):
+            raise UserError("candidates: expected a list of non-empty strings")
+        with self._lock:
+            conversation = messages if isinstance(messages, Conversation) else parse_messages(messages)
+            if conversation.turns[-1].assistant is not None:
+                raise UserError("messages: the last message must be a user message")
+            return self.backend.score(self._encode(conversation), list(candidates))
+
+    def ask(self, image, task: str, text: str | None = None, box: PixelBox | None = None,
+            settings: GenerationSettings | None = None) -> TaskAnswer:
+        """One tagged question about one image (PIL image, path or data URI); boxes in the answer come back in
+        pixels of that image."""
+        ref: ImageRef = image_ref(image)
+        size = ref.open().size
+        prompt = task_prompt(task, text, box, size)
+        messages = [{"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": prompt}]}]
+        answer = self.chat(messages, settings)
+        boxes = answer_boxes(answer, *size) if task in BOX_TASKS else []
+        return TaskAnswer(answer, boxes, prompt)

@@ -1,0 +1,141 @@
+"""The GGUF CPU backend: `quantize.session.ChatSession` (ggml decoder, PyTorch int8 vision, KV-cache reuse).
+
+* an image is encoded once by the session's vision encoder and added to the session (`add_image`); its handle is
+  its index there, so the same image keeps the same index and the KV cache is reused across calls (a follow-up
+  question, or another question about the same image, evaluates only its own tokens);
+* `generate` / `stream` set the session's sampler and stop strings for the call and run `ChatSession.respond`;
+  streaming runs it in a worker thread that hands the text over through a queue, and cancelling stops the decode
+  loop at the next token;
+* `score` is `ChatSession.score`: the prompt once, then each candidate's tokens after it, the cache cut back between
+  candidates. Beam search is not available here (a UserError).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from quantize.sampler import Sampler, SamplingParams, StopMatcher
+from quantize.session import ChatSession, Turn, open_session
+
+from ..data.image import ImageTransform
+from ..errors import UserError
+from .backend import AnswerCutter, EncodedTurn, PromptInfo
+from .settings import GenerationSettings
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class GGUFBackend:
+    def __init__(self, session: ChatSession, name: str = "gguf"):
+        self.session = session
+        fmt = session.fmt
+        vision = session.vision
+        size = int(vision.image_size) if vision is not None else 0
+        self.prompt = PromptInfo(fmt.prompt_template, fmt.end_sym, tuple(fmt.stop_strings), fmt.image_token_count,
+                                 size)
+        self.context_length = int(session.llm.n_ctx)
+        self.name = name
+        self.transform = None
+        if vision is not None:
+            self.transform = ImageTransform(size)
+            self.transform.mean = self.transform.mean.new_tensor(vision.mean).view(3, 1, 1)
+            self.transform.std = self.transform.std.new_tensor(vision.std).view(3, 1, 1)
+
+    @classmethod
+    def load(cls, gguf_dir: str | os.PathLike, **session_options) -> "GGUFBackend":
+        """open_session(gguf_dir, **session_options) (backend, qtype, n_ctx, n_threads, vision_int8, quiet...)."""
+        session_options.setdefault("quiet", True)
+        session = open_session(gguf_dir, **session_options)
+        return cls(session, name=f"gguf:{os.fspath(gguf_dir)} ({type(session.llm).__name__})")
+
+    # ---- images ----------------------------------------------------------------------------------------------
+    def encode_image(self, image: Image.Image) -> int:
+        if self.transform is None:
+            raise UserError("image: this GGUF session has no vision model (vision.gguf was not loaded)")
+        vectors = self.session.vision.encode_pixels(self.transform(image)[None])
+        return self.session.add_image(vectors)
+
+    def release_image(self, handle: int) -> None:
+        # indices are never reused, so a freed slot cannot alias another image in the KV cache
+        self.session.image_vectors[handle] = np.zeros((0,), np.float32)
+
+    # ---- prompt ------------------------------------------------------------------------------------------------
+    def _turns(self, turns: Sequence[EncodedTurn]) -> list[Turn]:
+        placeholder = self.session.fmt.image_placeholder
+        return [Turn(t.user.replace("<ImageHere>", placeholder), list(t.images), t.assistant) for t in turns]
+
+    def prompt_length(self, turns: Sequence[EncodedTurn]) -> int:
+        return len(self.session.layout(self._turns(turns)))
+
+    def _configure(self, settings: GenerationSettings) -> list[str]:
+        if settings.num_beams > 1:
+            raise UserError("num_beams: beam search is available with the PyTorch backend only")
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                repetition_penalty=settings.repetition_penalty,
+                                max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+        stops = list(self.prompt.stop_strings) + list(settings.stop)
+        s = self.session
+        s.sampling, s.sampler, s.stop = params, Sampler(params), StopMatcher(stops)
+        return stops
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
+        stops = self._configure(settings)
+        return AnswerCutter(stops).answer(self.session.respond(self._turns(turns)))
+
+    def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        stops = self._configure(settings)
+        session_turns = self._turns(turns)
+        pieces: queue.Queue = queue.Queue()
+        halt = threading.Event()
+        done = object()
+
+        def on_text(piece: str) -> None:
+            if halt.is_set() or (cancel is not None and cancel.is_set()):
+                raise _Cancelled
+            pieces.put(piece)
+
+        def work():
+            try:
+                self.session.respond(session_turns, on_text)
+            except _Cancelled:
+                pass
+            except BaseException as exc:  # handed to the consumer
+                pieces.put(exc)
+            pieces.put(done)
+
+        worker = threading.Thread(target=work, name="tinygpt-chat-gguf", daemon=True)
+        cutter = AnswerCutter(stops)
+        raw = ""
+        worker.start()
+        try:
+            while True:
+                item = pieces.get()
+                if item is done:
+                    piece = cutter.update(raw, final=True)
+                    if piece:
+                        yield piece
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                raw += item
+                piece = cutter.update(raw)
+                if piece:
+                    yield piece
+                if cancel is not None and cancel.is_set():
+                    break
+        finally:
+            halt.set()
+            worker.join()
+
+    def score(self, turns: Sequence[EncodedTurn], candidates: Sequence[str]) -> list[float]:
+        return self.session.score(self._turns(turns), candidates)

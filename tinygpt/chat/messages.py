@@ -1,0 +1,220 @@
+"""Chat messages in the OpenAI content-part shape -> a `Conversation` of turns with image placeholders.
+
+Accepted input (a list of dicts, as `/v1/chat/completions`, gradio 6 and evaluation harnesses send them)::
+
+    {"role": "system" | "user" | "assistant",
+     "content": "text" | [{"type": "text", "text": "..."},
+                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},   # or a str url
+                          {"type": "image", "image": PIL.Image | "path/to/file.png"}]}
+
+Rules:
+* every image part becomes ``<Img><ImageHere></Img>`` at its position; the parts of a message are joined with one
+  space, so ``[image, "What is it?"]`` reads ``"<Img><ImageHere></Img> What is it?"`` (the training wording);
+* any number of images per message and across turns; images are only allowed in user messages;
+* a system message may only come first; its text is put in front of the first user text (the prompt templates of
+  TinyGPT-V have no system slot);
+* consecutive user messages are merged (one space); user and assistant must otherwise alternate, and the first
+  non-system message is a user message;
+* image URLs may be ``data:`` URIs, ``file://`` URLs or local paths; ``http(s)`` is refused (no downloads);
+* a text that already contains ``<ImageHere>`` is refused (it would desynchronise images and placeholders).
+Every violation is a `UserError` naming the field, e.g. ``messages[2].content[1].image_url.url: ...``.
+
+An image is carried as an `ImageRef`: a content key (sha256 of the file bytes, the data-URI bytes or the decoded
+pixels) and a way to open it, so a cached image is never decoded twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import unquote, urlparse
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import UserError
+from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a conversation: `key` identifies its content, `open()` decodes it (RGB)."""
+
+    key: str
+    where: str = field(default="image", compare=False)  # the field it came from, for error messages
+    _load: Callable[[], Image.Image] | None = field(default=None, compare=False, repr=False)
+
+    def open(self) -> Image.Image:
+        try:
+            image = self._load()
+            image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise UserError(f"{self.where}: not a readable image ({type(exc).__name__})") from None
+        return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One user prompt (placeholders at the image positions), its images in order, and the answer (None: to ask)."""
+
+    user: str
+    images: tuple[ImageRef, ...] = ()
+    assistant: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[ChatTurn, ...]
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return tuple(im for t in self.turns for im in t.images)
+
+    def as_model_turns(self) -> list[dict]:
+        """tinygpt.model's shape: [{"user": ..., "assistant": ...}, ...]."""
+        return [{"user": t.user, "assistant": t.assistant} for t in self.turns]
+
+
+def image_from_bytes(data: bytes, where: str) -> ImageRef:
+    return ImageRef(hashlib.sha256(data).hexdigest(), where, lambda: Image.open(io.BytesIO(data)))
+
+
+def image_from_path(path: str | os.PathLike, where: str) -> ImageRef:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{where}: image file not found: {path}")
+    return image_from_bytes(path.read_bytes(), where)
+
+
+def image_from_pil(image: Image.Image, where: str = "image") -> ImageRef:
+    rgb = image.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+    return ImageRef(digest, where, lambda: rgb)
+
+
+def image_ref(value: Any, where: str = "image") -> ImageRef:
+    """An ImageRef from a PIL image, a path, a data URI / file URL string, or an ImageRef."""
+    if isinstance(value, ImageRef):
+        return value
+    if isinstance(value, Image.Image):
+        return image_from_pil(value, where)
+    if isinstance(value, os.PathLike):
+        return image_from_path(value, where)
+    if isinstance(value, str):
+        return _image_from_url(value, where)
+    raise UserError(f"{where}: expected a PIL image, a path or a data URI, got {type(value).__name__}")
+
+
+def _image_from_url(url: str, where: str) -> ImageRef:
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise UserError(f"{where}: a data URI must look like data:image/png;base64,<data>")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise UserError(f"{where}: the data URI is not valid base64") from None
+        return image_from_bytes(data, where)
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https", "ftp"):
+        raise UserError(f"{where}: remote image URLs are not fetched; send the image as a data: URI")
+    if scheme == "file":
+        return image_from_path(unquote(urlparse(url).path), where)
+    return image_from_path(url, where)
+
+
+def _check_text(text: Any, where: str) -> str:
+    if not isinstance(text, str):
+        raise UserError(f"{where}: expected a string, got {type(text).__name__}")
+    if IMAGE_PLACEHOLDER in text:
+        raise UserError(f"{where}: text may not contain {IMAGE_PLACEHOLDER}; send images as image parts")
+    return text
+
+
+def _parse_part(part: Any, where: str) -> str | ImageRef:
+    if not isinstance(part, dict):
+        raise UserError(f"{where}: expected an object with a 'type', got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        return _check_text(part.get("text"), f"{where}.text")
+    if kind == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        field = f"{where}.image_url.url" if isinstance(value, dict) else f"{where}.image_url"
+        if not isinstance(url, str):
+            raise UserError(f"{field}: expected a URL string")
+        return _image_from_url(url, field)
+    if kind == "image":
+        if "image" not in part:
+            raise UserError(f"{where}.image: missing")
+        return image_ref(part["image"], f"{where}.image")
+    raise UserError(f"{where}.type: expected 'text', 'image_url' or 'image', got {kind!r}")
+
+
+def _parse_content(content: Any, where: str) -> list[str | ImageRef]:
+    if isinstance(content, str):
+        return [_check_text(content, where)]
+    if isinstance(content, (list, tuple)):
+        return [_parse_part(p, f"{where}[{i}]") for i, p in enumerate(content)]
+    raise UserError(f"{where}: expected a string or a list of parts, got {type(content).__name__}")
+
+
+def _join(parts: Sequence[str | ImageRef]) -> tuple[str, tuple[ImageRef, ...]]:
+    words = [IMAGE_TAG if isinstance(p, ImageRef) else p.strip() for p in parts]
+    return " ".join(w for w in words if w), tuple(p for p in parts if isinstance(p, ImageRef))
+
+
+def parse_messages(messages: Any, *, answered: bool = False) -> Conversation:
+    """OpenAI-style messages -> Conversation. The last message must be a user message unless `answered`
+    (then it must be an assistant message: a finished conversation, e.g. for scoring with the answer given)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError("messages: expected a non-empty list of {role, content} objects")
+    system = ""
+    turns: list[ChatTurn] = []
+    pending: list[str | ImageRef] | None = None  # parts of the user turn being collected
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise UserError(f"{where}: expected an object with 'role' and 'content', got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise UserError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        if "content" not in msg:
+            raise UserError(f"{where}.content: missing")
+        parts = _parse_content(msg["content"], f"{where}.content")
+        if role == "system":
+            if i != 0:
+                raise UserError(f"{where}.role: a system message may only come first")
+            if any(isinstance(p, ImageRef) for p in parts):
+                raise UserError(f"{where}.content: a system message may not hold images")
+            system = _join(parts)[0]
+        elif role == "user":
+            pending = (pending or []) + parts
+        else:
+            if pending is None:
+                raise UserError(f"{where}.role: an assistant message must follow a user message")
+            if any(isinstance(p, ImageRef) for p in parts):
+                raise UserError(f"{where}.content: images are only allowed in user messages")
+            text, images = _join(pending)
+            turns.append(ChatTurn(text, images, _join(parts)[0]))
+            pending = None
+    if pending is not None:
+        if answered:
+            raise UserError(f"messages[{len(messages) - 1}].role: expected the last message to be the assistant's")
+        text, images = _join(pending)
+        turns.append(ChatTurn(text, images, None))
+    elif not answered:
+        raise UserError(f"messages[{len(messages) - 1}].role: the last message must be a user message")
+    if not turns:
+        raise UserError("messages: no user message")
+    if system:
+        first = turns[0]
+        turns[0] = ChatTurn(f"{system} {first.user}".strip(), first.images, first.assistant)
+    return Conversation(tuple(turns))

@@ -1,0 +1,56 @@
+"""Generation settings shared by every backend: one frozen dataclass, validated once.
+
+Defaults are greedy (temperature 0), so an answer is reproducible; the original demo sampled (top-p 0.9,
+temperature 0.6-1.0, repetition penalty 1.05), which users can ask for. `stop` adds to the model's own stop strings
+(read from its config or GGUF). `seed` makes sampling repeat: each call reseeds. `num_beams` > 1 is PyTorch only.
+The repetition penalty is applied over the generated tokens by the PyTorch backend (transformers' rule for
+`inputs_embeds` prompts) and over the conversation's text tokens plus the generated ones by the GGUF runtime, so
+the two agree only at 1.0 (the default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 300
+    temperature: float = 0.0
+    top_p: float = 0.9
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = 0
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
+
+    def validate(self) -> "GenerationSettings":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise UserError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise UserError(f"num_beams: must be an integer >= 1, got {self.num_beams!r}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_(self, **changes) -> "GenerationSettings":
+        """A copy with some fields changed (validated)."""
+        return replace(self, **changes)

@@ -1,0 +1,208 @@
+"""The PyTorch backend: a `TinyGPTVForConditionalGeneration` on CPU or GPU, optionally with 8-/4-bit LLM weights.
+
+* images are encoded to Q-Former features ([Q, 768], the frozen part) once; the projection runs per call;
+* generation is the model's own `generate` (transformers' generate: greedy, sampling, beams, repetition penalty,
+  stop strings); streaming uses transformers' `TextIteratorStreamer` with the generation in a worker thread, and a
+  stopping criterion that ends it when the caller cancels or a stop string shows up;
+* `score` runs one forward pass over prompt + candidate for all candidates at once (right-padded batch) and sums
+  the log-softmax of each candidate's tokens;
+* `load(model_dir, device, bits)`: bits 8 or 4 put the language model's Linear layers into bitsandbytes
+  (`Linear8bitLt` / `Linear4bit` NF4), which needs CUDA; without a GPU it is a UserError.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from ..data.image import ImageTransform
+from ..errors import UserError
+from ..model import TinyGPTVForConditionalGeneration, load_vlm
+from ..model.sequence import embed_inputs
+from .backend import AnswerCutter, EncodedTurn, PromptInfo
+from .settings import GenerationSettings
+
+
+class _EventStop(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TorchBackend:
+    def __init__(self, model: TinyGPTVForConditionalGeneration, name: str | None = None):
+        self.model = model.eval()
+        cfg = model.config
+        self.device = model.proj1.weight.device
+        stops = list(cfg.stop_strings or [])
+        if cfg.end_sym.strip() and cfg.end_sym not in stops:
+            stops.append(cfg.end_sym)
+        self.prompt = PromptInfo(cfg.prompt_template, cfg.end_sym, tuple(stops), cfg.num_query_tokens,
+                                 int(cfg.vision_config.image_size))
+        self.context_length = int(cfg.text_config.max_position_embeddings)
+        self.name = name or f"torch:{self.device}"
+        self.transform = ImageTransform(self.prompt.image_size)
+        self.tokenizer = model._require_tokenizer()
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str = "auto", bits: int | None = None) -> "TorchBackend":
+        """Load a model directory onto `device` ("auto": CUDA when present); bits 8/4 quantize the LLM (CUDA)."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if bits not in (None, 8, 4):
+            raise UserError(f"bits: expected 8, 4 or none, got {bits!r}")
+        if bits and (not device.startswith("cuda") or not torch.cuda.is_available()):
+            raise UserError(f"bits {bits}: 8-/4-bit weights (bitsandbytes) need a CUDA GPU; use the GGUF backend "
+                            "for quantized CPU inference")
+        dtype = torch.float16 if device.startswith("cuda") else None
+        model = load_vlm(model_dir, dtype=dtype)
+        if bits:
+            quantize_llm_linears(model, bits)
+        model.to(device)
+        return cls(model, name=f"torch:{device}" + (f":int{bits}" if bits else ""))
+
+    # ---- images ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.transform(image)[None].to(self.device)
+        return self.model.qformer_features(pixels)[0]
+
+    def release_image(self, handle: Any) -> None:
+        pass  # a tensor; the garbage collector frees it
+
+    # ---- prompt ------------------------------------------------------------------------------------------------
+    def _inputs(self, turns: Sequence[EncodedTurn]):
+        placeholder = self.model.config.image_placeholder
+        conv = [{"user": t.user.replace("<ImageHere>", placeholder), "assistant": t.assistant} for t in turns]
+        handles = [h for t in turns for h in t.images]
+        inputs = self.model.prepare_inputs([conv], [len(handles)], None, "left")
+        features = torch.stack(handles) if handles else None
+        return conv, handles, inputs, features
+
+    def prompt_length(self, turns: Sequence[EncodedTurn]) -> int:
+        return int(self._inputs(turns)[2].input_ids.shape[1])
+
+    def _kwargs(self, settings: GenerationSettings, max_new: int) -> dict:
+        kw: dict = {"max_new_tokens": max_new, "num_beams": settings.num_beams,
+                    "repetition_penalty": settings.repetition_penalty,
+                    "stop_strings": list(self.prompt.stop_strings) + list(settings.stop)}
+        if settings.greedy:
+            kw["do_sample"] = False
+        else:
+            kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+        return kw
+
+    def _max_new(self, length: int, settings: GenerationSettings) -> int:
+        return max(1, min(settings.max_new_tokens, self.context_length - length))
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
+        conv, handles, inputs, features = self._inputs(turns)
+        kw = self._kwargs(settings, self._max_new(inputs.input_ids.shape[1], settings))
+        ids = self.model.generate([conv], [len(handles)], image_features=features, **kw)
+        raw = self.tokenizer.decode(ids[0], skip_special_tokens=True)
+        return AnswerCutter(kw["stop_strings"]).answer(raw)
+
+    def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        if settings.num_beams > 1:
+            raise UserError("num_beams: streaming needs num_beams 1 (beam search decides the text at the end)")
+        conv, handles, inputs, features = self._inputs(turns)
+        kw = self._kwargs(settings, self._max_new(inputs.input_ids.shape[1], settings))
+        halt = threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        kw.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_EventStop(halt)]))
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                self.model.generate([conv], [len(handles)], image_features=features, **kw)
+            except BaseException as exc:  # handed to the consumer below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="tinygpt-chat-generate", daemon=True)
+        cutter = AnswerCutter(kw["stop_strings"])
+        raw = ""
+        worker.start()
+        try:
+            for chunk in streamer:
+                raw += chunk
+                piece = cutter.update(raw)
+                if piece:
+                    yield piece
+                if cutter.stopped or (cancel is not None and cancel.is_set()):
+                    break
+            else:
+                if failure:
+                    raise failure[0]
+                piece = cutter.update(raw, final=True)
+                if piece:
+                    yield piece
+        finally:
+            halt.set()  # the streamer's queue is unbounded, so the worker never blocks on it
+            worker.join()
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, turns: Sequence[EncodedTurn], candidates: Sequence[str]) -> list[float]:
+        _, _, inputs, features = self._inputs(turns)
+        model, lm = self.model, self.model.language_model
+        embed = lm.get_input_embeddings()
+        images = model.project(features) if features is not None else None
+        prompt = embed_inputs(inputs, embed, images)  # [1, P, H]
+        cand_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
+        if any(not ids for ids in cand_ids):
+            raise UserError("score: a candidate answer is empty")
+        n_prompt, longest = prompt.shape[1], max((len(i) for i in cand_ids), default=0)
+        if n_prompt + longest > self.context_length:
+            raise UserError(f"prompt too long: scoring needs {n_prompt + longest} positions, the context holds "
+                            f"{self.context_length}")
+        if not cand_ids:
+            return []
+        pad = model.config.text_config.pad_token_id
+        ids = torch.full((len(cand_ids), longest), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(cand_ids), n_prompt + longest), dtype=torch.long, device=self.device)
+        for k, c in enumerate(cand_ids):
+            ids[k, : len(c)] = torch.tensor(c, device=self.device)
+            mask[k, : n_prompt + len(c)] = 1
+        embeds = torch.cat([prompt.expand(len(cand_ids), -1, -1), embed(ids)], dim=1)
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, n_prompt - 1: n_prompt + longest - 1].float(), dim=-1)
+        token_logp = logp.gather(-1, ids[..., None])[..., 0]
+        return [float(token_logp[k, : len(c)].sum()) for k, c in enumerate(cand_ids)]
+
+
+def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int) -> None:
+    """Swap the language model's Linear layers (lm_head kept) for bitsandbytes 8-bit / 4-bit NF4 layers; the
+    weights are quantized when the model moves to the GPU."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UserError(f"bits {bits}: bitsandbytes cannot be imported ({exc})") from None
+    lm = model.language_model
+    targets = [(name, mod) for name, mod in lm.named_modules()
+               if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
+    for name, old in targets:
+        parent = lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lm
+        has_bias = old.bias is not None
+        if bits == 8:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=has_bias, has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(old.weight.data.to(torch.float16), requires_grad=False,
+                                           has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=has_bias, compute_dtype=torch.float16,
+                                    quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(old.weight.data.to(torch.float16), requires_grad=False, quant_type="nf4")
+        if has_bias:
+            new.bias = torch.nn.Parameter(old.bias.data.to(torch.float16), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
