@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 
-from tinygpt.errors import BrokenModelError  # noqa: F401  (raised by the callers of broken_message)
 
 CANARY_COMMAND = "python .ci/canary.py"
 
@@ -43,8 +43,6 @@ FLOORS = Floors()
 
 
 def installed_versions() -> dict[str, str]:
-    import transformers
-
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -32,10 +32,12 @@ import torch
 from tinygpt.errors import UserError
 from tinygpt.evaluation.health import installed_versions, versions_text
 from tinygpt.io_utils import atomic_write_text
+from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, load_vlm, save_vlm
 from tinygpt.paths import cache_root
 from tinygpt.tiny.llm_ceiling import llm_ceiling
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings, pretrain_llm
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings, pretrain_vision
+from tinygpt.tokenizer import load_tokenizer
 
 BACKBONES_VERSION = "6"
 MARKER = "backbones.json"
@@ -159,9 +161,6 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
 
     With 2+ cores and a ``scratch`` directory the two pretrainings run side by side in two processes.
     """
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
-    from tinygpt.tokenizer import load_tokenizer
-
     torch.manual_seed(llm.seed)
     tokenizer = load_tokenizer()
     config = build_config("tiny", tokenizer_source="builtin")
@@ -183,8 +182,6 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
 
 
 def _build(target: Path, llm: LLMPretrainSettings, vision: VisionPretrainSettings, progress: bool) -> None:
-    from tinygpt.model import save_vlm
-
     start = time.monotonic()
     building = target.parent / f".{target.name}.building-{os.getpid()}"
     scratch = target.parent / f".{target.name}.scratch-{os.getpid()}"
@@ -221,8 +218,6 @@ def recorded_ceiling(directory: Path) -> dict | None:
 
 def measure_ceiling(directory: Path, scenes: int | None = None) -> dict:
     """Load the backbones' LLM and measure its true-code ceiling under the installed versions."""
-    from tinygpt.model import load_vlm
-
     model = load_vlm(directory)
     scenes = scenes or int((recorded_ceiling(directory) or {}).get("scenes", LLMPretrainSettings().ceiling_scenes))
     return llm_ceiling(model.language_model, model.tokenizer, scenes)

@@ -22,15 +22,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
+from tinygpt.config.load import load_config
 from tinygpt.errors import BrokenModelError, UserError
 from tinygpt.evaluation.health import FLOORS, broken_message, generation_problems, installed_versions, score_problems
 from tinygpt.io_utils import atomic_path, atomic_write_text, check_output_dir, writing
+from tinygpt.model import load_vlm
 from tinygpt.paths import TINY_OUTPUT_DIR, tiny_data_dir, train_configs_dir
+from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
+from tinygpt.tiny.shapes import evaluate_loaded, evaluate_shapes
+from tinygpt.tiny.synthetic import generate
+from tinygpt.train.stage import run_stage
 
 CONFIG_DIR = train_configs_dir() / "tiny"
 STAGES = (1, 2, 3, 4)
@@ -41,8 +48,6 @@ COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. rec
 
 
 def _ensure_data(data_dir: Path, seed: int, progress: bool) -> None:
-    from tinygpt.tiny.synthetic import generate
-
     if (data_dir / "manifest.json").is_file() and (data_dir / "eval" / "vqa.json").is_file():
         if progress:
             print(f"[tiny] synthetic data: reusing {data_dir}", flush=True)
@@ -66,9 +71,6 @@ def _stage_options(stage: int, data_dir: Path, out_dir: Path, backbones: Path, m
 
 def _stage0_model(backbones: Path):
     """The backbones in stage 1's prompt format: what stage 1 starts from."""
-    from tinygpt.config.load import load_config
-    from tinygpt.model import load_vlm
-
     model = load_vlm(backbones)
     stage1 = load_config(CONFIG_DIR / "stage1.yaml", [f"model.init_from={backbones}"]).model
     model.config.prompt_template = stage1.prompt_template
@@ -102,8 +104,6 @@ def format_ceiling(ceiling: dict) -> str:
 
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the vision pretraining runs in one)."""
-    import resource
-
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -111,7 +111,7 @@ def cpu_seconds() -> float:
 def _plot(rows: dict[str, dict], ceiling: dict | None, path: Path) -> None:
     """Grouped bars per stage (caption F1, attribute recall, VQA, grounding); dashed: the ceiling (the frozen LLM
     reading the true scene code)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: choosing the Agg backend on import would change a notebook's backend
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,11 +173,6 @@ def run_tiny_recipe(
     (quick runs and tests); ``eval_limit`` caps each evaluation list of stages 0-3 and ``final_eval_limit`` those of
     the last stage (None: the whole held-out split).
     """
-    from tinygpt.config.load import load_config
-    from tinygpt.tiny.shapes import evaluate_loaded, evaluate_shapes
-    from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
-    from tinygpt.train.stage import run_stage
-
     start = time.monotonic()
     out = Path(out_dir).resolve()
     data = tiny_data_dir(data_dir).resolve()

@@ -31,6 +31,7 @@ import torch
 from tinygpt.data.image import ImageTransform, load_image
 from tinygpt.data.bad_records import BadRecord
 from tinygpt.errors import UserError
+from tinygpt.model import load_vlm
 from tinygpt.tasks import IMAGE_PLACEHOLDER, box_to_pixels, iou, parse_boxes, wrap_instruction
 
 CAPTION_INSTRUCTION = "[caption] Briefly describe this image."
@@ -214,7 +215,5 @@ def evaluate_loaded(model, split_dir: str | os.PathLike, limit: int | None = Non
 def evaluate_shapes(model_dir: str | os.PathLike, split_dir: str | os.PathLike, limit: int | None = None,
                     batch_size: int = 48, progress: bool = False) -> dict:
     """Load a model directory (whole or trainable-only) and evaluate it on a held-out shapes split."""
-    from tinygpt.model import load_vlm
-
     model = load_vlm(model_dir)
     return evaluate_loaded(model, split_dir, limit=limit, batch_size=batch_size, progress=progress)

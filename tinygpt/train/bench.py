@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..config import check_paths, load_config
 from ..errors import UserError, report_errors
 from .build import build_model
 from .loop import compute_loss, make_accelerator, to_device
@@ -153,8 +154,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from ..config import check_paths, load_config
-
     cfg = load_config(args.cfg_path, args.options)
     if args.steps < 1:
         raise UserError("--steps must be >= 1")

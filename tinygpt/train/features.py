@@ -22,10 +22,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..config import check_paths, load_config
 from ..data.collate import collate_samples
 from ..data.formats.qformer_features import MANIFEST
 from ..errors import UserError, report_errors
 from ..io_utils import atomic_dir, check_output_dir, writing
+from .build import build_model, planned_image_size
+from .stage import build_datasets, check_dataset_specs
 
 log = logging.getLogger("tinygpt.train")
 
@@ -105,10 +108,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _features_command(args: argparse.Namespace) -> int:
-    from ..config import check_paths, load_config
-    from .build import build_model, planned_image_size
-    from .stage import build_datasets, check_dataset_specs
-
     cfg = load_config(args.cfg_path, args.options)
     check_features_out(Path(args.out))
     check_paths(cfg)
