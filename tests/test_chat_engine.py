@@ -150,6 +150,14 @@ def _conversations():
 GREEDY = GenerationSettings(max_new_tokens=10)
 
 
+def _talkative(engine):
+    """The first test conversation this random model answers with some text (some prompts stop at once)."""
+    for messages in _conversations():
+        if len(engine.chat(messages, GREEDY)) >= 4:
+            return messages
+    pytest.skip("the random model answers every test conversation with (almost) nothing")
+
+
 def test_pytorch_and_gguf_give_the_same_greedy_answers_and_streams(engines):
     torch_engine, gguf_engine = engines
     answers = []
@@ -164,7 +172,7 @@ def test_pytorch_and_gguf_give_the_same_greedy_answers_and_streams(engines):
 
 def test_stop_strings_stop(engines):
     for engine in engines:
-        messages = _conversations()[1]
+        messages = _talkative(engine)
         full = engine.chat(messages, GREEDY)
         stop = full[len(full) // 2: len(full) // 2 + 2]
         cut = full[: full.index(stop)].strip()
@@ -175,7 +183,7 @@ def test_stop_strings_stop(engines):
 
 def test_seeded_sampling_repeats(engines):
     for engine in engines:
-        messages = _conversations()[1]
+        messages = _talkative(engine)
         hot = GREEDY.with_(temperature=1.5, top_p=1.0, seed=7)
         first = engine.chat(messages, hot)
         assert engine.chat(messages, hot) == first
@@ -194,7 +202,7 @@ def test_image_cache_encodes_one_image_once(engines):
             for q in ("what?", "where?", "why?"):
                 engine.chat([_user(image, q)], GREEDY.with_(max_new_tokens=2))
             answer = engine.ask(image, "identify", box=(10, 10, 60, 40), settings=GREEDY.with_(max_new_tokens=2))
-            assert answer.prompt == "[identify] {<11><11><66><44>}"
+            assert answer.prompt == "[identify] {<7><11><46><44>}"  # 130 x 90 px
             engine.score([_user(image, "yes or no?")], ["yes", "no"])
         finally:
             del engine.backend.encode_image
@@ -204,7 +212,7 @@ def test_image_cache_encodes_one_image_once(engines):
 def test_score_prefers_the_greedy_answer_and_backends_agree(engines):
     torch_engine, gguf_engine = engines
     tok = torch_engine.backend.tokenizer
-    messages = _conversations()[1]
+    messages = _talkative(torch_engine)
     greedy = torch_engine.chat(messages, GenerationSettings(max_new_tokens=3))
     ids = tok(greedy, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == greedy
@@ -240,6 +248,6 @@ def test_context_check_and_cancel(engines):
 
 def test_beams_are_pytorch_only(engines):
     torch_engine, gguf_engine = engines
-    assert torch_engine.chat(_conversations()[1], GREEDY.with_(num_beams=2))
+    assert isinstance(torch_engine.chat(_conversations()[1], GREEDY.with_(num_beams=2)), str)
     with pytest.raises(UserError, match="num_beams"):
         gguf_engine.chat(_conversations()[1], GREEDY.with_(num_beams=2))
