@@ -49,7 +49,8 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
             from .ggml_llm import GgmlLLM
         except Exception as exc:  # ImportError, or OSError when the shared library cannot load
             if backend == "ggml":
-                raise UserError(f"--backend ggml: ggml-python cannot be imported ({type(exc).__name__}: {exc})") from None
+                raise UserError(f"--backend ggml: ggml-python cannot be imported "
+                                f"({type(exc).__name__}: {exc})") from None
             if not quiet:
                 print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
                       file=sys.stderr)
@@ -184,7 +185,8 @@ class ChatSession:
         if placeholder in text:
             if text.count(placeholder) != len(indices):
                 del self.image_vectors[n_before:]
-                raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) were given")
+                raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) "
+                                "were given")
         elif indices:
             text = " ".join([IMAGE_TAG.replace("<ImageHere>", placeholder)] * len(indices) + [text])
         n_turns = len(self.turns)
