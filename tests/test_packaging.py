@@ -15,8 +15,9 @@ def test_pyproject_lists_every_package_of_the_checkout():
              for init in (ROOT / top).rglob("__init__.py")}
     listed = set(setuptools["packages"])
     assert found <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
-    assert listed - found == {"tinygpt.train_configs"}
-    assert setuptools["package-dir"] == {"tinygpt.train_configs": "train_configs"}
+    assert listed - found == {"tinygpt.train_configs", "tinygpt.eval_configs"}
+    assert setuptools["package-dir"] == {"tinygpt.train_configs": "train_configs",
+                                         "tinygpt.eval_configs": "eval_configs"}
 
 
 def test_the_stage_configs_ship_with_the_package(monkeypatch, tmp_path):

@@ -1,0 +1,177 @@
+"""Launch configs (`eval_configs/*.yaml`): which model a demo, server or evaluation run talks to, and how.
+
+    cfg = load_launch_config("eval_configs/tiny.yaml")      # LaunchConfig, every field checked
+    engine = open_engine(cfg)                                # a ChatEngine over the chosen backend
+
+A launch config has three sections; every key is optional except `model.backend` and `model.path`:
+
+    model:       backend: torch | gguf       path: a saved model directory (torch) or an exported GGUF directory (gguf)
+                 device: auto | cpu | cuda   bits: null | 8 | 4   (torch; 8/4-bit through bitsandbytes, CUDA only)
+                 threads: 2   qtype: null (gguf: which llm-<qtype>.gguf when the directory holds several)
+    generation:  the GenerationSettings defaults (max_new_tokens, temperature, top_p, num_beams,
+                 repetition_penalty, stop, seed)
+    limits:      max_images (per request / message), max_image_pixels, max_upload_bytes, queue_size,
+                 image_cache_size
+
+Values may use `${oc.env:NAME,default}` like the stage configs. Relative paths are relative to the working
+directory (the quick start runs from the checkout). A misspelt or mistyped key is one UserError naming the file and
+the key; a missing model path names the command that makes it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError
+
+from ..errors import UserError, did_you_mean
+from ..paths import PACKAGE_ROOT
+from .engine import ChatEngine
+from .settings import GenerationSettings
+
+BACKENDS = ("torch", "gguf")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    backend: str = ""
+    path: str = ""
+    device: str = "auto"
+    bits: int | None = None
+    threads: int = 2
+    qtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 8  # images per request (server) / per message (demo)
+    max_image_pixels: int = 16_000_000  # width x height of one decoded image
+    max_upload_bytes: int = 20_000_000  # one request body (server) / one uploaded file (demo)
+    queue_size: int = 8  # requests waiting for the engine; one more is refused (HTTP 429 / a UI message)
+    image_cache_size: int = 64  # encoded images kept per engine (by content hash)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    source: Path
+    model: ModelChoice
+    generation: GenerationSettings
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def name(self) -> str:
+        """The model name the server lists and the demo shows: the config file's stem (``tiny``, ``stage4``)."""
+        return self.source.stem
+
+
+_SECTIONS: dict[str, type] = {"model": ModelChoice, "generation": GenerationSettings, "limits": Limits}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def eval_configs_dir() -> Path:
+    """The checkout's ``eval_configs/`` first, else the copy ``pip install`` puts in the package."""
+    checkout = PACKAGE_ROOT.parent / "eval_configs"
+    return checkout if checkout.is_dir() else PACKAGE_ROOT / "eval_configs"
+
+
+def _check_value(where: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise UserError(f"{where}: {key} must not be empty")
+    if key == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise UserError(f"{where}: {key} must be a string or a list of non-empty strings, got {value!r}")
+        return tuple(stops)
+    kind = annotation.split("|")[0].strip()
+    accepted = _TYPES.get(kind)
+    if accepted and (isinstance(value, bool) or not isinstance(value, accepted)):
+        raise UserError(f"{where}: {key} must be {'an integer' if kind == 'int' else 'a ' + kind}, got {value!r}")
+    if kind == "int" and isinstance(default, int) and key != "seed" and value < 0:
+        raise UserError(f"{where}: {key} must be >= 0, got {value}")
+    return float(value) if kind == "float" else value
+
+
+def _section(path: Path, name: str, raw: Any) -> Any:
+    cls = _SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: {name} must be a mapping of keys, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise UserError(f"{path}: unknown key {name}.{key}{did_you_mean(str(key), known)} "
+                            f"(valid: {', '.join(known)})")
+        f = known[key]
+        values[key] = _check_value(str(path), f"{name}.{key}", value, f.default, str(f.type))
+    try:
+        return cls(**values)
+    except UserError as exc:  # GenerationSettings' own checks ("temperature: must be >= 0 ...")
+        raise UserError(f"{path}: {name}.{exc}") from None
+
+
+def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> LaunchConfig:
+    """Read and check a launch config. ``check_model``: the model path must exist (off for tests of the parsing)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f" (shipped configs: {', '.join(sorted(p.name for p in eval_configs_dir().glob('*.yaml')))})" \
+            if eval_configs_dir().is_dir() else ""
+        raise UserError(f"{path}: launch config does not exist{hint}")
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the top level must be a mapping with model, generation and limits")
+    for key in tree:
+        if key not in _SECTIONS:
+            raise UserError(f"{path}: unknown section {key!r}{did_you_mean(str(key), _SECTIONS)} "
+                            f"(valid: {', '.join(_SECTIONS)})")
+    model = _section(path, "model", tree.get("model"))
+    if model.backend not in BACKENDS:
+        raise UserError(f"{path}: model.backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
+    if not model.path:
+        raise UserError(f"{path}: model.path is required (a model directory or an exported GGUF directory)")
+    if model.device not in DEVICES:
+        raise UserError(f"{path}: model.device must be one of {', '.join(DEVICES)}, got {model.device!r}")
+    if model.bits not in (None, 4, 8):
+        raise UserError(f"{path}: model.bits must be empty, 8 or 4, got {model.bits!r}")
+    if model.threads < 1:
+        raise UserError(f"{path}: model.threads must be >= 1, got {model.threads}")
+    limits = _section(path, "limits", tree.get("limits"))
+    for f in fields(Limits):
+        if getattr(limits, f.name) < 1:
+            raise UserError(f"{path}: limits.{f.name} must be >= 1, got {getattr(limits, f.name)}")
+    cfg = LaunchConfig(path, model, _section(path, "generation", tree.get("generation")), limits)
+    if check_model:
+        check_model_path(cfg)
+    return cfg
+
+
+def check_model_path(cfg: LaunchConfig) -> None:
+    where = Path(cfg.model.path)
+    if cfg.model.backend == "torch" and not (where / "config.json").is_file():
+        raise UserError(f"{cfg.source}: model.path {where} is not a saved model directory (no config.json); "
+                        "train it first (`python train.py --cfg-path train_configs/stageN.yaml`; the quick start's "
+                        "`python train.py` makes outputs/tiny/stage4)")
+    if cfg.model.backend == "gguf" and not any(where.glob("llm-*.gguf")):
+        raise UserError(f"{cfg.source}: model.path {where} holds no llm-*.gguf; export one first "
+                        "(`python -m quantize export --model MODEL_DIR --out DIR`)")
+
+
+def open_engine(cfg: LaunchConfig) -> ChatEngine:
+    """The ChatEngine the config names, with its generation defaults and image cache size."""
+    options = {"settings": cfg.generation, "image_cache_size": cfg.limits.image_cache_size}
+    if cfg.model.backend == "torch":
+        return ChatEngine.from_model_dir(cfg.model.path, device=cfg.model.device, bits=cfg.model.bits, **options)
+    return ChatEngine.from_gguf(cfg.model.path, {"n_threads": cfg.model.threads, "qtype": cfg.model.qtype}, **options)
