@@ -5,6 +5,8 @@
     tinygpt synth --out DIR               = python -m tinygpt.tiny.synthetic ...
     tinygpt export|random|chat|bench|accuracy ...   = python -m quantize export|random|chat|bench|accuracy ...
     tinygpt ceiling [--check]             = python -m tinygpt.tiny.ceiling_check ...
+    tinygpt demo --cfg-path YAML          = python demo.py --cfg-path YAML (gradio)
+    tinygpt serve --cfg-path YAML         the OpenAI-compatible server (tinygpt.serve)
 
 Each verb hands the rest of the command line, unchanged, to that entry point's ``main`` (its own flags, messages and
 exit codes: 0, 2 for a user error, 3 for results that are not believable; tinygpt.errors), so the documented forms and
@@ -36,6 +38,8 @@ VERBS: dict[str, Verb] = {
     "bench": Verb("quantize.__main__", "time a GGUF model on the CPU (load, prefill, decode, memory)", True),
     "accuracy": Verb("quantize.__main__", "held-out accuracy of the GGUF runtime vs PyTorch", True),
     "ceiling": Verb("tinygpt.tiny.ceiling_check", "re-measure the tiny LLM's ceiling (drift canary)"),
+    "demo": Verb("tinygpt.demo.cli", "the gradio chat demo (= python demo.py --cfg-path eval_configs/NAME.yaml)"),
+    "serve": Verb("tinygpt.serve.cli", "an OpenAI-compatible chat server over a trained or exported model"),
 }
 
 
