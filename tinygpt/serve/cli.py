@@ -1,0 +1,69 @@
+"""The serve command (``tinygpt serve`` / ``python -m tinygpt.serve``): the OpenAI-compatible server over the model a
+launch config names.
+
+    tinygpt serve --cfg-path eval_configs/tiny.yaml [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                  [--allow-local-images] [--model-name NAME]
+
+Binds 127.0.0.1 unless --host says otherwise. The API key comes from --api-key, else $TINYGPT_API_KEY; without
+one, no key is asked. The port is taken before the model loads, so a busy port or a bad config is one ``error:``
+line and exit status 2 at once (tinygpt.errors); the server then runs until interrupted (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..errors import report_errors
+
+API_KEY_ENV = "TINYGPT_API_KEY"
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m tinygpt.serve") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="An OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) over "
+                               "the model a launch config names (docs/serving.md).")
+    parser.add_argument("--cfg-path", required=True, help="launch config, e.g. eval_configs/tiny.yaml")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}, else no key)")
+    parser.add_argument("--allow-local-images", action="store_true",
+                        help="accept image URLs that are paths or file:// URLs on this machine (default: data: URIs "
+                             "only)")
+    parser.add_argument("--model-name", default=None,
+                        help="the model name clients send and /v1/models lists (default: the config's file name, "
+                             "e.g. tiny)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.serve") -> int:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return report_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..chat.launch import load_launch_config, open_engine
+    from .app import create_app
+    from .background import listen
+
+    cfg = load_launch_config(args.cfg_path)
+    sock = listen(args.host, args.port)
+    engine = open_engine(cfg)
+    name = args.model_name or cfg.name
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    app = create_app(engine, name, cfg.limits, api_key=api_key or None, allow_local_images=args.allow_local_images)
+    host, port = sock.getsockname()[:2]
+    logging.getLogger("tinygpt.serve").info(
+        "serving %r (%s) on http://%s:%d/v1%s", name, engine.name, host, port, " (API key required)" if api_key else "")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl+C, then raises the signal again
+        pass
+    return 0

@@ -1,0 +1,80 @@
+"""The `/v1/chat/completions` request (pydantic) and how it maps onto the engine's `GenerationSettings`.
+
+Contract:
+* the fields OpenAI's chat-completions API defines that this server honours: ``model``, ``messages``, ``stream``,
+  ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens`` (the latter wins), ``temperature``,
+  ``top_p``, ``stop`` (a string or a list), ``seed``, ``n`` (only 1); plus ``repetition_penalty`` (an extension,
+  vLLM's name);
+* a wrong type or a value out of range is a validation error (a 400 naming the field, tinygpt.serve.errors);
+* fields that would change what an answer means and that this server cannot do (``tools``, ``functions``,
+  ``logprobs``, ``top_logprobs``, a non-text ``response_format``, ``n`` > 1) are refused with a 400; other OpenAI
+  fields (``user``, ``presence_penalty``, ``frequency_penalty``, ``metadata``...) are accepted and ignored;
+* ``messages`` is checked by the chat engine (tinygpt.chat.parse_messages), which names the field at fault;
+* settings the request leaves out come from the launch config's ``generation`` section (so a request without
+  ``seed`` samples with the config's seed and repeats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..chat.settings import GenerationSettings
+from .errors import APIError
+
+_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[Any]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: Any = None  # a string or a list of strings (checked in settings(): one message for both shapes)
+    seed: int | None = None
+    n: int = 1
+    repetition_penalty: float | None = Field(None, gt=0)
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, f"n: this server returns one choice per request (n=1), got {self.n}", "n")
+        extra = self.model_extra or {}
+        for key in _UNSUPPORTED:
+            if extra.get(key):
+                raise APIError(400, f"{key}: not supported by this server", key, "unsupported_parameter")
+        response_format = extra.get("response_format")
+        if response_format and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+            raise APIError(400, "response_format: only plain text answers are supported", "response_format",
+                           "unsupported_parameter")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def settings(self, defaults: GenerationSettings) -> GenerationSettings:
+        """`defaults` with what the request sets (validated again by GenerationSettings: a UserError is a 400)."""
+        changes: dict[str, Any] = {}
+        max_new = self.max_completion_tokens or self.max_tokens
+        if max_new is not None:
+            changes["max_new_tokens"] = max_new
+        for name in ("temperature", "top_p", "seed", "repetition_penalty"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if self.stop is not None:
+            stop = [self.stop] if isinstance(self.stop, str) else self.stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise APIError(400, f"stop: expected a string or a list of strings, got {self.stop!r}", "stop")
+            changes["stop"] = tuple(stop)
+        return defaults.with_(**changes)

@@ -1,0 +1,69 @@
+"""The JSON objects the server answers with, in OpenAI's shapes, plus the boxes extension.
+
+* `completion`: a ``chat.completion`` (one choice; ``message`` = {role, content, boxes}; ``finish_reason`` "stop" or
+  "length"; ``usage`` when known);
+* `chunk`: a ``chat.completion.chunk`` of a stream; the first carries ``delta.role``, the middle ones
+  ``delta.content``, the last one ``finish_reason`` and ``delta.boxes``; with ``stream_options.include_usage`` one
+  more chunk has empty ``choices`` and the ``usage``;
+* `boxes_json`: the boxes the answer names (``<p>phrase</p> {<x1><y1><x2><y2>}`` on the 0-100 grid) as
+  ``[{"phrase": str | None, "box": [x1, y1, x2, y2]}]`` in pixels of the conversation's last image
+  (tinygpt.chat.answer_boxes); ``[]`` when the answer has none or the conversation has no image;
+* `models`: the ``/v1/models`` list (one model).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..chat.boxes import answer_boxes
+from .usage import Usage
+
+
+def boxes_json(answer: str, sizes: list[tuple[int, int]]) -> list[dict]:
+    if not sizes:
+        return []
+    width, height = sizes[-1]
+    return [{"phrase": phrase, "box": [round(v, 2) for v in box]}
+            for phrase, box in answer_boxes(answer, width, height)]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The identity every object of one answer shares."""
+
+    model: str
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def completion(self, text: str, finish_reason: str, boxes: list[dict], usage: Usage | None) -> dict:
+        body = self._head("chat.completion")
+        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text, "boxes": boxes},
+                            "logprobs": None, "finish_reason": finish_reason}]
+        if usage is not None:
+            body["usage"] = usage.as_json()
+        return body
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        body = self._head("chat.completion.chunk")
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        return body
+
+    def usage_chunk(self, usage: Usage | None) -> dict:
+        body = self._head("chat.completion.chunk")
+        body["choices"] = []
+        body["usage"] = usage.as_json() if usage is not None else None
+        return body
+
+
+def models(name: str, created: int) -> dict:
+    return {"object": "list", "data": [model(name, created)]}
+
+
+def model(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "tinygpt"}
