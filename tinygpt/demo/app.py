@@ -1,0 +1,109 @@
+"""The gradio Blocks of the demo: the layout and the events that connect it to `Handlers`.
+
+    demo = build_demo(engine, cfg)          # engine: a ChatEngine, cfg: its LaunchConfig
+    launch(demo, cfg, host="127.0.0.1", port=None, share=False)
+
+Contract:
+* layout: a messages-format gr.Chatbot, a gr.MultimodalTextbox (several images per message), Stop / Regenerate /
+  Clear; on the side the task selector, the image view (answers' boxes; two clicks mark the [identify] region), the
+  region text, the generation settings; examples below;
+* named API endpoints (gradio_client): ``/add_message`` (message, history, task, region) -> (textbox, history) and
+  ``/respond`` (history, max_new_tokens, temperature, top_p, repetition_penalty, seed) -> (history, view),
+  streamed; ``/regenerate`` (history) -> (history, textbox);
+* generation events share one concurrency slot (``concurrency_id="engine"``, limit 1), the queue holds at most
+  ``limits.queue_size`` waiting events (one more is refused with gradio's "queue is full" message); UI-only events
+  skip the queue;
+* `launch` never makes a public link unless ``share`` is True, caps uploads at ``limits.max_upload_bytes`` and lets
+  gradio serve the shipped example images.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..chat import ChatEngine
+from ..chat.launch import LaunchConfig
+from .conversation import NO_TASK, TASK_CHOICES
+from .examples import EXAMPLES_DIR, example_rows
+from .handlers import Handlers
+
+TITLE = "TinyGPT-V demo"
+UNLOCKED = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), api_visibility="private", queue=False)
+
+
+def _header(engine: ChatEngine, cfg: LaunchConfig) -> str:
+    limits = cfg.limits
+    return (f"## {TITLE}: `{cfg.name}`\n"
+            f"{engine.name}, context {engine.context_length} positions; up to {limits.max_images} images per "
+            f"message. Pick a task to prefix its tag, attach images with the clip, ask. "
+            "For `[identify]`, click two opposite corners of a region on the image.")
+
+
+def _settings(cfg: LaunchConfig, engine: ChatEngine) -> list[gr.components.Component]:
+    gen = cfg.generation
+    return [
+        gr.Slider(1, max(gen.max_new_tokens, min(1024, engine.context_length)), value=gen.max_new_tokens, step=1,
+                  label="Max new tokens"),
+        gr.Slider(0.0, max(2.0, gen.temperature), value=gen.temperature, step=0.05, label="Temperature (0: greedy)"),
+        gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p (sampling only)"),
+        gr.Slider(min(0.5, gen.repetition_penalty), max(2.0, gen.repetition_penalty), value=gen.repetition_penalty,
+                  step=0.05, label="Repetition penalty (1: none)"),
+        gr.Number(value=gen.seed, precision=0, label="Seed (sampling only; empty: a new one each time)"),
+    ]
+
+
+def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None = None) -> gr.Blocks:
+    h = handlers or Handlers(engine, cfg)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(_header(engine, cfg))
+        current = gr.State(None)  # path of the image the view shows
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
+                                     feedback_options=None, group_consecutive_messages=False,
+                                     placeholder="Attach an image, ask about it, or pick an example below.")
+                box = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
+                                           sources=["upload"], show_label=False,
+                                           placeholder="Ask about the image (attach one or more with the clip)")
+                with gr.Row():
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("Clear", elem_id="clear")
+            with gr.Column(scale=2):
+                task = gr.Radio(list(TASK_CHOICES), value=NO_TASK, label="Task (prefixes its tag)", elem_id="task")
+                view = gr.Image(label="Image: the answer's boxes; click two corners to mark a region", type="pil",
+                                format="png", interactive=False, elem_id="view", buttons=["download", "fullscreen"])
+                region = gr.Textbox(label="Region for [identify]: x1, y1, x2, y2 in pixels", elem_id="region",
+                                    placeholder="click two corners on the image, or type them")
+                with gr.Accordion("Generation", open=False):
+                    settings = _settings(cfg, engine)
+        gr.Examples(example_rows(), inputs=[box, task, region], label="Examples (synthetic shapes: the tiny "
+                                                                     "model's world)")
+
+        answer_io = dict(fn=h.respond, inputs=[chatbot, *settings], outputs=[chatbot, view, current],
+                         concurrency_id="engine", concurrency_limit=1)
+        sent = box.submit(h.add_message, [box, chatbot, task, region], [box, chatbot], api_name="add_message",
+                          concurrency_limit=None, show_progress="hidden")
+        answered = sent.success(**answer_io, api_name="respond")
+        answered.then(**UNLOCKED, outputs=[box])
+        again = regenerate.click(h.regenerate, [chatbot], [chatbot, box], api_name="regenerate", queue=False)
+        again_answered = again.success(**answer_io, api_visibility="undocumented")
+        again_answered.then(**UNLOCKED, outputs=[box])
+        stop.click(**UNLOCKED, outputs=[box], cancels=[answered, again_answered])
+        clear.click(lambda: ([], gr.MultimodalTextbox(value=None, interactive=True), None, "", None),
+                    outputs=[chatbot, box, view, region, current], cancels=[answered, again_answered],
+                    api_visibility="private", queue=False)
+
+        view_io = dict(api_visibility="private", queue=False)
+        box.change(h.follow, [box, chatbot, region, current], [view, current], **view_io)
+        region.change(h.redraw, [box, chatbot, region], [view], **view_io)
+        view.select(h.pick, [box, chatbot, region], [region], **view_io)
+    return demo
+
+
+def launch(demo: gr.Blocks, cfg: LaunchConfig, host: str = "127.0.0.1", port: int | None = None,
+           share: bool = False, **options):
+    """Queue (bounded; one generation at a time) and serve; `options` go to gradio's launch (prevent_thread_lock...)."""
+    demo.queue(max_size=cfg.limits.queue_size, default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=cfg.limits.max_upload_bytes,
+                       allowed_paths=[str(EXAMPLES_DIR)], **options)

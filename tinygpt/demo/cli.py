@@ -1,0 +1,48 @@
+"""The demo command: ``python demo.py --cfg-path eval_configs/<name>.yaml`` (= ``tinygpt demo ...``).
+
+Contract: reads the launch config (tinygpt.chat.launch; default ``eval_configs/tiny.yaml``, the model the quick
+start's ``python train.py`` makes), opens its ChatEngine and serves the gradio demo on ``--host`` / ``--port``; a
+public gradio link only with ``--share``. A missing model or a bad config is one ``error:`` line saying how to make
+it, exit status 2 (tinygpt.errors.report_errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..chat.launch import eval_configs_dir, load_launch_config, open_engine
+from ..errors import UserError, report_errors
+
+
+def _default_cfg() -> str:
+    local = Path("eval_configs/tiny.yaml")
+    return str(local if local.is_file() else eval_configs_dir() / "tiny.yaml")
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "demo.py") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="The gradio chat demo over a trained (PyTorch) or exported (GGUF) model.")
+    parser.add_argument("--cfg-path", default=None,
+                        help="launch config (default: eval_configs/tiny.yaml, the quick start's tiny model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true",
+                        help="also make a public *.gradio.live link (off unless given)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "demo.py") -> int:
+    args = parse_args(argv, prog)
+    return report_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port: expected 1-65535, got {args.port}")
+    cfg = load_launch_config(args.cfg_path or _default_cfg())
+    from .app import build_demo, launch  # gradio loads in seconds: after the config has been checked
+
+    engine = open_engine(cfg)
+    launch(build_demo(engine, cfg), cfg, host=args.host, port=args.port, share=args.share)
+    return 0

@@ -1,0 +1,159 @@
+"""The demo's event handlers over one ChatEngine: plain methods on plain values, so tests call them without a browser.
+
+    h = Handlers(engine, cfg)              # cfg: a tinygpt.chat.launch.LaunchConfig (its limits and generation)
+    box, history = h.add_message({"text": "how many shapes?", "files": [png]}, [], "vqa", "")
+    for history, view, current in h.respond(history, 40, 0.0, 0.9, 1.0, 0): ...
+
+Contract:
+* `add_message` checks the attached files (tinygpt.demo.uploads), writes the task tag (conversation.tagged_text),
+  appends the user message and empties and locks the textbox; a refusal appends a notice saying why (and shows it
+  as a gr.Warning) and leaves the textbox as it was, to be fixed; `respond` then has nothing to answer and changes
+  nothing;
+* `respond` streams the answer to the last user message into the history (one engine generation: the engine's
+  lock makes concurrent ones wait); a refusal by the engine (e.g. a conversation longer than the context) or an
+  empty answer becomes a notice in the chat plus a gr.Warning, never an exception; closing the generator (the Stop
+  button) closes the engine's stream, which ends the generation and frees the engine. The last yield draws the
+  answer's boxes (pixels of the conversation's newest image) on the view and, when there are any, in the chat;
+* `regenerate` drops the last answer; `follow`, `redraw` and `pick` keep the image view on the newest image (the
+  one attached, else the conversation's) with the identify region marked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+from PIL import Image
+
+from ..chat import ChatEngine, answer_boxes
+from ..chat.launch import LaunchConfig
+from ..errors import UserError
+from ..tasks import split_task_tag
+from .conversation import (
+    images, last_question, notice, shown, tagged_text, to_openai, user_message, without_last_answer,
+)
+from .drawing import click_region, region_marks, render_view, view_scale
+from .uploads import check_message_files
+
+
+def _files(message: dict | None) -> list[str]:
+    return [str(f["path"] if isinstance(f, dict) else f) for f in (message or {}).get("files") or []]
+
+
+def newest_image(message: dict | None, history: list[dict] | None) -> str | None:
+    """The image a region or an answer's boxes refer to: the last one attached, else the conversation's last."""
+    paths = _files(message) or images(history or [])
+    return paths[-1] if paths else None
+
+
+def _open(path: str | None) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:  # type: ignore[arg-type]
+            return image.convert("RGB")
+    except (OSError, ValueError, TypeError):
+        return None  # not an image: add_message says so when it is sent
+
+
+class Handlers:
+    def __init__(self, engine: ChatEngine, cfg: LaunchConfig, drawn_dir: str | Path | None = None):
+        self.engine, self.limits, self.settings = engine, cfg.limits, cfg.generation
+        self.drawn_dir = Path(drawn_dir or tempfile.mkdtemp(prefix="tinygpt-demo-"))
+
+    # ---- one turn --------------------------------------------------------------------------------------------
+    def add_message(self, message: dict | None, history: list[dict] | None, task: str | None, region: str | None):
+        history, files = list(history or []), _files(message)
+        try:
+            sizes = check_message_files(files, self.limits)
+            newest = files[-1] if files else newest_image(None, history)
+            size = sizes[-1] if files else (_open(newest).size if newest else None)  # type: ignore[union-attr]
+            text = tagged_text(task, (message or {}).get("text") or "", region, size)
+            if not text and not files:
+                raise UserError("type a question or attach an image first")
+        except UserError as exc:  # the textbox keeps the message, to be fixed
+            gr.Warning(str(exc))
+            return gr.skip(), history + [notice("⚠️ Not sent", str(exc))]
+        return gr.MultimodalTextbox(value=None, interactive=False), history + [user_message(text, files)]
+
+    def respond(self, history: list[dict] | None, max_new_tokens: float, temperature: float, top_p: float,
+                repetition_penalty: float, seed: float | None) -> Iterator[tuple]:
+        history = list(history or [])
+        try:
+            settings = self.settings.with_(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                           top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+                                           seed=None if seed is None else int(seed))
+            messages = to_openai(history)
+            if not messages or messages[-1]["role"] != "user":  # e.g. add_message refused the message
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            pieces = self.engine.stream(messages, settings)
+        except UserError as exc:
+            yield self._refused(history, exc)
+            return
+        answer = ""
+        try:
+            for piece in pieces:
+                answer += piece
+                yield history + [{"role": "assistant", "content": shown(answer)}], gr.skip(), gr.skip()
+        except UserError as exc:  # the engine checks the prompt's length at the first piece
+            yield self._refused(history, exc)
+            return
+        finally:
+            pieces.close()
+        yield self._answered(history, answer)
+
+    def _refused(self, history: list[dict], exc: UserError) -> tuple:
+        gr.Warning(str(exc))
+        return history + [notice("⚠️ Not answered", str(exc))], gr.skip(), gr.skip()
+
+    def _answered(self, history: list[dict], answer: str) -> tuple:
+        path = newest_image(None, history)
+        image = _open(path)
+        if not answer:
+            return history + [notice("No answer", "the model ended its answer at once")], gr.skip(), gr.skip()
+        boxes = answer_boxes(answer, *image.size) if image else []
+        task, phrase = split_task_tag(last_question(history))
+        if task == "refer":  # refer answers are boxes alone: label them with the phrase asked about
+            boxes = [(label or phrase.strip(), box) for label, box in boxes]
+        if not boxes:
+            return history + [{"role": "assistant", "content": shown(answer)}], gr.skip(), gr.skip()
+        view = render_view(image, boxes)  # type: ignore[arg-type]
+        return history + [{"role": "assistant", "content": [shown(answer), {"path": self._save(view)}]}], view, path
+
+    def _save(self, view: Image.Image) -> str:
+        """The drawn view as a PNG file the chat can show (named by its content)."""
+        buffer = io.BytesIO()
+        view.save(buffer, format="PNG")
+        path = self.drawn_dir / f"boxes-{hashlib.sha256(buffer.getvalue()).hexdigest()[:16]}.png"
+        path.write_bytes(buffer.getvalue())
+        return str(path)
+
+    def regenerate(self, history: list[dict] | None) -> tuple:
+        """(the history without its last answer, the textbox locked until the new answer is done)."""
+        try:
+            return without_last_answer(list(history or [])), gr.MultimodalTextbox(interactive=False)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    # ---- the image view ----------------------------------------------------------------------------------------
+    def follow(self, message: dict | None, history: list[dict] | None, region: str | None, current: str | None):
+        """(view, current) when the newest image changed (textbox edits that keep it change nothing)."""
+        newest = newest_image(message, history)
+        image = _open(newest)
+        if newest == current or image is None:  # an unreadable file: add_message will say so
+            return gr.skip(), gr.skip()
+        return render_view(image, *region_marks(region)), newest
+
+    def redraw(self, message: dict | None, history: list[dict] | None, region: str | None):
+        image = _open(newest_image(message, history))
+        return render_view(image, *region_marks(region)) if image else None
+
+    def pick(self, message: dict | None, history: list[dict] | None, region: str | None, evt: gr.SelectData):
+        """The region after a click on the view (evt.index: view pixels)."""
+        image = _open(newest_image(message, history))
+        if image is None or evt.index is None:
+            return gr.skip()
+        return click_region(region, evt.index, view_scale(image.size))
