@@ -1,28 +1,34 @@
 """`python -m quantize bench --gguf DIR`: load time, image encode time, time to first token, prefill and decode
-speed, peak RSS.
+speed, peak RSS, and decode against the memory roofline.
 
-Each engine runs in its own fresh process, so load times and peak RSS are that engine's alone:
+Each engine runs in its own fresh process (quantize.bench_child), so load times and peak RSS are that engine's alone:
   * ours: the LLM file on the chosen backend (ggml graph, or the PyTorch fallback) + the int8 vision encoder;
-  * with --plain-gguf DIR (a plain-phi2 export, `export`/`random --plain`) and llama-cpp-python importable,
-    the same LLM numbers for stock llama.cpp on that file, printed side by side.
+  * with --plain-gguf DIR (a plain-phi2 export, `export`/`random --plain`): ours on that file (LLM only) and, with
+    llama-cpp-python importable, stock llama.cpp on the same file, printed side by side.
 Decode speed is the median over --decode-tokens single-token steps after a --prefill-tokens prefill (random ids;
 speed does not depend on the values). Time to first token = image encode + prefill of the image vectors and a
 ~30-token question + the first sampled token, as in `chat`.
 
+Roofline: a child first measures read bandwidth at --threads threads (torch.sum over --bandwidth-gb of float32, best
+of 5 passes); a decode step must read every weight but the token embedding once, so weight bytes / bandwidth is the
+floor of its time, and each engine's "share of the roofline" = floor / its ms per token (1.00 = bandwidth-bound).
+The header names the CPU and its x86 SIMD flags, and the ggml builds each engine runs.
+
+A child that dies (segfault, OOM kill) is reported with its exit code and signal name, and one that gives no result
+within --child-timeout seconds is killed and reported; the bench then prints what it has and exits with status 1.
+
 A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
 --rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
-modified LLM file, then stock llama.cpp on the plain file, LLM only) and the per-round ratios and their median are
-printed: drift then hits both sides of a round alike.
+modified file, ours on the plain file, stock llama.cpp on the plain file when importable; LLM only) and the per-round
+ms/token, shares of the roofline and ratios to the last engine are printed: drift then hits every engine of a round
+alike.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +36,11 @@ from PIL import Image
 
 from tinygpt.errors import UserError
 
-from . import gguf_names as names
+from . import bench_child
+from . import bench_roofline as roof
 from .chat import add_ggml_switches
-from .gguf_file import chat_format, find_llm_file, find_vision_file, load_tokenizer, open_gguf
-from .llama_cpp_backend import LlamaCppLLM
-from .sampler import SamplingParams
-from .session import BACKENDS, ChatSession, load_language_model, open_session
-
-QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "
-            "person on the left is doing right now.")
+from .gguf_file import find_llm_file, find_vision_file
+from .session import BACKENDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,88 +55,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-gguf", default=None,
                    help="directory/file of a plain-phi2 LLM GGUF: also time it on our graph and on llama-cpp-python")
     p.add_argument("--rounds", type=int, default=0,
-                   help="with --plain-gguf: repeat the decode comparison (ours vs stock llama.cpp) this many times in "
-                        "alternating fresh processes and print the per-round ratios and their median (default 0)")
+                   help="with --plain-gguf: repeat the decode comparison this many times in alternating fresh "
+                        "processes and print per-round ms/token, roofline shares and ratios (default 0)")
+    p.add_argument("--bandwidth-gb", type=float, default=1.6,
+                   help="size of the read-bandwidth probe behind the roofline, in GB (default 1.6; 0 skips it)")
+    p.add_argument("--child-timeout", type=float, default=1800.0,
+                   help="seconds an engine's process may take before it is killed and reported (default 1800)")
     add_ggml_switches(p)
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
-def _time_llm(llm, prefill: int, decode: int, out: dict) -> None:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(50000, llm.hp.vocab_size), prefill)
-    llm.reset()
-    t0 = time.perf_counter()
-    logits = llm.eval_tokens(ids)
-    out["prefill_s"] = time.perf_counter() - t0
-    out["prefill_tok_s"] = prefill / out["prefill_s"]
-    steps = []
-    for _ in range(decode):
-        token = int(np.argmax(logits)) % min(50000, llm.hp.vocab_size)
-        t0 = time.perf_counter()
-        logits = llm.eval_tokens([token])
-        steps.append(time.perf_counter() - t0)
-    out["decode_ms"] = float(np.median(steps) * 1000)
-    out["decode_tok_s"] = 1000.0 / out["decode_ms"]
-
-
-def _ours(args: dict, queue) -> None:
-    """Child process: our runtime on the pair in args['gguf'] (or the LLM file only, for plain)."""
+def stock_available() -> bool:
+    """Whether llama-cpp-python (the optional extra) imports; only probed, so a missing one skips its column."""
     try:
-        out: dict = {}
-        switches = dict(decode_graph=args["decode_graph"], repack=args["repack"])
-        t0 = time.perf_counter()
-        if args["with_vision"]:
-            session = open_session(args["gguf"], backend=args["backend"], qtype=args["qtype"], n_ctx=args["ctx"],
-                                   n_threads=args["threads"], sampling=SamplingParams(max_new_tokens=1), quiet=True,
-                                   **switches)
-        else:
-            f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
-            llm = load_language_model(f, args["backend"], args["ctx"], args["threads"], quiet=True, **switches)
-            session = ChatSession(llm=llm, tokenizer=load_tokenizer(f), fmt=chat_format(f))
-        out["load_s"] = time.perf_counter() - t0
-        out["engine"] = f"ours ({type(session.llm).__name__}, {session.llm.file.path.name})"
-        if args["with_vision"]:
-            image = args["image"]
-            session.vision.encode(image)  # warm-up (first call allocates)
-            t0 = time.perf_counter()
-            session.vision.encode(image)
-            out["image_s"] = time.perf_counter() - t0
-            session.ask(QUESTION, images=[image])
-            out["ttft_s"] = session.last_stats.first_token_s
-            out["ttft_positions"] = session.last_stats.prompt_tokens
-        _time_llm(session.llm, args["prefill"], args["decode"], out)
-        out["peak_rss_gb"] = _peak_rss_gb()
-        queue.put(out)
-    except BaseException as exc:  # report to the parent instead of dying silently
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
-def _llama_cpp(args: dict, queue) -> None:
-    try:
-        out: dict = {}
-        t0 = time.perf_counter()
-        llm = LlamaCppLLM(find_llm_file(args["gguf"], args["qtype"]), n_ctx=args["ctx"], n_threads=args["threads"])
-        out["load_s"] = time.perf_counter() - t0
-        out["engine"] = "llama-cpp-python (stock)"
-        _time_llm(llm, args["prefill"], args["decode"], out)
-        out["peak_rss_gb"] = _peak_rss_gb()
-        llm.close()
-        queue.put(out)
-    except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
-
-
-def _in_child(target, args: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+_ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s", "{:.2f}"),
+         ("first token, image+question (s)", "ttft_s", "{:.2f}"), ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
+         ("decode (ms/token)", "decode_ms", "{:.1f}"), ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
+         ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),
+         ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"))
 
 
 def _row(name: str, results: list[dict], key: str, fmt: str) -> str:
@@ -149,38 +92,95 @@ def _random_image(directory: str) -> str:
     return path
 
 
-def _decode_rounds(base: dict, gguf: str, plain_gguf: str, rounds: int, stock: bool) -> list[dict]:
-    """Alternating LLM-only decode runs: ours on the modified file, then the other engine on the plain file."""
-    other = (_llama_cpp, dict(base, gguf=plain_gguf, qtype=None)) if stock else \
-        (_ours, dict(base, gguf=plain_gguf, qtype=None, with_vision=False))
+class _Runner:
+    """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / bandwidth)."""
+
+    def __init__(self, timeout_s: float, bandwidth_gb_s: float | None):
+        self.timeout_s, self.bandwidth = timeout_s, bandwidth_gb_s
+        self._bytes: dict[str, int] = {}
+
+    def floor_ms(self, path: str) -> float | None:
+        if self.bandwidth is None:
+            return None
+        if path not in self._bytes:
+            self._bytes[path] = roof.weight_bytes_per_token(path)
+        return roof.roofline_ms(self._bytes[path], self.bandwidth)
+
+    def run(self, engine: str, args: dict, label: str) -> dict:
+        result = bench_child.run_child(bench_child.ENGINES[engine], args, self.timeout_s, label)
+        if "error" not in result and "file" in result and "decode_ms" in result:
+            floor = self.floor_ms(result["file"])
+            if floor is not None:
+                result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])
+        return result
+
+
+def _round_engines(base: dict, gguf: str, plain_gguf: str, stock: bool) -> list[tuple[str, str, dict]]:
+    """(label, engine, child args) of one alternating round, in the order they run; the last is the reference."""
+    plain = dict(base, gguf=plain_gguf, qtype=None)
+    engines = [("ours, " + find_llm_file(gguf, base["qtype"]).name, "ours", dict(base, gguf=gguf, with_vision=False)),
+               ("ours, plain " + find_llm_file(plain_gguf).name, "ours", dict(plain, with_vision=False))]
+    if stock:
+        engines.append(("stock, plain " + find_llm_file(plain_gguf).name, "stock", plain))
+    return engines
+
+
+def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds: int) -> list[dict]:
+    """Each round runs every engine once, in order: {"ms": {label: ms}, "share": {label: share}} or {"error": ...}."""
     out = []
     for r in range(rounds):
-        ours = _in_child(_ours, dict(base, gguf=gguf, with_vision=False))
-        theirs = _in_child(*other)
-        failed = [result["error"] for result in (ours, theirs) if "error" in result]
-        if failed:
-            print(f"error: decode round {r + 1}: {failed[0]}", file=sys.stderr)
-            out.append({"error": failed[0]})
-            break
-        out.append({"ours_ms": ours["decode_ms"], "other_ms": theirs["decode_ms"], "other": theirs["engine"],
-                    "ratio": ours["decode_ms"] / theirs["decode_ms"]})
-        print(f"  decode round {r + 1}/{rounds}: ours {ours['decode_ms']:.1f} ms/token, {theirs['engine']} "
-              f"{theirs['decode_ms']:.1f} ms/token", file=sys.stderr, flush=True)
+        entry: dict = {"ms": {}, "share": {}}
+        for label, engine, args in engines:
+            result = runner.run(engine, args, label)
+            if "error" in result:
+                print(f"error: decode round {r + 1}: {result['error']}", file=sys.stderr, flush=True)
+                out.append({"error": result["error"]})
+                return out
+            entry["ms"][label] = result["decode_ms"]
+            if "roofline_share" in result:
+                entry["share"][label] = result["roofline_share"]
+        out.append(entry)
+        print(f"  decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())
+              + " ms/token", file=sys.stderr, flush=True)
     return out
 
 
 def format_rounds(rounds: list[dict]) -> str:
+    """Per-round ms/token (share of the roofline), the medians, and each engine's median ratio to the last one."""
     rounds = [r for r in rounds if "error" not in r]
     if not rounds:
         return "decode, alternating rounds: no round finished"
-    other = rounds[0]["other"]
-    lines = [f"decode, alternating rounds (ms/token)   {'ours':>10} {other[:29]:>30} {'ratio':>7}"]
+    labels = list(rounds[0]["ms"])
+    ref = labels[-1]
+
+    def cell(ms: float, share: float | None) -> str:
+        return f"{ms:.1f}" + (f" ({share:.0%})" if share is not None else "")
+
+    lines = ["decode, alternating rounds: ms/token (share of the roofline)",
+             f"{'':<12}" + "".join(f"{label[:27]:>28}" for label in labels)]
     for i, r in enumerate(rounds, 1):
-        lines.append(f"  round {i:<32}{r['ours_ms']:>10.1f} {r['other_ms']:>30.1f} {r['ratio']:>7.2f}")
-    ratios = [r["ratio"] for r in rounds]
-    lines.append(f"  median ratio (ours / {other.split(' ')[0]}): {float(np.median(ratios)):.2f} "
-                 f"(min {min(ratios):.2f}, max {max(ratios):.2f}; below 1 means ours is faster)")
+        lines.append(f"  round {i:<4}" + "".join(f"{cell(r['ms'][k], r['share'].get(k)):>28}" for k in labels))
+    medians = {k: float(np.median([r["ms"][k] for r in rounds])) for k in labels}
+    shares = {k: float(np.median([r["share"][k] for r in rounds])) for k in labels if k in rounds[0]["share"]}
+    lines.append(f"  {'median':<10}" + "".join(f"{cell(medians[k], shares.get(k)):>28}" for k in labels))
+    for k in labels[:-1]:
+        ratios = [r["ms"][k] / r["ms"][ref] for r in rounds]
+        lines.append(f"  median ratio ({k} / {ref}): {float(np.median(ratios)):.2f} (min {min(ratios):.2f}, "
+                     f"max {max(ratios):.2f}; below 1 means faster)")
     return "\n".join(lines)
+
+
+def _header(args: argparse.Namespace, stock: bool, bandwidth: dict | None) -> list[str]:
+    model, flags = roof.cpu_flags()
+    lines = [f"cpu: {model}, {os.cpu_count()} cpus; x86 flags: {' '.join(flags) or '-'}",
+             f"ours: {roof.ggml_features()}"]
+    if stock:
+        lines.append(f"stock: {roof.stock_features()}")
+    if bandwidth is not None:
+        lines.append(f"read bandwidth, {args.threads} threads: {bandwidth['bandwidth_gb_s']:.1f} GB/s best, "
+                     f"{bandwidth['bandwidth_median_gb_s']:.1f} median (torch.sum over "
+                     f"{bandwidth['bandwidth_bytes'] / 1e9:.1f} GB); roofline = weights read per token / best")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,41 +190,50 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds must be >= 0, got {args.rounds}")
     if args.rounds and not args.plain_gguf:
         raise UserError("--rounds compares against a plain-phi2 file: give --plain-gguf DIR too")
+    if args.bandwidth_gb < 0 or args.child_timeout <= 0:
+        raise UserError("--bandwidth-gb must be >= 0 and --child-timeout > 0")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"{args.image}: image file not found")
     find_llm_file(args.gguf, args.qtype), find_vision_file(args.gguf)  # fail fast on a wrong directory
+    if args.plain_gguf:
+        find_llm_file(args.plain_gguf)
+    errors: list[str] = []
+    bandwidth = None
+    if args.bandwidth_gb > 0:
+        bandwidth = bench_child.run_child(bench_child.ENGINES["bandwidth"], dict(
+            threads=args.threads, bandwidth_bytes=int(args.bandwidth_gb * 1e9)), args.child_timeout, "bandwidth")
+        if "error" in bandwidth:
+            errors.append(bandwidth["error"])
+            bandwidth = None
+    runner = _Runner(args.child_timeout, bandwidth["bandwidth_gb_s"] if bandwidth else None)
+    stock = bool(args.plain_gguf) and stock_available()
+    if args.plain_gguf and not stock:
+        print("note: llama-cpp-python is not importable; skipping the stock llama.cpp column", file=sys.stderr)
+    for line in _header(args, stock, bandwidth):
+        print(line)
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(qtype=args.qtype, backend=args.backend, threads=args.threads, ctx=args.ctx,
                     prefill=args.prefill_tokens, decode=args.decode_tokens, image=args.image or _random_image(tmp),
                     decode_graph=args.decode_graph, repack=args.repack)
         print(f"bench: {args.threads} threads, prefill {args.prefill_tokens} tokens, median of {args.decode_tokens} "
-              "decode steps; each engine in a fresh process", file=sys.stderr)
-        results = [_in_child(_ours, dict(base, gguf=args.gguf, with_vision=True))]
-        stock = False
+              "decode steps; each engine in a fresh process", file=sys.stderr, flush=True)
+        results = [runner.run("ours", dict(base, gguf=args.gguf, with_vision=True), "ours")]
         if args.plain_gguf:
-            results.append(_in_child(_ours, dict(base, gguf=args.plain_gguf, qtype=None, with_vision=False)))
-            try:  # the optional extra: only probed, so a missing one skips its column instead of failing
-                import llama_cpp  # noqa: F401
-            except Exception:
-                print("note: llama-cpp-python is not importable; skipping the stock llama.cpp column", file=sys.stderr)
-            else:
-                stock = True
-                results.append(_in_child(_llama_cpp, dict(base, gguf=args.plain_gguf, qtype=None)))
-        rounds = _decode_rounds(base, args.gguf, args.plain_gguf, args.rounds, stock) if args.rounds else []
-    for r in results:
-        if "error" in r:
-            print(f"error: {r['error']}", file=sys.stderr)
+            results.append(runner.run("ours", dict(base, gguf=args.plain_gguf, qtype=None, with_vision=False),
+                                      "ours, plain file"))
+            if stock:
+                results.append(runner.run("stock", dict(base, gguf=args.plain_gguf, qtype=None), "stock llama.cpp"))
+        rounds = []
+        if args.rounds:
+            rounds = decode_rounds(runner, _round_engines(base, args.gguf, args.plain_gguf, stock), args.rounds)
+    errors += [r["error"] for r in results if "error" in r] + [r["error"] for r in rounds if "error" in r]
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
     ok = [r for r in results if "error" not in r]
-    if not ok:
-        return 1
-    print(f"{'':<34}" + "".join(f"{r['engine'][:29]:>30}" for r in ok))
-    print(_row("load (s)", ok, "load_s", "{:.2f}"))
-    print(_row("image encode, int8 (s)", ok, "image_s", "{:.2f}"))
-    print(_row("first token, image+question (s)", ok, "ttft_s", "{:.2f}"))
-    print(_row("prefill (tok/s)", ok, "prefill_tok_s", "{:.1f}"))
-    print(_row("decode (ms/token)", ok, "decode_ms", "{:.1f}"))
-    print(_row("decode (tok/s)", ok, "decode_tok_s", "{:.2f}"))
-    print(_row("peak RSS (GB)", ok, "peak_rss_gb", "{:.2f}"))
+    if ok:
+        print(f"{'':<34}" + "".join(f"{r['engine'][:29]:>30}" for r in ok))
+        for name, key, fmt in _ROWS:
+            print(_row(name, ok, key, fmt))
     if rounds:
         print(format_rounds(rounds))
-    return 0 if len(ok) == len(results) and not any("error" in r for r in rounds) else 1
+    return 1 if errors else 0

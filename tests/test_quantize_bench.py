@@ -1,5 +1,6 @@
-"""`python -m quantize bench`: the table's rows for ours and the plain file, the alternating decode rounds, and its
-argument errors. Tiny random GGUF files; engines run in spawned processes exactly as for the full-size numbers."""
+"""`python -m quantize bench`: the machine header, the table's rows for ours and the plain file (with the roofline),
+the alternating decode rounds, and its argument errors. Tiny random GGUF files; engines run in spawned processes
+exactly as for the full-size numbers."""
 
 from __future__ import annotations
 
@@ -7,50 +8,54 @@ import pytest
 
 pytest.importorskip("gguf")
 
+from quantize import bench  # noqa: E402
 from quantize.__main__ import main  # noqa: E402
 from quantize.bench import format_rounds  # noqa: E402
 
 
 def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pairs, capsys, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_llama_cpp(name, *args, **kwargs):  # same table with or without the optional extra installed
-        if name == "llama_cpp":
-            raise ImportError("hidden for the test")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    monkeypatch.setattr(bench, "stock_available", lambda: False)  # same table with or without the optional extra
     code = main(["bench", "--gguf", str(random_gguf_pairs / "modified"),
-                 "--plain-gguf", str(random_gguf_pairs / "plain"),
+                 "--plain-gguf", str(random_gguf_pairs / "plain"), "--bandwidth-gb", "0.05",
                  "--prefill-tokens", "8", "--decode-tokens", "4", "--ctx", "128", "--rounds", "2"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    header, *rows = out.splitlines()
+    cpu, ours, bandwidth, header, *rows = out.splitlines()
+    assert cpu.startswith("cpu: ") and "x86 flags:" in cpu
+    assert ours.startswith("ours: ggml-python ")
+    assert bandwidth.startswith("read bandwidth, 2 threads: ") and float(bandwidth.split()[4]) > 0
     assert "llm-q8_0.gguf" in header and header.count("GgmlLLM") + header.count("TorchLLM") == 2
     names = [row[:34].strip() for row in rows]
     for name in ("load (s)", "image encode, int8 (s)", "first token, image+question (s)", "prefill (tok/s)",
-                 "decode (ms/token)", "decode (tok/s)", "peak RSS (GB)"):
+                 "decode (ms/token)", "decode (tok/s)", "roofline (ms/token)", "share of the roofline",
+                 "peak RSS (GB)"):
         assert name in names
     decode = rows[names.index("decode (ms/token)")].split()
     assert all(float(v) > 0 for v in decode[-2:])  # both engines measured
+    shares = rows[names.index("share of the roofline")].split()[-2:]
+    assert all(s.endswith("%") and float(s[:-1]) > 0 for s in shares)
     assert "skipping the stock llama.cpp column" in err
     rounds = out[out.index("decode, alternating rounds"):].splitlines()
-    assert [line.split()[:2] for line in rounds[1:3]] == [["round", "1"], ["round", "2"]]
-    ratios = [float(line.split()[-1]) for line in rounds[1:3]]
-    assert all(0 < r < float("inf") for r in ratios)  # a measured ratio: no bound, a busy machine skews tiny rounds
-    assert "median ratio" in rounds[3] and err.count("decode round") == 2
+    assert "ours, llm-q8_0.gguf" in rounds[1] and "ours, plain llm-q8_0.gguf" in rounds[1]
+    assert [line.split()[:2] for line in rounds[2:4]] == [["round", "1"], ["round", "2"]]
+    assert rounds[4].split()[0] == "median" and "%)" in rounds[4]
+    ratio = float(rounds[5].split(": ")[1].split()[0])
+    assert 0 < ratio < float("inf")  # a measured ratio: no bound, a busy machine skews tiny rounds
+    assert "median ratio" in rounds[5] and err.count("decode round") == 2
 
 
-def test_format_rounds_reports_the_median_ratio_of_each_round():
-    rounds = [{"ours_ms": 90.0, "other_ms": 100.0, "other": "llama-cpp-python (stock)", "ratio": 0.9},
-              {"ours_ms": 130.0, "other_ms": 100.0, "other": "llama-cpp-python (stock)", "ratio": 1.3},
-              {"ours_ms": 95.0, "other_ms": 100.0, "other": "llama-cpp-python (stock)", "ratio": 0.95},
-              {"error": "child died"}]
+def test_format_rounds_reports_shares_and_the_median_ratio_to_the_last_engine():
+    def entry(a, b, c):
+        return {"ms": {"ours, q4_k": a, "ours, q4_0": b, "stock, q4_0": c},
+                "share": {"ours, q4_k": 60 / a, "ours, q4_0": 70 / b, "stock, q4_0": 70 / c}}
+
+    rounds = [entry(90.0, 95.0, 100.0), entry(130.0, 120.0, 100.0), entry(95.0, 100.0, 100.0), {"error": "died"}]
     text = format_rounds(rounds)
-    assert "median ratio (ours / llama-cpp-python): 0.95 (min 0.90, max 1.30" in text
+    assert "median ratio (ours, q4_k / stock, q4_0): 0.95 (min 0.90, max 1.30" in text
+    assert "median ratio (ours, q4_0 / stock, q4_0): 1.00 (min 0.95, max 1.20" in text
     assert text.count("round ") == 3
+    median = [line for line in text.splitlines() if line.split()[0] == "median"][0]
+    assert median.split() == ["median", "95.0", "(63%)", "100.0", "(70%)", "100.0", "(70%)"]
 
 
 @pytest.mark.parametrize("extra, message", [(["--rounds", "2"], "give --plain-gguf"),

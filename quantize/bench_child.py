@@ -1,0 +1,172 @@
+"""The bench's child processes: one engine (or the bandwidth probe) per fresh spawned process, and a parent side that
+never waits for ever.
+
+Contract:
+  * `run_child(target, args, timeout_s, label)` starts `target(args, queue)` in a spawned process and returns the dict
+    it puts on the queue. A child that dies before reporting (a segfault in a C library, os._exit, the OOM killer) comes
+    back as {"error": "<label>: child died with signal SIGSEGV (exit code -11) before reporting a result"}; a child
+    still running after timeout_s is killed and comes back as {"error": "<label>: no result after N s ..."}. So the
+    parent returns within about timeout_s + a few seconds whatever the child does.
+  * ENGINES maps an engine name to its target; bench resolves targets through it (tests swap in a failing child).
+  * Engine targets put {"engine", "load_s", "prefill_tok_s", "decode_ms", "peak_rss_gb", ...} or {"error": ...};
+    `measure_bandwidth` puts {"bandwidth_gb_s", "bandwidth_median_gb_s", "bandwidth_bytes"}.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import resource
+import signal
+import time
+
+import numpy as np
+
+from . import gguf_names as names
+from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
+from .llama_cpp_backend import LlamaCppLLM
+from .sampler import SamplingParams
+from .session import ChatSession, load_language_model, open_session
+
+QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "
+            "person on the left is doing right now.")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def time_llm(llm, prefill: int, decode: int, out: dict) -> None:
+    """Prefill `prefill` random ids, then the median of `decode` single-token steps."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(50000, llm.hp.vocab_size), prefill)
+    llm.reset()
+    t0 = time.perf_counter()
+    logits = llm.eval_tokens(ids)
+    out["prefill_s"] = time.perf_counter() - t0
+    out["prefill_tok_s"] = prefill / out["prefill_s"]
+    steps = []
+    for _ in range(decode):
+        token = int(np.argmax(logits)) % min(50000, llm.hp.vocab_size)
+        t0 = time.perf_counter()
+        logits = llm.eval_tokens([token])
+        steps.append(time.perf_counter() - t0)
+    out["decode_ms"] = float(np.median(steps) * 1000)
+    out["decode_tok_s"] = 1000.0 / out["decode_ms"]
+
+
+def ours(args: dict, queue) -> None:
+    """Child process: our runtime on the pair in args['gguf'] (or the LLM file only, without with_vision)."""
+    try:
+        out: dict = {}
+        switches = dict(decode_graph=args["decode_graph"], repack=args["repack"])
+        t0 = time.perf_counter()
+        if args["with_vision"]:
+            session = open_session(args["gguf"], backend=args["backend"], qtype=args["qtype"], n_ctx=args["ctx"],
+                                   n_threads=args["threads"], sampling=SamplingParams(max_new_tokens=1), quiet=True,
+                                   **switches)
+        else:
+            f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
+            llm = load_language_model(f, args["backend"], args["ctx"], args["threads"], quiet=True, **switches)
+            session = ChatSession(llm=llm, tokenizer=load_tokenizer(f), fmt=chat_format(f))
+        out["load_s"] = time.perf_counter() - t0
+        out["engine"] = f"ours ({type(session.llm).__name__}, {session.llm.file.path.name})"
+        out["file"] = str(session.llm.file.path)
+        if args["with_vision"]:
+            image = args["image"]
+            session.vision.encode(image)  # warm-up (first call allocates)
+            t0 = time.perf_counter()
+            session.vision.encode(image)
+            out["image_s"] = time.perf_counter() - t0
+            session.ask(QUESTION, images=[image])
+            out["ttft_s"] = session.last_stats.first_token_s
+            out["ttft_positions"] = session.last_stats.prompt_tokens
+        time_llm(session.llm, args["prefill"], args["decode"], out)
+        out["peak_rss_gb"] = peak_rss_gb()
+        queue.put(out)
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def stock(args: dict, queue) -> None:
+    """Child process: stock llama.cpp (llama-cpp-python) on the plain file in args['gguf']."""
+    try:
+        out: dict = {}
+        t0 = time.perf_counter()
+        path = find_llm_file(args["gguf"], args["qtype"])
+        llm = LlamaCppLLM(path, n_ctx=args["ctx"], n_threads=args["threads"])
+        out["load_s"] = time.perf_counter() - t0
+        out["engine"] = "llama-cpp-python (stock)"
+        out["file"] = str(path)
+        time_llm(llm, args["prefill"], args["decode"], out)
+        out["peak_rss_gb"] = peak_rss_gb()
+        llm.close()
+        queue.put(out)
+    except BaseException as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_bandwidth(args: dict, queue) -> None:
+    """Child process: memory read bandwidth at args['threads'] threads, as torch.sum over a float32 array of
+    args['bandwidth_bytes'] bytes (first touched, then summed args['passes'] times; best and median pass)."""
+    try:
+        import torch
+
+        torch.set_num_threads(int(args["threads"]))
+        n = int(args["bandwidth_bytes"]) // 4
+        x = torch.ones(n, dtype=torch.float32)
+        float(x.sum())  # warm-up: pages touched, thread pool started
+        times = []
+        for _ in range(int(args.get("passes", 5))):
+            t0 = time.perf_counter()
+            float(x.sum())
+            times.append(time.perf_counter() - t0)
+        nbytes = n * 4
+        queue.put({"bandwidth_gb_s": nbytes / min(times) / 1e9, "bandwidth_median_gb_s": nbytes / float(
+            np.median(times)) / 1e9, "bandwidth_bytes": nbytes})
+    except BaseException as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+ENGINES = {"ours": ours, "stock": stock, "bandwidth": measure_bandwidth}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'signal SIGSEGV (exit code -11)' / 'exit code 3' for a child's multiprocessing exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"signal {name} (exit code {exitcode})"
+    return f"exit code {exitcode}"
+
+
+def run_child(target, args: dict, timeout_s: float, label: str) -> dict:
+    """`target(args, queue)` in a fresh spawned process: its result, or {"error": ...} if it dies or overruns."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(args, queue), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                return queue.get(timeout=0.25)
+            except queue_mod.Empty:
+                pass
+            if not proc.is_alive():
+                try:  # a result put just before a normal exit may still be in the pipe
+                    return queue.get(timeout=1.0)
+                except queue_mod.Empty:
+                    return {"error": f"{label}: child died with {describe_exit(proc.exitcode)} before reporting a "
+                                     "result"}
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.join(10)
+                return {"error": f"{label}: no result after {timeout_s:.0f} s (--child-timeout); child killed"}
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        queue.close()

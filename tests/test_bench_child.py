@@ -1,0 +1,81 @@
+"""The bench's children never leave it waiting: a child that dies (here: the stock engine's child killing itself with
+SIGSEGV, as llama-cpp-python's batched prefill does on some AVX-512/AMX machines) is reported with its signal and the
+bench exits non-zero; a child that hangs is killed after --child-timeout. Engines are swapped through
+quantize.bench_child.ENGINES; the replacement targets below live in this module, which the spawned child imports."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from quantize import bench, bench_child  # noqa: E402
+from quantize.__main__ import main  # noqa: E402
+
+
+def segfaulting_engine(args: dict, queue) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hanging_engine(args: dict, queue) -> None:
+    time.sleep(3600)
+
+
+def exiting_engine(args: dict, queue) -> None:
+    os._exit(3)
+
+
+def reporting_engine(args: dict, queue) -> None:
+    queue.put({"value": args["value"]})
+
+
+def _bench_in_thread(argv: list[str], timeout_s: float) -> int:
+    """main(argv) in a daemon thread: its status, or a test failure if it has not returned within timeout_s."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", main(argv)), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"bench still running after {timeout_s} s"
+    return result["code"]
+
+
+@pytest.mark.timeout(300)
+def test_a_stock_child_that_segfaults_is_reported_and_the_bench_exits_non_zero(random_gguf_pairs, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "stock_available", lambda: True)
+    monkeypatch.setitem(bench_child.ENGINES, "stock", segfaulting_engine)
+    t0 = time.monotonic()
+    code = _bench_in_thread(["bench", "--gguf", str(random_gguf_pairs / "modified"), "--plain-gguf",
+                             str(random_gguf_pairs / "plain"), "--bandwidth-gb", "0", "--prefill-tokens", "4",
+                             "--decode-tokens", "2", "--ctx", "64", "--rounds", "1", "--child-timeout", "120"], 240)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "error: stock llama.cpp: child died with signal SIGSEGV (exit code -11) before reporting a result" in err
+    assert "error: decode round 1: stock, plain llm-q8_0.gguf: child died with signal SIGSEGV" in err
+    assert "decode (ms/token)" in out  # what finished is still printed: our two columns
+    assert time.monotonic() - t0 < 240
+
+
+def test_run_child_kills_a_child_that_hangs_past_the_timeout():
+    t0 = time.monotonic()
+    result = bench_child.run_child(hanging_engine, {}, timeout_s=3, label="stuck engine")
+    assert result == {"error": "stuck engine: no result after 3 s (--child-timeout); child killed"}
+    assert time.monotonic() - t0 < 30
+
+
+def test_run_child_reports_an_exit_code_and_passes_a_result_through():
+    assert bench_child.run_child(exiting_engine, {}, 60, "x") == {
+        "error": "x: child died with exit code 3 before reporting a result"}
+    assert bench_child.run_child(reporting_engine, {"value": 7}, 60, "x") == {"value": 7}
+
+
+def test_describe_exit_names_the_signal():
+    assert bench_child.describe_exit(-signal.SIGSEGV) == "signal SIGSEGV (exit code -11)"
+    assert bench_child.describe_exit(-signal.SIGKILL) == "signal SIGKILL (exit code -9)"
+    assert bench_child.describe_exit(1) == "exit code 1"
