@@ -3,7 +3,8 @@
     python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
 
 LoRA is merged first. LLM: 2-D weights in the chosen type (rows that do not fill whole blocks widen as llama.cpp
-does), norms and biases F32. Vision: Linear weights Q8_0 (F16 when rows do not divide by 32), the rest F32.
+does), norms and biases F32. Vision: Linear weights Q8_0 (F16 when rows do not divide by 32), the rest F32; an F16
+export is the unquantised reference, so its vision Linear weights are F16 too (the PyTorch-vs-GGUF agreement check).
 The pair is one transaction: both files and `export.json` are written tensor by tensor to temporary names and
 renamed only when all three are complete, so a failed (re-)export leaves the previous pair as it was. Both files
 carry the same `model_id`, a sha256 of the exported model's content (not its shapes), which the runtime checks.
@@ -47,7 +48,9 @@ class ExportSummary:
                 "vision": self.vision.to_dict()}
 
     def lines(self) -> list[str]:
-        return [f"exported to {self.out_dir} (LLM {self.qtype}, vision Q8_0)", *self.llm.lines(), *self.vision.lines()]
+        vision = "F16" if self.qtype == "f16" else "Q8_0"
+        return [f"exported to {self.out_dir} (LLM {self.qtype}, vision {vision})", *self.llm.lines(),
+                *self.vision.lines()]
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -56,11 +59,10 @@ def llm_plans(shapes: Sequence[tuple[str, tuple[int, ...]]], qtype: GGMLQuantiza
     return [plan_tensor(n, s, qtype if len(s) == 2 else T.F32) for n, s in shapes]
 
 
-def vision_plans(shapes: Sequence[tuple[str, tuple[int, ...]]]) -> list[TensorPlan]:
-    """Linear weights (2-D '.weight') Q8_0 with fallback; conv kernel, embeddings, norms, biases F32."""
-    return [
-        plan_tensor(n, s, VISION_LINEAR_TYPE if len(s) == 2 and n.endswith(".weight") else T.F32) for n, s in shapes
-    ]
+def vision_plans(shapes: Sequence[tuple[str, tuple[int, ...]]], linear_type=VISION_LINEAR_TYPE) -> list[TensorPlan]:
+    """Linear weights (2-D '.weight') in linear_type (Q8_0, with fallback); conv kernel, embeddings, norms, biases
+    F32."""
+    return [plan_tensor(n, s, linear_type if len(s) == 2 and n.endswith(".weight") else T.F32) for n, s in shapes]
 
 
 def split_state_names(torch_names: Sequence[str], where: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -142,7 +144,8 @@ def write_pair(
     with writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"), atomic_paths(files) as tmps:
         vision = write_gguf_to(
             tmps[0], files[0], names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision", model_id),
-            vision_plans(vision_shapes), lambda p: produce(p.name), progress,
+            vision_plans(vision_shapes, T.F16 if qtype == T.F16 else VISION_LINEAR_TYPE), lambda p: produce(p.name),
+            progress,
         )
         llm = write_gguf_to(
             tmps[1], files[1], names.ARCH_LLM, llm_meta, llm_plans(llm_shapes, qtype), lambda p: produce(p.name),

@@ -92,3 +92,32 @@ def small_backbones(tmp_path_factory):
     start = time.monotonic()
     path = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
     return cache, path, time.monotonic() - start
+
+
+def save_decisive_tiny_model(out_dir, seed: int = 0):
+    """A seeded random tiny VLM whose greedy choices are not near-ties (norms perturbed, logits scaled to O(10)),
+    saved as a model directory: a stand-in for a trained model in the chat, demo and server tests."""
+    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
+    from tinygpt.tokenizer import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = TinyGPTVForConditionalGeneration(build_config("tiny")).eval()
+    model.tokenizer = load_tokenizer(None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        model.language_model.lm_head.weight.mul_(50.0)
+    return save_vlm(model, out_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """(model dir, its F16 GGUF export dir) of `save_decisive_tiny_model` (seed 0), shared by the session."""
+    pytest.importorskip("gguf")
+    from quantize.export import export_model
+
+    d = tmp_path_factory.mktemp("chat-model")
+    save_decisive_tiny_model(d / "model")
+    export_model(d / "model", d / "gguf", qtype="f16", progress=False)
+    return d / "model", d / "gguf"

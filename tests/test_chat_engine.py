@@ -112,30 +112,15 @@ def test_task_prompts():
 
 # ------------------------------------------------------------------------------------------------ two backends
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """The tiny preset (seeded random init, norms perturbed, logits scaled to O(10) so greedy choices are not
-    near-ties), exported as F16; one engine per backend (GGUF vision in fp32 so both see nearly the same vectors)."""
-    import torch
-    from quantize.export import export_model
+def engines(chat_model):
+    """One engine per backend over the session's decisive tiny model (conftest.chat_model): PyTorch and its F16
+    GGUF export (GGUF vision in fp32 so both see nearly the same vectors)."""
     from tinygpt.chat.gguf_backend import GGUFBackend
     from tinygpt.chat.torch_backend import TorchBackend
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, load_vlm, save_vlm
-    from tinygpt.tokenizer import load_tokenizer
+    from tinygpt.model import load_vlm
 
-    torch.manual_seed(0)
-    model = TinyGPTVForConditionalGeneration(build_config("tiny")).eval()
-    model.tokenizer = load_tokenizer(None)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-        model.language_model.lm_head.weight.mul_(50.0)
-    d = tmp_path_factory.mktemp("chat")
-    save_vlm(model, d / "model")
-    export_model(d / "model", d / "gguf", qtype="f16", progress=False)
-    torch_engine = ChatEngine(TorchBackend(load_vlm(d / "model")))
-    gguf_engine = ChatEngine(GGUFBackend.load(d / "gguf", vision_int8=False))
-    return torch_engine, gguf_engine
+    model_dir, gguf_dir = chat_model
+    return ChatEngine(TorchBackend(load_vlm(model_dir))), ChatEngine(GGUFBackend.load(gguf_dir, vision_int8=False))
 
 
 def _conversations():
