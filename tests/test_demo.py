@@ -203,6 +203,9 @@ def test_a_turn_through_the_handlers(engine, tmp_path):
     assert final[-1] == {"role": "assistant", "content": shown(answer)} and answer
     assert len(steps) >= 2  # streamed: the answer grows over several yields
 
+    _, text_only = h.add_message({"text": "hello", "files": []}, [], "none", "")  # no image at all
+    *_, (chatted, view, current) = h.respond(text_only, 4, 0.0, 0.9, 1.0, 0)
+    assert chatted[-1]["role"] == "assistant" and view == gr.skip()
     again, locked = h.regenerate(final)
     assert again == history and locked.interactive is False
     # a text file named .png: a notice in the chat, the textbox untouched, then nothing to answer

@@ -90,7 +90,8 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
         again_answered = again.success(**answer_io, api_visibility="undocumented")
         again_answered.then(**UNLOCKED, outputs=[box])
         stop.click(**UNLOCKED, outputs=[box], cancels=[answered, again_answered])
-        clear.click(lambda: ([], gr.MultimodalTextbox(value=None, interactive=True), None, "", None),
+        for cleared in (clear.click, chatbot.clear):  # the button and the chat's own bin
+            cleared(lambda: ([], gr.MultimodalTextbox(value=None, interactive=True), None, "", None),
                     outputs=[chatbot, box, view, region, current], cancels=[answered, again_answered],
                     api_visibility="private", queue=False)
 

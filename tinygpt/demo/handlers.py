@@ -51,10 +51,12 @@ def newest_image(message: dict | None, history: list[dict] | None) -> str | None
 
 
 def _open(path: str | None) -> Image.Image | None:
+    if not path:
+        return None
     try:
-        with Image.open(path) as image:  # type: ignore[arg-type]
+        with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return None  # not an image: add_message says so when it is sent
 
 
