@@ -2,9 +2,10 @@
 clicked region, the shipped examples), its handlers over a real ChatEngine, the command line, and the named
 endpoints the UI uses, called with gradio_client against the demo served in-process.
 
-The engine is the tiny preset with random weights (seeded; logits scaled so greedy choices are not near-ties, as in
-test_chat_engine): it answers nonsense, but every answer really goes through the engine and the demo. Answers with
-boxes come from a scripted engine (`Scripted`) where noted; tests/test_demo_browser.py teaches a tiny model one."""
+The engine is opened from a launch config naming conftest's decisive tiny model (random weights, seeded; logits
+scaled so greedy choices are not near-ties), on the PyTorch backend and once on the GGUF one: it answers nonsense, but
+every answer really goes through the engine and the demo. Answers with boxes come from a scripted engine
+(`Scripted`) where noted; tests/test_demo_browser.py teaches a tiny model one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tinygpt.chat import ChatEngine, GenerationSettings
-from tinygpt.chat.launch import LaunchConfig, Limits, ModelChoice
+from tinygpt.chat.launch import LaunchConfig, Limits, ModelChoice, load_launch_config, open_engine
 from tinygpt.demo import cli
 from tinygpt.demo.conversation import (
     is_notice, last_question, notice, parse_region, shown, tagged_text, to_openai, user_message, without_last_answer,
@@ -41,18 +42,19 @@ def demo_config(max_new_tokens: int = 12, **limits) -> LaunchConfig:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    import torch
-    from tinygpt.chat.torch_backend import TorchBackend
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
-    from tinygpt.tokenizer import load_tokenizer
+def launch_configs(chat_model, tmp_path_factory):
+    """Launch configs (the demo's own input) naming conftest's decisive tiny model: {"torch": yaml, "gguf": yaml}."""
+    d = tmp_path_factory.mktemp("eval-configs")
+    model_dir, gguf_dir = chat_model
+    for backend, path in (("torch", model_dir), ("gguf", gguf_dir)):
+        (d / f"{backend}.yaml").write_text(f"model:\n  backend: {backend}\n  path: {path}\n  device: cpu\n"
+                                           "generation:\n  max_new_tokens: 12\n")
+    return {"torch": d / "torch.yaml", "gguf": d / "gguf.yaml"}
 
-    torch.manual_seed(0)
-    model = TinyGPTVForConditionalGeneration(build_config("tiny")).eval()
-    model.tokenizer = load_tokenizer(None)
-    with torch.no_grad():
-        model.language_model.lm_head.weight.mul_(50.0)
-    return ChatEngine(TorchBackend(model))
+
+@pytest.fixture(scope="module")
+def engine(launch_configs):
+    return open_engine(load_launch_config(launch_configs["torch"]))
 
 
 class Scripted:
@@ -216,6 +218,15 @@ def test_a_turn_through_the_handlers(engine, tmp_path):
     with pytest.warns(UserWarning, match="3 images in one message"):
         h2 = Handlers(engine, demo_config(max_images=2), tmp_path)
         assert is_notice(h2.add_message({"text": "", "files": [SHAPES] * 3}, [], "none", "")[1][-1])
+
+
+def test_the_gguf_backend_through_the_handlers(launch_configs, tmp_path):
+    cfg = load_launch_config(launch_configs["gguf"])
+    gguf = open_engine(cfg)
+    h = Handlers(gguf, cfg, tmp_path)
+    _, history = h.add_message({"text": "what is it?", "files": [SHAPES, SHAPES]}, [], "none", "")
+    *_, (final, _, _) = h.respond(history, 8, 0.0, 0.9, 1.0, 0)
+    assert final[-1]["content"] == shown(gguf.chat(to_openai(history), GenerationSettings(max_new_tokens=8)))
 
 
 def test_a_conversation_longer_than_the_context_is_a_notice(engine, tmp_path):
