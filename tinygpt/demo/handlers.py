@@ -12,8 +12,8 @@ Contract:
 * `respond` streams the answer to the last user message into the history (one engine generation: the engine's
   lock makes concurrent ones wait); a refusal by the engine (e.g. a conversation longer than the context) or an
   empty answer becomes a notice in the chat plus a gr.Warning, never an exception; closing the generator (the Stop
-  button) closes the engine's stream, which ends the generation and frees the engine. The last yield draws the
-  answer's boxes (pixels of the conversation's newest image) on the view and, when there are any, in the chat;
+  button) closes the engine's stream, which ends the generation and frees the engine. When the answer holds boxes,
+  the last yield draws them (pixels of the conversation's newest image) in the chat and on the view;
 * `regenerate` drops the last answer; `follow`, `redraw` and `pick` keep the image view on the newest image (the
   one attached, else the conversation's) with the identify region marked.
 """
