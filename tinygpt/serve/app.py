@@ -9,11 +9,13 @@ Endpoints:
 * ``GET /v1/models``, ``GET /v1/models/{name}``: the one model, named ``model_name``;
 * ``GET /health``: status, model, backend, context length, queue depth (never behind the API key).
 
-Order of checks for a completion: the body's size (413, before it is read), its JSON and field types (400), the API
-key (401), the model name (404), unsupported options (400), the settings (400), the queue (429), the images
-(tinygpt.serve.images: 400 / 413), then the engine (a UserError such as a prompt longer than the context is a 400;
-a stream waits for its first piece before it answers, so that error is a 400 too). An error after a stream has
-started is sent as one ``data: {"error": ...}`` event. A client that disconnects cancels its generation.
+Order of checks for a completion: the body's size (413, before it is read), its JSON syntax (400), the API key (401),
+the field types and ranges (400), the model name (404), unsupported options (400), the settings (400), the queue
+(429), the images (tinygpt.serve.images: 400 / 413), then the engine (a UserError such as a prompt longer than the
+context is a 400; a stream waits for its first piece before it answers, so that error is a 400 too). An error after
+a stream has started is sent as one ``data: {"error": ...}`` event. A client that disconnects cancels its stream, and
+a request still waiting in the queue when its client leaves is dropped (a non-streamed answer already being
+generated runs to its end).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
         runner.admit()
         try:
             conversation, sizes = await run_in_threadpool(prepare, body)
-            job = runner.start(conversation, settings, stream=body.stream)
+            job = runner.start(conversation, settings, stream=bool(body.stream))
         except BaseException:
             runner.release()
             raise

@@ -28,8 +28,7 @@ from ..errors import UserError
 
 log = logging.getLogger("tinygpt.serve")
 
-_TYPES = {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error"}
+_TYPES = {429: "rate_limit_error"}  # every other 4xx is OpenAI's "invalid_request_error" (401 included)
 INTERNAL = "internal server error (the traceback is in the server's log)"
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 

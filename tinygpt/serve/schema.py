@@ -36,7 +36,7 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[Any]
-    stream: bool = False
+    stream: bool | None = False  # null is accepted (some clients send it) and means false
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -44,11 +44,11 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: Any = None  # a string or a list of strings (checked in settings(): one message for both shapes)
     seed: int | None = None
-    n: int = 1
+    n: int | None = 1
     repetition_penalty: float | None = Field(None, gt=0)
 
     def check_supported(self) -> None:
-        if self.n != 1:
+        if self.n not in (1, None):
             raise APIError(400, f"n: this server returns one choice per request (n=1), got {self.n}", "n")
         extra = self.model_extra or {}
         for key in _UNSUPPORTED:
