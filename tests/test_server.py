@@ -191,6 +191,24 @@ def test_settings_reach_the_engine(server, engine):
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 
 
+def test_what_harnesses_send_is_accepted(server, engine):
+    """lmms-eval's and VLMEvalKit's payloads: nulls, fields this server ignores, an image_url with `detail`."""
+    image = _url(_data_uri(_png(0)))
+    image["image_url"]["detail"] = "low"
+    messages = [{"role": "system", "content": "Answer briefly."}, _user(image, "What is in the picture?")]
+    body = {"model": NAME, "messages": messages, "max_tokens": 8, "temperature": 0, "n": None, "stream": None,
+            "seed": None, "stop": None, "user": "eval", "presence_penalty": 0, "frequency_penalty": 0,
+            "response_format": {"type": "text"}}
+    response = _post(server, body)
+    assert response.status_code == 200, response.text
+    want = engine.chat(messages, SETTINGS.with_(max_new_tokens=8))  # the engine ignores `detail` too
+    assert response.json()["choices"][0]["message"]["content"] == want
+    # lmms-eval asks for up to 4096 new tokens: cut to the room the context has left, not refused
+    nearly_full = [_user("word " * 1000)]
+    reply = _client(server).chat.completions.create(model=NAME, messages=nearly_full, max_tokens=4096)
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= engine.context_length
+
+
 def test_pytorch_backend_through_the_server(model_dirs):
     from tinygpt.chat.torch_backend import TorchBackend
     from tinygpt.model import load_vlm
