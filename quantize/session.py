@@ -35,11 +35,13 @@ BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
 
 
 def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
-                        quiet: bool = False, decode_graph: bool = True, repack: bool = True) -> LLMBackend:
+                        quiet: bool = False, decode_graph: bool = True, repack: bool = True,
+                        kv_type: str = "f16") -> LLMBackend:
     """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
 
     backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend).
-    decode_graph and repack are GgmlLLM's switches (see there); the other backends have no such choice."""
+    decode_graph, repack and kv_type (the KV cache's precision, f16 or f32) are GgmlLLM's switches (see there); the
+    other backends have no such choice."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "llama-cpp":
@@ -55,7 +57,8 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
                 print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
                       file=sys.stderr)
         else:
-            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack)
+            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack,
+                           kv_type=kv_type)
     return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
 
 
@@ -299,10 +302,11 @@ class ChatSession:
 def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str | None = None,
                  n_ctx: int | None = None, n_threads: int = 2, sampling: SamplingParams | None = None,
                  with_vision: bool = True, vision_int8: bool = True, quiet: bool = False, decode_graph: bool = True,
-                 repack: bool = True) -> ChatSession:
+                 repack: bool = True, kv_type: str = "f16") -> ChatSession:
     """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime.
 
-    decode_graph / repack: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others."""
+    decode_graph / repack / kv_type: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others
+    (kv_type f32 makes an F16 export follow the PyTorch model more closely: the agreement check uses it)."""
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)
@@ -312,7 +316,7 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
         check_pair(llm_file, hp, vision_file, vision_values(vision_file))
         vision = VisionEncoder(vision_file, int8=vision_int8, n_threads=n_threads)
     llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
-                              decode_graph=decode_graph, repack=repack)
+                              decode_graph=decode_graph, repack=repack, kv_type=kv_type)
     session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt, vision=vision,
                           sampling=sampling or SamplingParams())
     session.warm_up()

@@ -4,10 +4,11 @@
                                              [--limit 100] [--require 0.99]
 
 Both sides are `tinygpt.chat.ChatEngine`s (the one engine of the demo, the server and evaluation): the PyTorch model
-directory and its GGUF export (F16 for an exact comparison; the vision tower runs with float activations so both
-see nearly the same image vectors). On the held-out synthetic shapes, each of the first `limit` images gets three
-conversations: a `[vqa]` question, a `[refer]` request, and the two as one two-turn conversation (the second turn
-follows the PyTorch side's first answer, so both sides continue the same history). Answers are compared as text.
+directory and its GGUF export (F16 for an exact comparison; the vision tower runs with float activations and the KV
+cache in F32 unless `--kv-type f16`, so both sides compute as alike as the runtime allows). On the held-out
+synthetic shapes, each of the first `limit` images gets three conversations: a `[vqa]` question, a `[refer]`
+request, and the two as one two-turn conversation (the second turn follows the PyTorch side's first answer, so both
+sides continue the same history). Answers are compared as text.
 
 Prints the agreement per conversation kind and overall, and the first disagreements; exits 1 with one `error:` line
 when the overall agreement is below `--require`.
@@ -106,6 +107,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="images; three conversations each (default 100)")
     p.add_argument("--require", type=float, default=0.99, help="the least overall agreement (default 0.99)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-type", default="f32", choices=["f16", "f32"],
+                   help="the GGUF runtime's KV cache precision (default f32: the closest to PyTorch; f16 is the "
+                        "runtime's default for chat)")
     return p
 
 
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     split = Path(args.split) if args.split else tiny_data_dir() / "eval"
     torch_engine = ChatEngine(TorchBackend.load(args.model, device="cpu"))
-    gguf_engine = ChatEngine(GGUFBackend.load(args.gguf, n_threads=args.threads, vision_int8=False))
+    gguf_engine = ChatEngine(GGUFBackend.load(args.gguf, n_threads=args.threads, vision_int8=False,
+                                              kv_type=args.kv_type))
     result = compare(torch_engine, gguf_engine, split, args.limit)
     print(report(result))
     if result.share < args.require:
