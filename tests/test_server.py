@@ -71,27 +71,9 @@ def _user(*parts) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the model, served
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    """The tiny preset with seeded random weights (logits scaled so greedy choices are not near-ties, as in
-    tests/test_chat_engine.py), saved and exported as GGUF F16."""
-    import torch
-
-    from quantize.export import export_model
-    from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, save_vlm
-    from tinygpt.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    model = TinyGPTVForConditionalGeneration(build_config("tiny")).eval()
-    model.tokenizer = load_tokenizer(None)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.lower() and p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-        model.language_model.lm_head.weight.mul_(50.0)
-    d = tmp_path_factory.mktemp("serve")
-    save_vlm(model, d / "model")
-    export_model(d / "model", d / "gguf", qtype="f16", progress=False)
-    return d / "model", d / "gguf"
+def model_dirs(chat_model):
+    """The session's decisive tiny model (conftest.chat_model): (model dir, its F16 GGUF export)."""
+    return chat_model
 
 
 @pytest.fixture(scope="module")
