@@ -1,0 +1,139 @@
+"""`tinygpt chat`: talk to a model in the terminal through the chat engine (either backend).
+
+    tinygpt chat --cfg-path eval_configs/tiny.yaml --image scene.png --prompt "[vqa] How many shapes are there?"
+    tinygpt chat --gguf out/gguf                      # interactive; or --model outputs/tiny/stage4 (PyTorch)
+
+The model comes from a launch config (`eval_configs/*.yaml`, its generation defaults included) or directly from
+`--gguf DIR` / `--model DIR`; generation flags given on the command line override the config. Interactive commands:
+`/image PATH` (attach to the next question; repeatable), `/reset` (a new conversation), `/quit`. Answers stream to
+stdout. A bad image, a prompt longer than the context or any other mistake prints one `error:` line and the
+conversation goes on (one-shot: exit 2). `python -m quantize chat` is the GGUF runtime's own lower-level chat
+(backend switches, timings with /stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import UserError, report_errors
+from .engine import ChatEngine
+from .launch import LaunchConfig, ModelChoice, check_model_path, load_launch_config, open_engine
+from .messages import image_ref
+from .settings import GenerationSettings
+
+SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Chat with a model in the terminal (the chat engine).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cfg-path", help="a launch config (eval_configs/*.yaml)")
+    source.add_argument("--gguf", help="an exported GGUF directory (the CPU runtime)")
+    source.add_argument("--model", help="a saved model directory (PyTorch)")
+    p.add_argument("--image", action="append", default=[], help="image for the first question; repeatable")
+    p.add_argument("--prompt", default=None, help="ask once and exit; without it, chat interactively")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="PyTorch device (--model)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (--gguf)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def launch_config(args: argparse.Namespace) -> LaunchConfig:
+    """The launch config named by --cfg-path, or one made from --gguf / --model; flags override its settings."""
+    if args.cfg_path:
+        cfg = load_launch_config(args.cfg_path)
+    else:
+        backend, path = ("gguf", args.gguf) if args.gguf else ("torch", args.model)
+        choice = ModelChoice(backend, path, args.device, None, args.threads)
+        cfg = LaunchConfig(Path(path), choice, GenerationSettings())
+        check_model_path(cfg)
+    changes = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    return LaunchConfig(cfg.source, cfg.model, cfg.generation.with_(**changes), cfg.limits)  # with_ checks them
+
+
+class TerminalChat:
+    """One conversation: pending images go with the next question; answers stream to `out`."""
+
+    def __init__(self, engine: ChatEngine, out: TextIO | None = None):
+        self.engine, self.out = engine, out or sys.stdout
+        self.messages: list[dict] = []
+        self.pending: list = []
+
+    def attach(self, path: str) -> None:
+        try:
+            ref = image_ref(path)
+            ref.open()  # a bad path or a file that is not an image fails here, before the question
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        self.pending.append(ref)
+
+    def reset(self) -> None:
+        self.messages, self.pending = [], []
+
+    def ask(self, text: str) -> str:
+        content = [{"type": "image", "image": ref} for ref in self.pending] + [{"type": "text", "text": text}]
+        messages = [*self.messages, {"role": "user", "content": content}]
+        pieces = []
+        for piece in self.engine.stream(messages):
+            pieces.append(piece)
+            self.out.write(piece)
+            self.out.flush()
+        self.out.write("\n")
+        answer = "".join(pieces)
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
+        self.pending = []
+        return answer
+
+
+def interact(chat: TerminalChat, lines: TextIO, err: TextIO | None = None) -> None:
+    """Read questions and commands from `lines` until /quit or end of input; a mistake is one error line."""
+    err = err or sys.stderr
+    print("commands: /image PATH, /reset, /quit", file=err)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line == "/quit":
+                return
+            if line == "/reset":
+                chat.reset()
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise UserError("/image needs a path")
+                chat.attach(path)
+            elif line.startswith("/"):
+                raise UserError(f"unknown command {line.split()[0]!r} (commands: /image PATH, /reset, /quit)")
+            else:
+                chat.ask(line)
+        except UserError as exc:
+            print(f"error: {exc}", file=err)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = launch_config(args)
+    chat = TerminalChat(open_engine(cfg))
+    for path in args.image:
+        chat.attach(path)
+    if args.prompt is not None:
+        chat.ask(args.prompt)
+        return 0
+    interact(chat, sys.stdin)
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    return report_errors(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
