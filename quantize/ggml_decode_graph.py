@@ -49,13 +49,11 @@ class DecodeGraph:
         # host buffers for the inputs, and the addresses they go to (fixed while the gallocr lives)
         self._x = np.zeros(1, np.int32) if token_input else np.zeros((1, hidden), np.float32)
         self._pos = np.zeros(1, np.int32)
-        self._mask = np.zeros(self.n_kv, np.float32)
-        self._k_idx = np.zeros(1, np.int64)
-        self._v_base = np.arange(hidden, dtype=np.int64) * llm.n_ctx  # element (h, 0) of V: row n_past + h * n_ctx
-        self._v_idx = np.zeros(hidden, np.int64)
+        self._mask = np.zeros(self.n_kv, np.float16)
+        self._kv_idx = np.zeros(1, np.int64)
         self._copies = [(t.contents.data, a.ctypes.data, a.nbytes) for t, a in (
             (inputs["x"], self._x), (inputs["pos"], self._pos), (inputs["mask"], self._mask),
-            (inputs["k_idx"], self._k_idx), (inputs["v_idx"], self._v_idx))]
+            (inputs["kv_idx"], self._kv_idx))]
         vocab = llm.hp.vocab_size
         self._logits = np.ctypeslib.as_array((ctypes.c_float * vocab).from_address(out.contents.data))
 
@@ -66,8 +64,7 @@ class DecodeGraph:
         self._pos[0] = n_past
         self._mask[:n_past + 1] = 0.0
         self._mask[n_past + 1:] = -np.inf
-        self._k_idx[0] = n_past
-        np.add(self._v_base, n_past, out=self._v_idx)
+        self._kv_idx[0] = n_past
         for dst, src, nbytes in self._copies:
             ctypes.memmove(dst, src, nbytes)
         status = ggml.ggml_backend_graph_compute(llm.cpu_backend, self.gf)
