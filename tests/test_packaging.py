@@ -34,3 +34,17 @@ def test_the_stage_configs_ship_with_the_package(monkeypatch, tmp_path):
     (installed / "train_configs" / "tiny").mkdir(parents=True)
     monkeypatch.setattr(paths, "PACKAGE_ROOT", installed)  # no train_configs/ beside it: the installed copy
     assert paths.train_configs_dir() == installed / "train_configs"
+
+
+def test_the_launch_configs_ship_and_resolve_outside_a_checkout(monkeypatch, tmp_path):
+    import tinygpt.chat.launch as launch
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert data["tinygpt.eval_configs"] == ["*.yaml"] and (ROOT / "eval_configs" / "tiny.yaml").is_file()
+    installed = tmp_path / "site-packages" / "tinygpt"
+    (installed / "eval_configs").mkdir(parents=True)
+    (installed / "eval_configs" / "tiny.yaml").write_text("model: {backend: torch, path: outputs/tiny/stage4}\n")
+    monkeypatch.setattr(launch, "PACKAGE_ROOT", installed)
+    monkeypatch.chdir(tmp_path)  # no eval_configs/ here: the shipped copy answers
+    cfg = launch.load_launch_config("eval_configs/tiny.yaml", check_model=False)
+    assert cfg.source == installed / "eval_configs" / "tiny.yaml" and cfg.model.path == "outputs/tiny/stage4"

@@ -13,9 +13,10 @@ A launch config has three sections; every key is optional except `model.backend`
     limits:      max_images (per request / message), max_image_pixels, max_upload_bytes, queue_size,
                  image_cache_size
 
-Values may use `${oc.env:NAME,default}` like the stage configs. Relative paths are relative to the working
-directory (the quick start runs from the checkout). A misspelt or mistyped key is one UserError naming the file and
-the key; a missing model path names the command that makes it.
+`eval_configs/NAME.yaml` that is not in the working directory is the copy shipped in the package (an installed
+tinygpt run from anywhere). Values may use `${oc.env:NAME,default}` like the stage configs. Relative paths are
+relative to the working directory (the quick start runs from the checkout). A misspelt or mistyped key is one
+UserError naming the file and the key; a missing model path names the command that makes it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _check_value(where: str, key: str, value: Any, default: Any, annotation: str
         if "None" in annotation:
             return None
         raise UserError(f"{where}: {key} must not be empty")
-    if key == "stop":
+    if key.endswith(".stop"):
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
             raise UserError(f"{where}: {key} must be a string or a list of non-empty strings, got {value!r}")
@@ -94,7 +95,7 @@ def _check_value(where: str, key: str, value: Any, default: Any, annotation: str
     accepted = _TYPES.get(kind)
     if accepted and (isinstance(value, bool) or not isinstance(value, accepted)):
         raise UserError(f"{where}: {key} must be {'an integer' if kind == 'int' else 'a ' + kind}, got {value!r}")
-    if kind == "int" and isinstance(default, int) and key != "seed" and value < 0:
+    if kind == "int" and isinstance(default, int) and not key.endswith(".seed") and value < 0:
         raise UserError(f"{where}: {key} must be >= 0, got {value}")
     return float(value) if kind == "float" else value
 
@@ -122,6 +123,9 @@ def _section(path: Path, name: str, raw: Any) -> Any:
 def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> LaunchConfig:
     """Read and check a launch config. ``check_model``: the model path must exist (off for tests of the parsing)."""
     path = Path(path)
+    shipped = eval_configs_dir() / Path(*path.parts[1:]) if len(path.parts) > 1 else None
+    if not path.is_file() and not path.is_absolute() and path.parts[0] == "eval_configs" and shipped.is_file():
+        path = shipped  # an installed tinygpt run outside a checkout: the copy shipped in the package
     if not path.is_file():
         hint = f" (shipped configs: {', '.join(sorted(p.name for p in eval_configs_dir().glob('*.yaml')))})" \
             if eval_configs_dir().is_dir() else ""
