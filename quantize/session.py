@@ -36,12 +36,12 @@ BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
 
 def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
                         quiet: bool = False, decode_graph: bool = True, repack: bool = True,
-                        kv_type: str = "f16") -> LLMBackend:
+                        kv_type: str | None = None) -> LLMBackend:
     """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
 
     backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend).
-    decode_graph, repack and kv_type (the KV cache's precision, f16 or f32) are GgmlLLM's switches (see there); the
-    other backends have no such choice."""
+    decode_graph, repack and kv_type (the KV cache's precision, f32 or f16; None: GgmlLLM's default) are GgmlLLM's
+    switches (see there); the other backends have no such choice."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "llama-cpp":
@@ -57,8 +57,8 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
                 print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
                       file=sys.stderr)
         else:
-            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack,
-                           kv_type=kv_type)
+            kv = {} if kv_type is None else {"kv_type": kv_type}
+            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack, **kv)
     return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
 
 
@@ -302,11 +302,11 @@ class ChatSession:
 def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str | None = None,
                  n_ctx: int | None = None, n_threads: int = 2, sampling: SamplingParams | None = None,
                  with_vision: bool = True, vision_int8: bool = True, quiet: bool = False, decode_graph: bool = True,
-                 repack: bool = True, kv_type: str = "f16") -> ChatSession:
+                 repack: bool = True, kv_type: str | None = None) -> ChatSession:
     """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime.
 
     decode_graph / repack / kv_type: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others
-    (kv_type f32 makes an F16 export follow the PyTorch model more closely: the agreement check uses it)."""
+    (kv_type None: the backend's default)."""
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)

@@ -108,8 +108,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--require", type=float, default=0.99, help="the least overall agreement (default 0.99)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-type", default="f32", choices=["f16", "f32"],
-                   help="the GGUF runtime's KV cache precision (default f32: the closest to PyTorch; f16 is the "
-                        "runtime's default for chat)")
+                   help="the GGUF runtime's KV cache precision (default f32, the runtime's own default and the "
+                        "closest to PyTorch)")
     return p
 
 
