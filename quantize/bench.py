@@ -10,8 +10,9 @@ speed does not depend on the values). Time to first token = image encode + prefi
 ~30-token question + the first sampled token, as in `chat`.
 
 Roofline: a child first measures read bandwidth at --threads threads (torch.sum over --bandwidth-gb of float32, best
-of 5 passes); a decode step must read every weight but the token embedding once, so weight bytes / bandwidth is the
-floor of its time, and each engine's "share of the roofline" = floor / its ms per token (1.00 = bandwidth-bound).
+of 10 passes on 4 KiB pages and 10 on huge pages); a decode step must read every weight but the token embedding
+once, so weight bytes / bandwidth is the floor of its time, and each engine's "share of the roofline" = floor / its
+ms per token (100% = bandwidth-bound).
 The header names the CPU and its x86 SIMD flags, and the ggml builds each engine runs.
 
 A child that dies (segfault, OOM kill) is reported with its exit code and signal name, and one that gives no result
@@ -132,9 +133,8 @@ def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds:
         entry: dict = {"ms": {}, "share": {}}
         for label, engine, args in engines:
             result = runner.run(engine, args, label)
-            if "error" in result:
-                print(f"error: decode round {r + 1}: {result['error']}", file=sys.stderr, flush=True)
-                out.append({"error": result["error"]})
+            if "error" in result:  # printed with the others at the end
+                out.append({"error": f"decode round {r + 1}: {result['error']}"})
                 return out
             entry["ms"][label] = result["decode_ms"]
             if "roofline_share" in result:
@@ -177,7 +177,9 @@ def _header(args: argparse.Namespace, stock: bool, bandwidth: dict | None) -> li
     if stock:
         lines.append(f"stock: {roof.stock_features()}")
     if bandwidth is not None:
-        lines.append(f"read bandwidth, {args.threads} threads: {bandwidth['bandwidth_gb_s']:.1f} GB/s best, "
+        pages = ", ".join(f"{k} pages {bandwidth[f'bandwidth_{k}_gb_s']:.1f}" for k in ("4k", "huge")
+                          if f"bandwidth_{k}_gb_s" in bandwidth)
+        lines.append(f"read bandwidth, {args.threads} threads: {bandwidth['bandwidth_gb_s']:.1f} GB/s best ({pages}), "
                      f"{bandwidth['bandwidth_median_gb_s']:.1f} median (torch.sum over "
                      f"{bandwidth['bandwidth_bytes'] / 1e9:.1f} GB); roofline = weights read per token / best")
     return lines

@@ -9,7 +9,8 @@ Contract:
     parent returns within about timeout_s + a few seconds whatever the child does.
   * ENGINES maps an engine name to its target; bench resolves targets through it (tests swap in a failing child).
   * Engine targets put {"engine", "load_s", "prefill_tok_s", "decode_ms", "peak_rss_gb", ...} or {"error": ...};
-    `measure_bandwidth` puts {"bandwidth_gb_s", "bandwidth_median_gb_s", "bandwidth_bytes"}.
+    `measure_bandwidth` puts {"bandwidth_gb_s", "bandwidth_median_gb_s", "bandwidth_bytes", "bandwidth_4k_gb_s",
+    "bandwidth_huge_gb_s" (where huge pages are available)}.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from . import gguf_names as names
 from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
 from .llama_cpp_backend import LlamaCppLLM
+from .memory import huge_page_array
 from .sampler import SamplingParams
 from .session import ChatSession, load_language_model, open_session
 
@@ -106,23 +108,38 @@ def stock(args: dict, queue) -> None:
 
 
 def measure_bandwidth(args: dict, queue) -> None:
-    """Child process: memory read bandwidth at args['threads'] threads, as torch.sum over a float32 array of
-    args['bandwidth_bytes'] bytes (first touched, then summed args['passes'] times; best and median pass)."""
+    """Child process: memory read bandwidth at args['threads'] threads, as torch.sum over args['bandwidth_bytes'] of
+    float32, once on ordinary 4 KiB pages and once on huge pages (quantize.memory; where the kernel takes the
+    advice), each first touched then summed args['passes'] times. Puts the best pass of either page size (the
+    roofline's bandwidth), the median pass, and the best of each page size."""
     try:
         import torch
 
         torch.set_num_threads(int(args["threads"]))
         n = int(args["bandwidth_bytes"]) // 4
-        x = torch.ones(n, dtype=torch.float32)
-        float(x.sum())  # warm-up: pages touched, thread pool started
-        times = []
-        for _ in range(int(args.get("passes", 5))):
-            t0 = time.perf_counter()
-            float(x.sum())
-            times.append(time.perf_counter() - t0)
-        nbytes = n * 4
-        queue.put({"bandwidth_gb_s": nbytes / min(times) / 1e9, "bandwidth_median_gb_s": nbytes / float(
-            np.median(times)) / 1e9, "bandwidth_bytes": nbytes})
+        out: dict = {"bandwidth_bytes": n * 4}
+        times: dict[str, list[float]] = {}
+        for pages in ("4k", "huge"):
+            if pages == "4k":
+                x = torch.ones(n, dtype=torch.float32)
+            else:
+                raw, advised = huge_page_array(n * 4)
+                if not advised:
+                    continue
+                x = torch.from_numpy(raw.view(np.float32))
+                x.fill_(1.0)
+            float(x.sum())  # warm-up: thread pool started
+            times[pages] = []
+            for _ in range(int(args.get("passes", 10))):
+                t0 = time.perf_counter()
+                float(x.sum())
+                times[pages].append(time.perf_counter() - t0)
+            del x
+            out[f"bandwidth_{pages}_gb_s"] = n * 4 / min(times[pages]) / 1e9
+        every = [t for ts in times.values() for t in ts]
+        out["bandwidth_gb_s"] = n * 4 / min(every) / 1e9
+        out["bandwidth_median_gb_s"] = n * 4 / float(np.median(every)) / 1e9
+        queue.put(out)
     except BaseException as exc:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 

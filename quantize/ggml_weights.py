@@ -9,8 +9,8 @@ Contract:
   * Huge pages: a decode step streams every weight once (~1.5 GB at full size). With 4 KiB pages that is ~370,000
     TLB misses per token, and ggml's Q4_K kernels do not keep enough loads in flight to hide them: on a 2-core Xeon
     with AVX-512/AMX the step ran 1.5x slower than with 2 MiB pages (docs/gguf-runtime.md, "Huge pages"). So the
-    repack buffer is advised MADV_HUGEPAGE before it is written (Linux transparent huge pages in "madvise" or
-    "always" mode; elsewhere the advice is a no-op). TINYGPT_GGML_HUGE_PAGES=0 turns the advice off.
+    repack buffer is advised MADV_HUGEPAGE before it is written (quantize.memory; Linux transparent huge pages in
+    "madvise" or "always" mode, elsewhere a no-op). TINYGPT_GGML_HUGE_PAGES=0 turns the advice off.
   * After a weight is copied, the file's pages behind it are dropped (MADV_DONTNEED), so the copy does not sit in
     memory next to them.
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
-import sys
 
 import numpy as np
 
@@ -27,10 +25,10 @@ import ggml  # ggml-python: only quantize.ggml_llm (itself imported lazily) impo
 
 from tinygpt.errors import UserError
 
+from .memory import advise_huge_pages
+
 _REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
 _MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight", "output.weight")
-_MADV_HUGEPAGE = 14  # linux/mman.h
-_HUGE_PAGE = 2 << 20
 
 
 def repackable(name: str, tensor_type: int, ne: list[int]) -> bool:
@@ -50,20 +48,6 @@ def extra_buffer_types(backend) -> dict[str, object]:
         found[ggml.ggml_backend_buft_name(bufts[i]).decode()] = bufts[i]
         i += 1
     return found
-
-
-def advise_huge_pages(address: int, size: int) -> bool:
-    """madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of [address, address + size); True if the kernel accepted."""
-    if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_GGML_HUGE_PAGES", "1") == "0":
-        return False
-    start = -(-int(address) // _HUGE_PAGE) * _HUGE_PAGE
-    end = (int(address) + int(size)) // _HUGE_PAGE * _HUGE_PAGE
-    if end <= start:
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
-    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
 def drop_pages(mm: np.memmap, data: np.ndarray) -> None:

@@ -58,6 +58,7 @@ def test_a_stock_child_that_segfaults_is_reported_and_the_bench_exits_non_zero(r
     assert code == 1
     assert "error: stock llama.cpp: child died with signal SIGSEGV (exit code -11) before reporting a result" in err
     assert "error: decode round 1: stock, plain llm-q8_0.gguf: child died with signal SIGSEGV" in err
+    assert err.count("SIGSEGV") == 2  # each failure once: the first column, then the round
     assert "decode (ms/token)" in out  # what finished is still printed: our two columns
     assert time.monotonic() - t0 < 240
 

@@ -23,7 +23,7 @@ import pytest
 
 ggml = pytest.importorskip("ggml")
 
-from quantize import ggml_weights  # noqa: E402
+from quantize import ggml_weights, memory  # noqa: E402
 
 
 def _thp_mode() -> str | None:
@@ -37,10 +37,10 @@ def _thp_mode() -> str | None:
 @pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this machine")
 def test_huge_page_advice_is_taken_and_can_be_turned_off(monkeypatch):
     buf = np.zeros(8 << 20, np.uint8)  # untouched pages (calloc)
-    assert ggml_weights.advise_huge_pages(buf.ctypes.data, buf.nbytes)
-    assert not ggml_weights.advise_huge_pages(buf.ctypes.data, 1 << 20)  # no whole 2 MiB page inside
+    assert memory.advise_huge_pages(buf.ctypes.data, buf.nbytes)
+    assert not memory.advise_huge_pages(buf.ctypes.data, 1 << 20)  # no whole 2 MiB page inside
     monkeypatch.setenv("TINYGPT_GGML_HUGE_PAGES", "0")
-    assert not ggml_weights.advise_huge_pages(buf.ctypes.data, buf.nbytes)
+    assert not memory.advise_huge_pages(buf.ctypes.data, buf.nbytes)
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])

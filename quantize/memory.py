@@ -1,0 +1,40 @@
+"""Memory advice for large, long-lived buffers (Linux transparent huge pages).
+
+Contract: `advise_huge_pages(address, size)` asks the kernel (madvise MADV_HUGEPAGE) to back the 2 MiB-aligned part
+of [address, address + size) with 2 MiB pages, and says whether the advice was taken. Call it before the buffer is
+first written, so its pages are born huge. It is a no-op returning False off Linux, where transparent huge pages are
+"never", for a range holding no whole 2 MiB page, or with TINYGPT_GGML_HUGE_PAGES=0 in the environment.
+`huge_page_array(nbytes)` returns an advised, untouched uint8 array of nbytes, 2 MiB-aligned where the advice is
+taken. No dependency beyond numpy and ctypes (the bench's bandwidth probe uses it without ggml).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+
+_MADV_HUGEPAGE = 14  # linux/mman.h
+HUGE_PAGE = 2 << 20
+
+
+def advise_huge_pages(address: int, size: int) -> bool:
+    if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_GGML_HUGE_PAGES", "1") == "0":
+        return False
+    start = -(-int(address) // HUGE_PAGE) * HUGE_PAGE
+    end = (int(address) + int(size)) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+
+
+def huge_page_array(nbytes: int) -> tuple[np.ndarray, bool]:
+    """(an untouched uint8 array of nbytes starting on a 2 MiB boundary, whether the huge-page advice was taken)."""
+    raw = np.empty(nbytes + HUGE_PAGE, np.uint8)  # large: mmap'd by malloc, pages untouched until written
+    start = -raw.ctypes.data % HUGE_PAGE
+    view = raw[start:start + nbytes]
+    return view, advise_huge_pages(view.ctypes.data, view.nbytes)
