@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -310,13 +311,17 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)
-    vision = None
+    vision_file = None
     if with_vision:
         vision_file = open_gguf(find_vision_file(gguf_dir), names.ARCH_VISION)
         check_pair(llm_file, hp, vision_file, vision_values(vision_file))
-        vision = VisionEncoder(vision_file, int8=vision_int8, n_threads=n_threads)
-    llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
-                              decode_graph=decode_graph, repack=repack, kv_type=kv_type)
+    # the vision tower builds on a second thread while the LLM loads (both mostly C++ that releases the GIL)
+    with ThreadPoolExecutor(1) as pool:
+        vision_job = pool.submit(VisionEncoder, vision_file, int8=vision_int8, n_threads=n_threads) if with_vision \
+            else None
+        llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
+                                  decode_graph=decode_graph, repack=repack, kv_type=kv_type)
+        vision = vision_job.result() if vision_job is not None else None
     session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt, vision=vision,
                           sampling=sampling or SamplingParams())
     session.warm_up()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,16 @@ class VisionEncoder:
             except KeyError:
                 raise UserError(f"{vision.path}: unknown tensor {gname!r}") from None
         self._used: set[str] = set()
+        self._linears: list[tuple[nn.Module, str, str, bool]] = []
+        self._shapes: dict[str, tuple] = {}
         self._fill(self.root, "", by_torch_name)
+        # the Linear layers (dequantize, requantize per row, prepack: C++ that releases the GIL) on n_threads threads
+        workers = max(1, int(n_threads or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            layers = list(pool.map(lambda job: self._linear(job[2], job[3], by_torch_name), self._linears))
+        for (module, child_name, _, _), layer in zip(self._linears, layers):
+            setattr(module, child_name, layer)
+        self._linears.clear()
         unused = sorted(set(by_torch_name) - self._used)
         if unused:
             raise UserError(f"{vision.path}: tensor {by_torch_name[unused[0]]!r} does not fit this vision model "
@@ -111,20 +121,24 @@ class VisionEncoder:
         self._used.add(torch_name)
         return torch.from_numpy(np.array(arr, dtype=np.float32))
 
+    def _linear(self, full: str, has_bias: bool, by_torch_name: dict) -> nn.Module:
+        w_shape, b_shape = self._shapes[full]
+        w = self._get(full + ".weight", by_torch_name, w_shape)
+        b = self._get(full + ".bias", by_torch_name, b_shape) if has_bias else None
+        if self.int8:
+            return int8_linear(w, b)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b, requires_grad=False)
+        return lin
+
     def _fill(self, module: nn.Module, prefix: str, by_torch_name: dict) -> None:
         for child_name, child in list(module.named_children()):
             full = prefix + child_name
-            if isinstance(child, nn.Linear):
-                w = self._get(full + ".weight", by_torch_name, child.weight.shape)
-                b = self._get(full + ".bias", by_torch_name, child.bias.shape) if child.bias is not None else None
-                if self.int8:
-                    setattr(module, child_name, int8_linear(w, b))
-                else:
-                    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-                    lin.weight = nn.Parameter(w, requires_grad=False)
-                    if b is not None:
-                        lin.bias = nn.Parameter(b, requires_grad=False)
-                    setattr(module, child_name, lin)
+            if isinstance(child, nn.Linear):  # built later, in parallel (__init__)
+                self._linears.append((module, child_name, full, child.bias is not None))
+                self._shapes[full] = (child.weight.shape, child.bias.shape if child.bias is not None else None)
             else:
                 self._fill(child, full + ".", by_torch_name)
         for pname, p in list(module._parameters.items()):
