@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "processes and print per-round ms/token, roofline shares and ratios (default 0)")
     p.add_argument("--bandwidth-gb", type=float, default=1.6,
                    help="size of the read-bandwidth probe behind the roofline, in GB (default 1.6; 0 skips it)")
+    p.add_argument("--stock-batch", type=int, default=256,
+                   help="llama.cpp's batch size for the stock prefill (default 256). 1 prefills token by token, "
+                        "which keeps llama.cpp off its AMX tile kernels: their tile configuration faults (SIGSEGV) in "
+                        "builds made by some compilers, on AMX CPUs")
     p.add_argument("--child-timeout", type=float, default=1800.0,
                    help="seconds an engine's process may take before it is killed and reported (default 1800)")
     add_ggml_switches(p)
@@ -192,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds must be >= 0, got {args.rounds}")
     if args.rounds and not args.plain_gguf:
         raise UserError("--rounds compares against a plain-phi2 file: give --plain-gguf DIR too")
-    if args.bandwidth_gb < 0 or args.child_timeout <= 0:
-        raise UserError("--bandwidth-gb must be >= 0 and --child-timeout > 0")
+    if args.bandwidth_gb < 0 or args.child_timeout <= 0 or args.stock_batch < 1:
+        raise UserError("--bandwidth-gb must be >= 0, --child-timeout > 0 and --stock-batch >= 1")
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"{args.image}: image file not found")
     find_llm_file(args.gguf, args.qtype), find_vision_file(args.gguf)  # fail fast on a wrong directory
@@ -215,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(qtype=args.qtype, backend=args.backend, threads=args.threads, ctx=args.ctx,
+                    stock_batch=args.stock_batch,
                     prefill=args.prefill_tokens, decode=args.decode_tokens, image=args.image or _random_image(tmp),
                     decode_graph=args.decode_graph, repack=args.repack)
         print(f"bench: {args.threads} threads, prefill {args.prefill_tokens} tokens, median of {args.decode_tokens} "

@@ -95,7 +95,7 @@ def stock(args: dict, queue) -> None:
         out: dict = {}
         t0 = time.perf_counter()
         path = find_llm_file(args["gguf"], args["qtype"])
-        llm = LlamaCppLLM(path, n_ctx=args["ctx"], n_threads=args["threads"])
+        llm = LlamaCppLLM(path, n_ctx=args["ctx"], n_threads=args["threads"], n_batch=args.get("stock_batch", 256))
         out["load_s"] = time.perf_counter() - t0
         out["engine"] = "llama-cpp-python (stock)"
         out["file"] = str(path)

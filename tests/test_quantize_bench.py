@@ -60,7 +60,8 @@ def test_format_rounds_reports_shares_and_the_median_ratio_to_the_last_engine():
 
 @pytest.mark.parametrize("extra, message", [(["--rounds", "2"], "give --plain-gguf"),
                                             (["--rounds", "-1"], "--rounds must be >= 0"),
-                                            (["--decode-tokens", "0"], "must be >= 1")])
+                                            (["--decode-tokens", "0"], "must be >= 1"),
+                                            (["--stock-batch", "0"], "--stock-batch >= 1")])
 def test_bench_argument_errors_name_the_flag(random_gguf_pairs, capsys, extra, message):
     assert main(["bench", "--gguf", str(random_gguf_pairs / "modified"), *extra]) == 2
     assert message in capsys.readouterr().err
