@@ -28,9 +28,8 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.sse import EventSourceResponse, format_sse_event
 
 from ..chat.launch import Limits
 from ..chat.messages import parse_messages
@@ -71,7 +70,8 @@ def _key_check(api_key: str | None):
 
 
 def _sse(body: dict | str) -> bytes:
-    return format_sse_event(data_str=body if isinstance(body, str) else json.dumps(body, ensure_ascii=False))
+    """One server-sent event: a single `data:` line (JSON never holds a raw newline) and the blank line ending it."""
+    return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
 def create_app(engine, model_name: str, limits: Limits | None = None, api_key: str | None = None,
@@ -134,8 +134,9 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
             raise as_api_error(first.value)
         reply = shapes.Reply(model_name)
         if body.stream:
-            return EventSourceResponse(_stream(job, first, reply, sizes, body.include_usage),
-                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(_stream(job, first, reply, sizes, body.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         answer = first.value
         try:
             end = await job.next(request)
