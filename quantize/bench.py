@@ -80,8 +80,10 @@ def stock_available() -> bool:
 
 _ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s", "{:.2f}"),
          ("first token, image+question (s)", "ttft_s", "{:.2f}"), ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
-         ("decode (ms/token)", "decode_ms", "{:.1f}"), ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
+         ("decode (ms/token)", "decode_ms", "{:.1f}"), ("decode, best step (ms)", "decode_best_ms", "{:.1f}"),
+         ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
          ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),
+         ("share of the roofline, best step", "roofline_share_best", "{:.0%}"),
          ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"))
 
 
@@ -117,6 +119,7 @@ class _Runner:
             floor = self.floor_ms(result["file"])
             if floor is not None:
                 result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])
+                result["roofline_share_best"] = roof.share(floor, result["decode_best_ms"])
         return result
 
 
@@ -134,15 +137,17 @@ def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds:
     """Each round runs every engine once, in order: {"ms": {label: ms}, "share": {label: share}} or {"error": ...}."""
     out = []
     for r in range(rounds):
-        entry: dict = {"ms": {}, "share": {}}
+        entry: dict = {"ms": {}, "share": {}, "best": {}, "floor": {}}
         for label, engine, args in engines:
             result = runner.run(engine, args, label)
             if "error" in result:  # printed with the others at the end
                 out.append({"error": f"decode round {r + 1}: {result['error']}"})
                 return out
             entry["ms"][label] = result["decode_ms"]
+            entry["best"][label] = result.get("decode_best_ms", result["decode_ms"])
             if "roofline_share" in result:
                 entry["share"][label] = result["roofline_share"]
+                entry["floor"][label] = result["roofline_ms"]
         out.append(entry)
         print(f"  decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())
               + " ms/token", file=sys.stderr, flush=True)
@@ -150,7 +155,8 @@ def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds:
 
 
 def format_rounds(rounds: list[dict]) -> str:
-    """Per-round ms/token (share of the roofline), the medians, and each engine's median ratio to the last one."""
+    """Per-round ms/token (share of the roofline), the medians, the best single step of all rounds, and each engine's
+    median ratio to the last one."""
     rounds = [r for r in rounds if "error" not in r]
     if not rounds:
         return "decode, alternating rounds: no round finished"
@@ -167,6 +173,11 @@ def format_rounds(rounds: list[dict]) -> str:
     medians = {k: float(np.median([r["ms"][k] for r in rounds])) for k in labels}
     shares = {k: float(np.median([r["share"][k] for r in rounds])) for k in labels if k in rounds[0]["share"]}
     lines.append(f"  {'median':<10}" + "".join(f"{cell(medians[k], shares.get(k)):>28}" for k in labels))
+    if all("best" in r and k in r["best"] for r in rounds for k in labels):
+        best = {k: min(r["best"][k] for r in rounds) for k in labels}
+        floors = {k: rounds[0]["floor"][k] for k in labels if k in rounds[0].get("floor", {})}
+        lines.append(f"  {'best step':<10}" + "".join(
+            f"{cell(best[k], floors[k] / best[k] if k in floors else None):>28}" for k in labels))
     for k in labels[:-1]:
         ratios = [r["ms"][k] / r["ms"][ref] for r in rounds]
         lines.append(f"  median ratio ({k} / {ref}): {float(np.median(ratios)):.2f} (min {min(ratios):.2f}, "
