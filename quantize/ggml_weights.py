@@ -17,15 +17,12 @@ Contract:
 from __future__ import annotations
 
 import ctypes
-import mmap
-
-import numpy as np
 
 import ggml  # ggml-python: only quantize.ggml_llm (itself imported lazily) imports this module
 
 from tinygpt.errors import UserError
 
-from .memory import advise_huge_pages
+from .memory import advise_huge_pages, drop_pages
 
 _REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
 _MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight", "output.weight")
@@ -48,19 +45,6 @@ def extra_buffer_types(backend) -> dict[str, object]:
         found[ggml.ggml_backend_buft_name(bufts[i]).decode()] = bufts[i]
         i += 1
     return found
-
-
-def drop_pages(mm: np.memmap, data: np.ndarray) -> None:
-    """Tell the kernel the file pages behind ``data`` (a view of ``mm``) are not needed any more."""
-    raw = getattr(mm, "_mmap", None)
-    if raw is None or not hasattr(raw, "madvise"):
-        return
-    start = data.ctypes.data - mm.ctypes.data
-    page = mmap.PAGESIZE
-    first = -(-start // page) * page
-    last = (start + data.nbytes) // page * page
-    if last > first:
-        raw.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class GgmlWeights:

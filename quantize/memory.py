@@ -5,11 +5,14 @@ of [address, address + size) with 2 MiB pages, and says whether the advice was t
 first written, so its pages are born huge. It is a no-op returning False off Linux, where transparent huge pages are
 "never", for a range holding no whole 2 MiB page, or with TINYGPT_GGML_HUGE_PAGES=0 in the environment.
 `huge_page_array(nbytes)` returns an advised, untouched uint8 array of nbytes, 2 MiB-aligned where the advice is
-taken. No dependency beyond numpy and ctypes (the bench's bandwidth probe uses it without ggml).
+taken. `drop_pages(mm, data)` tells the kernel the file pages behind `data` (a view of the np.memmap `mm`) are no
+longer needed, once a copy of them exists (repacked LLM weights, the vision tower's int8 layers): they leave the
+process's resident set. No dependency beyond numpy and ctypes (the bench's bandwidth probe uses it without ggml).
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 
@@ -38,3 +41,15 @@ def huge_page_array(nbytes: int) -> tuple[np.ndarray, bool]:
     start = -raw.ctypes.data % HUGE_PAGE
     view = raw[start:start + nbytes]
     return view, advise_huge_pages(view.ctypes.data, view.nbytes)
+
+
+def drop_pages(mm: np.memmap, data: np.ndarray) -> None:
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or not hasattr(raw, "madvise"):
+        return
+    start = data.ctypes.data - mm.ctypes.data
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + data.nbytes) // page * page
+    if last > first:
+        raw.madvise(mmap.MADV_DONTNEED, first, last - first)

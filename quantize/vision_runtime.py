@@ -3,7 +3,8 @@
 The networks are transformers' Blip2VisionModel / Blip2QFormerModel (the same classes training uses), built on
 the meta device from the file's hyper-parameters and then filled tensor by tensor from the GGUF: every Linear
 becomes a PyTorch dynamic-int8 Linear (per-output-channel symmetric weights, fbgemm kernels), everything else
-fp32. No fp32 copy of the whole model ever exists, so peak memory stays near the int8 size.
+fp32. No fp32 copy of the whole model ever exists, and the file's pages behind each tensor are dropped once it is
+copied (quantize.memory.drop_pages), so peak memory stays near the int8 size.
 Preprocessing = LAVIS's eval processor: RGB, bicubic resize to image_size x image_size, /255, (x - mean) / std
 with the mean/std stored in the file.
 """
@@ -26,6 +27,7 @@ from tinygpt.errors import UserError
 
 from . import gguf_names as names
 from .gguf_file import GGUFContents, as_float32, vision_values
+from .memory import drop_pages
 
 
 def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:
@@ -119,7 +121,9 @@ class VisionEncoder:
             raise UserError(f"{self.file.path}: tensor {by_torch_name[torch_name]!r} has shape {list(arr.shape)}, "
                             f"expected {list(shape)}")
         self._used.add(torch_name)
-        return torch.from_numpy(np.array(arr, dtype=np.float32))
+        out = torch.from_numpy(np.array(arr, dtype=np.float32))
+        drop_pages(self.file.reader, self.file.tensor(by_torch_name[torch_name]).data)  # copied: the file pages go
+        return out
 
     def _linear(self, full: str, has_bias: bool, by_torch_name: dict) -> nn.Module:
         w_shape, b_shape = self._shapes[full]
