@@ -25,7 +25,7 @@ from ..chat import ChatEngine
 from ..chat.launch import LaunchConfig
 from .conversation import NO_TASK, TASK_CHOICES
 from .examples import EXAMPLES_DIR, example_rows
-from .handlers import Handlers
+from .handlers import EMPTY_MESSAGE, Handlers
 
 TITLE = "TinyGPT-V demo"
 UNLOCKED = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), api_visibility="private", queue=False)
@@ -91,7 +91,7 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
         again_answered.then(**UNLOCKED, outputs=[box])
         stop.click(**UNLOCKED, outputs=[box], cancels=[answered, again_answered])
         for cleared in (clear.click, chatbot.clear):  # the button and the chat's own bin
-            cleared(lambda: ([], gr.MultimodalTextbox(value=None, interactive=True), None, "", None),
+            cleared(lambda: ([], gr.MultimodalTextbox(value=EMPTY_MESSAGE, interactive=True), None, "", None),
                     outputs=[chatbot, box, view, region, current], cancels=[answered, again_answered],
                     api_visibility="private", queue=False)
 

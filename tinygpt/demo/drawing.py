@@ -59,7 +59,10 @@ def render_view(image: Image.Image, boxes: Sequence[LabeledBox] = (),
         view = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(view)
     line = max(2, round(min(view.size) / 150))
-    font = ImageFont.load_default(size=max(12, min(view.size) // 28))
+    try:
+        font = ImageFont.load_default(size=max(12, min(view.size) // 28))
+    except TypeError:  # Pillow < 10.1 has only the small fixed bitmap font
+        font = ImageFont.load_default()
     for k, (label, box) in enumerate(boxes):
         colour = PALETTE[k % len(PALETTE)]
         x1, y1, x2, y2 = (v * scale for v in box)

@@ -39,6 +39,8 @@ from .conversation import (
 from .drawing import click_region, region_marks, render_view, view_scale
 from .uploads import check_message_files
 
+EMPTY_MESSAGE = {"text": "", "files": []}  # an explicit empty value: gradio 6.0 keeps None as None
+
 
 def _files(message: dict | None) -> list[str]:
     return [str(f["path"] if isinstance(f, dict) else f) for f in (message or {}).get("files") or []]
@@ -78,7 +80,7 @@ class Handlers:
         except UserError as exc:  # the textbox keeps the message, to be fixed
             gr.Warning(str(exc))
             return gr.skip(), history + [notice("⚠️ Not sent", str(exc))]
-        return gr.MultimodalTextbox(value=None, interactive=False), history + [user_message(text, files)]
+        return gr.MultimodalTextbox(value=EMPTY_MESSAGE, interactive=False), history + [user_message(text, files)]
 
     def respond(self, history: list[dict] | None, max_new_tokens: float, temperature: float, top_p: float,
                 repetition_penalty: float, seed: float | None) -> Iterator[tuple]:

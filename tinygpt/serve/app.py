@@ -40,20 +40,43 @@ from .runner import ClientGone, Job, Runner
 from .schema import ChatCompletionRequest
 
 
-class DeclaredBodyLimit:
-    """Refuses a request whose Content-Length is over the limit before reading it (FastAPI's own per-route
-    ``max_body_size`` covers bodies sent without a length, counting as they arrive)."""
+class BodyLimit:
+    """Refuses a request body over the limit with a 413: at once when its Content-Length says so (nothing is read),
+    else counting as it arrives (a body sent without a length); a body within the limit is handed on whole."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                await body_too_large(self.max_bytes)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await body_too_large(self.max_bytes)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await body_too_large(self.max_bytes)(scope, receive, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+
+def _replay(messages: list[dict], then=None):
+    """An ASGI receive that gives `messages` first, then defers to `then` (disconnect notices)."""
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def _key_check(api_key: str | None):
@@ -89,7 +112,7 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
                   lifespan=lifespan)
     app.state.runner = runner
     install_error_handlers(app, limits.max_upload_bytes)
-    app.add_middleware(DeclaredBodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key or None))])
 
     @app.get("/health")
@@ -112,7 +135,7 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
         messages, sizes = check_images(body.messages, limits, allow_local_images)
         return parse_messages(messages), sizes
 
-    @v1.post("/chat/completions", max_body_size=limits.max_upload_bytes)
+    @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
