@@ -275,11 +275,8 @@ class GgmlLLM(LLMBackend):
         h = self._layer_norm(ctx, x, b + "attn_norm", hp.layer_norm_eps)
         qkv = self._linear(ctx, h, b + "attn_qkv")  # [3H, n]
         row = qkv.contents.nb[1]
-        q = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, 0))
-        k = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, H * 4))
-        v = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, qkv, H, n, row, 2 * H * 4))
-        q = ggml.ggml_reshape_3d(ctx, q, D, NH, n)
-        k = ggml.ggml_reshape_3d(ctx, k, D, NH, n)
+        # q, k, v as [D, NH, n] views of qkv (no copies: every op below reads rows through strides)
+        q, k, v = (ggml.ggml_view_3d(ctx, qkv, D, NH, n, D * 4, row, i * H * 4) for i in range(3))
         if hp.qk_layernorm:
             q = self._layer_norm(ctx, q, b + "attn_q_norm", hp.layer_norm_eps)
             k = self._layer_norm(ctx, k, b + "attn_k_norm", hp.layer_norm_eps)
@@ -289,7 +286,7 @@ class GgmlLLM(LLMBackend):
         # write this chunk's k and v into the cache, before anything reads the cache
         kc, vc = self.k_cache[il], self.v_cache[il]
         for new, cache in ((k, kc), (v, vc)):
-            new = ggml.ggml_permute(ctx, ggml.ggml_reshape_3d(ctx, new, D, NH, n), 0, 2, 1, 3)  # [D, n, NH]
+            new = ggml.ggml_permute(ctx, new, 0, 2, 1, 3)  # [D, n, NH]
             nb = cache.contents.nb
             if kv_rows is None:
                 dst = ggml.ggml_view_3d(ctx, cache, D, n, NH, nb[1], nb[2], self.n_past * nb[1])
