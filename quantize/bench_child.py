@@ -96,7 +96,8 @@ def stock(args: dict, queue) -> None:
         out: dict = {}
         t0 = time.perf_counter()
         path = find_llm_file(args["gguf"], args["qtype"])
-        llm = LlamaCppLLM(path, n_ctx=args["ctx"], n_threads=args["threads"], n_batch=args.get("stock_batch", 256))
+        llm = LlamaCppLLM(path, n_ctx=args["ctx"], n_threads=args["threads"], n_batch=args.get("stock_batch", 256),
+                          extra_bufts=True)  # stock as built, AMX buffer included
         out["load_s"] = time.perf_counter() - t0
         out["engine"] = "llama-cpp-python (stock)"
         out["file"] = str(path)

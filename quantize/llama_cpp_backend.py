@@ -41,14 +41,31 @@ def _quiet(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, None)
 
 
-class LlamaCppLLM(LLMBackend):
-    """Stateful decoder over llama.cpp's own KV cache (sequence 0)."""
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        return any(line.startswith("flags") and " amx_int8" in line for line in Path(cpuinfo).read_text().splitlines())
+    except OSError:
+        return False
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int = 2, n_batch: int = 256):
+
+class LlamaCppLLM(LLMBackend):
+    """Stateful decoder over llama.cpp's own KV cache (sequence 0).
+
+    extra_bufts: let llama.cpp put weights into its extra CPU buffers (AMX, repacked). None (default) = yes, except on
+    CPUs with AMX: there llama.cpp picks its AMX buffer, whose multi-token (tile) kernels fault with SIGSEGV in the
+    builds seen so far (docs/gguf-runtime.md, "AMX"), so a chat would die on its first prompt. The bench passes True
+    to measure stock llama.cpp as built."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int = 2, n_batch: int = 256,
+                 extra_bufts: bool | None = None):
         self.lib = lib = _import_llama_cpp()
         self.path = Path(path)
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
+        if extra_bufts is None:
+            extra_bufts = not cpu_has_amx()
+        if hasattr(mparams, "use_extra_bufts"):
+            mparams.use_extra_bufts = bool(extra_bufts)
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise UserError(f"{self.path}: stock llama.cpp cannot load this file (a model with the extra q/k and "

@@ -80,3 +80,17 @@ def test_describe_exit_names_the_signal():
     assert bench_child.describe_exit(-signal.SIGSEGV) == "signal SIGSEGV (exit code -11)"
     assert bench_child.describe_exit(-signal.SIGKILL) == "signal SIGKILL (exit code -9)"
     assert bench_child.describe_exit(1) == "exit code 1"
+
+
+def test_cpu_flags_and_amx_come_from_cpuinfo(tmp_path):
+    from quantize.bench_roofline import cpu_flags
+    from quantize.llama_cpp_backend import cpu_has_amx
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni amx_tile "
+                    "amx_int8\n\nprocessor\t: 1\nmodel name\t: Test CPU\nflags\t\t: fpu\n")
+    assert cpu_flags(str(info)) == ("Test CPU", ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"])
+    assert cpu_has_amx(str(info))
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_flags(str(info)) == ("Old CPU", ["avx2"]) and not cpu_has_amx(str(info))
+    assert cpu_flags(str(tmp_path / "missing")) == ("unknown", []) and not cpu_has_amx(str(tmp_path / "missing"))
