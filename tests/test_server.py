@@ -71,16 +71,10 @@ def _user(*parts) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the model, served
 @pytest.fixture(scope="module")
-def model_dirs(chat_model):
-    """The session's decisive tiny model (conftest.chat_model): (model dir, its F16 GGUF export)."""
-    return chat_model
-
-
-@pytest.fixture(scope="module")
-def engine(model_dirs):
+def engine(chat_model):
     from tinygpt.chat.gguf_backend import GGUFBackend
 
-    return ChatEngine(GGUFBackend.load(model_dirs[1], vision_int8=False), SETTINGS)
+    return ChatEngine(GGUFBackend.load(chat_model[1], vision_int8=False), SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +185,11 @@ def test_what_harnesses_send_is_accepted(server, engine):
     assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= engine.context_length
 
 
-def test_pytorch_backend_through_the_server(model_dirs):
+def test_pytorch_backend_through_the_server(chat_model):
     from tinygpt.chat.torch_backend import TorchBackend
     from tinygpt.model import load_vlm
 
-    torch_engine = ChatEngine(TorchBackend(load_vlm(model_dirs[0])), SETTINGS)
+    torch_engine = ChatEngine(TorchBackend(load_vlm(chat_model[0])), SETTINGS)
     messages = [_user(_png(0), "What is in the picture?")]
     want = torch_engine.chat(messages, SETTINGS.with_(max_new_tokens=6))
     with BackgroundServer(create_app(torch_engine, NAME, LIMITS)) as running:
@@ -452,7 +446,7 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_bad_configs_and_a_busy_port_are_one_error_line(model_dirs, tmp_path, capsys):
+def test_bad_configs_and_a_busy_port_are_one_error_line(chat_model, tmp_path, capsys):
     assert tinygpt(["serve", "--cfg-path", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: launch config does not exist" in _one_error_line(capsys)
     (tmp_path / "bad.yaml").write_text("model:\n  backend: gguf\n  path: /no/such/dir\nlimits:\n  queue_sise: 3\n")
@@ -461,7 +455,7 @@ def test_bad_configs_and_a_busy_port_are_one_error_line(model_dirs, tmp_path, ca
     (tmp_path / "empty.yaml").write_text("model:\n  backend: gguf\n  path: /no/such/dir\n")
     assert tinygpt(["serve", "--cfg-path", str(tmp_path / "empty.yaml")]) == 2
     assert "holds no llm-*.gguf" in _one_error_line(capsys)
-    (tmp_path / "good.yaml").write_text(f"model:\n  backend: gguf\n  path: {model_dirs[1]}\n")
+    (tmp_path / "good.yaml").write_text(f"model:\n  backend: gguf\n  path: {chat_model[1]}\n")
     taken = listen("127.0.0.1", 0)
     try:
         assert tinygpt(["serve", "--cfg-path", str(tmp_path / "good.yaml"), "--port", str(taken.getsockname()[1])]) == 2
@@ -470,9 +464,9 @@ def test_bad_configs_and_a_busy_port_are_one_error_line(model_dirs, tmp_path, ca
         taken.close()
 
 
-def test_tinygpt_serve_runs_the_launch_config(model_dirs, tmp_path):
+def test_tinygpt_serve_runs_the_launch_config(chat_model, tmp_path):
     cfg = tmp_path / "served.yaml"
-    cfg.write_text(f"model:\n  backend: gguf\n  path: {model_dirs[1]}\n  threads: 1\n"
+    cfg.write_text(f"model:\n  backend: gguf\n  path: {chat_model[1]}\n  threads: 1\n"
                    "generation:\n  max_new_tokens: 5\nlimits:\n  queue_size: 2\n")
     env = dict(os.environ, TINYGPT_API_KEY="k3y", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "tinygpt.serve", "--cfg-path", str(cfg), "--port", "0",

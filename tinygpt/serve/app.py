@@ -92,6 +92,17 @@ def _key_check(api_key: str | None):
     return check
 
 
+async def _next_event(job: Job, request: Request):
+    """The job's next event; None when the client has gone; an error event raised as its API error."""
+    try:
+        event = await job.next(request)
+    except ClientGone:
+        return None
+    if event.kind == "error":
+        raise as_api_error(event.value)
+    return event
+
+
 def _sse(body: dict | str) -> bytes:
     """One server-sent event: a single `data:` line (JSON never holds a raw newline) and the blank line ending it."""
     return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n".encode()
@@ -149,24 +160,18 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
         except BaseException:
             runner.release()
             raise
-        try:
-            first = await job.next(request)
-        except ClientGone:
+        first = await _next_event(job, request)
+        if first is None:
             return Response(status_code=499)
-        if first.kind == "error":
-            raise as_api_error(first.value)
         reply = shapes.Reply(model_name)
         if body.stream:
             return StreamingResponse(_stream(job, first, reply, sizes, body.include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         answer = first.value
-        try:
-            end = await job.next(request)
-        except ClientGone:
+        end = await _next_event(job, request)
+        if end is None:
             return Response(status_code=499)
-        if end.kind == "error":
-            raise as_api_error(end.value)
         usage, finish_reason = end.value
         return reply.completion(answer, finish_reason, shapes.boxes_json(answer, sizes), usage)
 
