@@ -1,0 +1,41 @@
+"""The registry of benchmarks: one module per benchmark, each defining ``BENCHMARK`` (a `Benchmark`).
+
+`get_benchmark("gqa")` imports ``tinygpt.evaluation.benchmarks.gqa`` and returns its ``BENCHMARK``; `names()` lists
+what is registered. A module is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ...errors import UserError
+from ..benchmark import Benchmark
+
+# registry name -> module in this package
+MODULES = {
+    "gqa": "gqa",
+    "vsr": "vsr",
+    "iconqa": "iconqa",
+    "vizwiz": "vizwiz",
+    "hateful_memes": "hateful_memes",
+    "okvqa": "vqa",
+    "vqav2": "vqa",
+    "refcoco": "refcoco",
+    "refcoco+": "refcoco",
+    "refcocog": "refcoco",
+    "pope": "pope",
+    "shapes": "shapes",
+}
+
+
+def names() -> list[str]:
+    return list(MODULES)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark `name` (a module may define several: ``BENCHMARKS`` dict, else ``BENCHMARK``)."""
+    if name not in MODULES:
+        raise UserError(f"benchmark: expected one of {', '.join(MODULES)}, got {name!r}")
+    module = import_module(f"{__name__}.{MODULES[name]}")
+    several = getattr(module, "BENCHMARKS", None)
+    return several[name] if several else module.BENCHMARK
