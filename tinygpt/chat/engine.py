@@ -80,7 +80,7 @@ class ChatEngine:
 
     @classmethod
     def from_model_dir(cls, model_dir, device: str = "auto", bits: int | None = None, **engine_options) -> "ChatEngine":
-        """The PyTorch backend over a saved model directory (bits 8/4: bitsandbytes, CUDA only)."""
+        """The PyTorch backend over a saved model directory (bits 8/4: bitsandbytes, GPU or CPU)."""
         from .torch_backend import TorchBackend
 
         return cls(TorchBackend.load(model_dir, device=device, bits=bits), **engine_options)

@@ -7,7 +7,8 @@
 * `score` runs one forward pass over prompt + candidate for all candidates at once (right-padded batch) and sums
   the log-softmax of each candidate's tokens;
 * `load(model_dir, device, bits)`: bits 8 or 4 put the language model's Linear layers into bitsandbytes
-  (`Linear8bitLt` / `Linear4bit` NF4), which needs CUDA; without a GPU it is a UserError.
+  (`Linear8bitLt` / `Linear4bit` NF4), on a CUDA GPU (fp16 compute) or on the CPU (fp32 compute; bitsandbytes' CPU
+  kernels: slower than the GGUF runtime, which remains the way to run a quantized model on a CPU).
 """
 
 from __future__ import annotations
@@ -53,19 +54,18 @@ class TorchBackend:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "auto", bits: int | None = None) -> "TorchBackend":
-        """Load a model directory onto `device` ("auto": CUDA when present); bits 8/4 quantize the LLM (CUDA)."""
+        """Load a model directory onto `device` ("auto": CUDA when present); bits 8/4 quantize the LLM (bitsandbytes)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if bits not in (None, 8, 4):
             raise UserError(f"bits: expected 8, 4 or none, got {bits!r}")
-        if bits and (not device.startswith("cuda") or not torch.cuda.is_available()):
-            raise UserError(f"bits {bits}: 8-/4-bit weights (bitsandbytes) need a CUDA GPU; use the GGUF backend "
-                            "for quantized CPU inference")
-        dtype = torch.float16 if device.startswith("cuda") else None
-        model = load_vlm(model_dir, dtype=dtype)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {device}: no CUDA GPU is visible to torch; use device cpu (or auto)")
+        cuda = device.startswith("cuda")
+        model = load_vlm(model_dir, dtype=torch.float16 if cuda else None)
         if bits:
-            quantize_llm_linears(model, bits)
-        model.to(device)
+            quantize_llm_linears(model, bits, compute_dtype=torch.float16 if cuda else torch.float32)
+        model.to(device)  # bitsandbytes quantizes the swapped weights here (CUDA, or its CPU kernels)
         return cls(model, name=f"torch:{device}" + (f":int{bits}" if bits else ""))
 
     # ---- images ----------------------------------------------------------------------------------------------
@@ -182,9 +182,11 @@ class TorchBackend:
         return [float(token_logp[k, : len(c)].sum()) for k, c in enumerate(cand_ids)]
 
 
-def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int) -> None:
+def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int,
+                         compute_dtype: torch.dtype = torch.float16) -> None:
     """Swap the language model's Linear layers (lm_head kept) for bitsandbytes 8-bit / 4-bit NF4 layers; the
-    weights are quantized when the model moves to the GPU."""
+    weights are quantized when the model moves to its device (CUDA, or the CPU: bitsandbytes >= 0.49 has CPU
+    kernels for both). `compute_dtype`: the dtype of the layers' inputs, outputs and biases."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
@@ -195,14 +197,14 @@ def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int) -> 
     for name, old in targets:
         parent = lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lm
         has_bias = old.bias is not None
+        weight = old.weight.data.to(compute_dtype)
         if bits == 8:
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=has_bias, has_fp16_weights=False)
-            new.weight = bnb.nn.Int8Params(old.weight.data.to(torch.float16), requires_grad=False,
-                                           has_fp16_weights=False)
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=has_bias, compute_dtype=torch.float16,
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                     quant_type="nf4")
-            new.weight = bnb.nn.Params4bit(old.weight.data.to(torch.float16), requires_grad=False, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         if has_bias:
-            new.bias = torch.nn.Parameter(old.bias.data.to(torch.float16), requires_grad=False)
+            new.bias = torch.nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], new)
