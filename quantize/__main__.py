@@ -39,7 +39,7 @@ def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write llm-<qtype>.gguf + vision.gguf from a trained model directory")
     p.add_argument("--model", required=True, help="saved tinygpt model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--qtype", default="q4_k", help="q4_k (default), q4_0, q8_0 or f16")
+    p.add_argument("--qtype", default="q4_k", help="q4_k (default), q4_0, q8_0, f16 or f32")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_export)
 

@@ -1,6 +1,6 @@
 """Quantization of one tensor into a GGUF type, with llama.cpp's block-size fallback rules.
 
-User-facing names: q4_k (default), q4_0, q8_0, f16. Q4_0 / Q5_0 / Q8_0 / F16 are quantized with the gguf package
+User-facing names: q4_k (default), q4_0, q8_0, f16, f32 (unquantised: the exact reference, twice F16's size). Q4_0 / Q5_0 / Q8_0 / F16 are quantized with the gguf package
 (pure numpy); Q4_K with ggml's own C quantizer (`ggml.ggml_quantize_chunk` from ggml-python), since gguf-py has no
 Q4_K quantizer. Both produce the block layouts that gguf.quants.dequantize and ggml's kernels read.
 
@@ -24,7 +24,8 @@ from tinygpt.errors import UserError
 
 T = GGMLQuantizationType
 
-QTYPE_BY_NAME: dict[str, GGMLQuantizationType] = {"q4_k": T.Q4_K, "q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16}
+QTYPE_BY_NAME: dict[str, GGMLQuantizationType] = {"q4_k": T.Q4_K, "q4_0": T.Q4_0, "q8_0": T.Q8_0, "f16": T.F16,
+                                                  "f32": T.F32}
 
 # general.file_type: llama.cpp's ftype for "mostly <type>" (all-Q4_K is closest to Q4_K_S, not Q4_K_M's Q6_K mix).
 FILE_TYPE_BY_NAME: dict[str, int] = {
@@ -32,6 +33,7 @@ FILE_TYPE_BY_NAME: dict[str, int] = {
     "q4_0": int(LlamaFileType.MOSTLY_Q4_0),
     "q8_0": int(LlamaFileType.MOSTLY_Q8_0),
     "f16": int(LlamaFileType.MOSTLY_F16),
+    "f32": int(LlamaFileType.ALL_F32),
 }
 
 # Next wider type when rows do not divide into blocks (llama.cpp: Q4_K -> Q5_0, then anything -> F16).

@@ -184,7 +184,8 @@ class TorchBackend:
 
 def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int,
                          compute_dtype: torch.dtype = torch.float16) -> None:
-    """Swap the language model's Linear layers (lm_head kept) for bitsandbytes 8-bit / 4-bit NF4 layers; the
+    """Swap the language model's Linear layers for bitsandbytes 8-bit / 4-bit NF4 layers, keeping the LM head and
+    the LoRA adapters in float (as QLoRA keeps them: quantizing A and B too broke the tiny model's NF4 answers). The
     weights are quantized when the model moves to its device (CUDA, or the CPU: bitsandbytes >= 0.49 has CPU
     kernels for both). `compute_dtype`: the dtype of the layers' inputs, outputs and biases."""
     try:
@@ -193,7 +194,7 @@ def quantize_llm_linears(model: TinyGPTVForConditionalGeneration, bits: int,
         raise UserError(f"bits {bits}: bitsandbytes cannot be imported ({exc})") from None
     lm = model.language_model
     targets = [(name, mod) for name, mod in lm.named_modules()
-               if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
+               if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head") and ".lora_" not in name]
     for name, old in targets:
         parent = lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lm
         has_bias = old.bias is not None
