@@ -1,0 +1,84 @@
+"""POPE (COCO): object hallucination as yes/no questions, "Is there a {object} in the image?".
+
+Layout (github.com/AoiDragon/POPE ``output/coco/``; COCO val2014 images)::
+
+    root/coco_pope_random.json        {"question_id": 0, "image": "COCO_val2014_000000548882.jpg", "image_id": 548882,
+    root/coco_pope_popular.json        "text": "Is there a dining table in the image?", "label": "yes"}
+    root/coco_pope_adversarial.json   (one object per line, despite the .json name)
+    root/val2014/COCO_val2014_000000548882.jpg
+
+Splits: ``all`` (default: the three files; ids ``{category}/{question_id}``), ``random``, ``popular``,
+``adversarial`` (one file; id the ``question_id``). ``label`` is "yes" or "no".
+
+Prompt fields: ``{question}`` (the ``text``). Official and ``tinygpt-v``: ``[vqa] Based on the image, respond to this
+question with a short answer: {question}`` (the model's VQA prompt; TinyGPT-V did not report POPE). Up to 10 new
+tokens.
+
+Scoring: official = the strict first-word yes / no parse (anything else is unparsed and wrong) and accuracy,
+precision, recall, F1 of "yes" and yes_ratio per category; the headline is F1 (what the LLaVA-suite model cards
+report, `common.PUBLISHED`; with ``all``, the mean F1 of the three categories, and the other figures are means
+too). tinygpt-v-compat is the same as official (``compat`` says so).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from ..benchmark import Benchmark, Prediction, Sample
+from ..metrics import mean
+from ..normalize import first_word_yes_no
+from .common import (SAME_AS_OFFICIAL, VQA_PROMPT, aligned, check_scoring, fill, image_dir, image_file, need,
+                     need_label, parse_options, published, read_jsonl, take, template, text_of, yes_no_figures)
+
+NAME = "pope"
+CATEGORIES = ("random", "popular", "adversarial")
+SPLITS = ("all",) + CATEGORIES
+FIGURES = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
+MAX_NEW_TOKENS = 10
+
+
+def load(root: Path, split: str, options: dict) -> list[Sample]:
+    opts = parse_options(NAME, options)
+    root = Path(root)
+    prompt = template(opts, VQA_PROMPT, VQA_PROMPT, ("question",))
+    categories = CATEGORIES if split == "all" else (split,)
+    files = [(category, read_jsonl(root / f"coco_pope_{category}.json")) for category in categories]
+    images = image_dir(root, opts, "val2014")
+
+    def samples() -> Iterator[Sample]:
+        for category, records in files:
+            for where, record in records:
+                qid = need(record, "question_id", where, (int, str))
+                label = need_label(record, "label", where, yes=("yes",), no=("no",))
+                yield Sample(id=f"{category}/{qid}" if split == "all" else str(qid),
+                             images=(image_file(images, need(record, "image", where), where),),
+                             prompt=fill(prompt, question=need(record, "text", where)), max_new_tokens=MAX_NEW_TOKENS,
+                             answers=("yes" if label else "no",), label=label, meta={"category": category})
+
+    return take(samples(), opts)
+
+
+def score(samples: list[Sample], predictions: list[Prediction], scoring: str) -> dict:
+    check_scoring(scoring)
+    parsed = [first_word_yes_no(text_of(p)) for p in aligned(samples, predictions)]
+    per_category = {}
+    for category in CATEGORIES:
+        chosen = [i for i, s in enumerate(samples) if s.meta.get("category") == category]
+        if chosen:
+            per_category[category] = yes_no_figures([parsed[i] for i in chosen],
+                                                    [bool(samples[i].label) for i in chosen])
+    overall = {name: mean(figures[name] for figures in per_category.values()) for name in FIGURES}
+    result = {"metric": "f1", "value": overall["f1"], "n": len(samples), **overall, "by_category": per_category}
+    if scoring == "tinygpt-v-compat":
+        result["compat"] = SAME_AS_OFFICIAL
+    return result
+
+
+BENCHMARK = Benchmark(
+    name=NAME, title="POPE (COCO)", splits=SPLITS, metric="f1", load=load, score=score,
+    layout='root/coco_pope_{random,popular,adversarial}.json, one per line: {"question_id": 0, "image": '
+           '"COCO_val2014_000000548882.jpg", "text": "Is there a dining table in the image?", "label": "yes"} + '
+           'root/val2014/COCO_val2014_000000548882.jpg',
+    paper=published(NAME),
+)
