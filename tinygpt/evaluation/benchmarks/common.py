@@ -52,12 +52,11 @@ PUBLISHED = {
 }
 """Published zero-shot figures (percent) by model, each scored by its own paper's scorer. The first six rows are the
 TinyGPT-V paper's (arXiv 2312.16862v1) table: its own row and InstructBLIP's GQA, IconQA and HM from that paper, the
-other cells as MiniGPT-v2's paper lists them (TinyGPT-V's figures come from the lenient scorers that
-tinygpt-v-compat reproduces, and its HM figure is an accuracy; the peers' HM figures are AUROC as far as their
-papers say). MiniGPT-v2's own two figures are
-from an aggregate of its paper, not re-checked. The last four rows are the LLaVA-suite model cards (LLaVA
-docs/MODEL_ZOO.md, TinyLLaVA_Factory, MoE-LLaVA, MobileVLM READMEs): VQAv2 and VizWiz on test-dev, GQA on
-testdev-balanced, POPE as F1."""
+other cells as MiniGPT-v2's paper lists them (TinyGPT-V's figures come from the lenient scorers that tinygpt-v-compat
+reproduces, and its HM figure is an accuracy; the peers' HM figures are AUROC as far as their papers say).
+MiniGPT-v2's own two figures are from an aggregate of its paper, not re-checked. The last four rows are the LLaVA-
+suite model cards (LLaVA docs/MODEL_ZOO.md, TinyLLaVA_Factory, MoE-LLaVA, MobileVLM READMEs): VQAv2 and VizWiz on
+test-dev, GQA on testdev-balanced, POPE as F1."""
 
 
 def published(benchmark: str) -> dict[str, float]:
