@@ -122,6 +122,16 @@ def test_generate_until_equals_the_chat_engine(engine, answers):
     hello = engine.chat(request_messages("Hello there"), GenerationSettings(max_new_tokens=8))
     assert plugin.generate_until(requests) == [*answers, hello]
     assert any(answers), "the tiny model answered every request with nothing"
+    # batch_size 2: through ChatEngine.chat_batch (where the engine has it); greedy answers must not change
+    batches = []
+    if hasattr(engine, "chat_batch"):
+        real = engine.chat_batch
+        engine.chat_batch = lambda convs, settings: batches.append(len(convs)) or real(convs, settings)
+    try:
+        assert _plugin(engine, batch_size=2).generate_until(requests) == [*answers, hello]
+    finally:
+        engine.__dict__.pop("chat_batch", None)
+    assert batches == ([2, 2] if hasattr(engine, "chat_batch") else [])
 
 
 def test_until_stops_the_answer(engine, answers):
