@@ -11,6 +11,15 @@ engine runs one call at a time.
 * `score` -> for each candidate answer to the last turn, the summed log-probability of its tokens (tokenized alone,
   as training tokenizes answers; no end symbol), each <= 0;
 * `prompt_length` -> the positions the prompt takes (text tokens + image vectors), for the context check.
+
+Two optional methods make batches cheaper; the engine falls back to the ones above when a backend lacks them:
+
+* `encode_images(images)` -> one handle per image, in order, as `encode_image` gives them (the PyTorch backend runs
+  the vision tower once over the stack);
+* `generate_batch(conversations, settings)` -> one answer per conversation (each a list of EncodedTurn), in order;
+  with greedy settings each the answer `generate` gives (the PyTorch backend: one left-padded `generate` over the
+  batch; the GGUF runtime: one conversation after another, reusing its KV cache). The engine has already cut
+  `settings.max_new_tokens` to the room every conversation of the batch leaves.
 """
 
 from __future__ import annotations
@@ -69,6 +78,16 @@ class ChatBackend(Protocol):
                cancel: threading.Event | None = None) -> Iterator[str]: ...
 
     def score(self, turns: Sequence[EncodedTurn], candidates: Sequence[str]) -> list[float]: ...
+
+
+@runtime_checkable
+class BatchingBackend(ChatBackend, Protocol):
+    """A ChatBackend with the optional batch methods (see the module docstring)."""
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[Any]: ...
+
+    def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]],
+                       settings: GenerationSettings) -> list[str]: ...
 
 
 def encoded_turns(turns: Sequence[ChatTurn], handles: Sequence[Any]) -> list[EncodedTurn]:

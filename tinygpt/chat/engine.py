@@ -3,6 +3,7 @@
     engine = ChatEngine.from_gguf("out/gguf")             # or ChatEngine.from_model_dir("runs/stage4/final")
     engine.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                               {"type": "text", "text": "What is it?"}]}])
+    engine.chat_batch([messages_a, messages_b])            # answers in order, batched where the backend can
     for piece in engine.stream(messages, GenerationSettings(temperature=0.7, seed=1)): ...
     engine.score(messages, ["yes", "no"])                  # summed log-probabilities, for metrics
     engine.ask("cat.png", "refer", "the cat")              # TaskAnswer(text, boxes in pixels)
@@ -10,9 +11,12 @@
 Contract:
 * messages are OpenAI content-part dicts (`tinygpt.chat.messages`) or an already parsed `Conversation`;
 * images are encoded once per content (sha256 of the file / data-URI bytes or of the pixels) and kept in a bounded
-  least-recently-used cache (`image_cache_size`; images of the conversation being answered are never evicted);
+  least-recently-used cache (`image_cache_size`; images of the conversations being answered are never evicted);
 * before generating, the prompt's length is checked against the context: a UserError says how long it is;
   `max_new_tokens` is cut to the room left;
+* `chat_batch` gives, with greedy settings, the same answers as `chat` on each conversation; the images of the whole
+  batch are encoded together (`encode_images` where the backend has it) and the answers generated together
+  (`generate_batch` where the backend has it, else one `generate` per conversation);
 * one generation at a time per engine (a lock; a stream holds it until it is exhausted, closed or cancelled);
 * `stream(..., cancel=event)` stops at the next token once `event` is set; closing the iterator does the same.
 """
@@ -106,39 +110,57 @@ class ChatEngine:
         return self.backend.prompt.stop_strings
 
     # ---- the conversation ------------------------------------------------------------------------------------------
-    def _encode(self, conversation: Conversation) -> list[EncodedTurn]:
-        """Encoded turns; images come from the cache, misses are encoded and cached (caller holds the lock)."""
-        refs = conversation.images
-        handles = []
+    def _encode_images(self, images: list) -> list[Any]:
+        batched = getattr(self.backend, "encode_images", None)
+        if batched is not None and len(images) > 1:
+            return list(batched(images))
+        return [self.backend.encode_image(image) for image in images]
+
+    def _encode_many(self, conversations: Sequence[Conversation]) -> list[list[EncodedTurn]]:
+        """Encoded turns of each conversation; images come from the cache, the misses of all of them are encoded
+        together (each content once) and cached (caller holds the lock)."""
+        refs = [ref for conversation in conversations for ref in conversation.images]
+        misses: dict[str, ImageRef] = {}
         for ref in refs:
             if ref.key in self._images:
                 self._images.move_to_end(ref.key)
             else:
-                self._images[ref.key] = self.backend.encode_image(ref.open())
-                self.encode_count += 1
-            handles.append(self._images[ref.key])
+                misses.setdefault(ref.key, ref)
+        if misses:
+            handles = self._encode_images([ref.open() for ref in misses.values()])
+            self._images.update(zip(misses, handles))
+            self.encode_count += len(misses)
+        encoded = [encoded_turns(c.turns, [self._images[ref.key] for ref in c.images]) for c in conversations]
         needed = {ref.key for ref in refs}
         for key in list(self._images):
             if len(self._images) <= self.image_cache_size:
                 break
             if key not in needed:
                 self.backend.release_image(self._images.pop(key))
-        return encoded_turns(conversation.turns, handles)
+        return encoded
 
-    def _prepare(self, messages, settings: GenerationSettings | None) -> tuple[list[EncodedTurn], GenerationSettings]:
+    def _encode(self, conversation: Conversation) -> list[EncodedTurn]:
+        return self._encode_many([conversation])[0]
+
+    @staticmethod
+    def _conversation(messages) -> Conversation:
         conversation = messages if isinstance(messages, Conversation) else parse_messages(messages)
         if conversation.turns[-1].assistant is not None:
             raise UserError("messages: the last message must be a user message")
-        settings = settings or self.settings
-        turns = self._encode(conversation)
+        return conversation
+
+    def _fit(self, turns: list[EncodedTurn], settings: GenerationSettings, where: str = "") -> GenerationSettings:
+        """`settings` with max_new_tokens cut to the room the prompt leaves; a UserError when there is none."""
         length = self.backend.prompt_length(turns)
         if length >= self.context_length:
-            raise UserError(f"prompt too long: the conversation needs {length} positions and the model's context "
-                            f"holds {self.context_length} (start a new conversation or shorten it)")
+            raise UserError(f"{where}prompt too long: the conversation needs {length} positions and the model's "
+                            f"context holds {self.context_length} (start a new conversation or shorten it)")
         room = self.context_length - length
-        if settings.max_new_tokens > room:
-            settings = settings.with_(max_new_tokens=room)
-        return turns, settings
+        return settings.with_(max_new_tokens=room) if settings.max_new_tokens > room else settings
+
+    def _prepare(self, messages, settings: GenerationSettings | None) -> tuple[list[EncodedTurn], GenerationSettings]:
+        turns = self._encode(self._conversation(messages))
+        return turns, self._fit(turns, settings or self.settings)
 
     # ---- the entry points -------------------------------------------------------------------------------------------
     def chat(self, messages, settings: GenerationSettings | None = None) -> str:
@@ -146,6 +168,38 @@ class ChatEngine:
         with self._lock:
             turns, settings = self._prepare(messages, settings)
             return self.backend.generate(turns, settings)
+
+    def chat_batch(self, conversations: Sequence[Any], settings: GenerationSettings | None = None) -> list[str]:
+        """The answers to several conversations (messages or `Conversation`s), in order: with greedy settings the
+        same as `chat` on each. One lock hold; every conversation is checked before anything is generated (a
+        UserError names ``conversations[i]``); the images of all are encoded together, each content once. Backends
+        with `generate_batch` answer a group of conversations at once (those whose max_new_tokens the context cuts
+        form groups of their own), others one by one. With sampling, a batch is one draw (seeded once)."""
+        if isinstance(conversations, (str, dict, Conversation)) or any(isinstance(c, dict) for c in conversations):
+            raise UserError("conversations: expected a list of conversations (each a list of messages), got messages")
+        with self._lock:
+            parsed = []
+            for i, messages in enumerate(conversations):
+                try:
+                    parsed.append(self._conversation(messages))
+                except UserError as exc:
+                    raise UserError(f"conversations[{i}]: {exc}") from None
+            encoded = self._encode_many(parsed)
+            base = settings or self.settings
+            fitted = [self._fit(turns, base, f"conversations[{i}]: ") for i, turns in enumerate(encoded)]
+            groups: dict[GenerationSettings, list[int]] = {}
+            for i, item_settings in enumerate(fitted):
+                groups.setdefault(item_settings, []).append(i)
+            answers: list[str] = [""] * len(encoded)
+            batched = getattr(self.backend, "generate_batch", None)
+            for item_settings, members in groups.items():
+                if batched is not None:
+                    texts = batched([encoded[i] for i in members], item_settings)
+                else:
+                    texts = [self.backend.generate(encoded[i], item_settings) for i in members]
+                for i, text in zip(members, texts):
+                    answers[i] = text
+            return answers
 
     def stream(self, messages, settings: GenerationSettings | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
@@ -170,10 +224,7 @@ class ChatEngine:
         if isinstance(candidates, str) or not all(isinstance(c, str) and c for c in candidates):
             raise UserError("candidates: expected a list of non-empty strings")
         with self._lock:
-            conversation = messages if isinstance(messages, Conversation) else parse_messages(messages)
-            if conversation.turns[-1].assistant is not None:
-                raise UserError("messages: the last message must be a user message")
-            return self.backend.score(self._encode(conversation), list(candidates))
+            return self.backend.score(self._encode(self._conversation(messages)), list(candidates))
 
     def ask(self, image, task: str, text: str | None = None, box: PixelBox | None = None,
             settings: GenerationSettings | None = None) -> TaskAnswer:

@@ -4,6 +4,8 @@
   its index there, so the same image keeps the same index and the KV cache is reused across calls (a follow-up
   question, or another question about the same image, evaluates only its own tokens);
 * `generate` / `stream` set the session's sampler and stop strings for the call and run `ChatSession.respond`;
+  `generate_batch` and `encode_images` are loops (the runtime decodes one sequence at a time; the KV cache reuse
+  makes a batch of questions about one image cheap);
   streaming runs it in a worker thread that hands the text over through a queue, and cancelling stops the decode
   loop at the next token;
 * `score` is `ChatSession.score`: the prompt once, then each candidate's tokens after it, the cache cut back between
@@ -63,6 +65,9 @@ class GGUFBackend:
         vectors = self.session.vision.encode_pixels(self.transform(image)[None])
         return self.session.add_image(vectors)
 
+    def encode_images(self, images: Sequence[Image.Image]) -> list[int]:
+        return [self.encode_image(image) for image in images]
+
     def release_image(self, handle: int) -> None:
         # indices are never reused, so a freed slot cannot alias another image in the KV cache
         self.session.image_vectors[handle] = np.zeros((0,), np.float32)
@@ -90,6 +95,11 @@ class GGUFBackend:
     def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
         stops = self._configure(settings)
         return AnswerCutter(stops).answer(self.session.respond(self._turns(turns)))
+
+    def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]], settings: GenerationSettings) -> list[str]:
+        """One conversation after another: the KV cache keeps the common prefix, so questions about the same image
+        in a row evaluate only their own tokens."""
+        return [self.generate(turns, settings) for turns in conversations]
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]:

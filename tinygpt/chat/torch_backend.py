@@ -1,9 +1,11 @@
 """The PyTorch backend: a `TinyGPTVForConditionalGeneration` on CPU or GPU, optionally with 8-/4-bit LLM weights.
 
-* images are encoded to Q-Former features ([Q, 768], the frozen part) once; the projection runs per call;
+* images are encoded to Q-Former features ([Q, 768], the frozen part) once (`encode_images`: several in one pass);
+  the projection runs per call;
 * generation is the model's own `generate` (transformers' generate: greedy, sampling, beams, repetition penalty,
-  stop strings); streaming uses transformers' `TextIteratorStreamer` with the generation in a worker thread, and a
-  stopping criterion that ends it when the caller cancels or a stop string shows up;
+  stop strings); `generate_batch` runs it once over a left-padded batch (`generate` is a batch of one); streaming
+  uses transformers' `TextIteratorStreamer` with the generation in a worker thread, and a stopping criterion that
+  ends it when the caller cancels or a stop string shows up;
 * `score` runs one forward pass over prompt + candidate for all candidates at once (right-padded batch) and sums
   the log-softmax of each candidate's tokens;
 * `load(model_dir, device, bits)`: bits 8 or 4 put the language model's Linear layers into bitsandbytes
@@ -69,18 +71,28 @@ class TorchBackend:
         return cls(model, name=f"torch:{device}" + (f":int{bits}" if bits else ""))
 
     # ---- images ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.transform(image)[None].to(self.device)
-        return self.model.qformer_features(pixels)[0]
+        return self.encode_images([image])[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """One pass of the vision tower and Q-Former over the stacked images (each handle its own copy, so the cache
+        frees them one by one)."""
+        if not images:
+            return []
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        return [features.clone() for features in self.model.qformer_features(pixels)]
 
     def release_image(self, handle: Any) -> None:
         pass  # a tensor; the garbage collector frees it
 
     # ---- prompt ------------------------------------------------------------------------------------------------
-    def _inputs(self, turns: Sequence[EncodedTurn]):
+    def _conv(self, turns: Sequence[EncodedTurn]) -> list[dict]:
         placeholder = self.model.config.image_placeholder
-        conv = [{"user": t.user.replace("<ImageHere>", placeholder), "assistant": t.assistant} for t in turns]
+        return [{"user": t.user.replace("<ImageHere>", placeholder), "assistant": t.assistant} for t in turns]
+
+    def _inputs(self, turns: Sequence[EncodedTurn]):
+        conv = self._conv(turns)
         handles = [h for t in turns for h in t.images]
         inputs = self.model.prepare_inputs([conv], [len(handles)], None, "left")
         features = torch.stack(handles) if handles else None
@@ -106,11 +118,21 @@ class TorchBackend:
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
-        conv, handles, inputs, features = self._inputs(turns)
-        kw = self._kwargs(settings, self._max_new(inputs.input_ids.shape[1], settings))
-        ids = self.model.generate([conv], [len(handles)], image_features=features, **kw)
-        raw = self.tokenizer.decode(ids[0], skip_special_tokens=True)
-        return AnswerCutter(kw["stop_strings"]).answer(raw)
+        return self.generate_batch([turns], settings)[0]
+
+    def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]], settings: GenerationSettings) -> list[str]:
+        """One left-padded `generate` over the conversations (rows that stop early wait, padded, for the rest)."""
+        if not conversations:
+            return []
+        convs = [self._conv(turns) for turns in conversations]
+        counts = [sum(len(t.images) for t in turns) for turns in conversations]
+        handles = [h for turns in conversations for t in turns for h in t.images]
+        width = self.model.prepare_inputs(convs, counts, None, "left").input_ids.shape[1]
+        kw = self._kwargs(settings, self._max_new(width, settings))
+        features = torch.stack(handles) if handles else None
+        ids = self.model.generate(convs, counts, image_features=features, **kw)
+        cutter = AnswerCutter(kw["stop_strings"])
+        return [cutter.answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]:

@@ -4,8 +4,10 @@
 2. the tiny backbones (``tinygpt.tiny.backbones``, cached once per machine);
 3. tiny stages 1-4 from ``train_configs/tiny/stage{1..4}.yaml`` with the real training loop, each starting from
    the previous stage's output;
-4. the shapes suite (``tinygpt.tiny.shapes``) on the held-out split after each stage, and on the untrained
-   projections ("stage 0": the backbones as stage 1 receives them, in stage 1's prompt format): the first 120 items
+4. the shapes suite on the held-out split after each stage, through evaluate.py's own path (``tinygpt.tiny.shapes``:
+   the chat engine, the shapes benchmark, the batched `predict`, so ``python evaluate.py --cfg-path
+   eval_configs/shapes.yaml`` gives the same figures), and on the untrained projections ("stage 0": the backbones
+   as stage 1 receives them, in stage 1's prompt format): the first 120 items
    of each list for stages 0-3, the whole split (600 questions, ~600 boxes, 300 captions) for the final stage, whose
    figure is the one that counts (120 questions leave a standard error of ~3.5 points); under the table, how many
    items each row used and the ceiling the stages cannot pass: the LLM's accuracy with the true scene code
