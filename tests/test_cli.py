@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 # a flag that only this verb has, to show that `tinygpt VERB --help` is that verb's own parser
 OWN_FLAG = {"train": "--tiny-llm-steps", "build": "--merge-lora", "synth": "--pretrain-size", "export": "--model",
             "random": "--plain", "chat": "--prompt", "bench": "--prefill-tokens", "accuracy": "--split",
-            "ceiling": "--cache-dir", "demo": "--share", "serve": "--api-key"}
+            "ceiling": "--cache-dir", "demo": "--share", "serve": "--api-key",
+            "evaluate": "--restart"}
 
 
 def _exit_code(argv: list[str]) -> int:

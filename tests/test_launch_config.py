@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_shipped_config_parses():
-    names = sorted(p.stem for p in eval_configs_dir().glob("*.yaml"))
+    # the launch configs; the others (one per benchmark, with a benchmark section) are tests/test_evaluate.py's
+    names = sorted(p.stem for p in eval_configs_dir().glob("*.yaml") if "\nbenchmark:" not in p.read_text())
     assert names == ["gguf", "stage1", "stage2", "stage3", "stage4", "tiny"]
     for name in names:
         cfg = load_launch_config(ROOT / "eval_configs" / f"{name}.yaml", check_model=False)

@@ -100,8 +100,10 @@ def _check_value(where: str, key: str, value: Any, default: Any, annotation: str
     return float(value) if kind == "float" else value
 
 
-def _section(path: Path, name: str, raw: Any) -> Any:
-    cls = _SECTIONS[name]
+def check_section(path: Path, name: str, raw: Any, cls: type | None = None) -> Any:
+    """Section ``name`` of the config at ``path`` as dataclass ``cls`` (default: the launch section of that name):
+    unknown keys and mistyped values are UserErrors naming ``path`` and ``name.key``."""
+    cls = cls or _SECTIONS[name]
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -120,8 +122,8 @@ def _section(path: Path, name: str, raw: Any) -> Any:
         raise UserError(f"{path}: {name}.{exc}") from None
 
 
-def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> LaunchConfig:
-    """Read and check a launch config. ``check_model``: the model path must exist (off for tests of the parsing)."""
+def find_launch_config(path: str | os.PathLike) -> Path:
+    """``path``, or for ``eval_configs/NAME.yaml`` missing here the copy shipped in the package; it must exist."""
     path = Path(path)
     shipped = eval_configs_dir() / Path(*path.parts[1:]) if len(path.parts) > 1 else None
     if not path.is_file() and not path.is_absolute() and path.parts[0] == "eval_configs" and shipped.is_file():
@@ -130,18 +132,39 @@ def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> Lau
         hint = f" (shipped configs: {', '.join(sorted(p.name for p in eval_configs_dir().glob('*.yaml')))})" \
             if eval_configs_dir().is_dir() else ""
         raise UserError(f"{path}: launch config does not exist{hint}")
+    return path
+
+
+def read_config_tree(path: Path, overrides: Any = None) -> dict:
+    """The YAML at ``path`` as plain containers, ``overrides`` (an OmegaConf tree, e.g. a dotlist) merged on top,
+    interpolations resolved; a file that is not a mapping of sections is a UserError naming it."""
     try:
-        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        loaded = OmegaConf.load(path)
+        if overrides is not None and OmegaConf.is_dict(loaded):
+            loaded = OmegaConf.merge(loaded, overrides)
+        tree = OmegaConf.to_container(loaded, resolve=True)
     except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: the top level must be a mapping with model, generation and limits")
+    return tree
+
+
+def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> LaunchConfig:
+    """Read and check a launch config. ``check_model``: the model path must exist (off for tests of the parsing)."""
+    path = find_launch_config(path)
+    return launch_config_from_tree(path, read_config_tree(path), check_model)
+
+
+def launch_config_from_tree(path: Path, tree: dict, check_model: bool = True) -> LaunchConfig:
+    """Check the sections of an already read config (``read_config_tree``); errors name ``path``. A caller with
+    sections of its own (evaluation: benchmark, run) takes them out first."""
     for key in tree:
         if key not in _SECTIONS:
             raise UserError(f"{path}: unknown section {key!r}{did_you_mean(str(key), _SECTIONS)} "
                             f"(valid: {', '.join(_SECTIONS)})")
-    model = _section(path, "model", tree.get("model"))
+    model = check_section(path, "model", tree.get("model"))
     if model.backend not in BACKENDS:
         raise UserError(f"{path}: model.backend must be one of {', '.join(BACKENDS)}, got {model.backend!r}")
     if not model.path:
@@ -152,11 +175,11 @@ def load_launch_config(path: str | os.PathLike, check_model: bool = True) -> Lau
         raise UserError(f"{path}: model.bits must be empty, 8 or 4, got {model.bits!r}")
     if model.threads < 1:
         raise UserError(f"{path}: model.threads must be >= 1, got {model.threads}")
-    limits = _section(path, "limits", tree.get("limits"))
+    limits = check_section(path, "limits", tree.get("limits"))
     for f in fields(Limits):
         if getattr(limits, f.name) < 1:
             raise UserError(f"{path}: limits.{f.name} must be >= 1, got {getattr(limits, f.name)}")
-    cfg = LaunchConfig(path, model, _section(path, "generation", tree.get("generation")), limits)
+    cfg = LaunchConfig(path, model, check_section(path, "generation", tree.get("generation")), limits)
     if check_model:
         check_model_path(cfg)
     return cfg

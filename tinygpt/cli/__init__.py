@@ -8,6 +8,7 @@
     tinygpt ceiling [--check]             = python -m tinygpt.tiny.ceiling_check ...
     tinygpt demo --cfg-path YAML          = python demo.py --cfg-path YAML (gradio)
     tinygpt serve --cfg-path YAML         the OpenAI-compatible server (tinygpt.serve)
+    tinygpt evaluate --cfg-path YAML      = python evaluate.py --cfg-path eval_configs/BENCHMARK.yaml ...
 
 Each verb hands the rest of the command line, unchanged, to that entry point's ``main`` (its own flags, messages and
 exit codes: 0, 2 for a user error, 3 for results that are not believable; tinygpt.errors), so the documented forms and
@@ -41,6 +42,7 @@ VERBS: dict[str, Verb] = {
     "ceiling": Verb("tinygpt.tiny.ceiling_check", "re-measure the tiny LLM's ceiling (drift canary)"),
     "demo": Verb("tinygpt.demo.cli", "the gradio chat demo (= python demo.py --cfg-path eval_configs/NAME.yaml)"),
     "serve": Verb("tinygpt.serve.cli", "an OpenAI-compatible chat server over a trained or exported model"),
+    "evaluate": Verb("tinygpt.cli.evaluate", "score a model on a benchmark (GQA, VSR, ..., shapes; resumable)"),
 }
 
 

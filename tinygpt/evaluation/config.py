@@ -1,0 +1,158 @@
+"""Evaluation configs (`eval_configs/<benchmark>.yaml`): a launch config plus what to evaluate and how to run it.
+
+    cfg = load_eval_config("eval_configs/gqa.yaml", ["benchmark.root=/data/gqa", "run.batch_size=16"])
+
+The file is a launch config (tinygpt.chat.launch: `model`, `generation`, `limits`, parsed and checked there) with two
+more sections:
+
+    benchmark:  name: a registry name (tinygpt.evaluation.benchmarks: gqa, vsr, ..., shapes)
+                root: the dataset directory (default: the synthetic files for the tiny model,
+                      data/synthetic/benchmarks/<name>; shapes: data/synthetic/eval; $TINYGPT_TINY_DATA moves both)
+                split: one of the benchmark's splits (default: its first)
+                options: a mapping handed to the benchmark's `load` (limit, prompt, prompt_style, images, ...)
+    run:        out_dir: where predictions.jsonl and summary.json go (default outputs/eval/<name>-<split>)
+                batch_size: questions generated together (default 8)
+                scoring: official | tinygpt-v-compat (the headline; both are always computed)
+                limit: the first N samples only (handed to `load` as options.limit; default: all)
+
+`--options key=value ...` overrides any key (an omegaconf dotlist, values parsed as YAML, as train.py does). Every
+bad key or value is one UserError naming the file (or ``--options`` when the override is at fault) and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..chat.launch import LaunchConfig, check_section, find_launch_config, launch_config_from_tree, read_config_tree
+from ..errors import UserError, did_you_mean
+from ..paths import tiny_data_dir
+from .benchmark import SCORINGS
+from .benchmarks import get_benchmark, names
+
+OPTIONS = "--options"
+LAUNCH_SECTIONS = ("model", "generation", "limits")
+SECTIONS = (*LAUNCH_SECTIONS, "benchmark", "run")
+
+
+@dataclass(frozen=True)
+class BenchmarkChoice:
+    name: str = ""
+    root: str | None = None
+    split: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunChoice:
+    out_dir: str | None = None
+    batch_size: int = 8
+    scoring: str = "official"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: Path
+    launch: LaunchConfig
+    benchmark: BenchmarkChoice  # name, root, split and options all filled in
+    run: RunChoice  # out_dir filled in
+
+    @property
+    def load_options(self) -> dict:
+        """The options `load` gets: benchmark.options plus run.limit as ``limit``."""
+        options = dict(self.benchmark.options)
+        if self.run.limit is not None:
+            options["limit"] = self.run.limit
+        return options
+
+
+def default_root(name: str) -> Path:
+    """Where the synthetic files for the tiny model are (tinygpt.tiny.synthetic writes them)."""
+    return tiny_data_dir() / ("eval" if name == "shapes" else Path("benchmarks") / name)
+
+
+def _parse_options(options: Iterable[str]):
+    items = list(options or [])
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"{OPTIONS}: {item!r} is not key=value (e.g. run.batch_size=16)")
+    try:
+        return OmegaConf.from_dotlist(items) if items else None
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{OPTIONS}: cannot parse {items!r} ({str(exc).splitlines()[0]})") from None
+
+
+def _benchmark(path: Path, raw) -> BenchmarkChoice:
+    choice = check_section(path, "benchmark", raw, BenchmarkChoice)
+    if not choice.name:
+        raise UserError(f"{path}: benchmark.name is required (one of {', '.join(names())})")
+    if choice.name not in names():
+        raise UserError(f"{path}: benchmark.name must be one of {', '.join(names())}, got {choice.name!r}"
+                        f"{did_you_mean(choice.name, names())}")
+    bench = get_benchmark(choice.name)
+    split = choice.split or bench.splits[0]
+    if split not in bench.splits:
+        raise UserError(f"{path}: benchmark.split must be one of {', '.join(bench.splits)} for {choice.name}, "
+                        f"got {split!r}{did_you_mean(split, bench.splits)}")
+    options = {} if choice.options is None else choice.options
+    if not isinstance(options, dict):
+        raise UserError(f"{path}: benchmark.options must be a mapping (e.g. {{limit: 100}}), got {options!r}")
+    root = choice.root or str(default_root(choice.name))
+    return BenchmarkChoice(choice.name, root, split, options)
+
+
+def _run(path: Path, raw, bench: BenchmarkChoice) -> RunChoice:
+    run = check_section(path, "run", raw, RunChoice)
+    if run.batch_size < 1:
+        raise UserError(f"{path}: run.batch_size must be >= 1, got {run.batch_size}")
+    if run.scoring not in SCORINGS:
+        raise UserError(f"{path}: run.scoring must be one of {', '.join(SCORINGS)}, got {run.scoring!r}"
+                        f"{did_you_mean(run.scoring, SCORINGS)}")
+    if run.limit is not None and run.limit < 1:
+        raise UserError(f"{path}: run.limit must be >= 1 (or null: every sample), got {run.limit}")
+    if run.limit is not None and bench.options.get("limit") not in (None, run.limit):
+        raise UserError(f"{path}: run.limit ({run.limit}) and benchmark.options.limit "
+                        f"({bench.options['limit']}) disagree; set one")
+    out_dir = run.out_dir or str(Path("outputs") / "eval" / f"{bench.name}-{bench.split}")
+    return RunChoice(out_dir, run.batch_size, run.scoring, run.limit)
+
+
+def eval_config_from_tree(path: Path, tree: dict, check_model: bool = True) -> EvalConfig:
+    """Check an already read tree (``read_config_tree``); errors name ``path``."""
+    for key in tree:
+        if key not in SECTIONS:
+            raise UserError(f"{path}: unknown section {key!r}{did_you_mean(str(key), SECTIONS)} "
+                            f"(valid: {', '.join(SECTIONS)})")
+    if tree.get("benchmark") is None:
+        raise UserError(f"{path}: benchmark section is required (benchmark: {{name: ...}}; names: "
+                        f"{', '.join(names())})")
+    bench = _benchmark(path, tree["benchmark"])
+    run = _run(path, tree.get("run"), bench)
+    launch = launch_config_from_tree(path, {k: v for k, v in tree.items() if k in LAUNCH_SECTIONS}, check_model)
+    return EvalConfig(path, launch, bench, run)
+
+
+def load_eval_config(path: str | os.PathLike, options: Iterable[str] = (), check_model: bool = True) -> EvalConfig:
+    """Read and check an evaluation config with its ``--options`` overrides. ``check_model``: the model path must
+    exist (off for tests of the parsing)."""
+    path = find_launch_config(path)
+    overrides = _parse_options(options)
+    try:
+        return eval_config_from_tree(path, read_config_tree(path, overrides), check_model)
+    except UserError as error:
+        if overrides is None:
+            raise
+        try:  # the file alone may be fine: then the override is at fault, and the message says so
+            eval_config_from_tree(path, read_config_tree(path), check_model)
+        except UserError:
+            raise error from None
+        message = str(error)
+        prefix = f"{path}: "
+        raise UserError(f"{OPTIONS} (over {path}): {message[len(prefix):] if message.startswith(prefix) else message}"
+                        ) from None

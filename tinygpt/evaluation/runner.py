@@ -1,0 +1,305 @@
+"""Run one benchmark: samples -> predictions (resumable) -> scores -> ``summary.json``.
+
+    summary = run_evaluation(load_eval_config("eval_configs/gqa.yaml"))
+
+Contract:
+* ``<out_dir>/predictions.jsonl``: the first line is ``{"fingerprint": {...}}`` (benchmark, split, root, model path,
+  backend, the load options but the limit: what decides the answers, not how they are scored), then one
+  `Prediction` per line (``{"id", "text", "scores"}``), appended and flushed as soon as each is known;
+* a rerun reads it, keeps the predictions of the loaded samples, and predicts only the rest; a last line cut off by a
+  kill is dropped (and redone); a file made by another benchmark / split / data / model / backend / prompt is refused
+  with a UserError, or moved aside to ``predictions.jsonl.<time>.old`` with ``restart=True``;
+* then both scorings (official and tinygpt-v-compat) from the same predictions; ``summary.json`` (written atomically)
+  has the headline of ``run.scoring`` (metric, value, extras) and both score dicts, n, backend, model, prompt,
+  commit, versions, and under ``timing`` what differs between an interrupted and an uninterrupted run;
+* garbage says so (:func:`garbage_problems`): a loud ``WARNING`` line on stderr and ``"warning"`` in summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..chat.launch import open_engine
+from ..errors import UserError
+from ..io_utils import atomic_write_text, check_output_dir, writing
+from .benchmark import SCORINGS, Benchmark, Prediction, Sample
+from .benchmarks import get_benchmark
+from .config import EvalConfig, default_root
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+
+# garbage thresholds (fractions): a headline under NEAR_ZERO; a yes/no benchmark at or under chance with every answer
+# one class; more than MOST_UNPARSED of the answers unparsable; every generated answer the same text (ALL_SAME_MIN+)
+NEAR_ZERO = 0.05
+CHANCE = 0.50
+MOST_UNPARSED = 0.50
+ALL_SAME_MIN = 10
+
+
+# ---- the predictions file ------------------------------------------------------------------------------------------
+
+def fingerprint(cfg: EvalConfig) -> dict:
+    """What decides the answers (so a file with another fingerprint cannot be resumed); not the scoring, not the
+    limit (a rerun with a larger limit continues)."""
+    model = cfg.launch.model
+    return {"benchmark": cfg.benchmark.name, "split": cfg.benchmark.split,
+            "root": str(Path(cfg.benchmark.root).resolve()), "model": str(Path(model.path).resolve()),
+            "backend": {"name": model.backend, "bits": model.bits, "qtype": model.qtype},
+            "options": {k: v for k, v in sorted(cfg.benchmark.options.items()) if k != "limit"}}
+
+
+def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
+    """The predictions already in ``path`` (id -> Prediction); cuts a last line left unfinished by a kill off the
+    file. Another run's file (its fingerprint differs) is a UserError saying what differs."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a line a kill cut off
+    lines = data[:end].decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        path.write_bytes(b"")
+        return {}
+    try:
+        header = json.loads(lines[0])["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: line 1 is not a predictions header (not written by tinygpt evaluate?); move it "
+                        "away or rerun with --restart") from None
+    if header != expected:
+        differ = [f"{key} {header.get(key)!r} (now {expected[key]!r})" for key in expected
+                  if header.get(key) != expected[key]]
+        raise UserError(f"{path}: predictions of another run ({'; '.join(differ)}); rerun with --restart to move "
+                        "them aside, or choose another run.out_dir")
+    done = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            prediction = Prediction.from_json(json.loads(line))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: line {number} is not a prediction; rerun with --restart to start over") from None
+        done[prediction.id] = prediction
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return done
+
+
+def move_aside(out_dir: Path) -> list[Path]:
+    """``--restart``: predictions.jsonl and summary.json renamed to ``<name>.<time>.old``; the new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (PREDICTIONS, SUMMARY):
+        if (out_dir / name).exists():
+            target = out_dir / f"{name}.{stamp}.old"
+            (out_dir / name).rename(target)
+            moved.append(target)
+    return moved
+
+
+# ---- progress ------------------------------------------------------------------------------------------------------
+
+def progress_bar(total: int, initial: int, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(advance(n), close()): a tqdm bar with ETA when tqdm is installed, else a plain stderr line every ~5 s."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        start, state = time.monotonic(), {"done": initial, "shown": 0.0}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            now = time.monotonic() - start
+            if now - state["shown"] >= 5 or state["done"] == total:
+                rate = (state["done"] - initial) / now if now > 0 else 0.0
+                eta = (total - state["done"]) / rate if rate > 0 else float("nan")
+                print(f"{label}: {state['done']}/{total} ({rate:.2f} samples/s, ETA {eta:.0f} s)", file=sys.stderr,
+                      flush=True)
+                state["shown"] = now
+
+        return advance, lambda: None
+    bar = tqdm(total=total, initial=initial, desc=label, unit="sample", file=sys.stderr, dynamic_ncols=True)
+    return bar.update, bar.close
+
+
+# ---- garbage -------------------------------------------------------------------------------------------------------
+
+def _unparsed_share(scores: dict) -> float:
+    """The largest share of unparsable answers a score dict reports (keys ``unparsed`` / ``*_unparsed``: a fraction,
+    or a count when above 1)."""
+    shares = []
+    for key, value in scores.items():
+        if (key == "unparsed" or key.endswith("_unparsed")) and isinstance(value, (int, float)):
+            shares.append(value / max(int(scores.get("n") or 1), 1) if value > 1 else float(value))
+    return max(shares, default=0.0)
+
+
+def garbage_problems(scores: dict, samples: Sequence[Sample], predictions: Sequence[Prediction]) -> list[str]:
+    """Why these results look like a broken model rather than a weak one ([] when none):
+    the headline under 5%; a yes/no benchmark (``yes_ratio`` reported) at or under 50% with every answer one class;
+    more than half of the answers unparsable; every generated answer the same text (10 or more answers)."""
+    problems = []
+    value = scores.get("value")
+    if isinstance(value, (int, float)) and value < NEAR_ZERO:
+        problems.append(f"{scores.get('metric', 'value')} {100 * value:.1f}% is under {100 * NEAR_ZERO:.0f}%")
+    ratio = scores.get("yes_ratio")
+    if isinstance(ratio, (int, float)) and ratio in (0, 1) and isinstance(value, (int, float)) and value <= CHANCE:
+        problems.append(f"{'every answer is yes' if ratio == 1 else 'no answer is yes'} and {100 * value:.1f}% is at "
+                        f"or under chance ({100 * CHANCE:.0f}%)")
+    unparsed = _unparsed_share(scores)
+    if unparsed > MOST_UNPARSED:
+        problems.append(f"{100 * unparsed:.0f}% of the answers are unparsable (> {100 * MOST_UNPARSED:.0f}%)")
+    texts = [" ".join(p.text.lower().split()) for p in predictions if p.text is not None]
+    if len(texts) >= ALL_SAME_MIN and len(set(texts)) == 1:
+        problems.append(f"all {len(texts)} generated answers are {texts[0][:40]!r}")
+    return problems
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+def _commit() -> Optional[str]:
+    """The checkout's commit (``-dirty`` when tracked files changed), or None outside a git checkout."""
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("-dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
+
+
+def synthetic_data(root: Path) -> bool:
+    """Whether ``root`` holds files tinygpt's synthetic generators wrote (their manifest.json says so)."""
+    for manifest in (root / "manifest.json", root.parent / "manifest.json"):
+        try:
+            if str(json.loads(manifest.read_text(encoding="utf-8")).get("generator", "")).startswith("tinygpt."):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def versions(backend: str) -> dict[str, Optional[str]]:
+    names = ["torch", "transformers", "tinygpt"] + (["ggml-python"] if backend == "gguf" else [])
+    found: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)  # numpy scalars; anything else as text
+
+
+def score_all(bench: Benchmark, samples: list[Sample], predictions: list[Prediction]) -> dict[str, dict]:
+    """Both scorings of the same predictions (a benchmark without a compat scorer says so in its own dict)."""
+    return {scoring: bench.score(samples, predictions, scoring) for scoring in SCORINGS}
+
+
+def _check_root(cfg: EvalConfig) -> None:
+    root = Path(cfg.benchmark.root)
+    if root.is_dir():
+        return
+    synthetic = root == default_root(cfg.benchmark.name)
+    hint = (" (the synthetic files for the tiny model: `python -m tinygpt.tiny.synthetic` writes data/synthetic/eval,"
+            " `python -m tinygpt.tiny.synthetic.benchmark_files --out data/synthetic/benchmarks` the others)"
+            if synthetic else "")
+    raise UserError(f"{cfg.source}: benchmark.root {root} is not a directory{hint}; point it at the dataset with "
+                    f"--options benchmark.root=DIR")
+
+
+def engine_load_options(name: str, engine) -> dict:
+    """Load options that depend on the model: the shapes suite asks a model trained with the bare template ("{}",
+    stages 1-2) for a caption with the bare image (tinygpt.evaluation.benchmarks.shapes)."""
+    if name != "shapes":
+        return {}
+    from .benchmarks.shapes import caption_prompt_for
+
+    return {"caption_prompt": caption_prompt_for(engine)}
+
+
+def _load(bench: Benchmark, cfg: EvalConfig, extra: dict) -> list[Sample]:
+    samples = bench.load(Path(cfg.benchmark.root), cfg.benchmark.split, {**cfg.load_options, **extra})
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{cfg.benchmark.root}: sample ids repeat in split {cfg.benchmark.split}")
+    if not samples:
+        raise UserError(f"{cfg.benchmark.root}: split {cfg.benchmark.split} has no samples")
+    return samples
+
+
+def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: bool = False) -> dict:
+    """Evaluate ``cfg``'s model on its benchmark (``engine``: an already open ChatEngine, for tests and the bench);
+    returns the summary written to ``<out_dir>/summary.json``."""
+    from .predict import predict  # torch and the engine: imported once the config is known to be good
+
+    bench = get_benchmark(cfg.benchmark.name)
+    out_dir = check_output_dir(cfg.run.out_dir, f"{cfg.source}: run.out_dir", "evaluation results")
+    _check_root(cfg)
+    samples = _load(bench, cfg, {})  # the files are checked before the model loads
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PREDICTIONS
+    if restart:
+        for moved in move_aside(out_dir):
+            print(f"moved aside: {moved}", file=sys.stderr)
+    expected = fingerprint(cfg)
+    done = read_predictions(path, expected)
+    engine = engine or open_engine(cfg.launch)
+    extra = engine_load_options(bench.name, engine)
+    if extra:
+        samples = _load(bench, cfg, extra)
+    todo = [s for s in samples if s.id not in done]
+    label = f"{cfg.benchmark.name}/{cfg.benchmark.split}"
+    advance, close = progress_bar(len(samples), len(samples) - len(todo), label) if not quiet else (
+        lambda n: None, lambda: None)
+    start = time.monotonic()
+    with writing(path, "predictions"), open(path, "a", encoding="utf-8") as f:
+        if f.tell() == 0:
+            f.write(json.dumps({"fingerprint": expected}) + "\n")
+            f.flush()
+        try:
+            for prediction in predict(engine, todo, cfg.run.batch_size):
+                f.write(json.dumps(prediction.to_json()) + "\n")
+                f.flush()
+                done[prediction.id] = prediction
+                advance(1)
+        finally:
+            close()
+    seconds = time.monotonic() - start
+    predictions = [done[s.id] for s in samples]
+    scores = score_all(bench, samples, predictions)
+    headline = scores[cfg.run.scoring]
+    problems = garbage_problems(headline, samples, predictions)
+    summary = {
+        "benchmark": bench.name, "title": bench.title, "split": cfg.benchmark.split,
+        "root": str(Path(cfg.benchmark.root).resolve()), "synthetic": synthetic_data(Path(cfg.benchmark.root)),
+        "n": len(samples),
+        "metric": headline.get("metric", bench.metric), "value": headline.get("value"), "scoring": cfg.run.scoring,
+        "extras": {k: v for k, v in headline.items() if k not in ("metric", "value")},
+        "scores": scores, "paper": bench.paper,
+        "backend": getattr(engine, "name", cfg.launch.model.backend), "model": expected["model"],
+        "prompt": {"options": {**expected["options"], **extra}, "example": samples[0].prompt,
+                   "template": getattr(getattr(getattr(engine, "backend", None), "prompt", None), "template", None)},
+        "config": str(cfg.source), "commit": _commit(), "versions": versions(cfg.launch.model.backend),
+        "warning": "; ".join(problems) or None,
+        "timing": {"seconds": round(seconds, 3), "predicted": len(todo), "reused": len(samples) - len(todo),
+                   "samples_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None},
+    }
+    with writing(out_dir / SUMMARY, "the summary"):
+        atomic_write_text(out_dir / SUMMARY, json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    if problems:
+        print(f"WARNING: {label}: these figures look like garbage, not a measurement: {summary['warning']}",
+              file=sys.stderr, flush=True)
+    return summary
