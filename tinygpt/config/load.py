@@ -253,6 +253,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg, "optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "needs two values in [0, 1)")
     _require(cfg, "optim.eps", o.eps > 0, "must be > 0")
     _require(cfg, "optim.max_grad_norm", o.max_grad_norm is None or o.max_grad_norm > 0, "must be > 0 or null")
+    _require(cfg, "optim.fused", not (o.fused and o.name != "adamw"), f"only adamw has a fused kernel, not {o.name}")
 
     for key in ("init_lr", "min_lr", "warmup_lr"):
         _require(cfg, f"schedule.{key}", getattr(s, key) >= 0, "must be >= 0")
@@ -271,6 +272,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg, "run.keep_last", r.keep_last >= 1, "must be >= 1")
     _require(cfg, "run.log_every", r.log_every >= 1, "must be >= 1")
     _require(cfg, "run.max_nonfinite", r.max_nonfinite >= 1, "must be >= 1")
+    _require(cfg, "run.packing.tokens_per_row", r.packing.tokens_per_row >= 1, "must be >= 1")
+    _require(cfg, "run.pad_to_multiple", r.pad_to_multiple >= 1, "must be >= 1 (1: no bucketing)")
     if isinstance(r.resume, str):
         _require(cfg, "run.resume", r.resume.strip() != "", "empty (use false, true, auto or a checkpoint path)")
     return cfg

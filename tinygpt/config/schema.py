@@ -36,6 +36,18 @@ class GradientCheckpointing:
 
 
 @dataclass
+class Packing:
+    enabled: bool = False            # several samples per row, each attending only to itself (the same loss)
+    tokens_per_row: int = 2048       # row budget in tokens (image tokens included); a longer sample gets its own row
+
+
+@dataclass
+class CompileSwitches:
+    llm: bool = False                # torch.compile each Phi decoder layer (one graph reused by all layers)
+    vision: bool = False             # torch.compile each frozen ViT and Q-Former layer
+
+
+@dataclass
 class ModelSection:
     preset: str = "tinygptv"         # size when init_from is null: tinygptv (full) | tiny
     init_from: Optional[str] = None  # model dir (a previous stage's output or a built base) | builtin:tiny | null
@@ -74,6 +86,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = no clipping (the original)
+    fused: bool = False              # torch's fused AdamW kernel (adamw only)
 
 
 @dataclass
@@ -102,6 +115,9 @@ class RunSection:
     progress: bool = True            # tqdm progress bar
     tensorboard: bool = False        # write TensorBoard events under checkpoint_dir/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (network) only when set
+    packing: Packing = field(default_factory=Packing)  # sequence packing (speed; off until measured on a GPU)
+    pad_to_multiple: int = 1         # pad every batch's row width to a multiple of this (fewer shapes to compile)
+    compile: CompileSwitches = field(default_factory=CompileSwitches)  # regional torch.compile (speed)
 
 
 @dataclass

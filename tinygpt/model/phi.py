@@ -135,8 +135,11 @@ def build_attention_mask(
 ) -> torch.Tensor:
     """Boolean [B, 1, S, past+S] mask (True = may attend): causal AND key not padding.
 
-    A query always sees itself, so a padding query never has an empty row (which would give NaN).
+    A query always sees itself, so a padding query never has an empty row (which would give NaN). A 4-D mask is
+    taken as that mask already (packed rows: block-diagonal causal, ``packing.py``).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     total = past + seq
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
@@ -224,6 +227,8 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         past = cache_length(cache)
         device = inputs_embeds.device
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-D attention_mask needs position_ids")
             position_ids = default_position_ids(attention_mask, batch, seq, past, device)
         mask = build_attention_mask(attention_mask, batch, seq, past, device)
         cos_sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_base, torch.float32)

@@ -9,6 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import UserError
 from .lora import inject_lora
+from .packing import RowLayout
 from .phi import TinyGPTPhiForCausalLM
 from .sequence import ModelInputs, PromptFormat, build_inputs, embed_inputs
 from .vision import check_image_size, check_pixel_values
@@ -106,23 +107,29 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
         template: str | None = None,
         end_sym: str | None = None,
         loss_only: bool = False,
+        row_layout: RowLayout | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Loss of a batch of conversations (see ``sequence.py``).
 
         Images come as ``pixel_values`` [sum N, 3, S, S] or as cached Q-Former ``image_features`` [sum N, Q, 768].
-        ``loss_only`` skips the logits of unsupervised positions (the training loop's fast path).
+        ``loss_only`` skips the logits of unsupervised positions (the training loop's fast path); ``row_layout``
+        packs samples into shared rows and/or pads the width to a multiple (``packing.py``; the same loss).
         """
         if turns is None:
             raise UserError("forward: pass turns (a list of conversations)")
         counts = image_counts if image_counts is not None else [0] * len(turns)
         inputs = self.prepare_inputs(turns, counts, max_txt_len, "right", template, end_sym)
+        if row_layout is not None:
+            inputs = row_layout.apply(inputs)
+        positions = getattr(inputs, "position_ids", None)
         image_embeds = self._image_embeds(pixel_values, image_features)
         device = self.proj1.weight.device
         embeds = embed_inputs(inputs, self.language_model.get_input_embeddings(), image_embeds)
         return self.language_model(
             inputs_embeds=embeds,
             attention_mask=inputs.attention_mask.to(device),
+            position_ids=None if positions is None else positions.to(device),
             labels=inputs.labels.to(device),
             use_cache=False,
             loss_only=loss_only,

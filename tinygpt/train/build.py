@@ -9,6 +9,7 @@ its exact size -> frozen weights in the compute dtype (bf16/fp16 runs) -> gradie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,11 @@ def _lora_dict(model_cfg: ModelSection) -> Optional[dict]:
     return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)}
 
 
-def _fresh_model(m: ModelSection):
+def _fresh_model(m: ModelSection, init_device: Optional[torch.device] = None):
     config = build_config(m.preset, image_size=m.image_size, lora=None, extra_norms=m.extra_norms,
                           tokenizer_source=m.tokenizer)
-    model = TinyGPTVForConditionalGeneration(config)
+    with torch.device(init_device) if init_device is not None else contextlib.nullcontext():
+        model = TinyGPTVForConditionalGeneration(config)
     model.tokenizer = load_tokenizer(m.tokenizer)
     return model
 
@@ -134,12 +136,15 @@ def set_train_mode(model: nn.Module) -> None:
     model.qformer.eval()
 
 
-def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None) -> BuiltModel:
-    """The stage's model, trainable set applied and checked, ready for the loop."""
+def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None,
+                init_device: Optional[torch.device] = None) -> BuiltModel:
+    """The stage's model, trainable set applied and checked, ready for the loop. ``init_device``: where random
+    weights (``init_from: null``) are drawn (the bench draws the full-size ones on the GPU: a minute less per stage;
+    other random numbers than on the CPU)."""
     m = cfg.model
     init_dir = resolve_init_dir(m.init_from)
     if init_dir is None:
-        model, source = _fresh_model(m), f"preset {m.preset!r}"
+        model, source = _fresh_model(m, init_device), f"preset {m.preset!r}"
     else:
         model, source = load_vlm(init_dir), str(init_dir)
     resized = resize_vision(model, m.image_size) if m.image_size is not None else False

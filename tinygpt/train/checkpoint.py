@@ -2,7 +2,7 @@
 
 ``<checkpoint_dir>/checkpoints/step_00001000/``:
   trainable.safetensors   the trainable tensors (fp32 master weights)
-  optimizer.pt            optimizer state (AdamW moments; bitsandbytes 8-bit state too)
+  optimizer.pt            optimizer state (AdamW moments; bitsandbytes 8-bit state too; under FSDP the gathered one)
   scaler.pt               fp16 loss-scaler state (fp16 runs only)
   rng_<rank>.pt           python / numpy / torch (CPU and CUDA) RNG states of each process
   state.json              step, counters, data position, schedule, run fingerprint
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io_utils import atomic_write_text, make_readable, writing
+from . import sharded
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -83,10 +84,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _digest(path: Path) -> dict:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,6 +102,10 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     main = accelerator.is_main_process
+    weights = optim_state = None
+    if main or sharded.is_fsdp(accelerator):  # collective under FSDP: every process gathers, the main one writes
+        weights = sharded.trainable_state(accelerator, model)
+        optim_state = sharded.optimizer_state(accelerator, model, optimizer)
     try:
         with writing(tmp, f"the checkpoint of step {step}"):
             if main:
@@ -114,9 +115,8 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
             accelerator.wait_for_everyone()
             torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
             if main:
-                unwrapped = accelerator.unwrap_model(model)
-                save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+                torch.save(optim_state, tmp / "optimizer.pt")
                 scaler = getattr(accelerator, "scaler", None)
                 if scaler is not None:
                     torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -199,18 +199,22 @@ def load_checkpoint(path: Path, accelerator, model, optimizer) -> dict:
     scaler = getattr(accelerator, "scaler", None)
     loaded = read_checkpoint(path, accelerator.process_index, scaler is not None)
     weights = loaded["weights"]
-    unwrapped = accelerator.unwrap_model(model)
-    params = dict(unwrapped.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
+    with sharded.full_parameters(accelerator, model) as params:
+        wanted = {n for n, p in params.items() if p.requires_grad}
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
     if set(weights) != wanted:
         extra, missing = sorted(set(weights) - wanted), sorted(wanted - set(weights))
         raise UserError(f"{path}: checkpoint does not match this stage's trainable set "
                         f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the same config")
     for name, value in weights.items():
-        if params[name].shape != value.shape:
+        if shapes[name] != tuple(value.shape):
             raise UserError(f"{path}: tensor {name} has shape {list(value.shape)}, "
-                            f"the model has {list(params[name].shape)}")
-    for file, restore, value in ((path / "optimizer.pt", optimizer.load_state_dict, loaded["optimizer"]),
+                            f"the model has {list(shapes[name])}")
+
+    def restore_optimizer(state: dict) -> None:
+        sharded.load_optimizer_state(accelerator, model, optimizer, state)
+
+    for file, restore, value in ((path / "optimizer.pt", restore_optimizer, loaded["optimizer"]),
                                  (path / "scaler.pt", scaler.load_state_dict if scaler else None, loaded["scaler"]),
                                  (path / f"rng_{accelerator.process_index}.pt", set_rng_state, loaded["rng"])):
         if value is None:
@@ -220,7 +224,7 @@ def load_checkpoint(path: Path, accelerator, model, optimizer) -> dict:
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
             raise UserError(f"{file}: does not match this run ({type(exc).__name__}: {exc}); "
                             "resume with the same config") from None
-    with torch.no_grad():
+    with sharded.full_parameters(accelerator, model, writeback=True) as params, torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
     return loaded["state"]

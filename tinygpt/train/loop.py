@@ -25,10 +25,12 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from ..config.schema import RunConfig
 from ..errors import UserError
 from . import checkpoint as ckpt
+from . import sharded
 from .mixing import DataMixer
 from .optim import build_optimizer
 from .progress import Progress, format_summary, peak_memory_gb
 from .schedule import WarmupCosine
+from .speed import row_layout
 
 log = logging.getLogger("tinygpt.train")
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -54,13 +56,15 @@ def make_accelerator(run):
 
 
 def compute_loss(model, batch: dict, model_cfg) -> torch.Tensor:
-    """Loss of one micro-batch (the data contract's collated batch). Tests replace this to inject failures."""
+    """Loss of one micro-batch (the data contract's collated batch, plus the optional ``row_layout`` the loop adds:
+    packing / bucketing, ``speed.py``). Tests replace this to inject failures."""
     images = batch["images"]
     features = batch.get("image_features")
     return model(turns=batch["turns"], image_counts=batch["image_counts"],
                  pixel_values=None if features is not None else images,
                  image_features=features, max_txt_len=model_cfg.max_txt_len,
-                 template=model_cfg.prompt_template, end_sym=model_cfg.end_sym, loss_only=True).loss
+                 template=model_cfg.prompt_template, end_sym=model_cfg.end_sym, loss_only=True,
+                 row_layout=batch.get("row_layout")).loss
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -79,6 +83,7 @@ class TrainResult:
     skipped_steps: int
     last_loss: float | None
     summary: dict = field(default_factory=dict)
+    model: object = None  # the prepared (wrapped) model, for saving under FSDP (sharded.model_to_save)
 
 
 def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count: int) -> TrainResult:
@@ -90,6 +95,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(e.batch_size for e in mixer.entries)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    clipped = sharded.clip_parameters(accelerator, model, trainable)
+    layout = row_layout(r)
 
     start_step, skipped, nonfinite_run, data_state = 0, 0, 0, None
     resume_from = ckpt.find_resume(r.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
@@ -125,6 +132,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
             for micro in range(r.grad_accum_steps):
                 _, batch = mixer.next_batch(step, micro)
                 batch = to_device(batch, accelerator.device)
+                if layout is not None:
+                    batch["row_layout"] = layout
                 step_samples += len(batch["turns"])
                 last_micro = micro == r.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
@@ -151,7 +160,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
             else:
                 nonfinite_run = 0
                 if cfg.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, cfg.optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = sum(step_losses) / len(step_losses)
@@ -177,11 +186,11 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         "steps_per_s": (end_step - start_step) / seconds if seconds > 0 else 0.0,
         "trainable_params": trainable_count, "skipped_steps": skipped, "last_loss": last_loss,
         "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
-        "processes": accelerator.num_processes,
+        "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
     }
     if accelerator.is_main_process:
         log.info("%s", format_summary(summary))
-    return TrainResult(start_step, end_step, skipped, last_loss, summary)
+    return TrainResult(start_step, end_step, skipped, last_loss, summary, model)
 
 
 def _gather_data_state(accelerator, state: dict) -> dict:

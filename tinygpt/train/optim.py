@@ -3,6 +3,7 @@
 Decay ``weight_decay`` (0.05) for parameters with ndim >= 2 whose name contains none of "bias", "ln", "norm"; no decay
 for the rest (norm weights, biases). The original tested "bn" where we test "norm": the same set for this model
 (its norm modules are named *layernorm / *_norm, and no BatchNorm exists). ``adamw8bit``: bitsandbytes' AdamW8bit.
+``optim.fused``: torch's fused AdamW (the same update up to float rounding; speed: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build_optimizer(model: nn.Module, optim, lr: float) -> torch.optim.Optimizer
     groups = param_groups(model, optim.weight_decay)
     betas = (float(optim.betas[0]), float(optim.betas[1]))
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim.eps)
+        # fused: one kernel for all parameters (CUDA, and the CPU since torch 2.4); None keeps torch's default
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim.eps, fused=True if optim.fused else None)
     if optim.name == "adamw8bit":
         try:  # lazy: bitsandbytes is slow to import and only the 8-bit optimizer needs it
             import bitsandbytes as bnb

@@ -32,6 +32,8 @@ from ..model.checkpoint_io import check_model_out
 from .build import build_model, planned_image_size
 from .loop import make_accelerator, train
 from .mixing import DataMixer, MixEntry
+from .sharded import model_to_save
+from .speed import apply_compile
 
 log = logging.getLogger("tinygpt.train")
 
@@ -136,6 +138,7 @@ def run_stage(cfg: RunConfig) -> Path:
     image_size = planned_image_size(cfg)
     entries = build_datasets(cfg, image_size)
     built = build_model(cfg, frozen_dtype=frozen_weight_dtype(cfg, accelerator))
+    apply_compile(cfg, accelerator, built.model)
     seed_everything(cfg.run.seed + accelerator.process_index)  # own dropout masks per process
     mode = resolve_save_mode(cfg, built.base_dir)
     if cfg.model.load_in_4bit and mode == "whole":
@@ -148,8 +151,8 @@ def run_stage(cfg: RunConfig) -> Path:
     result = train(cfg, accelerator, built.model, mixer, built.trainable_count)
     accelerator.wait_for_everyone()
     out = Path(cfg.run.output_dir)
+    model = model_to_save(accelerator, result.model)  # collective under FSDP (gathers the shards)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(built.model)
         save_output(cfg, model, built.base_dir, mode, result.summary)
         log.info("stage output: %s (%s)", out, mode)
     accelerator.wait_for_everyone()

@@ -1,0 +1,125 @@
+"""The shipped FSDP config (train_configs/accelerate/fsdp.yaml) on 2 CPU processes (gloo): a tiny stage trains, writes
+full-shape checkpoints and output, matches one process with the same global batch, and resumes bit-identically.
+
+accelerate runs FSDP only on accelerators: on a CPU it sets the launch up as plain data parallel (MULTI_CPU) whatever
+the config says, and it refuses the config's ``sync_module_states`` there. The launched script below therefore turns
+the run's distributed type to FSDP with the plugin built from the launch's own FSDP settings (the shipped file's
+wrap policy, sharding, prefetch, ``use_orig_params``, state-dict type) and the device to ``cpu`` (accelerate's
+``cpu:0`` is not what FSDP computes on), and the launch passes
+``--fsdp_sync_module_states false`` (it only broadcasts rank 0's initial weights, which here are the same file on
+every process). Everything else (accelerate's FSDP wrapping, the loop, checkpoints, the stage output) runs as on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import test_train
+from tinygpt.config import load_config
+
+fresh_accelerate_state, synthetic = test_train.fresh_accelerate_state, test_train.synthetic  # shared fixtures
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "train_configs" / "tiny" / "stage3.yaml"
+FSDP_YAML = REPO / "train_configs" / "accelerate" / "fsdp.yaml"
+PYTHON = sys.executable
+
+FSDP_ON_CPU = textwrap.dedent("""
+    import json, sys
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from tinygpt.config import load_config
+    from tinygpt.train import loop, stage
+
+    def fsdp_on_cpu(run):
+        accelerator = loop.make_accelerator(run)
+        for state in (accelerator.state, PartialState()):  # AcceleratorState() copies PartialState's on every call
+            state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
+        accelerator.state.device = torch.device("cpu")  # FSDP's CPU compute device has no index
+        return accelerator
+
+    stage.make_accelerator = fsdp_on_cpu
+    path, opts = json.loads(sys.argv[1])
+    stage.run_stage(load_config(path, opts))
+""")
+
+
+def options(synthetic: Path, out: Path, base_model: Path, *extra: str) -> list[str]:
+    """Tiny stage 3, 3 steps of 2 samples per process, a checkpoint at step 2, no dropout (nothing random differs
+    between the runs compared)."""
+    return [f"vars.data_root={synthetic}", f"vars.output_root={out}", f"model.init_from={base_model}",
+            "schedule.total_steps=3", "schedule.warmup_steps=1", "run.progress=false", "run.resume=false",
+            "model.max_txt_len=24", "data.datasets.cc_sbu_align.batch_size=2", "model.lora.dropout=0.0",
+            "run.save_every=2", "run.keep_last=5", *extra]
+
+
+def launch_fsdp(opts: list[str], tmp_path: Path, port: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "fsdp_on_cpu.py"
+    script.write_text(FSDP_ON_CPU)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", str(FSDP_YAML),
+               "--num_processes", "2", "--main_process_port", str(port), "--fsdp_sync_module_states", "false",
+               str(script), json.dumps([str(CONFIG), opts])]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpoint(root: Path, step: int) -> Path:
+    return root / "stage3-checkpoints" / "checkpoints" / f"step_{step:08d}"
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes(synthetic, base_model, tmp_path):
+    """2 FSDP processes x batch 2 vs 1 process x batch 2 x accumulation 2: the same 4 samples per step in the same
+    slots (mixing.py), the same mean gradient. What differs is float summation order: FSDP reduce-scatters (sums the
+    two processes' flat gradients, then divides) where one process accumulates, and its clipping norm adds per-shard
+    squares; each is ~1e-7 relative, and Adam's normalised steps (each at most ~lr = 3e-4) keep the weights after
+    3 steps within 1e-6 (measured: 8e-8), while the runs move weights by > 1e-4. Clipping each process's shard by
+    its own norm instead of the global one (what accelerate does unless handed all parameters) lands at 1.1e-5."""
+    from tinygpt.train.stage import run_stage
+
+    one = run_stage(load_config(CONFIG, options(synthetic, tmp_path / "one", base_model, "run.grad_accum_steps=2")))
+    proc = launch_fsdp(options(synthetic, tmp_path / "two", base_model), tmp_path, 29541)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = tmp_path / "two" / "stage3"
+    summary = json.loads((two / "train_summary.json").read_text())["summary"]
+    assert summary["processes"] == 2 and summary["distributed_type"] == "FSDP"
+
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys() and any(".lora_A." in n for n in a)  # plain names, no FSDP prefixes
+    start = load_file(str(base_model / "model.safetensors"))
+    moved = 0.0
+    for name in a:
+        assert a[name].shape == b[name].shape, name  # full tensors, not one process's flat shard
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+        if name in start:
+            moved = max(moved, (a[name] - start[name]).abs().max().item())
+    assert moved > 1e-4  # the runs did train: the match is not between two untouched models
+
+    ckpt_one = load_file(str(checkpoint(tmp_path / "one", 2) / "trainable.safetensors"))
+    ckpt_two = load_file(str(checkpoint(tmp_path / "two", 2) / "trainable.safetensors"))
+    assert ckpt_one.keys() == ckpt_two.keys()
+    for name in ckpt_one:
+        torch.testing.assert_close(ckpt_one[name], ckpt_two[name], atol=1e-6, rtol=0)
+    optim = torch.load(checkpoint(tmp_path / "two", 2) / "optimizer.pt", weights_only=True)
+    lora = next(n for n in optim["state"] if ".lora_A." in n)  # gathered, keyed by parameter name
+    assert optim["state"][lora]["exp_avg"].shape == ckpt_two[lora].shape
+
+    # resume the FSDP run from its step-2 checkpoint: step 3 again, bit for bit
+    resumed = options(synthetic, tmp_path / "three", base_model, f"run.resume={checkpoint(tmp_path / 'two', 2)}")
+    proc = launch_fsdp(resumed, tmp_path, 29542)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    three = tmp_path / "three" / "stage3"
+    assert json.loads((three / "train_summary.json").read_text())["summary"]["start_step"] == 2
+    c = load_file(str(three / "model.safetensors"))
+    for name in b:
+        assert torch.equal(b[name], c[name]), name

@@ -1,0 +1,72 @@
+"""The speed switches of a stage (``run.packing``, ``run.pad_to_multiple``, ``run.compile``, ``optim.fused``), each off
+by default until a GPU measurement says it wins (docs/benchmarks.md, "Speed switches").
+
+* packing and bucketing change only the row layout of a batch (``tinygpt.model.packing``): the same loss;
+* regional compilation: ``torch.compile`` of every Phi decoder layer, and of every frozen ViT and Q-Former layer.
+  All layers of one class share one code object, so one compiled graph serves them all (compile time of one layer,
+  not of the model), and Dynamo recompiles only for a new input shape (bucketing keeps those few);
+* fused AdamW: ``optim.py``.
+bf16 storage of frozen weights needs no switch: every bf16/fp16 run on a GPU already stores them so (``build.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch._dynamo
+from torch import nn
+
+from ..config.schema import RunSection
+from ..errors import UserError
+from ..model.packing import RowLayout
+
+RECOMPILE_LIMIT = 64
+
+
+def row_layout(run: RunSection) -> Optional[RowLayout]:
+    """The batch row layout the config asks for; None when it is the plain one (one sample per row, no bucketing)."""
+    tokens = run.packing.tokens_per_row if run.packing.enabled else None
+    if tokens is None and run.pad_to_multiple == 1:
+        return None
+    return RowLayout(tokens_per_row=tokens, pad_to_multiple=run.pad_to_multiple)
+
+
+def llm_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.language_model.model.layers)
+
+
+def vision_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.vision_model.encoder.layers) + list(model.qformer.encoder.layer)
+
+
+def compile_layers(model: nn.Module, llm: bool, vision: bool) -> int:
+    """``torch.compile`` in place (``Module.compile``) the chosen layers; returns how many. Parameters, state dict
+    names and checkpoints stay as they are (only the call goes through the compiled code)."""
+    layers = (llm_layers(model) if llm else []) + (vision_layers(model) if vision else [])
+    # transformers wraps every layer class's forward in one shared function (gradient checkpointing), so the Phi,
+    # ViT and Q-Former layers (and each input shape, grad mode and model of a process) share one code object's
+    # cache of compiled graphs; Dynamo's default of 8 would send the rest back to eager without a word
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def uncompile_layers(model: nn.Module) -> None:
+    """Back to eager calls (the bench switches compilation off and on in one run)."""
+    for layer in llm_layers(model) + vision_layers(model):
+        layer._compiled_call_impl = None
+
+
+def apply_compile(cfg, accelerator, model: nn.Module) -> int:
+    """``run.compile`` on a built (not yet prepared) model; FSDP, whose flat parameters would sit under the compiled
+    layers, is refused (not tested here)."""
+    switches = cfg.run.compile
+    if not (switches.llm or switches.vision):
+        return 0
+    if accelerator.distributed_type.name == "FSDP":
+        raise UserError(f"{cfg.origin('run.compile')}: run.compile: not supported with FSDP (untested); "
+                        "turn it off for FSDP runs")
+    return compile_layers(model, switches.llm, switches.vision)
+
