@@ -103,7 +103,7 @@ def test_a_too_long_conversation_is_named_before_anything_is_generated(engine):
     with pytest.raises(UserError, match=r"conversations\[2\]: .*last message"):
         engine.chat_batch([_conversations()[0], _conversations()[1],
                            [_user("hi"), {"role": "assistant", "content": "hello"}]], GREEDY)
-    with pytest.raises(UserError, match="conversations: expected a list"):
+    with pytest.raises(UserError, match="conversations: expected a list of conversations"):
         engine.chat_batch(_conversations()[0], GREEDY)
 
 

@@ -176,7 +176,7 @@ class ChatEngine:
         with `generate_batch` answer a group of conversations at once (those whose max_new_tokens the context cuts
         form groups of their own), others one by one. With sampling, a batch is one draw (seeded once)."""
         if isinstance(conversations, (str, dict, Conversation)) or any(isinstance(c, dict) for c in conversations):
-            raise UserError("conversations: expected a list of conversations (each a list of messages), got messages")
+            raise UserError("conversations: expected a list of conversations, each a list of messages")
         with self._lock:
             parsed = []
             for i, messages in enumerate(conversations):
