@@ -154,10 +154,11 @@ def write_pair(
     files = [out / names.VISION_FILE_NAME, out / names.llm_file_name(qtype_name.lower()), out / names.SUMMARY_FILE_NAME]
     llm_meta = llm_kv(llm_hyper, tok, prompt, vision_hyper.hash(), model_name, FILE_TYPE_BY_NAME[qtype_name.lower()],
                       model_id)
+    vision_type = qtype if qtype in REFERENCE_TYPES else VISION_LINEAR_TYPE
     with writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"), atomic_paths(files) as tmps:
         vision = write_gguf_to(
             tmps[0], files[0], names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision", model_id),
-            vision_plans(vision_shapes, qtype if qtype in REFERENCE_TYPES else VISION_LINEAR_TYPE), lambda p: produce(p.name),
+            vision_plans(vision_shapes, vision_type), lambda p: produce(p.name),
             progress,
         )
         llm = write_gguf_to(

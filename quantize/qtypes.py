@@ -1,8 +1,9 @@
 """Quantization of one tensor into a GGUF type, with llama.cpp's block-size fallback rules.
 
-User-facing names: q4_k (default), q4_0, q8_0, f16, f32 (unquantised: the exact reference, twice F16's size). Q4_0 / Q5_0 / Q8_0 / F16 are quantized with the gguf package
-(pure numpy); Q4_K with ggml's own C quantizer (`ggml.ggml_quantize_chunk` from ggml-python), since gguf-py has no
-Q4_K quantizer. Both produce the block layouts that gguf.quants.dequantize and ggml's kernels read.
+User-facing names: q4_k (default), q4_0, q8_0, f16, f32 (unquantised: the exact reference, twice F16's size).
+Q4_0 / Q5_0 / Q8_0 / F16 are quantized with the gguf package (pure numpy); Q4_K with ggml's own C quantizer
+(`ggml.ggml_quantize_chunk` from ggml-python), since gguf-py has no Q4_K quantizer.
+Both produce the block layouts that gguf.quants.dequantize and ggml's kernels read.
 
 Fallback (llama.cpp's llama_tensor_get_type for "incompatible" tensors): a 2-D weight whose row length does not
 divide into the type's block widens: Q4_K (block 256) -> Q5_0 (block 32) -> F16; Q4_0 / Q8_0 / Q5_0 -> F16.

@@ -56,7 +56,7 @@ class TorchBackend:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "auto", bits: int | None = None) -> "TorchBackend":
-        """Load a model directory onto `device` ("auto": CUDA when present); bits 8/4 quantize the LLM (bitsandbytes)."""
+        """Load a model directory onto `device` ("auto": CUDA when present); bits 8/4: LLM in bitsandbytes."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if bits not in (None, 8, 4):
