@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -70,12 +71,20 @@ def run_stage(config: Path, args, share_s: float) -> dict:
         return {"config": str(config), "error": f"killed after {share_s + args.grace_s:.0f} s",
                 "seconds": time.monotonic() - started}
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"config": str(config), "error": f"exit {proc.returncode}: {last}",
-                "seconds": time.monotonic() - started}
+        return {"config": str(config), "error": f"exit {proc.returncode}: {exception_line(proc.stderr)}",
+                "stderr_tail": proc.stderr.strip().splitlines()[-60:], "seconds": time.monotonic() - started}
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     result["seconds"] = time.monotonic() - started
+    if "Traceback" in proc.stderr:  # a variant failed and the others ran: keep what it said
+        result["stderr_tail"] = proc.stderr.strip().splitlines()[-60:]
     return result
+
+
+def exception_line(stderr: str) -> str:
+    """The last ``SomeError: ...`` line of a traceback (compilers print hints after it), else the last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines()] or ["no output"]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Unsupported|Interrupt)\b", line)]
+    return (errors or lines)[-1][:240]
 
 
 def summary_row(result: dict) -> str:
@@ -84,13 +93,16 @@ def summary_row(result: dict) -> str:
     if "error" in result:
         return f"| {name} | {result['error']} | | | | | |"
     rows = {r["variant"]: r for r in result["variants"] if "skipped" not in r}
-    base, after = rows.get("baseline"), rows.get("all")
+    base = rows.get("baseline")
+    after = rows.get("all") or next((r for n, r in rows.items() if n.startswith("all but ")), None)
     if base is None:
         return f"| {name} | no variant ran | | | | | |"
     mfu = lambda r: f"{r['mfu']:.1%}" if r and r.get("mfu") is not None else "–"  # noqa: E731
     peak = max(r["peak_memory_gb"] for r in rows.values())
     after_sps = f"{after['samples_per_s']:.2f}" if after else "not run"
     ratio = f"{after['samples_per_s'] / base['samples_per_s']:.2f}" if after else "–"
+    if after and after["variant"] != "all":
+        after_sps += f" ({after['variant']})"
     fits = "yes" if peak <= LIMIT_GIB else "**no**"
     return (f"| {name} | {base['samples_per_s']:.2f} | {after_sps} | {ratio} | {mfu(base)} → {mfu(after)} | "
             f"{peak:.1f} | {fits} |")

@@ -176,6 +176,39 @@ def test_bench_lists_variants_past_the_deadline_as_skipped():
     assert "| packing | not run: past the deadline |" in markdown_table(rows, "t")
 
 
+def test_bench_keeps_the_other_variants_when_one_fails(monkeypatch, capsys):
+    """A compiler error in one variant (as torch 2.11's Dynamo raised on an H200 under LLM checkpointing) is listed
+    with its exception; the other variants still run, and ``all`` is retried without the failing switch."""
+    from tinygpt.train import bench_switches
+
+    def fake_run(cfg, accelerator, model, batch, variant, steps, warmup, peak):
+        if "compile_llm" in variant.on:
+            raise RuntimeError("Dynamo failed to run FX node\nmore detail")
+        return {"variant": variant.name, "samples_per_s": 1.0 + len(variant.on)}
+
+    monkeypatch.setattr(bench_switches, "run_variant", fake_run)
+    model = torch.nn.Linear(2, 2)
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"))
+    monkeypatch.setattr(bench_switches, "uncompile_layers", lambda m: None)
+    rows = bench_switches.compare(None, accelerator, model, {}, ["packing", "fused_adamw", "compile_llm"], 1, 1, None)
+    assert [r["variant"] for r in rows] == ["baseline", "all", "packing", "fused_adamw", "compile_llm",
+                                            "all but compile_llm"]
+    assert rows[1]["skipped"] == rows[4]["skipped"] == "failed: RuntimeError: Dynamo failed to run FX node more detail"
+    assert rows[5]["samples_per_s"] == 3.0  # packing and fused AdamW
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_gpu_script_names_the_exception_not_the_compilers_hint(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    from train_speed_gpu import exception_line
+
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "torch._dynamo.exc.Unsupported: checkpoint with reentrant\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n")
+    assert exception_line(stderr) == "torch._dynamo.exc.Unsupported: checkpoint with reentrant"
+    assert exception_line("killed\n") == "killed"
+
+
 def test_bench_refuses_an_unknown_switch(capsys):
     from tinygpt.train.bench import main
 
@@ -197,3 +230,24 @@ def test_gpu_script_writes_the_table_on_the_tiny_configs(tmp_path):
     assert "| all | " in text and "| packing | " in text and "| fused_adamw | " in text
     results = json.loads(out.with_suffix(".json").read_text())
     assert [r["variant"] for r in results[0]["variants"]] == ["baseline", "all", "packing", "fused_adamw"]
+
+
+def test_a_compiler_failure_in_training_is_one_line_naming_run_compile():
+    """torch 2.11's inductor failed on the Phi layers on an H200 (checkpointed, padded rows): the loop turns that
+    into one error naming the config key and the way out, not a 60-line compiler traceback."""
+    import torch._dynamo.exc
+
+    from tinygpt.train.speed import compile_failed
+
+    def inductor():
+        pass
+
+    exc = torch._dynamo.exc.BackendCompilerFailed(inductor, AssertionError("Node add_409 was invalid, but is output"),
+                                                    None)
+    cfg = load_config(STAGE3)
+    err = compile_failed(cfg, exc)
+    assert isinstance(err, UserError)
+    text = str(err)
+    assert text.startswith(f"{TINY / 'base.yaml'}: run.compile: torch {torch.__version__} could not compile the model")
+    assert "AssertionError: Node add_409 was invalid, but is output" in text
+    assert "set run.compile.llm=false and run.compile.vision=false" in text and "\n" not in text

@@ -245,6 +245,10 @@ def test_read_only_output_locations_fail_before_any_work(tmp_path):
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root and setpriv is unavailable: cannot drop the right to write anywhere")
+        hidden = [p for p in [REPO, *REPO.parents] if p.stat().st_mode & 0o005 != 0o005]
+        if hidden:
+            pytest.skip(f"{hidden[0]} is closed to other users (a mktemp -d checkout?): the unprivileged user "
+                        "could not import the code under test")
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     base = Path(tempfile.mkdtemp(prefix="tinygpt-ro-", dir="/tmp"))
     try:

@@ -129,12 +129,10 @@ def progress_bar(total: int, initial: int, label: str) -> tuple[Callable[[int], 
 # ---- garbage -------------------------------------------------------------------------------------------------------
 
 def _unparsed_share(scores: dict) -> float:
-    """The largest share of unparsable answers a score dict reports (keys ``unparsed`` / ``*_unparsed``: a fraction,
-    or a count when above 1)."""
-    shares = []
-    for key, value in scores.items():
-        if (key == "unparsed" or key.endswith("_unparsed")) and isinstance(value, (int, float)):
-            shares.append(value / max(int(scores.get("n") or 1), 1) if value > 1 else float(value))
+    """The largest share of unparsable answers a score dict reports (keys ``unparsed`` / ``*_unparsed``, each a
+    fraction of n: the benchmarks' contract, `benchmarks.common.yes_no_figures`)."""
+    shares = [float(value) for key, value in scores.items()
+              if (key == "unparsed" or key.endswith("_unparsed")) and isinstance(value, (int, float))]
     return max(shares, default=0.0)
 
 

@@ -2,7 +2,8 @@
 --compare all``): one model build, then per variant a fresh optimizer, the layers compiled or not, and a few timed
 steps on the same synthetic batch.
 
-Variants: ``baseline`` (every compared switch off), one per switch (only that one on), and ``all`` (every one on).
+Variants: ``baseline`` (every compared switch off), ``all`` (every one on), one per switch (only that one on), and
+``all but ...`` when ``all`` and some single switches failed.
 Per variant: s/step, samples/s, real tokens/s (image and text tokens, no padding), padding tokens per step, model
 FLOPs utilisation (real tokens only: padding is work the model did not need), peak memory (GPU: per variant; CPU:
 the process's peak so far, which never falls).
@@ -10,11 +11,14 @@ the process's peak so far, which never falls).
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch._dynamo
 from accelerate.optimizer import AcceleratedOptimizer
 
 from ..errors import UserError
@@ -103,14 +107,37 @@ def run_variant(cfg, accelerator, model, batch: dict, variant: Variant, steps: i
 def compare(cfg, accelerator, model, batch: dict, switches: list[str], steps: int, warmup: int,
             peak_tflops: Optional[float], deadline: Optional[float] = None) -> list[dict]:
     """One row per variant of :func:`variants`, in order; once ``time.monotonic()`` passes ``deadline``, the variants
-    not yet started are listed as skipped (a GPU lease is short: what ran is kept)."""
-    rows = []
+    not yet started are listed as skipped (a GPU lease is short: what ran is kept). A variant that raises is listed
+    as failed with its exception (the traceback goes to stderr) and the rest still run; when ``all`` failed and some
+    single switches failed too, ``all but <those>`` is timed at the end."""
+    rows, failed = [], []
     for variant in variants(switches):
-        if deadline is not None and time.monotonic() > deadline:
-            rows.append({"variant": variant.name, "skipped": "not run: past the deadline"})
-            continue
-        rows.append(run_variant(cfg, accelerator, model, batch, variant, steps, warmup, peak_tflops))
+        rows.append(try_variant(cfg, accelerator, model, batch, variant, steps, warmup, peak_tflops, deadline))
+        if "failed" in rows[-1].get("skipped", "") and len(variant.on) == 1:
+            failed.append(variant.name)
+    all_row = next((r for r in rows if r["variant"] == "all"), None)
+    rest = frozenset(s for s in switches if s not in failed)
+    if all_row and "skipped" in all_row and failed and len(rest) > 1:
+        variant = Variant(f"all but {', '.join(failed)}", rest)
+        rows.append(try_variant(cfg, accelerator, model, batch, variant, steps, warmup, peak_tflops, deadline))
     return rows
+
+
+def try_variant(cfg, accelerator, model, batch: dict, variant: Variant, steps: int, warmup: int,
+                peak_tflops: Optional[float], deadline: Optional[float]) -> dict:
+    if deadline is not None and time.monotonic() > deadline:
+        return {"variant": variant.name, "skipped": "not run: past the deadline"}
+    try:
+        return run_variant(cfg, accelerator, model, batch, variant, steps, warmup, peak_tflops)
+    except Exception as exc:  # one variant's failure (a compiler error, out of memory) must not lose the others
+        traceback.print_exc(file=sys.stderr)
+        uncompile_layers(accelerator.unwrap_model(model))
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Set TORCH")]
+        return {"variant": variant.name, "skipped": f"failed: {type(exc).__name__}: {' '.join(lines[:2])[:200]}"}
 
 
 def markdown_table(rows: list[dict], title: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
@@ -30,7 +31,7 @@ from .mixing import DataMixer
 from .optim import build_optimizer
 from .progress import Progress, format_summary, peak_memory_gb
 from .schedule import WarmupCosine
-from .speed import row_layout
+from .speed import compile_failed, row_layout
 
 log = logging.getLogger("tinygpt.train")
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -176,6 +177,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                          "schedule": schedule.state_dict(), "last_loss": last_loss,
                          "data": _gather_data_state(accelerator, mixer.state())}
                 ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        raise compile_failed(cfg, exc) from exc
     finally:
         progress.close()
     seconds = time.monotonic() - started

@@ -70,3 +70,13 @@ def apply_compile(cfg, accelerator, model: nn.Module) -> int:
                         "turn it off for FSDP runs")
     return compile_layers(model, switches.llm, switches.vision)
 
+
+
+def compile_failed(cfg, exc: Exception) -> UserError:
+    """One line for a torch.compile failure inside training (e.g. torch 2.11's inductor on an H200 failed on the Phi
+    layers under gradient checkpointing with padded rows: "Node ... was invalid, but is output")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Set TORCH")]
+    what = " ".join(lines[:2])[:300]
+    return UserError(f"{cfg.origin('run.compile')}: run.compile: torch {torch.__version__} could not compile the "
+                     f"model ({type(exc).__name__}: {what}); set run.compile.llm=false and run.compile.vision=false "
+                     "(--options), or keep run.packing on, with which it compiled")
