@@ -253,7 +253,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg, "optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "needs two values in [0, 1)")
     _require(cfg, "optim.eps", o.eps > 0, "must be > 0")
     _require(cfg, "optim.max_grad_norm", o.max_grad_norm is None or o.max_grad_norm > 0, "must be > 0 or null")
-    _require(cfg, "optim.fused", not (o.fused and o.name != "adamw"), f"only adamw has a fused kernel, not {o.name}")
 
     for key in ("init_lr", "min_lr", "warmup_lr"):
         _require(cfg, f"schedule.{key}", getattr(s, key) >= 0, "must be >= 0")

@@ -86,7 +86,7 @@ class OptimSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = no clipping (the original)
-    fused: bool = False              # torch's fused AdamW kernel (adamw only)
+    fused: bool = False              # torch's fused AdamW kernel (adamw; adamw8bit, one kernel already, ignores it)
 
 
 @dataclass
