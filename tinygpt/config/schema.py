@@ -115,7 +115,7 @@ class RunSection:
     progress: bool = True            # tqdm progress bar
     tensorboard: bool = False        # write TensorBoard events under checkpoint_dir/tensorboard
     wandb_project: Optional[str] = None  # log to Weights & Biases (network) only when set
-    packing: Packing = field(default_factory=Packing)  # sequence packing (speed; off until measured on a GPU)
+    packing: Packing = field(default_factory=Packing)  # sequence packing (speed; on in the full-size stages)
     pad_to_multiple: int = 1         # pad every batch's row width to a multiple of this (fewer shapes to compile)
     compile: CompileSwitches = field(default_factory=CompileSwitches)  # regional torch.compile (speed)
 
