@@ -8,7 +8,8 @@ A sample per record, id = the record's ``question_id``, its two images in order,
 set's multi-image conversations: ``Image 1: <Img><ImageHere></Img> Image 2: <Img><ImageHere></Img> {question}``
 (the model's own template is added by the chat engine); 8 new tokens. ``meta["family"]`` is the family.
 
-Options: ``limit`` (the first N records). Scoring (one scorer: tinygpt-v-compat gives the same figures): exact match
+Options: ``limit`` (the first N records). Scoring (one scorer: tinygpt-v-compat gives the same figures, with
+``compat`` = "same as official"): exact match
 after the shapes suite's normalisation (case, punctuation, articles, number words -> digits: "The first image." is
 "first image", "three" is "3"); figures: ``accuracy`` overall and ``per_family``, ``unparsed`` (the share of answers
 that are no answer of their family at all: neither "first image" nor "second image", or not a number), ``n`` and
@@ -28,6 +29,7 @@ from ...tasks import IMAGE_TAG
 from ..benchmark import SCORINGS, Benchmark, Prediction, Sample
 from ..metrics import mean
 from ..shapes_metrics import normalize_answer
+from .common import SAME_AS_OFFICIAL
 from .shapes import read_records
 
 QUESTIONS = "questions.json"
@@ -116,11 +118,14 @@ def score(samples: list[Sample], predictions: list[Prediction], scoring: str = "
             examples[family].append([sample.meta["question"], sample.answers[0], text])
     majority = sum(Counter(a).most_common(1)[0][1] for a in answers.values()) / len(samples) if samples else 0.0
     accuracy = mean(h for family_hits in hits.values() for h in family_hits)
-    return {"metric": "accuracy", "value": accuracy, "n": len(samples), "accuracy": accuracy,
-            "per_family": {f: mean(hits[f]) for f in FAMILIES if f in hits},
-            "unparsed": mean(unparsed), "majority_baseline": majority,
-            "counts": {f: len(hits[f]) for f in FAMILIES if f in hits},
-            "examples": {f: examples[f] for f in FAMILIES if f in examples}}
+    result = {"metric": "accuracy", "value": accuracy, "n": len(samples), "accuracy": accuracy,
+              "per_family": {f: mean(hits[f]) for f in FAMILIES if f in hits},
+              "unparsed": mean(unparsed), "majority_baseline": majority,
+              "counts": {f: len(hits[f]) for f in FAMILIES if f in hits},
+              "examples": {f: examples[f] for f in FAMILIES if f in examples}}
+    if scoring == "tinygpt-v-compat":
+        result["compat"] = SAME_AS_OFFICIAL
+    return result
 
 
 BENCHMARK = Benchmark(
