@@ -235,3 +235,18 @@ def test_a_run_through_the_runner_on_a_tiny_model(split, tmp_path):
     assert engine.images == [2] * 6
     assert half["value"] == 0.5 and half["extras"]["unparsed"] == 0.5
     assert half["extras"]["per_family"] == {family: 0.5 for family in FAMILIES}
+
+
+def test_a_missing_default_split_is_not_written_by_evaluate_and_says_how_to_write_it(tmp_path, monkeypatch):
+    from tinygpt.cli.evaluate import _write_synthetic_files
+
+    monkeypatch.setenv("TINYGPT_TINY_DATA", str(tmp_path / "data"))
+    cfg = load_eval_config(Path(__file__).resolve().parents[1] / "eval_configs" / "multi_image.yaml",
+                           [f"run.out_dir={tmp_path / 'out'}"], check_model=False)
+    assert cfg.benchmark.root == str(tmp_path / "data" / "eval" / "multi_image")
+    _write_synthetic_files(cfg)
+    assert not (tmp_path / "data").exists()   # not the benchmark_files tree: the generator writes this split
+    with pytest.raises(UserError, match=r"multi_image\.yaml: benchmark\.root .* is not a directory .*"
+                                        r"python -m tinygpt\.tiny\.synthetic` writes data/synthetic/eval and "
+                                        r"eval/multi_image"):
+        run_evaluation(cfg, quiet=True)
