@@ -484,7 +484,7 @@ def _perfect(sample) -> Prediction:
 
 def test_synthetic_files_load_and_score_perfectly(synthetic):
     out, counts = synthetic
-    assert set(counts) == set(NAMES) == set(names()) - {"shapes"}
+    assert set(counts) == set(NAMES) == set(names()) - {"shapes", "multi_image"}
     assert json.loads((out / "manifest.json").read_text())["counts"] == counts
     for name in NAMES:
         bench = get_benchmark(name)

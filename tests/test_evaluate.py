@@ -37,7 +37,8 @@ def test_every_benchmark_has_a_shipped_config_on_the_tiny_model():
         bench = get_benchmark(name)
         assert cfg.benchmark.name == name and cfg.benchmark.split == bench.splits[0]
         assert cfg.launch.model.backend == "torch" and cfg.launch.model.path == "outputs/tiny/stage4"
-        assert cfg.benchmark.root.endswith("/eval" if name == "shapes" else f"/benchmarks/{name}")
+        assert cfg.benchmark.root.endswith({"shapes": "/eval", "multi_image": "/eval/multi_image"}.get(
+            name, f"/benchmarks/{name}"))
         assert cfg.run.out_dir == f"outputs/eval/{name}-{cfg.benchmark.split}" and cfg.run.scoring == "official"
 
 

@@ -54,10 +54,10 @@ def _write_synthetic_files(cfg) -> None:
     (in seconds; tinygpt.tiny.synthetic.benchmark_files), so they run right after the quick start."""
     from pathlib import Path
 
-    from tinygpt.evaluation.config import default_root
+    from tinygpt.evaluation.config import GENERATOR_SPLITS, default_root
 
     root = Path(cfg.benchmark.root)
-    if cfg.benchmark.name == "shapes" or root.exists() or root != default_root(cfg.benchmark.name):
+    if cfg.benchmark.name in GENERATOR_SPLITS or root.exists() or root != default_root(cfg.benchmark.name):
         return
     from tinygpt.tiny.synthetic.benchmark_files import write_benchmark_files
 

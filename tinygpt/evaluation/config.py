@@ -72,9 +72,13 @@ class EvalConfig:
         return options
 
 
+# benchmarks whose synthetic files `python -m tinygpt.tiny.synthetic` writes (in the held-out split), by their folder
+GENERATOR_SPLITS = {"shapes": Path("eval"), "multi_image": Path("eval") / "multi_image"}
+
+
 def default_root(name: str) -> Path:
     """Where the synthetic files for the tiny model are (tinygpt.tiny.synthetic writes them)."""
-    return tiny_data_dir() / ("eval" if name == "shapes" else Path("benchmarks") / name)
+    return tiny_data_dir() / GENERATOR_SPLITS.get(name, Path("benchmarks") / name)
 
 
 def _parse_options(options: Iterable[str]):

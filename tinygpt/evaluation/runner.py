@@ -211,8 +211,9 @@ def _check_root(cfg: EvalConfig) -> None:
     if root.is_dir():
         return
     synthetic = root == default_root(cfg.benchmark.name)
-    hint = (" (the synthetic files for the tiny model: `python -m tinygpt.tiny.synthetic` writes data/synthetic/eval,"
-            " `python -m tinygpt.tiny.synthetic.benchmark_files --out data/synthetic/benchmarks` the others)"
+    hint = (" (the synthetic files for the tiny model: `python -m tinygpt.tiny.synthetic` writes data/synthetic/eval"
+            " and eval/multi_image, also over an older tree whose files it rewrites byte-identically with the same"
+            " seed; `python -m tinygpt.tiny.synthetic.benchmark_files --out data/synthetic/benchmarks` the others)"
             if synthetic else "")
     raise UserError(f"{cfg.source}: benchmark.root {root} is not a directory{hint}; point it at the dataset with "
                     f"--options benchmark.root=DIR")

@@ -25,6 +25,7 @@ MODULES = {
     "refcocog": "refcoco",
     "pope": "pope",
     "shapes": "shapes",
+    "multi_image": "multi_image",
 }
 
 

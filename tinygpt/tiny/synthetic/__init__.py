@@ -17,6 +17,9 @@
     unnatural/                unnatural_instruction_200k.json (text only)
     multi_image/              train.jsonl (generic JSONL, 2 images per conversation) + images/
     eval/                     held-out scenes: images/, vqa.json, refer.json, captions.json
+    eval/multi_image/         held-out questions that need two images at once: questions.json + images/
+                              (tinygpt.tiny.synthetic.multi_image_eval; its own manifest, not in the top one's roots,
+                              so every other file stays as it was before the split existed)
 
 Every root has a manifest.json (generator version, seed, scale, image size, counts); the top one lists the roots.
 Scenes come from per-(seed, stream, index) random streams, so the output is byte-identical for a seed, and the
@@ -33,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tinygpt.tiny.synthetic import texts
+from tinygpt.tiny.synthetic.multi_image_eval import pair_count, write_multi_image_eval
 from tinygpt.tiny.synthetic.scenes import Scene, sample_scene, scene_rng
 from tinygpt.tiny.synthetic.writers import (
     Progress, aokvqa_record, coco_file_name, llava_record, unnatural_records, vqa_record, write_cc_sbu_align,
@@ -293,6 +297,9 @@ def _generate_into(out: Path, seed: int, scale: str, plan, pretrain_size: int, i
         roots["multi_image"], pair_scenes = _write_multi_image(tmp, seed, scale, plan, instruct_size, progress)
         seen = {s.signature() for s in pretrain_scenes + instruct_scenes + pair_scenes}   # held out from all
         roots["eval"] = _write_eval(tmp, seed, scale, plan, instruct_size, seen, progress)
+        pairs = write_multi_image_eval(tmp / "eval", seed, pair_count(plan.eval_images), instruct_size, seen, progress)
+        write_manifest(tmp / "eval" / "multi_image",
+                       _manifest(seed, scale, "eval", instruct_size, "multi_image_eval", pairs))
         for name, manifest in roots.items():
             write_manifest(tmp / name, manifest)
         top = {"generator": GENERATOR, "version": GENERATOR_VERSION, "seed": seed, "scale": scale,
