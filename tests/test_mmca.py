@@ -256,16 +256,34 @@ def test_bad_model_attention_is_one_line_naming_file_and_key(tmp_path):
     assert load_config(REPO / "train_configs" / "stage4.yaml").model.attention == "causal"
 
 
-def test_stage_attention_is_saved_with_the_model(base_model, tmp_path):
-    from tinygpt.model import load_vlm, save_vlm
-    from tinygpt.train.build import _set_attention
+def test_a_stage_trains_with_mmca_and_saves_it(base_model, tmp_path):
+    """A tiny stage 3 with model.attention=mmca (2 steps, right-padded rows): a finite loss, the output model says
+    mmca (packed rows: test_training_loss_is_the_same_packed_and_right_padded)."""
+    from accelerate.state import AcceleratorState
+    from PIL import Image
 
-    model = load_vlm(base_model)
-    cfg = load_config(REPO / "train_configs" / "tiny" / "stage4.yaml", ["model.attention=mmca"])
-    _set_attention(model, cfg.model)
-    saved = save_vlm(model, tmp_path / "m")
-    assert json.loads((Path(saved) / "config.json").read_text())["text_config"]["attention"] == "mmca"
-    assert attention_kind(load_vlm(saved).config.text_config) == "mmca"
+    from tinygpt.model import load_vlm
+    from tinygpt.train.stage import run_stage
+
+    root = tmp_path / "align"
+    (root / "image").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 5):
+        Image.fromarray(rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)).save(root / "image" / f"{i}.jpg")
+    captions = [{"image_id": str(i), "caption": f"picture number {i}."} for i in range(1, 5)]
+    (root / "filter_cap.json").write_text(json.dumps({"annotations": captions}))
+    opts = [f"data.datasets.cc_sbu_align.params.root={root}", f"model.init_from={base_model}",
+            "data.datasets.cc_sbu_align.batch_size=2", "schedule.total_steps=2", "schedule.warmup_steps=1",
+            "run.progress=false", "run.resume=false", "model.lora.dropout=0.0", "model.attention=mmca"]
+    AcceleratorState._reset_state(True)
+    try:
+        out = run_stage(load_config(REPO / "train_configs" / "tiny" / "stage3.yaml",
+                                    opts + [f"run.output_dir={tmp_path / 'out'}"]))
+    finally:
+        AcceleratorState._reset_state(True)
+    summary = json.loads((out / "train_summary.json").read_text())["summary"]
+    assert np.isfinite(summary["last_loss"]) and summary["last_loss"] > 0
+    assert attention_kind(load_vlm(out).config.text_config) == "mmca"
 
 
 # ---- GGUF export and the runtimes ----------------------------------------------------------------------------------
