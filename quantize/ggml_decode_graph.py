@@ -16,6 +16,8 @@ import numpy as np
 
 import ggml  # ggml-python: optional, so only quantize.ggml_llm (itself imported lazily) imports this module
 
+from .mmca_masks import additive, mmca_masks
+
 # Cache positions per bucket: each masked position costs a little compute (its K and V rows in every layer) and each
 # bucket one graph rebuild in Python; 16 and 32 come out even, 64 costs more (docs/gguf-runtime.md, "Cached decode
 # graph").
@@ -51,9 +53,13 @@ class DecodeGraph:
         self._pos = np.zeros(1, np.int32)
         self._mask = np.zeros(self.n_kv, np.float16)
         self._kv_idx = np.zeros(1, np.int64)
-        self._copies = [(t.contents.data, a.ctypes.data, a.nbytes) for t, a in (
-            (inputs["x"], self._x), (inputs["pos"], self._pos), (inputs["mask"], self._mask),
-            (inputs["kv_idx"], self._kv_idx))]
+        pairs = [(inputs["x"], self._x), (inputs["pos"], self._pos), (inputs["mask"], self._mask),
+                 (inputs["kv_idx"], self._kv_idx)]
+        self._mask2 = self._scale = None
+        if "mask2" in inputs:  # mmca
+            self._mask2, self._scale = np.zeros(self.n_kv, np.float16), np.zeros(1, np.float32)
+            pairs += [(inputs["mask2"], self._mask2), (inputs["scale"], self._scale)]
+        self._copies = [(t.contents.data, a.ctypes.data, a.nbytes) for t, a in pairs]
         vocab = llm.hp.vocab_size
         self._logits = np.ctypeslib.as_array((ctypes.c_float * vocab).from_address(out.contents.data))
 
@@ -62,8 +68,12 @@ class DecodeGraph:
         n_past = llm.n_past
         self._x[...] = np.reshape(value, self._x.shape)
         self._pos[0] = n_past
-        self._mask[:n_past + 1] = 0.0
-        self._mask[n_past + 1:] = -np.inf
+        if self._mask2 is None:
+            self._mask[:n_past + 1] = 0.0
+            self._mask[n_past + 1:] = -np.inf
+        else:
+            same, cross, has = mmca_masks(llm.image_flags, n_past, 1, self.n_kv)
+            self._mask[:], self._mask2[:], self._scale[0] = additive(same[0]), additive(cross[0]), float(has[0])
         self._kv_idx[0] = n_past
         for dst, src, nbytes in self._copies:
             ctypes.memmove(dst, src, nbytes)

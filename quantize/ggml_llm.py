@@ -20,6 +20,10 @@ Layer (N = layer, all in fp32 activations):
     a   = RMSNorm(a) * post_attention_norm.w            (when the file has it)
     x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))
 logits = LayerNorm(x) @ output.w^T + output.b
+
+A file with tinygptv.attention = mmca (multi-modal causal attention) runs two flash attentions per layer, one over the
+keys of the query's own kind and one (text queries only, weighted 0 or 1) over the image keys, and adds them
+(quantize.mmca_masks; image positions are the ones fed through eval_embeddings).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from .ggml_decode_graph import DecodeGraph, decode_graph_key
 from .ggml_weights import GgmlWeights
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
 from .llm_backend import LLMBackend
+from .mmca_masks import additive, mmca_masks
 
 _GRAPH_NODES = 8192
 _KV_TYPES = {"f16": ggml.GGML_TYPE_F16, "f32": ggml.GGML_TYPE_F32}
@@ -86,6 +91,8 @@ class GgmlLLM(LLMBackend):
         self.n_threads = int(n_threads)
         self.n_batch = int(n_batch)
         self.n_past = 0
+        self.mmca = self.hp.attention == "mmca"
+        self.image_flags = np.zeros(self.n_ctx, bool)  # per cache position: fed as an embedding row (mmca)
         self.cpu_backend = ggml.ggml_backend_cpu_init()  # ggml's CPU backend handle (ggml_decode_graph uses it too)
         ggml.ggml_backend_cpu_set_n_threads(self.cpu_backend, self.n_threads)
         # the binding of ggml_backend_cpu_buffer_type truncates the pointer; ask the backend instead
@@ -169,6 +176,7 @@ class GgmlLLM(LLMBackend):
             raise ValueError("nothing to evaluate")
         if self.n_past + n > self.n_ctx:
             raise UserError(f"context length exceeded: {self.n_past} cached + {n} new > n_ctx {self.n_ctx}")
+        self.image_flags[self.n_past:self.n_past + n] = rows is not None
         if n == 1 and self.decode_graph:
             key = decode_graph_key(self, ids is not None)
             if self._decode is None or self._decode.key != key:
@@ -198,8 +206,12 @@ class GgmlLLM(LLMBackend):
             inputs, out = self.build_graph(meta, gf, n, n_kv, ids is not None, want_logits, all_logits)
             if not ggml.ggml_gallocr_alloc_graph(self._galloc, gf):
                 raise RuntimeError("ggml could not allocate the compute graph")
-            values = {"x": ids if ids is not None else rows, "pos": np.arange(self.n_past, n_kv, dtype=np.int32),
-                      "mask": self._causal_mask(n, n_kv)}
+            values = {"x": ids if ids is not None else rows, "pos": np.arange(self.n_past, n_kv, dtype=np.int32)}
+            if self.mmca:
+                same, cross, has = mmca_masks(self.image_flags, self.n_past, n, n_kv)
+                values.update(mask=additive(same), mask2=additive(cross), scale=has.astype(np.float32))
+            else:
+                values["mask"] = self._causal_mask(n, n_kv)
             for name, tensor in inputs.items():
                 v = np.ascontiguousarray(values[name])
                 ctypes.memmove(tensor.contents.data, v.ctypes.data, v.nbytes)
@@ -228,7 +240,8 @@ class GgmlLLM(LLMBackend):
         """Forward graph of n new positions attending to cache positions 0..n_kv-1. Returns its input tensors
         ({"x": ids or rows, "pos", "mask"}; mask F16 [n_kv, n]) and the logits tensor (None unless want_logits). The
         new K/V go to cache position self.n_past (a graph constant), or with kv_index_inputs to the cache rows named
-        by one more I64 input, "kv_idx" [n]."""
+        by one more I64 input, "kv_idx" [n]. mmca files have two more inputs: "mask2" (the image part, F16 [n_kv, n])
+        and "scale" (F32 [1, 1, n]: 1 where a query has an image part, else 0); "mask" is then the same-kind part."""
         hp = self.hp
         if token_input:
             inp = _input(ctx, ggml.GGML_TYPE_I32, n)
@@ -238,11 +251,14 @@ class GgmlLLM(LLMBackend):
         pos = _input(ctx, ggml.GGML_TYPE_I32, n)
         mask = _input(ctx, ggml.GGML_TYPE_F16, n_kv, n)
         inputs = {"x": inp, "pos": pos, "mask": mask}
+        if self.mmca:
+            inputs["mask2"] = _input(ctx, ggml.GGML_TYPE_F16, n_kv, n)
+            inputs["scale"] = _input(ctx, ggml.GGML_TYPE_F32, 1, 1, n)
         kv_rows = None
         if kv_index_inputs:
             kv_rows = inputs["kv_idx"] = _input(ctx, ggml.GGML_TYPE_I64, n)
         for layer in range(hp.n_layers):
-            x = self._layer(ctx, gf, x, layer, n, n_kv, pos, mask, kv_rows)
+            x = self._layer(ctx, gf, x, layer, n, n_kv, pos, mask, kv_rows, inputs.get("mask2"), inputs.get("scale"))
         out = None
         if not want_logits:
             ggml.ggml_build_forward_expand(gf, x)
@@ -268,7 +284,7 @@ class GgmlLLM(LLMBackend):
     def _linear(self, ctx, x, prefix: str):
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, self.w[prefix + ".weight"], x), self.w[prefix + ".bias"])
 
-    def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask, kv_rows=None):
+    def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask, kv_rows=None, mask2=None, scale=None):
         hp = self.hp
         H, D, NH = hp.hidden_size, hp.head_dim, hp.n_heads
         b = f"blk.{il}."
@@ -298,6 +314,9 @@ class GgmlLLM(LLMBackend):
         v_all = ggml.ggml_view_3d(ctx, vc, D, n_kv, NH, vc.contents.nb[1], vc.contents.nb[2], 0)
         q = ggml.ggml_permute(ctx, q, 0, 2, 1, 3)
         att = ggml.ggml_flash_attn_ext(ctx, q, k_all, v_all, mask, 1.0 / math.sqrt(D), 0.0, 0.0)  # [D, NH, n]
+        if mask2 is not None:  # mmca: + the image part of text queries (0 for the others)
+            cross = ggml.ggml_flash_attn_ext(ctx, q, k_all, v_all, mask2, 1.0 / math.sqrt(D), 0.0, 0.0)
+            att = ggml.ggml_add(ctx, att, ggml.ggml_mul(ctx, cross, scale))
         att = ggml.ggml_reshape_2d(ctx, att, H, n)
         att = self._linear(ctx, att, b + "attn_output")
         if hp.rms_norm_eps is not None:

@@ -59,6 +59,7 @@ class LLMHyperParams:
     rms_norm_eps: float | None  # None: no post-attention RMSNorm (plain Phi-2)
     qk_layernorm: bool
     vocab_size: int
+    attention: str = "causal"  # "mmca" when the file has names.ATTENTION = "mmca"
 
     @property
     def head_dim(self) -> int:
@@ -215,6 +216,10 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
         qk_layernorm="blk.0.attn_q_norm.weight" in llm.tensors,
         vocab_size=0,
     )
+    hp.attention = str(llm.metadata.get(names.ATTENTION, "causal"))
+    if hp.attention not in names.ATTENTION_KINDS:
+        raise UserError(f"{llm.path}: metadata key {names.ATTENTION!r} is {hp.attention!r}, expected one of "
+                        f"{', '.join(names.ATTENTION_KINDS)}")
     kv_heads = int(llm.metadata.get(names.LLM_HEAD_COUNT_KV, hp.n_heads))
     if kv_heads != hp.n_heads:
         raise UserError(f"{llm.path}: {names.LLM_HEAD_COUNT_KV}={kv_heads} != head_count {hp.n_heads} "

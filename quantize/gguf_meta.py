@@ -32,6 +32,7 @@ class LLMHyper:
     rms_norm_eps: float
     qk_layernorm: bool
     post_attention_rmsnorm: bool
+    attention: str = "causal"  # or "mmca" (names.ATTENTION)
 
     @classmethod
     def from_config(cls, c: Any) -> "LLMHyper":
@@ -43,6 +44,7 @@ class LLMHyper:
             rotary_dim=int(c.rotary_dim), rope_base=float(c.rope_base),
             layer_norm_eps=float(c.layer_norm_eps), rms_norm_eps=float(c.rms_norm_eps),
             qk_layernorm=bool(c.qk_layernorm), post_attention_rmsnorm=bool(c.post_attention_rmsnorm),
+            attention=str(getattr(c, "attention", None) or "causal"),
         )
 
     @property
@@ -230,6 +232,8 @@ def llm_kv(
         kv_bool(a.QK_LAYERNORM, hyper.qk_layernorm),
         kv_bool(a.POST_ATTENTION_RMSNORM, hyper.post_attention_rmsnorm),
     ]
+    if hyper.attention != "causal":  # absent = causal, so a causal file is byte for byte what it was before the key
+        kv.append(kv_str(a.ATTENTION, hyper.attention))
     return kv
 
 

@@ -71,6 +71,10 @@ VISION_HASH = "tinygptv.vision_hash"  # vision_hash() of the paired vision file'
 MODEL_ID = "tinygptv.model_id"  # sha256 of the exported model's content; the vision file carries the same value
 QK_LAYERNORM = "tinygptv.qk_layernorm"  # bool, informative (the tensors are the truth)
 POST_ATTENTION_RMSNORM = "tinygptv.post_attention_rmsnorm"  # bool, informative
+# str "mmca": multi-modal causal attention (image rows attend to image rows only; text rows add a softmax over earlier
+# text and one over earlier image rows). Written only for mmca; a file without it is causal (older exports too).
+ATTENTION = "tinygptv.attention"
+ATTENTION_KINDS = ("causal", "mmca")
 
 # ---------------------------------------------------------------------------------------- vision keys
 def vision_key(name: str) -> str:

@@ -42,7 +42,8 @@ class LLMBackend(Protocol):
         ...
 
     def eval_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Append input embedding rows ([n, hidden_size], e.g. image vectors) after the cache; logits as eval_tokens."""
+        """Append input embedding rows ([n, hidden_size], e.g. image vectors) after the cache; logits as eval_tokens.
+        An mmca file (tinygptv.attention) treats these positions as image tokens, eval_tokens' as text."""
         ...
 
     def truncate(self, n_keep: int) -> None:

@@ -46,6 +46,9 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "llama-cpp":
+        if llm_hyperparams(llm).attention != "causal":
+            raise UserError(f"{llm.path}: stock llama.cpp has no multi-modal causal attention (attention mmca); "
+                            "use --backend ggml or torch")
         return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
     if backend in ("auto", "ggml"):
         try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves

@@ -3,6 +3,7 @@
 Used when ggml-python cannot be imported (or on request). Every weight is dequantized once at load with
 gguf.quants.dequantize into fp32 (small models) or bf16 (models whose fp32 weights would exceed 4 GB); the
 decoder then runs in that dtype with fp32 norms and softmax. The KV cache is a preallocated tensor per layer.
+An mmca file (tinygptv.attention = mmca) adds the two masked softmaxes of quantize.mmca_masks.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tinygpt.errors import UserError
 
 from .gguf_file import GGUFContents, LLMHyperParams, as_float32, llm_hyperparams
 from .llm_backend import LLMBackend
+from .mmca_masks import mmca_masks
 
 _AUTO_BF16_BYTES = 4 << 30
 
@@ -33,6 +35,7 @@ class TorchLLM(LLMBackend):
             raise UserError(f"context length must be positive, got {self.n_ctx}")
         self.n_batch = int(n_batch)
         self.n_past = 0
+        self.image_flags = np.zeros(self.n_ctx, bool)  # per cache position: fed as an embedding row (mmca)
         if n_threads:
             torch.set_num_threads(int(n_threads))
         n_params = sum(int(np.prod(t.shape.tolist())) for t in llm.tensors.values())
@@ -76,21 +79,22 @@ class TorchLLM(LLMBackend):
         ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(-1))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.hp.vocab_size):
             raise UserError(f"token id outside 0..{self.hp.vocab_size - 1}")
-        return self._eval(self.w["token_embd.weight"][ids].float(), all_logits)
+        return self._eval(self.w["token_embd.weight"][ids].float(), all_logits, image=False)
 
     def eval_embeddings(self, rows: np.ndarray, all_logits: bool = False) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.hp.hidden_size:
             raise UserError(f"embeddings must be [n, {self.hp.hidden_size}], got {list(rows.shape)}")
-        return self._eval(torch.from_numpy(np.ascontiguousarray(rows)), all_logits)
+        return self._eval(torch.from_numpy(np.ascontiguousarray(rows)), all_logits, image=True)
 
     @torch.inference_mode()
-    def _eval(self, x: torch.Tensor, all_logits: bool) -> np.ndarray:
+    def _eval(self, x: torch.Tensor, all_logits: bool, image: bool) -> np.ndarray:
         n = x.shape[0]
         if n == 0:
             raise ValueError("nothing to evaluate")
         if self.n_past + n > self.n_ctx:
             raise UserError(f"context length exceeded: {self.n_past} cached + {n} new > n_ctx {self.n_ctx}")
+        self.image_flags[self.n_past:self.n_past + n] = image
         outs = []
         for start in range(0, n, self.n_batch):
             h = self._forward(x[start:start + self.n_batch])
@@ -121,6 +125,10 @@ class TorchLLM(LLMBackend):
         p0, p1 = self.n_past, self.n_past + n
         pos = torch.arange(p0, p1)
         mask = torch.arange(p1)[None, :] <= pos[:, None]  # [n, n_kv] True = attend
+        cross = None
+        if self.hp.attention == "mmca":
+            same, cross, has = (torch.from_numpy(m) for m in mmca_masks(self.image_flags, p0, n, p1))
+            mask, has = same, has.float()[None, :, None]  # [1, n, 1] over [NH, n, D]
         for il in range(hp.n_layers):
             b = f"blk.{il}."
             h = self._ln(x, b + "attn_norm")
@@ -135,6 +143,9 @@ class TorchLLM(LLMBackend):
             values = self.v_cache[il][:p1].float().transpose(0, 1)
             att = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask,
                                                  scale=1.0 / math.sqrt(D))
+            if cross is not None:
+                att = att + has * F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=cross,
+                                                                 scale=1.0 / math.sqrt(D))
             att = self._linear(att.transpose(0, 1).reshape(n, H), b + "attn_output")
             if hp.rms_norm_eps is not None:
                 att = att * torch.rsqrt(att.pow(2).mean(-1, keepdim=True) + hp.rms_norm_eps)

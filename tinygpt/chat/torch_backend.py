@@ -198,7 +198,11 @@ class TorchBackend:
             ids[k, : len(c)] = torch.tensor(c, device=self.device)
             mask[k, : n_prompt + len(c)] = 1
         embeds = torch.cat([prompt.expand(len(cand_ids), -1, -1), embed(ids)], dim=1)
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        extra = model.image_mask_kwargs(inputs)  # mmca: the prompt's image positions; candidates are text
+        if extra:
+            flags = extra["image_mask"].expand(len(cand_ids), -1)
+            extra["image_mask"] = torch.cat([flags, torch.zeros_like(ids, dtype=torch.bool)], dim=1)
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra).logits
         logp = torch.log_softmax(logits[:, n_prompt - 1: n_prompt + longest - 1].float(), dim=-1)
         token_logp = logp.gather(-1, ids[..., None])[..., 0]
         return [float(token_logp[k, : len(c)].sum()) for k, c in enumerate(cand_ids)]

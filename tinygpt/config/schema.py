@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 REQUIRED: Any = "???"  # a required value (omegaconf's own MISSING marker, so "key: ???" in a YAML means the same)
 
 PRESETS = ("tinygptv", "tiny")
+ATTENTIONS = ("causal", "mmca")
 TRAINABLE_SETS = ("stage1", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -61,6 +62,7 @@ class ModelSection:
     max_txt_len: int = 32            # answer/next-turn tokens kept after the first prompt
     gradient_checkpointing: GradientCheckpointing = field(default_factory=GradientCheckpointing)
     load_in_4bit: bool = False       # QLoRA: frozen LLM Linear weights in 4-bit NF4 (bitsandbytes)
+    attention: str = "causal"        # LLM attention: causal | mmca (multi-modal causal; saved into the output model)
 
 
 @dataclass

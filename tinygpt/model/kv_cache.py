@@ -31,6 +31,7 @@ class KVCache:
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.image_keys: torch.Tensor | None = None  # [B, T] which cached positions are image tokens (mmca only)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):
@@ -48,6 +49,8 @@ class KVCache:
         """Keep the rows of the surviving beams (beam search)."""
         self.keys = [k.index_select(0, beam_idx.to(k.device)) for k in self.keys]
         self.values = [v.index_select(0, beam_idx.to(v.device)) for v in self.values]
+        if self.image_keys is not None:
+            self.image_keys = self.image_keys.index_select(0, beam_idx.to(self.image_keys.device))
 
 
 def take_cache(explicit: Any, kwargs: dict) -> Any:
@@ -71,6 +74,23 @@ def cache_length(cache: Any) -> int:
 def cache_update(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
     """Append this step's keys/values for one layer; returns the keys/values of the whole sequence so far."""
     return cache.update(key, value, layer_idx)
+
+
+def cache_image_keys(cache: Any, new: torch.Tensor, past: int) -> torch.Tensor:
+    """Which of all keys (``past`` cached, then ``new`` [B, S]) are image tokens, [B, past + S] boolean; the cache
+    remembers it for the next step (mmca). It is kept as an attribute, ``image_keys``, so transformers' own cache
+    classes carry it too; cached positions it does not cover (a cache filled without it) count as text."""
+    new = new.bool()
+    if cache is None:
+        return new
+    old = getattr(cache, "image_keys", None)
+    if old is None or old.shape[0] != new.shape[0]:
+        old = new.new_zeros((new.shape[0], 0))
+    old = old[:, :past].to(new.device)
+    if old.shape[1] < past:
+        old = torch.cat([old, new.new_zeros((new.shape[0], past - old.shape[1]))], dim=1)
+    cache.image_keys = torch.cat([old, new], dim=1)
+    return cache.image_keys
 
 
 # Both names are declared fields, so ModelOutput's own renaming (5.25+) leaves them alone and `"cache" in outputs`,

@@ -7,7 +7,8 @@ Decoder layer (parallel residual, as the original code runs it, not as the paper
     x' = x + a + MLP(h)
 
 Attention: fused ``qkv`` Linear (rows ``[q; k; v]``) -> per-head LayerNorm on q and k (over head_dim, shared by heads)
--> partial NeoX RoPE on the first ``rotary_dim`` dims -> causal SDPA -> ``dense``.
+-> partial NeoX RoPE on the first ``rotary_dim`` dims -> causal SDPA -> ``dense``. With ``attention: mmca`` in the
+config the SDPA is multi-modal causal attention (``mmca.py``; which positions are image tokens: ``image_mask``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .kv_cache import CausalLMOutput, DecoderOutput, KVCache, cache_length, cache_update, take_cache, with_cache
-from .phi_config import TinyGPTPhiConfig
+from .kv_cache import (
+    CausalLMOutput,
+    DecoderOutput,
+    KVCache,
+    cache_image_keys,
+    cache_length,
+    cache_update,
+    take_cache,
+    with_cache,
+)
+from .mmca import MMCAMask, mmca_attention, mmca_mask
+from .phi_config import TinyGPTPhiConfig, attention_kind
 
 
 class RMSNorm(nn.Module):
@@ -93,7 +104,10 @@ class TinyGPTPhiAttention(nn.Module):
         k = apply_partial_rope(k, cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache_update(cache, k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5)
+        if isinstance(attn_mask, MMCAMask):
+            out = mmca_attention(q, k, v, attn_mask, self.head_dim**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5)
         return self.dense(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -150,6 +164,14 @@ def build_attention_mask(
     return mask | (k_pos == q_pos)[None, None]
 
 
+def _new_image_flags(image_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    if image_mask is None:
+        return torch.zeros((batch, seq), dtype=torch.bool, device=device)
+    if tuple(image_mask.shape) != (batch, seq):
+        raise ValueError(f"image_mask must be [batch, new positions] = {[batch, seq]}, got {list(image_mask.shape)}")
+    return image_mask.to(device=device, dtype=torch.bool)
+
+
 def default_position_ids(attention_mask: torch.Tensor | None, batch: int, seq: int, past: int, device):
     """Positions count only real tokens, so left and right padding both give the unpadded positions."""
     if attention_mask is None:
@@ -187,6 +209,7 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
     def __init__(self, config: TinyGPTPhiConfig):
         super().__init__(config)
         config.validate_shapes()
+        attention_kind(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(TinyGPTPhiDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -208,9 +231,12 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        image_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> DecoderOutput:
-        """``cache``: a KV cache (``kv_cache.py``), also accepted as ``past_key_values``; returned under both names."""
+        """``cache``: a KV cache (``kv_cache.py``), also accepted as ``past_key_values``; returned under both names.
+        ``image_mask`` [B, S]: which of the new positions are image embeddings (read only with ``attention: mmca``;
+        none given = all text); the cache remembers it for later steps."""
         cache = take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -231,6 +257,9 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
                 raise ValueError("a 4-D attention_mask needs position_ids")
             position_ids = default_position_ids(attention_mask, batch, seq, past, device)
         mask = build_attention_mask(attention_mask, batch, seq, past, device)
+        if attention_kind(self.config) == "mmca":
+            key_is_image = cache_image_keys(cache, _new_image_flags(image_mask, batch, seq, device), past)
+            mask = mmca_mask(mask, key_is_image, past)
         cos_sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_base, torch.float32)
         hidden = self.embed_dropout(inputs_embeds)
         for layer in self.layers:
@@ -255,6 +284,18 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_mask=None, **kwargs):
+        """transformers' step inputs, plus ``image_mask`` cut to this step's new positions: ``generate`` hands the
+        prompt's mask [B, prompt] to every step; positions past the prompt (generated tokens) are text."""
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if image_mask is not None:
+            new = inputs.get("inputs_embeds")
+            seq = (new if new is not None else inputs["input_ids"]).shape[1]
+            past = cache_length(inputs.get("cache", inputs.get("past_key_values")))
+            flags = image_mask[:, past:past + seq].bool()
+            inputs["image_mask"] = F.pad(flags, (0, seq - flags.shape[1]), value=False)
+        return inputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -266,6 +307,7 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         loss_only: bool = False,
+        image_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """``loss_only``: with labels, project to the vocabulary only where a label is supervised (training speed:
@@ -277,6 +319,7 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
             cache=take_cache(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            image_mask=image_mask,
         )
         hidden = out.last_hidden_state
         if loss_only and labels is not None:

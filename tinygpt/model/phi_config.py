@@ -9,6 +9,9 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     ``qk_layernorm``: a LayerNorm over head_dim (shared by all heads) on queries and keys, before RoPE.
     ``post_attention_rmsnorm``: a weight-only RMSNorm on the attention branch output.
     With both switched off the model is plain Phi-2 (and exports to a stock llama.cpp ``phi2`` GGUF).
+    ``attention`` (an optional key, read through :func:`attention_kind`): absent = ``causal``; ``mmca`` = multi-modal
+    causal attention (``mmca.py``). It is not a declared field, so a causal model's config.json (and the model id of
+    its GGUF export) stays what it was before the option existed.
     """
 
     model_type = "tinygpt_phi"
@@ -47,3 +50,25 @@ class TinyGPTPhiConfig(PreTrainedConfig):
             )
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+
+
+ATTENTION_KINDS = ("causal", "mmca")
+
+
+def attention_kind(config) -> str:
+    """The config's attention: ``causal`` (also when the key is absent) or ``mmca``; ValueError for anything else."""
+    kind = getattr(config, "attention", None) or "causal"
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention: {kind!r} is not one of {', '.join(ATTENTION_KINDS)}")
+    return kind
+
+
+def set_attention_kind(config, kind: str) -> None:
+    """Store ``kind`` on the config; ``causal`` removes the key (the config then serialises as before the option)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention: {kind!r} is not one of {', '.join(ATTENTION_KINDS)}")
+    if kind == "causal":
+        if hasattr(config, "attention"):
+            delattr(config, "attention")
+    else:
+        config.attention = kind

@@ -11,6 +11,7 @@ from ..errors import UserError
 from .lora import inject_lora
 from .packing import RowLayout
 from .phi import TinyGPTPhiForCausalLM
+from .phi_config import attention_kind
 from .sequence import ModelInputs, PromptFormat, build_inputs, embed_inputs
 from .vision import check_image_size, check_pixel_values
 from .vlm_config import TinyGPTVConfig
@@ -133,7 +134,15 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
             labels=inputs.labels.to(device),
             use_cache=False,
             loss_only=loss_only,
+            **self.image_mask_kwargs(inputs),
         )
+
+    def image_mask_kwargs(self, inputs: ModelInputs) -> dict:
+        """``{"image_mask": which positions are image tokens}`` for a language model with ``attention: mmca``; ``{}``
+        for a causal one (which does not read it)."""
+        if attention_kind(self.config.text_config) != "mmca":
+            return {}
+        return {"image_mask": inputs.image_positions.to(self.proj1.weight.device)}
 
     def _image_embeds(self, pixel_values, image_features):
         if image_features is not None:
@@ -176,7 +185,8 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
             generate_kwargs["stop_strings"] = list(stops)
             generate_kwargs.setdefault("tokenizer", self._require_tokenizer())
         return self.language_model.generate(
-            inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(device), **generate_kwargs
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask.to(device), **self.image_mask_kwargs(inputs),
+            **generate_kwargs,
         )
 
     def decode_answer(self, token_ids: torch.Tensor) -> str:

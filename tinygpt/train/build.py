@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..model import TinyGPTVForConditionalGeneration, build_config, load_vlm
 from ..model.checkpoint_io import read_config
 from ..model.lora import has_lora, inject_lora, lora_settings
+from ..model.phi_config import attention_kind, set_attention_kind
 from ..model.presets import PRESETS
 from ..model.trainable import apply_trainable_set, check_trainable
 from ..model.vision import resize_position_embedding
@@ -115,6 +116,14 @@ def _set_prompt_format(model: nn.Module, m: ModelSection) -> None:
     model.config.stop_strings = [m.end_sym] if m.end_sym.strip() else []
 
 
+def _set_attention(model: nn.Module, m: ModelSection) -> None:
+    """The stage's ``model.attention`` on the LLM's config (saved with the output model)."""
+    before = attention_kind(model.config.text_config)
+    set_attention_kind(model.config.text_config, m.attention)
+    if before != m.attention:
+        log.info("attention: %s (the model it starts from ran %s)", m.attention, before)
+
+
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Frozen weights in the compute dtype (half the memory); trainable ones stay fp32 (the optimizer's master copy)."""
     for param in model.parameters():
@@ -150,6 +159,7 @@ def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None,
     resized = resize_vision(model, m.image_size) if m.image_size is not None else False
     _attach_lora(model, _lora_dict(m), source)
     _set_prompt_format(model, m)
+    _set_attention(model, m)
     if m.load_in_4bit:
         quantize_frozen_llm(model)
     apply_trainable_set(model, m.trainable)
