@@ -253,7 +253,7 @@ def test_bad_model_attention_is_one_line_naming_file_and_key(tmp_path):
         load_config(stage)
     message = str(info.value)
     assert message.startswith(f"{stage}: model.attention: 'mmac' is not one of causal, mmca") and "\n" not in message
-    assert load_config(REPO / "train_configs" / "stage4.yaml").model.attention == "causal"
+    assert load_config(REPO / "train_configs" / "stage4.yaml").model.attention is None  # the starting model's
 
 
 def test_a_stage_trains_with_mmca_and_saves_it(base_model, tmp_path):
@@ -284,6 +284,15 @@ def test_a_stage_trains_with_mmca_and_saves_it(base_model, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())["summary"]
     assert np.isfinite(summary["last_loss"]) and summary["last_loss"] > 0
     assert attention_kind(load_vlm(out).config.text_config) == "mmca"
+    # the next stage starts from it without naming model.attention: it stays mmca (unset = the starting model's)
+    later = [o for o in opts if not o.startswith(("model.attention", "model.init_from"))]
+    AcceleratorState._reset_state(True)
+    try:
+        out2 = run_stage(load_config(REPO / "train_configs" / "tiny" / "stage3.yaml",
+                                     later + [f"model.init_from={out}", f"run.output_dir={tmp_path / 'out2'}"]))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert attention_kind(load_vlm(out2).config.text_config) == "mmca"
 
 
 # ---- GGUF export and the runtimes ----------------------------------------------------------------------------------

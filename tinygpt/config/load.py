@@ -217,7 +217,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     m, d, o, s, r = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.run
     _choice(cfg, "model.preset", m.preset, schema.PRESETS)
     _choice(cfg, "model.trainable", m.trainable, schema.TRAINABLE_SETS)
-    _choice(cfg, "model.attention", m.attention, schema.ATTENTIONS)
+    if m.attention is not None:
+        _choice(cfg, "model.attention", m.attention, schema.ATTENTIONS)
     if m.init_from is not None and m.init_from.startswith(schema.BUILTIN_PREFIX):
         _choice(cfg, "model.init_from", m.init_from, schema.BUILTIN_MODELS)
     _require(cfg, "model.init_from", m.init_from is None or m.init_from.strip() != "", "empty path (use null)")

@@ -62,7 +62,7 @@ class ModelSection:
     max_txt_len: int = 32            # answer/next-turn tokens kept after the first prompt
     gradient_checkpointing: GradientCheckpointing = field(default_factory=GradientCheckpointing)
     load_in_4bit: bool = False       # QLoRA: frozen LLM Linear weights in 4-bit NF4 (bitsandbytes)
-    attention: str = "causal"        # LLM attention: causal | mmca (multi-modal causal; saved into the output model)
+    attention: Optional[str] = None  # LLM attention: causal | mmca (multi-modal causal); unset: the starting model's
 
 
 @dataclass

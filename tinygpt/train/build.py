@@ -117,11 +117,13 @@ def _set_prompt_format(model: nn.Module, m: ModelSection) -> None:
 
 
 def _set_attention(model: nn.Module, m: ModelSection) -> None:
-    """The stage's ``model.attention`` on the LLM's config (saved with the output model)."""
+    """The stage's ``model.attention`` on the LLM's config (saved with the output model); unset keeps the starting
+    model's (causal for a new one), so the stages after the one that switched to mmca stay mmca."""
     before = attention_kind(model.config.text_config)
+    if m.attention is None or m.attention == before:
+        return
     set_attention_kind(model.config.text_config, m.attention)
-    if before != m.attention:
-        log.info("attention: %s (the model it starts from ran %s)", m.attention, before)
+    log.info("attention: %s (the model it starts from ran %s)", m.attention, before)
 
 
 def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
