@@ -9,6 +9,8 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     ``qk_layernorm``: a LayerNorm over head_dim (shared by all heads) on queries and keys, before RoPE.
     ``post_attention_rmsnorm``: a weight-only RMSNorm on the attention branch output.
     With both switched off the model is plain Phi-2 (and exports to a stock llama.cpp ``phi2`` GGUF).
+    ``moe``: ``None`` (dense FFNs) or the resolved MoE settings of ``tinygpt.model.moe`` (``num_experts``, ``top_k``,
+    ``layers`` as a list of indices, ``aux_loss_weight``, ``capacity_factor``, ``router_jitter``, ``z_loss_weight``).
     """
 
     model_type = "tinygpt_phi"
@@ -32,9 +34,16 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     post_attention_rmsnorm: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
+    moe: dict | None = None
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = 50256
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("moe") is None:  # a dense model's config.json stays as it was before MoE existed
+            out.pop("moe", None)
+        return out
 
     @property
     def head_dim(self) -> int:

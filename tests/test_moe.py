@@ -1,0 +1,164 @@
+"""MoE-tuning: the routed FFN, sparse upcycling, the model.moe config section, the moe trainable set and stage 5."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygpt.config import load_config
+from tinygpt.errors import UserError
+from tinygpt.model import TinyGPTPhiForCausalLM, build_config
+from tinygpt.model.moe import MoEFeedForward, moe_modules, resolve_layers, upcycle
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE5 = ROOT / "train_configs" / "stage5_moe.yaml"
+TINY_STAGE5 = ROOT / "train_configs" / "tiny" / "stage5_moe.yaml"
+
+
+def tiny_phi(seed: int = 0) -> TinyGPTPhiForCausalLM:
+    torch.manual_seed(seed)
+    return TinyGPTPhiForCausalLM(copy.deepcopy(build_config("tiny").text_config)).eval()
+
+
+def test_one_expert_top1_equals_the_dense_model():
+    dense = tiny_phi()
+    moe = copy.deepcopy(dense)
+    upcycle(moe, {"num_experts": 1, "top_k": 1, "aux_loss_weight": 0.01}, seed=3)
+    ids = torch.randint(0, 2000, (2, 11))
+    assert torch.equal(dense(ids, use_cache=False).logits, moe(ids, use_cache=False).logits)
+    # each layer's balancing term is E * f * P = 1 * 1 * 1: the loss is the dense loss + 4 layers x the weight
+    dense_loss = dense(ids, labels=ids, use_cache=False).loss
+    assert moe(ids, labels=ids, use_cache=False).loss.item() == pytest.approx(dense_loss.item() + 0.04, abs=1e-6)
+
+
+def test_routed_ffn_matches_a_direct_per_token_formula():
+    dense = tiny_phi()
+    upcycle(dense, {"num_experts": 4, "top_k": 2, "layers": [2]}, seed=0)
+    block = dense.model.layers[2].mlp
+    with torch.no_grad():  # distinct experts, so a wrong expert or gate shows
+        for expert in block.experts:
+            expert.fc2.weight.add_(0.05 * torch.randn_like(expert.fc2.weight))
+        block.router.weight.normal_(0, 0.5)
+    x = torch.randn(3, 5, 256)
+    got = block(x)
+    want = torch.zeros_like(x)
+    for b in range(3):
+        for t in range(5):
+            probs = torch.softmax(block.router.weight @ x[b, t], -1)
+            top = probs.topk(2)
+            gates = top.values / top.values.sum()
+            for gate, e in zip(gates, top.indices):
+                want[b, t] += gate * block.experts[int(e)](x[b, t])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    counts = block.last_counts
+    assert counts.sum().item() == 3 * 5 * 2 and counts.shape == (4,)
+
+
+def test_balancing_loss_is_switch_formula_and_capacity_drops_only_in_training():
+    model = tiny_phi()
+    upcycle(model, {"num_experts": 2, "top_k": 1, "layers": [0], "capacity_factor": 0.5}, seed=0)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[0, 0] = 10.0  # tokens with x[0] > 0 go to expert 0
+    x = torch.randn(1, 16, 256)
+    x[0, :12, 0] = 1.0
+    x[0, 12:, 0] = -1.0
+    eval_out = block(x)
+    probs = torch.softmax(x[0] @ block.router.weight.T, -1)
+    share = torch.tensor([12 / 16, 4 / 16])
+    want_aux = 0.01 * 2 * (share * probs.mean(0)).sum()
+    assert block.last_aux_loss.item() == pytest.approx(want_aux.item(), rel=1e-5)
+    assert block.last_counts.tolist() == [12, 4]
+    block.train()
+    train_out = block(x)
+    cap = math.ceil(0.5 * 16 * 1 / 2)  # 4 slots per expert: tokens 4..11 of expert 0 are dropped
+    assert torch.equal(train_out[0, :cap], eval_out[0, :cap])
+    assert torch.count_nonzero(train_out[0, cap:12]) == 0
+    assert torch.equal(train_out[0, 12:], eval_out[0, 12:])
+
+
+def test_upcycling_copies_the_ffn_and_seeds_the_router():
+    dense = tiny_phi()
+    a, b, c = (copy.deepcopy(dense) for _ in range(3))
+    assert upcycle(a, {"layers": "alternate"}, seed=5) == [1, 3]
+    upcycle(b, {"layers": "alternate"}, seed=5)
+    upcycle(c, {"layers": "alternate"}, seed=6)
+    block = a.model.layers[1].mlp
+    assert isinstance(block, MoEFeedForward) and not isinstance(a.model.layers[0].mlp, MoEFeedForward)
+    for expert in block.experts:
+        assert torch.equal(expert.fc1.weight, dense.model.layers[1].mlp.fc1.weight)
+        assert torch.equal(expert.fc2.bias, dense.model.layers[1].mlp.fc2.bias)
+    assert torch.equal(block.router.weight, b.model.layers[1].mlp.router.weight)
+    assert not torch.equal(block.router.weight, c.model.layers[1].mlp.router.weight)
+    assert 0.01 < block.router.weight.std().item() < 0.03
+    assert [i for i, _ in moe_modules(a)] == [1, 3]
+    with pytest.raises(UserError, match="already has MoE"):
+        upcycle(a, {}, seed=0)
+
+
+def test_layer_patterns_and_out_of_range_indices():
+    assert resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers("alternate", 32) == list(range(1, 32, 2))
+    assert resolve_layers([3, 1], 4) == [1, 3]
+    with pytest.raises(UserError, match=r"model.moe.layers: layer indices \[7\] are outside the model's 0..3"):
+        resolve_layers([1, 7], 4)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("model.moe.top_k=5", r"model.moe.top_k: must be in \[1, num_experts=4\], got 5"),
+    ("model.moe.layers=every", r"model.moe.layers: 'every' is not one of all, alternate"),
+    ("model.moe.capacity_factor=0", "model.moe.capacity_factor: must be > 0 or null"),
+    ("model.trainable=lora", "model.trainable: model.moe is set, so the stage trains the router and experts"),
+    ("model.moe=null", "model.trainable: trainable set 'moe' needs MoE settings"),
+])
+def test_config_mistakes_name_the_file_and_key(option, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_config(TINY_STAGE5, [option])
+    assert "--options" in str(info.value) or "stage5_moe.yaml" in str(info.value)
+
+
+def test_dense_configs_are_unchanged_by_the_option():
+    cfg = load_config(ROOT / "train_configs" / "tiny" / "stage4.yaml")
+    assert cfg.model.moe is None
+    text = build_config("tiny").text_config
+    assert text.moe is None and "moe" not in text.to_dict()
+
+
+def full_size_meta_model(moe: dict | None, lora: dict | None = None):
+    from tinygpt.model import TinyGPTVForConditionalGeneration
+    from tinygpt.model.moe import moe_settings
+
+    config = build_config("tinygptv", lora=lora)
+    if moe is not None:
+        config.text_config.moe = moe_settings(moe, config.text_config.num_hidden_layers)
+    with torch.device("meta"):
+        return TinyGPTVForConditionalGeneration(config)
+
+
+def test_full_size_stage5_trainable_set_and_sizes_on_meta_device():
+    from tinygpt.model.trainable import apply_trainable_set, check_trainable
+
+    stage = load_config(STAGE5)
+    moe = dataclasses_dict(stage.model.moe)
+    model = full_size_meta_model(moe, lora={})
+    assert apply_trainable_set(model, "moe") == 839_106_560 == check_trainable(model, "moe")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".mlp.router." in n or ".mlp.experts." in n for n in trainable)
+    assert len([n for n in trainable if n.endswith("router.weight")]) == 4
+    llm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("language_model."))
+    assert llm == 2_779_776_000 + 31_457_280 + 3 * 4 * 52_441_600 + 4 * 4 * 2560  # + LoRA, 3 more experts, routers
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 3_706_219_520  # ViT 985,952,256 + Q-Former 105,137,664 + queries, proj, the rest of the LLM
+    # every layer MoE, as MoE-LLaVA: 8x the trainable parameters
+    assert apply_trainable_set(full_size_meta_model(dict(moe, layers="all"), lora={}), "moe") == 6_712_852_480
+
+
+def dataclasses_dict(settings) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(settings)
