@@ -13,6 +13,7 @@ from tinygpt.config import load_config
 from tinygpt.errors import UserError
 from tinygpt.model import TinyGPTPhiForCausalLM, build_config
 from tinygpt.model.moe import MoEFeedForward, moe_modules, resolve_layers, upcycle
+from test_train import fresh_accelerate_state, synthetic  # noqa: F401  (fixtures shared with the stage tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE5 = ROOT / "train_configs" / "stage5_moe.yaml"
@@ -162,3 +163,90 @@ def dataclasses_dict(settings) -> dict:
     import dataclasses
 
     return dataclasses.asdict(settings)
+
+
+# ---- the tiny stage 5: trains, logs the load, resumes bit-identically, saves a directory that reloads -------------
+
+@pytest.fixture(scope="module")
+def stage4_like(tmp_path_factory):
+    """A tiny dense model with stage 4's LoRA (non-zero deltas), saved whole: the stand-in for a stage-4 output."""
+    from tinygpt.model import TinyGPTVForConditionalGeneration, save_vlm
+    from tinygpt.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = TinyGPTVForConditionalGeneration(build_config("tiny", lora={}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.02)
+    model.tokenizer = load_tokenizer(None)
+    return save_vlm(model, tmp_path_factory.mktemp("stage4") / "stage4")
+
+
+def probe_logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        inputs = model.prepare_inputs([[{"user": "what shape is red?", "assistant": "a circle"}]], [0])
+        embeds = model.language_model.get_input_embeddings()(inputs.input_ids)
+        return model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask).logits
+
+
+@pytest.mark.slow
+def test_tiny_moe_stage_trains_logs_resumes_and_reloads(synthetic, stage4_like, tmp_path, monkeypatch,  # noqa: F811
+                                                        caplog):
+    import json
+    import logging
+    import os
+    import signal
+    import subprocess
+
+    from safetensors.torch import load_file
+    from test_train import KILL_SCRIPT, PYTHON, REPO, options, run
+
+    from tinygpt.model import load_vlm
+    from tinygpt.train import stage as stage_module
+
+    saved = {}
+    real_save = stage_module.save_output
+
+    def save_and_probe(cfg, model, *args, **kwargs):
+        saved["logits"] = probe_logits(model)
+        return real_save(cfg, model, *args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "save_output", save_and_probe)
+    extra = [f"model.init_from={stage4_like}", "run.save_every=2", "run.log_every=2"]
+    with caplog.at_level(logging.INFO, logger="tinygpt.train"):
+        out_a = run("5_moe", options("5_moe", synthetic, tmp_path / "a", steps=5, batch=1) + extra)
+    lines = [r.getMessage() for r in caplog.records if " moe layer " in r.getMessage()]
+    assert len(lines) == 3 and lines[0].startswith("step 2 moe layer 1 load ") and "| layer 3 load " in lines[0]
+    assert " | aux loss 0.0" in lines[0]
+    summary = json.loads((out_a / "train_summary.json").read_text())["summary"]
+    assert summary["trainable_params"] == 2 * 4 * (2 * 256 * 1024 + 1024 + 256 + 256)
+    assert set(summary["moe_load_share"]) == {"1", "3"}
+    for share in summary["moe_load_share"].values():
+        assert sum(share) == pytest.approx(1.0, abs=1e-3) and len(share) == 4
+
+    # trainable-only output over the dense stage 4: routers and experts only; it reloads to the same logits
+    tensors = load_file(str(out_a / "model.safetensors"))
+    assert tensors and all(".mlp.router." in n or ".mlp.experts." in n for n in tensors)
+    reloaded = load_vlm(out_a)
+    assert reloaded.config.text_config.moe["layers"] == [1, 3] and reloaded.config.lora is not None
+    assert torch.equal(probe_logits(reloaded), saved["logits"])
+    before = load_vlm(stage4_like)
+    assert not torch.equal(probe_logits(before), saved["logits"])  # the experts trained
+    lm_a, lm_0 = reloaded.language_model.model.layers, before.language_model.model.layers
+    assert torch.equal(lm_a[0].mlp.fc1.weight, lm_0[0].mlp.fc1.weight)  # dense layers untouched
+    assert torch.equal(lm_a[1].self_attn.qkv.lora_B.default.weight, lm_0[1].self_attn.qkv.lora_B.default.weight)
+
+    # killed right after the checkpoint of step 4, then resumed: the same weights, bit for bit
+    killed = options("5_moe", synthetic, tmp_path / "b", steps=5, batch=1) + extra
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([PYTHON, "-c", KILL_SCRIPT, json.dumps([str(TINY_STAGE5), killed, 4])],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out_b = run("5_moe", killed + ["run.resume=auto"])
+    assert json.loads((out_b / "train_summary.json").read_text())["summary"]["start_step"] == 4
+    b = load_file(str(out_b / "model.safetensors"))
+    assert tensors.keys() == b.keys()
+    for name in tensors:
+        assert torch.equal(tensors[name], b[name]), name

@@ -24,6 +24,7 @@ outputs. The decoder layer is otherwise unchanged (parallel residual: ``x + attn
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -155,21 +156,19 @@ def upcycle(language_model: nn.Module, settings: dict, seed: int) -> list[int]:
     return config.moe["layers"]
 
 
-def upcycle_state(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """A dense checkpoint's FFN tensors under an MoE model: each MoE layer's ``mlp.fc1/fc2`` copied into every
-    expert (how a trainable-only MoE stage output loads over its dense base)."""
+def upcycle_state(state: dict[str, torch.Tensor], config, prefix: str = "language_model.model.layers.") -> dict:
+    """A dense checkpoint's FFN tensors under an MoE model: each MoE layer's ``{prefix}N.mlp.fc1/fc2`` copied into
+    every expert (how a trainable-only MoE stage output loads over its dense base). Other tensors pass unchanged."""
     moe = getattr(config, "moe", None)
     if moe is None:
         return state
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.mlp\.(fc[12]\.(?:weight|bias))$")
     out = {}
     for key, value in state.items():
-        parts = key.split(".")
-        if "layers" in parts and "mlp" in parts and parts[parts.index("mlp") + 1] in ("fc1", "fc2"):
-            layer = int(parts[parts.index("layers") + 1])
-            if layer in moe["layers"]:
-                cut = parts.index("mlp") + 1
-                for e in range(int(moe["num_experts"])):
-                    out[".".join(parts[:cut] + ["experts", str(e)] + parts[cut:])] = value
-                continue
-        out[key] = value
+        match = pattern.match(key)
+        if match is None or int(match.group(1)) not in moe["layers"]:
+            out[key] = value
+            continue
+        for e in range(int(moe["num_experts"])):
+            out[f"{prefix}{match.group(1)}.mlp.experts.{e}.{match.group(2)}"] = value
     return out
