@@ -148,6 +148,7 @@ def upcycle(language_model: nn.Module, settings: dict, seed: int) -> list[int]:
     for idx in config.moe["layers"]:
         dense = layers[idx].mlp
         block = MoEFeedForward(config).to(device=dense.fc1.weight.device, dtype=dense.fc1.weight.dtype)
+        block.train(dense.training)  # an upcycled model in eval mode stays dropless
         for expert in block.experts:
             expert.load_state_dict(dense.state_dict())
         router = torch.randn(block.router.weight.shape, generator=generator) * ROUTER_INIT_STD
