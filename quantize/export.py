@@ -201,6 +201,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
     check_out_dir(out_dir)
     model = load_model_dir(model_dir)
     config = model.config
+    if getattr(config.text_config, "moe", None) is not None:
+        raise UserError(f"--model: {model_dir} has MoE layers (model.moe); their GGUF export (llama.cpp's ffn_*_exps "
+                        "tensors) is not implemented yet")
     llm_hyper = LLMHyper.from_config(config.text_config)
     vision_hyper = VisionHyper.from_config(config)
     text = config.text_config

@@ -213,6 +213,32 @@ def _require(cfg: RunConfig, key: str, ok: bool, what: str) -> None:
         raise UserError(f"{cfg.origin(key)}: {key}: {what}")
 
 
+def _validate_moe(cfg: RunConfig) -> None:
+    """``model.moe`` and the ``moe`` trainable set go together; layer indices are checked against the model later
+    (``tinygpt.model.moe.resolve_layers``), when its depth is known."""
+    moe = cfg.model.moe
+    if moe is None:
+        _require(cfg, "model.trainable", cfg.model.trainable != "moe",
+                 "trainable set 'moe' needs MoE settings (e.g. moe: {num_experts: 4, top_k: 2})")
+        return
+    _require(cfg, "model.trainable", cfg.model.trainable == "moe",
+             f"model.moe is set, so the stage trains the router and experts: use trainable: moe, "
+             f"not {cfg.model.trainable!r}")
+    _require(cfg, "model.moe.num_experts", moe.num_experts >= 1, f"must be >= 1, got {moe.num_experts}")
+    _require(cfg, "model.moe.top_k", 1 <= moe.top_k <= moe.num_experts,
+             f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k}")
+    if isinstance(moe.layers, str):
+        _choice(cfg, "model.moe.layers", moe.layers, schema.MOE_LAYER_PATTERNS)
+    else:
+        _require(cfg, "model.moe.layers", len(moe.layers) > 0 and len(set(moe.layers)) == len(moe.layers)
+                 and min(moe.layers) >= 0, f"needs distinct layer indices >= 0, got {moe.layers}")
+    _require(cfg, "model.moe.aux_loss_weight", moe.aux_loss_weight >= 0, "must be >= 0")
+    _require(cfg, "model.moe.capacity_factor", moe.capacity_factor is None or moe.capacity_factor > 0,
+             "must be > 0 or null (dropless)")
+    _require(cfg, "model.moe.router_jitter", 0 <= moe.router_jitter < 1, "must be in [0, 1)")
+    _require(cfg, "model.moe.z_loss_weight", moe.z_loss_weight >= 0, "must be >= 0")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     m, d, o, s, r = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.run
     _choice(cfg, "model.preset", m.preset, schema.PRESETS)
@@ -224,8 +250,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(cfg, "model.init_from", m.init_from is None or m.init_from.strip() != "", "empty path (use null)")
     if m.trainable == "lora":
         _require(cfg, "model.lora", m.lora is not None, "trainable set 'lora' needs LoRA settings (e.g. lora: {})")
-    else:
+    elif m.trainable == "stage1":
         _require(cfg, "model.lora", m.lora is None, "trainable set 'stage1' trains no LoRA; set lora: null")
+    _validate_moe(cfg)
     if m.lora is not None:
         _require(cfg, "model.lora.r", m.lora.r >= 1, f"must be >= 1, got {m.lora.r}")
         _require(cfg, "model.lora.dropout", 0.0 <= m.lora.dropout < 1.0, "must be in [0, 1)")

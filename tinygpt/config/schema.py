@@ -14,7 +14,8 @@ REQUIRED: Any = "???"  # a required value (omegaconf's own MISSING marker, so "k
 
 PRESETS = ("tinygptv", "tiny")
 ATTENTIONS = ("causal", "mmca")
-TRAINABLE_SETS = ("stage1", "lora")
+TRAINABLE_SETS = ("stage1", "lora", "moe")
+MOE_LAYER_PATTERNS = ("all", "alternate")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_MODES = ("auto", "trainable_only", "whole")
@@ -28,6 +29,17 @@ class LoraSettings:
     alpha: float = 16.0              # LoRA alpha (scaling = alpha / r)
     dropout: float = 0.05            # dropout on the LoRA input
     target_modules: list[str] = field(default_factory=lambda: ["qkv", "dense"])  # LLM Linear names that get LoRA
+
+
+@dataclass
+class MoESettings:
+    num_experts: int = 4             # experts per MoE layer (each a copy of the dense FFN: fc1, fc2)
+    top_k: int = 2                   # experts per token; their gates are the softmax renormalised over the top-k
+    layers: Union[str, list[int]] = "all"  # all | alternate (layers 1, 3, 5, ...) | a list of layer indices
+    aux_loss_weight: float = 0.01    # Switch load-balancing loss E * sum_i f_i * P_i, added to the training loss
+    capacity_factor: Optional[float] = 1.5  # training only: expert keeps <= ceil(cf*tokens*top_k/E); null = dropless
+    router_jitter: float = 0.0       # training only: router input times uniform(1 - j, 1 + j) noise (0 = off)
+    z_loss_weight: float = 0.0       # router z-loss mean(logsumexp(logits)^2) weight (0 = off)
 
 
 @dataclass
@@ -53,7 +65,8 @@ class ModelSection:
     preset: str = "tinygptv"         # size when init_from is null: tinygptv (full) | tiny
     init_from: Optional[str] = None  # model dir (a previous stage's output or a built base) | builtin:tiny | null
     image_size: Optional[int] = None  # ViT input size; differs from init_from's -> position embeddings resized once
-    trainable: str = "stage1"        # trainable set: stage1 (proj + norm weights) | lora (stage1 + LoRA A/B)
+    trainable: str = "stage1"        # trainable set: stage1 (proj + norm weights) | lora (stage1 + LoRA A/B) | moe
+    moe: Optional[MoESettings] = None  # null = dense FFNs; set = MoE-tuning (upcycles a dense init_from; trainable moe)
     lora: Optional[LoraSettings] = None  # null = no LoRA layers; {} = r 64, alpha 16, dropout 0.05 on qkv, dense
     extra_norms: bool = True         # q/k LayerNorm + post-attention RMSNorm (only used when init_from is null)
     tokenizer: Optional[str] = None  # tokenizer source when init_from is null: null/builtin | local dir | hub id

@@ -133,7 +133,12 @@ class TinyGPTPhiDecoderLayer(GradientCheckpointingLayer):
         self.post_layernorm = (
             RMSNorm(config.hidden_size, config.rms_norm_eps) if config.post_attention_rmsnorm else None
         )
-        self.mlp = TinyGPTPhiMLP(config)
+        if config.moe is not None and layer_idx in config.moe["layers"]:
+            from .moe import MoEFeedForward  # lazy: moe.py builds its experts from TinyGPTPhiMLP (this module)
+
+            self.mlp = MoEFeedForward(config)
+        else:
+            self.mlp = TinyGPTPhiMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states, cos_sin=None, attn_mask=None, cache=None, **kwargs):
@@ -323,14 +328,23 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state
         if loss_only and labels is not None:
-            return CausalLMOutput(loss=supervised_loss(self.lm_head, hidden, labels), logits=None)
+            return CausalLMOutput(loss=self._with_aux(supervised_loss(self.lm_head, hidden, labels)), logits=None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = self._with_aux(causal_lm_loss(logits, labels))
         return with_cache(CausalLMOutput, out.cache, loss=loss, logits=logits)
+
+    def _with_aux(self, loss: torch.Tensor) -> torch.Tensor:
+        """The language-model loss plus the MoE layers' auxiliary losses of this forward (``moe.py``)."""
+        if self.config.moe is None:
+            return loss
+        from .moe import moe_aux_loss  # lazy: see TinyGPTPhiDecoderLayer
+
+        aux = moe_aux_loss(self)
+        return loss if aux is None else loss + aux.to(loss.dtype)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

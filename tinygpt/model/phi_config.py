@@ -12,6 +12,8 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     ``attention`` (an optional key, read through :func:`attention_kind`): absent = ``causal``; ``mmca`` = multi-modal
     causal attention (``mmca.py``). It is not a declared field, so a causal model's config.json (and the model id of
     its GGUF export) stays what it was before the option existed.
+    ``moe``: ``None`` (dense FFNs) or the resolved MoE settings of ``tinygpt.model.moe`` (``num_experts``, ``top_k``,
+    ``layers`` as a list of indices, ``aux_loss_weight``, ``capacity_factor``, ``router_jitter``, ``z_loss_weight``).
     """
 
     model_type = "tinygpt_phi"
@@ -35,9 +37,16 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     post_attention_rmsnorm: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
+    moe: dict | None = None
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = 50256
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out.get("moe") is None:  # a dense model's config.json stays as it was before MoE existed
+            out.pop("moe", None)
+        return out
 
     @property
     def head_dim(self) -> int:

@@ -3,6 +3,9 @@
 * ``stage1``: proj1, proj2 and the weights (not biases) of the q/k LayerNorms, the post-attention RMSNorms, the
   input LayerNorms and the final LayerNorm -> 13,809,664 parameters at full size. No LoRA.
 * ``lora`` (stages 2-4): the same plus every LoRA A/B -> 45,266,944 at full size.
+* ``moe`` (stage 5, MoE-tuning as MoE-LLaVA): only the routers and the experts' fc1/fc2 of the MoE layers; LoRA, when
+  the model has it from stage 4, stays in place and frozen -> 839,106,560 at full size with stage 5's 4 experts on
+  4 layers (``tests/test_moe.py``).
 ViT, ln_vision, Q-Former, query tokens, embeddings, MLPs, attention base weights and lm_head stay frozen.
 """
 
@@ -20,10 +23,13 @@ NORM_WEIGHT_SUFFIXES = (
     "input_layernorm.weight",
     "model.final_layernorm.weight",
 )
-TRAINABLE_SETS = ("stage1", "lora")
+TRAINABLE_SETS = ("stage1", "lora", "moe")
+MOE_PARTS = (".mlp.router.", ".mlp.experts.")
 
 
 def is_trainable(name: str, trainable_set: str) -> bool:
+    if trainable_set == "moe":
+        return any(part in name for part in MOE_PARTS)
     if name.startswith(("proj1.", "proj2.")):
         return True
     if name.startswith("language_model.") and name.endswith(NORM_WEIGHT_SUFFIXES):
@@ -41,6 +47,8 @@ def apply_trainable_set(model: nn.Module, trainable_set: str) -> int:
         raise UserError("model.trainable: 'lora' needs LoRA layers (set model.lora) but the model has none")
     if trainable_set == "stage1" and has_lora:
         raise UserError("model.trainable: 'stage1' trains no LoRA, but the model has LoRA layers (unset model.lora)")
+    if trainable_set == "moe" and not any(".mlp.router." in n for n in names):
+        raise UserError("model.trainable: 'moe' needs MoE layers (set model.moe) but the model has none")
     for name, param in model.named_parameters():
         param.requires_grad_(is_trainable(name, trainable_set))
     return count_trainable(model)
@@ -54,6 +62,10 @@ def expected_trainable(config, trainable_set: str) -> int:
     """The exact count a set must have for a config (so a wrong model fails loudly, not silently)."""
     text = config.text_config
     hidden, layers, head = text.hidden_size, text.num_hidden_layers, text.head_dim
+    if trainable_set == "moe":
+        moe, inner = text.moe, text.intermediate_size
+        expert = hidden * inner + inner + inner * hidden + hidden  # fc1 + fc2, weights and biases
+        return len(moe["layers"]) * int(moe["num_experts"]) * (expert + hidden)  # + router (no bias)
     q = config.qformer_config.hidden_size
     projections = q * config.proj_hidden_size + config.proj_hidden_size
     projections += config.proj_hidden_size * hidden + hidden

@@ -1,7 +1,8 @@
 """The model a stage trains: from a preset (random weights) or a model directory (the tiny backbones included).
 
 Steps: load (``init_from``) -> resize the ViT position embeddings when the stage's image size differs (224 -> 448,
-bicubic, once) -> add LoRA when the stage has it and the loaded model does not -> store the stage's prompt template
+bicubic, once) -> add LoRA when the stage has it and the loaded model does not -> upcycle the FFNs into experts when
+the stage has ``model.moe`` and the loaded model is dense -> store the stage's prompt template
 and end symbol in the model config -> optional 4-bit frozen LLM weights -> apply the stage's trainable set and CHECK
 its exact size -> frozen weights in the compute dtype (bf16/fp16 runs) -> gradient checkpointing -> train mode
 (the frozen ViT and Q-Former stay in eval mode, as in the original: no dropout in them).
@@ -10,6 +11,7 @@ its exact size -> frozen weights in the compute dtype (bf16/fp16 runs) -> gradie
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from ..errors import UserError
 from ..model import TinyGPTVForConditionalGeneration, build_config, load_vlm
 from ..model.checkpoint_io import read_config
 from ..model.lora import has_lora, inject_lora, lora_settings
+from ..model.moe import moe_settings, upcycle
 from ..model.phi_config import attention_kind, set_attention_kind
 from ..model.presets import PRESETS
 from ..model.trainable import apply_trainable_set, check_trainable
@@ -110,6 +113,23 @@ def _attach_lora(model: nn.Module, wanted: Optional[dict], source: str) -> None:
     model.config.lora = dict(lora_settings(wanted))
 
 
+def _attach_moe(model: nn.Module, m: ModelSection, source: str, seed: int) -> None:
+    """Sparse upcycling of a dense model (router seeded by ``run.seed``); a model that already has MoE layers must
+    have the stage's settings (it is a stage-5 output trained further)."""
+    have = model.config.text_config.moe
+    if m.moe is None:
+        if have is not None:
+            raise UserError(f"model.moe: {source} has MoE layers but this stage sets moe: null")
+        return
+    layers = model.config.text_config.num_hidden_layers
+    wanted = moe_settings(dataclasses.asdict(m.moe), layers)
+    if have is None:
+        upcycle(model.language_model, wanted, seed)
+        model.config.text_config.moe = model.language_model.config.moe
+    elif moe_settings(have, layers) != wanted:
+        raise UserError(f"model.moe: {source} has MoE {have} but this stage asks for {wanted}")
+
+
 def _set_prompt_format(model: nn.Module, m: ModelSection) -> None:
     model.config.prompt_template = m.prompt_template
     model.config.end_sym = m.end_sym
@@ -160,6 +180,7 @@ def build_model(cfg: RunConfig, frozen_dtype: Optional[torch.dtype] = None,
         model, source = load_vlm(init_dir), str(init_dir)
     resized = resize_vision(model, m.image_size) if m.image_size is not None else False
     _attach_lora(model, _lora_dict(m), source)
+    _attach_moe(model, m, source, cfg.run.seed)
     _set_prompt_format(model, m)
     _set_attention(model, m)
     if m.load_in_4bit:

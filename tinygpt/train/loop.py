@@ -28,6 +28,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from . import sharded
 from .mixing import DataMixer
+from .moe_log import MoELoad
 from .optim import build_optimizer
 from .progress import Progress, format_summary, peak_memory_gb
 from .schedule import WarmupCosine
@@ -126,6 +127,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                         wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")))
     started, samples_total, last_loss = time.monotonic(), 0, None
     model_cfg = cfg.model
+    moe_load = MoELoad(model)
     try:
         for step in range(start_step, sched_cfg.total_steps):
             lr = schedule.apply(optimizer, step)
@@ -141,6 +143,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 with sync:
                     with accelerator.autocast():
                         loss = compute_loss(model, batch, model_cfg)
+                    if moe_load:
+                        moe_load.add()
                     finite = finite and bool(torch.isfinite(loss.detach()).item())
                     accelerator.backward(loss / r.grad_accum_steps)
                 step_losses.append(float(loss.detach()))
@@ -166,9 +170,14 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = sum(step_losses) / len(step_losses)
             samples_total += step_samples * accelerator.num_processes
-            progress.step(step, None if any_bad else last_loss, lr, step_samples * accelerator.num_processes,
-                          dict(mixer.counts))
             done = step + 1
+            logged = bool(moe_load) and (done % r.log_every == 0 or done == sched_cfg.total_steps)
+            progress.step(step, None if any_bad else last_loss, lr, step_samples * accelerator.num_processes,
+                          dict(mixer.counts), moe_load.metrics() if logged else None)
+            if logged:
+                if accelerator.is_main_process:
+                    log.info("step %d %s", done, moe_load.line())
+                moe_load.reset()
             if r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps and nonfinite_run:
                 log.warning("step %d: no checkpoint while losses are non-finite (the last good one stays)", done)
             elif r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps:
@@ -191,6 +200,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
         "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
     }
+    if moe_load:
+        summary["moe_load_share"] = moe_load.summary()  # layer -> per-expert share of this run's top-k choices
     if accelerator.is_main_process:
         log.info("%s", format_summary(summary))
     return TrainResult(start_step, end_step, skipped, last_loss, summary, model)

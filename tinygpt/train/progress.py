@@ -59,7 +59,9 @@ class Progress:
                 raise UserError("run.wandb_project: needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {})
 
-    def step(self, step: int, loss: Optional[float], lr: float, samples: int, counts: dict) -> None:
+    def step(self, step: int, loss: Optional[float], lr: float, samples: int, counts: dict,
+             extra: Optional[dict] = None) -> None:
+        """``extra``: more metrics for TensorBoard / W&B at this log point (the MoE load shares)."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -81,7 +83,7 @@ class Progress:
                 log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s peak mem %.2f GiB eta %.0f s",
                          done, self.total, mean_loss, lr, rate, memory, eta)
             metrics = {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate,
-                       "train/peak_mem_gb": memory}
+                       "train/peak_mem_gb": memory, **(extra or {})}
             if self.tb is not None:
                 for key, value in metrics.items():
                     self.tb.add_scalar(key, value, done)
