@@ -179,8 +179,14 @@ def test_upload_ask_stream_boxes_region_and_a_bad_file(page, tmp_path):
     page.get_by_test_id("identify-radio-label").click()
     view_img = page.locator("#view img")
     scale = view_img.bounding_box()["width"] / 448  # display pixels per view pixel
+    before = view_img.get_attribute("src")
     view_img.click(position={"x": 176 * scale + 1, "y": 174 * scale + 1})
     page.wait_for_function("document.querySelector('#region textarea').value.split(',').length == 2")
+    # the first corner is drawn on a new view image: click the second only once that one has loaded (on a busy
+    # machine a click on the outgoing image was lost)
+    page.wait_for_function("([old]) => { const img = document.querySelector('#view img');"
+                           " return img && img.getAttribute('src') !== old && img.complete && img.naturalWidth > 0; }",
+                           arg=[before])
     view_img.click(position={"x": 294 * scale + 1, "y": 292 * scale + 1})
     page.wait_for_function("document.querySelector('#region textarea').value.split(',').length == 4")
     assert page.locator("#region textarea").input_value() == "88, 87, 147, 146"
