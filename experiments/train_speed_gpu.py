@@ -11,7 +11,7 @@ stages left, its bench starts no variant past that share, a stage that hangs is 
 and no stage starts once the budget is spent. What ran is always written, the rest is marked. On a CPU, the tiny
 configs and one step (tests/test_train_compile.py)::
 
-    python experiments/train_speed_gpu.py --tiny --steps 1 --switches packing,fused_adamw --out /tmp/speed.md
+    python experiments/train_speed_gpu.py --tiny --steps 1 --switches packing,fused_adamw --out out/speed.md
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ questions. For each attention kind and seed, the four tiny stages train from the
 keep it) and ``run.seed`` set in every stage; stage 4 is then scored on the held-out shapes split (VQA, grounding)
 and on the two-image questions (``eval_configs/multi_image.yaml``).
 
-    python experiments/twin_attention.py --out /tmp/twin_attention --seeds 0,1,2      # ~4 min per run on 2 cores
+    python experiments/twin_attention.py --out out/twin_attention --seeds 0,1,2      # ~4 min per run on 2 cores
 
 Writes ``results.json`` (every run) and ``table.md`` (mean ± sample standard deviation per kind) under ``--out``.
 Run ``python train.py`` once first (data and backbones).

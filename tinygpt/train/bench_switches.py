@@ -26,7 +26,7 @@ from ..model.packing import RowLayout, padding_tokens
 from .bench_steps import model_flops, time_steps
 from .optim import build_optimizer
 from .progress import peak_memory_gb
-from .speed import compile_layers, uncompile_layers
+from .speed import compile_layers, exception_summary, uncompile_layers
 
 SWITCHES = ("packing", "bucketing", "fused_adamw", "compile_llm", "compile_vision")
 BUCKET = 64  # the bucketing variant's multiple when the config sets none
@@ -136,8 +136,7 @@ def try_variant(cfg, accelerator, model, batch: dict, variant: Variant, steps: i
         model.zero_grad(set_to_none=True)
         if accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Set TORCH")]
-        return {"variant": variant.name, "skipped": f"failed: {type(exc).__name__}: {' '.join(lines[:2])[:200]}"}
+        return {"variant": variant.name, "skipped": f"failed: {exception_summary(exc, 200)}"}
 
 
 def markdown_table(rows: list[dict], title: str) -> str:

@@ -81,8 +81,13 @@ def apply_compile(cfg, accelerator, model: nn.Module) -> int:
 def compile_failed(cfg, exc: Exception) -> UserError:
     """One line for a torch.compile failure inside training (e.g. torch 2.11's inductor on an H200 failed on the Phi
     layers under gradient checkpointing with padded rows: "Node ... was invalid, but is output")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Set TORCH")]
-    what = " ".join(lines[:2])[:300]
     return UserError(f"{cfg.origin('run.compile')}: run.compile: torch {torch.__version__} could not compile the "
-                     f"model ({type(exc).__name__}: {what}); set run.compile.llm=false and run.compile.vision=false "
+                     f"model ({exception_summary(exc, 300)}); set run.compile.llm=false and run.compile.vision=false "
                      "(--options), or keep run.packing on, with which it compiled")
+
+
+def exception_summary(exc: Exception, limit: int) -> str:
+    """``Type: message`` on one line: the message's first two lines, without torch's "Set TORCH..." hints (a
+    compiler error's first line is only "backend='inductor' raised:"), cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Set TORCH")]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])[:limit]}"
