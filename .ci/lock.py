@@ -29,6 +29,11 @@ PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
 TORCH_CPU = "torch==2.13.0+cpu"  # forced in every resolution: a plain torch==2.13.0 may be PyPI's CUDA build
 NOT_LOCKED = {"pip"}  # installed by venv itself; everything else in an environment must be in the lock
+# per-requirement build settings that pip applies when it builds the package from its sdist (the lock's line carries
+# them). ggml-python is source-only and built natively at install; GCC 12's AMX header lets dead-store elimination
+# drop the tile configuration's stores, and the AMX tile kernels then fault: -fno-dse keeps them
+# (quantize/ggml_amx.py, docs/gguf-runtime.md "AMX").
+BUILD_SETTINGS = {"ggml-python": "--config-settings=cmake.define.CMAKE_CXX_FLAGS=-fno-dse"}
 
 TORCH_VERSION = TORCH_CPU.split("==")[1]
 HEADER = f"""\
@@ -51,7 +56,7 @@ def parse_pins(text: str) -> dict[str, str]:
     pins = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
-        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*(\S+)", line)
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*==\s*([^\s-]\S*)(\s+--\S+)*", line)
         if m:
             pins[canonical(m.group(1))] = m.group(3)
     return pins
@@ -65,6 +70,16 @@ def parse_requirement_names(text: str) -> list[str]:
         if m and not line.lstrip().startswith("-"):
             names.append(canonical(m.group(1)))
     return names
+
+
+def with_build_settings(body: str) -> str:
+    """The lock's text with BUILD_SETTINGS appended to the pinned lines of those packages."""
+    lines = []
+    for line in body.splitlines():
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==\S+", line.strip())
+        setting = BUILD_SETTINGS.get(canonical(m.group(1))) if m else None
+        lines.append(f"{line.rstrip()} {setting}" if setting else line)
+    return "\n".join(lines) + "\n"
 
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:
@@ -110,7 +125,7 @@ def refresh() -> int:
     body = re.sub(r"\n\s*#\s+-c \S*torch-cpu\.txt", "", body)
     tmp.unlink()
     old = read_lock() if LOCK.exists() else {}
-    LOCK.write_text(HEADER + body)
+    LOCK.write_text(HEADER + with_build_settings(body))
     new = read_lock()
     changes = [f"  {n}: {old.get(n, '-')} -> {new.get(n, '-')}" for n in sorted(set(old) | set(new))
                if old.get(n) != new.get(n)]

@@ -41,8 +41,9 @@ import ggml  # ggml-python; quantize.session imports this module lazily and fall
 
 from tinygpt.errors import UserError
 
+from .ggml_amx import amx_tiles_work
 from .ggml_decode_graph import DecodeGraph, decode_graph_key
-from .ggml_weights import GgmlWeights
+from .ggml_weights import AMX_TYPES, GgmlWeights
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
 from .llm_backend import LLMBackend
 from .mmca_masks import additive, mmca_masks
@@ -74,13 +75,15 @@ class GgmlLLM(LLMBackend):
 
     decode_graph: reuse one cached graph for single-token steps (False: build every step's graph, as prefill does).
     repack: copy Q4_0/Q4_K matmul weights into ggml's CPU_REPACK layout at load (False: run on the file's blocks).
+    amx: put Q4_0 matmul weights into ggml's AMX buffer instead (needs repack; None: where this CPU has AMX and this
+    ggml build's tile kernels pass quantize.ggml_amx's probe; False: never).
     kv_type: "f32" (default) or "f16" cache. ggml's flash attention accumulates V in the cache's type and converts every
     F16 row it reads; with the 80-wide heads of Phi-2 an F32 cache makes attention ~2x faster (7.9 vs 16.2 ms per
     full-size step at 64 positions, one thread) and keeps F32 accuracy, for twice the cache memory (0.66 MB per
     position at full size; pages are touched only as positions are used)."""
 
     def __init__(self, llm: GGUFContents, n_ctx: int | None = None, n_threads: int = 2, n_batch: int = 256,
-                 kv_type: str = "f32", decode_graph: bool = True, repack: bool = True):
+                 kv_type: str = "f32", decode_graph: bool = True, repack: bool = True, amx: bool | None = None):
         self.file = llm
         self.hp: LLMHyperParams = llm_hyperparams(llm)
         self.n_ctx = int(n_ctx or self.hp.context_length)
@@ -101,9 +104,12 @@ class GgmlLLM(LLMBackend):
         self.decode_graph = bool(decode_graph)
         self._decode: DecodeGraph | None = None
         # weights: the file's tensors, matmul weights repacked (quantize.ggml_weights: layouts, huge pages)
-        self.weights = GgmlWeights(llm, self.cpu_backend, bool(repack))
+        if amx is None:  # ggml's AMX buffer where this CPU has one and this build's tile kernels work
+            amx = bool(repack) and any(int(t.tensor_type) in AMX_TYPES for t in llm.tensors.values()) \
+                and amx_tiles_work()
+        self.weights = GgmlWeights(llm, self.cpu_backend, bool(repack), amx=bool(amx))
         self.w = self.weights.w
-        self.repacked = self.weights.repacked
+        self.repacked, self.in_amx = self.weights.repacked, self.weights.in_amx
         self._alloc_kv(_KV_TYPES[kv_type])
 
     # ------------------------------------------------------------------------------------------ setup

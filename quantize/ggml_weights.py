@@ -1,11 +1,13 @@
 """The LLM file's tensors as ggml tensors for quantize.ggml_llm.GgmlLLM: where each weight lives and in which layout.
 
 Contract:
-  * `GgmlWeights(file, backend, repack)`: `w` maps every tensor name of the file to a ggml tensor. With repack, the
+  * `GgmlWeights(file, backend, repack, amx)`: `w` maps every tensor name of the file to a ggml tensor. With repack, the
     matmul weights of a type ggml can repack (Q4_0, Q4_K) are copied into ggml's CPU_REPACK buffer (interleaved
-    layout with GEMM kernels for prefill); everything else points straight into the file's memory map. `repacked`
-    counts the copied weights, `huge_pages` says whether the kernel took the advice to back that copy with 2 MiB
-    pages. `close()` frees the ggml side (the memory map belongs to the file).
+    layout with GEMM kernels for prefill); with amx too (quantize.ggml_amx decides whether this build may), those of
+    the AMX_TYPES go to ggml's AMX buffer instead (AVX-512 VNNI GEMV for one token, AMX tiles for several);
+    everything else points straight into the file's memory map. `repacked` / `in_amx` count the copied weights,
+    `huge_pages` says whether the kernel took the advice to back the copies with 2 MiB pages. `close()` frees the
+    ggml side (the memory map belongs to the file).
   * Huge pages: a decode step streams every weight once (~1.5 GB at full size). With 4 KiB pages that is ~370,000
     TLB misses per token, and ggml's Q4_K kernels do not keep enough loads in flight to hide them: on a 2-core Xeon
     with AVX-512/AMX the step ran 1.5x slower than with 2 MiB pages (docs/gguf-runtime.md, "Huge pages"). So the
@@ -25,11 +27,21 @@ from tinygpt.errors import UserError
 from .memory import advise_huge_pages, drop_pages
 
 _REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
+# where ggml's AMX buffer beats the repacked layout: Q4_0 (57 vs 141 ms per full-size token); Q4_K is no faster there
+# (150 vs 139 ms, one thread). docs/gguf-runtime.md, "AMX".
+AMX_TYPES = (ggml.GGML_TYPE_Q4_0,)
 _MATMUL_WEIGHTS = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight", "output.weight")
 
 
 def repackable(name: str, tensor_type: int, ne: list[int]) -> bool:
     return tensor_type in _REPACK_TYPES and name.endswith(_MATMUL_WEIGHTS) and len(ne) == 2 and ne[1] % 8 == 0
+
+
+def amx_placeable(name: str, tensor_type: int, ne: list[int]) -> bool:
+    """A matmul weight of a type that ggml's AMX buffer runs faster than the repacked layout (quantize.ggml_amx)."""
+    # ggml's AMX matmul computes 32 output rows at a time and does not check the tail (its supports_op wants
+    # out_features % 32 == 0, but a graph computed on the CPU backend directly never asks): other shapes stay repacked
+    return tensor_type in AMX_TYPES and name.endswith(_MATMUL_WEIGHTS) and len(ne) == 2 and ne[1] % 32 == 0
 
 
 def extra_buffer_types(backend) -> dict[str, object]:
@@ -50,47 +62,58 @@ def extra_buffer_types(backend) -> dict[str, object]:
 class GgmlWeights:
     """Every tensor of an LLM file as a ggml tensor (see the module docstring)."""
 
-    def __init__(self, file, backend, repack: bool):
+    def __init__(self, file, backend, repack: bool, amx: bool = False):
         self.file = file
         tensors = file.tensors
-        repack_buft = extra_buffer_types(backend).get("CPU_REPACK") if repack else None
+        extra = extra_buffer_types(backend) if repack else {}
+        layouts = {"CPU_REPACK": (extra.get("CPU_REPACK"), repackable)}
+        if amx and "AMX" in extra:
+            layouts = {"AMX": (extra["AMX"], amx_placeable), **layouts}  # first match wins
         overhead = (len(tensors) + 8) * ggml.ggml_tensor_overhead()
         self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
-        self._repack_ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
-        self._buffer = None
+        self._copy_ctx = {name: ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None,
+                                                                      no_alloc=True)) for name in layouts}
+        self._buffers = []
         self.w: dict[str, object] = {}
         self.huge_pages = False
-        to_repack = []
+        copies: dict[str, list] = {name: [] for name in layouts}
         for name, t in tensors.items():
             ne = [int(x) for x in t.shape.tolist()]
-            copy = repack_buft is not None and repackable(name, int(t.tensor_type), ne)
-            gt = ggml.ggml_new_tensor(self._repack_ctx if copy else self._ctx, int(t.tensor_type), len(ne),
+            layout = next((lay for lay, (buft, fits) in layouts.items()
+                           if buft is not None and fits(name, int(t.tensor_type), ne)), None)
+            gt = ggml.ggml_new_tensor(self._copy_ctx[layout] if layout else self._ctx, int(t.tensor_type), len(ne),
                                       (ctypes.c_int64 * len(ne))(*ne))
             if ggml.ggml_nbytes(gt) != t.data.nbytes:
                 raise UserError(f"{file.path}: tensor {name!r} holds {t.data.nbytes} bytes, ggml expects "
                                 f"{ggml.ggml_nbytes(gt)}")
-            if copy:
-                to_repack.append((gt, t.data))
+            if layout:
+                copies[layout].append((gt, t.data))
             else:
                 gt.contents.data = t.data.ctypes.data  # the memory map stays alive through file.reader
             self.w[name] = gt
-        if to_repack:
-            self._buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(self._repack_ctx, repack_buft)
-            if not self._buffer:
-                raise RuntimeError("ggml could not allocate the repacked weights")
-            # before the first write, so the pages are born huge
-            self.huge_pages = advise_huge_pages(ggml.ggml_backend_buffer_get_base(self._buffer),
-                                                ggml.ggml_backend_buffer_get_size(self._buffer))
-            for gt, data in to_repack:
-                ggml.ggml_backend_tensor_set(gt, data.ctypes.data, 0, data.nbytes)
-                drop_pages(file.reader, data)  # the repacked copy replaces the file's pages in memory
-        self.repacked = len(to_repack)
+        for layout, todo in copies.items():
+            if todo:
+                self._copy(file, self._copy_ctx[layout], layouts[layout][0], todo)
+        self.repacked = len(copies["CPU_REPACK"])
+        self.in_amx = len(copies.get("AMX", ()))
+
+    def _copy(self, file, ctx, buft, todo) -> None:
+        buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
+        if not buffer:
+            raise RuntimeError(f"ggml could not allocate the {ggml.ggml_backend_buft_name(buft).decode()} weights")
+        self._buffers.append(buffer)
+        # before the first write, so the pages are born huge
+        self.huge_pages |= advise_huge_pages(ggml.ggml_backend_buffer_get_base(buffer),
+                                             ggml.ggml_backend_buffer_get_size(buffer))
+        for gt, data in todo:
+            ggml.ggml_backend_tensor_set(gt, data.ctypes.data, 0, data.nbytes)
+            drop_pages(file.reader, data)  # the copy replaces the file's pages in memory
 
     def close(self) -> None:
-        if self._buffer is not None:
-            ggml.ggml_backend_buffer_free(self._buffer)
-            self._buffer = None
-        for attr in ("_ctx", "_repack_ctx"):
-            if getattr(self, attr) is not None:
-                ggml.ggml_free(getattr(self, attr))
-                setattr(self, attr, None)
+        for buffer in self._buffers:
+            ggml.ggml_backend_buffer_free(buffer)
+        self._buffers = []
+        for ctx in [self._ctx, *self._copy_ctx.values()]:
+            if ctx is not None:
+                ggml.ggml_free(ctx)
+        self._ctx, self._copy_ctx = None, {}

@@ -7,8 +7,9 @@
 * ISA levels: ggml-python builds one native CPU variant (GGML_NATIVE, no GGML_BACKEND_DL), so the AVX2 / AVX-512 /
   AMX kernels cannot be forced in one process: the test below records which ones this build has and checks that the
   repack layout ggml picks for an AVX2-or-better CPU is in use. The AMX buffer type (compiled in on AMX machines) is
-  exercised directly for a single-token matmul, the only AMX path that works in this build (its multi-row tile path
-  faults; docs/gguf-runtime.md, "AMX").
+  exercised directly for a single-token matmul here, in every build; its multi-row tile path works only in builds
+  that are not miscompiled (GCC 12 without -fno-dse faults), which tests/test_ggml_amx.py probes and tests
+  (docs/gguf-runtime.md, "AMX"). AMX is the one level that can be forced per load (GgmlLLM(amx=True/False)).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ ggml = pytest.importorskip("ggml")
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q4_0"])
 def test_repacked_weights_are_as_accurate_as_the_plain_blocks(tmp_path, qtype):
+    from quantize.ggml_amx import amx_tiles_work
     from quantize.ggml_llm import GgmlLLM
     from quantize.gguf_file import find_llm_file, open_gguf
     from quantize.random_model import write_random_model
@@ -25,13 +26,19 @@ def test_repacked_weights_are_as_accurate_as_the_plain_blocks(tmp_path, qtype):
     exact = TorchLLM(open_gguf(path, "phi2"), n_ctx=64, dtype="fp32")
     reference = (exact.eval_tokens(ids), exact.eval_tokens([7]))
     scale = np.abs(reference[0]).max()
-    errors, repacked = {}, {}
-    for repack in (True, False):
-        llm = GgmlLLM(open_gguf(path, "phi2"), n_ctx=64, repack=repack)
+    layouts = {"repacked": dict(repack=True, amx=False), "plain": dict(repack=False)}
+    if qtype == "q4_0" and amx_tiles_work():  # ggml's AMX buffer (tests/test_ggml_amx.py) where it runs here
+        layouts["amx"] = dict(amx=True)
+    errors, copied = {}, {}
+    for name, switches in layouts.items():
+        llm = GgmlLLM(open_gguf(path, "phi2"), n_ctx=64, **switches)
         got = (llm.eval_tokens(ids), llm.eval_tokens([7]))
-        repacked[repack] = llm.repacked
-        errors[repack] = max(np.abs(g - r).max() for g, r in zip(got, reference)) / scale
+        copied[name] = (llm.repacked, llm.in_amx)
+        errors[name] = max(np.abs(g - r).max() for g, r in zip(got, reference)) / scale
         llm.close()
-    assert repacked[True] == 4 * 4 + 1 and repacked[False] == 0  # 4 matmul weights per layer + the output head
-    assert errors[True] < 0.03 and errors[False] < 0.03
-    assert errors[True] < 2 * errors[False] + 1e-3
+    assert copied["repacked"] == (4 * 4 + 1, 0) and copied["plain"] == (0, 0)  # 4 matmul weights a layer + head
+    assert errors["repacked"] < 0.03 and errors["plain"] < 0.03
+    assert errors["repacked"] < 2 * errors["plain"] + 1e-3
+    if "amx" in layouts:
+        assert copied["amx"] == (0, 4 * 4 + 1)
+        assert errors["amx"] < 2 * errors["plain"] + 1e-3

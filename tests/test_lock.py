@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _requirements(lines) -> dict[str, Requirement]:
     reqs = {}
     for line in lines:
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].split(" --", 1)[0].strip()  # less per-requirement options (--config-settings)
         if line:
             req = Requirement(line)
             reqs[canonicalize_name(req.name)] = req
@@ -69,3 +69,17 @@ def test_pyproject_declares_requirements_txt_ranges():
     assert not set(runtime) & set(test), "a package is both a runtime dependency and a test extra"
     assert {**runtime, **test} == reqs, "pyproject.toml's dependencies + [test] extra differ from requirements.txt"
     assert "pytest" in test and "pytest" not in runtime
+
+
+def test_the_lock_builds_ggml_python_with_its_amx_tile_configuration_kept():
+    """ggml-python is built from its sdist at install; the lock's line passes -fno-dse so that GCC 12 does not drop the
+    AMX tile configuration's stores (quantize/ggml_amx.py). .ci/lock.py writes the line, and reads it back."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
+    ci_lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci_lock)
+    (line,) = [x for x in (ROOT / "requirements.lock").read_text().splitlines() if x.startswith("ggml-python==")]
+    assert line.endswith(" --config-settings=cmake.define.CMAKE_CXX_FLAGS=-fno-dse")
+    assert ci_lock.with_build_settings("ggml-python==0.0.45\n    # via -r requirements.txt\n").splitlines()[0] == line
+    assert ci_lock.parse_pins(line) == {"ggml-python": "0.0.45"}
