@@ -54,10 +54,10 @@ _EXPORTS: dict = {}
 
 def exported(moe_dir, qtype: str) -> Path:
     """The LLM file of moe_dir exported in qtype (once per module)."""
-    if qtype not in _EXPORTS:
+    if (moe_dir, qtype) not in _EXPORTS:
         export_model(moe_dir, moe_dir.parent / qtype, qtype, progress=False)
-        _EXPORTS[qtype] = moe_dir.parent / qtype / names.llm_file_name(qtype)
-    return _EXPORTS[qtype]
+        _EXPORTS[moe_dir, qtype] = moe_dir.parent / qtype / names.llm_file_name(qtype)
+    return _EXPORTS[moe_dir, qtype]
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
