@@ -10,6 +10,8 @@ The pair is one transaction: both files and `export.json` are written tensor by 
 renamed only when all three are complete, so a failed (re-)export leaves the previous pair as it was. Both files
 carry the same `model_id`, a sha256 of the exported model's content (not its shapes), which the runtime checks.
 The output directory is checked before any work; a write failure is one UserError naming the directory.
+A model with MoE layers (model.moe) stacks each layer's experts into llama.cpp's ffn_*_exps tensors
+(quantize.gguf_moe); a dense model's file is byte for byte what it was before MoE.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from tinygpt.model.lora import has_lora, merge_lora
 
 from . import gguf_names as names
 from .gguf_meta import LLMHyper, PromptInfo, TokenizerMeta, VisionHyper, llm_kv, tokenizer_metadata, vision_kv
+from .gguf_moe import check_moe_config, expert_groups
 from .gguf_stream import FileSummary, TensorPlan, plan_tensor, write_gguf_to
 from .qtypes import FILE_TYPE_BY_NAME, parse_qtype
 
@@ -37,6 +40,7 @@ T = GGMLQuantizationType
 VISION_LINEAR_TYPE = T.Q8_0
 REFERENCE_TYPES = (T.F16, T.F32)  # unquantised exports: the vision Linear weights stay in the same type
 OUTPUT_HEAD = "output.weight"
+ROUTER = "ffn_gate_inp.weight"
 
 
 @dataclass
@@ -63,10 +67,15 @@ def llm_plans(shapes: Sequence[tuple[str, tuple[int, ...]]], qtype: GGMLQuantiza
     An F16 export keeps the output head (`output.weight`) F32: ggml's F16 matmul rounds its input (the final hidden
     state) to F16 as well, and the head is where near-ties between next tokens are decided. Measured on the tiny
     stage-4 model, 600 held-out conversations: the F16 export gave the PyTorch model's greedy answer on 98.3% with an
-    F16 head and 99.7% with an F32 one (an all-F32 export: 100%). At full size the F32 head adds 262 MB to 5.6 GB."""
+    F16 head and 99.7% with an F32 one (an all-F32 export: 100%). At full size the F32 head adds 262 MB to 5.6 GB.
+    MoE layers: 3-D expert matrices in qtype, their 2-D bias tables F32, the router F32 (F16 in an f16 export)."""
     def kind(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
-        if len(shape) != 2 or (qtype == T.F16 and name == OUTPUT_HEAD):
-            return T.F32
+        if name.endswith(ROUTER):  # MoE routers decide which experts run: F32 (F16 in an f16 export)
+            return T.F16 if qtype == T.F16 else T.F32
+        if len(shape) == 3:  # MoE expert matrices (quantize.gguf_moe), as the dense FFN
+            return qtype
+        if len(shape) != 2 or name.endswith(".bias") or (qtype == T.F16 and name == OUTPUT_HEAD):
+            return T.F32  # (2-D biases: the MoE experts' bias rows)
         return qtype
 
     return [plan_tensor(n, s, kind(n, s)) for n, s in shapes]
@@ -99,7 +108,8 @@ def split_state_names(torch_names: Sequence[str], where: str) -> tuple[dict[str,
 
 def order_llm(mapping: Mapping[str, str], hyper: LLMHyper, where: str) -> list[str]:
     """GGUF LLM names in the canonical order; the state dict must hold exactly the tensors the config implies."""
-    expected = names.llm_tensor_names(hyper.num_layers, hyper.qk_layernorm, hyper.post_attention_rmsnorm)
+    expected = names.llm_tensor_names(hyper.num_layers, hyper.qk_layernorm, hyper.post_attention_rmsnorm,
+                                      hyper.moe_layers)
     missing = [n for n in expected if n not in mapping]
     extra = [n for n in mapping if n not in set(expected)]
     if missing or extra:
@@ -201,9 +211,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
     check_out_dir(out_dir)
     model = load_model_dir(model_dir)
     config = model.config
-    if getattr(config.text_config, "moe", None) is not None:
-        raise UserError(f"--model: {model_dir} has MoE layers (model.moe); their GGUF export (llama.cpp's ffn_*_exps "
-                        "tensors) is not implemented yet")
+    check_moe_config(getattr(config.text_config, "moe", None), int(config.text_config.num_hidden_layers),
+                     str(Path(model_dir) / "config.json"))
     llm_hyper = LLMHyper.from_config(config.text_config)
     vision_hyper = VisionHyper.from_config(config)
     text = config.text_config
@@ -214,16 +223,26 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
         raise UserError(f"--model: tokenizer of {model_dir}: {exc}") from None
 
     state = model.state_dict()
-    llm_map, vision_map = split_state_names(list(state), where=f"--model {model_dir}")
-    llm_order = order_llm(llm_map, llm_hyper, where=f"--model {model_dir}")
+    where = f"--model {model_dir}"
+    experts = expert_groups(list(state), llm_hyper.moe_layers, llm_hyper.num_experts, where)  # MoE: stacked
+    stacked = {t for group in experts.values() for t in group}
+    llm_map, vision_map = split_state_names([n for n in state if n not in stacked], where=where)
+    llm_order = order_llm({**llm_map, **experts}, llm_hyper, where=where)
     to_torch = {**llm_map, **vision_map}
 
     def produce(gguf_name: str) -> np.ndarray:
+        if gguf_name in experts:  # expert e's tensor is slice e
+            return torch.stack([state[t].detach().to("cpu").float() for t in experts[gguf_name]]).numpy()
         return state[to_torch[gguf_name]].detach().to("cpu").float().numpy()
+
+    def shape(gguf_name: str) -> tuple[int, ...]:
+        if gguf_name in experts:
+            return (len(experts[gguf_name]), *state[experts[gguf_name][0]].shape)
+        return tuple(state[llm_map[gguf_name]].shape)
 
     return write_pair(
         out_dir, qtype, Path(model_dir).resolve().name, llm_hyper, vision_hyper, PromptInfo.from_config(config), tok,
-        [(n, tuple(state[llm_map[n]].shape)) for n in llm_order],
+        [(n, shape(n)) for n in llm_order],
         [(n, tuple(state[t].shape)) for n, t in vision_map.items()],
         produce, progress, model_id=content_id(state, extra=f"{type(model).__name__}|{config.to_json_string()}"),
     )

@@ -18,7 +18,7 @@ Layer (N = layer, all in fp32 activations):
     q,k = NeoX RoPE on the first rotary_dim dims of each head (ggml_rope_ext, mode NEOX)
     a   = softmax(q k^T / sqrt(head_dim) + causal mask) v  @ attn_output.w^T + attn_output.b
     a   = RMSNorm(a) * post_attention_norm.w            (when the file has it)
-    x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))
+    x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))      (MoE layers: the routed FFN of quantize.ggml_moe)
 logits = LayerNorm(x) @ output.w^T + output.b
 
 A file with tinygptv.attention = mmca (multi-modal causal attention) runs two flash attentions per layer, one over the
@@ -43,6 +43,7 @@ from tinygpt.errors import UserError
 
 from .ggml_amx import amx_tiles_work
 from .ggml_decode_graph import DecodeGraph, decode_graph_key
+from .ggml_moe import routed_ffn
 from .ggml_weights import AMX_TYPES, GgmlWeights
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
 from .llm_backend import LLMBackend
@@ -328,5 +329,8 @@ class GgmlLLM(LLMBackend):
         if hp.rms_norm_eps is not None:
             att = ggml.ggml_mul(ctx, ggml.ggml_rms_norm(ctx, att, hp.rms_norm_eps),
                                 self.w[b + "post_attention_norm.weight"])
-        mlp = self._linear(ctx, ggml.ggml_gelu(ctx, self._linear(ctx, h, b + "ffn_up")), b + "ffn_down")
+        if il in hp.moe_layers:  # routed mixture of experts (quantize.ggml_moe)
+            mlp = routed_ffn(ctx, self.w, b, h, hp.n_expert_used)
+        else:
+            mlp = self._linear(ctx, ggml.ggml_gelu(ctx, self._linear(ctx, h, b + "ffn_up")), b + "ffn_down")
         return ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, att), mlp)

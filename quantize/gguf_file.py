@@ -20,6 +20,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tinygpt.errors import UserError
 
 from . import gguf_names as names
+from .gguf_moe import ffn_shapes, read_moe
 
 GGUF_MAGIC = b"GGUF"
 
@@ -60,6 +61,9 @@ class LLMHyperParams:
     qk_layernorm: bool
     vocab_size: int
     attention: str = "causal"  # "mmca" when the file has names.ATTENTION = "mmca"
+    moe_layers: tuple[int, ...] = ()  # MoE layers (quantize.gguf_moe); empty for a dense file
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -220,6 +224,7 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
     if hp.attention not in names.ATTENTION_KINDS:
         raise UserError(f"{llm.path}: metadata key {names.ATTENTION!r} is {hp.attention!r}, expected one of "
                         f"{', '.join(names.ATTENTION_KINDS)}")
+    hp.moe_layers, hp.n_expert, hp.n_expert_used = read_moe(llm, hp.n_layers)
     kv_heads = int(llm.metadata.get(names.LLM_HEAD_COUNT_KV, hp.n_heads))
     if kv_heads != hp.n_heads:
         raise UserError(f"{llm.path}: {names.LLM_HEAD_COUNT_KV}={kv_heads} != head_count {hp.n_heads} "
@@ -241,8 +246,7 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
         b = f"blk.{i}."
         expected.update({b + "attn_norm.weight": (h,), b + "attn_norm.bias": (h,), b + "attn_qkv.weight": (3 * h, h),
                          b + "attn_qkv.bias": (3 * h,), b + "attn_output.weight": (h, h), b + "attn_output.bias": (h,),
-                         b + "ffn_up.weight": (f, h), b + "ffn_up.bias": (f,), b + "ffn_down.weight": (h, f),
-                         b + "ffn_down.bias": (h,)})
+                         **ffn_shapes(b, h, f, hp.n_expert, i in hp.moe_layers)})
         if hp.qk_layernorm:
             for part in ("attn_q_norm", "attn_k_norm"):
                 expected.update({b + part + ".weight": (d,), b + part + ".bias": (d,)})

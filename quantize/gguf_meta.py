@@ -33,6 +33,9 @@ class LLMHyper:
     qk_layernorm: bool
     post_attention_rmsnorm: bool
     attention: str = "causal"  # or "mmca" (names.ATTENTION)
+    moe_layers: tuple[int, ...] = ()  # model.moe: the routed layers (empty: a dense model)
+    num_experts: int = 0
+    top_k: int = 0
 
     @classmethod
     def from_config(cls, c: Any) -> "LLMHyper":
@@ -45,11 +48,20 @@ class LLMHyper:
             layer_norm_eps=float(c.layer_norm_eps), rms_norm_eps=float(c.rms_norm_eps),
             qk_layernorm=bool(c.qk_layernorm), post_attention_rmsnorm=bool(c.post_attention_rmsnorm),
             attention=str(getattr(c, "attention", None) or "causal"),
+            **moe_hyper(getattr(c, "moe", None)),
         )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+def moe_hyper(moe: Any) -> dict[str, Any]:
+    """LLMHyper's MoE fields from a config's ``moe`` section (None: dense)."""
+    if moe is None:
+        return {}
+    return {"moe_layers": tuple(int(i) for i in moe["layers"]), "num_experts": int(moe["num_experts"]),
+            "top_k": int(moe["top_k"])}
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,9 @@ def llm_kv(
     ]
     if hyper.attention != "causal":  # absent = causal, so a causal file is byte for byte what it was before the key
         kv.append(kv_str(a.ATTENTION, hyper.attention))
+    if hyper.moe_layers:  # absent = dense, likewise
+        kv += [kv_u32(a.EXPERT_COUNT, hyper.num_experts), kv_u32(a.EXPERT_USED_COUNT, hyper.top_k),
+               kv_array(a.MOE_LAYERS, list(hyper.moe_layers), GGUFValueType.INT32)]
     return kv
 
 

@@ -75,6 +75,16 @@ POST_ATTENTION_RMSNORM = "tinygptv.post_attention_rmsnorm"  # bool, informative
 # text and one over earlier image rows). Written only for mmca; a file without it is causal (older exports too).
 ATTENTION = "tinygptv.attention"
 ATTENTION_KINDS = ("causal", "mmca")
+# MoE (model.moe; written only for a model with MoE layers, so a dense file is byte for byte what it was): llama.cpp's
+# key names under our prefix (stock llama.cpp cannot run this file anyway), and which layers are routed.
+EXPERT_COUNT = "tinygptv.expert_count"  # experts per MoE layer
+EXPERT_USED_COUNT = "tinygptv.expert_used_count"  # top-k
+MOE_LAYERS = "tinygptv.moe_layers"  # array of int: the MoE layers; the others keep the dense ffn_up / ffn_down
+# An MoE layer's FFN tensors (llama.cpp's convention; ggml order): ffn_gate_inp (router) [n_embd, n_expert],
+# ffn_up_exps [n_embd, n_ff, n_expert] + bias [n_ff, n_expert], ffn_down_exps [n_ff, n_embd, n_expert] + bias
+# [n_embd, n_expert]. Expert e's slice is model.layers.N.mlp.experts.e.fc1 / fc2.
+MOE_FFN_TENSORS = ("ffn_gate_inp.weight", "ffn_up_exps.weight", "ffn_up_exps.bias", "ffn_down_exps.weight",
+                   "ffn_down_exps.bias")
 
 # ---------------------------------------------------------------------------------------- vision keys
 def vision_key(name: str) -> str:
@@ -122,6 +132,7 @@ LLM_TENSOR_RULES: tuple[tuple[str, str], ...] = (
     ("model.layers.{N}.post_layernorm.", "blk.{N}.post_attention_norm."),
     ("model.layers.{N}.mlp.fc1.", "blk.{N}.ffn_up."),
     ("model.layers.{N}.mlp.fc2.", "blk.{N}.ffn_down."),
+    ("model.layers.{N}.mlp.router.weight", "blk.{N}.ffn_gate_inp.weight"),  # MoE router (experts: expert_slice)
     ("model.final_layernorm.", "output_norm."),
     ("lm_head.", "output."),
 )
@@ -220,8 +231,23 @@ def is_vision_tensor(torch_name: str) -> bool:
     return torch_name.startswith(VISION_PREFIXES)
 
 
-def llm_tensor_names(n_layers: int, qk_layernorm: bool, post_attention_rmsnorm: bool) -> list[str]:
-    """Every GGUF tensor name an LLM file of this shape holds, in file order."""
+_EXPERT = re.compile(r"(?:language_model\.)?model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(fc[12])\.(weight|bias)")
+
+
+def expert_slice(name: str) -> tuple[str, int] | None:
+    """'language_model.model.layers.3.mlp.experts.2.fc1.weight' -> ('blk.3.ffn_up_exps.weight', 2): the stacked GGUF
+    tensor an expert's parameter goes into, and its index there; None for any other name."""
+    m = _EXPERT.fullmatch(name)
+    if m is None:
+        return None
+    part = "ffn_up_exps" if m.group(3) == "fc1" else "ffn_down_exps"
+    return f"blk.{m.group(1)}.{part}.{m.group(4)}", int(m.group(2))
+
+
+def llm_tensor_names(n_layers: int, qk_layernorm: bool, post_attention_rmsnorm: bool,
+                     moe_layers: Iterable[int] = ()) -> list[str]:
+    """Every GGUF tensor name an LLM file of this shape holds, in file order (MoE layers: MOE_FFN_TENSORS)."""
+    moe_layers = set(moe_layers)
     names = ["token_embd.weight"]
     for i in range(n_layers):
         b = f"blk.{i}."
@@ -232,6 +258,9 @@ def llm_tensor_names(n_layers: int, qk_layernorm: bool, post_attention_rmsnorm: 
         names += [b + "attn_output.weight", b + "attn_output.bias"]
         if post_attention_rmsnorm:
             names += [b + "post_attention_norm.weight"]
-        names += [b + "ffn_up.weight", b + "ffn_up.bias", b + "ffn_down.weight", b + "ffn_down.bias"]
+        if i in moe_layers:
+            names += [b + t for t in MOE_FFN_TENSORS]
+        else:
+            names += [b + "ffn_up.weight", b + "ffn_up.bias", b + "ffn_down.weight", b + "ffn_down.bias"]
     names += ["output_norm.weight", "output_norm.bias", "output.weight", "output.bias"]
     return names

@@ -49,6 +49,9 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
         if llm_hyperparams(llm).attention != "causal":
             raise UserError(f"{llm.path}: stock llama.cpp has no multi-modal causal attention (attention mmca); "
                             "use --backend ggml or torch")
+        if llm_hyperparams(llm).moe_layers:
+            raise UserError(f"{llm.path}: stock llama.cpp's phi2 has no MoE layers (tinygptv.moe_layers); use "
+                            "--backend ggml or torch")
         return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
     if backend in ("auto", "ggml"):
         try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves

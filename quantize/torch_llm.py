@@ -3,7 +3,8 @@
 Used when ggml-python cannot be imported (or on request). Every weight is dequantized once at load with
 gguf.quants.dequantize into fp32 (small models) or bf16 (models whose fp32 weights would exceed 4 GB); the
 decoder then runs in that dtype with fp32 norms and softmax. The KV cache is a preallocated tensor per layer.
-An mmca file (tinygptv.attention = mmca) adds the two masked softmaxes of quantize.mmca_masks.
+An mmca file (tinygptv.attention = mmca) adds the two masked softmaxes of quantize.mmca_masks; an MoE file's routed
+layers run each token through its top-k experts (quantize.gguf_moe), routers and expert biases in fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .llm_backend import LLMBackend
 from .mmca_masks import mmca_masks
 
 _AUTO_BF16_BYTES = 4 << 30
+_FP32_NAMES = (".bias", "ffn_gate_inp.weight")
 
 
 class TorchLLM(LLMBackend):
@@ -49,7 +51,7 @@ class TorchLLM(LLMBackend):
             arr = as_float32(t)
             if not arr.flags.writeable:  # a view of the read-only memory map
                 arr = arr.copy()
-            keep_fp32 = arr.ndim == 1  # norms and biases stay fp32
+            keep_fp32 = arr.ndim == 1 or name.endswith(_FP32_NAMES)  # norms, biases (MoE: 2-D) and routers
             self.w[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32 if keep_fp32 else self.dtype)
             if progress and (i % 50 == 0 or i == len(llm.tensors) - 1):
                 print(f"\rdequantizing {i + 1}/{len(llm.tensors)} tensors", end="", flush=True)
@@ -150,10 +152,29 @@ class TorchLLM(LLMBackend):
             if hp.rms_norm_eps is not None:
                 att = att * torch.rsqrt(att.pow(2).mean(-1, keepdim=True) + hp.rms_norm_eps)
                 att = att * self.w[b + "post_attention_norm.weight"]
-            mlp = self._linear(F.gelu(self._linear(h, b + "ffn_up"), approximate="tanh"), b + "ffn_down")
+            if il in hp.moe_layers:
+                mlp = self._routed_ffn(h, b)
+            else:
+                mlp = self._linear(F.gelu(self._linear(h, b + "ffn_up"), approximate="tanh"), b + "ffn_down")
             x = x + att + mlp
         self.n_past = p1
         return x
+
+    def _routed_ffn(self, h: torch.Tensor, b: str) -> torch.Tensor:
+        """An MoE layer's FFN (quantize.gguf_moe): each token through its top-k experts by router softmax, gates
+        renormalised over the k; expert e is slice e of the stacked ffn_*_exps tensors."""
+        probs = F.linear(h.float(), self.w[b + "ffn_gate_inp.weight"].float()).softmax(-1)
+        top_p, top_i = probs.topk(self.hp.n_expert_used, dim=-1)
+        gates = top_p / top_p.sum(-1, keepdim=True)
+        up_w, up_b = self.w[b + "ffn_up_exps.weight"], self.w[b + "ffn_up_exps.bias"]
+        down_w, down_b = self.w[b + "ffn_down_exps.weight"], self.w[b + "ffn_down_exps.bias"]
+        out = torch.zeros_like(h, dtype=torch.float32)
+        for e in top_i.unique().tolist():
+            token, slot = (top_i == e).nonzero(as_tuple=True)
+            x = F.linear(h[token].to(up_w.dtype), up_w[e]).float() + up_b[e]
+            x = F.linear(F.gelu(x, approximate="tanh").to(down_w.dtype), down_w[e]).float() + down_b[e]
+            out = out.index_add(0, token, x * gates[token, slot, None])
+        return out
 
     def _logits(self, h: torch.Tensor) -> np.ndarray:
         return self._linear(self._ln(h, "output_norm"), "output").numpy()

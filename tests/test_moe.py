@@ -253,18 +253,6 @@ def test_tiny_moe_stage_trains_logs_resumes_and_reloads(synthetic, stage4_like, 
         assert torch.equal(tensors[name], b[name]), name
 
 
-def test_gguf_export_of_an_moe_model_is_refused_in_one_line(tiny_vlm, tmp_path):
-    pytest.importorskip("gguf")
-    from quantize.export import export_model
-    from tinygpt.model import save_vlm
-
-    model = tiny_vlm()
-    upcycle(model.language_model, {"layers": [1]}, seed=0)
-    save_vlm(model, tmp_path / "moe")
-    with pytest.raises(UserError, match=r"has MoE layers \(model.moe\); their GGUF export .* is not implemented yet"):
-        export_model(tmp_path / "moe", tmp_path / "gguf", qtype="f16", progress=False)
-
-
 def test_moe_model_with_kv_cache_gives_the_full_forward_logits():
     model = tiny_phi()
     upcycle(model, {"num_experts": 4, "top_k": 2, "layers": "alternate"}, seed=0)
