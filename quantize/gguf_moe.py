@@ -6,7 +6,7 @@ File layout (llama.cpp's convention, shapes in ggml order; names and keys in qua
   blk.N.ffn_up_exps.bias      [n_ff, n_expert]            F32
   blk.N.ffn_down_exps.weight  [n_ff, n_embd, n_expert]    expert e's fc2 weight; in --qtype
   blk.N.ffn_down_exps.bias    [n_embd, n_expert]          F32
-  tinygptv.expert_count, tinygptv.expert_used_count (top-k), tinygptv.moe_layers (array of int)
+  phi2.expert_count, phi2.expert_used_count (top-k), tinygptv.moe_layers (array of int)
 Layers not in moe_layers keep the dense blk.N.ffn_up / ffn_down. A dense model's file has none of these.
 
 The runtimes (quantize.ggml_moe, quantize.torch_llm) compute what MoEFeedForward computes at inference (dropless):

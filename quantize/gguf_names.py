@@ -76,9 +76,9 @@ POST_ATTENTION_RMSNORM = "tinygptv.post_attention_rmsnorm"  # bool, informative
 ATTENTION = "tinygptv.attention"
 ATTENTION_KINDS = ("causal", "mmca")
 # MoE (model.moe; written only for a model with MoE layers, so a dense file is byte for byte what it was): llama.cpp's
-# key names under our prefix (stock llama.cpp cannot run this file anyway), and which layers are routed.
-EXPERT_COUNT = "tinygptv.expert_count"  # experts per MoE layer
-EXPERT_USED_COUNT = "tinygptv.expert_used_count"  # top-k
+# keys as it names them for the architecture, and ours for which layers are routed (llama.cpp has no such key).
+EXPERT_COUNT = f"{ARCH_LLM}.expert_count"  # experts per MoE layer
+EXPERT_USED_COUNT = f"{ARCH_LLM}.expert_used_count"  # top-k
 MOE_LAYERS = "tinygptv.moe_layers"  # array of int: the MoE layers; the others keep the dense ffn_up / ffn_down
 # An MoE layer's FFN tensors (llama.cpp's convention; ggml order): ffn_gate_inp (router) [n_embd, n_expert],
 # ffn_up_exps [n_embd, n_ff, n_expert] + bias [n_ff, n_expert], ffn_down_exps [n_ff, n_embd, n_expert] + bias

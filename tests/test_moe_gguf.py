@@ -114,7 +114,7 @@ def test_unsupported_settings_and_damaged_files_are_one_line_errors(moe_dir, tmp
         export_model(bad, tmp_path / "out", "f16", progress=False)
     contents = open_gguf(exported(moe_dir, "f32"), names.ARCH_LLM)
     del contents.metadata[names.EXPERT_USED_COUNT]
-    with pytest.raises(UserError, match="metadata key 'tinygptv.expert_used_count' is missing"):
+    with pytest.raises(UserError, match="metadata key 'phi2.expert_used_count' is missing"):
         llm_hyperparams(contents)
     contents = open_gguf(exported(moe_dir, "f32"), names.ARCH_LLM)
     del contents.metadata[names.MOE_LAYERS]
