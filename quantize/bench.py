@@ -87,9 +87,9 @@ _ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s",
          ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"))
 
 
-def _row(name: str, results: list[dict], key: str, fmt: str) -> str:
+def _row(name: str, results: list[dict], key: str, fmt: str, width: int = 30) -> str:
     cells = [(fmt.format(r[key]) if key in r else "-") for r in results]
-    return f"{name:<34}" + "".join(f"{c:>30}" for c in cells)
+    return f"{name:<34}" + "".join(f"{c:>{width}}" for c in cells)
 
 
 def _random_image(directory: str) -> str:
@@ -249,9 +249,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     ok = [r for r in results if "error" not in r]
     if ok:
-        print(f"{'':<34}" + "".join(f"{r['engine'][:29]:>30}" for r in ok))
+        width = max(30, *(len(r["engine"]) + 2 for r in ok))  # engine names whole (layout included)
+        print(f"{'':<34}" + "".join(f"{r['engine']:>{width}}" for r in ok))
         for name, key, fmt in _ROWS:
-            print(_row(name, ok, key, fmt))
+            print(_row(name, ok, key, fmt, width))
     if rounds:
         print(format_rounds(rounds))
     return 1 if errors else 0
