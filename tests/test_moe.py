@@ -36,6 +36,38 @@ def test_one_expert_top1_equals_the_dense_model():
     assert moe(ids, labels=ids, use_cache=False).loss.item() == pytest.approx(dense_loss.item() + 0.04, abs=1e-6)
 
 
+def test_one_expert_top1_trains_exactly_like_the_dense_ffn():
+    """The dense row of experiments/twin_moe.py: training a one-expert, top-1 MoE layer (trainable set ``moe``, the
+    Switch loss on, training-mode capacity) is training that layer's dense fc1/fc2 with the same AdamW: the router gets
+    a zero gradient (the softmax over one expert is 1 whatever its logit) and the balancing term is a constant."""
+    from tinygpt.config.schema import OptimSection
+    from tinygpt.train.optim import build_optimizer
+
+    dense = tiny_phi().train()
+    moe = copy.deepcopy(dense)
+    upcycle(moe, {"num_experts": 1, "top_k": 1, "layers": [1], "capacity_factor": 1.5}, seed=3)
+    for model, trained in ((dense, ".1.mlp.fc"), (moe, ".1.mlp.")):
+        for name, p in model.named_parameters():
+            p.requires_grad_(trained in name)
+    optimizers = [build_optimizer(m, OptimSection(), lr=1e-3) for m in (dense, moe)]
+    ids = torch.randint(0, 2000, (2, 11))
+    for _ in range(3):
+        for model, optimizer in zip((dense, moe), optimizers):
+            torch.manual_seed(0)  # the same dropout masks
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        block = moe.model.layers[1].mlp
+        assert torch.count_nonzero(block.router.weight.grad) == 0
+        for name in ("fc1", "fc2"):
+            assert torch.equal(getattr(block.experts[0], name).weight.grad,
+                               getattr(dense.model.layers[1].mlp, name).weight.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert torch.equal(block.experts[0].get_parameter(name), dense.model.layers[1].mlp.get_parameter(name))
+    assert not torch.equal(block.experts[0].fc1.weight, tiny_phi().model.layers[1].mlp.fc1.weight)  # it trained
+
+
 def test_routed_ffn_matches_a_direct_per_token_formula():
     dense = tiny_phi()
     upcycle(dense, {"num_experts": 4, "top_k": 2, "layers": [2]}, seed=0)
