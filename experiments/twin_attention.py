@@ -64,16 +64,20 @@ def one_run(kind: str, seed: int, data: Path, root: Path, backbones: Path) -> di
     return row
 
 
+def mean_spread(values: list[float], digits: int = 1) -> str:
+    """A table cell: mean ± sample standard deviation (0 for one value), "–" for none."""
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| attention | seeds | shapes VQA | grounding | two-image (all) | which has | count in both | "
              "compare sizes |", "|---|---|---|---|---|---|---|---|"]
     for kind in sorted({r["kind"] for r in rows}):
         mine = [r for r in rows if r["kind"] == kind]
-        cells = []
-        for key in FIGURES:
-            values = [100 * r[key] for r in mine if r.get(key) is not None]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}" if values else "–")
+        cells = [mean_spread([100 * r[key] for r in mine if r.get(key) is not None]) for key in FIGURES]
         lines.append(f"| {kind} | {','.join(str(r['seed']) for r in mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

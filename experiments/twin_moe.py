@@ -33,7 +33,7 @@ from pathlib import Path
 EXPERIMENTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(EXPERIMENTS))
 
-from twin_attention import FIGURES, REPO, multi_image_scores, train_four_stages  # noqa: E402
+from twin_attention import FIGURES, REPO, mean_spread, multi_image_scores, train_four_stages  # noqa: E402
 
 from tinygpt.config import load_config  # noqa: E402
 from tinygpt.model import load_vlm  # noqa: E402
@@ -137,13 +137,6 @@ def one_run(variant: str, seed: int, stage4: Path, data: Path, root: Path, backb
     return row
 
 
-def _cell(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "–"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| stage 5 | seeds | trainable | active LLM / token | active FFN, MoE layers | shapes VQA | grounding | "
              "two-image (all) | which has | count in both | compare sizes | train s |",
@@ -154,8 +147,8 @@ def table(rows: list[dict]) -> str:
         first = mine[0]
         counts = [f"{first[k]:,}" if first.get(k) else "–"
                   for k in ("trainable_params", "active_llm_params", "active_moe_ffn_params")]
-        cells = [_cell([100 * r[key] for r in mine if r.get(key) is not None]) for key in FIGURES]
-        seconds = _cell([r["train_seconds"] for r in mine if r.get("train_seconds") is not None], 0)
+        cells = [mean_spread([100 * r[key] for r in mine if r.get(key) is not None]) for key in FIGURES]
+        seconds = mean_spread([r["train_seconds"] for r in mine if r.get("train_seconds") is not None], 0)
         lines.append(f"| {variant} | {','.join(str(r['seed']) for r in mine)} | " + " | ".join(counts + cells)
                      + f" | {seconds} |")
     return "\n".join(lines) + "\n"
