@@ -10,9 +10,12 @@ speed does not depend on the values). Time to first token = image encode + prefi
 ~30-token question + the first sampled token, as in `chat`.
 
 Roofline: a child first measures read bandwidth at --threads threads (torch.sum over --bandwidth-gb of float32, best
-of 10 passes on 4 KiB pages and 10 on huge pages); a decode step must read every weight but the token embedding
-once, so weight bytes / bandwidth is the floor of its time, and each engine's "share of the roofline" = floor / its
-ms per token (100% = bandwidth-bound).
+of 10 passes on 4 KiB pages and 10 on huge pages), and again before each of the --rounds; a decode step must read
+every weight but the token embedding once, so weight bytes / bandwidth is the floor of its time, and each engine's
+"share of the roofline" = floor / its ms per token (100% = bandwidth-bound). A second child times our ggml matmul on a
+weight of the file's type that sits in cache (quantize.bench_kernel): weight bytes / that rate is the kernel floor, the
+higher floor on a CPU whose memory outruns what its cores can dequantise; "share of max(roofline, kernel)" is the
+share of the higher one.
 The header names the CPU and its x86 SIMD flags, and the ggml builds each engine runs.
 
 A child that dies (segfault, OOM kill) is reported with its exit code and signal name, and one that gives no result
@@ -21,8 +24,8 @@ within --child-timeout seconds is killed and reported; the bench then prints wha
 A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
 --rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
 modified file, ours on the plain file, stock llama.cpp on the plain file when importable; LLM only) and the per-round
-ms/token, shares of the roofline and ratios to the last engine are printed: drift then hits every engine of a round
-alike.
+ms/token, shares of that round's roofline, its read bandwidth and the ratios to the last engine are printed: drift
+then hits every engine of a round alike (a shared host's bandwidth moved between 35 and 65 GB/s within minutes).
 """
 from __future__ import annotations
 
@@ -33,11 +36,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from PIL import Image
 
 from tinygpt.errors import UserError
 
 from . import bench_child
+from . import bench_kernel as kernel
 from . import bench_roofline as roof
 from .chat import add_ggml_switches
 from .gguf_file import find_llm_file, find_vision_file
@@ -84,6 +89,8 @@ _ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s",
          ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
          ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),
          ("share of the roofline, best step", "roofline_share_best", "{:.0%}"),
+         ("kernel floor, cached weights (ms)", "kernel_ms", "{:.1f}"),
+         ("share of max(roofline, kernel)", "bound_share", "{:.0%}"),
          ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"))
 
 
@@ -100,11 +107,25 @@ def _random_image(directory: str) -> str:
 
 
 class _Runner:
-    """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / bandwidth)."""
+    """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / bandwidth).
+    `measure()` runs the bandwidth probe (at the start, and again before each alternating round: a shared host's
+    bandwidth drifts, so each round's shares use that round's own measurement)."""
 
-    def __init__(self, timeout_s: float, bandwidth_gb_s: float | None):
-        self.timeout_s, self.bandwidth = timeout_s, bandwidth_gb_s
+    def __init__(self, timeout_s: float, threads: int, bandwidth_bytes: int):
+        self.timeout_s, self.threads, self.bandwidth_bytes = timeout_s, threads, bandwidth_bytes
+        self.bandwidth: float | None = None
         self._bytes: dict[str, int] = {}
+        self.kernels: dict[tuple[int, bool], dict] = {}  # (ggml type, repack) -> measure_kernel's result
+
+    def measure(self) -> dict | None:
+        """The probe's result (or {"error": ...}); None when --bandwidth-gb 0 switched it off."""
+        if self.bandwidth_bytes <= 0:
+            return None
+        result = bench_child.run_child(bench_child.ENGINES["bandwidth"], dict(
+            threads=self.threads, bandwidth_bytes=self.bandwidth_bytes), self.timeout_s, "bandwidth")
+        if "error" not in result:
+            self.bandwidth = result["bandwidth_gb_s"]
+        return result
 
     def floor_ms(self, path: str) -> float | None:
         if self.bandwidth is None:
@@ -113,6 +134,17 @@ class _Runner:
             self._bytes[path] = roof.weight_bytes_per_token(path)
         return roof.roofline_ms(self._bytes[path], self.bandwidth)
 
+    def kernel_floor_ms(self, path: str, repack: bool) -> float | None:
+        """Weight bytes / our matmul kernel's rate on a cached weight of the file's type (measured once per type)."""
+        if self.bandwidth_bytes <= 0:
+            return None
+        key = (kernel.matmul_type(path), bool(repack))
+        if key not in self.kernels:
+            self.kernels[key] = bench_child.run_child(bench_child.ENGINES["kernel"], dict(
+                ggml_type=key[0], threads=self.threads, repack=key[1]), self.timeout_s, "kernel rate")
+        rate = self.kernels[key].get("kernel_gb_s")
+        return None if rate is None else kernel.kernel_floor_ms(self._bytes[path], rate)
+
     def run(self, engine: str, args: dict, label: str) -> dict:
         result = bench_child.run_child(bench_child.ENGINES[engine], args, self.timeout_s, label)
         if "error" not in result and "file" in result and "decode_ms" in result:
@@ -120,7 +152,25 @@ class _Runner:
             if floor is not None:
                 result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])
                 result["roofline_share_best"] = roof.share(floor, result["decode_best_ms"])
+                if "GgmlLLM" in result.get("engine", ""):  # the kernel probe measures our ggml build
+                    compute = self.kernel_floor_ms(result["file"], args.get("repack", True))
+                    if compute is not None:
+                        result["kernel_ms"] = compute
+                        result["bound_share"] = roof.share(max(floor, compute), result["decode_ms"])
         return result
+
+    def kernel_lines(self) -> list[str]:
+        """One line on the kernel rates measured (or why not), for under the table."""
+        lines = []
+        for (ggml_type, repack), r in self.kernels.items():
+            name = GGMLQuantizationType(ggml_type).name
+            if "error" in r:
+                lines.append(f"kernel rate, {name}: {r['error']}")
+            else:
+                lines.append(f"kernel rate, ours, {self.threads} threads, a {kernel.SIDE}x{kernel.SIDE} {name} weight "
+                             f"in cache ({r['layout']} layout): {r['kernel_gb_s']:.1f} GB/s; kernel floor = weights "
+                             "read per token / that rate")
+        return lines
 
 
 def _round_engines(base: dict, gguf: str, plain_gguf: str, stock: bool) -> list[tuple[str, str, dict]]:
@@ -138,6 +188,9 @@ def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds:
     out = []
     for r in range(rounds):
         entry: dict = {"ms": {}, "share": {}, "best": {}, "floor": {}}
+        probe = runner.measure()
+        if probe is not None and "error" not in probe:
+            entry["bandwidth"] = probe["bandwidth_gb_s"]
         for label, engine, args in engines:
             result = runner.run(engine, args, label)
             if "error" in result:  # printed with the others at the end
@@ -149,14 +202,15 @@ def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds:
                 entry["share"][label] = result["roofline_share"]
                 entry["floor"][label] = result["roofline_ms"]
         out.append(entry)
+        read = f" (read bandwidth {entry['bandwidth']:.1f} GB/s)" if "bandwidth" in entry else ""
         print(f"  decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())
-              + " ms/token", file=sys.stderr, flush=True)
+              + " ms/token" + read, file=sys.stderr, flush=True)
     return out
 
 
 def format_rounds(rounds: list[dict]) -> str:
-    """Per-round ms/token (share of the roofline), the medians, the best single step of all rounds, and each engine's
-    median ratio to the last one."""
+    """Per-round ms/token (share of that round's roofline) and read bandwidth where measured, the medians, the best
+    single step of all rounds (its share: the best of any round), and each engine's median ratio to the last one."""
     rounds = [r for r in rounds if "error" not in r]
     if not rounds:
         return "decode, alternating rounds: no round finished"
@@ -166,18 +220,25 @@ def format_rounds(rounds: list[dict]) -> str:
     def cell(ms: float, share: float | None) -> str:
         return f"{ms:.1f}" + (f" ({share:.0%})" if share is not None else "")
 
+    read = all("bandwidth" in r for r in rounds)
+
+    def bandwidth(value: float) -> str:
+        return f"{value:>12.1f}" if read else ""
+
     lines = ["decode, alternating rounds: ms/token (share of the roofline)",
-             f"{'':<12}" + "".join(f"{label[:27]:>28}" for label in labels)]
+             f"{'':<12}" + "".join(f"{label[:27]:>28}" for label in labels) + (f"{'read GB/s':>12}" if read else "")]
     for i, r in enumerate(rounds, 1):
-        lines.append(f"  round {i:<4}" + "".join(f"{cell(r['ms'][k], r['share'].get(k)):>28}" for k in labels))
+        lines.append(f"  round {i:<4}" + "".join(f"{cell(r['ms'][k], r['share'].get(k)):>28}" for k in labels)
+                     + bandwidth(r.get("bandwidth", 0.0)))
     medians = {k: float(np.median([r["ms"][k] for r in rounds])) for k in labels}
     shares = {k: float(np.median([r["share"][k] for r in rounds])) for k in labels if k in rounds[0]["share"]}
-    lines.append(f"  {'median':<10}" + "".join(f"{cell(medians[k], shares.get(k)):>28}" for k in labels))
+    lines.append(f"  {'median':<10}" + "".join(f"{cell(medians[k], shares.get(k)):>28}" for k in labels)
+                 + bandwidth(float(np.median([r.get("bandwidth", 0.0) for r in rounds]))))
     if all("best" in r and k in r["best"] for r in rounds for k in labels):
         best = {k: min(r["best"][k] for r in rounds) for k in labels}
-        floors = {k: rounds[0]["floor"][k] for k in labels if k in rounds[0].get("floor", {})}
-        lines.append(f"  {'best step':<10}" + "".join(
-            f"{cell(best[k], floors[k] / best[k] if k in floors else None):>28}" for k in labels))
+        best_share = {k: max(r["floor"][k] / r["best"][k] for r in rounds) for k in labels
+                      if all(k in r.get("floor", {}) for r in rounds)}
+        lines.append(f"  {'best step':<10}" + "".join(f"{cell(best[k], best_share.get(k)):>28}" for k in labels))
     for k in labels[:-1]:
         ratios = [r["ms"][k] / r["ms"][ref] for r in rounds]
         lines.append(f"  median ratio ({k} / {ref}): {float(np.median(ratios)):.2f} (min {min(ratios):.2f}, "
@@ -215,14 +276,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)
     errors: list[str] = []
-    bandwidth = None
-    if args.bandwidth_gb > 0:
-        bandwidth = bench_child.run_child(bench_child.ENGINES["bandwidth"], dict(
-            threads=args.threads, bandwidth_bytes=int(args.bandwidth_gb * 1e9)), args.child_timeout, "bandwidth")
-        if "error" in bandwidth:
-            errors.append(bandwidth["error"])
-            bandwidth = None
-    runner = _Runner(args.child_timeout, bandwidth["bandwidth_gb_s"] if bandwidth else None)
+    runner = _Runner(args.child_timeout, args.threads, int(args.bandwidth_gb * 1e9))
+    bandwidth = runner.measure()
+    if bandwidth is not None and "error" in bandwidth:
+        errors.append(bandwidth["error"])
+        bandwidth = None
     stock = bool(args.plain_gguf) and stock_available()
     if args.plain_gguf and not stock:
         print("note: llama-cpp-python is not importable; skipping the stock llama.cpp column", file=sys.stderr)
@@ -253,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'':<34}" + "".join(f"{r['engine']:>{width}}" for r in ok))
         for name, key, fmt in _ROWS:
             print(_row(name, ok, key, fmt, width))
+    for line in runner.kernel_lines():
+        print(line)
     if rounds:
         print(format_rounds(rounds))
     return 1 if errors else 0

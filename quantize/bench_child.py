@@ -10,7 +10,7 @@ Contract:
   * ENGINES maps an engine name to its target; bench resolves targets through it (tests swap in a failing child).
   * Engine targets put {"engine", "load_s", "prefill_tok_s", "decode_ms", "peak_rss_gb", ...} or {"error": ...};
     `measure_bandwidth` puts {"bandwidth_gb_s", "bandwidth_median_gb_s", "bandwidth_bytes", "bandwidth_4k_gb_s",
-    "bandwidth_huge_gb_s" (where huge pages are available)}.
+    "bandwidth_huge_gb_s" (where huge pages are available)}; `measure_kernel` puts {"kernel_gb_s", "layout"}.
 """
 from __future__ import annotations
 
@@ -147,7 +147,18 @@ def measure_bandwidth(args: dict, queue) -> None:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-ENGINES = {"ours": ours, "stock": stock, "bandwidth": measure_bandwidth}
+def measure_kernel(args: dict, queue) -> None:
+    """Child process: our one-token matmul's rate on a cached weight of args['ggml_type'] (quantize.bench_kernel)."""
+    try:
+        from .bench_kernel import kernel_rate
+
+        rate, layout = kernel_rate(args["ggml_type"], args["threads"], repack=args["repack"])
+        queue.put({"kernel_gb_s": rate, "layout": layout})
+    except BaseException as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+ENGINES = {"ours": ours, "stock": stock, "bandwidth": measure_bandwidth, "kernel": measure_kernel}
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -28,8 +28,19 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     names = [row[:34].strip() for row in rows]
     for name in ("load (s)", "image encode, int8 (s)", "first token, image+question (s)", "prefill (tok/s)",
                  "decode (ms/token)", "decode, best step (ms)", "decode (tok/s)", "roofline (ms/token)",
-                 "share of the roofline", "share of the roofline, best step", "peak RSS (GB)"):
+                 "share of the roofline", "share of the roofline, best step", "kernel floor, cached weights (ms)",
+                 "share of max(roofline, kernel)", "peak RSS (GB)"):
         assert name in names
+    kernel_ms = [float(v) for v in rows[names.index("kernel floor, cached weights (ms)")].split()[-2:]]
+    roofline_ms = [float(v) for v in rows[names.index("roofline (ms/token)")].split()[-2:]]
+    assert all(v > 0 for v in kernel_ms)
+    bound = [float(v[:-1]) for v in rows[names.index("share of max(roofline, kernel)")].split()[-2:]]
+    share = [float(v[:-1]) for v in rows[names.index("share of the roofline")].split()[-2:]]
+    assert all(b >= s for b, s in zip(bound, share))  # the higher floor's share
+    if all(k > r for k, r in zip(kernel_ms, roofline_ms)):
+        assert all(b > s for b, s in zip(bound, share))
+    rate = [row for row in rows if row.startswith("kernel rate, ours, 2 threads, a 2560x2560 Q8_0 weight in cache")]
+    assert len(rate) == 1 and float(rate[0].split("layout): ")[1].split()[0]) > 0  # one file type, measured once
     decode = rows[names.index("decode (ms/token)")].split()
     assert all(float(v) > 0 for v in decode[-2:])  # both engines measured
     shares = rows[names.index("share of the roofline")].split()[-2:]
@@ -38,6 +49,9 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     rounds = out[out.index("decode, alternating rounds"):].splitlines()
     assert "ours, llm-q8_0.gguf" in rounds[1] and "ours, plain llm-q8_0.gguf" in rounds[1]
     assert [line.split()[:2] for line in rounds[2:4]] == [["round", "1"], ["round", "2"]]
+    assert rounds[1].rstrip().endswith("read GB/s")  # measured again before each round
+    assert all(float(line.split()[-1]) > 0 for line in rounds[2:5])
+    assert err.count("(read bandwidth ") == 2
     assert rounds[4].split()[0] == "median" and "%)" in rounds[4]
     assert rounds[5].split()[:2] == ["best", "step"] and "%)" in rounds[5]
     ratio = float(rounds[6].split(": ")[1].split()[0])
@@ -57,6 +71,23 @@ def test_format_rounds_reports_shares_and_the_median_ratio_to_the_last_engine():
     assert text.count("round ") == 3
     median = [line for line in text.splitlines() if line.split()[0] == "median"][0]
     assert median.split() == ["median", "95.0", "(63%)", "100.0", "(70%)", "100.0", "(70%)"]
+    assert "read GB/s" not in text  # no bandwidth column without the probe
+
+
+def test_format_rounds_uses_each_rounds_own_bandwidth_and_the_best_share_of_any_round():
+    def entry(ms, bandwidth):  # a floor of 50 ms at 30 GB/s: the same file on a host whose bandwidth drifts
+        floor = 50.0 * 30.0 / bandwidth
+        return {"ms": {"ours": ms, "stock": 2 * ms}, "best": {"ours": ms - 5, "stock": 2 * ms - 5},
+                "floor": {"ours": floor, "stock": floor},
+                "share": {"ours": floor / ms, "stock": floor / (2 * ms)}, "bandwidth": bandwidth}
+
+    text = format_rounds([entry(50.0, 30.0), entry(40.0, 60.0), entry(60.0, 30.0)])
+    lines = text.splitlines()
+    assert lines[1].rstrip().endswith("read GB/s")
+    assert lines[2].split() == ["round", "1", "50.0", "(100%)", "100.0", "(50%)", "30.0"]
+    assert lines[3].split() == ["round", "2", "40.0", "(62%)", "80.0", "(31%)", "60.0"]  # 25 ms floor at 60 GB/s
+    assert lines[5].split() == ["median", "50.0", "(83%)", "100.0", "(42%)", "30.0"]
+    assert lines[6].split() == ["best", "step", "35.0", "(111%)", "75.0", "(53%)"]  # round 1's 45 ms and 95 ms
 
 
 @pytest.mark.parametrize("extra, message", [(["--rounds", "2"], "give --plain-gguf"),
