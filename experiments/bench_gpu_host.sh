@@ -23,7 +23,7 @@ T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(el)s] $*" | tee -a "$OUT/run.log"; }
 cd "$(dirname "$0")/.."
-W=${W:-/tmp/w23}; mkdir -p "$W"
+W=${W:-$(mktemp -d)}; mkdir -p "$W"  # the builds and the four file pairs (~11 GB at full size)
 { lscpu; echo; lscpu -e; echo; nproc; head -3 /proc/meminfo; cat /sys/kernel/mm/transparent_hugepage/enabled
   $PY -V; gcc --version | head -1; cmake --version | head -1; $PY -m pip show scikit-build-core 2>/dev/null | head -2
 } > "$OUT/lscpu.txt" 2>&1

@@ -127,12 +127,13 @@ class _Runner:
             self.bandwidth = result["bandwidth_gb_s"]
         return result
 
-    def floor_ms(self, path: str) -> float | None:
-        if self.bandwidth is None:
-            return None
+    def weight_bytes(self, path: str) -> int:
         if path not in self._bytes:
             self._bytes[path] = roof.weight_bytes_per_token(path)
-        return roof.roofline_ms(self._bytes[path], self.bandwidth)
+        return self._bytes[path]
+
+    def floor_ms(self, path: str) -> float | None:
+        return None if self.bandwidth is None else roof.roofline_ms(self.weight_bytes(path), self.bandwidth)
 
     def kernel_floor_ms(self, path: str, repack: bool) -> float | None:
         """Weight bytes / our matmul kernel's rate on a cached weight of the file's type (measured once per type)."""
@@ -143,7 +144,7 @@ class _Runner:
             self.kernels[key] = bench_child.run_child(bench_child.ENGINES["kernel"], dict(
                 ggml_type=key[0], threads=self.threads, repack=key[1]), self.timeout_s, "kernel rate")
         rate = self.kernels[key].get("kernel_gb_s")
-        return None if rate is None else kernel.kernel_floor_ms(self._bytes[path], rate)
+        return None if rate is None else kernel.kernel_floor_ms(self.weight_bytes(path), rate)
 
     def run(self, engine: str, args: dict, label: str) -> dict:
         result = bench_child.run_child(bench_child.ENGINES[engine], args, self.timeout_s, label)

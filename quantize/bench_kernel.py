@@ -40,16 +40,15 @@ def _layout(ggml_type: int, backend, repack: bool, amx: bool | None):
     import ggml
 
     from .ggml_amx import amx_tiles_work
-    from .ggml_weights import amx_placeable, extra_buffer_types, repackable
+    from .ggml_weights import AMX_TYPES, pick_layout, weight_layouts
 
-    extra = extra_buffer_types(backend) if repack else {}
-    name, ne = "blk.0.attn_output.weight", [SIDE, SIDE]
-    use_amx = amx_tiles_work() if amx is None else amx
-    if use_amx and "AMX" in extra and amx_placeable(name, ggml_type, ne):
-        return extra["AMX"], "AMX"
-    if "CPU_REPACK" in extra and repackable(name, ggml_type, ne):
-        return extra["CPU_REPACK"], "repacked"
-    return ggml.ggml_backend_get_default_buffer_type(backend), "plain"
+    if amx is None:  # as GgmlLLM decides: the probe only where the type could go to the AMX buffer
+        amx = ggml_type in AMX_TYPES and amx_tiles_work()
+    layouts = weight_layouts(backend, repack, amx)
+    layout = pick_layout(layouts, "blk.0.attn_output.weight", ggml_type, [SIDE, SIDE])
+    if layout is None:
+        return ggml.ggml_backend_get_default_buffer_type(backend), "plain"
+    return layouts[layout][0], {"AMX": "AMX", "CPU_REPACK": "repacked"}[layout]
 
 
 def kernel_rate(ggml_type: int, threads: int, repack: bool = True, amx: bool | None = None) -> tuple[float, str]:

@@ -59,16 +59,28 @@ def extra_buffer_types(backend) -> dict[str, object]:
     return found
 
 
+def weight_layouts(backend, repack: bool, amx: bool) -> dict[str, tuple[object, object]]:
+    """Layout name -> (buffer type or None, fits(name, type, ne)) a weight may be copied into, preferred first."""
+    extra = extra_buffer_types(backend) if repack else {}
+    layouts = {"CPU_REPACK": (extra.get("CPU_REPACK"), repackable)}
+    if amx and "AMX" in extra:
+        layouts = {"AMX": (extra["AMX"], amx_placeable), **layouts}  # first match wins
+    return layouts
+
+
+def pick_layout(layouts: dict, name: str, tensor_type: int, ne: list[int]) -> str | None:
+    """The first of `layouts` that takes this weight; None: it stays in the file's blocks."""
+    return next((lay for lay, (buft, fits) in layouts.items() if buft is not None and fits(name, tensor_type, ne)),
+                None)
+
+
 class GgmlWeights:
     """Every tensor of an LLM file as a ggml tensor (see the module docstring)."""
 
     def __init__(self, file, backend, repack: bool, amx: bool = False):
         self.file = file
         tensors = file.tensors
-        extra = extra_buffer_types(backend) if repack else {}
-        layouts = {"CPU_REPACK": (extra.get("CPU_REPACK"), repackable)}
-        if amx and "AMX" in extra:
-            layouts = {"AMX": (extra["AMX"], amx_placeable), **layouts}  # first match wins
+        layouts = weight_layouts(backend, repack, amx)
         overhead = (len(tensors) + 8) * ggml.ggml_tensor_overhead()
         self._ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
         self._copy_ctx = {name: ggml.ggml_init(ggml.ggml_init_params(mem_size=overhead, mem_buffer=None,
@@ -79,8 +91,7 @@ class GgmlWeights:
         copies: dict[str, list] = {name: [] for name in layouts}
         for name, t in tensors.items():
             ne = [int(x) for x in t.shape.tolist()]
-            layout = next((lay for lay, (buft, fits) in layouts.items()
-                           if buft is not None and fits(name, int(t.tensor_type), ne)), None)
+            layout = pick_layout(layouts, name, int(t.tensor_type), ne)
             gt = ggml.ggml_new_tensor(self._copy_ctx[layout] if layout else self._ctx, int(t.tensor_type), len(ne),
                                       (ctypes.c_int64 * len(ne))(*ne))
             if ggml.ggml_nbytes(gt) != t.data.nbytes:
