@@ -1,9 +1,10 @@
-"""`python -m quantize {export,random,chat,bench,accuracy}`: GGUF export and CPU inference.
+"""`python -m quantize {export,random,chat,bench,profile,accuracy}`: GGUF export and CPU inference.
 
     python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
     python -m quantize random --out DIR --size full|tiny [--qtype q4_k] [--seed 0] [--plain]
     python -m quantize chat   --gguf DIR [--image PATH ...] [--prompt TEXT]
     python -m quantize bench  --gguf DIR [--image PATH] [--plain-gguf DIR]
+    python -m quantize profile --gguf DIR [--plain-gguf DIR] [--positions 128]
     python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit N]
 
 A mistake the user can fix prints `error: <message>` on stderr and exits with status 2; results that are not
@@ -63,6 +64,12 @@ def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="load / image / prefill / decode timings and peak memory")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+
+    from . import profile_ops
+
+    p = sub.add_parser("profile", help="per-op profile of one decode step, ours and stock llama.cpp side by side")
+    profile_ops.add_arguments(p)
+    p.set_defaults(func=profile_ops.run)
 
     p = sub.add_parser("accuracy", help="held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model")
     accuracy.add_arguments(p)

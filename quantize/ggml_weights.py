@@ -94,6 +94,7 @@ class GgmlWeights:
             layout = pick_layout(layouts, name, int(t.tensor_type), ne)
             gt = ggml.ggml_new_tensor(self._copy_ctx[layout] if layout else self._ctx, int(t.tensor_type), len(ne),
                                       (ctypes.c_int64 * len(ne))(*ne))
+            ggml.ggml_set_name(gt, name.encode()[:63])  # for quantize.profile_ops (matmuls grouped by weight)
             if ggml.ggml_nbytes(gt) != t.data.nbytes:
                 raise UserError(f"{file.path}: tensor {name!r} holds {t.data.nbytes} bytes, ggml expects "
                                 f"{ggml.ggml_nbytes(gt)}")

@@ -54,10 +54,12 @@ class LlamaCppLLM(LLMBackend):
     extra_bufts: let llama.cpp put weights into its extra CPU buffers (AMX, repacked). None (default) = yes, except on
     CPUs with AMX: there llama.cpp picks its AMX buffer, whose multi-token (tile) kernels fault with SIGSEGV in the
     builds seen so far (docs/gguf-runtime.md, "AMX"), so a chat would die on its first prompt. The bench passes True
-    to measure stock llama.cpp as built."""
+    to measure stock llama.cpp as built.
+
+    cb_eval: llama.cpp's scheduler callback, (tensor pointer, ask, user data) -> bool, for quantize.profile_ops."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int = 2, n_batch: int = 256,
-                 extra_bufts: bool | None = None):
+                 extra_bufts: bool | None = None, cb_eval=None):
         self.lib = lib = _import_llama_cpp()
         self.path = Path(path)
         lib.llama_backend_init()
@@ -74,6 +76,9 @@ class LlamaCppLLM(LLMBackend):
         cparams.n_ctx = int(n_ctx)
         cparams.n_batch = cparams.n_ubatch = int(n_batch)
         cparams.n_threads = cparams.n_threads_batch = int(n_threads)
+        self._cb_eval = None
+        if cb_eval is not None:  # kept alive on self for as long as the context may call it
+            self._cb_eval = cparams.cb_eval = lib.ggml_backend_sched_eval_callback(cb_eval)
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise UserError(f"{self.path}: llama.cpp could not create a context of {n_ctx} positions")

@@ -115,6 +115,27 @@ def test_ggml_kv_cache_decode_matches_full_prefill_and_chunking(llm_files):
     assert step.n_past == len(ids)
 
 
+@pytest.mark.parametrize("threads,rows", [(2, 2), (3, 2), (4, 4)])
+def test_ggml_decode_gelu_runs_on_a_row_per_thread(llm_files, threads, rows):
+    """ggml splits elementwise ops by rows: a decode step's GELU is reshaped to as many rows as threads (or the
+    largest count <= threads that divides ffn 512), and the logits equal a one-thread run's."""
+    import ggml
+
+    ids = prompt_ids(12, seed=8)
+    one = _ggml(llm_files["q8_0"], kv_type="f32", n_threads=1)
+    many = _ggml(llm_files["q8_0"], kv_type="f32", n_threads=threads)
+    for m in (one, many):
+        m.eval_tokens(ids[:8])
+    want = np.stack([one.eval_tokens(ids[i:i + 1]) for i in range(8, 12)])
+    got = np.stack([many.eval_tokens(ids[i:i + 1]) for i in range(8, 12)])
+    gf = many._decode.gf
+    gelus = [ggml.ggml_graph_node(gf, i) for i in range(ggml.ggml_graph_n_nodes(gf))]
+    gelus = [t for t in gelus if ggml.ggml_op_desc(t).decode() == "GELU"]
+    assert len(gelus) == TINY["layers"]
+    assert {tuple(t.contents.ne[:2]) for t in gelus} == {(TINY["ffn"] // rows, rows)}
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
 def test_ggml_embeddings_input_equals_token_input(llm_files):
     """Feeding the token_embd rows as embeddings (the image-splice path) gives the token path's logits, and a
     prompt split text / embeddings / text through the cache equals one prefill."""

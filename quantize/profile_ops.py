@@ -1,0 +1,251 @@
+"""Where a decode step's time goes: a per-op profile of one single-token step, ours and stock llama.cpp side by side.
+
+    python -m quantize profile --gguf DIR [--plain-gguf DIR] [--positions 128] [--threads 2]
+
+Method. Each engine runs in its own fresh process (quantize.bench_child.run_child: a crash or a hang comes back as an
+error line). It prefills `positions` random tokens, then times one decode step as a whole (the median of `repeats`),
+then computes the same step node by node and times each node:
+  * ours: the cached decode graph (quantize.ggml_decode_graph) is computed one node at a time through ggml_graph_view;
+  * stock: llama.cpp's scheduler callback (cb_eval) asks for every node, which makes the scheduler compute the graph
+    one node at a time and call back after each.
+A node launched alone pays a fixed cost its place in the whole graph does not (waking the threads, and for stock a
+Python callback): it is measured on the graph's no-op nodes (views, reshapes, permutes: nothing computed) and
+subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
+weight bytes and the rate they were read at. The per-node sum differs from the whole step by what running alone
+changes (caches, the overlap of one op's tail with the next); the whole step is printed beside it.
+
+Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads)`
+-> the table; `run(args)` prints it and returns 1 when an engine failed.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from tinygpt.errors import UserError
+
+from . import gguf_names as names
+from .bench_child import run_child
+from .gguf_file import find_llm_file, open_gguf
+
+NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+_MAX_SRC, _MAX_NAME = 10, 64  # ggml.h: GGML_MAX_SRC, GGML_MAX_NAME (the same in ggml 0.15 and llama.cpp's ggml)
+
+
+class TensorHead(ctypes.Structure):
+    """The leading fields of ggml.h's struct ggml_tensor, to read stock llama.cpp's nodes without importing a second
+    ggml into its process (tests check the offsets against ggml-python's own struct)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * _MAX_SRC), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * _MAX_NAME)]
+
+
+def group_of(op: str, weight_name: str | None) -> str:
+    """'matmul ffn_up' for a matmul reading blk.N.ffn_up.weight, else the op ('GELU', 'FLASH_ATTN_EXT', ...)."""
+    if op == "MUL_MAT" and weight_name:
+        role = re.sub(r"^blk\.\d+\.", "", weight_name)
+        return "matmul " + re.sub(r"\.weight$", "", role)
+    return op
+
+
+def summarize(nodes: list[tuple[str, float, int]], step_s: list[float], repeats: int) -> dict:
+    """nodes: (group, seconds, weight bytes) per node launched alone, over `repeats` node-by-node runs of the step;
+    step_s: the whole step's times. -> the child's result (per step: nodes, ms and bytes of each group)."""
+    launch = [s for g, s, _ in nodes if g in NO_OPS]
+    launch_s = statistics.median(launch) if launch else 0.0
+    groups: dict[str, dict] = {}
+    for group, seconds, nbytes in nodes:
+        if group in NO_OPS:
+            continue
+        g = groups.setdefault(group, {"nodes": 0, "ms": 0.0, "bytes": 0})
+        g["nodes"] += 1
+        g["ms"] += max(0.0, seconds - launch_s) * 1e3
+        g["bytes"] += nbytes
+    for g in groups.values():  # per step
+        g["nodes"] //= repeats
+        g["ms"] /= repeats
+        g["bytes"] //= repeats
+    return {"groups": groups, "step_ms": statistics.median(step_s) * 1e3, "launch_us": launch_s * 1e6,
+            "sum_ms": sum(g["ms"] for g in groups.values())}
+
+
+def _random_ids(n: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, min(50000, vocab), n)
+
+
+# ---------------------------------------------------------------------------------------------- children
+def ours(args: dict, queue) -> None:
+    """Child: our GgmlLLM on args['gguf'] (a directory or an LLM file)."""
+    try:
+        import ggml
+
+        from .ggml_llm import GgmlLLM
+
+        f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
+        llm = GgmlLLM(f, n_ctx=args["positions"] + 64, n_threads=args["threads"])
+        llm.eval_tokens(_random_ids(args["positions"], llm.hp.vocab_size))
+        llm.eval_tokens([1])  # builds the decode graph; its K/V row is rewritten by every compute below
+        gf, backend = llm._decode.gf, llm.cpu_backend
+        count = ggml.ggml_graph_n_nodes(gf)
+        views = [ggml.ggml_graph_view(gf, i, i + 1) for i in range(count)]
+        info = []
+        for i in range(count):
+            node = ggml.ggml_graph_node(gf, i)
+            op = ggml.ggml_op_desc(node).decode()
+            w = node.contents.src[0] if op == "MUL_MAT" else None
+            weight = ggml.ggml_get_name(w).decode() if w else None
+            info.append((group_of(op, weight), ggml.ggml_nbytes(w) if weight else 0))
+        step_s, nodes = [], []
+        for _ in range(args["repeats"]):
+            t0 = time.perf_counter()
+            ggml.ggml_backend_graph_compute(backend, gf)
+            step_s.append(time.perf_counter() - t0)
+            for i in range(count):
+                t0 = time.perf_counter()
+                ggml.ggml_backend_graph_compute(backend, ctypes.pointer(views[i]))
+                nodes.append((info[i][0], time.perf_counter() - t0, info[i][1]))
+        out = summarize(nodes, step_s, args["repeats"])
+        out["engine"] = f"ours, {f.path.name}"
+        queue.put(out)
+    except BaseException as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def stock(args: dict, queue) -> None:
+    """Child: stock llama.cpp (llama-cpp-python) on the plain file in args['gguf']."""
+    try:
+        from llama_cpp import _ggml
+
+        from .llama_cpp_backend import LlamaCppLLM
+
+        op_desc = _ggml.libggml.ggml_op_desc
+        op_desc.argtypes, op_desc.restype = [ctypes.c_void_p], ctypes.c_char_p
+        path = find_llm_file(args["gguf"], args["qtype"])
+        state = {"on": False, "t0": 0.0, "nodes": []}
+
+        def observe(tensor, ask, user_data):
+            if not state["on"]:
+                return False
+            if ask:  # the scheduler computes the nodes up to this one, then calls again with ask=False
+                state["t0"] = time.perf_counter()
+                return True
+            seconds = time.perf_counter() - state["t0"]
+            head = ctypes.cast(tensor, ctypes.POINTER(TensorHead)).contents
+            op = op_desc(tensor).decode()
+            weight, nbytes = None, 0
+            if op == "MUL_MAT" and head.src[0]:
+                w = ctypes.cast(head.src[0], ctypes.POINTER(TensorHead)).contents
+                weight, nbytes = w.name.decode(), int(w.nb[3] * w.ne[3])
+            state["nodes"].append((group_of(op, weight), seconds, nbytes))
+            return True
+
+        step_s = []
+        llm = LlamaCppLLM(path, n_ctx=args["positions"] + 64, n_threads=args["threads"], extra_bufts=True,
+                          cb_eval=observe)
+        ids = _random_ids(args["positions"] + 1 + 2 * args["repeats"], llm.hp.vocab_size)
+        llm.eval_tokens(ids[:args["positions"]])
+        llm.eval_tokens(ids[args["positions"]:args["positions"] + 1])  # warm-up step
+        for r in range(args["repeats"]):
+            llm.truncate(args["positions"])
+            t0 = time.perf_counter()
+            llm.eval_tokens([int(ids[args["positions"] + 1 + r])])
+            step_s.append(time.perf_counter() - t0)  # includes one Python callback per node (returns False)
+            llm.truncate(args["positions"])
+            state["on"] = True
+            llm.eval_tokens([int(ids[args["positions"] + 1 + r])])
+            state["on"] = False
+        out = summarize(state["nodes"], step_s, args["repeats"])
+        out["engine"] = f"stock, {path.name}"
+        llm.close()
+        queue.put(out)
+    except BaseException as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+CHILDREN = {"ours": ours, "stock": stock}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def format_profiles(results: list[dict], positions: int, threads: int) -> str:
+    """Groups (rows) by time in the first engine, engines side by side: ms per step, share of the node sum, GB/s."""
+    order: list[str] = []
+    for r in results:
+        for g in sorted(r["groups"], key=lambda k: -r["groups"][k]["ms"]):
+            if g not in order:
+                order.append(g)
+    width = 34
+    lines = [f"per-op profile of one decode step after {positions} cached positions, {threads} threads "
+             "(each node computed alone, less the launch cost measured on the graph's no-op nodes)",
+             f"{'':<28}" + "".join(f"{r['engine']:>{width}}" for r in results),
+             f"{'group':<28}" + "".join(f"{'nodes':>7}{'ms':>9}{'share':>8}{'GB/s':>10}" for _ in results)]
+    for g in order:
+        cells = []
+        for r in results:
+            v = r["groups"].get(g)
+            if v is None:
+                cells.append(f"{'-':>7}{'-':>9}{'-':>8}{'':>10}")
+                continue
+            rate = f"{v['bytes'] / v['ms'] / 1e6:.1f}" if v["bytes"] and v["ms"] > 0 else ""
+            cells.append(f"{v['nodes']:>7}{v['ms']:>9.2f}{v['ms'] / r['sum_ms']:>8.0%}{rate:>10}")
+        lines.append(f"{g:<28}" + "".join(cells))
+    for label, key, fmt in (("sum of the nodes (ms)", "sum_ms", "{:.1f}"), ("whole step (ms)", "step_ms", "{:.1f}"),
+                            ("launch cost, subtracted (us)", "launch_us", "{:.1f}")):
+        lines.append(f"{label:<28}" + "".join(f"{fmt.format(r[key]):>{width}}" for r in results))
+    matmul = [sum(v["ms"] for g, v in r["groups"].items() if g.startswith("matmul")) for r in results]
+    lines.append(f"{'matmuls, share of the sum':<28}"
+                 + "".join(f"{m / r['sum_ms']:>{width}.0%}" for m, r in zip(matmul, results)))
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf (or the LLM file)")
+    p.add_argument("--qtype", default=None)
+    p.add_argument("--plain-gguf", default=None,
+                   help="a plain-phi2 GGUF directory: profiled by ours and by stock llama.cpp (llama-cpp-python)")
+    p.add_argument("--positions", type=int, default=128, help="cached positions before the profiled step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
+    p.add_argument("--child-timeout", type=float, default=900.0)
+
+
+def profile(args: argparse.Namespace) -> dict[str, dict]:
+    base = dict(positions=args.positions, threads=args.threads, repeats=args.repeats)
+    jobs = [("ours", dict(base, gguf=args.gguf, qtype=args.qtype), "ours")]
+    if args.plain_gguf:
+        jobs.append(("ours", dict(base, gguf=args.plain_gguf, qtype=None), "ours, plain file"))
+        from .bench import stock_available
+
+        if stock_available():
+            jobs.append(("stock", dict(base, gguf=args.plain_gguf, qtype=None), "stock llama.cpp"))
+        else:
+            print("note: llama-cpp-python is not importable; skipping stock llama.cpp", file=sys.stderr)
+    results = {}
+    for child, job, label in jobs:
+        print(f"profiling {label} ...", file=sys.stderr, flush=True)
+        results[label] = run_child(CHILDREN[child], job, args.child_timeout, label)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.positions < 1 or args.threads < 1 or args.repeats < 1 or args.child_timeout <= 0:
+        raise UserError("--positions, --threads and --repeats must be >= 1 and --child-timeout > 0")
+    find_llm_file(args.gguf, args.qtype)  # fail fast on a wrong directory
+    if args.plain_gguf:
+        find_llm_file(args.plain_gguf)
+    results = profile(args)
+    errors = [f"{label}: {r['error']}" if not r["error"].startswith(label) else r["error"]
+              for label, r in results.items() if "error" in r]
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    ok = [r for r in results.values() if "error" not in r]
+    if ok:
+        print(format_profiles(ok, args.positions, args.threads))
+    return 1 if errors else 0
