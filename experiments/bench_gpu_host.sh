@@ -2,7 +2,7 @@
 # The CPU bench of issue 23 on a borrowed machine with no network (the GPU machine's host CPU, docs/benchmarks.md):
 # builds ours (ggml-python, with requirements.lock's -fno-dse) and stock (llama-cpp-python) from their sdists
 # natively there, writes the four full-size random GGUF pairs, then runs the benches pinned to two physical cores.
-# Everything lands in $OUT as it happens (run.log, lscpu.txt, builds.log, gens.log, bench_*.txt).
+# Everything lands in $OUT as it happens (run.log, lscpu.txt, builds.log, gens.log, bench_*.txt, profile_ops.txt).
 #
 # Prepare .whl/ (git-ignored) where pip works, for the machine's Python (3.12 there):
 #   * the wheels tinygpt's bench imports that the machine lacks, at requirements.lock's versions:
@@ -67,16 +67,18 @@ CPUS=$(lscpu -p=CPU,CORE,SOCKET | grep -v '^#' | awk -F, '!seen[$2","$3]++ {prin
 command -v taskset >/dev/null && PIN="taskset -c $CPUS"
 SB=""; grep -q amx_tile /proc/cpuinfo && SB="--stock-batch 1"
 log "bench pinned: ${PIN:-no taskset}; stock flags: ${SB:-batched prefill}"
-bench() {  # name min_seconds_left args...
-  local name=$1 need=$2; shift 2
+quantize() {  # verb name min_seconds_left args...   (python -m quantize bench|profile, output in $OUT/VERB_NAME.txt)
+  local verb=$1 name=$2 need=$3; shift 3
   local left=$(( DEADLINE - $(el) ))
-  if [ $left -lt $need ]; then log "skip $name: $left s left"; return; fi
-  log "bench $name: $*"
-  timeout $(( left - 5 )) $PIN $PY -m quantize bench --threads 2 --child-timeout 150 "$@" \
-    > "$OUT/bench_$name.txt" 2>&1
-  log "bench $name rc=$?"
+  if [ $left -lt $need ]; then log "skip $verb $name: $left s left"; return; fi
+  log "$verb $name: $*"
+  timeout $(( left - 5 )) $PIN $PY -m quantize $verb --threads 2 --child-timeout 150 "$@" \
+    > "$OUT/${verb}_$name.txt" 2>&1
+  log "$verb $name rc=$?"
 }
-bench main 150 --gguf "$W/mod-q4k" --plain-gguf "$W/plain-q40" --rounds 3 $SB
-bench q40 45 --gguf "$W/mod-q40" --qtype q4_0
-bench q4k 90 --gguf "$W/mod-q4k" --plain-gguf "$W/plain-q4k" --rounds 2 --prefill-tokens 32 $SB
+quantize bench main 150 --gguf "$W/mod-q4k" --plain-gguf "$W/plain-q40" --rounds 3 $SB
+# where the time goes (stock's prefill may crash on AMX hosts: an error line, ours still profiled)
+quantize profile ops 120 --gguf "$W/mod-q4k" --plain-gguf "$W/plain-q40" --repeats 3
+quantize bench q40 45 --gguf "$W/mod-q40" --qtype q4_0
+quantize bench q4k 90 --gguf "$W/mod-q4k" --plain-gguf "$W/plain-q4k" --rounds 2 --prefill-tokens 32 $SB
 log "done"

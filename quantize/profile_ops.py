@@ -12,7 +12,9 @@ A node launched alone pays a fixed cost its place in the whole graph does not (w
 Python callback): it is measured on the graph's no-op nodes (views, reshapes, permutes: nothing computed) and
 subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
 weight bytes and the rate they were read at. The per-node sum differs from the whole step by what running alone
-changes (caches, the overlap of one op's tail with the next); the whole step is printed beside it.
+changes (caches, the overlap of one op's tail with the next); the whole step is printed beside it. Before each
+engine the bench's read-bandwidth probe runs (quantize.bench_child.measure_bandwidth), for the step's share of the
+weights-only roofline (quantize.bench_roofline) and to compare with the rate each matmul group read at.
 
 Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads)`
 -> the table; `run(args)` prints it and returns 1 when an engine failed.
@@ -30,8 +32,9 @@ import numpy as np
 
 from tinygpt.errors import UserError
 
+from . import bench_roofline as roof
 from . import gguf_names as names
-from .bench_child import run_child
+from .bench_child import measure_bandwidth, run_child
 from .gguf_file import find_llm_file, open_gguf
 
 NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
@@ -113,7 +116,7 @@ def ours(args: dict, queue) -> None:
                 ggml.ggml_backend_graph_compute(backend, ctypes.pointer(views[i]))
                 nodes.append((info[i][0], time.perf_counter() - t0, info[i][1]))
         out = summarize(nodes, step_s, args["repeats"])
-        out["engine"] = f"ours, {f.path.name}"
+        out["engine"], out["file"] = f"ours, {f.path.name}", str(f.path)
         queue.put(out)
     except BaseException as exc:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -163,7 +166,7 @@ def stock(args: dict, queue) -> None:
             llm.eval_tokens([int(ids[args["positions"] + 1 + r])])
             state["on"] = False
         out = summarize(state["nodes"], step_s, args["repeats"])
-        out["engine"] = f"stock, {path.name}"
+        out["engine"], out["file"] = f"stock, {path.name}", str(path)
         llm.close()
         queue.put(out)
     except BaseException as exc:
@@ -197,8 +200,13 @@ def format_profiles(results: list[dict], positions: int, threads: int) -> str:
             cells.append(f"{v['nodes']:>7}{v['ms']:>9.2f}{v['ms'] / r['sum_ms']:>8.0%}{rate:>10}")
         lines.append(f"{g:<28}" + "".join(cells))
     for label, key, fmt in (("sum of the nodes (ms)", "sum_ms", "{:.1f}"), ("whole step (ms)", "step_ms", "{:.1f}"),
-                            ("launch cost, subtracted (us)", "launch_us", "{:.1f}")):
-        lines.append(f"{label:<28}" + "".join(f"{fmt.format(r[key]):>{width}}" for r in results))
+                            ("launch cost, subtracted (us)", "launch_us", "{:.1f}"),
+                            ("read GB/s, probe before", "bandwidth_gb_s", "{:.1f}"),
+                            ("roofline, weights (ms)", "roofline_ms", "{:.1f}"),
+                            ("step, share of roofline", "roofline_share", "{:.0%}")):
+        if any(key in r for r in results):
+            lines.append(f"{label:<28}" + "".join(f"{fmt.format(r[key]) if key in r else '-':>{width}}"
+                                                  for r in results))
     matmul = [sum(v["ms"] for g, v in r["groups"].items() if g.startswith("matmul")) for r in results]
     lines.append(f"{'matmuls, share of the sum':<28}"
                  + "".join(f"{m / r['sum_ms']:>{width}.0%}" for m, r in zip(matmul, results)))
@@ -206,6 +214,7 @@ def format_profiles(results: list[dict], positions: int, threads: int) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m quantize profile`."""
     p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf (or the LLM file)")
     p.add_argument("--qtype", default=None)
     p.add_argument("--plain-gguf", default=None,
@@ -213,6 +222,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", type=int, default=128, help="cached positions before the profiled step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
+    p.add_argument("--bandwidth-gb", type=float, default=1.6,
+                   help="GB the read-bandwidth probe sums before each engine (0: no probe, no roofline rows)")
     p.add_argument("--child-timeout", type=float, default=900.0)
 
 
@@ -229,14 +240,27 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
             print("note: llama-cpp-python is not importable; skipping stock llama.cpp", file=sys.stderr)
     results = {}
     for child, job, label in jobs:
+        probe = None
+        if args.bandwidth_gb > 0:  # just before each engine: on shared hosts the bandwidth drifts within minutes
+            probe = run_child(measure_bandwidth, dict(threads=args.threads,
+                                                      bandwidth_bytes=int(args.bandwidth_gb * 1e9)),
+                              args.child_timeout, "bandwidth")
         print(f"profiling {label} ...", file=sys.stderr, flush=True)
-        results[label] = run_child(CHILDREN[child], job, args.child_timeout, label)
+        results[label] = result = run_child(CHILDREN[child], job, args.child_timeout, label)
+        if probe is not None and "error" in probe:
+            print(f"note: {probe['error']}; no roofline for {label}", file=sys.stderr)
+        elif probe is not None and "error" not in result:
+            result["bandwidth_gb_s"] = probe["bandwidth_gb_s"]
+            result["roofline_ms"] = roof.roofline_ms(roof.weight_bytes_per_token(result["file"]),
+                                                     probe["bandwidth_gb_s"])
+            result["roofline_share"] = result["roofline_ms"] / result["step_ms"]
     return results
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.positions < 1 or args.threads < 1 or args.repeats < 1 or args.child_timeout <= 0:
-        raise UserError("--positions, --threads and --repeats must be >= 1 and --child-timeout > 0")
+    if args.positions < 1 or args.threads < 1 or args.repeats < 1 or args.child_timeout <= 0 or args.bandwidth_gb < 0:
+        raise UserError("--positions, --threads and --repeats must be >= 1, --child-timeout > 0 and "
+                        "--bandwidth-gb >= 0")
     find_llm_file(args.gguf, args.qtype)  # fail fast on a wrong directory
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)

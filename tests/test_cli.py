@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # a flag that only this verb has, to show that `tinygpt VERB --help` is that verb's own parser
 OWN_FLAG = {"train": "--tiny-llm-steps", "build": "--merge-lora", "synth": "--pretrain-size", "export": "--model",
-            "random": "--plain", "chat": "--prompt", "bench": "--prefill-tokens", "accuracy": "--split",
+            "random": "--plain", "chat": "--prompt", "bench": "--prefill-tokens", "profile": "--positions",
+            "accuracy": "--split",
             "ceiling": "--cache-dir", "demo": "--share", "serve": "--api-key",
             "evaluate": "--restart"}
 
@@ -78,7 +79,7 @@ def test_the_documented_forms_answer_as_before():
     assert train.returncode == 0 and train.stdout.startswith("usage: train.py") and "--cfg-path" in train.stdout
     quantize = _run("-m", "quantize", "--help")
     assert quantize.returncode == 0 and quantize.stdout.startswith("usage: python -m quantize")
-    assert all(name in quantize.stdout for name in ("export", "random", "chat", "bench", "accuracy"))
+    assert all(name in quantize.stdout for name in ("export", "random", "chat", "bench", "profile", "accuracy"))
 
 
 def test_python_m_tinygpt_cli_is_the_console_script():

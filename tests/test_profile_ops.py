@@ -63,9 +63,12 @@ def _rows(text: str, group: str) -> list[list[str]]:
 def test_profile_of_ours_on_the_modified_and_the_plain_file(random_gguf_pairs, capsys, monkeypatch):
     monkeypatch.setattr("quantize.bench.stock_available", lambda: False)
     code = main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--plain-gguf",
-                 str(random_gguf_pairs / "plain"), "--positions", "8", "--repeats", "2"])
+                 str(random_gguf_pairs / "plain"), "--positions", "8", "--repeats", "2", "--bandwidth-gb", "0.05"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    for row in ("read GB/s, probe before", "roofline, weights (ms)"):
+        assert all(float(v) > 0 for v in re.search(rf"^{re.escape(row)}\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups())
+    assert re.search(r"^step, share of roofline\s+\d+%\s+\d+%$", out, re.M)
     layers = llm_hyperparams(open_gguf(find_llm_file(random_gguf_pairs / "modified"), names.ARCH_LLM)).n_layers
     assert "ours, llm-q8_0.gguf" in out and "skipping stock llama.cpp" in err
     for role in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
@@ -82,7 +85,8 @@ def test_profile_of_ours_on_the_modified_and_the_plain_file(random_gguf_pairs, c
 @pytest.mark.timeout(300)
 def test_a_child_that_dies_is_reported_and_the_profile_exits_non_zero(random_gguf_pairs, capsys, monkeypatch):
     monkeypatch.setitem(profile_ops.CHILDREN, "ours", segfaulting_child)
-    code = main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--child-timeout", "120"])
+    code = main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--child-timeout", "120",
+                 "--bandwidth-gb", "0"])
     out, err = capsys.readouterr()
     assert code == 1
     assert "error: ours: child died with signal SIGSEGV (exit code -11) before reporting a result" in err
@@ -98,10 +102,10 @@ def test_argument_errors_name_the_flag(random_gguf_pairs, capsys):
 def test_stock_llama_cpp_profile_names_its_matmuls_the_same_way(random_gguf_pairs, capsys):
     pytest.importorskip("llama_cpp")
     code = main(["profile", "--gguf", str(random_gguf_pairs / "plain"), "--plain-gguf",
-                 str(random_gguf_pairs / "plain"), "--positions", "8", "--repeats", "2"])
+                 str(random_gguf_pairs / "plain"), "--positions", "8", "--repeats", "2", "--bandwidth-gb", "0"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "stock, llm-q8_0.gguf" in out
+    assert "stock, llm-q8_0.gguf" in out and "read GB/s" not in out
     layers = llm_hyperparams(open_gguf(find_llm_file(random_gguf_pairs / "plain"), names.ARCH_LLM)).n_layers
     for role in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
         assert [c[0] for c in _rows(out, "matmul " + role)] == [str(layers)] * 3, role
