@@ -7,7 +7,8 @@ error line). It prefills `positions` random tokens, then times one decode step a
 then computes the same step node by node and times each node:
   * ours: the cached decode graph (quantize.ggml_decode_graph) is computed one node at a time through ggml_graph_view;
   * stock: llama.cpp's scheduler callback (cb_eval) asks for every node, which makes the scheduler compute the graph
-    one node at a time and call back after each.
+    one node at a time and call back after each. The callback stays installed for stock's whole-step timing too
+    (answering "no" to every node: one Python call per node, a few hundred microseconds per step).
 A node launched alone pays a fixed cost its place in the whole graph does not (waking the threads, and for stock a
 Python callback): it is measured on the graph's no-op nodes (views, reshapes, permutes: nothing computed) and
 subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
