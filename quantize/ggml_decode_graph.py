@@ -75,13 +75,18 @@ class DecodeGraph:
             same, cross, has = mmca_masks(llm.image_flags, n_past, 1, self.n_kv)
             self._mask[:], self._mask2[:], self._scale[0] = additive(same[0]), additive(cross[0]), float(has[0])
         self._kv_idx[0] = n_past
-        for dst, src, nbytes in self._copies:
-            ctypes.memmove(dst, src, nbytes)
+        self.load_inputs()
         status = ggml.ggml_backend_graph_compute(llm.cpu_backend, self.gf)
         if status != 0:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
         llm.n_past = n_past + 1
         return self._logits.copy()
+
+    def load_inputs(self) -> None:
+        """Copy the last step's inputs into the graph's input tensors (again): computing the same step a second time,
+        e.g. node by node in quantize.profile_ops, then cannot depend on what the first compute left there."""
+        for dst, src, nbytes in self._copies:
+            ctypes.memmove(dst, src, nbytes)
 
     def close(self) -> None:
         if self._galloc is not None:
