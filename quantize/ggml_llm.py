@@ -206,6 +206,24 @@ class GgmlLLM(LLMBackend):
     # ------------------------------------------------------------------------------------------ graph
     def _run_chunk(self, ids, rows, want_logits: bool, all_logits: bool):
         hp = self.hp
+        meta, gf, out = self.chunk_graph(ids, rows, want_logits, all_logits)
+        try:
+            status = ggml.ggml_backend_graph_compute(self.cpu_backend, gf)
+            if status != 0:
+                raise RuntimeError(f"ggml graph compute failed with status {status}")
+            self.n_past += len(ids) if ids is not None else rows.shape[0]
+            if out is None:
+                return None
+            rows_out = _ne(out)[1]
+            data = (ctypes.c_float * (hp.vocab_size * rows_out)).from_address(out.contents.data)
+            return np.ctypeslib.as_array(data).reshape(rows_out, hp.vocab_size).copy()
+        finally:
+            ggml.ggml_free(meta)
+
+    def chunk_graph(self, ids, rows, want_logits: bool, all_logits: bool):
+        """(metadata context, graph, logits tensor or None) for the chunk ids|rows at n_past, allocated in the prefill
+        gallocr with its inputs written: ready to compute (n_past is not advanced; the caller frees the context).
+        quantize.profile_ops computes it node by node."""
         n = len(ids) if ids is not None else rows.shape[0]
         n_kv = self.n_past + n
         meta, gf = self.new_graph()
@@ -222,17 +240,10 @@ class GgmlLLM(LLMBackend):
             for name, tensor in inputs.items():
                 v = np.ascontiguousarray(values[name])
                 ctypes.memmove(tensor.contents.data, v.ctypes.data, v.nbytes)
-            status = ggml.ggml_backend_graph_compute(self.cpu_backend, gf)
-            if status != 0:
-                raise RuntimeError(f"ggml graph compute failed with status {status}")
-            self.n_past = n_kv
-            if out is None:
-                return None
-            rows_out = _ne(out)[1]
-            data = (ctypes.c_float * (hp.vocab_size * rows_out)).from_address(out.contents.data)
-            return np.ctypeslib.as_array(data).reshape(rows_out, hp.vocab_size).copy()
-        finally:
+        except BaseException:
             ggml.ggml_free(meta)
+            raise
+        return meta, gf, out
 
     @staticmethod
     def new_graph():

@@ -1,11 +1,13 @@
-"""Where a decode step's time goes: a per-op profile of one single-token step, ours and stock llama.cpp side by side.
+"""Where a decode step's time goes: a per-op profile of one single-token step (or of a prefill chunk), ours and stock
+llama.cpp side by side.
 
-    python -m quantize profile --gguf DIR [--plain-gguf DIR] [--positions 128] [--threads 2]
+    python -m quantize profile --gguf DIR [--plain-gguf DIR] [--positions 128] [--threads 2] [--prefill N]
 
 Method. Each engine runs in its own fresh process (quantize.bench_child.run_child: a crash or a hang comes back as an
-error line). It prefills `positions` random tokens, then times one decode step as a whole (the median of `repeats`),
-then computes the same step node by node and times each node:
-  * ours: the cached decode graph (quantize.ggml_decode_graph) is computed one node at a time through ggml_graph_view;
+error line). It prefills `positions` random tokens, then times one decode step (with --prefill N: a chunk of N more
+tokens) as a whole (the median of `repeats`), then computes the same step node by node and times each node:
+  * ours: the cached decode graph (quantize.ggml_decode_graph), or the chunk's graph (GgmlLLM.chunk_graph), is
+    computed one node at a time through ggml_graph_view;
   * stock: llama.cpp's scheduler callback (cb_eval) asks for every node, which makes the scheduler compute the graph
     one node at a time and call back after each. The callback stays installed for stock's whole-step timing too
     (answering "no" to every node: one Python call per node, a few hundred microseconds per step).
@@ -15,10 +17,11 @@ subtracted from every node. Nodes are grouped by op, matmuls by the weight they 
 weight bytes and the rate they were read at. The per-node sum differs from the whole step by what running alone
 changes (caches, the overlap of one op's tail with the next); the whole step is printed beside it. Before each
 engine the bench's read-bandwidth probe runs (quantize.bench_child.measure_bandwidth), for the step's share of the
-weights-only roofline (quantize.bench_roofline) and to compare with the rate each matmul group read at.
+weights-only roofline (quantize.bench_roofline) and to compare with the rate each matmul group read at (decode only:
+a prefill is bound by compute, and gets a tokens/s row instead).
 
-Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads)`
--> the table; `run(args)` prints it and returns 1 when an engine failed.
+Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads,
+prefill)` -> the table; `run(args)` prints it and returns 1 when an engine failed.
 """
 from __future__ import annotations
 
@@ -86,39 +89,63 @@ def _random_ids(n: int, vocab: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- children
+def _node_pass(backend, gf) -> list[tuple[str, float, int]]:
+    """Compute gf one node at a time (ggml_graph_view): (group, seconds, weight bytes) per node."""
+    import ggml
+
+    nodes = []
+    for i in range(ggml.ggml_graph_n_nodes(gf)):
+        node = ggml.ggml_graph_node(gf, i)
+        op = ggml.ggml_op_desc(node).decode()
+        w = node.contents.src[0] if op == "MUL_MAT" else None
+        weight = ggml.ggml_get_name(w).decode() if w else None
+        view = ggml.ggml_graph_view(gf, i, i + 1)
+        t0 = time.perf_counter()
+        ggml.ggml_backend_graph_compute(backend, ctypes.pointer(view))
+        nodes.append((group_of(op, weight), time.perf_counter() - t0, ggml.ggml_nbytes(w) if weight else 0))
+    return nodes
+
+
+def _timed(compute) -> float:
+    t0 = time.perf_counter()
+    compute()
+    return time.perf_counter() - t0
+
+
 def ours(args: dict, queue) -> None:
-    """Child: our GgmlLLM on args['gguf'] (a directory or an LLM file)."""
+    """Child: our GgmlLLM on args['gguf'] (a directory or an LLM file): the cached decode graph, or with
+    args['prefill'] a prefill chunk of that many tokens (GgmlLLM.chunk_graph), whole and node by node."""
     try:
         import ggml
 
         from .ggml_llm import GgmlLLM
 
         f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
-        llm = GgmlLLM(f, n_ctx=args["positions"] + 64, n_threads=args["threads"])
-        llm.eval_tokens(_random_ids(args["positions"], llm.hp.vocab_size))
-        llm.eval_tokens([1])  # builds the decode graph; its K/V row is rewritten by every compute below
-        decode = llm._decode  # the cached decode graph the step above built
-        gf, backend = decode.gf, llm.cpu_backend
-        count = ggml.ggml_graph_n_nodes(gf)
-        views = [ggml.ggml_graph_view(gf, i, i + 1) for i in range(count)]
-        info = []
-        for i in range(count):
-            node = ggml.ggml_graph_node(gf, i)
-            op = ggml.ggml_op_desc(node).decode()
-            w = node.contents.src[0] if op == "MUL_MAT" else None
-            weight = ggml.ggml_get_name(w).decode() if w else None
-            info.append((group_of(op, weight), ggml.ggml_nbytes(w) if weight else 0))
-        step_s, nodes = [], []
-        for _ in range(args["repeats"]):
-            decode.load_inputs()  # each pass starts from the step's own inputs
-            t0 = time.perf_counter()
-            ggml.ggml_backend_graph_compute(backend, gf)
-            step_s.append(time.perf_counter() - t0)
-            decode.load_inputs()
-            for i in range(count):
-                t0 = time.perf_counter()
-                ggml.ggml_backend_graph_compute(backend, ctypes.pointer(views[i]))
-                nodes.append((info[i][0], time.perf_counter() - t0, info[i][1]))
+        positions, prefill = args["positions"], args["prefill"]
+        llm = GgmlLLM(f, n_ctx=positions + max(prefill, 1) + 64, n_threads=args["threads"])
+        ids = _random_ids(positions + max(prefill, 1), llm.hp.vocab_size)
+        if positions:
+            llm.eval_tokens(ids[:positions])
+        backend, step_s, nodes = llm.cpu_backend, [], []
+        if prefill:  # a fresh graph for each compute, its inputs written; n_past stays put
+            for _ in range(args["repeats"]):
+                for timing_whole in (True, False):
+                    meta, gf, _ = llm.chunk_graph(ids[positions:], None, True, False)
+                    try:
+                        if timing_whole:
+                            step_s.append(_timed(lambda: ggml.ggml_backend_graph_compute(backend, gf)))
+                        else:
+                            nodes += _node_pass(backend, gf)
+                    finally:
+                        ggml.ggml_free(meta)
+        else:
+            llm.eval_tokens(ids[positions:positions + 1])  # builds the decode graph (its K/V row is rewritten)
+            decode = llm._decode
+            for _ in range(args["repeats"]):
+                decode.load_inputs()  # each pass starts from the step's own inputs
+                step_s.append(_timed(lambda: ggml.ggml_backend_graph_compute(backend, decode.gf)))
+                decode.load_inputs()
+                nodes += _node_pass(backend, decode.gf)
         out = summarize(nodes, step_s, args["repeats"])
         out["engine"], out["file"] = f"ours, {f.path.name}", str(f.path)
         queue.put(out)
@@ -154,20 +181,20 @@ def stock(args: dict, queue) -> None:
             state["nodes"].append((group_of(op, weight), seconds, nbytes))
             return True
 
+        positions, tokens = args["positions"], max(args["prefill"], 1)  # a decode step is one token
+        llm = LlamaCppLLM(path, n_ctx=positions + tokens + 64, n_threads=args["threads"], extra_bufts=True,
+                          n_batch=max(tokens, 256), cb_eval=observe)
+        ids = _random_ids(positions + tokens, llm.hp.vocab_size)
+        if positions:
+            llm.eval_tokens(ids[:positions])
+        llm.eval_tokens(ids[positions:])  # warm-up
         step_s = []
-        llm = LlamaCppLLM(path, n_ctx=args["positions"] + 64, n_threads=args["threads"], extra_bufts=True,
-                          cb_eval=observe)
-        ids = _random_ids(args["positions"] + 1 + 2 * args["repeats"], llm.hp.vocab_size)
-        llm.eval_tokens(ids[:args["positions"]])
-        llm.eval_tokens(ids[args["positions"]:args["positions"] + 1])  # warm-up step
-        for r in range(args["repeats"]):
-            llm.truncate(args["positions"])
-            t0 = time.perf_counter()
-            llm.eval_tokens([int(ids[args["positions"] + 1 + r])])
-            step_s.append(time.perf_counter() - t0)  # includes one Python callback per node (returns False)
-            llm.truncate(args["positions"])
+        for _ in range(args["repeats"]):
+            llm.truncate(positions)
+            step_s.append(_timed(lambda: llm.eval_tokens(ids[positions:])))  # the callback answers no to every node
+            llm.truncate(positions)
             state["on"] = True
-            llm.eval_tokens([int(ids[args["positions"] + 1 + r])])
+            llm.eval_tokens(ids[positions:])
             state["on"] = False
         out = summarize(state["nodes"], step_s, args["repeats"])
         out["engine"], out["file"] = f"stock, {path.name}", str(path)
@@ -181,7 +208,7 @@ CHILDREN = {"ours": ours, "stock": stock}
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def format_profiles(results: list[dict], positions: int, threads: int) -> str:
+def format_profiles(results: list[dict], positions: int, threads: int, prefill: int = 0) -> str:
     """Groups (rows) by time in the first engine, engines side by side: ms per step, share of the node sum, GB/s."""
     order: list[str] = []
     for r in results:
@@ -189,7 +216,8 @@ def format_profiles(results: list[dict], positions: int, threads: int) -> str:
             if g not in order:
                 order.append(g)
     width = 34
-    lines = [f"per-op profile of one decode step after {positions} cached positions, {threads} threads "
+    step = f"a prefill of {prefill} tokens" if prefill else "one decode step"
+    lines = [f"per-op profile of {step} after {positions} cached positions, {threads} threads "
              "(each node computed alone, less the launch cost measured on the graph's no-op nodes)",
              f"{'':<28}" + "".join(f"{r['engine']:>{width}}" for r in results),
              f"{'group':<28}" + "".join(f"{'nodes':>7}{'ms':>9}{'share':>8}{'GB/s':>10}" for _ in results)]
@@ -203,7 +231,11 @@ def format_profiles(results: list[dict], positions: int, threads: int) -> str:
             rate = f"{v['bytes'] / v['ms'] / 1e6:.1f}" if v["bytes"] and v["ms"] > 0 else ""
             cells.append(f"{v['nodes']:>7}{v['ms']:>9.2f}{v['ms'] / r['sum_ms']:>8.0%}{rate:>10}")
         lines.append(f"{g:<28}" + "".join(cells))
+    if prefill:
+        for r in results:
+            r["tok_s"] = prefill / r["step_ms"] * 1e3
     for label, key, fmt in (("sum of the nodes (ms)", "sum_ms", "{:.1f}"), ("whole step (ms)", "step_ms", "{:.1f}"),
+                            ("tokens/s, whole step", "tok_s", "{:.1f}"),
                             ("launch cost, subtracted (us)", "launch_us", "{:.1f}"),
                             ("read GB/s, probe before", "bandwidth_gb_s", "{:.1f}"),
                             ("roofline, weights (ms)", "roofline_ms", "{:.1f}"),
@@ -224,6 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-gguf", default=None,
                    help="a plain-phi2 GGUF directory: profiled by ours and by stock llama.cpp (llama-cpp-python)")
     p.add_argument("--positions", type=int, default=128, help="cached positions before the profiled step")
+    p.add_argument("--prefill", type=int, default=0,
+                   help="profile a prefill chunk of this many tokens instead of a decode step (0: decode)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
     p.add_argument("--bandwidth-gb", type=float, default=1.6,
@@ -232,7 +266,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def profile(args: argparse.Namespace) -> dict[str, dict]:
-    base = dict(positions=args.positions, threads=args.threads, repeats=args.repeats)
+    base = dict(positions=args.positions, prefill=args.prefill, threads=args.threads, repeats=args.repeats)
     jobs = [("ours", dict(base, gguf=args.gguf, qtype=args.qtype), "ours")]
     if args.plain_gguf:
         jobs.append(("ours", dict(base, gguf=args.plain_gguf, qtype=None), "ours, plain file"))
@@ -245,7 +279,8 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
     results = {}
     for child, job, label in jobs:
         probe = None
-        if args.bandwidth_gb > 0:  # just before each engine: on shared hosts the bandwidth drifts within minutes
+        # just before each engine: on shared hosts the bandwidth drifts within minutes
+        if args.bandwidth_gb > 0 and not args.prefill:
             probe = run_child(measure_bandwidth, dict(threads=args.threads,
                                                       bandwidth_bytes=int(args.bandwidth_gb * 1e9)),
                               args.child_timeout, "bandwidth")
@@ -262,9 +297,10 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.positions < 1 or args.threads < 1 or args.repeats < 1 or args.child_timeout <= 0 or args.bandwidth_gb < 0:
-        raise UserError("--positions, --threads and --repeats must be >= 1, --child-timeout > 0 and "
-                        "--bandwidth-gb >= 0")
+    if args.positions < 0 or args.prefill < 0 or args.threads < 1 or args.repeats < 1:
+        raise UserError("--positions and --prefill must be >= 0, --threads and --repeats >= 1")
+    if args.child_timeout <= 0 or args.bandwidth_gb < 0:
+        raise UserError("--child-timeout must be > 0 and --bandwidth-gb >= 0")
     find_llm_file(args.gguf, args.qtype)  # fail fast on a wrong directory
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)
@@ -275,5 +311,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
     ok = [r for r in results.values() if "error" not in r]
     if ok:
-        print(format_profiles(ok, args.positions, args.threads))
+        print(format_profiles(ok, args.positions, args.threads, args.prefill))
     return 1 if errors else 0

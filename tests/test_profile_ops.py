@@ -82,6 +82,22 @@ def test_profile_of_ours_on_the_modified_and_the_plain_file(random_gguf_pairs, c
     assert whole and summed and all(float(v) > 0 for v in whole.groups() + summed.groups())
 
 
+@pytest.mark.timeout(600)
+def test_profile_of_a_prefill_chunk(random_gguf_pairs, capsys):
+    code = main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--prefill", "6", "--positions", "0",
+                 "--repeats", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "per-op profile of a prefill of 6 tokens after 0 cached positions" in out
+    layers = llm_hyperparams(open_gguf(find_llm_file(random_gguf_pairs / "modified"), names.ARCH_LLM)).n_layers
+    for role in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+        assert _rows(out, "matmul " + role)[0][0] == str(layers)
+    whole = float(re.search(r"^whole step \(ms\)\s+([\d.]+)$", out, re.M).group(1))
+    tok_s = float(re.search(r"^tokens/s, whole step\s+([\d.]+)$", out, re.M).group(1))
+    assert tok_s == pytest.approx(6 / whole * 1e3, rel=0.02)
+    assert "roofline" not in out  # a prefill is bound by compute: no bandwidth probe
+
+
 @pytest.mark.timeout(300)
 def test_a_child_that_dies_is_reported_and_the_profile_exits_non_zero(random_gguf_pairs, capsys, monkeypatch):
     monkeypatch.setitem(profile_ops.CHILDREN, "ours", segfaulting_child)
@@ -94,8 +110,10 @@ def test_a_child_that_dies_is_reported_and_the_profile_exits_non_zero(random_ggu
 
 
 def test_argument_errors_name_the_flag(random_gguf_pairs, capsys):
-    assert main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--positions", "0"]) == 2
+    assert main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--positions", "-1"]) == 2
     assert "--positions" in capsys.readouterr().err
+    assert main(["profile", "--gguf", str(random_gguf_pairs / "modified"), "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(600)
@@ -109,3 +127,9 @@ def test_stock_llama_cpp_profile_names_its_matmuls_the_same_way(random_gguf_pair
     layers = llm_hyperparams(open_gguf(find_llm_file(random_gguf_pairs / "plain"), names.ARCH_LLM)).n_layers
     for role in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
         assert [c[0] for c in _rows(out, "matmul " + role)] == [str(layers)] * 3, role
+    plain = str(random_gguf_pairs / "plain")
+    code = main(["profile", "--gguf", plain, "--plain-gguf", plain, "--prefill", "6", "--positions", "0",
+                 "--repeats", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [c[0] for c in _rows(out, "matmul ffn_up")] == [str(layers)] * 3
