@@ -14,8 +14,9 @@ tokens) as a whole (the median of `repeats`), then computes the same step node b
 A node launched alone pays a fixed cost its place in the whole graph does not (waking the threads, and for stock a
 Python callback): it is measured on the graph's no-op nodes (views, reshapes, permutes: nothing computed) and
 subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
-weight bytes and the rate they were read at. The per-node sum differs from the whole step by what running alone
-changes (caches, the overlap of one op's tail with the next); the whole step is printed beside it. Before each
+weight bytes and the rate they were read at (for a prefill: the matmuls' GFLOP/s instead). The per-node sum differs
+from the whole step by what running alone changes (caches, the overlap of one op's tail with the next); the whole
+step is printed beside it. Before each
 engine the bench's read-bandwidth probe runs (quantize.bench_child.measure_bandwidth), for the step's share of the
 weights-only roofline (quantize.bench_roofline) and to compare with the rate each matmul group read at (decode only:
 a prefill is bound by compute, and gets a tokens/s row instead).
@@ -63,23 +64,30 @@ def group_of(op: str, weight_name: str | None) -> str:
     return op
 
 
+def matmul_flops(k: int, out_ne) -> int:
+    """2 * k multiply-adds per output element of a matmul whose weight rows are k long."""
+    return 2 * int(k) * int(out_ne[0]) * int(out_ne[1]) * int(out_ne[2]) * int(out_ne[3])
+
+
 def summarize(nodes: list[tuple[str, float, int]], step_s: list[float], repeats: int) -> dict:
-    """nodes: (group, seconds, weight bytes) per node launched alone, over `repeats` node-by-node runs of the step;
-    step_s: the whole step's times. -> the child's result (per step: nodes, ms and bytes of each group)."""
-    launch = [s for g, s, _ in nodes if g in NO_OPS]
+    """nodes: (group, seconds, weight bytes, flops) per node launched alone, over `repeats` node-by-node runs of the
+    step; step_s: the whole step's times. -> the child's result (per step: nodes, ms, bytes and flops of each group)."""
+    launch = [s for g, s, _, _ in nodes if g in NO_OPS]
     launch_s = statistics.median(launch) if launch else 0.0
     groups: dict[str, dict] = {}
-    for group, seconds, nbytes in nodes:
+    for group, seconds, nbytes, flops in nodes:
         if group in NO_OPS:
             continue
-        g = groups.setdefault(group, {"nodes": 0, "ms": 0.0, "bytes": 0})
+        g = groups.setdefault(group, {"nodes": 0, "ms": 0.0, "bytes": 0, "flops": 0})
         g["nodes"] += 1
         g["ms"] += max(0.0, seconds - launch_s) * 1e3
         g["bytes"] += nbytes
+        g["flops"] += flops
     for g in groups.values():  # per step
         g["nodes"] //= repeats
         g["ms"] /= repeats
         g["bytes"] //= repeats
+        g["flops"] //= repeats
     return {"groups": groups, "step_ms": statistics.median(step_s) * 1e3, "launch_us": launch_s * 1e6,
             "sum_ms": sum(g["ms"] for g in groups.values())}
 
@@ -90,7 +98,7 @@ def _random_ids(n: int, vocab: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- children
 def _node_pass(backend, gf) -> list[tuple[str, float, int]]:
-    """Compute gf one node at a time (ggml_graph_view): (group, seconds, weight bytes) per node."""
+    """Compute gf one node at a time (ggml_graph_view): (group, seconds, weight bytes, flops) per node."""
     import ggml
 
     nodes = []
@@ -102,7 +110,9 @@ def _node_pass(backend, gf) -> list[tuple[str, float, int]]:
         view = ggml.ggml_graph_view(gf, i, i + 1)
         t0 = time.perf_counter()
         ggml.ggml_backend_graph_compute(backend, ctypes.pointer(view))
-        nodes.append((group_of(op, weight), time.perf_counter() - t0, ggml.ggml_nbytes(w) if weight else 0))
+        seconds = time.perf_counter() - t0
+        nbytes, flops = (ggml.ggml_nbytes(w), matmul_flops(w.contents.ne[0], node.contents.ne)) if weight else (0, 0)
+        nodes.append((group_of(op, weight), seconds, nbytes, flops))
     return nodes
 
 
@@ -174,11 +184,11 @@ def stock(args: dict, queue) -> None:
             seconds = time.perf_counter() - state["t0"]
             head = ctypes.cast(tensor, ctypes.POINTER(TensorHead)).contents
             op = op_desc(tensor).decode()
-            weight, nbytes = None, 0
+            weight, nbytes, flops = None, 0, 0
             if op == "MUL_MAT" and head.src[0]:
                 w = ctypes.cast(head.src[0], ctypes.POINTER(TensorHead)).contents
-                weight, nbytes = w.name.decode(), int(w.nb[3] * w.ne[3])
-            state["nodes"].append((group_of(op, weight), seconds, nbytes))
+                weight, nbytes, flops = w.name.decode(), int(w.nb[3] * w.ne[3]), matmul_flops(w.ne[0], head.ne)
+            state["nodes"].append((group_of(op, weight), seconds, nbytes, flops))
             return True
 
         positions, tokens = args["positions"], max(args["prefill"], 1)  # a decode step is one token
@@ -217,10 +227,11 @@ def format_profiles(results: list[dict], positions: int, threads: int, prefill: 
                 order.append(g)
     width = 34
     step = f"a prefill of {prefill} tokens" if prefill else "one decode step"
+    rate_name = "GFLOP/s" if prefill else "GB/s"  # a prefill is bound by compute, a decode step by reading weights
     lines = [f"per-op profile of {step} after {positions} cached positions, {threads} threads "
              "(each node computed alone, less the launch cost measured on the graph's no-op nodes)",
              f"{'':<28}" + "".join(f"{r['engine']:>{width}}" for r in results),
-             f"{'group':<28}" + "".join(f"{'nodes':>7}{'ms':>9}{'share':>8}{'GB/s':>10}" for _ in results)]
+             f"{'group':<28}" + "".join(f"{'nodes':>7}{'ms':>9}{'share':>8}{rate_name:>10}" for _ in results)]
     for g in order:
         cells = []
         for r in results:
@@ -228,7 +239,8 @@ def format_profiles(results: list[dict], positions: int, threads: int, prefill: 
             if v is None:
                 cells.append(f"{'-':>7}{'-':>9}{'-':>8}{'':>10}")
                 continue
-            rate = f"{v['bytes'] / v['ms'] / 1e6:.1f}" if v["bytes"] and v["ms"] > 0 else ""
+            amount = v["flops"] if prefill else v["bytes"]  # GFLOP/s or GB/s
+            rate = f"{amount / v['ms'] / 1e6:.1f}" if amount and v["ms"] > 0 else ""
             cells.append(f"{v['nodes']:>7}{v['ms']:>9.2f}{v['ms'] / r['sum_ms']:>8.0%}{rate:>10}")
         lines.append(f"{g:<28}" + "".join(cells))
     if prefill:
