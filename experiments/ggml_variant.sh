@@ -3,8 +3,8 @@
 #
 # ggml-python builds one native variant (GGML_NATIVE) and cannot load another at run time, so the only way to
 # exercise a lower level's kernels (AVX2 on an AVX-512 CPU, AVX-512 without AMX on an AMX CPU) is a second build.
-# This one takes about a minute on two cores; it goes to $DIR (default /tmp/ggml-LEVEL) and is used through PYTHONPATH,
-# so the project's own environment is untouched.
+# This one takes about a minute on two cores; it goes to $DIR (default: a new temporary directory, printed) and is
+# used through PYTHONPATH, so the project's own environment is untouched.
 #
 #   bash experiments/ggml_variant.sh avx2                # build, then the runtime's tests on AVX2 kernels
 #   bash experiments/ggml_variant.sh avx512 -- python -m quantize bench --gguf gguf-full    # then this command too
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 LEVEL=${1:?usage: ggml_variant.sh avx2|avx512|native [-- command ...]}; shift
 [ "${1:-}" = "--" ] && shift
 PY=${PY:-.venv/bin/python}
-DIR=${DIR:-/tmp/ggml-$LEVEL}
+DIR=${DIR:-$(mktemp -d)/ggml-$LEVEL}
 PIN=$(grep -o '^ggml-python==[^ ]*' requirements.lock)
 FLAGS=$(grep -o '^ggml-python==[^ ]* .*' requirements.lock | cut -d' ' -f2-)  # the lock's --config-settings
 case $LEVEL in
@@ -41,6 +41,7 @@ CMAKE_BUILD_PARALLEL_LEVEL=${J:-2} $PY -m pip wheel -q --no-deps --no-cache-dir 
 rm -rf "$DIR"
 $PY -m pip install -q --no-deps --no-index --target "$DIR" "$WORK"/wheel/ggml_python-*.whl
 rm -rf "$WORK"
+echo "built into $DIR (use it with PYTHONPATH=$DIR)"
 export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import ggml; from quantize import bench_roofline as r; print('ggml from', ggml.__file__); print(r.ggml_features())"
 $PY -m pytest -p no:cacheprovider tests/test_runtime_llm.py tests/test_ggml_repack.py tests/test_ggml_layouts.py \

@@ -106,7 +106,7 @@ def _random_image(directory: str) -> str:
     return path
 
 
-class _Runner:
+class Runner:
     """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / bandwidth).
     `measure()` runs the bandwidth probe (at the start, and again before each alternating round: a shared host's
     bandwidth drifts, so each round's shares use that round's own measurement)."""
@@ -184,7 +184,7 @@ def _round_engines(base: dict, gguf: str, plain_gguf: str, stock: bool) -> list[
     return engines
 
 
-def decode_rounds(runner: _Runner, engines: list[tuple[str, str, dict]], rounds: int) -> list[dict]:
+def decode_rounds(runner: Runner, engines: list[tuple[str, str, dict]], rounds: int) -> list[dict]:
     """Each round runs every engine once, in order: {"ms": {label: ms}, "share": {label: share}} or {"error": ...}."""
     out = []
     for r in range(rounds):
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)
     errors: list[str] = []
-    runner = _Runner(args.child_timeout, args.threads, int(args.bandwidth_gb * 1e9))
+    runner = Runner(args.child_timeout, args.threads, int(args.bandwidth_gb * 1e9))
     bandwidth = runner.measure()
     if bandwidth is not None and "error" in bandwidth:
         errors.append(bandwidth["error"])

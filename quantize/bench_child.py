@@ -37,10 +37,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def random_ids(n: int, vocab: int) -> np.ndarray:
+    """n token ids, the same for every engine and run (below 50000: ids every Phi-2 vocabulary has)."""
+    return np.random.default_rng(0).integers(0, min(50000, vocab), n)
+
+
 def time_llm(llm, prefill: int, decode: int, out: dict) -> None:
     """Prefill `prefill` random ids, then the median of `decode` single-token steps."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(50000, llm.hp.vocab_size), prefill)
+    ids = random_ids(prefill, llm.hp.vocab_size)
     llm.reset()
     t0 = time.perf_counter()
     logits = llm.eval_tokens(ids)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_roofline import roofline_ms
+
 SIDE, MATMULS, RUNS = 2560, 32, 20
 
 
@@ -93,5 +95,5 @@ def kernel_rate(ggml_type: int, threads: int, repack: bool = True, amx: bool | N
     return MATMULS * w_bytes / best / 1e9, layout
 
 
-def kernel_floor_ms(weight_bytes: int, rate_gb_s: float) -> float:
-    return weight_bytes / (rate_gb_s * 1e9) * 1000.0
+# the kernel floor is the roofline's arithmetic with the kernel's rate in place of the memory's
+kernel_floor_ms = roofline_ms

@@ -16,10 +16,9 @@ Python callback): it is measured on the graph's no-op nodes (views, reshapes, pe
 subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
 weight bytes and the rate they were read at (for a prefill: the matmuls' GFLOP/s instead). The per-node sum differs
 from the whole step by what running alone changes (caches, the overlap of one op's tail with the next); the whole
-step is printed beside it. Before each
-engine the bench's read-bandwidth probe runs (quantize.bench_child.measure_bandwidth), for the step's share of the
-weights-only roofline (quantize.bench_roofline) and to compare with the rate each matmul group read at (decode only:
-a prefill is bound by compute, and gets a tokens/s row instead).
+step is printed beside it. Before each engine the bench's read-bandwidth probe runs (quantize.bench.Runner, as
+before each bench round), for the step's share of the weights-only roofline and to compare with the rate each matmul
+group read at (decode only: a prefill is bound by compute, and gets a tokens/s row instead).
 
 Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads,
 prefill)` -> the table; `run(args)` prints it and returns 1 when an engine failed.
@@ -33,13 +32,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 from tinygpt.errors import UserError
 
-from . import bench_roofline as roof
+from . import bench
 from . import gguf_names as names
-from .bench_child import measure_bandwidth, run_child
+from .bench_child import random_ids, run_child
 from .gguf_file import find_llm_file, open_gguf
 
 NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
@@ -92,10 +89,6 @@ def summarize(nodes: list[tuple[str, float, int]], step_s: list[float], repeats:
             "sum_ms": sum(g["ms"] for g in groups.values())}
 
 
-def _random_ids(n: int, vocab: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, min(50000, vocab), n)
-
-
 # ---------------------------------------------------------------------------------------------- children
 def _node_pass(backend, gf) -> list[tuple[str, float, int]]:
     """Compute gf one node at a time (ggml_graph_view): (group, seconds, weight bytes, flops) per node."""
@@ -133,7 +126,7 @@ def ours(args: dict, queue) -> None:
         f = open_gguf(find_llm_file(args["gguf"], args["qtype"]), names.ARCH_LLM)
         positions, prefill = args["positions"], args["prefill"]
         llm = GgmlLLM(f, n_ctx=positions + max(prefill, 1) + 64, n_threads=args["threads"])
-        ids = _random_ids(positions + max(prefill, 1), llm.hp.vocab_size)
+        ids = random_ids(positions + max(prefill, 1), llm.hp.vocab_size)
         if positions:
             llm.eval_tokens(ids[:positions])
         backend, step_s, nodes = llm.cpu_backend, [], []
@@ -194,7 +187,7 @@ def stock(args: dict, queue) -> None:
         positions, tokens = args["positions"], max(args["prefill"], 1)  # a decode step is one token
         llm = LlamaCppLLM(path, n_ctx=positions + tokens + 64, n_threads=args["threads"], extra_bufts=True,
                           n_batch=max(tokens, 256), cb_eval=observe)
-        ids = _random_ids(positions + tokens, llm.hp.vocab_size)
+        ids = random_ids(positions + tokens, llm.hp.vocab_size)
         if positions:
             llm.eval_tokens(ids[:positions])
         llm.eval_tokens(ids[positions:])  # warm-up
@@ -243,9 +236,6 @@ def format_profiles(results: list[dict], positions: int, threads: int, prefill: 
             rate = f"{amount / v['ms'] / 1e6:.1f}" if amount and v["ms"] > 0 else ""
             cells.append(f"{v['nodes']:>7}{v['ms']:>9.2f}{v['ms'] / r['sum_ms']:>8.0%}{rate:>10}")
         lines.append(f"{g:<28}" + "".join(cells))
-    if prefill:
-        for r in results:
-            r["tok_s"] = prefill / r["step_ms"] * 1e3
     for label, key, fmt in (("sum of the nodes (ms)", "sum_ms", "{:.1f}"), ("whole step (ms)", "step_ms", "{:.1f}"),
                             ("tokens/s, whole step", "tok_s", "{:.1f}"),
                             ("launch cost, subtracted (us)", "launch_us", "{:.1f}"),
@@ -282,29 +272,24 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
     jobs = [("ours", dict(base, gguf=args.gguf, qtype=args.qtype), "ours")]
     if args.plain_gguf:
         jobs.append(("ours", dict(base, gguf=args.plain_gguf, qtype=None), "ours, plain file"))
-        from .bench import stock_available
-
-        if stock_available():
+        if bench.stock_available():
             jobs.append(("stock", dict(base, gguf=args.plain_gguf, qtype=None), "stock llama.cpp"))
         else:
             print("note: llama-cpp-python is not importable; skipping stock llama.cpp", file=sys.stderr)
+    runner = bench.Runner(args.child_timeout, args.threads, 0 if args.prefill else int(args.bandwidth_gb * 1e9))
     results = {}
     for child, job, label in jobs:
-        probe = None
-        # just before each engine: on shared hosts the bandwidth drifts within minutes
-        if args.bandwidth_gb > 0 and not args.prefill:
-            probe = run_child(measure_bandwidth, dict(threads=args.threads,
-                                                      bandwidth_bytes=int(args.bandwidth_gb * 1e9)),
-                              args.child_timeout, "bandwidth")
+        probe = runner.measure()  # just before each engine: on shared hosts the bandwidth drifts within minutes
         print(f"profiling {label} ...", file=sys.stderr, flush=True)
         results[label] = result = run_child(CHILDREN[child], job, args.child_timeout, label)
         if probe is not None and "error" in probe:
             print(f"note: {probe['error']}; no roofline for {label}", file=sys.stderr)
         elif probe is not None and "error" not in result:
             result["bandwidth_gb_s"] = probe["bandwidth_gb_s"]
-            result["roofline_ms"] = roof.roofline_ms(roof.weight_bytes_per_token(result["file"]),
-                                                     probe["bandwidth_gb_s"])
+            result["roofline_ms"] = runner.floor_ms(result["file"])
             result["roofline_share"] = result["roofline_ms"] / result["step_ms"]
+        if args.prefill and "error" not in result:
+            result["tok_s"] = args.prefill / result["step_ms"] * 1e3
     return results
 
 
