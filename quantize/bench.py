@@ -7,7 +7,9 @@ Each engine runs in its own fresh process (quantize.bench_child), so load times 
     llama-cpp-python importable, stock llama.cpp on the same file, printed side by side.
 Decode speed is the median over --decode-tokens single-token steps after a --prefill-tokens prefill (random ids;
 speed does not depend on the values). Time to first token = image encode + prefill of the image vectors and a
-~30-token question + the first sampled token, as in `chat`.
+~30-token question + the first sampled token, as in `chat`. With the image attached first (`chat`'s /image: the image
+encoded and the prompt evaluated up to it while the question is typed, ChatSession.prepare), the bench prints that
+preparation's time and the first token after it (the question's tokens only).
 
 Roofline: a child first measures read bandwidth at --threads threads (torch.sum over --bandwidth-gb of float32, best
 of 10 passes on 4 KiB pages and 10 on huge pages), and again before each of the --rounds; a decode step must read
@@ -84,7 +86,10 @@ def stock_available() -> bool:
 
 
 _ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s", "{:.2f}"),
-         ("first token, image+question (s)", "ttft_s", "{:.2f}"), ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
+         ("first token, image+question (s)", "ttft_s", "{:.2f}"),
+         ("image attached first: prepare (s)", "prepare_s", "{:.2f}"),
+         ("  then first token, question (s)", "ttft_attached_s", "{:.2f}"),
+         ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
          ("decode (ms/token)", "decode_ms", "{:.1f}"), ("decode, best step (ms)", "decode_best_ms", "{:.1f}"),
          ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
          ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),

@@ -88,6 +88,13 @@ def ours(args: dict, queue) -> None:
             session.ask(QUESTION, images=[image])
             out["ttft_s"] = session.last_stats.first_token_s
             out["ttft_positions"] = session.last_stats.prompt_tokens
+            # as `chat` does when the image is attached before the question is typed: a new conversation, the
+            # image (a new one to the cache) prepared first, then only the question's tokens before the first token
+            session.reset()
+            indices = session.prepare([image])
+            out["prepare_s"] = session.last_stats.image_encode_s + session.last_stats.prefill_s
+            session.ask(QUESTION, images=indices)
+            out["ttft_attached_s"] = session.last_stats.first_token_s
         time_llm(session.llm, args["prefill"], args["decode"], out)
         out["peak_rss_gb"] = peak_rss_gb()
         queue.put(out)

@@ -3,6 +3,8 @@
 One-shot:     python -m quantize chat --gguf DIR --image cat.jpg --prompt "What is in the image?"
 Interactive:  python -m quantize chat --gguf DIR [--image cat.jpg]
     then type questions; commands: /image PATH (attach to the next question), /reset, /stats, /quit.
+    An attached image is encoded, and the prompt evaluated up to it, on a worker thread while the question is typed
+    (ChatSession.prepare), so the question's first token waits only for the question's own tokens.
 A bad image path, a file that is not an image, or a prompt longer than the context prints one `error:` line and
 the conversation goes on. The answer streams to stdout; timings go to stderr with --verbose.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from tinygpt.errors import UserError
 
@@ -60,9 +63,49 @@ def _answer(session: ChatSession, text: str, images: list, verbose: bool) -> Non
         _print_stats(session.last_stats)
 
 
+class Attachments:
+    """The images attached to the next question, prepared (ChatSession.prepare) on one worker thread in the order
+    they were attached; `take()` waits for the work and hands over their indices (or raises its error)."""
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="attach")
+        self._job: Future | None = None
+
+    def add(self, paths: list[str]) -> None:
+        before = self._job
+
+        def prepare() -> list:
+            earlier = before.result() if before is not None else []
+            return self.session.prepare(earlier + list(paths))
+
+        self._job = self._pool.submit(prepare)
+
+    def take(self) -> list:
+        job, self._job = self._job, None
+        return job.result() if job is not None else []
+
+    def clear(self) -> None:
+        try:
+            self.take()
+        except UserError:
+            pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=None) -> int:
-    stdin = stdin or sys.stdin
-    pending = list(images)
+    attached = Attachments(session)
+    try:
+        if images:
+            attached.add(images)
+        return _loop(session, attached, verbose, stdin or sys.stdin)
+    finally:
+        attached.close()
+
+
+def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> int:
     prompt = ">>> " if stdin.isatty() else ""
     print("chat: type a question; /image PATH attaches an image, /reset starts over, /quit exits.", file=sys.stderr)
     while True:
@@ -77,8 +120,8 @@ def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=No
             if line in ("/quit", "/exit"):
                 return 0
             if line == "/reset":
+                attached.clear()
                 session.reset()
-                pending.clear()
                 print("(new conversation)", file=sys.stderr)
             elif line == "/stats":
                 _print_stats(session.last_stats)
@@ -89,13 +132,12 @@ def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=No
                 if session.vision is None:
                     raise UserError("/image: this session has no vision model (started with --no-vision)")
                 session.vision.preprocess(path)  # a bad path or a non-image fails here, not at the next question
-                pending.append(path)
+                attached.add([path])
                 print(f"(image {path} attached to the next question)", file=sys.stderr)
             elif line.startswith("/"):
                 raise UserError(f"unknown command {line.split()[0]!r} (use /image PATH, /reset, /stats, /quit)")
             else:
-                images_now, pending = pending, []
-                _answer(session, line, images_now, verbose)
+                _answer(session, line, attached.take(), verbose)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
         except KeyboardInterrupt:

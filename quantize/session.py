@@ -181,15 +181,12 @@ class ChatSession:
 
     # -------------------------------------------------------------------------------------------- chat
     def ask(self, text: str, images: Sequence = (), on_text: Callable[[str], None] | None = None) -> str:
-        """One user turn; returns the answer (stop string removed). on_text receives the answer as it grows."""
+        """One user turn; returns the answer (stop string removed). on_text receives the answer as it grows.
+        images: paths, [Q, H] vectors, or indices from add_image / prepare."""
         t_start = time.perf_counter()
         stats = self.last_stats = TurnStats()
         n_before = len(self.image_vectors)
-        try:
-            indices = [self.add_image(im) for im in images]
-        except Exception:
-            del self.image_vectors[n_before:]
-            raise
+        indices = self._add_images(images)
         stats.image_encode_s = time.perf_counter() - t_start
         placeholder = self.fmt.image_placeholder
         if placeholder in text:
@@ -198,7 +195,7 @@ class ChatSession:
                 raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) "
                                 "were given")
         elif indices:
-            text = " ".join([IMAGE_TAG.replace("<ImageHere>", placeholder)] * len(indices) + [text])
+            text = self._image_tags(len(indices)) + " " + text
         n_turns = len(self.turns)
         try:
             return self.respond(self.turns + [Turn(user=text, images=indices)], on_text, t_start)
@@ -206,6 +203,59 @@ class ChatSession:
             if len(self.turns) == n_turns:  # refused before the turn was taken: forget its images
                 del self.image_vectors[n_before:]
             raise
+
+    def prepare(self, images: Sequence) -> list[int]:
+        """Encode `images` now and evaluate the next turn's prompt up to their last row; returns their indices.
+
+        A following ask(text, images=<those indices>) then evaluates only the question's own tokens: `chat` calls this
+        when an image is attached, so the image is encoded and prefilled while the question is being typed. Items may
+        be paths, vectors or indices returned by an earlier prepare (attaching a second image keeps the first)."""
+        t0 = time.perf_counter()
+        indices = self._add_images(images)
+        encode_s = time.perf_counter() - t0
+        self.prefill_images(self.turns + [Turn(user=self._image_tags(len(indices)), images=indices)])
+        self.last_stats.image_encode_s = encode_s
+        return indices
+
+    def prefill_images(self, turns: Sequence[Turn]) -> None:
+        """Evaluate the layout of `turns` up to its last image row (the part a question typed after the images does
+        not change), reusing the cache as respond() does; nothing when the turns hold no image. last_stats then
+        describes this prefill."""
+        self.last_stats = TurnStats()
+        items = self.layout(turns)
+        rows = [k for k, item in enumerate(items) if isinstance(item, tuple)]
+        if not rows:
+            return
+        prefix = items[:rows[-1] + 1]
+        if len(prefix) <= min(len(self._cached), self.llm.n_past) and self._cached[:len(prefix)] == prefix:
+            return  # already in the cache (e.g. the demo's textbox changed but not its images)
+        if len(prefix) >= self.llm.n_ctx:
+            raise UserError(f"prompt too long: the conversation and the image(s) need {len(prefix)} positions, the "
+                            f"context holds {self.llm.n_ctx} (start a new conversation)")
+        t0 = time.perf_counter()
+        self._sync_cache(prefix)
+        self.last_stats.prefill_s = time.perf_counter() - t0
+
+    def _add_images(self, images: Sequence) -> list[int]:
+        """add_image for each path or vectors; an int is the index of an image added before (kept as it is). On an
+        error the images added by this call are dropped."""
+        n_before = len(self.image_vectors)
+        indices = []
+        try:
+            for image in images:
+                if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
+                    if not 0 <= image < n_before or self.image_vectors[image].size == 0:
+                        raise UserError(f"image index {image} does not name an encoded image of this session")
+                    indices.append(int(image))
+                else:
+                    indices.append(self.add_image(image))
+        except Exception:
+            del self.image_vectors[n_before:]
+            raise
+        return indices
+
+    def _image_tags(self, count: int) -> str:
+        return " ".join([IMAGE_TAG.replace("<ImageHere>", self.fmt.image_placeholder)] * count)
 
     def respond(self, turns: Sequence[Turn], on_text: Callable[[str], None] | None = None,
                 t_start: float | None = None) -> str:
@@ -298,12 +348,17 @@ class ChatSession:
     def warm_up(self, n_tokens: int = 32) -> None:
         """Pay the one-off costs (compute buffers, thread pools, first-touch pages) at load time instead of in the
         user's first answer: one blank image through the vision tower, a short prefill that is then forgotten
-        (what it saves on the full-size model: docs/benchmarks.md, "Time to first token")."""
+        (what it saves on the full-size model: docs/benchmarks.md, "Time to first token"). The cache is left holding
+        the start every conversation shares (BOS and the template's text before the user's), which the first turn
+        then reuses."""
         if self.vision is not None:
             self.vision.encode_pixels(torch.zeros(1, 3, self.vision.image_size, self.vision.image_size))
         self.llm.eval_tokens([self.llm.hp.vocab_size - 1] * min(n_tokens, self.llm.n_ctx))
         self.llm.truncate(0)
         self._cached.clear()
+        shared = [self.fmt.bos_id] + self._tokens(self.fmt.prompt_template.split("{}")[0].rstrip())
+        if len(shared) < self.llm.n_ctx:
+            self._feed(shared)
 
 
 def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str | None = None,

@@ -67,6 +67,22 @@ def test_interactive_commands_and_mistakes_keep_the_conversation(engine, image, 
     assert chat.messages == []  # /reset, and nothing after /quit
 
 
+def test_an_attached_image_is_prepared_before_the_question(engine, tmp_path):
+    """/image starts the engine's prepare on a worker: the question then evaluates only its own tokens (on the GGUF
+    runtime; a new image, so nothing of it was cached before)."""
+    path = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(path)
+    session = engine.backend.session
+    chat = TerminalChat(engine, io.StringIO())
+    try:
+        interact(chat, io.StringIO(f"/image {path}\nWhere is it?\n"), io.StringIO())
+    finally:
+        chat.close()
+    question = len(session.tokenizer.encode("</Img> Where is it? ###Assistant: ", add_special_tokens=False).ids)
+    assert session.last_stats.prompt_tokens == question
+    assert session.last_stats.reused_tokens > session.fmt.image_token_count
+
+
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--gguf", str(tmp_path), "--prompt", "hi"]) == 2
     assert "holds no llm-*.gguf" in capsys.readouterr().err

@@ -194,6 +194,39 @@ def test_image_cache_encodes_one_image_once(engines):
         assert len(calls) == 1
 
 
+def test_prepare_ahead_of_the_question_changes_no_answer_and_leaves_only_the_question(engines):
+    """engine.prepare on the conversation so far plus the attached image (no text yet) encodes the image once; the
+    answer to the question that follows is the one a cold chat gives, and on the GGUF runtime that question evaluates
+    only its own tokens (the prompt up to the image's last row was evaluated by prepare)."""
+    torch_engine, gguf_engine = engines
+    history = [_user("Hello there"), {"role": "assistant", "content": "hi"}]
+    for n, engine in enumerate(engines):
+        image = _png(50 + n)
+        want = engine.chat([*history, _user(image, "What is in the picture?")], GREEDY)
+        fresh = _png(60 + n)  # not in the image cache, not in the KV cache
+        cold = engine.chat([*history, _user(fresh, "What is in the picture?")], GREEDY)
+        again = _png(60 + n)
+        before = engine.encode_count
+        engine.chat([_user("something else")], GREEDY.with_(max_new_tokens=1))  # the KV cache moves away
+        engine.prepare([*history, {"role": "user", "content": [{"type": "image", "image": again}]}])
+        assert engine.encode_count == before  # encoded by the cold chat above: cached, not encoded again
+        other = _png(70 + n)
+        engine.prepare([*history, {"role": "user", "content": [{"type": "image", "image": other}]}])
+        assert engine.encode_count == before + 1
+        assert engine.chat([*history, _user(again, "What is in the picture?")], GREEDY) == cold
+        assert engine.chat([*history, _user(image, "What is in the picture?")], GREEDY) == want
+    session = gguf_engine.backend.session
+    image = _png(80)
+    messages = [*history, {"role": "user", "content": [{"type": "image", "image": image}]}]
+    gguf_engine.prepare(messages)
+    prefix = session.llm.n_past
+    gguf_engine.chat([*history, _user(image, "What is in the picture?")], GREEDY)
+    question = len(session.tokenizer.encode("</Img> What is in the picture? ###Assistant: ",
+                                            add_special_tokens=False).ids)
+    assert session.last_stats.reused_tokens == prefix and session.last_stats.prompt_tokens == question
+    assert session.fmt.image_token_count < prefix
+
+
 def test_score_prefers_the_greedy_answer_and_backends_agree(engines):
     torch_engine, gguf_engine = engines
     tok = torch_engine.backend.tokenizer

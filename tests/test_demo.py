@@ -67,13 +67,20 @@ class Scripted:
         self.asked.append(messages)
         yield from (self.answer[i:i + 5] for i in range(0, len(self.answer), 5))
 
+    def prepare(self, messages):
+        pass
+
 
 class Recording:
     """A ChatEngine seen through `stream` only, recording for each stream how many pieces it gave and whether it was
     closed before its end (GeneratorExit: what gradio's Stop does to the handler, and the handler to the engine)."""
 
     def __init__(self, engine: ChatEngine):
-        self.engine, self.streams = engine, []
+        self.engine, self.streams, self.prepared = engine, [], []
+
+    def prepare(self, messages):
+        self.prepared.append(messages)
+        self.engine.prepare(messages)
 
     def stream(self, messages, settings=None, cancel=None):
         record = {"pieces": 0, "closed_early": False}
@@ -227,6 +234,31 @@ def test_the_gguf_backend_through_the_handlers(launch_configs, tmp_path):
     _, history = h.add_message({"text": "what is it?", "files": [SHAPES, SHAPES]}, [], "none", "")
     *_, (final, _, _) = h.respond(history, 8, 0.0, 0.9, 1.0, 0)
     assert final[-1]["content"] == shown(gguf.chat(to_openai(history), GenerationSettings(max_new_tokens=8)))
+
+
+def test_an_attached_image_is_prepared_while_the_question_is_typed(launch_configs, tmp_path):
+    """The textbox's change event (h.prepare) encodes a newly attached image and evaluates the prompt up to it; the
+    answer is the cold one and its question evaluates only its own tokens. Typing more (same files) and a file the
+    demo refuses reach no engine call."""
+    cfg = load_launch_config(launch_configs["gguf"])
+    gguf = open_engine(cfg)
+    recording = Recording(gguf)
+    h = Handlers(recording, cfg, tmp_path)  # type: ignore[arg-type]
+    image = tmp_path / "fresh.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(image)
+    message = {"text": "", "files": [str(image)]}
+    h.prepare(message, [])
+    h.prepare({**message, "text": "what is"}, [])  # typing: the same image, nothing new to do
+    h.prepare({"text": "x", "files": [_text_png(tmp_path)]}, [])  # add_message will say why it is refused
+    assert len(recording.prepared) == 1
+    _, history = h.add_message({**message, "text": "what is it?"}, [], "none", "")
+    *_, (final, _, _) = h.respond(history, 8, 0.0, 0.9, 1.0, 0)
+    stats = gguf.backend.session.last_stats
+    question = len(gguf.backend.session.tokenizer.encode("</Img> what is it? ###Assistant: ",
+                                                         add_special_tokens=False).ids)
+    assert stats.prompt_tokens == question and stats.reused_tokens > gguf.backend.prompt.image_tokens
+    cold = open_engine(cfg).chat(to_openai(history), GenerationSettings(max_new_tokens=8))
+    assert final[-1]["content"] == shown(cold)
 
 
 def test_a_conversation_longer_than_the_context_is_a_notice(engine, tmp_path):

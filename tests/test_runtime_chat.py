@@ -3,6 +3,8 @@ the vision runtime and the session of an exported tiny VLM against the PyTorch m
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -137,6 +139,44 @@ def test_session_rejects_over_long_prompt_and_keeps_state(llm_files):
     with pytest.raises(UserError, match="2 <ImageHere> but 1 image"):
         s.ask("<ImageHere> <ImageHere>", images=[image_vectors(2)])
     assert len(s.image_vectors) == 0
+
+
+def test_session_prepare_then_ask_equals_ask_and_evaluates_only_the_question(llm_files):
+    """prepare() encodes the image and evaluates the next turn up to its last row; the ask that follows evaluates only
+    the question's tokens, and its logits and greedy answer equal a cold ask of the same image and question."""
+    path = llm_files["q8_0"]
+    cold = _session(path, n_ctx=200)
+    rec_cold = _RecordingSampler(cold.sampler)
+    cold.sampler = rec_cold
+    want = cold.ask("what is it?", images=[image_vectors(1)])
+    warm = _session(path, n_ctx=200)
+    rec = _RecordingSampler(warm.sampler)
+    warm.sampler = rec
+    assert warm.prepare([image_vectors(1)]) == [0]
+    prefix = warm.llm.n_past
+    assert prefix == 1 + len(warm._tokens("###Human: <Img>")) + 4  # BOS, template text, the image's 4 rows
+    assert warm.ask("what is it?", images=[0]) == want
+    first_prompt = len(warm.layout([type(warm.turns[0])(warm.turns[0].user, [0])]))
+    assert warm.last_stats.reused_tokens == prefix and warm.last_stats.prompt_tokens == first_prompt - prefix
+    assert np.abs(rec.seen[0] - rec_cold.seen[0]).max() < 1e-4
+    # a second prepared turn with two images keeps the first image's index; the follow-up reuses the whole first turn
+    assert warm.prepare([image_vectors(2)]) == [1] and warm.prepare([1, image_vectors(3)]) == [1, 2]
+    assert warm.last_stats.reused_tokens >= first_prompt  # (the answer's text may re-tokenize differently)
+    warm.ask("and these?", images=[1, 2])
+    assert len(warm.turns) == 2 and warm.turns[1].images == [1, 2]
+    with pytest.raises(UserError, match="image index 7 does not name an encoded image"):
+        warm.prepare([7])
+    with pytest.raises(UserError, match="image index 5 does not name"):
+        warm.ask("x", images=[image_vectors(4), 5])
+    assert len(warm.image_vectors) == 3  # the image added before the bad index was dropped again
+
+
+def test_session_prepare_refuses_a_prefix_longer_than_the_context(llm_files):
+    s = _session(llm_files["f32"], n_ctx=8)
+    with pytest.raises(UserError, match="prompt too long: the conversation and the image.s. need 1[0-9] positions, "
+                                         "the context holds 8"):
+        s.prepare([image_vectors(0)])
+    assert s.llm.n_past == 0
 
 
 class _ScriptedLLM:
@@ -301,6 +341,22 @@ def test_chat_cli_one_shot_and_interactive_survives_bad_input(exported_tiny, mon
     assert "notes.txt: not a readable image" in errors[1]
     assert "prompt too long" in errors[2] and "unknown command '/bogus'" in errors[3]
     assert out.strip()  # the valid question got an answer
+    # the attached image was prepared before the question: the question reused BOS, the template text and its 32 rows
+    rc, out, err = _run_cli(["chat", "--gguf", g, "--max-new-tokens", "3", "--verbose"],
+                            stdin_text=f"/image {d / 'img.png'}\nWhat is it?\n/quit\n", monkeypatch=monkeypatch,
+                            capsys=capsys)
+    reused = [int(m) for m in re.findall(r"\(reused (\d+)\)", err)]
+    assert rc == 0 and len(reused) == 1 and reused[0] > 32, err
+
+
+def test_session_warm_up_leaves_the_shared_start_cached(exported_tiny):
+    from quantize.session import open_session
+    _, d = exported_tiny
+    s = open_session(d / "gguf", quiet=True)
+    shared = [s.fmt.bos_id] + s._tokens("###Human:")
+    assert s._cached == shared and s.llm.n_past == len(shared)
+    s.ask("Hello?")
+    assert s.last_stats.reused_tokens == len(shared)
 
 
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, exported_tiny, capsys):

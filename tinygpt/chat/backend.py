@@ -19,7 +19,10 @@ Two optional methods make batches cheaper; the engine falls back to the ones abo
 * `generate_batch(conversations, settings)` -> one answer per conversation (each a list of EncodedTurn), in order;
   with greedy settings each the answer `generate` gives (the PyTorch backend: one left-padded `generate` over the
   batch; the GGUF runtime: one conversation after another, reusing its KV cache). The engine has already cut
-  `settings.max_new_tokens` to the room every conversation of the batch leaves.
+  `settings.max_new_tokens` to the room every conversation of the batch leaves;
+* `prefill_images(turns)` -> nothing; evaluates the prompt of `turns` up to its last image ahead of the question, so
+  that a later call on the same conversation plus a question only evaluates the question (the GGUF runtime's KV
+  cache; `ChatEngine.prepare`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@
 
 The model comes from a launch config (`eval_configs/*.yaml`, its generation defaults included) or directly from
 `--gguf DIR` / `--model DIR`; generation flags given on the command line override the config. Interactive commands:
-`/image PATH` (attach to the next question; repeatable), `/reset` (a new conversation), `/quit`. Answers stream to
-stdout. A bad image, a prompt longer than the context or any other mistake prints one `error:` line and the
-conversation goes on (one-shot: exit 2). `python -m quantize chat` is the GGUF runtime's own lower-level chat
+`/image PATH` (attach to the next question; repeatable; the image is encoded, and on the GGUF runtime the prompt
+evaluated up to it, while the question is typed), `/reset` (a new conversation), `/quit`. Answers stream to stdout.
+A bad image, a prompt longer than the context or any other mistake prints one `error:` line and the conversation
+goes on (one-shot: exit 2). `python -m quantize chat` is the GGUF runtime's own lower-level chat
 (backend switches, timings with /stats).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -65,19 +67,41 @@ class TerminalChat:
         self.engine, self.out = engine, out or sys.stdout
         self.messages: list[dict] = []
         self.pending: list = []
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="tinygpt-attach")
+        self._preparing: Future | None = None
 
     def attach(self, path: str) -> None:
+        """Check the image now and prepare it (ChatEngine.prepare: encode, prefill) on a worker thread while the
+        question is typed."""
         try:
             ref = image_ref(path)
             ref.open()  # a bad path or a file that is not an image fails here, before the question
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
         self.pending.append(ref)
+        content = [{"type": "image", "image": r} for r in self.pending]
+        self._preparing = self._worker.submit(self.engine.prepare,
+                                              [*self.messages, {"role": "user", "content": content}])
+
+    def _settle(self) -> None:
+        """Wait for the attach-time work. Its errors are not shown: the question's own call meets them again."""
+        job, self._preparing = self._preparing, None
+        if job is not None:
+            try:
+                job.result()
+            except Exception:
+                pass
 
     def reset(self) -> None:
+        self._settle()
         self.messages, self.pending = [], []
 
+    def close(self) -> None:
+        self._settle()
+        self._worker.shutdown()
+
     def ask(self, text: str) -> str:
+        self._settle()
         content = [{"type": "image", "image": ref} for ref in self.pending] + [{"type": "text", "text": text}]
         messages = [*self.messages, {"role": "user", "content": content}]
         pieces = []
@@ -121,13 +145,16 @@ def interact(chat: TerminalChat, lines: TextIO, err: TextIO | None = None) -> No
 def run(args: argparse.Namespace) -> int:
     cfg = launch_config(args)
     chat = TerminalChat(open_engine(cfg))
-    for path in args.image:
-        chat.attach(path)
-    if args.prompt is not None:
-        chat.ask(args.prompt)
+    try:
+        for path in args.image:
+            chat.attach(path)
+        if args.prompt is not None:
+            chat.ask(args.prompt)
+            return 0
+        interact(chat, sys.stdin)
         return 0
-    interact(chat, sys.stdin)
-    return 0
+    finally:
+        chat.close()
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -6,6 +6,7 @@
     engine.chat_batch([messages_a, messages_b])            # answers in order, batched where the backend can
     for piece in engine.stream(messages, GenerationSettings(temperature=0.7, seed=1)): ...
     engine.score(messages, ["yes", "no"])                  # summed log-probabilities, for metrics
+    engine.prepare([{"role": "user", "content": [{"type": "image", "image": "cat.png"}]}])  # ahead of the question
     engine.ask("cat.png", "refer", "the cat")              # TaskAnswer(text, boxes in pixels)
 
 Contract:
@@ -18,7 +19,9 @@ Contract:
   batch are encoded together (`encode_images` where the backend has it) and the answers generated together
   (`generate_batch` where the backend has it, else one `generate` per conversation);
 * one generation at a time per engine (a lock; a stream holds it until it is exhausted, closed or cancelled);
-* `stream(..., cancel=event)` stops at the next token once `event` is set; closing the iterator does the same.
+* `stream(..., cancel=event)` stops at the next token once `event` is set; closing the iterator does the same;
+* `prepare(messages)` encodes the images before the question is known and, on the GGUF runtime, evaluates the prompt
+  up to the last image: what the question then waits for is its own tokens.
 """
 
 from __future__ import annotations
@@ -163,6 +166,18 @@ class ChatEngine:
         return turns, self._fit(turns, settings or self.settings)
 
     # ---- the entry points -------------------------------------------------------------------------------------------
+    def prepare(self, messages) -> None:
+        """Do the work of `messages` that the question typed next does not change, ahead of it: encode (and cache) the
+        images, and where the backend can (`prefill_images`), evaluate the prompt up to the last image. The demo calls
+        it when an image is attached, the terminal chat on /image; a following chat/stream of the same messages plus
+        the question then only evaluates the question. The last user message may hold images and no text."""
+        conversation = self._conversation(messages)
+        with self._lock:
+            turns = self._encode(conversation)
+            prefill = getattr(self.backend, "prefill_images", None)
+            if prefill is not None and self.backend.prompt_length(turns) < self.context_length:
+                prefill(turns)
+
     def chat(self, messages, settings: GenerationSettings | None = None) -> str:
         """The assistant's answer to the last user message."""
         with self._lock:

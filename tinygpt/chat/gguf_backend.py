@@ -77,6 +77,10 @@ class GGUFBackend:
         placeholder = self.session.fmt.image_placeholder
         return [Turn(t.user.replace("<ImageHere>", placeholder), list(t.images), t.assistant) for t in turns]
 
+    def prefill_images(self, turns: Sequence[EncodedTurn]) -> None:
+        """Evaluate the prompt of `turns` up to its last image (ChatSession.prefill_images), ahead of the question."""
+        self.session.prefill_images(self._turns(turns))
+
     def prompt_length(self, turns: Sequence[EncodedTurn]) -> int:
         return len(self.session.layout(self._turns(turns)))
 

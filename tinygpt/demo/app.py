@@ -97,6 +97,8 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
 
         view_io = dict(api_visibility="private", queue=False)
         box.change(h.follow, [box, chatbot, region, current], [view, current], **view_io)
+        box.change(h.prepare, [box, chatbot], None, concurrency_id="engine", concurrency_limit=1,
+                   trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         region.change(h.redraw, [box, chatbot, region], [view], **view_io)
         view.select(h.pick, [box, chatbot, region], [region], **view_io)
     return demo

@@ -15,7 +15,9 @@ Contract:
   button) closes the engine's stream, which ends the generation and frees the engine. When the answer holds boxes,
   the last yield draws them (pixels of the conversation's newest image) in the chat and on the view;
 * `regenerate` drops the last answer; `follow`, `redraw` and `pick` keep the image view on the newest image (the
-  one attached, else the conversation's) with the identify region marked.
+  one attached, else the conversation's) with the identify region marked;
+* `prepare` runs when the textbox changes: newly attached images are encoded and the prompt evaluated up to them
+  while the question is typed (one engine call; refusals are left to `add_message` and `respond`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Handlers:
     def __init__(self, engine: ChatEngine, cfg: LaunchConfig, drawn_dir: str | Path | None = None):
         self.engine, self.limits, self.settings = engine, cfg.limits, cfg.generation
         self.drawn_dir = Path(drawn_dir or tempfile.mkdtemp(prefix="tinygpt-demo-"))
+        self._prepared: tuple = ()  # (files, history length) of the last prepare: typing repeats no work
 
     # ---- one turn --------------------------------------------------------------------------------------------
     def add_message(self, message: dict | None, history: list[dict] | None, task: str | None, region: str | None):
@@ -141,6 +144,22 @@ class Handlers:
             return without_last_answer(list(history or [])), gr.MultimodalTextbox(interactive=False)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
+
+    def prepare(self, message: dict | None, history: list[dict] | None) -> None:
+        """While the question is typed: the attached images encoded and the prompt evaluated up to them
+        (ChatEngine.prepare), so the answer's first token waits only for the question. Files that add_message would
+        refuse, and anything the engine refuses, are left for add_message and respond to report."""
+        files = _files(message)
+        key = (tuple(files), len(history or []))
+        if not files or key == self._prepared:
+            return
+        try:
+            check_message_files(files, self.limits)
+            self.engine.prepare([*to_openai(list(history or [])),
+                                 {"role": "user", "content": [{"type": "image", "image": f} for f in files]}])
+        except UserError:
+            return
+        self._prepared = key
 
     # ---- the image view ----------------------------------------------------------------------------------------
     def follow(self, message: dict | None, history: list[dict] | None, region: str | None, current: str | None):
