@@ -15,6 +15,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -365,10 +366,14 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
                  n_ctx: int | None = None, n_threads: int = 2, sampling: SamplingParams | None = None,
                  with_vision: bool = True, vision_int8: bool = True, quiet: bool = False, decode_graph: bool = True,
                  repack: bool = True, kv_type: str | None = None) -> ChatSession:
-    """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime.
+    """Open DIR's llm-<qtype>.gguf (+ vision.gguf), check they belong together, build the runtime. qtype None: the
+    directory's only LLM file, or with several the one fastest on this CPU (Q4_0 where ggml's AMX buffer works, else
+    Q4_K first).
 
     decode_graph / repack / kv_type: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others
     (kv_type None: the backend's default)."""
+    if qtype is None and backend in ("auto", "ggml"):
+        qtype = _qtype_for_this_cpu(gguf_dir, quiet)
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)
@@ -387,3 +392,18 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
                           sampling=sampling or SamplingParams())
     session.warm_up()
     return session
+
+
+def _qtype_for_this_cpu(gguf_dir: str | os.PathLike, quiet: bool) -> str | None:
+    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.qtype_for_this_cpu: Q4_0 on
+    CPUs whose AMX buffer works); None: find_llm_file's order."""
+    d = Path(gguf_dir)
+    if not d.is_dir():
+        return None
+    available = [q for q in names.QTYPES if (d / names.llm_file_name(q)).is_file()]
+    try:  # lazy, like the ggml backend itself: without ggml-python there is nothing to choose
+        from .ggml_amx import qtype_for_this_cpu
+    except Exception:
+        return None
+    return qtype_for_this_cpu(available, quiet)
+

@@ -88,3 +88,28 @@ def test_amx_buffer_prefill_and_decode_match_the_repacked_layout(tiny_q4_0):
     for got, want in zip(runs[True], runs[False]):
         assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
     assert (runs[True][1].argmax(-1) == runs[False][1].argmax(-1)).all()
+
+
+def test_with_several_exports_an_amx_cpu_loads_q4_0_and_is_told_when_there_is_none(monkeypatch, tmp_path, capsys):
+    """No --qtype: where the AMX buffer works the session loads llm-q4_0.gguf when the directory has it (else Q4_K, with
+    a notice that a Q4_0 export would be faster); elsewhere, or with --qtype, or on another backend, the usual order."""
+    from quantize.random_model import write_random_model
+    from quantize.session import open_session
+
+    out = tmp_path / "pair"
+    write_random_model(out, size="tiny", qtype="q4_k", seed=5, progress=False)
+
+    def loaded(**kw):
+        session = open_session(out, with_vision=False, quiet=False, n_ctx=32, **kw)
+        return session.llm.file.path.name
+
+    monkeypatch.setattr(ggml_amx, "has_amx_buffer", lambda: True)
+    monkeypatch.setattr(ggml_amx, "amx_tiles_work", lambda: True)
+    assert loaded() == "llm-q4_k.gguf"
+    assert capsys.readouterr().err.count("export with --qtype q4_0") == 1
+    write_random_model(out, size="tiny", qtype="q4_0", seed=5, progress=False)
+    assert loaded() == "llm-q4_0.gguf"
+    assert loaded(qtype="q4_k") == "llm-q4_k.gguf" and loaded(backend="torch") == "llm-q4_k.gguf"
+    monkeypatch.setattr(ggml_amx, "amx_tiles_work", lambda: False)
+    assert loaded() == "llm-q4_k.gguf"
+    assert "export with" not in capsys.readouterr().err
