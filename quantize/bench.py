@@ -48,7 +48,7 @@ from . import bench_kernel as kernel
 from . import bench_roofline as roof
 from .chat import add_ggml_switches
 from .gguf_file import find_llm_file, find_vision_file
-from .session import BACKENDS
+from .engine_choice import BACKENDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,8 @@ from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
 from .llama_cpp_backend import LlamaCppLLM
 from .memory import huge_page_array
 from .sampler import SamplingParams
-from .session import ChatSession, load_language_model, open_session
+from .engine_choice import load_language_model
+from .session import ChatSession, open_session
 
 QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "
             "person on the left is doing right now.")

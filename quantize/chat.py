@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from tinygpt.errors import UserError
 
 from .sampler import SamplingParams
-from .session import BACKENDS, ChatSession, TurnStats, open_session
+from .engine_choice import BACKENDS
+from .session import ChatSession, TurnStats, open_session
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

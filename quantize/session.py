@@ -11,11 +11,9 @@ evaluated, so a follow-up question costs only its own tokens and the result equa
 from __future__ import annotations
 
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,50 +23,12 @@ from tinygpt.errors import UserError
 from tinygpt.tasks import IMAGE_TAG
 
 from . import gguf_names as names
-from .gguf_file import (ChatFormat, GGUFContents, chat_format, check_pair, find_llm_file, find_vision_file,
+from .gguf_file import (ChatFormat, chat_format, check_pair, find_llm_file, find_vision_file,
                         llm_hyperparams, load_tokenizer, open_gguf, vision_values)
-from .llama_cpp_backend import LlamaCppLLM
+from .engine_choice import load_language_model, qtype_for_this_cpu
 from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
-from .torch_llm import TorchLLM
 from .vision_runtime import VisionEncoder
-
-BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
-
-
-def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
-                        quiet: bool = False, decode_graph: bool = True, repack: bool = True,
-                        kv_type: str | None = None) -> LLMBackend:
-    """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
-
-    backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend).
-    decode_graph, repack and kv_type (the KV cache's precision, f32 or f16; None: GgmlLLM's default) are GgmlLLM's
-    switches (see there); the other backends have no such choice."""
-    if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "llama-cpp":
-        if llm_hyperparams(llm).attention != "causal":
-            raise UserError(f"{llm.path}: stock llama.cpp has no multi-modal causal attention (attention mmca); "
-                            "use --backend ggml or torch")
-        if llm_hyperparams(llm).moe_layers:
-            raise UserError(f"{llm.path}: stock llama.cpp's phi2 has no MoE layers (tinygptv.moe_layers); use "
-                            "--backend ggml or torch")
-        return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
-    if backend in ("auto", "ggml"):
-        try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves
-            from .ggml_llm import GgmlLLM
-        except Exception as exc:  # ImportError, or OSError when the shared library cannot load
-            if backend == "ggml":
-                raise UserError(f"--backend ggml: ggml-python cannot be imported "
-                                f"({type(exc).__name__}: {exc})") from None
-            if not quiet:
-                print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
-                      file=sys.stderr)
-        else:
-            kv = {} if kv_type is None else {"kv_type": kv_type}
-            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack, **kv)
-    return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
-
 
 @dataclass
 class Turn:
@@ -373,7 +333,7 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
     decode_graph / repack / kv_type: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others
     (kv_type None: the backend's default)."""
     if qtype is None and backend in ("auto", "ggml"):
-        qtype = _qtype_for_this_cpu(gguf_dir, quiet)
+        qtype = qtype_for_this_cpu(gguf_dir, quiet)
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     fmt = chat_format(llm_file)
@@ -392,18 +352,4 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
                           sampling=sampling or SamplingParams())
     session.warm_up()
     return session
-
-
-def _qtype_for_this_cpu(gguf_dir: str | os.PathLike, quiet: bool) -> str | None:
-    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.qtype_for_this_cpu: Q4_0 on
-    CPUs whose AMX buffer works); None: find_llm_file's order."""
-    d = Path(gguf_dir)
-    if not d.is_dir():
-        return None
-    available = [q for q in names.QTYPES if (d / names.llm_file_name(q)).is_file()]
-    try:  # lazy, like the ggml backend itself: without ggml-python there is nothing to choose
-        from .ggml_amx import qtype_for_this_cpu
-    except Exception:
-        return None
-    return qtype_for_this_cpu(available, quiet)
 

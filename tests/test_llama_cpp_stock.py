@@ -24,7 +24,7 @@ def test_stock_llama_cpp_refuses_the_modified_file(random_gguf_pairs):
 
 def test_plain_file_runs_on_stock_llama_cpp_with_image_vectors_like_our_graph(random_gguf_pairs):
     from quantize.gguf_file import find_llm_file, open_gguf
-    from quantize.session import load_language_model
+    from quantize.engine_choice import load_language_model
 
     path = find_llm_file(random_gguf_pairs / "plain")
     vectors = np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32)

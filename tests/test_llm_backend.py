@@ -21,7 +21,7 @@ from quantize import bench, chat, session  # noqa: E402
 from quantize import gguf_names as names  # noqa: E402
 from quantize.gguf_file import open_gguf  # noqa: E402
 from quantize.llm_backend import LLMBackend, ModelShape  # noqa: E402
-from quantize.session import load_language_model  # noqa: E402
+from quantize.engine_choice import load_language_model  # noqa: E402
 from quantize.torch_llm import TorchLLM  # noqa: E402
 
 HAS_GGML = importlib.util.find_spec("ggml") is not None

@@ -358,7 +358,7 @@ def test_a_file_without_the_key_is_causal_and_llama_cpp_refuses_mmca(exported, t
     from quantize import gguf_names as names
     from quantize.export import export_model
     from quantize.gguf_file import llm_hyperparams, open_gguf
-    from quantize.session import load_language_model
+    from quantize.engine_choice import load_language_model
 
     from tinygpt.model import load_vlm, save_vlm
 

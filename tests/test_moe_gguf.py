@@ -120,7 +120,7 @@ def test_unsupported_settings_and_damaged_files_are_one_line_errors(moe_dir, tmp
     del contents.metadata[names.MOE_LAYERS]
     with pytest.raises(UserError, match="'blk.1.ffn_gate_inp.weight' is there but metadata key 'tinygptv.moe_layers'"):
         llm_hyperparams(contents)
-    from quantize.session import load_language_model
+    from quantize.engine_choice import load_language_model
 
     with pytest.raises(UserError, match="stock llama.cpp's phi2 has no MoE layers"):
         load_language_model(open_gguf(exported(moe_dir, "f32"), names.ARCH_LLM), backend="llama-cpp")

@@ -57,7 +57,8 @@ def test_stop_matcher_holds_back_partial_stop_strings():
 
 
 # ------------------------------------------------------------------------------------------------ session
-from quantize.session import ChatSession, load_language_model  # noqa: E402
+from quantize.engine_choice import load_language_model  # noqa: E402
+from quantize.session import ChatSession  # noqa: E402
 
 
 def _session(path, sampling=None, **kw) -> ChatSession:

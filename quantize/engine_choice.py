@@ -1,0 +1,66 @@
+"""Which engine runs the LLM file (`load_language_model`, `BACKENDS`) and which exported file it runs
+(`qtype_for_this_cpu`): the choices made before a session is built (quantize.session)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from tinygpt.errors import UserError
+
+from . import gguf_names as names
+from .gguf_file import GGUFContents, llm_hyperparams
+from .llama_cpp_backend import LlamaCppLLM
+from .llm_backend import LLMBackend
+from .torch_llm import TorchLLM
+
+BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
+
+
+def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | None = None, n_threads: int = 2,
+                        quiet: bool = False, decode_graph: bool = True, repack: bool = True,
+                        kv_type: str | None = None) -> LLMBackend:
+    """GgmlLLM when ggml-python imports (or backend='ggml'), else the PyTorch fallback with a one-line notice.
+
+    backend='llama-cpp' runs a stock plain-phi2 file through llama-cpp-python (quantize.llama_cpp_backend).
+    decode_graph, repack and kv_type (the KV cache's precision, f32 or f16; None: GgmlLLM's default) are GgmlLLM's
+    switches (see there); the other backends have no such choice."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "llama-cpp":
+        if llm_hyperparams(llm).attention != "causal":
+            raise UserError(f"{llm.path}: stock llama.cpp has no multi-modal causal attention (attention mmca); "
+                            "use --backend ggml or torch")
+        if llm_hyperparams(llm).moe_layers:
+            raise UserError(f"{llm.path}: stock llama.cpp's phi2 has no MoE layers (tinygptv.moe_layers); use "
+                            "--backend ggml or torch")
+        return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
+    if backend in ("auto", "ggml"):
+        try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves
+            from .ggml_llm import GgmlLLM
+        except Exception as exc:  # ImportError, or OSError when the shared library cannot load
+            if backend == "ggml":
+                raise UserError(f"--backend ggml: ggml-python cannot be imported "
+                                f"({type(exc).__name__}: {exc})") from None
+            if not quiet:
+                print(f"notice: ggml-python unavailable ({type(exc).__name__}); using the PyTorch fallback (slower)",
+                      file=sys.stderr)
+        else:
+            kv = {} if kv_type is None else {"kv_type": kv_type}
+            return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack, **kv)
+    return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
+
+
+def qtype_for_this_cpu(gguf_dir: str | os.PathLike, quiet: bool) -> str | None:
+    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.qtype_for_this_cpu: Q4_0 on
+    CPUs whose AMX buffer works); None: find_llm_file's order."""
+    d = Path(gguf_dir)
+    if not d.is_dir():
+        return None
+    available = [q for q in names.QTYPES if (d / names.llm_file_name(q)).is_file()]
+    try:  # lazy, like the ggml backend itself: without ggml-python there is nothing to choose
+        from .ggml_amx import qtype_for_this_cpu as choose
+    except Exception:
+        return None
+    return choose(available, quiet)
+
