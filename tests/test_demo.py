@@ -261,6 +261,17 @@ def test_an_attached_image_is_prepared_while_the_question_is_typed(launch_config
     assert final[-1]["content"] == shown(cold)
 
 
+def test_a_failing_prepare_is_logged_not_raised(tmp_path, caplog):
+    class Failing(Scripted):
+        def prepare(self, messages):
+            raise RuntimeError("ggml graph compute failed with status 1")
+
+    h = Handlers(Failing("ok"), demo_config(), tmp_path)  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="tinygpt.demo.handlers"):
+        assert h.prepare({"text": "", "files": [SHAPES]}, []) is None
+    assert "preparing the attached image failed" in caplog.text and "status 1" in caplog.text
+
+
 def test_a_conversation_longer_than_the_context_is_a_notice(engine, tmp_path):
     h = Handlers(engine, demo_config(), tmp_path)
     _, history = h.add_message({"text": "word " * 1500, "files": []}, [], "none", "")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,8 @@ from .conversation import (
 )
 from .drawing import click_region, region_marks, render_view, view_scale
 from .uploads import check_message_files
+
+log = logging.getLogger(__name__)
 
 EMPTY_MESSAGE = {"text": "", "files": []}  # an explicit empty value: gradio 6.0 keeps None as None
 
@@ -158,6 +161,9 @@ class Handlers:
             self.engine.prepare([*to_openai(list(history or [])),
                                  {"role": "user", "content": [{"type": "image", "image": f} for f in files]}])
         except UserError:
+            return
+        except Exception:  # only a head start: the answer's own call meets (and reports) the same failure
+            log.warning("preparing the attached image failed", exc_info=True)
             return
         self._prepared = key
 
