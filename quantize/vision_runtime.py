@@ -4,7 +4,8 @@ The networks are transformers' Blip2VisionModel / Blip2QFormerModel (the same cl
 the meta device from the file's hyper-parameters and then filled tensor by tensor from the GGUF: every Linear
 becomes a PyTorch dynamic-int8 Linear (per-output-channel symmetric weights, fbgemm kernels), everything else
 fp32. No fp32 copy of the whole model ever exists, and the file's pages behind each tensor are dropped once it is
-copied (quantize.memory.drop_pages), so peak memory stays near the int8 size.
+copied (quantize.memory.drop_pages), so peak memory stays near the int8 size. The int8 rows are cached on disk after
+the first load of a file and read back by the next ones, which then only prepack them (quantize.vision_cache).
 Preprocessing = LAVIS's eval processor: RGB, bicubic resize to image_size x image_size, /255, (x - mean) / std
 with the mean/std stored in the file.
 """
@@ -26,6 +27,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfi
 from tinygpt.errors import UserError
 
 from . import gguf_names as names
+from . import vision_cache
 from .gguf_file import GGUFContents, as_float32, vision_values
 from .memory import drop_pages
 
@@ -45,17 +47,30 @@ def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Ten
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A dynamic-quantized Linear: int8 weights with one scale per output row, fp32 activations in and out."""
-    out_features, in_features = weight.shape
+def per_row_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The quantized (qint8) form of a float weight [out, in]: symmetric, one scale per output row."""
     scale = (weight.abs().amax(dim=1).double() / 127.0).clamp(min=1e-12)
-    zero = torch.zeros(out_features, dtype=torch.long)
+    zero = torch.zeros(weight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # torch 2.13 marks quantized-tensor creation deprecated; the kernels remain
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(weight.float(), scale, zero, 0, torch.qint8)
+
+
+def from_int8_rows(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """per_row_int8's result again from its int8 rows and float64 scales (quantize.vision_cache stores those)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch._make_per_channel_quantized_tensor(rows, scale, torch.zeros(rows.shape[0], dtype=torch.long), 0)
+
+
+def int8_linear(qweight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A dynamic-quantized Linear over a per-row qint8 weight: int8 weights, fp32 activations in and out."""
+    out_features, in_features = qweight.shape
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         # built 1x1 and then given the real weight: the constructor would otherwise prepack a full-size zero weight
         layer = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
         layer.in_features, layer.out_features = in_features, out_features
-        qweight = torch.quantize_per_channel(weight.float(), scale, zero, 0, torch.qint8)
         layer.set_weight_bias(qweight, bias)
     return layer
 
@@ -100,13 +115,28 @@ class VisionEncoder:
         self._linears: list[tuple[nn.Module, str, str, bool]] = []
         self._shapes: dict[str, tuple] = {}
         self._fill(self.root, "", by_torch_name)
-        # the Linear layers (dequantize, requantize per row, prepack: C++ that releases the GIL) on n_threads threads
+        # the Linear layers (dequantize, requantize per row, prepack: C++ that releases the GIL) on n_threads threads;
+        # in int8 mode the int8 rows come from the cache when an earlier load of this file stored them
+        full_names = [job[2] for job in self._linears]
+        cache = vision_cache.cache_file(vision, [by_torch_name[f"{n}.weight"] for n in full_names
+                                                 if f"{n}.weight" in by_torch_name]) if int8 else None
+        self._cached = vision_cache.load(cache, full_names) or {}
+        self._writer = vision_cache.Writer(cache, {n: tuple(self._shapes[n][0]) for n in full_names}) \
+            if cache is not None and not self._cached else None
         workers = max(1, int(n_threads or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            layers = list(pool.map(lambda job: self._linear(job[2], job[3], by_torch_name), self._linears))
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                layers = list(pool.map(lambda job: self._linear(job[2], job[3], by_torch_name), self._linears))
+        except BaseException:
+            if self._writer is not None:
+                self._writer.abort()
+            raise
         for (module, child_name, _, _), layer in zip(self._linears, layers):
             setattr(module, child_name, layer)
+        if self._writer is not None:
+            self._writer.commit()
         self._linears.clear()
+        self._cached, self._writer = {}, None
         unused = sorted(set(by_torch_name) - self._used)
         if unused:
             raise UserError(f"{vision.path}: tensor {by_torch_name[unused[0]]!r} does not fit this vision model "
@@ -127,10 +157,19 @@ class VisionEncoder:
 
     def _linear(self, full: str, has_bias: bool, by_torch_name: dict) -> nn.Module:
         w_shape, b_shape = self._shapes[full]
-        w = self._get(full + ".weight", by_torch_name, w_shape)
         b = self._get(full + ".bias", by_torch_name, b_shape) if has_bias else None
+        if full in self._cached and tuple(self._cached[full][0].shape) == tuple(w_shape):
+            if full + ".weight" not in by_torch_name:
+                raise UserError(f"{self.file.path}: tensor {names.torch_to_gguf_vision(full + '.weight')!r} is missing")
+            self._used.add(full + ".weight")
+            return int8_linear(from_int8_rows(*self._cached[full]), b)
+        w = self._get(full + ".weight", by_torch_name, w_shape)
         if self.int8:
-            return int8_linear(w, b)
+            qweight = per_row_int8(w)
+            del w
+            if self._writer is not None:
+                self._writer.put(full, qweight)
+            return int8_linear(qweight, b)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
         lin.weight = nn.Parameter(w, requires_grad=False)
         if b is not None:

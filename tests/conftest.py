@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the int8 vision cache keeps the newest 2 entries of the user's cache: tests must not evict a real model's entry
+# (tests/test_vision_cache.py turns it on in a temporary cache)
+os.environ.setdefault("TINYGPT_VISION_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,104 @@
+"""The int8 vision tower's cache (quantize.vision_cache): the second load of a file reads its int8 rows instead of
+requantizing and encodes bit for bit the same; a damaged entry is rebuilt; an unwritable cache costs a notice only;
+TINYGPT_VISION_CACHE=0, fp32 mode and files without a model_id write nothing; only the newest entries are kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantize import gguf_names as names
+from quantize import vision_cache
+from quantize import vision_runtime
+from quantize.gguf_file import find_vision_file, open_gguf
+from quantize.random_model import write_random_model
+
+
+@pytest.fixture(scope="module")
+def vision_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair")
+    write_random_model(out, size="tiny", qtype="q4_k", seed=3, progress=False)
+    return find_vision_file(out)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(vision_cache.ENV, "1")
+    return tmp_path / "cache" / "vision-int8"
+
+
+def _encode(path, **kw):
+    encoder = vision_runtime.VisionEncoder(open_gguf(path, names.ARCH_VISION), n_threads=2, **kw)
+    pixels = torch.linspace(-1, 1, 3 * encoder.image_size ** 2).reshape(1, 3, encoder.image_size, -1)
+    return encoder.encode_pixels(pixels)
+
+
+def test_the_second_load_reads_the_int8_rows_and_encodes_the_same(vision_file, cache_dir, monkeypatch):
+    first = _encode(vision_file)
+    entries = list(cache_dir.glob("*.safetensors"))
+    assert len(entries) == 1 and not list(cache_dir.glob(".*.tmp"))
+
+    def no_requantizing(weight):
+        raise AssertionError("requantized although the cache holds the rows")
+
+    monkeypatch.setattr(vision_runtime, "per_row_int8", no_requantizing)
+    assert np.array_equal(_encode(vision_file), first)
+    monkeypatch.undo()
+    # a damaged entry (cut short) is rebuilt, and the rebuilt entry serves again
+    monkeypatch.setenv("TINYGPT_CACHE", str(cache_dir.parent))
+    monkeypatch.setenv(vision_cache.ENV, "1")
+    entries[0].write_bytes(entries[0].read_bytes()[:1000])
+    assert np.array_equal(_encode(vision_file), first)
+    assert entries[0].stat().st_size > 1000
+    monkeypatch.setattr(vision_runtime, "per_row_int8", no_requantizing)
+    assert np.array_equal(_encode(vision_file), first)
+
+
+def test_nothing_is_written_when_off_in_fp32_mode_or_unwritable(vision_file, cache_dir, monkeypatch, capsys):
+    monkeypatch.setenv(vision_cache.ENV, "0")
+    _encode(vision_file)
+    _encode(vision_file, int8=False)
+    assert not cache_dir.exists()
+    monkeypatch.setenv(vision_cache.ENV, "1")
+    _encode(vision_file, int8=False)
+    assert not cache_dir.exists()
+    cache_dir.parent.mkdir(parents=True)
+    cache_dir.write_text("a file where the cache directory should be")
+    out = _encode(vision_file)
+    assert np.isfinite(out).all()
+    assert capsys.readouterr().err.count("notice: the int8 vision tower was not cached") == 1
+
+
+def test_a_failed_build_leaves_no_entry(vision_file, cache_dir, monkeypatch):
+    from tinygpt.errors import UserError
+    real_get = vision_runtime.VisionEncoder._get
+
+    def broken(self, torch_name, by_torch_name, shape):
+        if torch_name.endswith("fc2.weight"):
+            raise UserError("tensor 'v.enc.1.fc2.weight' is missing")
+        return real_get(self, torch_name, by_torch_name, shape)
+
+    monkeypatch.setattr(vision_runtime.VisionEncoder, "_get", broken)
+    with pytest.raises(UserError, match="is missing"):
+        _encode(vision_file)
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_no_model_id_no_entry_and_only_the_newest_entries_are_kept(vision_file, cache_dir, monkeypatch):
+    f = open_gguf(vision_file, names.ARCH_VISION)
+    linear = [n for n in f.tensors if n.endswith(".weight") and len(f.tensors[n].shape) == 2]
+    assert vision_cache.cache_file(f, linear).parent == cache_dir
+    monkeypatch.setattr(f, "metadata", {k: v for k, v in f.metadata.items() if k != names.VISION_MODEL_ID})
+    assert vision_cache.cache_file(f, linear) is None
+    weight = vision_runtime.per_row_int8(torch.randn(4, 8))
+    for k in range(vision_cache.KEEP + 2):
+        writer = vision_cache.Writer(cache_dir / f"entry{k}.safetensors", {"layer": (4, 8)})
+        writer.put("layer", weight)
+        writer.commit()
+    kept = sorted(p.name for p in cache_dir.glob("*.safetensors"))
+    assert len(kept) == vision_cache.KEEP and f"entry{vision_cache.KEEP + 1}.safetensors" in kept
+    rows, scales = vision_cache.load(cache_dir / kept[-1], ["layer"])["layer"]
+    assert torch.equal(rows, weight.int_repr()) and torch.equal(scales, weight.q_per_channel_scales())
+    assert vision_cache.load(cache_dir / kept[-1], ["layer", "another"]) is None
