@@ -85,7 +85,8 @@ def stock_available() -> bool:
     return True
 
 
-_ROWS = (("load (s)", "load_s", "{:.2f}"), ("image encode, int8 (s)", "image_s", "{:.2f}"),
+_ROWS = (("load (s)", "load_s", "{:.2f}"), ("  vision int8 cache", "vision_cache", "{}"),
+         ("image encode, int8 (s)", "image_s", "{:.2f}"),
          ("first token, image+question (s)", "ttft_s", "{:.2f}"),
          ("image attached first: prepare (s)", "prepare_s", "{:.2f}"),
          ("  then first token, question (s)", "ttft_attached_s", "{:.2f}"),

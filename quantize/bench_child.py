@@ -77,6 +77,8 @@ def ours(args: dict, queue) -> None:
             llm = load_language_model(f, args["backend"], args["ctx"], args["threads"], quiet=True, **switches)
             session = ChatSession(llm=llm, tokenizer=load_tokenizer(f), fmt=chat_format(f))
         out["load_s"] = time.perf_counter() - t0
+        if session.vision is not None:  # the load time depends on it (quantize.vision_cache)
+            out["vision_cache"] = session.vision.cache_state
         layout = ", AMX" if getattr(session.llm, "in_amx", 0) else ""  # quantize.ggml_amx
         out["engine"] = f"ours ({type(session.llm).__name__}, {session.llm.file.path.name}{layout})"
         out["file"] = str(session.llm.file.path)

@@ -115,9 +115,10 @@ class Writer:
         except OSError as exc:
             self._fail(exc)
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
+        """Whether the entry is now in place."""
         if self._fd is None:
-            return
+            return False
         try:
             os.ftruncate(self._fd, self._data_start + self._size)
             os.close(self._fd)
@@ -131,6 +132,7 @@ class Writer:
                     stale.unlink(missing_ok=True)
         except OSError as exc:
             self._fail(exc)
+        return self.path.is_file()
 
     def abort(self) -> None:
         """Drop the unfinished entry (the build failed)."""

@@ -121,6 +121,8 @@ class VisionEncoder:
         cache = vision_cache.cache_file(vision, [by_torch_name[f"{n}.weight"] for n in full_names
                                                  if f"{n}.weight" in by_torch_name]) if int8 else None
         self._cached = vision_cache.load(cache, full_names) or {}
+        # what the int8 cache did for this load: "read", "written", or "off" (fp32 mode, turned off, no model_id)
+        self.cache_state = "read" if self._cached else "written" if cache is not None else "off"
         self._writer = vision_cache.Writer(cache, {n: tuple(self._shapes[n][0]) for n in full_names}) \
             if cache is not None and not self._cached else None
         workers = max(1, int(n_threads or 1))
@@ -134,7 +136,8 @@ class VisionEncoder:
         for (module, child_name, _, _), layer in zip(self._linears, layers):
             setattr(module, child_name, layer)
         if self._writer is not None:
-            self._writer.commit()
+            if not self._writer.commit():
+                self.cache_state = "off"
         self._linears.clear()
         self._cached, self._writer = {}, None
         unused = sorted(set(by_torch_name) - self._used)

@@ -26,7 +26,8 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     assert bandwidth.startswith("read bandwidth, 2 threads: ") and float(bandwidth.split()[4]) > 0
     assert "llm-q8_0.gguf" in header and header.count("GgmlLLM") + header.count("TorchLLM") == 2
     names = [row[:34].strip() for row in rows]
-    for name in ("load (s)", "image encode, int8 (s)", "first token, image+question (s)", "prefill (tok/s)",
+    for name in ("load (s)", "vision int8 cache", "image encode, int8 (s)", "first token, image+question (s)",
+                 "image attached first: prepare (s)", "then first token, question (s)", "prefill (tok/s)",
                  "decode (ms/token)", "decode, best step (ms)", "decode (tok/s)", "roofline (ms/token)",
                  "share of the roofline", "share of the roofline, best step", "kernel floor, cached weights (ms)",
                  "share of max(roofline, kernel)", "peak RSS (GB)"):
@@ -43,6 +44,10 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     assert len(rate) == 1 and float(rate[0].split("layout): ")[1].split()[0]) > 0  # one file type, measured once
     decode = rows[names.index("decode (ms/token)")].split()
     assert all(float(v) > 0 for v in decode[-2:])  # both engines measured
+    assert rows[names.index("vision int8 cache")].split()[-2:] == ["off", "-"]  # tests keep it off (conftest)
+    cold, attached = (float(rows[names.index(n)].split()[-2]) for n in ("first token, image+question (s)",
+                                                                          "then first token, question (s)"))
+    assert 0 < attached < cold  # only the question's tokens after the image was prepared
     shares = rows[names.index("share of the roofline")].split()[-2:]
     assert all(s.endswith("%") and float(s[:-1]) >= 0 for s in shares)  # tiny weights: a floor of microseconds
     assert "skipping the stock llama.cpp column" in err

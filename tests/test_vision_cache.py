@@ -29,14 +29,16 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache" / "vision-int8"
 
 
-def _encode(path, **kw):
+def _encode(path, cache_state=None, **kw):
     encoder = vision_runtime.VisionEncoder(open_gguf(path, names.ARCH_VISION), n_threads=2, **kw)
+    if cache_state is not None:
+        assert encoder.cache_state == cache_state
     pixels = torch.linspace(-1, 1, 3 * encoder.image_size ** 2).reshape(1, 3, encoder.image_size, -1)
     return encoder.encode_pixels(pixels)
 
 
 def test_the_second_load_reads_the_int8_rows_and_encodes_the_same(vision_file, cache_dir, monkeypatch):
-    first = _encode(vision_file)
+    first = _encode(vision_file, "written")
     entries = list(cache_dir.glob("*.safetensors"))
     assert len(entries) == 1 and not list(cache_dir.glob(".*.tmp"))
 
@@ -44,13 +46,13 @@ def test_the_second_load_reads_the_int8_rows_and_encodes_the_same(vision_file, c
         raise AssertionError("requantized although the cache holds the rows")
 
     monkeypatch.setattr(vision_runtime, "per_row_int8", no_requantizing)
-    assert np.array_equal(_encode(vision_file), first)
+    assert np.array_equal(_encode(vision_file, "read"), first)
     monkeypatch.undo()
     # a damaged entry (cut short) is rebuilt, and the rebuilt entry serves again
     monkeypatch.setenv("TINYGPT_CACHE", str(cache_dir.parent))
     monkeypatch.setenv(vision_cache.ENV, "1")
     entries[0].write_bytes(entries[0].read_bytes()[:1000])
-    assert np.array_equal(_encode(vision_file), first)
+    assert np.array_equal(_encode(vision_file, "written"), first)
     assert entries[0].stat().st_size > 1000
     monkeypatch.setattr(vision_runtime, "per_row_int8", no_requantizing)
     assert np.array_equal(_encode(vision_file), first)
@@ -58,15 +60,15 @@ def test_the_second_load_reads_the_int8_rows_and_encodes_the_same(vision_file, c
 
 def test_nothing_is_written_when_off_in_fp32_mode_or_unwritable(vision_file, cache_dir, monkeypatch, capsys):
     monkeypatch.setenv(vision_cache.ENV, "0")
-    _encode(vision_file)
-    _encode(vision_file, int8=False)
+    _encode(vision_file, "off")
+    _encode(vision_file, "off", int8=False)
     assert not cache_dir.exists()
     monkeypatch.setenv(vision_cache.ENV, "1")
-    _encode(vision_file, int8=False)
+    _encode(vision_file, "off", int8=False)
     assert not cache_dir.exists()
     cache_dir.parent.mkdir(parents=True)
     cache_dir.write_text("a file where the cache directory should be")
-    out = _encode(vision_file)
+    out = _encode(vision_file, "off")
     assert np.isfinite(out).all()
     assert capsys.readouterr().err.count("notice: the int8 vision tower was not cached") == 1
 
@@ -96,7 +98,7 @@ def test_no_model_id_no_entry_and_only_the_newest_entries_are_kept(vision_file, 
     for k in range(vision_cache.KEEP + 2):
         writer = vision_cache.Writer(cache_dir / f"entry{k}.safetensors", {"layer": (4, 8)})
         writer.put("layer", weight)
-        writer.commit()
+        assert writer.commit()
     kept = sorted(p.name for p in cache_dir.glob("*.safetensors"))
     assert len(kept) == vision_cache.KEEP and f"entry{vision_cache.KEEP + 1}.safetensors" in kept
     rows, scales = vision_cache.load(cache_dir / kept[-1], ["layer"])["layer"]
