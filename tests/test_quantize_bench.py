@@ -45,9 +45,9 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     decode = rows[names.index("decode (ms/token)")].split()
     assert all(float(v) > 0 for v in decode[-2:])  # both engines measured
     assert rows[names.index("vision int8 cache")].split()[-2:] == ["off", "-"]  # tests keep it off (conftest)
-    cold, attached = (float(rows[names.index(n)].split()[-2]) for n in ("first token, image+question (s)",
-                                                                          "then first token, question (s)"))
-    assert 0 < attached < cold  # only the question's tokens after the image was prepared
+    for name in ("first token, image+question (s)", "image attached first: prepare (s)",
+                 "then first token, question (s)"):  # measured for ours on the modified pair, not for the plain file
+        assert float(rows[names.index(name)].split()[-2]) > 0 and rows[names.index(name)].split()[-1] == "-"
     shares = rows[names.index("share of the roofline")].split()[-2:]
     assert all(s.endswith("%") and float(s[:-1]) >= 0 for s in shares)  # tiny weights: a floor of microseconds
     assert "skipping the stock llama.cpp column" in err
