@@ -23,11 +23,11 @@ import time
 import numpy as np
 
 from . import gguf_names as names
+from .engine_choice import load_language_model
 from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
 from .llama_cpp_backend import LlamaCppLLM
 from .memory import huge_page_array
 from .sampler import SamplingParams
-from .engine_choice import load_language_model
 from .session import ChatSession, open_session
 
 QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "

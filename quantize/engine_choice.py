@@ -52,15 +52,14 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
 
 
 def qtype_for_this_cpu(gguf_dir: str | os.PathLike, quiet: bool) -> str | None:
-    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.qtype_for_this_cpu: Q4_0 on
+    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.preferred_qtype: Q4_0 on
     CPUs whose AMX buffer works); None: find_llm_file's order."""
     d = Path(gguf_dir)
     if not d.is_dir():
         return None
     available = [q for q in names.QTYPES if (d / names.llm_file_name(q)).is_file()]
     try:  # lazy, like the ggml backend itself: without ggml-python there is nothing to choose
-        from .ggml_amx import qtype_for_this_cpu as choose
+        from .ggml_amx import preferred_qtype
     except Exception:
         return None
-    return choose(available, quiet)
-
+    return preferred_qtype(available, quiet)

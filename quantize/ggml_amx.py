@@ -125,7 +125,7 @@ def amx_tiles_work() -> bool:
     return works
 
 
-def qtype_for_this_cpu(available: list[str], quiet: bool = False) -> str | None:
+def preferred_qtype(available: list[str], quiet: bool = False) -> str | None:
     """Which of the exported LLM types (`available`, e.g. ["q4_k", "q4_0"]) to load when none was asked for: "q4_0"
     where ggml's AMX buffer works (Q4_0 streams at the memory bandwidth through it, Q4_K does not: 54.8 against 89.8 ms
     per full-size token on a 2-core AMX Xeon, docs/benchmarks.md), else None (the usual order, Q4_K first). On such a
@@ -138,4 +138,3 @@ def qtype_for_this_cpu(available: list[str], quiet: bool = False) -> str | None:
         print("notice: this CPU runs Q4_0 through ggml's AMX buffer about 1.6x faster than Q4_K; export with "
               "--qtype q4_0 into the same directory and the runtime picks it", file=sys.stderr)
     return None
-

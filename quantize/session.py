@@ -352,4 +352,3 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
                           sampling=sampling or SamplingParams())
     session.warm_up()
     return session
-

@@ -4,14 +4,14 @@ Building the int8 vision tower (quantize.vision_runtime) dequantises every Q8_0 
 requantises it with one scale per output row: two thirds of the tower's build time (full size: 7.6 s of the 11 s
 that opening a session takes on a 2-core Zen 4, docs/benchmarks.md). The result depends only on the file, so the
 first load writes the int8 rows and their scales to one safetensors file under the tinygpt cache, and every later
-load of the same file reads them back (memory-mapped) and only prepacks them for fbgemm.
+load of the same file reads them back and only prepacks them for fbgemm.
 
 Contract:
   * the key is the file's model_id (a hash of the exported model's content), its size and every Linear weight's name,
     type and shape: another export, another type or a file of another shape is another entry; a file without a
     model_id is never cached;
   * `load` returns {torch layer name: (int8 [out, in], float64 scales [out])} or None (missing, unreadable, or not
-    holding every layer asked for: the caller rebuilds, and `save` then replaces the entry);
+    holding every layer asked for: the caller rebuilds, and a `Writer` then replaces the entry);
   * `Writer` streams a new entry (safetensors format) into a temporary file while the layers are built and renames it
     into place when all are written (a crash never leaves a half-written entry under the real name); it keeps the
     KEEP newest entries, and a failure (read-only or full disk) costs only a one-line notice;
@@ -73,7 +73,7 @@ def load(path: Path | None, layers: list[str]) -> dict[str, tuple[torch.Tensor, 
         return None
     if any(w.dtype != torch.int8 or s.dtype != torch.float64 or s.shape != w.shape[:1] for w, s in out.values()):
         return None
-    os.utime(path)  # most recently used: kept by the pruning in save()
+    os.utime(path)  # most recently used: kept by the pruning in Writer.commit()
     return out
 
 
