@@ -47,7 +47,8 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     assert rows[names.index("vision int8 cache")].split()[-2:] == ["off", "-"]  # tests keep it off (conftest)
     for name in ("first token, image+question (s)", "image attached first: prepare (s)",
                  "then first token, question (s)"):  # measured for ours on the modified pair, not for the plain file
-        assert float(rows[names.index(name)].split()[-2]) > 0 and rows[names.index(name)].split()[-1] == "-"
+        # (a number: on the tiny model a step can print as 0.00 s)
+        assert float(rows[names.index(name)].split()[-2]) >= 0 and rows[names.index(name)].split()[-1] == "-"
     shares = rows[names.index("share of the roofline")].split()[-2:]
     assert all(s.endswith("%") and float(s[:-1]) >= 0 for s in shares)  # tiny weights: a floor of microseconds
     assert "skipping the stock llama.cpp column" in err
