@@ -8,12 +8,16 @@
 #
 #   bash experiments/ggml_variant.sh avx2                # build, then the runtime's tests on AVX2 kernels
 #   bash experiments/ggml_variant.sh avx512 -- python -m quantize bench --gguf gguf-full    # then this command too
+#   DIR=build/ggml-avx2 bash experiments/ggml_variant.sh avx2 --build-only   # only build (tests/test_ggml_levels.py)
 #
 # LEVEL: avx2 (AVX, AVX2, FMA, F16C, BMI2), avx512 (avx2 + AVX-512 F/BW/VL/DQ, VBMI, VNNI, BF16), native (the lock's
-# build). The sdist is requirements.lock's ggml-python, from .whl/ when it is there, else downloaded by pip.
+# build). The sdist is requirements.lock's ggml-python: $SDIST when set, else from .whl/ when it is there, else
+# downloaded by pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LEVEL=${1:?usage: ggml_variant.sh avx2|avx512|native [-- command ...]}; shift
+LEVEL=${1:?usage: ggml_variant.sh avx2|avx512|native [--build-only] [-- command ...]}; shift
+BUILD_ONLY=0
+[ "${1:-}" = "--build-only" ] && BUILD_ONLY=1 && shift
 [ "${1:-}" = "--" ] && shift
 PY=${PY:-.venv/bin/python}
 DIR=${DIR:-$(mktemp -d)/ggml-$LEVEL}
@@ -28,7 +32,7 @@ case $LEVEL in
 esac
 SETTINGS=()
 for d in $DEFS; do SETTINGS+=("--config-settings=cmake.define.$d"); done
-SDIST=$(ls .whl/ggml_python-"${PIN#ggml-python==}".tar.gz 2>/dev/null || true)
+SDIST=${SDIST:-$(ls .whl/ggml_python-"${PIN#ggml-python==}".tar.gz 2>/dev/null || true)}
 WORK=$(mktemp -d)
 if [ -z "$SDIST" ]; then
   $PY -m pip download -q --no-deps --no-binary :all: -d "$WORK" "$PIN"
@@ -42,6 +46,7 @@ rm -rf "$DIR"
 $PY -m pip install -q --no-deps --no-index --target "$DIR" "$WORK"/wheel/ggml_python-*.whl
 rm -rf "$WORK"
 echo "built into $DIR (use it with PYTHONPATH=$DIR)"
+[ $BUILD_ONLY = 1 ] && exit 0
 export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import ggml; from quantize import bench_roofline as r; print('ggml from', ggml.__file__); print(r.ggml_features())"
 $PY -m pytest -p no:cacheprovider tests/test_runtime_llm.py tests/test_ggml_repack.py tests/test_ggml_layouts.py \
