@@ -5,9 +5,13 @@ Contract:
     matmul weights of a type ggml can repack (Q4_0, Q4_K) are copied into ggml's CPU_REPACK buffer (interleaved
     layout with GEMM kernels for prefill); with amx too (quantize.ggml_amx decides whether this build may), those of
     the AMX_TYPES go to ggml's AMX buffer instead (AVX-512 VNNI GEMV for one token, AMX tiles for several);
-    everything else points straight into the file's memory map. `repacked` / `in_amx` count the copied weights,
+    the 1-D F32 tensors (biases, norm weights) are copied, in file order, into one array; everything else points
+    straight into the file's memory map. `repacked` / `in_amx` / `packed` count the copied tensors,
     `huge_pages` says whether the kernel took the advice to back the copies with 2 MiB pages. `close()` frees the
     ggml side (the memory map belongs to the file).
+  * Packed small tensors: a full-size step reads ~350 of them (~4 MB), each a few KiB somewhere in the 1.5 GB map;
+    together in one array on huge pages a step takes ~0.3 ms less (41.3 against 41.6 ms on the 2-core EPYC, median
+    of interleaved rounds).
   * Huge pages: a decode step streams every weight once (~1.5 GB at full size). With 4 KiB pages that is ~370,000
     TLB misses per token, and ggml's Q4_K kernels do not keep enough loads in flight to hide them: on a 2-core Xeon
     with AVX-512/AMX the step ran 1.5x slower than with 2 MiB pages (docs/gguf-runtime.md, "Huge pages"). So the
@@ -20,11 +24,13 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
+
 import ggml  # ggml-python: only quantize.ggml_llm (itself imported lazily) imports this module
 
 from tinygpt.errors import UserError
 
-from .memory import advise_huge_pages, drop_pages
+from .memory import advise_huge_pages, drop_pages, huge_page_array
 
 _REPACK_TYPES = (ggml.GGML_TYPE_Q4_0, ggml.GGML_TYPE_Q4_K)  # other types crash ggml 0.15's CPU_REPACK buffer
 # where ggml's AMX buffer beats the repacked layout: Q4_0 (57 vs 141 ms per full-size token); Q4_K is no faster there
@@ -59,6 +65,11 @@ def extra_buffer_types(backend) -> dict[str, object]:
     return found
 
 
+def packable(name: str, tensor_type: int, ne: list[int]) -> bool:
+    """A bias or norm weight (a 1-D F32 tensor): GgmlWeights copies these together into one buffer."""
+    return tensor_type == ggml.GGML_TYPE_F32 and len(ne) == 1
+
+
 def weight_layouts(backend, repack: bool, amx: bool) -> dict[str, tuple[object, object]]:
     """Layout name -> (buffer type or None, fits(name, type, ne)) a weight may be copied into, preferred first."""
     extra = extra_buffer_types(backend) if repack else {}
@@ -89,6 +100,7 @@ class GgmlWeights:
         self.w: dict[str, object] = {}
         self.huge_pages = False
         copies: dict[str, list] = {name: [] for name in layouts}
+        small: list = []
         for name, t in tensors.items():
             ne = [int(x) for x in t.shape.tolist()]
             layout = pick_layout(layouts, name, int(t.tensor_type), ne)
@@ -100,14 +112,18 @@ class GgmlWeights:
                                 f"{ggml.ggml_nbytes(gt)}")
             if layout:
                 copies[layout].append((gt, t.data))
+            elif packable(name, int(t.tensor_type), ne):
+                small.append((gt, t.data))
             else:
                 gt.contents.data = t.data.ctypes.data  # the memory map stays alive through file.reader
             self.w[name] = gt
         for layout, todo in copies.items():
             if todo:
                 self._copy(file, self._copy_ctx[layout], layouts[layout][0], todo)
+        self._small = self._pack(file, small)
         self.repacked = len(copies["CPU_REPACK"])
         self.in_amx = len(copies.get("AMX", ()))
+        self.packed = len(small)
 
     def _copy(self, file, ctx, buft, todo) -> None:
         buffer = ggml.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
@@ -121,10 +137,26 @@ class GgmlWeights:
             ggml.ggml_backend_tensor_set(gt, data.ctypes.data, 0, data.nbytes)
             drop_pages(file.reader, data)  # the copy replaces the file's pages in memory
 
+    def _pack(self, file, todo) -> np.ndarray:
+        """Copy the small tensors of todo, in order and 64-byte aligned, into one huge-page-advised array (kept alive by
+        the caller) and point their ggml tensors at it."""
+        offsets, end = [], 0
+        for _, data in todo:
+            offsets.append(end)
+            end += -(-data.nbytes // 64) * 64
+        packed, advised = huge_page_array(max(end, 64))
+        self.huge_pages |= advised
+        for (gt, data), offset in zip(todo, offsets):
+            packed[offset:offset + data.nbytes] = np.frombuffer(data, np.uint8)
+            gt.contents.data = packed.ctypes.data + offset
+            drop_pages(file.reader, data)
+        return packed
+
     def close(self) -> None:
         for buffer in self._buffers:
             ggml.ggml_backend_buffer_free(buffer)
         self._buffers = []
+        self._small = None
         for ctx in [self._ctx, *self._copy_ctx.values()]:
             if ctx is not None:
                 ggml.ggml_free(ctx)

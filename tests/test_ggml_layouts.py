@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -126,3 +127,27 @@ def test_amx_buffer_single_token_matmul_matches_the_repacked_layout(tmp_path):
     result = _amx_matmul(tmp_path, rows=1)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "relative difference" in result.stdout
+
+
+def test_biases_and_norm_weights_are_packed_into_one_array(tmp_path):
+    from quantize.ggml_llm import GgmlLLM
+    from quantize.gguf_file import find_llm_file, open_gguf
+    from quantize.random_model import write_random_model
+
+    write_random_model(tmp_path, size="tiny", qtype="q4_k", seed=6, progress=False)
+    f = open_gguf(find_llm_file(tmp_path, "q4_k"), "phi2")
+    small = [n for n, t in f.tensors.items() if int(t.tensor_type) == ggml.GGML_TYPE_F32 and len(t.shape) == 1]
+    assert any(n.endswith(".bias") for n in small) and any(n.endswith("norm.weight") for n in small)
+    llm = GgmlLLM(f, n_ctx=32)
+    packed = llm.weights._small
+    assert llm.weights.packed == len(small)
+    start, end = packed.ctypes.data, packed.ctypes.data + packed.nbytes
+    for name in small:
+        t, data = llm.w[name], f.tensors[name].data
+        assert start <= t.contents.data < end and (t.contents.data - start) % 64 == 0, name
+        got = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(t.contents.data))
+        assert np.array_equal(got, np.frombuffer(data, np.uint8)), name
+    # everything else is where it was: matmul weights repacked, the embedding table in the file's map
+    embd = "token_embd.weight"
+    assert llm.repacked > 0 and llm.w[embd].contents.data == f.tensors[embd].data.ctypes.data
+    llm.close()
