@@ -2,10 +2,11 @@
 
 Weights are the GGUF file's own bytes: each ggml weight tensor points into the file's memory map (quantized
 tensors stay raw Q4_K/Q4_0/Q8_0 blocks and run through ggml's quantized kernels; nothing is dequantized).
-The KV cache lives in persistent ggml tensors, K and V each [head_dim, n_ctx, n_heads] per layer (head-major: one
-head's positions are contiguous, so attention streams each head's keys and values instead of striding across rows
-of all heads), so one step only builds a small graph description and writes its inputs. Attention is ggml's fused
-flash attention (ggml_flash_attn_ext: scores, mask, softmax and the weighted sum of V in one op per layer; F16 mask).
+The KV cache lives in persistent ggml tensors, K and V each [head_dim, capacity, n_heads] per layer (head-major: one
+head's positions are contiguous, so attention streams each head's keys and values instead of striding across rows of all
+heads; the capacity grows with the positions used, up to n_ctx: quantize.ggml_kv_cache), so one step only builds a small
+graph description and writes its inputs. Attention is ggml's fused flash attention (ggml_flash_attn_ext: scores, mask,
+softmax and the weighted sum of V in one op per layer; F16 mask).
 
 Single-token steps reuse a cached graph (quantize.ggml_decode_graph): it attends to a fixed bucket of cache
 positions (masked past n_past) and writes K/V through index inputs, so a step only copies its inputs in and computes.
@@ -43,6 +44,7 @@ from tinygpt.errors import UserError
 
 from .ggml_amx import amx_tiles_work
 from .ggml_decode_graph import DecodeGraph, decode_graph_key
+from .ggml_kv_cache import KVCache
 from .ggml_moe import routed_ffn
 from .ggml_weights import AMX_TYPES, GgmlWeights
 from .gguf_file import GGUFContents, LLMHyperParams, llm_hyperparams
@@ -81,7 +83,7 @@ class GgmlLLM(LLMBackend):
     kv_type: "f32" (default) or "f16" cache. ggml's flash attention accumulates V in the cache's type and converts every
     F16 row it reads; with the 80-wide heads of Phi-2 an F32 cache makes attention ~2x faster (7.9 vs 16.2 ms per
     full-size step at 64 positions, one thread) and keeps F32 accuracy, for twice the cache memory (0.66 MB per
-    position at full size; pages are touched only as positions are used)."""
+    position at full size; the cache grows with the positions used, quantize.ggml_kv_cache)."""
 
     def __init__(self, llm: GGUFContents, n_ctx: int | None = None, n_threads: int = 2, n_batch: int = 256,
                  kv_type: str = "f32", decode_graph: bool = True, repack: bool = True, amx: bool | None = None):
@@ -101,7 +103,7 @@ class GgmlLLM(LLMBackend):
         ggml.ggml_backend_cpu_set_n_threads(self.cpu_backend, self.n_threads)
         # the binding of ggml_backend_cpu_buffer_type truncates the pointer; ask the backend instead
         self._galloc = ggml.ggml_gallocr_new(ggml.ggml_backend_get_default_buffer_type(self.cpu_backend))
-        self._kv_ctx = None
+        self.kv = None
         self.decode_graph = bool(decode_graph)
         self._decode: DecodeGraph | None = None
         # weights: the file's tensors, matmul weights repacked (quantize.ggml_weights: layouts, huge pages)
@@ -111,25 +113,23 @@ class GgmlLLM(LLMBackend):
         self.weights = GgmlWeights(llm, self.cpu_backend, bool(repack), amx=bool(amx))
         self.w = self.weights.w
         self.repacked, self.in_amx = self.weights.repacked, self.weights.in_amx
-        self._alloc_kv(_KV_TYPES[kv_type])
+        self.kv = KVCache(self.hp.n_layers, self.hp.head_dim, self.hp.n_heads, self.n_ctx, _KV_TYPES[kv_type])
 
     # ------------------------------------------------------------------------------------------ setup
-    def _alloc_kv(self, kv_type: int) -> None:
-        hp = self.hp
-        per_tensor = ggml.ggml_row_size(kv_type, hp.hidden_size * self.n_ctx)
-        D, NH = hp.head_dim, hp.n_heads
-        size = 2 * hp.n_layers * (per_tensor + 64) + (2 * hp.n_layers + 4) * ggml.ggml_tensor_overhead()
-        # zero-filled (calloc: pages stay untouched until written), because a decode graph also reads cache rows past
-        # n_past under a -inf mask, and 0 * NaN from uninitialised memory would poison the output
-        self._kv_buf = np.zeros(size + 64, np.uint8)
-        start = -self._kv_buf.ctypes.data % 64
-        self._kv_ctx = ggml.ggml_init(ggml.ggml_init_params(
-            mem_size=size, mem_buffer=self._kv_buf[start:].ctypes.data, no_alloc=False))
-        self.k_cache, self.v_cache = [], []
-        for _ in range(hp.n_layers):
-            self.k_cache.append(ggml.ggml_new_tensor_3d(self._kv_ctx, kv_type, D, self.n_ctx, NH))
-            self.v_cache.append(ggml.ggml_new_tensor_3d(self._kv_ctx, kv_type, D, self.n_ctx, NH))
-        self.kv_bytes = 2 * hp.n_layers * per_tensor
+    @property
+    def k_cache(self) -> list:
+        return self.kv.k
+
+    @property
+    def v_cache(self) -> list:
+        return self.kv.v
+
+    def _reserve_kv(self, n_positions: int) -> None:
+        """Room in the KV cache for positions 0..n_positions-1; a cache that had to grow has new tensors, so the cached
+        decode graph (built on the old ones) goes."""
+        if self.kv.reserve(n_positions) and self._decode is not None:
+            self._decode.close()
+            self._decode = None
 
     def close(self) -> None:
         if getattr(self, "_decode", None) is not None:
@@ -141,9 +141,9 @@ class GgmlLLM(LLMBackend):
         if getattr(self, "weights", None) is not None:
             self.weights.close()
             self.weights = None
-        if getattr(self, "_kv_ctx", None) is not None:
-            ggml.ggml_free(self._kv_ctx)
-            self._kv_ctx = None
+        if getattr(self, "kv", None) is not None:
+            self.kv.close()
+            self.kv = None
         if self.cpu_backend is not None:
             ggml.ggml_backend_free(self.cpu_backend)
             self.cpu_backend = None
@@ -185,6 +185,7 @@ class GgmlLLM(LLMBackend):
             raise UserError(f"context length exceeded: {self.n_past} cached + {n} new > n_ctx {self.n_ctx}")
         self.image_flags[self.n_past:self.n_past + n] = rows is not None
         if n == 1 and self.decode_graph:
+            self._reserve_kv(self.n_past + 1)
             key = decode_graph_key(self, ids is not None)
             if self._decode is None or self._decode.key != key:
                 if self._decode is not None:
@@ -226,6 +227,7 @@ class GgmlLLM(LLMBackend):
         quantize.profile_ops computes it node by node."""
         n = len(ids) if ids is not None else rows.shape[0]
         n_kv = self.n_past + n
+        self._reserve_kv(n_kv)
         meta, gf = self.new_graph()
         try:
             inputs, out = self.build_graph(meta, gf, n, n_kv, ids is not None, want_logits, all_logits)

@@ -1,11 +1,12 @@
 """Memory advice for large, long-lived buffers (Linux transparent huge pages).
 
-Contract: `advise_huge_pages(address, size)` asks the kernel (madvise MADV_HUGEPAGE) to back the 2 MiB-aligned part
-of [address, address + size) with 2 MiB pages, and says whether the advice was taken. Call it before the buffer is
-first written, so its pages are born huge. It is a no-op returning False off Linux, where transparent huge pages are
-"never", for a range holding no whole 2 MiB page, or with TINYGPT_GGML_HUGE_PAGES=0 in the environment.
-`huge_page_array(nbytes)` returns an advised, untouched uint8 array of nbytes, 2 MiB-aligned where the advice is
-taken. `drop_pages(mm, data)` tells the kernel the file pages behind `data` (a view of the np.memmap `mm`) are no
+Contract: `advise_huge_pages(address, size)` asks the kernel (madvise MADV_HUGEPAGE) to back the 2 MiB-aligned part of
+[address, address + size) with 2 MiB pages, and says whether the advice was taken. Call it before the buffer is first
+written, so its pages are born huge. It is a no-op returning False off Linux, where transparent huge pages are "never",
+for a range holding no whole 2 MiB page, or with TINYGPT_GGML_HUGE_PAGES=0 in the environment. `huge_page_array(nbytes)`
+returns an advised, untouched, zero-filled uint8 array of nbytes, 2 MiB-aligned where the advice is taken.
+`release_pages(array)` gives the whole pages inside an anonymous array back to the kernel (they read as zeros
+afterwards). `drop_pages(mm, data)` tells the kernel the file pages behind `data` (a view of the np.memmap `mm`) are no
 longer needed, once a copy of them exists (repacked LLM weights, the vision tower's int8 layers): they leave the
 process's resident set. No dependency beyond numpy and ctypes (the bench's bandwidth probe uses it without ggml).
 """
@@ -36,8 +37,9 @@ def advise_huge_pages(address: int, size: int) -> bool:
 
 
 def huge_page_array(nbytes: int) -> tuple[np.ndarray, bool]:
-    """(an untouched uint8 array of nbytes starting on a 2 MiB boundary, whether the huge-page advice was taken)."""
-    raw = np.empty(nbytes + HUGE_PAGE, np.uint8)  # large: mmap'd by malloc, pages untouched until written
+    """(an untouched, zero-filled uint8 array of nbytes starting on a 2 MiB boundary, whether the huge-page advice was
+    taken)."""
+    raw = np.zeros(nbytes + HUGE_PAGE, np.uint8)  # calloc: large ones are fresh mmap'd pages, untouched until written
     start = -raw.ctypes.data % HUGE_PAGE
     view = raw[start:start + nbytes]
     return view, advise_huge_pages(view.ctypes.data, view.nbytes)
@@ -53,3 +55,17 @@ def drop_pages(mm: np.memmap, data: np.ndarray) -> None:
     last = (start + data.nbytes) // page * page
     if last > first:
         raw.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """MADV_DONTNEED on the whole pages inside `array` (anonymous memory, e.g. from huge_page_array): they leave the
+    resident set now instead of when the array is freed. No-op off Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    first = -(-array.ctypes.data // page) * page
+    last = (array.ctypes.data + array.nbytes) // page * page
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(first, last - first, mmap.MADV_DONTNEED)
