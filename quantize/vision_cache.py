@@ -10,8 +10,9 @@ Contract:
   * the key is the file's model_id (a hash of the exported model's content), its size and every Linear weight's name,
     type and shape: another export, another type or a file of another shape is another entry; a file without a
     model_id is never cached;
-  * `load` returns {torch layer name: (int8 [out, in], float64 scales [out])} or None (missing, unreadable, or not
-    holding every layer asked for: the caller rebuilds, and a `Writer` then replaces the entry);
+  * `open_entry` returns a `Reader` whose `get(torch layer name)` reads that layer's (int8 [out, in], float64 scales
+    [out]) when it is asked for, or None (missing, unreadable, or not holding every layer asked for: the caller
+    rebuilds, and a `Writer` then replaces the entry);
   * `Writer` streams a new entry (safetensors format) into a temporary file while the layers are built and renames it
     into place when all are written (a crash never leaves a half-written entry under the real name); it keeps the
     KEEP newest entries, and a failure (read-only or full disk) costs only a one-line notice;
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from tinygpt.paths import cache_root
 
@@ -58,23 +58,62 @@ def cache_file(vision: GGUFContents, linear_weights: list[str]) -> Path | None:
     return _root() / f"{h.hexdigest()[:32]}.safetensors"
 
 
-def load(path: Path | None, layers: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """The cached (int8 weight, scales) of every name in `layers`, or None (then the caller rebuilds them and writes
-    the entry again with a Writer)."""
+class Reader:
+    """One entry's layers, read one at a time with pread (`get(name)` -> (int8 [out, in], float64 scales [out])), so a
+    load never holds the whole entry next to the layers built from it, and no memory map of it counts in the resident
+    set. Safe to call from several threads."""
+
+    _DTYPES = {"I8": np.int8, "F64": np.float64}
+
+    def __init__(self, fd: int, data_start: int, header: dict):
+        self._fd, self._data_start, self._header = fd, data_start, header
+
+    def _read(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        begin, end = info["data_offsets"]
+        array = np.empty(info["shape"], self._DTYPES[info["dtype"]])
+        if os.preadv(self._fd, [memoryview(array).cast("B")], self._data_start + begin) != end - begin:
+            raise OSError(f"{key}: short read")
+        return torch.from_numpy(array)
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._read(f"{name}.weight"), self._read(f"{name}.scale")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def open_entry(path: Path | None, layers: list[str]) -> Reader | None:
+    """A Reader of the entry at `path` when it holds every name in `layers` with int8 rows and float64 scales of
+    matching shapes; None when it is missing, unreadable, truncated or incomplete (then the caller rebuilds the layers
+    and writes the entry again with a Writer)."""
     if path is None or not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = set(f.keys())
-            if not all(f"{n}.weight" in stored and f"{n}.scale" in stored for n in layers):
-                return None
-            out = {n: (f.get_tensor(f"{n}.weight"), f.get_tensor(f"{n}.scale")) for n in layers}
-    except Exception:  # a truncated or foreign file: rebuild
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    if any(w.dtype != torch.int8 or s.dtype != torch.float64 or s.shape != w.shape[:1] for w, s in out.values()):
+    try:
+        size = os.fstat(fd).st_size
+        (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if length > size:
+            raise ValueError("header past the end")
+        header = json.loads(os.pread(fd, length, 8))
+        for n in layers:
+            w, sc = header[f"{n}.weight"], header[f"{n}.scale"]
+            if (w["dtype"], sc["dtype"]) != ("I8", "F64") or len(w["shape"]) != 2 or sc["shape"] != w["shape"][:1]:
+                raise ValueError(f"{n}: not int8 rows with float64 scales")
+            for info, itemsize in ((w, 1), (sc, 8)):
+                begin, end = info["data_offsets"]
+                if end - begin != itemsize * int(np.prod(info["shape"])) or 8 + length + end > size:
+                    raise ValueError(f"{n}: truncated")
+    except Exception:  # a truncated, foreign or incomplete file: rebuild
+        os.close(fd)
         return None
     os.utime(path)  # most recently used: kept by the pruning in Writer.commit()
-    return out
+    return Reader(fd, 8 + length, header)
 
 
 class Writer:

@@ -120,11 +120,11 @@ class VisionEncoder:
         full_names = [job[2] for job in self._linears]
         cache = vision_cache.cache_file(vision, [by_torch_name[f"{n}.weight"] for n in full_names
                                                  if f"{n}.weight" in by_torch_name]) if int8 else None
-        self._cached = vision_cache.load(cache, full_names) or {}
+        self._cached = vision_cache.open_entry(cache, full_names)  # a Reader: one layer at a time
         # what the int8 cache did for this load: "read", "written", or "off" (fp32 mode, turned off, no model_id)
-        self.cache_state = "read" if self._cached else "written" if cache is not None else "off"
+        self.cache_state = "read" if self._cached is not None else "written" if cache is not None else "off"
         self._writer = vision_cache.Writer(cache, {n: tuple(self._shapes[n][0]) for n in full_names}) \
-            if cache is not None and not self._cached else None
+            if cache is not None and self._cached is None else None
         workers = max(1, int(n_threads or 1))
         try:
             with ThreadPoolExecutor(workers) as pool:
@@ -133,13 +133,16 @@ class VisionEncoder:
             if self._writer is not None:
                 self._writer.abort()
             raise
+        finally:
+            if self._cached is not None:
+                self._cached.close()
         for (module, child_name, _, _), layer in zip(self._linears, layers):
             setattr(module, child_name, layer)
         if self._writer is not None:
             if not self._writer.commit():
                 self.cache_state = "off"
         self._linears.clear()
-        self._cached, self._writer = {}, None
+        self._cached, self._writer = None, None
         unused = sorted(set(by_torch_name) - self._used)
         if unused:
             raise UserError(f"{vision.path}: tensor {by_torch_name[unused[0]]!r} does not fit this vision model "
@@ -161,11 +164,12 @@ class VisionEncoder:
     def _linear(self, full: str, has_bias: bool, by_torch_name: dict) -> nn.Module:
         w_shape, b_shape = self._shapes[full]
         b = self._get(full + ".bias", by_torch_name, b_shape) if has_bias else None
-        if full in self._cached and tuple(self._cached[full][0].shape) == tuple(w_shape):
+        cached = self._cached.get(full) if self._cached is not None else None
+        if cached is not None and tuple(cached[0].shape) == tuple(w_shape):
             if full + ".weight" not in by_torch_name:
                 raise UserError(f"{self.file.path}: tensor {names.torch_to_gguf_vision(full + '.weight')!r} is missing")
             self._used.add(full + ".weight")
-            return int8_linear(from_int8_rows(*self._cached[full]), b)
+            return int8_linear(from_int8_rows(*cached), b)
         w = self._get(full + ".weight", by_torch_name, w_shape)
         if self.int8:
             qweight = per_row_int8(w)

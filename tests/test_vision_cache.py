@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from quantize import gguf_names as names
 from quantize import vision_cache
@@ -101,6 +102,16 @@ def test_no_model_id_no_entry_and_only_the_newest_entries_are_kept(vision_file, 
         assert writer.commit()
     kept = sorted(p.name for p in cache_dir.glob("*.safetensors"))
     assert len(kept) == vision_cache.KEEP and f"entry{vision_cache.KEEP + 1}.safetensors" in kept
-    rows, scales = vision_cache.load(cache_dir / kept[-1], ["layer"])["layer"]
+    reader = vision_cache.open_entry(cache_dir / kept[-1], ["layer"])
+    rows, scales = reader.get("layer")
+    reader.close()
     assert torch.equal(rows, weight.int_repr()) and torch.equal(scales, weight.q_per_channel_scales())
-    assert vision_cache.load(cache_dir / kept[-1], ["layer", "another"]) is None
+    assert vision_cache.open_entry(cache_dir / kept[-1], ["layer", "another"]) is None
+    # the entry is a standard safetensors file
+    assert torch.equal(load_file(cache_dir / kept[-1])["layer.weight"], weight.int_repr())
+    # cut short, or a header that is not one: rebuilt (None), never an exception
+    whole = (cache_dir / kept[-1]).read_bytes()
+    (cache_dir / "cut.safetensors").write_bytes(whole[:-3])
+    (cache_dir / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("cut.safetensors", "junk.safetensors"):
+        assert vision_cache.open_entry(cache_dir / name, ["layer"]) is None
