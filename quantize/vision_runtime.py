@@ -164,7 +164,10 @@ class VisionEncoder:
     def _linear(self, full: str, has_bias: bool, by_torch_name: dict) -> nn.Module:
         w_shape, b_shape = self._shapes[full]
         b = self._get(full + ".bias", by_torch_name, b_shape) if has_bias else None
-        cached = self._cached.get(full) if self._cached is not None else None
+        try:  # an entry that fails to read (changed under us, an I/O error) only costs this layer's rebuild
+            cached = self._cached.get(full) if self._cached is not None else None
+        except OSError:
+            cached = None
         if cached is not None and tuple(cached[0].shape) == tuple(w_shape):
             if full + ".weight" not in by_torch_name:
                 raise UserError(f"{self.file.path}: tensor {names.torch_to_gguf_vision(full + '.weight')!r} is missing")

@@ -57,6 +57,20 @@ def test_the_second_load_reads_the_int8_rows_and_encodes_the_same(vision_file, c
     assert entries[0].stat().st_size > 1000
     monkeypatch.setattr(vision_runtime, "per_row_int8", no_requantizing)
     assert np.array_equal(_encode(vision_file), first)
+    monkeypatch.undo()
+    # a layer that fails to read mid-load (the entry changed under the reader, an I/O error) is rebuilt alone
+    monkeypatch.setenv("TINYGPT_CACHE", str(cache_dir.parent))
+    monkeypatch.setenv(vision_cache.ENV, "1")
+    real_get, failed = vision_cache.Reader.get, []
+
+    def get_failing_once(self, name):
+        if not failed:
+            failed.append(name)
+            raise OSError("short read")
+        return real_get(self, name)
+
+    monkeypatch.setattr(vision_cache.Reader, "get", get_failing_once)
+    assert np.array_equal(_encode(vision_file, "read"), first) and len(failed) == 1
 
 
 def test_nothing_is_written_when_off_in_fp32_mode_or_unwritable(vision_file, cache_dir, monkeypatch, capsys):
