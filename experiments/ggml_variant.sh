@@ -50,7 +50,7 @@ echo "built into $DIR (use it with PYTHONPATH=$DIR)"
 export PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import ggml; from quantize import bench_roofline as r; print('ggml from', ggml.__file__); print(r.ggml_features())"
 $PY -m pytest -p no:cacheprovider tests/test_runtime_llm.py tests/test_ggml_repack.py tests/test_ggml_layouts.py \
-  tests/test_ggml_amx.py tests/test_moe_gguf.py tests/test_mmca.py tests/test_profile_ops.py
+  tests/test_ggml_amx.py tests/test_ggml_kv_cache.py tests/test_moe_gguf.py tests/test_mmca.py tests/test_profile_ops.py
 if [ $# -gt 0 ]; then
   echo "running on the $LEVEL build: $*"
   "$@"
