@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantize.bench_roofline import cpu_flags
 from quantize.random_model import write_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ def _run(pair: Path, out: Path, level: str | None) -> tuple[str, dict]:
         return capability, {k: saved[k] for k in saved.files}
 
 
+@pytest.mark.skipif("avx2" not in cpu_flags()[1], reason="this CPU has no AVX2")
 def test_avx2_kernels_give_the_numbers_of_the_best_level(pair, tmp_path):
     best_level, best = _run(pair, tmp_path / "best.npz", None)
     avx2_level, avx2 = _run(pair, tmp_path / "avx2.npz", "avx2")

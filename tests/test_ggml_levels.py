@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 pytest.importorskip("ggml")
 
+from quantize.bench_roofline import cpu_flags  # noqa: E402
 from quantize.random_model import write_random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +49,6 @@ print(json.dumps(info))
 """
 
 
-def _cpu_has_avx2() -> bool:
-    try:
-        return platform.machine() in ("x86_64", "AMD64") and " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def _lock_pin() -> str:
     line = next(x for x in (ROOT / "requirements.lock").read_text().splitlines() if x.startswith("ggml-python=="))
     return line.split()[0]
@@ -63,7 +56,7 @@ def _lock_pin() -> str:
 
 @pytest.fixture(scope="module")
 def avx2_build(tmp_path_factory) -> Path:
-    if not _cpu_has_avx2():
+    if "avx2" not in cpu_flags()[1]:
         pytest.skip("this CPU has no AVX2")
     work = tmp_path_factory.mktemp("ggml-avx2")
     pin = _lock_pin()
