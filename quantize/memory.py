@@ -23,17 +23,23 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 HUGE_PAGE = 2 << 20
 
 
-def advise_huge_pages(address: int, size: int) -> bool:
-    if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_GGML_HUGE_PAGES", "1") == "0":
-        return False
-    start = -(-int(address) // HUGE_PAGE) * HUGE_PAGE
-    end = (int(address) + int(size)) // HUGE_PAGE * HUGE_PAGE
+def _madvise(address: int, size: int, advice: int, unit: int) -> bool:
+    """madvise(advice) on the whole `unit`-sized pages inside [address, address + size); False when there is none or
+    the kernel refuses."""
+    start = -(-int(address) // unit) * unit
+    end = (int(address) + int(size)) // unit * unit
     if end <= start:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
-    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0
+    return libc.madvise(start, end - start, advice) == 0
+
+
+def advise_huge_pages(address: int, size: int) -> bool:
+    if not sys.platform.startswith("linux") or os.environ.get("TINYGPT_GGML_HUGE_PAGES", "1") == "0":
+        return False
+    return _madvise(address, size, _MADV_HUGEPAGE, HUGE_PAGE)
 
 
 def huge_page_array(nbytes: int) -> tuple[np.ndarray, bool]:
@@ -60,12 +66,5 @@ def drop_pages(mm: np.memmap, data: np.ndarray) -> None:
 def release_pages(array: np.ndarray) -> None:
     """MADV_DONTNEED on the whole pages inside `array` (anonymous memory, e.g. from huge_page_array): they leave the
     resident set now instead of when the array is freed. No-op off Linux."""
-    if not sys.platform.startswith("linux"):
-        return
-    page = mmap.PAGESIZE
-    first = -(-array.ctypes.data // page) * page
-    last = (array.ctypes.data + array.nbytes) // page * page
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(first, last - first, mmap.MADV_DONTNEED)
+    if sys.platform.startswith("linux"):
+        _madvise(array.ctypes.data, array.nbytes, mmap.MADV_DONTNEED, mmap.PAGESIZE)

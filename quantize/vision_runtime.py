@@ -120,11 +120,11 @@ class VisionEncoder:
         full_names = [job[2] for job in self._linears]
         cache = vision_cache.cache_file(vision, [by_torch_name[f"{n}.weight"] for n in full_names
                                                  if f"{n}.weight" in by_torch_name]) if int8 else None
-        self._cached = vision_cache.open_entry(cache, full_names)  # a Reader: one layer at a time
+        self._reader = vision_cache.open_entry(cache, full_names)  # one layer at a time, or None
         # what the int8 cache did for this load: "read", "written", or "off" (fp32 mode, turned off, no model_id)
-        self.cache_state = "read" if self._cached is not None else "written" if cache is not None else "off"
+        self.cache_state = "read" if self._reader is not None else "written" if cache is not None else "off"
         self._writer = vision_cache.Writer(cache, {n: tuple(self._shapes[n][0]) for n in full_names}) \
-            if cache is not None and self._cached is None else None
+            if cache is not None and self._reader is None else None
         workers = max(1, int(n_threads or 1))
         try:
             with ThreadPoolExecutor(workers) as pool:
@@ -134,15 +134,15 @@ class VisionEncoder:
                 self._writer.abort()
             raise
         finally:
-            if self._cached is not None:
-                self._cached.close()
+            if self._reader is not None:
+                self._reader.close()
         for (module, child_name, _, _), layer in zip(self._linears, layers):
             setattr(module, child_name, layer)
         if self._writer is not None:
             if not self._writer.commit():
                 self.cache_state = "off"
         self._linears.clear()
-        self._cached, self._writer = None, None
+        self._reader, self._writer = None, None
         unused = sorted(set(by_torch_name) - self._used)
         if unused:
             raise UserError(f"{vision.path}: tensor {by_torch_name[unused[0]]!r} does not fit this vision model "
@@ -165,7 +165,7 @@ class VisionEncoder:
         w_shape, b_shape = self._shapes[full]
         b = self._get(full + ".bias", by_torch_name, b_shape) if has_bias else None
         try:  # an entry that fails to read (changed under us, an I/O error) only costs this layer's rebuild
-            cached = self._cached.get(full) if self._cached is not None else None
+            cached = self._reader.get(full) if self._reader is not None else None
         except OSError:
             cached = None
         if cached is not None and tuple(cached[0].shape) == tuple(w_shape):
