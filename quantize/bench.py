@@ -12,12 +12,17 @@ encoded and the prompt evaluated up to it while the question is typed, ChatSessi
 preparation's time and the first token after it (the question's tokens only).
 
 Roofline: a child first measures read bandwidth at --threads threads (torch.sum over --bandwidth-gb of float32, best
-of 10 passes on 4 KiB pages and 10 on huge pages), and again before each of the --rounds; a decode step must read
-every weight but the token embedding once, so weight bytes / bandwidth is the floor of its time, and each engine's
-"share of the roofline" = floor / its ms per token (100% = bandwidth-bound). A second child times our ggml matmul on a
-weight of the file's type that sits in cache (quantize.bench_kernel): weight bytes / that rate is the kernel floor, the
-higher floor on a CPU whose memory outruns what its cores can dequantise; "share of max(roofline, kernel)" is the
-share of the higher one.
+of 10 passes on 4 KiB pages and 10 on huge pages) for the header. A decode step must read every weight but the token
+embedding once, so weight bytes / bandwidth is the floor of its time, and each engine's "share of the roofline" =
+floor / its ms per token (100% = bandwidth-bound). The bandwidth behind each engine's share is read again in that
+engine's own process, just before and just after its decode steps (512 MB, quantize.bench_child.time_llm): on a
+shared host the hypervisor moves a guest's CPUs, and with them the bandwidth (a 2-vCPU EPYC guest read 37 GB/s with
+both vCPUs on one CCD and ~60 GB/s across two, switching every half minute to few minutes; docs/benchmarks.md), so a
+probe taken elsewhere pairs a decode with another machine's bandwidth. Where the two readings disagree by more than
+15% the engine's share is left out and the table says that the bandwidth moved. A second child times our ggml
+matmul on a weight of the file's type that sits in cache (quantize.bench_kernel): weight bytes / that rate is the
+kernel floor, the higher floor on a CPU whose memory outruns what its cores can dequantise; "share of max(roofline,
+kernel)" is the share of the higher one.
 The header names the CPU and its x86 SIMD flags, and the ggml builds each engine runs.
 
 A child that dies (segfault, OOM kill) is reported with its exit code and signal name, and one that gives no result
@@ -26,8 +31,7 @@ within --child-timeout seconds is killed and reported; the bench then prints wha
 A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
 --rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
 modified file, ours on the plain file, stock llama.cpp on the plain file when importable; LLM only) and the per-round
-ms/token, shares of that round's roofline, its read bandwidth and the ratios to the last engine are printed: drift
-then hits every engine of a round alike (a shared host's bandwidth moved between 35 and 65 GB/s within minutes).
+ms/token with each decode's share and bandwidth, the medians and the ratios to the last engine are printed.
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ from . import bench_roofline as roof
 from .chat import add_ggml_switches
 from .gguf_file import find_llm_file, find_vision_file
 from .engine_choice import BACKENDS
+
+
+PROBE_BYTES = 512 * 2**20  # the read-bandwidth probe in each engine's process, before and after its decode steps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +100,7 @@ _ROWS = (("load (s)", "load_s", "{:.2f}"), ("  vision int8 cache", "vision_cache
          ("prefill (tok/s)", "prefill_tok_s", "{:.1f}"),
          ("decode (ms/token)", "decode_ms", "{:.1f}"), ("decode, best step (ms)", "decode_best_ms", "{:.1f}"),
          ("decode (tok/s)", "decode_tok_s", "{:.2f}"),
+         ("read GB/s beside decode", "read_beside", "{}"),
          ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),
          ("share of the roofline, best step", "roofline_share_best", "{:.0%}"),
          ("kernel floor, cached weights (ms)", "kernel_ms", "{:.1f}"),
@@ -113,9 +121,9 @@ def _random_image(directory: str) -> str:
 
 
 class Runner:
-    """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / bandwidth).
-    `measure()` runs the bandwidth probe (at the start, and again before each alternating round: a shared host's
-    bandwidth drifts, so each round's shares use that round's own measurement)."""
+    """Runs engine children with the bench's timeout, adding each result's roofline (file bytes / the bandwidth read in
+    the engine's process beside its decode; the header's probe where that was not measured). `measure()` runs the
+    header's bandwidth probe."""
 
     def __init__(self, timeout_s: float, threads: int, bandwidth_bytes: int):
         self.timeout_s, self.threads, self.bandwidth_bytes = timeout_s, threads, bandwidth_bytes
@@ -153,16 +161,28 @@ class Runner:
         return None if rate is None else kernel.kernel_floor_ms(self.weight_bytes(path), rate)
 
     def run(self, engine: str, args: dict, label: str) -> dict:
+        args = dict(args, probe_bytes=min(self.bandwidth_bytes, PROBE_BYTES))
         result = bench_child.run_child(bench_child.ENGINES[engine], args, self.timeout_s, label)
         if "error" not in result and "file" in result and "decode_ms" in result:
             floor = self.floor_ms(result["file"])
+            if "bandwidth_beside_gb_s" in result:  # read in the engine's process on either side of its decode
+                before, after = result["bandwidth_beside_gb_s"]
+                result["read_beside"] = f"{before:.1f} / {after:.1f}"
+                if roof.steady(before, after):
+                    result["read_gb_s"] = max(before, after)
+                    floor = roof.roofline_ms(self.weight_bytes(result["file"]), result["read_gb_s"])
+                else:  # the host moved the process's CPUs during the decode: no share to attribute
+                    result["read_beside"] += " moved"
+                    result["bandwidth_moved"] = (before, after)
+                    floor = None
             if floor is not None:
                 result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])
                 result["roofline_share_best"] = roof.share(floor, result["decode_best_ms"])
-                if "GgmlLLM" in result.get("engine", ""):  # the kernel probe measures our ggml build
-                    compute = self.kernel_floor_ms(result["file"], args.get("repack", True))
-                    if compute is not None:
-                        result["kernel_ms"] = compute
+            if "GgmlLLM" in result.get("engine", ""):  # the kernel probe measures our ggml build
+                compute = self.kernel_floor_ms(result["file"], args.get("repack", True))
+                if compute is not None:
+                    result["kernel_ms"] = compute
+                    if floor is not None:
                         result["bound_share"] = roof.share(max(floor, compute), result["decode_ms"])
         return result
 
@@ -191,13 +211,12 @@ def _round_engines(base: dict, gguf: str, plain_gguf: str, stock: bool) -> list[
 
 
 def decode_rounds(runner: Runner, engines: list[tuple[str, str, dict]], rounds: int) -> list[dict]:
-    """Each round runs every engine once, in order: {"ms": {label: ms}, "share": {label: share}} or {"error": ...}."""
+    """Each round runs every engine once, in order: {"ms", "best", "share", "floor", "read", "moved"} (each keyed by
+    label; "read" the bandwidth read beside that engine's decode, "moved" the two readings where they disagreed) or
+    {"error": ...}."""
     out = []
     for r in range(rounds):
-        entry: dict = {"ms": {}, "share": {}, "best": {}, "floor": {}}
-        probe = runner.measure()
-        if probe is not None and "error" not in probe:
-            entry["bandwidth"] = probe["bandwidth_gb_s"]
+        entry: dict = {"ms": {}, "share": {}, "best": {}, "floor": {}, "read": {}, "moved": {}}
         for label, engine, args in engines:
             result = runner.run(engine, args, label)
             if "error" in result:  # printed with the others at the end
@@ -208,44 +227,52 @@ def decode_rounds(runner: Runner, engines: list[tuple[str, str, dict]], rounds: 
             if "roofline_share" in result:
                 entry["share"][label] = result["roofline_share"]
                 entry["floor"][label] = result["roofline_ms"]
+            if "read_gb_s" in result:
+                entry["read"][label] = result["read_gb_s"]
+            if "bandwidth_moved" in result:
+                entry["moved"][label] = result["bandwidth_moved"]
         out.append(entry)
-        read = f" (read bandwidth {entry['bandwidth']:.1f} GB/s)" if "bandwidth" in entry else ""
-        print(f"  decode round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in entry["ms"].items())
-              + " ms/token" + read, file=sys.stderr, flush=True)
+        print(f"  decode round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {v:.1f}" + (f" ({entry['read'][k]:.0f} GB/s)" if k in entry["read"] else "")
+            for k, v in entry["ms"].items()) + " ms/token", file=sys.stderr, flush=True)
     return out
 
 
+def _cell(ms: float, share: float | None, read: float | None = None, moved: tuple | None = None) -> str:
+    if moved is not None:
+        return f"{ms:.1f} (moved {moved[0]:.0f}->{moved[1]:.0f})"
+    if share is None:
+        return f"{ms:.1f}"
+    return f"{ms:.1f} ({share:.0%}" + (f" of {read:.0f} GB/s)" if read is not None else ")")
+
+
 def format_rounds(rounds: list[dict]) -> str:
-    """Per-round ms/token (share of that round's roofline) and read bandwidth where measured, the medians, the best
+    """Per-round ms/token with the share of the roofline at the bandwidth read beside that decode (or, where it moved
+    during the decode, the two readings and no share), the medians (shares over the rounds that have one), the best
     single step of all rounds (its share: the best of any round), and each engine's median ratio to the last one."""
     rounds = [r for r in rounds if "error" not in r]
     if not rounds:
         return "decode, alternating rounds: no round finished"
     labels = list(rounds[0]["ms"])
     ref = labels[-1]
-
-    def cell(ms: float, share: float | None) -> str:
-        return f"{ms:.1f}" + (f" ({share:.0%})" if share is not None else "")
-
-    read = all("bandwidth" in r for r in rounds)
-
-    def bandwidth(value: float) -> str:
-        return f"{value:>12.1f}" if read else ""
-
-    lines = ["decode, alternating rounds: ms/token (share of the roofline)",
-             f"{'':<12}" + "".join(f"{label[:27]:>28}" for label in labels) + (f"{'read GB/s':>12}" if read else "")]
+    lines = ["decode, alternating rounds: ms/token (share of the roofline at the read bandwidth beside it)",
+             f"{'':<12}" + "".join(f"{label[:31]:>32}" for label in labels)]
     for i, r in enumerate(rounds, 1):
-        lines.append(f"  round {i:<4}" + "".join(f"{cell(r['ms'][k], r['share'].get(k)):>28}" for k in labels)
-                     + bandwidth(r.get("bandwidth", 0.0)))
+        lines.append(f"  round {i:<4}" + "".join(
+            f"{_cell(r['ms'][k], r['share'].get(k), r.get('read', {}).get(k), r.get('moved', {}).get(k)):>32}"
+            for k in labels))
     medians = {k: float(np.median([r["ms"][k] for r in rounds])) for k in labels}
-    shares = {k: float(np.median([r["share"][k] for r in rounds])) for k in labels if k in rounds[0]["share"]}
-    lines.append(f"  {'median':<10}" + "".join(f"{cell(medians[k], shares.get(k)):>28}" for k in labels)
-                 + bandwidth(float(np.median([r.get("bandwidth", 0.0) for r in rounds]))))
+    shares = {k: float(np.median(v)) for k in labels if (v := [r["share"][k] for r in rounds if k in r["share"]])}
+    lines.append(f"  {'median':<10}" + "".join(f"{_cell(medians[k], shares.get(k)):>32}" for k in labels))
     if all("best" in r and k in r["best"] for r in rounds for k in labels):
         best = {k: min(r["best"][k] for r in rounds) for k in labels}
-        best_share = {k: max(r["floor"][k] / r["best"][k] for r in rounds) for k in labels
-                      if all(k in r.get("floor", {}) for r in rounds)}
-        lines.append(f"  {'best step':<10}" + "".join(f"{cell(best[k], best_share.get(k)):>28}" for k in labels))
+        best_share = {k: max(v) for k in labels
+                      if (v := [r["floor"][k] / r["best"][k] for r in rounds if k in r.get("floor", {})])}
+        lines.append(f"  {'best step':<10}" + "".join(f"{_cell(best[k], best_share.get(k)):>32}" for k in labels))
+    moved = sum(len(r.get("moved", {})) for r in rounds)
+    if moved:
+        lines.append(f"  {moved} decode(s) saw the read bandwidth move (the host moved this guest's CPUs or memory): "
+                     "no share for those; the medians use the others")
     for k in labels[:-1]:
         ratios = [r["ms"][k] / r["ms"][ref] for r in rounds]
         lines.append(f"  median ratio ({k} / {ref}): {float(np.median(ratios)):.2f} (min {min(ratios):.2f}, "
@@ -320,6 +347,11 @@ def run(args: argparse.Namespace) -> int:
             print(_row(name, ok, key, fmt, width))
     for line in runner.kernel_lines():
         print(line)
+    for r in ok:
+        if "bandwidth_moved" in r:
+            before, after = r["bandwidth_moved"]
+            print(f"note: the read bandwidth moved during {r['engine']}'s decode ({before:.1f} -> {after:.1f} GB/s: "
+                  "the host moved this guest's CPUs or memory); no roofline share for it, run again")
     if rounds:
         print(format_rounds(rounds))
     return 1 if errors else 0

@@ -8,7 +8,8 @@ Contract:
     still running after timeout_s is killed and comes back as {"error": "<label>: no result after N s ..."}. So the
     parent returns within about timeout_s + a few seconds whatever the child does.
   * ENGINES maps an engine name to its target; bench resolves targets through it (tests swap in a failing child).
-  * Engine targets put {"engine", "load_s", "prefill_tok_s", "decode_ms", "peak_rss_gb", ...} or {"error": ...};
+  * Engine targets put {"engine", "load_s", "prefill_tok_s", "decode_ms", "peak_rss_gb", ...} or {"error": ...}, and
+    with args["probe_bytes"] "bandwidth_beside_gb_s": (read bandwidth just before, just after the decode steps);
     `measure_bandwidth` puts {"bandwidth_gb_s", "bandwidth_median_gb_s", "bandwidth_bytes", "bandwidth_4k_gb_s",
     "bandwidth_huge_gb_s" (where huge pages are available)}; `measure_kernel` puts {"kernel_gb_s", "layout"}.
 """
@@ -22,11 +23,11 @@ import time
 
 import numpy as np
 
+from . import bench_roofline as roof
 from . import gguf_names as names
 from .engine_choice import load_language_model
 from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
 from .llama_cpp_backend import LlamaCppLLM
-from .memory import huge_page_array
 from .sampler import SamplingParams
 from .session import ChatSession, open_session
 
@@ -35,7 +36,24 @@ QUESTION = ("Describe the main objects in this picture, their colours and where 
 
 
 def peak_rss_gb() -> float:
+    """The process's peak RSS: VmHWM, which reset_peak_rss() can lower again (Linux), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Lower the peak RSS to the current RSS (Linux: '5' to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def random_ids(n: int, vocab: int) -> np.ndarray:
@@ -43,14 +61,23 @@ def random_ids(n: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, min(50000, vocab), n)
 
 
-def time_llm(llm, prefill: int, decode: int, out: dict) -> None:
-    """Prefill `prefill` random ids, then the median of `decode` single-token steps."""
+def time_llm(llm, prefill: int, decode: int, out: dict, probe_bytes: int = 0, threads: int = 2) -> None:
+    """Prefill `prefill` random ids, then the median of `decode` single-token steps; the peak RSS of the whole process.
+    With probe_bytes, the read bandwidth is measured in this process just before and just after the decode steps
+    ("bandwidth_beside_gb_s": a shared host moves a guest's CPUs within minutes, and a probe in another process or
+    a minute earlier can read another machine), both times over the same array; the probe's memory is kept out of the
+    peak RSS, and where the peak cannot be reset (not Linux) the probe is skipped."""
     ids = random_ids(prefill, llm.hp.vocab_size)
     llm.reset()
     t0 = time.perf_counter()
     logits = llm.eval_tokens(ids)
     out["prefill_s"] = time.perf_counter() - t0
     out["prefill_tok_s"] = prefill / out["prefill_s"]
+    peak = peak_rss_gb()  # load, image and prefill included
+    probe = roof.BandwidthProbe(probe_bytes, threads) if probe_bytes > 0 and reset_peak_rss() else None
+    if probe is not None:
+        before = probe.read()
+        reset_peak_rss()  # to the current RSS: the probe's array, resident until after the decode, is subtracted
     steps = []
     for _ in range(decode):
         token = int(np.argmax(logits)) % min(50000, llm.hp.vocab_size)
@@ -60,6 +87,10 @@ def time_llm(llm, prefill: int, decode: int, out: dict) -> None:
     out["decode_ms"] = float(np.median(steps) * 1000)
     out["decode_best_ms"] = float(np.min(steps) * 1000)  # on a shared host: the step least disturbed
     out["decode_tok_s"] = 1000.0 / out["decode_ms"]
+    out["peak_rss_gb"] = max(peak, peak_rss_gb() - (probe.nbytes / 2**30 if probe is not None else 0.0))
+    if probe is not None:
+        out["bandwidth_beside_gb_s"] = (before, probe.read())
+        probe.close()
 
 
 def ours(args: dict, queue) -> None:
@@ -98,8 +129,7 @@ def ours(args: dict, queue) -> None:
             out["prepare_s"] = session.last_stats.image_encode_s + session.last_stats.prefill_s
             session.ask(QUESTION, images=indices)
             out["ttft_attached_s"] = session.last_stats.first_token_s
-        time_llm(session.llm, args["prefill"], args["decode"], out)
-        out["peak_rss_gb"] = peak_rss_gb()
+        time_llm(session.llm, args["prefill"], args["decode"], out, args.get("probe_bytes", 0), args["threads"])
         queue.put(out)
     except BaseException as exc:  # report to the parent instead of dying silently
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -116,8 +146,7 @@ def stock(args: dict, queue) -> None:
         out["load_s"] = time.perf_counter() - t0
         out["engine"] = "llama-cpp-python (stock)"
         out["file"] = str(path)
-        time_llm(llm, args["prefill"], args["decode"], out)
-        out["peak_rss_gb"] = peak_rss_gb()
+        time_llm(llm, args["prefill"], args["decode"], out, args.get("probe_bytes", 0), args["threads"])
         llm.close()
         queue.put(out)
     except BaseException as exc:
@@ -126,36 +155,22 @@ def stock(args: dict, queue) -> None:
 
 def measure_bandwidth(args: dict, queue) -> None:
     """Child process: memory read bandwidth at args['threads'] threads, as torch.sum over args['bandwidth_bytes'] of
-    float32, once on ordinary 4 KiB pages and once on huge pages (quantize.memory; where the kernel takes the
-    advice), each first touched then summed args['passes'] times. Puts the best pass of either page size (the
-    roofline's bandwidth), the median pass, and the best of each page size."""
+    float32 (bench_roofline.BandwidthProbe), once on ordinary 4 KiB pages and once on huge pages (where the kernel
+    takes the advice), args['passes'] passes each. Puts the best pass of either page size (the roofline's bandwidth),
+    the median pass, and the best of each page size."""
     try:
-        import torch
-
-        torch.set_num_threads(int(args["threads"]))
-        n = int(args["bandwidth_bytes"]) // 4
-        out: dict = {"bandwidth_bytes": n * 4}
+        out: dict = {}
         times: dict[str, list[float]] = {}
         for pages in ("4k", "huge"):
-            if pages == "4k":
-                x = torch.ones(n, dtype=torch.float32)
-            else:
-                raw, advised = huge_page_array(n * 4)
-                if not advised:
-                    continue
-                x = torch.from_numpy(raw.view(np.float32))
-                x.fill_(1.0)
-            float(x.sum())  # warm-up: thread pool started
-            times[pages] = []
-            for _ in range(int(args.get("passes", 10))):
-                t0 = time.perf_counter()
-                float(x.sum())
-                times[pages].append(time.perf_counter() - t0)
-            del x
-            out[f"bandwidth_{pages}_gb_s"] = n * 4 / min(times[pages]) / 1e9
+            probe = roof.BandwidthProbe(int(args["bandwidth_bytes"]), int(args["threads"]), huge=pages == "huge")
+            if pages == "4k" or probe.huge:
+                times[pages] = probe.seconds(int(args.get("passes", 10)))
+                out[f"bandwidth_{pages}_gb_s"] = probe.nbytes / min(times[pages]) / 1e9
+            out["bandwidth_bytes"] = probe.nbytes
+            probe.close()
         every = [t for ts in times.values() for t in ts]
-        out["bandwidth_gb_s"] = n * 4 / min(every) / 1e9
-        out["bandwidth_median_gb_s"] = n * 4 / float(np.median(every)) / 1e9
+        out["bandwidth_gb_s"] = out["bandwidth_bytes"] / min(every) / 1e9
+        out["bandwidth_median_gb_s"] = out["bandwidth_bytes"] / float(np.median(every)) / 1e9
         queue.put(out)
     except BaseException as exc:
         queue.put({"error": f"{type(exc).__name__}: {exc}"})

@@ -9,10 +9,15 @@ Contract:
     present), `stock_features()`: llama.cpp's system-info line when llama-cpp-python is importable.
   * `roofline_ms(weight_bytes, bandwidth_gb_s)` and `share(roofline_ms, decode_ms)`: the floor and an engine's share of
     it (1.0 = decoding at the bandwidth limit).
+  * `BandwidthProbe(n_bytes, threads).read()`: read bandwidth in GB/s over one array that stays put between readings.
+  * `steady(before, after)`: whether two reads of the bandwidth, taken on either side of a measurement, agree within
+    STEADY; where they do not, the host moved the process's CPUs (or its memory) while it ran, and a share computed
+    from either reading would be a mix of two machines.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # the levels that pick ggml's x86 kernels, in /proc/cpuinfo spelling
@@ -66,6 +71,52 @@ def stock_features() -> str | None:
     info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
     keep = [part.strip() for part in info.split("|") if "= 1" in part or "CPU" in part.upper()]
     return f"llama-cpp-python {llama_cpp.__version__}: {' | '.join(keep)[:400]}"
+
+
+STEADY = 0.85  # the lower of two readings at least this fraction of the higher
+
+
+class BandwidthProbe:
+    """n_bytes of float32 touched once, on huge pages where the kernel takes the advice (`huge`; else ordinary 4 KiB
+    pages): `read()` is the best of `passes` torch.sum passes over them at `threads` threads, in GB/s. Readings of one
+    probe share its pages, so they differ only where the machine did (a second array can land on 4 KiB pages where
+    the first got huge ones: 30 against 70 GB/s on the EPYC)."""
+
+    def __init__(self, n_bytes: int, threads: int, huge: bool = True):
+        import numpy as np
+        import torch
+
+        from .memory import huge_page_array
+
+        torch.set_num_threads(int(threads))
+        self.nbytes = int(n_bytes) // 4 * 4
+        self.huge = False
+        if huge:
+            raw, self.huge = huge_page_array(self.nbytes)
+            self._x = torch.from_numpy(raw.view(np.float32))
+        else:
+            self._x = torch.empty(self.nbytes // 4, dtype=torch.float32)
+        self._x.fill_(1.0)
+        float(self._x.sum())  # warm-up: thread pool started
+
+    def seconds(self, passes: int) -> list[float]:
+        """Each pass's time."""
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            float(self._x.sum())
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def read(self, passes: int = 5) -> float:
+        return self.nbytes / min(self.seconds(passes)) / 1e9
+
+    def close(self) -> None:
+        self._x = None
+
+
+def steady(before: float, after: float) -> bool:
+    return min(before, after) >= STEADY * max(before, after)
 
 
 def roofline_ms(weight_bytes: int, bandwidth_gb_s: float) -> float:
