@@ -19,7 +19,9 @@ engine's own process, just before and just after its decode steps (512 MB, quant
 shared host the hypervisor moves a guest's CPUs, and with them the bandwidth (a 2-vCPU EPYC guest read 37 GB/s with
 both vCPUs on one CCD and ~60 GB/s across two, switching every half minute to few minutes; docs/benchmarks.md), so a
 probe taken elsewhere pairs a decode with another machine's bandwidth. Where the two readings disagree by more than
-15% the engine's share is left out and the table says that the bandwidth moved. A second child times our ggml
+15% the engine's share is left out and the table says that the bandwidth moved. "roofline, weights + KV cache" adds
+the K and V bytes the timed steps read (their mean cached positions x the engine's bytes per position: our F32 cache,
+llama.cpp's F16 one) at the same bandwidth. A second child times our ggml
 matmul on a weight of the file's type that sits in cache (quantize.bench_kernel): weight bytes / that rate is the
 kernel floor, the higher floor on a CPU whose memory outruns what its cores can dequantise; "share of max(roofline,
 kernel)" is the share of the higher one.
@@ -103,6 +105,8 @@ _ROWS = (("load (s)", "load_s", "{:.2f}"), ("  vision int8 cache", "vision_cache
          ("read GB/s beside decode", "read_beside", "{}"),
          ("roofline (ms/token)", "roofline_ms", "{:.1f}"), ("share of the roofline", "roofline_share", "{:.0%}"),
          ("share of the roofline, best step", "roofline_share_best", "{:.0%}"),
+         ("roofline, weights + KV cache (ms)", "roofline_kv_ms", "{:.1f}"),
+         ("share of it", "roofline_kv_share", "{:.0%}"),
          ("kernel floor, cached weights (ms)", "kernel_ms", "{:.1f}"),
          ("share of max(roofline, kernel)", "bound_share", "{:.0%}"),
          ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"))
@@ -178,6 +182,10 @@ class Runner:
             if floor is not None:
                 result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])
                 result["roofline_share_best"] = roof.share(floor, result["decode_best_ms"])
+                if "kv_bytes_per_token" in result:  # the same bandwidth over the weights and the K/V the step reads
+                    with_kv = floor * (1 + result["kv_bytes_per_token"] / self.weight_bytes(result["file"]))
+                    result["roofline_kv_ms"], result["roofline_kv_share"] = with_kv, roof.share(with_kv,
+                                                                                              result["decode_ms"])
             if "GgmlLLM" in result.get("engine", ""):  # the kernel probe measures our ggml build
                 compute = self.kernel_floor_ms(result["file"], args.get("repack", True))
                 if compute is not None:

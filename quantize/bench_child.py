@@ -87,6 +87,9 @@ def time_llm(llm, prefill: int, decode: int, out: dict, probe_bytes: int = 0, th
     out["decode_ms"] = float(np.median(steps) * 1000)
     out["decode_best_ms"] = float(np.min(steps) * 1000)  # on a shared host: the step least disturbed
     out["decode_tok_s"] = 1000.0 / out["decode_ms"]
+    per_position = getattr(llm, "kv_bytes_per_position", None)
+    if per_position:  # the K and V a step reads: the steps' mean cached positions, this one's included
+        out["kv_bytes_per_token"] = per_position * (prefill + (decode + 1) / 2)
     out["peak_rss_gb"] = max(peak, peak_rss_gb() - (probe.nbytes / 2**30 if probe is not None else 0.0))
     if probe is not None:
         out["bandwidth_beside_gb_s"] = (before, probe.read())

@@ -39,6 +39,11 @@ class KVCache:
         self._allocate(min(n_ctx, START))
 
     @property
+    def bytes_per_position(self) -> int:
+        """K and V of one position in every layer: what a decode step reads per cached position."""
+        return 2 * self.n_layers * self.n_heads * self._row
+
+    @property
     def nbytes(self) -> int:
         return 0 if self._buf is None else int(self._buf.nbytes)
 

@@ -117,6 +117,10 @@ class GgmlLLM(LLMBackend):
 
     # ------------------------------------------------------------------------------------------ setup
     @property
+    def kv_bytes_per_position(self) -> int:
+        return self.kv.bytes_per_position
+
+    @property
     def k_cache(self) -> list:
         return self.kv.k
 

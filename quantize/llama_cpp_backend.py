@@ -31,6 +31,7 @@ def _import_llama_cpp():
 
 
 _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+_GGML_F32, _GGML_F16, _GGML_BF16 = 0, 1, 30  # ggml_type values of the KV cache types whose size the bench knows
 
 
 def _quiet(llama_cpp) -> None:
@@ -86,6 +87,14 @@ class LlamaCppLLM(LLMBackend):
         self.hp = SimpleNamespace(hidden_size=int(lib.llama_model_n_embd(self.model)),
                                   vocab_size=int(lib.llama_vocab_n_tokens(vocab)))
         self.n_ctx, self.n_batch, self.n_past = int(n_ctx), int(n_batch), 0
+        # K and V of one position in every layer (the bench's roofline with the cache; phi2 files: as many K/V heads as
+        # query heads); None for a cache type not listed
+        sizes = {_GGML_F32: 4, _GGML_F16: 2, _GGML_BF16: 2}
+        if cparams.type_k in sizes and cparams.type_v in sizes:
+            self.kv_bytes_per_position = (int(lib.llama_model_n_layer(self.model)) * self.hp.hidden_size
+                                          * (sizes[cparams.type_k] + sizes[cparams.type_v]))
+        else:
+            self.kv_bytes_per_position = None
 
     # ------------------------------------------------------------------------------------------ state
     def reset(self) -> None:

@@ -28,6 +28,7 @@ def test_a_full_size_cache_starts_at_start_positions_and_grows_keeping_every_hea
         assert kv.capacity == ggml_kv_cache.START == 256
         assert kv.nbytes < 2 * 32 * 256 * 80 * 32 * 4 + (4 << 20)
         assert tuple(kv.k[5].contents.ne[:3]) == (80, 256, 32)
+        assert kv.bytes_per_position == 2 * 32 * 32 * 80 * 4  # what a decode step reads per cached position
         rng = np.random.default_rng(0)
         written = {}
         for il in (0, 31):

@@ -33,6 +33,7 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
                  "image attached first: prepare (s)", "then first token, question (s)", "prefill (tok/s)",
                  "decode (ms/token)", "decode, best step (ms)", "decode (tok/s)", "roofline (ms/token)",
                  "read GB/s beside decode", "share of the roofline", "share of the roofline, best step",
+                 "roofline, weights + KV cache (ms)", "share of it",
                  "kernel floor, cached weights (ms)",
                  "share of max(roofline, kernel)", "peak RSS (GB)"):
         assert name in names
@@ -44,6 +45,8 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     assert all(b >= s for b, s in zip(bound, share))  # the higher floor's share
     if all(k > r for k, r in zip(kernel_ms, roofline_ms)):
         assert all(b > s for b, s in zip(bound, share))
+    with_kv = [float(v) for v in rows[names.index("roofline, weights + KV cache (ms)")].split()[-2:]]
+    assert all(k >= r for k, r in zip(with_kv, roofline_ms))  # more bytes at the same bandwidth (0.1 ms resolution)
     beside = rows[names.index("read GB/s beside decode")][34:].split()  # "before / after" for each engine
     assert len(beside) == 6 and beside[1] == beside[4] == "/" and all(float(beside[i]) > 0 for i in (0, 2, 3, 5))
     rate = [row for row in rows if row.startswith("kernel rate, ours, 2 threads, a 2560x2560 Q8_0 weight in cache")]
@@ -122,7 +125,7 @@ def test_a_decode_whose_bandwidth_moved_gets_no_share(monkeypatch, capsys):
         if label == "kernel rate":
             return {"kernel_gb_s": 40.0, "layout": "CPU_REPACK"}
         return {"engine": "ours (GgmlLLM, llm.gguf)", "file": "llm.gguf", "decode_ms": 50.0, "decode_best_ms": 48.0,
-                "bandwidth_beside_gb_s": args["beside"]}
+                "bandwidth_beside_gb_s": args["beside"], "kv_bytes_per_token": 150_000_000}
 
     monkeypatch.setattr(bench.bench_child, "run_child", child)
     monkeypatch.setattr(bench.kernel, "matmul_type", lambda path: 12)
@@ -136,6 +139,8 @@ def test_a_decode_whose_bandwidth_moved_gets_no_share(monkeypatch, capsys):
     steady = runner.run("ours", {"beside": (36.0, 37.0)}, "ours")
     assert steady["read_gb_s"] == 37.0 and steady["roofline_ms"] == 1_500_000_000 / 37e9 * 1000
     assert steady["roofline_share"] == steady["roofline_ms"] / 50.0
+    assert steady["roofline_kv_ms"] == pytest.approx(1_650_000_000 / 37e9 * 1000)  # weights + 150 MB of K/V
+    assert "roofline_kv_ms" not in moved
 
 
 def test_steady_bandwidth_readings():
