@@ -170,14 +170,12 @@ class Runner:
         if "error" not in result and "file" in result and "decode_ms" in result:
             floor = self.floor_ms(result["file"])
             if "bandwidth_beside_gb_s" in result:  # read in the engine's process on either side of its decode
-                before, after = result["bandwidth_beside_gb_s"]
-                result["read_beside"] = f"{before:.1f} / {after:.1f}"
-                if roof.steady(before, after):
-                    result["read_gb_s"] = max(before, after)
-                    floor = roof.roofline_ms(self.weight_bytes(result["file"]), result["read_gb_s"])
+                result["read_beside"], read = roof.beside(result["bandwidth_beside_gb_s"])
+                if read is not None:
+                    result["read_gb_s"] = read
+                    floor = roof.roofline_ms(self.weight_bytes(result["file"]), read)
                 else:  # the host moved the process's CPUs during the decode: no share to attribute
-                    result["read_beside"] += " moved"
-                    result["bandwidth_moved"] = (before, after)
+                    result["bandwidth_moved"] = result["bandwidth_beside_gb_s"]
                     floor = None
             if floor is not None:
                 result["roofline_ms"], result["roofline_share"] = floor, roof.share(floor, result["decode_ms"])

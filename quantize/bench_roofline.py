@@ -12,7 +12,8 @@ Contract:
   * `BandwidthProbe(n_bytes, threads).read()`: read bandwidth in GB/s over one array that stays put between readings.
   * `steady(before, after)`: whether two reads of the bandwidth, taken on either side of a measurement, agree within
     STEADY; where they do not, the host moved the process's CPUs (or its memory) while it ran, and a share computed
-    from either reading would be a mix of two machines.
+    from either reading would be a mix of two machines. `beside(readings)`: the table's text for such a pair and the
+    bandwidth to use (None where it moved).
 """
 from __future__ import annotations
 
@@ -117,6 +118,14 @@ class BandwidthProbe:
 
 def steady(before: float, after: float) -> bool:
     return min(before, after) >= STEADY * max(before, after)
+
+
+def beside(readings: tuple[float, float]) -> tuple[str, float | None]:
+    """Two readings taken on either side of a measurement: ("37.8 / 36.8", the bandwidth to use: the higher one), or
+    ("37.9 / 65.8 moved", None) where they disagree."""
+    before, after = readings
+    text = f"{before:.1f} / {after:.1f}"
+    return (text, max(before, after)) if steady(before, after) else (text + " moved", None)
 
 
 def roofline_ms(weight_bytes: int, bandwidth_gb_s: float) -> float:

@@ -16,9 +16,10 @@ Python callback): it is measured on the graph's no-op nodes (views, reshapes, pe
 subtracted from every node. Nodes are grouped by op, matmuls by the weight they read ("blk.N." dropped), with the
 weight bytes and the rate they were read at (for a prefill: the matmuls' GFLOP/s instead). The per-node sum differs
 from the whole step by what running alone changes (caches, the overlap of one op's tail with the next); the whole
-step is printed beside it. Before each engine the bench's read-bandwidth probe runs (quantize.bench.Runner, as
-before each bench round), for the step's share of the weights-only roofline and to compare with the rate each matmul
-group read at (decode only: a prefill is bound by compute, and gets a tokens/s row instead).
+step is printed beside it. For a decode step each child reads the memory bandwidth in its own process just before
+and just after its timed steps (quantize.bench_roofline.BandwidthProbe, as the bench does): the step's share of the
+weights-only roofline, and what each matmul group's rate compares with; where the two readings disagree (the host
+moved the CPUs) there is no share (a prefill is bound by compute, and gets a tokens/s row instead).
 
 Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads,
 prefill)` -> the table; `run(args)` prints it and returns 1 when an engine failed.
@@ -35,7 +36,9 @@ import time
 from tinygpt.errors import UserError
 
 from . import bench
+from . import bench_roofline as roof
 from . import gguf_names as names
+from .bench_roofline import BandwidthProbe
 from .bench_child import random_ids, run_child
 from .gguf_file import find_llm_file, open_gguf
 
@@ -115,6 +118,20 @@ def _timed(compute) -> float:
     return time.perf_counter() - t0
 
 
+def _probe(args: dict) -> tuple | None:
+    """(the probe, its first reading) before the timed steps, or None with args['probe_bytes'] 0."""
+    if not args.get("probe_bytes"):
+        return None
+    probe = BandwidthProbe(args["probe_bytes"], args["threads"])
+    return probe, probe.read()
+
+
+def _probe_after(probe: tuple | None, out: dict) -> None:
+    if probe is not None:
+        out["bandwidth_beside_gb_s"] = (probe[1], probe[0].read())
+        probe[0].close()
+
+
 def ours(args: dict, queue) -> None:
     """Child: our GgmlLLM on args['gguf'] (a directory or an LLM file): the cached decode graph, or with
     args['prefill'] a prefill chunk of that many tokens (GgmlLLM.chunk_graph), whole and node by node."""
@@ -129,7 +146,7 @@ def ours(args: dict, queue) -> None:
         ids = random_ids(positions + max(prefill, 1), llm.hp.vocab_size)
         if positions:
             llm.eval_tokens(ids[:positions])
-        backend, step_s, nodes = llm.cpu_backend, [], []
+        backend, step_s, nodes, probe = llm.cpu_backend, [], [], None
         if prefill:  # a fresh graph for each compute, its inputs written; n_past stays put
             for _ in range(args["repeats"]):
                 for timing_whole in (True, False):
@@ -144,12 +161,14 @@ def ours(args: dict, queue) -> None:
         else:
             llm.eval_tokens(ids[positions:positions + 1])  # builds the decode graph (its K/V row is rewritten)
             decode = llm._decode
+            probe = _probe(args)
             for _ in range(args["repeats"]):
                 decode.load_inputs()  # each pass starts from the step's own inputs
                 step_s.append(_timed(lambda: ggml.ggml_backend_graph_compute(backend, decode.gf)))
                 decode.load_inputs()
                 nodes += _node_pass(backend, decode.gf)
         out = summarize(nodes, step_s, args["repeats"])
+        _probe_after(probe, out)
         out["engine"], out["file"] = f"ours, {f.path.name}", str(f.path)
         queue.put(out)
     except BaseException as exc:
@@ -191,6 +210,7 @@ def stock(args: dict, queue) -> None:
         if positions:
             llm.eval_tokens(ids[:positions])
         llm.eval_tokens(ids[positions:])  # warm-up
+        probe = None if args["prefill"] else _probe(args)
         step_s = []
         for _ in range(args["repeats"]):
             llm.truncate(positions)
@@ -200,6 +220,7 @@ def stock(args: dict, queue) -> None:
             llm.eval_tokens(ids[positions:])
             state["on"] = False
         out = summarize(state["nodes"], step_s, args["repeats"])
+        _probe_after(probe, out)
         out["engine"], out["file"] = f"stock, {path.name}", str(path)
         llm.close()
         queue.put(out)
@@ -239,7 +260,7 @@ def format_profiles(results: list[dict], positions: int, threads: int, prefill: 
     for label, key, fmt in (("sum of the nodes (ms)", "sum_ms", "{:.1f}"), ("whole step (ms)", "step_ms", "{:.1f}"),
                             ("tokens/s, whole step", "tok_s", "{:.1f}"),
                             ("launch cost, subtracted (us)", "launch_us", "{:.1f}"),
-                            ("read GB/s, probe before", "bandwidth_gb_s", "{:.1f}"),
+                            ("read GB/s before / after", "read_beside", "{}"),
                             ("roofline, weights (ms)", "roofline_ms", "{:.1f}"),
                             ("step, share of roofline", "roofline_share", "{:.0%}")):
         if any(key in r for r in results):
@@ -263,7 +284,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
     p.add_argument("--bandwidth-gb", type=float, default=1.6,
-                   help="GB the read-bandwidth probe sums before each engine (0: no probe, no roofline rows)")
+                   help="GB the read-bandwidth probe sums beside each engine's steps, at most 0.5 GiB (0: no probe, "
+                        "no roofline rows)")
     p.add_argument("--child-timeout", type=float, default=900.0)
 
 
@@ -276,18 +298,21 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
             jobs.append(("stock", dict(base, gguf=args.plain_gguf, qtype=None), "stock llama.cpp"))
         else:
             print("note: llama-cpp-python is not importable; skipping stock llama.cpp", file=sys.stderr)
-    runner = bench.Runner(args.child_timeout, args.threads, 0 if args.prefill else int(args.bandwidth_gb * 1e9))
+    probe_bytes = 0 if args.prefill else min(int(args.bandwidth_gb * 1e9), bench.PROBE_BYTES)
+    runner = bench.Runner(args.child_timeout, args.threads, probe_bytes)
     results = {}
     for child, job, label in jobs:
-        probe = runner.measure()  # just before each engine: on shared hosts the bandwidth drifts within minutes
         print(f"profiling {label} ...", file=sys.stderr, flush=True)
-        results[label] = result = run_child(CHILDREN[child], job, args.child_timeout, label)
-        if probe is not None and "error" in probe:
-            print(f"note: {probe['error']}; no roofline for {label}", file=sys.stderr)
-        elif probe is not None and "error" not in result:
-            result["bandwidth_gb_s"] = probe["bandwidth_gb_s"]
-            result["roofline_ms"] = runner.floor_ms(result["file"])
-            result["roofline_share"] = result["roofline_ms"] / result["step_ms"]
+        results[label] = result = run_child(CHILDREN[child], dict(job, probe_bytes=probe_bytes), args.child_timeout,
+                                            label)
+        if "bandwidth_beside_gb_s" in result:
+            result["read_beside"], read = roof.beside(result["bandwidth_beside_gb_s"])
+            if read is None:
+                print(f"note: the read bandwidth moved during {label}'s steps ({result['read_beside']}): no roofline "
+                      "share for it, run again", file=sys.stderr)
+            else:
+                result["roofline_ms"] = roof.roofline_ms(runner.weight_bytes(result["file"]), read)
+                result["roofline_share"] = result["roofline_ms"] / result["step_ms"]
         if args.prefill and "error" not in result:
             result["tok_s"] = args.prefill / result["step_ms"] * 1e3
     return results
