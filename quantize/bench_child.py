@@ -76,7 +76,7 @@ def time_llm(llm, prefill: int, decode: int, out: dict, probe_bytes: int = 0, th
     peak = peak_rss_gb()  # load, image and prefill included
     probe = roof.BandwidthProbe(probe_bytes, threads) if probe_bytes > 0 and reset_peak_rss() else None
     if probe is not None:
-        before = probe.read()
+        probe.read()
         reset_peak_rss()  # to the current RSS: the probe's array, resident until after the decode, is subtracted
     steps = []
     for _ in range(decode):
@@ -92,7 +92,8 @@ def time_llm(llm, prefill: int, decode: int, out: dict, probe_bytes: int = 0, th
         out["kv_bytes_per_token"] = per_position * (prefill + (decode + 1) / 2)
     out["peak_rss_gb"] = max(peak, peak_rss_gb() - (probe.nbytes / 2**30 if probe is not None else 0.0))
     if probe is not None:
-        out["bandwidth_beside_gb_s"] = (before, probe.read())
+        probe.read()
+        out["bandwidth_beside_gb_s"] = tuple(probe.readings)
         probe.close()
 
 

@@ -79,9 +79,9 @@ STEADY = 0.85  # the lower of two readings at least this fraction of the higher
 
 class BandwidthProbe:
     """n_bytes of float32 touched once, on huge pages where the kernel takes the advice (`huge`; else ordinary 4 KiB
-    pages): `read()` is the best of `passes` torch.sum passes over them at `threads` threads, in GB/s. Readings of one
-    probe share its pages, so they differ only where the machine did (a second array can land on 4 KiB pages where
-    the first got huge ones: 30 against 70 GB/s on the EPYC)."""
+    pages): `read()` is the best of `passes` torch.sum passes over them at `threads` threads, in GB/s, also kept in
+    `readings`. Readings of one probe share its pages, so they differ only where the machine did (a second array can
+    land on 4 KiB pages where the first got huge ones: 30 against 70 GB/s on the EPYC)."""
 
     def __init__(self, n_bytes: int, threads: int, huge: bool = True):
         import numpy as np
@@ -91,6 +91,7 @@ class BandwidthProbe:
 
         torch.set_num_threads(int(threads))
         self.nbytes = int(n_bytes) // 4 * 4
+        self.readings: list[float] = []
         self.huge = False
         if huge:
             raw, self.huge = huge_page_array(self.nbytes)
@@ -110,7 +111,8 @@ class BandwidthProbe:
         return times
 
     def read(self, passes: int = 5) -> float:
-        return self.nbytes / min(self.seconds(passes)) / 1e9
+        self.readings.append(self.nbytes / min(self.seconds(passes)) / 1e9)
+        return self.readings[-1]
 
     def close(self) -> None:
         self._x = None

@@ -38,7 +38,6 @@ from tinygpt.errors import UserError
 from . import bench
 from . import bench_roofline as roof
 from . import gguf_names as names
-from .bench_roofline import BandwidthProbe
 from .bench_child import random_ids, run_child
 from .gguf_file import find_llm_file, open_gguf
 
@@ -118,18 +117,21 @@ def _timed(compute) -> float:
     return time.perf_counter() - t0
 
 
-def _probe(args: dict) -> tuple | None:
-    """(the probe, its first reading) before the timed steps, or None with args['probe_bytes'] 0."""
+def _probe(args: dict) -> roof.BandwidthProbe | None:
+    """A bandwidth probe with its first reading, taken before the timed steps; None with args['probe_bytes'] 0."""
     if not args.get("probe_bytes"):
         return None
-    probe = BandwidthProbe(args["probe_bytes"], args["threads"])
-    return probe, probe.read()
+    probe = roof.BandwidthProbe(args["probe_bytes"], args["threads"])
+    probe.read()
+    return probe
 
 
-def _probe_after(probe: tuple | None, out: dict) -> None:
+def _probe_after(probe: roof.BandwidthProbe | None, out: dict) -> None:
+    """Its second reading, after the timed steps: both into out["bandwidth_beside_gb_s"]."""
     if probe is not None:
-        out["bandwidth_beside_gb_s"] = (probe[1], probe[0].read())
-        probe[0].close()
+        probe.read()
+        out["bandwidth_beside_gb_s"] = tuple(probe.readings)
+        probe.close()
 
 
 def ours(args: dict, queue) -> None:
