@@ -19,7 +19,7 @@ Layer (N = layer, all in fp32 activations):
     q,k = NeoX RoPE on the first rotary_dim dims of each head (ggml_rope_ext, mode NEOX)
     a   = softmax(q k^T / sqrt(head_dim) + causal mask) v  @ attn_output.w^T + attn_output.b
     a   = RMSNorm(a) * post_attention_norm.w            (when the file has it)
-    x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))      (MoE layers: the routed FFN of quantize.ggml_moe)
+    x'  = x + a + ffn_down(gelu_tanh(ffn_up(h)))      (quantize.ggml_gelu; MoE layers: routed, quantize.ggml_moe)
 logits = LayerNorm(x) @ output.w^T + output.b
 
 A file with tinygptv.attention = mmca (multi-modal causal attention) runs two flash attentions per layer, one over the
@@ -44,6 +44,7 @@ from tinygpt.errors import UserError
 
 from .ggml_amx import amx_tiles_work
 from .ggml_decode_graph import DecodeGraph, decode_graph_key
+from .ggml_gelu import gelu_tanh
 from .ggml_kv_cache import KVCache
 from .ggml_moe import routed_ffn
 from .ggml_weights import AMX_TYPES, GgmlWeights
@@ -308,17 +309,6 @@ class GgmlLLM(LLMBackend):
     def _linear(self, ctx, x, prefix: str):
         return ggml.ggml_add(ctx, ggml.ggml_mul_mat(ctx, self.w[prefix + ".weight"], x), self.w[prefix + ".bias"])
 
-    def _gelu(self, ctx, x):
-        """ggml_gelu, spread over the threads when there are fewer rows than threads. ggml splits an elementwise op by
-        rows, so a decode step's one [ffn_size] row ran on one thread: 2.0 of 48 ms per full-size step on a 2-core
-        EPYC, 1 ms less as [ffn_size / k, k] (docs/gguf-runtime.md, "Per-op profile")."""
-        ne0, ne1 = x.contents.ne[0], x.contents.ne[1]
-        parts = next((p for p in range(self.n_threads, 1, -1) if ne0 % p == 0), 1) if ne1 < self.n_threads else 1
-        if parts == 1:
-            return ggml.ggml_gelu(ctx, x)
-        y = ggml.ggml_gelu(ctx, ggml.ggml_reshape_2d(ctx, x, ne0 // parts, ne1 * parts))
-        return ggml.ggml_reshape_2d(ctx, y, ne0, ne1)
-
     def _layer(self, ctx, gf, x, il: int, n: int, n_kv: int, pos, mask, kv_rows=None, mask2=None, scale=None):
         hp = self.hp
         H, D, NH = hp.hidden_size, hp.head_dim, hp.n_heads
@@ -360,5 +350,5 @@ class GgmlLLM(LLMBackend):
         if il in hp.moe_layers:  # routed mixture of experts (quantize.ggml_moe)
             mlp = routed_ffn(ctx, self.w, b, h, hp.n_expert_used)
         else:
-            mlp = self._linear(ctx, self._gelu(ctx, self._linear(ctx, h, b + "ffn_up")), b + "ffn_down")
+            mlp = self._linear(ctx, gelu_tanh(ctx, self._linear(ctx, h, b + "ffn_up"), self.n_threads), b + "ffn_down")
         return ggml.ggml_add(ctx, ggml.ggml_add(ctx, x, att), mlp)

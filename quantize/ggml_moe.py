@@ -8,12 +8,15 @@ As llama.cpp's build_moe_ffn, for n tokens h [n_embd, n], E experts, top-k:
     up     = mul_mat_id(ffn_up_exps, h, ids) + ffn_up_exps.bias[ids]             [n_ff, k, n]
     down   = mul_mat_id(ffn_down_exps, gelu(up), ids) + ffn_down_exps.bias[ids]  [n_embd, k, n]
     out    = sum over k of gates * down               [n_embd, n]
-GELU is ggml_gelu (tanh approximation), as the dense FFN. The expert weights stay in the file's memory map (plain CPU
-buffer): ggml_mul_mat_id reads each token's k experts from the 3-D tensor, in the file's type (F32/F16/Q8_0/Q4_K...).
+GELU is quantize.ggml_gelu's (tanh approximation), as the dense FFN. The expert weights stay in the file's memory
+map (plain CPU buffer): ggml_mul_mat_id reads each token's k experts from the 3-D tensor, in the file's type
+(F32/F16/Q8_0/Q4_K...).
 """
 from __future__ import annotations
 
 import ggml  # ggml-python: only quantize.ggml_llm (itself imported lazily) imports this module
+
+from .ggml_gelu import gelu_tanh
 
 
 def routed_ffn(ctx, w: dict, prefix: str, h, n_used: int):
@@ -30,7 +33,7 @@ def routed_ffn(ctx, w: dict, prefix: str, h, n_used: int):
     x = ggml.ggml_reshape_3d(ctx, h, n_embd, 1, n)  # one row per token, shared by its k experts
     up = ggml.ggml_mul_mat_id(ctx, w[prefix + "ffn_up_exps.weight"], x, ids)  # [n_ff, k, n]
     up = ggml.ggml_add_id(ctx, up, w[prefix + "ffn_up_exps.bias"], ids)
-    down = ggml.ggml_mul_mat_id(ctx, w[prefix + "ffn_down_exps.weight"], ggml.ggml_gelu(ctx, up), ids)
+    down = ggml.ggml_mul_mat_id(ctx, w[prefix + "ffn_down_exps.weight"], gelu_tanh(ctx, up), ids)
     down = ggml.ggml_add_id(ctx, down, w[prefix + "ffn_down_exps.bias"], ids)  # [n_embd, k, n]
     down = ggml.ggml_mul(ctx, down, gates)
 

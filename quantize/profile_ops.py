@@ -42,6 +42,7 @@ from .bench_child import random_ids, run_child
 from .gguf_file import find_llm_file, open_gguf
 
 NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+GELU_NAME = "gelu"  # quantize.ggml_gelu.NAME (that module imports ggml; this one only in its children)
 _MAX_SRC, _MAX_NAME = 10, 64  # ggml.h: GGML_MAX_SRC, GGML_MAX_NAME (the same in ggml 0.15 and llama.cpp's ggml)
 
 
@@ -55,8 +56,11 @@ class TensorHead(ctypes.Structure):
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * _MAX_NAME)]
 
 
-def group_of(op: str, weight_name: str | None) -> str:
-    """'matmul ffn_up' for a matmul reading blk.N.ffn_up.weight, else the op ('GELU', 'FLASH_ATTN_EXT', ...)."""
+def group_of(op: str, weight_name: str | None, node_name: str = "") -> str:
+    """'matmul ffn_up' for a matmul reading blk.N.ffn_up.weight, 'GELU' for one of quantize.ggml_gelu's five ops,
+    else the op ('GELU', 'FLASH_ATTN_EXT', ...)."""
+    if node_name == GELU_NAME:
+        return "GELU"
     if op == "MUL_MAT" and weight_name:
         role = re.sub(r"^blk\.\d+\.", "", weight_name)
         return "matmul " + re.sub(r"\.weight$", "", role)
@@ -107,7 +111,7 @@ def _node_pass(backend, gf) -> list[tuple[str, float, int]]:
         ggml.ggml_backend_graph_compute(backend, ctypes.pointer(view))
         seconds = time.perf_counter() - t0
         nbytes, flops = (ggml.ggml_nbytes(w), matmul_flops(w.contents.ne[0], node.contents.ne)) if weight else (0, 0)
-        nodes.append((group_of(op, weight), seconds, nbytes, flops))
+        nodes.append((group_of(op, weight, ggml.ggml_get_name(node).decode()), seconds, nbytes, flops))
     return nodes
 
 

@@ -39,7 +39,11 @@ def test_groups_name_matmuls_by_their_weight():
     assert profile_ops.group_of("MUL_MAT", "blk.17.ffn_up.weight") == "matmul ffn_up"
     assert profile_ops.group_of("MUL_MAT", "output.weight") == "matmul output"
     assert profile_ops.group_of("MUL_MAT", None) == "MUL_MAT"  # attention products of two activations
-    assert profile_ops.group_of("GELU", None) == "GELU"
+    assert profile_ops.group_of("GELU", None) == "GELU"  # stock's
+    assert profile_ops.group_of("SILU", None, "gelu") == "GELU"  # one of quantize.ggml_gelu's five
+    assert profile_ops.group_of("MUL", None, "") == "MUL"
+    ggml_gelu = pytest.importorskip("quantize.ggml_gelu")
+    assert ggml_gelu.NAME.decode() == profile_ops.GELU_NAME
 
 
 def test_summary_subtracts_the_launch_cost_and_averages_over_repeats():

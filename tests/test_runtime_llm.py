@@ -80,14 +80,14 @@ def _ggml(path, **kw):
 
 
 def test_ggml_f32_matches_numpy_reference(llm_files):
-    """F32 weights, F32 KV: the only differences are float32 accumulation order and ggml's fp16 GELU table
-    (|err| ~1e-3 of the activation), so logits of std ~2 agree to < 1e-2 absolute."""
+    """F32 weights, F32 KV: the only difference is float32 accumulation order, so logits of std ~2 agree to < 1e-4
+    absolute (measured 2e-6; 1.2e-3 with ggml_gelu's F16 table, before quantize.ggml_gelu)."""
     ids = prompt_ids(20)
     ref = reference_for_ids(llm_files["f32"], ids)
     m = _ggml(llm_files["f32"], kv_type="f32")
     got = m.eval_tokens(ids, all_logits=True)
     assert got.shape == ref.shape
-    assert np.abs(got - ref).max() < 1e-2, np.abs(got - ref).max()
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
     assert ref.std() > 0.5  # the check is not vacuous
 
 
@@ -117,8 +117,9 @@ def test_ggml_kv_cache_decode_matches_full_prefill_and_chunking(llm_files):
 
 @pytest.mark.parametrize("threads,rows", [(2, 2), (3, 2), (4, 4)])
 def test_ggml_decode_gelu_runs_on_a_row_per_thread(llm_files, threads, rows):
-    """ggml splits elementwise ops by rows: a decode step's GELU is reshaped to as many rows as threads (or the
-    largest count <= threads that divides ffn 512), and the logits equal a one-thread run's."""
+    """ggml splits elementwise ops by rows: a decode step's GELU (quantize.ggml_gelu: its SILU node is the costly
+    one) is reshaped to as many rows as threads (or the largest count <= threads that divides ffn 512), and the
+    logits equal a one-thread run's."""
     import ggml
 
     ids = prompt_ids(12, seed=8)
@@ -130,7 +131,7 @@ def test_ggml_decode_gelu_runs_on_a_row_per_thread(llm_files, threads, rows):
     got = np.stack([many.eval_tokens(ids[i:i + 1]) for i in range(8, 12)])
     gf = many._decode.gf
     gelus = [ggml.ggml_graph_node(gf, i) for i in range(ggml.ggml_graph_n_nodes(gf))]
-    gelus = [t for t in gelus if ggml.ggml_op_desc(t).decode() == "GELU"]
+    gelus = [t for t in gelus if ggml.ggml_op_desc(t).decode() == "SILU"]
     assert len(gelus) == TINY["layers"]
     assert {tuple(t.contents.ne[:2]) for t in gelus} == {(TINY["ffn"] // rows, rows)}
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
