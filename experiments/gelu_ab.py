@@ -5,9 +5,9 @@
 
 The first part times a graph of 32 GELUs over [10240] rows (a full-size decode step's FFN activations, one row per
 thread) and prints each one's largest error against the exact float64 function. The second opens the file twice,
-one GgmlLLM per GELU, and alternates rounds: prefill 100 random ids, then the median of 40 single-token steps.
-Prints each round and the medians. On a shared host read the rounds: the bench's "moved" readings (the host moving
-the guest's CPUs) show up here as jumps of a few ms in both columns.
+one GgmlLLM per GELU, and alternates rounds: prefill 100 random ids (timed), then the median of 40 single-token
+steps. Prints each round and the medians. On a shared host read the rounds: the bench's "moved" readings (the host
+moving the guest's CPUs) show up here as jumps of a few ms in both columns.
 """
 from __future__ import annotations
 
@@ -72,22 +72,27 @@ def decode_rounds(path: str, rounds: int = 8) -> None:
                "ggml_gelu.py": ggml_llm.GgmlLLM(contents, n_ctx=512, n_threads=2)}
     ids = random_ids(100, engines["ggml_gelu"].hp.vocab_size)
     times: dict[str, list[float]] = {name: [] for name in engines}
+    prefill: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(rounds):
         order = list(engines) if r % 2 == 0 else list(engines)[::-1]
         for name in order:
             ggml_llm.gelu_tanh = table_gelu if name == "ggml_gelu" else gelu_tanh  # read when a graph is built
             llm = engines[name]
             llm.reset()
+            t0 = time.perf_counter()
             logits, steps = llm.eval_tokens(ids), []
+            prefill[name].append(time.perf_counter() - t0)
             for _ in range(40):
                 token = int(np.argmax(logits)) % 50000
                 t0 = time.perf_counter()
                 logits = llm.eval_tokens([token])
                 steps.append(time.perf_counter() - t0)
             times[name].append(float(np.median(steps)) * 1e3)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} ms" for n, t in times.items()), flush=True)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f} ms (prefill {prefill[n][-1]:.2f} s)"
+                                                       for n, t in times.items()), flush=True)
     ggml_llm.gelu_tanh = gelu_tanh
-    print("median: " + ", ".join(f"{n} {np.median(t):.2f} ms/token" for n, t in times.items()))
+    print("median: " + ", ".join(f"{n} {np.median(t):.2f} ms/token, prefill {np.median(prefill[n]):.2f} s"
+                                 for n, t in times.items()))
 
 
 def main() -> None:
