@@ -7,7 +7,8 @@ Why not ggml_gelu: ggml's CPU kernel rounds every input to F16 and looks the res
 element at a time. That is 4e-3 off the exact function at |x| near 8 (PyTorch's F.gelu(approximate="tanh") is the
 reference), and on a 2-core Zen 4 EPYC 32 layers' [10240] activations took 410-420 us per decode step. The five ops
 here (sqr, scale_bias, mul, silu, div; ggml_silu is vectorised with an exact exp) are within 1e-6 of the exact
-function and took 200 us (docs/gguf-runtime.md, "Per-op profile").
+function and took 200 us; whole decode steps changed by less than this host's noise (docs/gguf-runtime.md, "Per-op
+profile"; experiments/gelu_ab.py).
 
 ggml splits an elementwise op by rows, so a decode step's single [ffn_size] row would run on one thread: with fewer
 rows than threads the activation is reshaped to [ffn_size / p, rows * p] for the largest p <= n_threads that divides
