@@ -92,9 +92,7 @@ def time_llm(llm, prefill: int, decode: int, out: dict, probe_bytes: int = 0, th
         out["kv_bytes_per_token"] = per_position * (prefill + (decode + 1) / 2)
     out["peak_rss_gb"] = max(peak, peak_rss_gb() - (probe.nbytes / 2**30 if probe is not None else 0.0))
     if probe is not None:
-        probe.read()
-        out["bandwidth_beside_gb_s"] = tuple(probe.readings)
-        probe.close()
+        out["bandwidth_beside_gb_s"] = probe.finish()
 
 
 def ours(args: dict, queue) -> None:

@@ -9,7 +9,8 @@ Contract:
     present), `stock_features()`: llama.cpp's system-info line when llama-cpp-python is importable.
   * `roofline_ms(weight_bytes, bandwidth_gb_s)` and `share(roofline_ms, decode_ms)`: the floor and an engine's share of
     it (1.0 = decoding at the bandwidth limit).
-  * `BandwidthProbe(n_bytes, threads).read()`: read bandwidth in GB/s over one array that stays put between readings.
+  * `BandwidthProbe(n_bytes, threads).read()`: read bandwidth in GB/s over one array that stays put between readings;
+    `finish()` takes the last reading, frees the array and returns every reading.
   * `steady(before, after)`: whether two reads of the bandwidth, taken on either side of a measurement, agree within
     STEADY; where they do not, the host moved the process's CPUs (or its memory) while it ran, and a share computed
     from either reading would be a mix of two machines. `beside(readings)`: the table's text for such a pair and the
@@ -113,6 +114,12 @@ class BandwidthProbe:
     def read(self, passes: int = 5) -> float:
         self.readings.append(self.nbytes / min(self.seconds(passes)) / 1e9)
         return self.readings[-1]
+
+    def finish(self) -> tuple[float, ...]:
+        """A last reading (after the measurement it brackets), the array freed: every reading, first to last."""
+        self.read()
+        self.close()
+        return tuple(self.readings)
 
     def close(self) -> None:
         self._x = None

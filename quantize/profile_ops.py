@@ -130,14 +130,6 @@ def _probe(args: dict) -> roof.BandwidthProbe | None:
     return probe
 
 
-def _probe_after(probe: roof.BandwidthProbe | None, out: dict) -> None:
-    """Its second reading, after the timed steps: both into out["bandwidth_beside_gb_s"]."""
-    if probe is not None:
-        probe.read()
-        out["bandwidth_beside_gb_s"] = tuple(probe.readings)
-        probe.close()
-
-
 def ours(args: dict, queue) -> None:
     """Child: our GgmlLLM on args['gguf'] (a directory or an LLM file): the cached decode graph, or with
     args['prefill'] a prefill chunk of that many tokens (GgmlLLM.chunk_graph), whole and node by node."""
@@ -174,7 +166,8 @@ def ours(args: dict, queue) -> None:
                 decode.load_inputs()
                 nodes += _node_pass(backend, decode.gf)
         out = summarize(nodes, step_s, args["repeats"])
-        _probe_after(probe, out)
+        if probe is not None:  # its second reading, after the timed steps
+            out["bandwidth_beside_gb_s"] = probe.finish()
         out["engine"], out["file"] = f"ours, {f.path.name}", str(f.path)
         queue.put(out)
     except BaseException as exc:
@@ -226,7 +219,8 @@ def stock(args: dict, queue) -> None:
             llm.eval_tokens(ids[positions:])
             state["on"] = False
         out = summarize(state["nodes"], step_s, args["repeats"])
-        _probe_after(probe, out)
+        if probe is not None:  # its second reading, after the timed steps
+            out["bandwidth_beside_gb_s"] = probe.finish()
         out["engine"], out["file"] = f"stock, {path.name}", str(path)
         llm.close()
         queue.put(out)
