@@ -9,7 +9,11 @@ an F32 export keeps every weight F32 (the exact reference: ggml's F16 matmuls ro
 The pair is one transaction: both files and `export.json` are written tensor by tensor to temporary names and
 renamed only when all three are complete, so a failed (re-)export leaves the previous pair as it was. Both files
 carry the same `model_id`, a sha256 of the exported model's content (not its shapes), which the runtime checks.
-The output directory is checked before any work; a write failure is one UserError naming the directory.
+The output directory is checked before any work; a write failure is one UserError naming the directory, and a
+directory the export created is removed again. A SIGTERM is handled as an error (temporaries removed); temporaries
+left by an export that was killed outright are removed by the next export into the directory. In the same transaction,
+every other `llm-*.gguf` there that is not of this model (it cannot pair with the new vision.gguf) is removed; a
+vision.gguf of this model more precise than this export's (an f16/f32 reference) is kept, not replaced.
 A model with MoE layers (model.moe) stacks each layer's experts into llama.cpp's ffn_*_exps tensors
 (quantize.gguf_moe); a dense model's file is byte for byte what it was before MoE.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,19 +30,28 @@ import torch
 from gguf import GGMLQuantizationType
 
 from tinygpt.errors import UserError
-from tinygpt.io_utils import atomic_paths, check_output_dir, writing
+from tinygpt.io_utils import (
+    atomic_paths,
+    check_output_dir,
+    dirs_removed_on_failure,
+    remove_stale_temporaries,
+    sigterm_raises,
+    writing,
+)
 from tinygpt.model.checkpoint_io import load_vlm
 from tinygpt.model.lora import has_lora, merge_lora
 
 from . import gguf_names as names
+from .gguf_file import open_gguf
 from .gguf_meta import LLMHyper, PromptInfo, TokenizerMeta, VisionHyper, llm_kv, tokenizer_metadata, vision_kv
 from .gguf_moe import check_moe_config, expert_groups
-from .gguf_stream import FileSummary, TensorPlan, plan_tensor, write_gguf_to
+from .gguf_stream import FileSummary, TensorPlan, plan_tensor, summarize, write_gguf_to
 from .qtypes import FILE_TYPE_BY_NAME, parse_qtype
 
 T = GGMLQuantizationType
 VISION_LINEAR_TYPE = T.Q8_0
 REFERENCE_TYPES = (T.F16, T.F32)  # unquantised exports: the vision Linear weights stay in the same type
+PRECISION = {T.Q8_0: 1, T.F16: 2, T.F32: 3}  # of a vision file's Linear weights
 OUTPUT_HEAD = "output.weight"
 ROUTER = "ffn_gate_inp.weight"
 
@@ -49,15 +62,16 @@ class ExportSummary:
     qtype: str
     llm: FileSummary
     vision: FileSummary
+    vision_type: str = "Q8_0"  # of the Linear weights of the directory's vision.gguf
+    notes: list[str] = field(default_factory=list)  # a kept vision file, removed files of another model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out_dir": self.out_dir, "qtype": self.qtype, "llm": self.llm.to_dict(),
-                "vision": self.vision.to_dict()}
+        return {"out_dir": self.out_dir, "qtype": self.qtype, "vision_type": self.vision_type,
+                "llm": self.llm.to_dict(), "vision": self.vision.to_dict()}
 
     def lines(self) -> list[str]:
-        vision = self.qtype.upper() if self.qtype in ("f16", "f32") else "Q8_0"
-        return [f"exported to {self.out_dir} (LLM {self.qtype}, vision {vision})", *self.llm.lines(),
-                *self.vision.lines()]
+        return [f"exported to {self.out_dir} (LLM {self.qtype}, vision {self.vision_type})", *self.notes,
+                *self.llm.lines(), *self.vision.lines()]
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -137,6 +151,33 @@ def content_id(tensors: Mapping[str, Any], extra: str = "") -> str:
     return sha.hexdigest()
 
 
+def _opened(path: Path, arch: str):
+    """The GGUFContents of path, or None when it is absent, damaged or not a file of arch."""
+    try:
+        return open_gguf(path, arch)
+    except UserError:
+        return None
+
+
+def llm_files_by_model(out: Path, new_file: Path, model_id: str) -> tuple[list[Path], list[Path]]:
+    """The llm-*.gguf in out other than new_file: (those of model_id, the rest: another, no or an unreadable id)."""
+    same, other = [], []
+    for path in sorted(out.glob("llm-*.gguf")):
+        if path != new_file:
+            llm = _opened(path, names.ARCH_LLM)
+            (same if llm is not None and llm.metadata.get(names.MODEL_ID) == model_id else other).append(path)
+    return same, other
+
+
+def vision_type_of(path: Path, model_id: str) -> GGMLQuantizationType | None:
+    """The Linear weight type of the vision file at path (its least precise 2-D weight) when it is of model_id."""
+    vision = _opened(path, names.ARCH_VISION)
+    if vision is None or vision.metadata.get(names.VISION_MODEL_ID) != model_id:
+        return None
+    types = [T(t.tensor_type) for n, t in vision.tensors.items() if len(t.shape) == 2 and n.endswith(".weight")]
+    return min(types, key=lambda t: PRECISION.get(t, 0), default=None)
+
+
 def write_pair(
     out_dir: str | Path,
     qtype_name: str,
@@ -152,7 +193,8 @@ def write_pair(
     model_id: str = "",
 ) -> ExportSummary:
     """Write vision.gguf, llm-<qtype>.gguf and export.json into out_dir as one transaction; produce(gguf_name) gives
-    one tensor; model_id (content_id of the model) goes into both files."""
+    one tensor; model_id (content_id of the model) goes into both files. The transaction also removes the other
+    llm-*.gguf of another model; a more precise vision.gguf of this model is kept (see the module docstring)."""
     qtype = parse_qtype(qtype_name)
     out = check_out_dir(out_dir)
     if not model_id:
@@ -161,32 +203,60 @@ def write_pair(
     if long:
         raise ValueError(f"GGUF tensor names over {names.MAX_NAME_LENGTH} bytes: {long}")
 
-    files = [out / names.VISION_FILE_NAME, out / names.llm_file_name(qtype_name.lower()), out / names.SUMMARY_FILE_NAME]
+    vision_file, llm_file = out / names.VISION_FILE_NAME, out / names.llm_file_name(qtype_name.lower())
+    files = [vision_file, llm_file, out / names.SUMMARY_FILE_NAME]
     llm_meta = llm_kv(llm_hyper, tok, prompt, vision_hyper.hash(), model_name, FILE_TYPE_BY_NAME[qtype_name.lower()],
                       model_id)
     vision_type = qtype if qtype in REFERENCE_TYPES else VISION_LINEAR_TYPE
-    with writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"), atomic_paths(files) as tmps:
-        vision = write_gguf_to(
-            tmps[0], files[0], names.ARCH_VISION, vision_kv(vision_hyper, f"{model_name} vision", model_id),
-            vision_plans(vision_shapes, vision_type), lambda p: produce(p.name),
-            progress,
-        )
-        llm = write_gguf_to(
-            tmps[1], files[1], names.ARCH_LLM, llm_meta, llm_plans(llm_shapes, qtype), lambda p: produce(p.name),
-            progress,
-        )
-        summary = ExportSummary(str(out), qtype_name.lower(), llm, vision)
-        record = {**summary.to_dict(), "model_id": model_id}
-        tmps[2].write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with sigterm_raises(), dirs_removed_on_failure(out), \
+            writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"):
+        for stale in remove_stale_temporaries(out, [f.name for f in files] + ["llm-*.gguf"]):
+            if progress:
+                print(f"removed {stale} (a temporary file of an export that is no longer running)")
+        same, other = llm_files_by_model(out, llm_file, model_id)
+        existing = vision_type_of(vision_file, model_id)
+        notes = [f"removed {p} (of another model: it cannot pair with the new {vision_file.name})" for p in other]
+        if existing is not None and PRECISION[existing] > PRECISION[vision_type]:
+            files.remove(vision_file)
+            notes.append(f"kept {vision_file} of this model ({existing.name}, more precise than the "
+                         f"{vision_type.name} this export writes)")
+            vision_type = existing
+        elif existing is not None and existing != vision_type and same:
+            notes.append(f"{', '.join(p.name for p in same)} now pair with this {vision_type.name} "
+                         f"{vision_file.name} (it was {existing.name})")
+        with atomic_paths(files, remove=other) as tmps:
+            tmp = dict(zip(files, tmps))
+            if vision_file in tmp:
+                vision = write_gguf_to(
+                    tmp[vision_file], vision_file, names.ARCH_VISION,
+                    vision_kv(vision_hyper, f"{model_name} vision", model_id),
+                    vision_plans(vision_shapes, vision_type), lambda p: produce(p.name), progress,
+                )
+            else:
+                vision = summarize(vision_file, vision_plans(vision_shapes, vision_type), 0.0)
+            llm = write_gguf_to(
+                tmp[llm_file], llm_file, names.ARCH_LLM, llm_meta, llm_plans(llm_shapes, qtype),
+                lambda p: produce(p.name), progress,
+            )
+            summary = ExportSummary(str(out), qtype_name.lower(), llm, vision, vision_type.name, notes)
+            record = {**summary.to_dict(), "model_id": model_id}
+            tmps[-1].write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if progress:
         print("\n".join(summary.lines()))
     return summary
 
 
 # ----------------------------------------------------------------------------------------- the model
+def model_path(model_dir: str | Path) -> Path:
+    """--model as a Path; an empty one (Path("") is the current directory, e.g. an unset variable) is a UserError."""
+    if not str(model_dir).strip():
+        raise UserError("--model: the path is empty; give the saved model's directory")
+    return Path(model_dir)
+
+
 def load_model_dir(model_dir: str | Path):
     """A TinyGPTVForConditionalGeneration (LoRA merged, tokenizer attached) from a saved model directory."""
-    path = Path(model_dir)
+    path = model_path(model_dir)
     if not path.is_dir():
         raise UserError(f"--model: {path} is not a directory")
     config_file = path / "config.json"
@@ -207,7 +277,8 @@ def load_model_dir(model_dir: str | Path):
 def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k",
                  progress: bool = True) -> ExportSummary:
     """Export the model saved in model_dir to out_dir/llm-<qtype>.gguf + out_dir/vision.gguf (+ export.json)."""
-    parse_qtype(qtype)  # fail on a bad --qtype or --out before loading anything
+    parse_qtype(qtype)  # fail on a bad --qtype, --model or --out before loading anything
+    model_path(model_dir)
     check_out_dir(out_dir)
     model = load_model_dir(model_dir)
     config = model.config

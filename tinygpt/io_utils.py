@@ -7,15 +7,23 @@
   is removed and the targets are untouched. Results get the usual permissions (0666/0777 minus the umask).
 * ``writing(path, what)``: a full disk, a permission or an I/O error while writing becomes one ``UserError`` naming
   the path and what was being written (OSError, safetensors' SafetensorError, torch.save's RuntimeError).
+* Temporary names are ``.<target name>.<pid>.<random>.tmp``: ``remove_stale_temporaries`` removes those of writers that
+  are no longer running (killed by SIGKILL, a power cut). ``sigterm_raises()`` turns a SIGTERM into ``SystemExit`` so
+  the temporaries are removed as on any error; ``dirs_removed_on_failure(path)`` removes the directories a failed
+  write created.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -40,6 +48,8 @@ def check_output_dir(path: str | os.PathLike, where: str, what: str = "output") 
 
     ``where`` prefixes the message (e.g. ``"stage1.yaml: run.output_dir"``), ``what`` names what goes there.
     """
+    if not str(path).strip():  # Path("") is the current directory: an unset variable ($OUT) must not write there
+        raise UserError(f"{where}: the path is empty; give the directory for the {what}")
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise UserError(f"{where}: {target} exists and is a file, not a directory; refusing to replace it "
@@ -100,15 +110,89 @@ def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------ atomic
 def _temp_file(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    """``.<name>.<pid>.<random>.tmp``: the PID tells a live writer's temporary from a dead one's."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     return Path(name)
 
 
+LEGACY_QUIET_SECONDS = 600  # temporaries named without a PID: stale when none of them changed for this long
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Remove the temporaries in ``directory`` of targets named like one of ``names`` (glob patterns) whose writer is
+    no longer running: the PID in the name is no live process, or, for a name without a PID (older versions), no such
+    temporary changed for ``LEGACY_QUIET_SECONDS`` (a live writer keeps writing one). Returns the removed paths."""
+    dead, legacy = [], []
+    for pattern in names:
+        for tmp in sorted(Path(directory).glob(f".{pattern}.*.tmp")):
+            head, pid, _ = (tmp.name[:-len(".tmp")].rsplit(".", 2) + ["", ""])[:3]
+            if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}"):
+                if not _pid_alive(int(pid)):
+                    dead.append(tmp)
+            else:
+                legacy.append(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        if legacy and time.time() - max(p.stat().st_mtime for p in legacy) < LEGACY_QUIET_SECONDS:
+            legacy = []
+    removed = []
+    for tmp in dead + legacy:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
-    """Temporary paths next to each of ``paths``; on normal exit all are renamed onto their targets (in order), on
-    error all are deleted and the targets untouched. Use it for files that only make sense together."""
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block a SIGTERM raises ``SystemExit(143)``, so temporaries are removed as on any error; the previous
+    handler is restored afterwards. Outside the main thread (where no handler can be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def dirs_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """The directories up to ``path`` that do not exist yet are removed again (when empty) if the block fails, so a
+    failed write into a new directory leaves nothing behind."""
+    missing, parent = [], Path(path).absolute()
+    while not parent.exists() and not parent.is_symlink():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        yield
+    except BaseException:
+        for directory in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], remove: Sequence[str | os.PathLike] = ()) -> Iterator[list[Path]]:
+    """Temporary paths next to each of ``paths``; on normal exit all are renamed onto their targets (in order) and
+    the files in ``remove`` deleted, on error all temporaries are deleted and the targets untouched. Use it for files
+    that only make sense together (``remove``: files that cannot go with the new ones)."""
     targets = [Path(p) for p in paths]
     tmps: list[Path] = []
     try:
@@ -123,6 +207,8 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
             make_readable(tmp)
         for tmp, target in zip(tmps, targets):
             os.replace(tmp, target)
+        for old in remove:
+            Path(old).unlink(missing_ok=True)
     except BaseException:
         for tmp in tmps:
             with contextlib.suppress(FileNotFoundError):
