@@ -129,3 +129,30 @@ def test_no_model_id_no_entry_and_only_the_newest_entries_are_kept(vision_file, 
     (cache_dir / "junk.safetensors").write_bytes(b"\xff" * 64)
     for name in ("cut.safetensors", "junk.safetensors"):
         assert vision_cache.open_entry(cache_dir / name, ["layer"]) is None
+
+
+def test_a_damaged_entry_of_the_same_size_is_caught_by_its_crcs_and_written_again(vision_file, cache_dir):
+    first = _encode(vision_file, "written")
+    (entry,) = cache_dir.glob("*.safetensors")
+    data = bytearray(entry.read_bytes())
+    (length,) = np.frombuffer(bytes(data[:8]), "<u8")
+    for k in range(8 + int(length), len(data), 997):  # bit rot in the arrays; the header and the size intact
+        data[k] ^= 0x5A
+    entry.write_bytes(bytes(data))
+    assert np.array_equal(_encode(vision_file, "read"), first)  # every damaged layer rebuilt from the file
+    assert not entry.exists()  # and the entry dropped, so that
+    assert np.array_equal(_encode(vision_file, "written"), first)  # the next load writes it again
+    assert np.array_equal(_encode(vision_file, "read"), first)
+
+
+def test_an_array_never_written_fails_its_check(cache_dir):
+    weight = vision_runtime.per_row_int8(torch.randn(4, 8))
+    writer = vision_cache.Writer(cache_dir / "partial.safetensors", {"a": (4, 8), "b": (4, 8)})
+    writer.put("a", weight)
+    assert writer.commit()
+    reader = vision_cache.open_entry(cache_dir / "partial.safetensors", ["a", "b"])
+    assert torch.equal(reader.get("a")[0], weight.int_repr())
+    with pytest.raises(OSError, match="CRC-32"):
+        reader.get("b")
+    reader.close()
+    assert not (cache_dir / "partial.safetensors").exists()
