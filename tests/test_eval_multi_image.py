@@ -246,7 +246,7 @@ def test_a_missing_default_split_is_not_written_by_evaluate_and_says_how_to_writ
     assert cfg.benchmark.root == str(tmp_path / "data" / "eval" / "multi_image")
     _write_synthetic_files(cfg)
     assert not (tmp_path / "data").exists()   # not the benchmark_files tree: the generator writes this split
-    with pytest.raises(UserError, match=r"multi_image\.yaml: benchmark\.root .* is not a directory .*"
+    with pytest.raises(UserError, match=r"multi_image\.yaml: benchmark\.root: .* is not a directory .*"
                                         r"python -m tinygpt\.tiny\.synthetic` writes data/synthetic/eval and "
                                         r"eval/multi_image"):
         run_evaluation(cfg, quiet=True)

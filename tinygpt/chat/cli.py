@@ -49,6 +49,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def launch_config(args: argparse.Namespace) -> LaunchConfig:
     """The launch config named by --cfg-path, or one made from --gguf / --model; flags override its settings."""
+    if args.threads < 1:
+        raise UserError(f"--threads: expected a number of CPU threads >= 1, got {args.threads}")
     if args.cfg_path:
         cfg = load_launch_config(args.cfg_path)
     else:

@@ -157,7 +157,8 @@ class ChatEngine:
         length = self.backend.prompt_length(turns)
         if length >= self.context_length:
             raise UserError(f"{where}prompt too long: the conversation needs {length} positions and the model's "
-                            f"context holds {self.context_length} (start a new conversation or shorten it)")
+                            f"context holds {self.context_length}, which must leave at least one position for the "
+                            "answer (start a new conversation or shorten it)")
         room = self.context_length - length
         return settings.with_(max_new_tokens=room) if settings.max_new_tokens > room else settings
 

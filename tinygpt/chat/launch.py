@@ -81,7 +81,7 @@ def eval_configs_dir() -> Path:
     return checkout if checkout.is_dir() else PACKAGE_ROOT / "eval_configs"
 
 
-def _check_value(where: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+def _check_value(where: str, key: str, value: Any, annotation: str) -> Any:
     if value is None:
         if "None" in annotation:
             return None
@@ -95,8 +95,6 @@ def _check_value(where: str, key: str, value: Any, default: Any, annotation: str
     accepted = _TYPES.get(kind)
     if accepted and (isinstance(value, bool) or not isinstance(value, accepted)):
         raise UserError(f"{where}: {key} must be {'an integer' if kind == 'int' else 'a ' + kind}, got {value!r}")
-    if kind == "int" and isinstance(default, int) and not key.endswith(".seed") and value < 0:
-        raise UserError(f"{where}: {key} must be >= 0, got {value}")
     return float(value) if kind == "float" else value
 
 
@@ -115,7 +113,7 @@ def check_section(path: Path, name: str, raw: Any, cls: type | None = None) -> A
             raise UserError(f"{path}: unknown key {name}.{key}{did_you_mean(str(key), known)} "
                             f"(valid: {', '.join(known)})")
         f = known[key]
-        values[key] = _check_value(str(path), f"{name}.{key}", value, f.default, str(f.type))
+        values[key] = _check_value(str(path), f"{name}.{key}", value, str(f.type))
     try:
         return cls(**values)
     except UserError as exc:  # GenerationSettings' own checks ("temperature: must be >= 0 ...")

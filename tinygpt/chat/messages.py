@@ -17,7 +17,9 @@ Rules:
   non-system message is a user message;
 * image URLs may be ``data:`` URIs, ``file://`` URLs or local paths; ``http(s)`` is refused (no downloads);
 * a text that already contains ``<ImageHere>`` is refused (it would desynchronise images and placeholders).
-Every violation is a `UserError` naming the field, e.g. ``messages[2].content[1].image_url.url: ...``.
+Every violation is a `UserError` naming the field, e.g. ``messages[2].content[1].image_url.url: ...``; an image
+that does not decode when it is used (`ImageRef.open`) is an `UnreadableImage`, a UserError (the server: code
+``invalid_image``).
 
 An image is carried as an `ImageRef`: a content key (sha256 of the file bytes, the data-URI bytes or the decoded
 pixels) and a way to open it, so a cached image is never decoded twice.
@@ -43,6 +45,10 @@ from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
 ROLES = ("system", "user", "assistant")
 
 
+class UnreadableImage(UserError):
+    """An image whose bytes do not decode (not an image, truncated, damaged, too large for PIL's guard)."""
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """One image of a conversation: `key` identifies its content, `open()` decodes it (RGB)."""
@@ -55,8 +61,13 @@ class ImageRef:
         try:
             image = self._load()
             image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UserError(f"{self.where}: not a readable image ({type(exc).__name__})") from None
+        except Image.DecompressionBombError as exc:  # PIL's guard: over 2 x Image.MAX_IMAGE_PIXELS
+            raise UnreadableImage(f"{self.where}: the image is too large to decode ({exc})") from None
+        except UnidentifiedImageError:
+            raise UnreadableImage(f"{self.where}: not a readable image (not an image format PIL knows)") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise UnreadableImage(f"{self.where}: not a readable image: it is truncated or damaged "
+                                  f"({type(exc).__name__}: {exc})") from None
         return image.convert("RGB")
 
 

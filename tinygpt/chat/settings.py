@@ -2,7 +2,8 @@
 
 Defaults are greedy (temperature 0), so an answer is reproducible; the original demo sampled (top-p 0.9,
 temperature 0.6-1.0, repetition penalty 1.05), which users can ask for. `stop` adds to the model's own stop strings
-(read from its config or GGUF). `seed` makes sampling repeat: each call reseeds. `num_beams` > 1 is PyTorch only.
+(read from its config or GGUF). `seed` makes sampling repeat: each call reseeds; it is an integer in
+0 .. 2**64 - 1 (what torch.manual_seed and numpy's generators both take) or None. `num_beams` > 1 is PyTorch only.
 The repetition penalty is applied over the generated tokens by the PyTorch backend (transformers' rule for
 `inputs_embeds` prompts) and over the conversation's text tokens plus the generated ones by the GGUF runtime, so
 the two agree only at 1.0 (the default).
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class GenerationSettings:
             raise UserError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise UserError(f"seed: must be an integer in 0 .. {MAX_SEED} (2**64 - 1) or null, got {self.seed!r}")
         return self
 
     @property

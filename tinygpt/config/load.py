@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
@@ -21,9 +23,8 @@ from yaml import YAMLError
 
 from ..errors import UserError, did_you_mean
 from . import schema
+from .options import OPTIONS, flat_keys, parse_options
 from .schema import REQUIRED, RunConfig
-
-OPTIONS = "--options"
 
 
 class _Mismatch(Exception):
@@ -43,14 +44,6 @@ def _read_yaml(path: Path):
     if not OmegaConf.is_dict(loaded):
         raise UserError(f"{path}: the top level must be a mapping of sections (model, data, optim, schedule, run)")
     return loaded
-
-
-def _flat_keys(node: Any, prefix: str = "") -> Iterable[str]:
-    if OmegaConf.is_dict(node):
-        for key in node.keys():
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            yield dotted
-            yield from _flat_keys(node._get_node(key), dotted)
 
 
 def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()):
@@ -75,21 +68,14 @@ def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()
         if base_path.is_absolute():
             raise UserError(f"{path}: extends: {base!r} is absolute; name bases relative to this file")
         merged = OmegaConf.merge(merged, _load_tree(path.parent / base_path, origins, (*stack, path)))
-    for key in _flat_keys(own):
+    for key in flat_keys(own):
         origins[key] = str(path)
     return OmegaConf.merge(merged, own)
 
 
 def _parse_options(options: Iterable[str], origins: dict[str, str]):
-    items = list(options or [])
-    for item in items:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise UserError(f"{OPTIONS}: {item!r} is not key=value (e.g. run.seed=3)")
-    try:
-        parsed = OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise UserError(f"{OPTIONS}: cannot parse {items!r} ({str(exc).splitlines()[0]})") from None
-    for key in _flat_keys(parsed):
+    parsed, keys = parse_options(options, example="run.seed=3")
+    for key in keys:
         origins[key] = OPTIONS
     return parsed
 
@@ -359,12 +345,25 @@ def check_paths(cfg: RunConfig) -> None:
                 continue
             key = f"data.datasets.{name}.params.{param}"
             for value in _path_values(values):
-                target = Path(value)
-                if param == "shards" and "{" in value:  # a brace pattern: its folder must exist
-                    target = Path(value.split("{", 1)[0]).parent
-                if not target.exists():
-                    raise UserError(f"{cfg.origin(key)}: {key}: {value} does not exist"
-                                    " (set TINYGPT_DATA or vars.data_root to your data folder)")
+                if param == "shards" and "{" in value:
+                    _check_shard_pattern(cfg, key, value)
+                elif not Path(value).exists():
+                    raise UserError(f"{cfg.origin(key)}: {key}: {value} does not exist{_DATA_HINT}")
+
+
+_DATA_HINT = " (set TINYGPT_DATA or vars.data_root to your data folder)"
+_BRACES = re.compile(r"\{[^{}]*\}")
+
+
+def _check_shard_pattern(cfg: RunConfig, key: str, pattern: str) -> None:
+    """A brace pattern (``data/laion/{00000..05244}.tar``): the folder it lives in exists and holds at least one
+    file of the pattern's shape (each ``{...}`` read as ``*``; the data loader expands the braces exactly)."""
+    folder = Path(os.path.dirname(pattern.split("{", 1)[0]) or ".")
+    if not folder.is_dir():
+        raise UserError(f"{cfg.origin(key)}: {key}: {pattern}: the folder {folder} does not exist{_DATA_HINT}")
+    if not glob.glob(_BRACES.sub("*", pattern)):
+        raise UserError(f"{cfg.origin(key)}: {key}: {pattern}: no shard file of this pattern exists in "
+                        f"{folder}{_DATA_HINT}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

@@ -22,20 +22,17 @@ bad key or value is one UserError naming the file (or ``--options`` when the ove
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from ..chat.launch import LaunchConfig, check_section, find_launch_config, launch_config_from_tree, read_config_tree
+from ..config.options import OPTIONS, parse_options
 from ..errors import UserError, did_you_mean
 from ..paths import tiny_data_dir
 from .benchmark import SCORINGS
 from .benchmarks import get_benchmark, names
 
-OPTIONS = "--options"
 LAUNCH_SECTIONS = ("model", "generation", "limits")
 SECTIONS = (*LAUNCH_SECTIONS, "benchmark", "run")
 
@@ -62,6 +59,12 @@ class EvalConfig:
     launch: LaunchConfig
     benchmark: BenchmarkChoice  # name, root, split and options all filled in
     run: RunChoice  # out_dir filled in
+    overridden: frozenset[str] = frozenset()  # the dotted keys --options set
+
+    def blame(self, key: str) -> str:
+        """Who set ``key``, for a message about its value: ``--options benchmark.root`` when the command line did,
+        else ``eval_configs/gqa.yaml: benchmark.root``."""
+        return f"{OPTIONS} {key}" if key in self.overridden else f"{self.source}: {key}"
 
     @property
     def load_options(self) -> dict:
@@ -79,17 +82,6 @@ GENERATOR_SPLITS = {"shapes": Path("eval"), "multi_image": Path("eval") / "multi
 def default_root(name: str) -> Path:
     """Where the synthetic files for the tiny model are (tinygpt.tiny.synthetic writes them)."""
     return tiny_data_dir() / GENERATOR_SPLITS.get(name, Path("benchmarks") / name)
-
-
-def _parse_options(options: Iterable[str]):
-    items = list(options or [])
-    for item in items:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise UserError(f"{OPTIONS}: {item!r} is not key=value (e.g. run.batch_size=16)")
-    try:
-        return OmegaConf.from_dotlist(items) if items else None
-    except OmegaConfBaseException as exc:
-        raise UserError(f"{OPTIONS}: cannot parse {items!r} ({str(exc).splitlines()[0]})") from None
 
 
 def _benchmark(path: Path, raw) -> BenchmarkChoice:
@@ -146,9 +138,10 @@ def load_eval_config(path: str | os.PathLike, options: Iterable[str] = (), check
     """Read and check an evaluation config with its ``--options`` overrides. ``check_model``: the model path must
     exist (off for tests of the parsing)."""
     path = find_launch_config(path)
-    overrides = _parse_options(options)
+    overrides, keys = parse_options(options, example="run.batch_size=16")
     try:
-        return eval_config_from_tree(path, read_config_tree(path, overrides), check_model)
+        cfg = eval_config_from_tree(path, read_config_tree(path, overrides), check_model)
+        return replace(cfg, overridden=frozenset(keys))
     except UserError as error:
         if overrides is None:
             raise

@@ -215,7 +215,7 @@ def _check_root(cfg: EvalConfig) -> None:
             " and eval/multi_image, also over an older tree whose files it rewrites byte-identically with the same"
             " seed; `python -m tinygpt.tiny.synthetic.benchmark_files --out data/synthetic/benchmarks` the others)"
             if synthetic else "")
-    raise UserError(f"{cfg.source}: benchmark.root {root} is not a directory{hint}; point it at the dataset with "
+    raise UserError(f"{cfg.blame('benchmark.root')}: {root} is not a directory{hint}; point it at the dataset with "
                     f"--options benchmark.root=DIR")
 
 
@@ -229,8 +229,25 @@ def engine_load_options(name: str, engine) -> dict:
     return {"caption_prompt": caption_prompt_for(engine)}
 
 
+def _blamed(cfg: EvalConfig, error: UserError, prefix: str, key: str | None = None) -> UserError:
+    """A message that starts with ``prefix`` (a benchmark's ``benchmark.options.limit: ...``, the backend's
+    ``device cuda: ...``) rewritten to name who set the key (``--options benchmark.options.limit: ...``, or the
+    config file); ``key``: the key the prefix stands for (default: the message's first word)."""
+    message = str(error)
+    if not message.startswith(prefix):
+        return error
+    if key is None:
+        key, _, rest = message.partition(": ")
+    else:
+        rest = message[len(prefix):].lstrip()
+    return UserError(f"{cfg.blame(key)}: {rest}")
+
+
 def _load(bench: Benchmark, cfg: EvalConfig, extra: dict) -> list[Sample]:
-    samples = bench.load(Path(cfg.benchmark.root), cfg.benchmark.split, {**cfg.load_options, **extra})
+    try:
+        samples = bench.load(Path(cfg.benchmark.root), cfg.benchmark.split, {**cfg.load_options, **extra})
+    except UserError as error:
+        raise _blamed(cfg, error, "benchmark.options.") from None
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise UserError(f"{cfg.benchmark.root}: sample ids repeat in split {cfg.benchmark.split}")
@@ -245,7 +262,7 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
     from .predict import predict  # torch and the engine: imported once the config is known to be good
 
     bench = get_benchmark(cfg.benchmark.name)
-    out_dir = check_output_dir(cfg.run.out_dir, f"{cfg.source}: run.out_dir", "evaluation results")
+    out_dir = check_output_dir(cfg.run.out_dir, cfg.blame("run.out_dir"), "evaluation results")
     _check_root(cfg)
     samples = _load(bench, cfg, {})  # the files are checked before the model loads
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +272,11 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
             print(f"moved aside: {moved}", file=sys.stderr)
     expected = fingerprint(cfg)
     done = read_predictions(path, expected)
-    engine = engine or open_engine(cfg.launch)
+    if engine is None:
+        try:
+            engine = open_engine(cfg.launch)
+        except UserError as error:  # "device cuda: no CUDA GPU ..." from the backend: name model.device
+            raise _blamed(cfg, error, "device ", "model.device") from None
     extra = engine_load_options(bench.name, engine)
     if extra:
         samples = _load(bench, cfg, extra)

@@ -23,8 +23,9 @@ def listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
 
 
 class BackgroundServer:

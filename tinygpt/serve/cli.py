@@ -6,7 +6,8 @@ launch config names.
 
 Binds 127.0.0.1 unless --host says otherwise. The API key comes from --api-key, else $TINYGPT_API_KEY; without
 one, no key is asked. The port is taken before the model loads, so a busy port or a bad config is one ``error:``
-line and exit status 2 at once (tinygpt.errors); the server then runs until interrupted (exit 0).
+line and exit status 2 at once (tinygpt.errors), and so is a --port outside 0-65535; the server then runs until
+interrupted (exit 0).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import argparse
 import logging
 import os
 
-from ..errors import report_errors
+from ..errors import UserError, report_errors
 
 API_KEY_ENV = "TINYGPT_API_KEY"
+MAX_PORT = 65535
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tinygpt.serve") -> argparse.Namespace:
@@ -53,6 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     from .app import create_app
     from .background import listen
 
+    if not 0 <= args.port <= MAX_PORT:
+        raise UserError(f"--port: expected 1-{MAX_PORT} (or 0: any free port), got {args.port}")
     cfg = load_launch_config(args.cfg_path)
     sock = listen(args.host, args.port)
     engine = open_engine(cfg)

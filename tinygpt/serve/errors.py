@@ -4,7 +4,7 @@ Contract (installed on the app by `install_error_handlers`):
 * `APIError(status, message, param=None, code=None)` raised while handling a request becomes that status and body;
 * a `UserError` (the chat engine's: a malformed message, a bad setting, a prompt longer than the context) is a 400
   whose ``param`` is the field its message starts with (``messages[0].content[1].image_url.url: ...``); a prompt
-  that does not fit has code ``context_length_exceeded``;
+  that does not fit has code ``context_length_exceeded``, an image that does not decode ``invalid_image``;
 * request-validation errors (invalid JSON, a wrong field type, a value out of range) are a 400 naming the field,
   not FastAPI's 422 shape;
 * HTTP errors Starlette raises (unknown path 404, wrong method 405, body too large 413) keep their status and get
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat.messages import UnreadableImage
 from ..errors import UserError
 
 log = logging.getLogger("tinygpt.serve")
@@ -53,7 +54,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def from_user_error(error: UserError) -> APIError:
     message = str(error)
     field = _FIELD.match(message)
-    code = "context_length_exceeded" if message.startswith("prompt too long") else None
+    code = "context_length_exceeded" if message.startswith("prompt too long") else (
+        "invalid_image" if isinstance(error, UnreadableImage) else None)
     return APIError(400, message, field.group(1) if field else None, code)
 
 

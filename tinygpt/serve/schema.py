@@ -5,7 +5,11 @@ Contract:
   ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens`` (the latter wins), ``temperature``,
   ``top_p``, ``stop`` (a string or a list), ``seed``, ``n`` (only 1); plus ``repetition_penalty`` (an extension,
   vLLM's name);
-* a wrong type or a value out of range is a validation error (a 400 naming the field, tinygpt.serve.errors);
+* a wrong type or a value out of range is a validation error (a 400 naming the field, tinygpt.serve.errors); the
+  types are strict: ``"10"`` or ``true`` is not an integer, ``"yes"`` is not a boolean, ``Infinity`` / ``NaN`` are
+  not numbers (what the `openai` client sends, ints for floats and null for what is optional, is accepted);
+* ``stop``, as OpenAI's: at most `MAX_STOP` strings of 1 to `MAX_STOP_CHARS` characters (a long or numerous stop
+  list makes every generated token slow to check); ``seed`` is checked by GenerationSettings (0 .. 2**64 - 1);
 * fields that would change what an answer means and that this server cannot do (``tools``, ``functions``,
   ``logprobs``, ``top_logprobs``, a non-text ``response_format``, ``n`` > 1) are refused with a 400; other OpenAI
   fields (``user``, ``presence_penalty``, ``frequency_penalty``, ``metadata``...) are accepted and ignored;
@@ -24,11 +28,13 @@ from ..chat.settings import GenerationSettings
 from .errors import APIError
 
 _UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 64  # characters per stop string
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -36,16 +42,16 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[Any]
-    stream: bool | None = False  # null is accepted (some clients send it) and means false
+    stream: bool | None = Field(False, strict=True)  # null is accepted (some clients send it) and means false
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
     stop: Any = None  # a string or a list of strings (checked in settings(): one message for both shapes)
-    seed: int | None = None
-    n: int | None = 1
-    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, strict=True)  # its range: GenerationSettings (one check for every front end)
+    n: int | None = Field(1, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
 
     def check_supported(self) -> None:
         if self.n not in (1, None):
@@ -73,8 +79,17 @@ class ChatCompletionRequest(BaseModel):
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
         if self.stop is not None:
-            stop = [self.stop] if isinstance(self.stop, str) else self.stop
-            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-                raise APIError(400, f"stop: expected a string or a list of strings, got {self.stop!r}", "stop")
-            changes["stop"] = tuple(stop)
+            changes["stop"] = self._stop()
         return defaults.with_(**changes)
+
+    def _stop(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise APIError(400, f"stop: expected a string or a list of strings, got {self.stop!r}", "stop")
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+        too_long = [s for s in stop if len(s) > MAX_STOP_CHARS]
+        if too_long:
+            raise APIError(400, f"stop: each stop string may hold at most {MAX_STOP_CHARS} characters, got one of "
+                                f"{len(too_long[0])}", "stop")
+        return tuple(stop)  # empty strings: GenerationSettings refuses them ("stop: expected non-empty strings")

@@ -5,7 +5,8 @@ Options (``benchmark.options`` of an eval config, handed to ``load``), the same 
 * ``limit``: only the first N samples (in file order);
 * ``images``: the image directory, instead of the benchmark's default place under the root;
 * ``prompt``: a template for the user text, with the benchmark's fields in braces (``"[vqa] {question}"``; which
-  fields a benchmark offers is in its module docstring); a field it does not offer is a UserError;
+  fields a benchmark offers is in its module docstring); a field it does not offer, or a template without the
+  sample's question (e.g. ``{question}``), is a UserError;
 * ``prompt_style``: ``"official"`` (default: the benchmark's own prompt, see its module) or ``"tinygpt-v"`` (exactly
   the prompt the original TinyGPT-V evaluation asked, for ``--scoring tinygpt-v-compat``); ``prompt`` wins over both.
 
@@ -81,20 +82,20 @@ def parse_options(name: str, options: Optional[dict]) -> Options:
     options = dict(options or {})
     for key in options:
         if key not in OPTIONS:
-            raise UserError(f"options.{key}: unknown option for benchmark {name}; expected one of "
+            raise UserError(f"benchmark.options.{key}: unknown option for benchmark {name}; expected one of "
                             f"{', '.join(OPTIONS)}{did_you_mean(str(key), OPTIONS)}")
     limit = options.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"options.limit: expected a whole number >= 1, got {limit!r}")
+        raise UserError(f"benchmark.options.limit: expected a whole number >= 1, got {limit!r}")
     images = options.get("images")
     if images is not None and (not isinstance(images, (str, Path)) or not str(images).strip()):
-        raise UserError(f"options.images: expected a directory, got {images!r}")
+        raise UserError(f"benchmark.options.images: expected a directory, got {images!r}")
     prompt = options.get("prompt")
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise UserError(f"options.prompt: expected a template such as '[vqa] {{question}}', got {prompt!r}")
+        raise UserError(f"benchmark.options.prompt: expected a template such as '[vqa] {{question}}', got {prompt!r}")
     style = options.get("prompt_style") or "official"
     if style not in PROMPT_STYLES:
-        raise UserError(f"options.prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}"
+        raise UserError(f"benchmark.options.prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}"
                         f"{did_you_mean(str(style), PROMPT_STYLES)}")
     return Options(limit, Path(images).expanduser() if images else None, prompt, style)
 
@@ -103,22 +104,30 @@ def image_dir(root: Path, options: Options, default: str | Path) -> Path:
     """``options.images`` or ``root / default``; a UserError when it is not a directory."""
     directory = options.images or Path(root) / default
     if not directory.is_dir():
-        where = "options.images" if options.images else f"{root}"
+        where = "benchmark.options.images" if options.images else f"{root}"
         raise UserError(f"{where}: image directory {directory} does not exist (set options.images=DIR)")
     return directory
 
 
-def template(options: Options, official: str, tinygpt_v: str, fields: Sequence[str]) -> str:
-    """The prompt template to use (``options.prompt``, else by ``prompt_style``), checked against `fields`."""
+def template(options: Options, official: str, tinygpt_v: str, fields: Sequence[str],
+             needs: Sequence[str] | None = None) -> str:
+    """The prompt template to use (``options.prompt``, else by ``prompt_style``), checked against `fields`: only
+    those, and at least one of `needs` (default: `fields`, which then all carry the sample's question or statement),
+    so that every sample is asked its own question."""
     chosen = options.prompt or (tinygpt_v if options.style == "tinygpt-v" else official)
     try:
         used = [field for _, field, _, _ in string.Formatter().parse(chosen) if field is not None]
     except ValueError as exc:
-        raise UserError(f"options.prompt: cannot read the template {chosen!r} ({exc})") from None
+        raise UserError(f"benchmark.options.prompt: cannot read the template {chosen!r} ({exc})") from None
+    offered = ", ".join("{" + f + "}" for f in fields)
     for field in used:
         if field not in fields:
-            raise UserError(f"options.prompt: unknown field {{{field}}} in {chosen!r}; this benchmark offers "
-                            f"{', '.join('{' + f + '}' for f in fields)}")
+            raise UserError(f"benchmark.options.prompt: unknown field {{{field}}} in {chosen!r}; this benchmark offers "
+                            f"{offered}")
+    needs = needs or fields
+    if not any(field in used for field in needs):
+        raise UserError(f"benchmark.options.prompt: {chosen!r} holds no {' or '.join('{' + f + '}' for f in needs)}, "
+                        f"so every sample would be asked the same text (this benchmark offers {offered})")
     return chosen
 
 

@@ -78,7 +78,7 @@ def load(root: Path, split: str, options: dict) -> list[Sample]:
     root = Path(root)
     if not (root / "problems.json").is_file() and (root / "iconqa_data").is_dir():
         root = root / "iconqa_data"
-    prompt = template(opts, PROMPT, TINYGPT_V_PROMPT, ("question", "choices"))
+    prompt = template(opts, PROMPT, TINYGPT_V_PROMPT, ("question", "choices"), needs=("question",))
     tokens = opts.max_new_tokens(MAX_NEW_TOKENS)
     images = opts.images or root / "iconqa" / split / TASK
 
