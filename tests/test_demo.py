@@ -222,6 +222,10 @@ def test_a_turn_through_the_handlers(engine, tmp_path):
         box, refused = h.add_message({"text": "and this?", "files": [_text_png(tmp_path)]}, final, "none", "")
     assert box == gr.skip() and refused[:-1] == final and is_notice(refused[-1])
     assert list(h.respond(refused, 12, 0.0, 0.9, 1.0, 0)) == [(gr.skip(),) * 3]
+    # a seed the generator cannot take (the seed box is a free number): a notice, never an exception
+    with pytest.warns(UserWarning, match="seed"):
+        (told, _, _), = list(h.respond(history, 4, 1.0, 0.9, 1.0, 2 ** 70))
+    assert told[:-1] == history and is_notice(told[-1])
     with pytest.warns(UserWarning, match="3 images in one message"):
         h2 = Handlers(engine, demo_config(max_images=2), tmp_path)
         assert is_notice(h2.add_message({"text": "", "files": [SHAPES] * 3}, [], "none", "")[1][-1])
@@ -322,6 +326,19 @@ def test_cli_help_and_a_missing_model(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "python train.py" in err[0]
     assert cli.main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
     assert "launch config does not exist" in capsys.readouterr().err
+
+
+def test_cli_a_taken_port_is_one_error_line_before_the_model_loads(monkeypatch, capsys):
+    def never(cfg):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(cli, "load_launch_config", lambda path: object())
+    monkeypatch.setattr(cli, "open_engine", never)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --host/--port: cannot listen on 127.0.0.1:{port}")
 
 
 # ------------------------------------------------------------------------------------------------ gradio_client

@@ -16,12 +16,14 @@ A launch config has three sections; every key is optional except `model.backend`
 `eval_configs/NAME.yaml` that is not in the working directory is the copy shipped in the package (an installed
 tinygpt run from anywhere). Values may use `${oc.env:NAME,default}` like the stage configs. Relative paths are
 relative to the working directory (the quick start runs from the checkout). A misspelt or mistyped key is one
-UserError naming the file and the key; a missing model path names the command that makes it.
+UserError naming the file and the key; a missing model path names the command that makes it. `listen(host, port)`
+makes the listening socket the server serves on, and lets the demo check its port, before either loads a model.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,14 @@ def open_engine(cfg: LaunchConfig) -> ChatEngine:
     if cfg.model.backend == "torch":
         return ChatEngine.from_model_dir(cfg.model.path, device=cfg.model.device, bits=cfg.model.bits, **options)
     return ChatEngine.from_gguf(cfg.model.path, {"n_threads": cfg.model.threads, "qtype": cfg.model.qtype}, **options)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (port 0: any free one); a taken port, an unknown host or a port outside
+    0-65535 is one UserError naming --host/--port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None

@@ -2,8 +2,8 @@
 
 Contract: reads the launch config (tinygpt.chat.launch; default ``eval_configs/tiny.yaml``, the model the quick
 start's ``python train.py`` makes), opens its ChatEngine and serves the gradio demo on ``--host`` / ``--port``; a
-public gradio link only with ``--share``. A missing model or a bad config is one ``error:`` line saying how to make
-it, exit status 2 (tinygpt.errors.report_errors).
+public gradio link only with ``--share``. A missing model, a bad config or a ``--port`` already taken is one ``error:``
+line saying what to do, exit status 2 (tinygpt.errors.report_errors), before the model is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..chat.launch import eval_configs_dir, load_launch_config, open_engine
+from ..chat.launch import eval_configs_dir, listen, load_launch_config, open_engine
 from ..errors import UserError, report_errors
 
 
@@ -41,8 +41,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         raise UserError(f"--port: expected 1-65535, got {args.port}")
     cfg = load_launch_config(args.cfg_path or _default_cfg())
+    if args.port is not None:  # taken, or a host that is not this machine's: say so before loading the model
+        listen(args.host, args.port).close()
     from .app import build_demo, launch  # gradio loads in seconds: after the config has been checked
 
     engine = open_engine(cfg)
-    launch(build_demo(engine, cfg), cfg, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(build_demo(engine, cfg), cfg, host=args.host, port=args.port, share=args.share)
+    except OSError as exc:  # the port was taken while the model loaded
+        raise UserError(f"--host/--port: gradio cannot listen on {args.host}:{args.port} ({exc})") from None
     return 0

@@ -3,29 +3,19 @@
     with BackgroundServer(app) as server:          # a free port on 127.0.0.1 unless told otherwise
         openai.OpenAI(base_url=server.url + "/v1", api_key="-")...
 
-`listen(host, port)` is the one place a listening socket is made: `tinygpt serve` calls it before loading the
-model, so a port already taken is one clear error at once. The server runs uvicorn on its own event loop in a
-daemon thread; leaving the block asks it to stop and waits for it.
+`listen(host, port)` (tinygpt.chat.launch, shared with the demo) makes the listening socket: `tinygpt serve` calls it
+before loading the model, so a port already taken is one clear error at once. The server runs uvicorn on its own
+event loop in a daemon thread; leaving the block asks it to stop and waits for it.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import uvicorn
 
-from ..errors import UserError
-
-
-def listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
-        reason = getattr(exc, "strerror", None) or exc
-        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
+from ..chat.launch import listen
 
 
 class BackgroundServer:
