@@ -1,14 +1,15 @@
 """`python -m quantize {export,random,chat,bench,profile,accuracy}`: GGUF export and CPU inference.
 
-    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
+    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16|f32]
     python -m quantize random --out DIR --size full|tiny [--qtype q4_k] [--seed 0] [--plain]
-    python -m quantize chat   --gguf DIR [--image PATH ...] [--prompt TEXT]
+    python -m quantize chat   --gguf DIR [--image PATH ...] [--prompt TEXT]  (interactive: /image /reset /stats /quit)
     python -m quantize bench  --gguf DIR [--image PATH] [--plain-gguf DIR]
     python -m quantize profile --gguf DIR [--plain-gguf DIR] [--positions 128]
     python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit N]
 
 A mistake the user can fix prints `error: <message>` on stderr and exits with status 2; results that are not
-believable (``tinygpt.evaluation.health``) are printed, then an `error:` line, and the exit status is 3.
+believable (``tinygpt.evaluation.health``) are printed, then an `error:` line, and the exit status is 3. Ctrl-C prints
+`interrupted` and exits with status 130. `python -m quantize COMMAND --help` lists each command's flags and defaults.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import argparse
 import sys
 
 from tinygpt.errors import report_errors
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -33,45 +36,58 @@ def _random(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after a flag's help, except for switches, flags without a default (None, empty) and help
+    that already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None or action.default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="write llm-<qtype>.gguf + vision.gguf from a trained model directory")
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+
+    p = command("export", "write llm-<qtype>.gguf + vision.gguf from a trained model directory")
     p.add_argument("--model", required=True, help="saved tinygpt model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--qtype", default="q4_k", help="q4_k (default), q4_0, q8_0, f16 or f32")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--qtype", default="q4_k", help="LLM weight type: q4_k, q4_0, q8_0, f16 or f32 (any case)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("random", help="write a random-weight GGUF pair of the real shapes (benchmarks, tests)")
-    p.add_argument("--out", required=True)
+    p = command("random", "write a random-weight GGUF pair of the real shapes (benchmarks, tests)")
+    p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--size", default="tiny", help="full (TinyGPT-V shapes) or tiny")
-    p.add_argument("--qtype", default="q4_k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qtype", default="q4_k", help="LLM weight type: q4_k, q4_0, q8_0, f16 or f32")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.add_argument("--plain", action="store_true", help="plain Phi-2 (no q/k LayerNorm, no post-attention RMSNorm)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_random)
 
     from tinygpt.tiny import gguf_accuracy as accuracy  # the twin's tool, registered here (entry point)
 
     from . import bench, chat
 
-    p = sub.add_parser("chat", help="chat with an exported model on the CPU")
+    p = command("chat", "chat with an exported model on the CPU (one --prompt, or interactively)")
     chat.add_arguments(p)
     p.set_defaults(func=chat.run)
 
-    p = sub.add_parser("bench", help="load / image / prefill / decode timings and peak memory")
+    p = command("bench", "load / image / prefill / decode timings, peak memory and the memory roofline")
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
 
     from . import profile_ops
 
-    p = sub.add_parser("profile", help="per-op profile of one decode step, ours and stock llama.cpp side by side")
+    p = command("profile", "per-op profile of one decode step, ours and stock llama.cpp side by side")
     profile_ops.add_arguments(p)
     p.set_defaults(func=profile_ops.run)
 
-    p = sub.add_parser("accuracy", help="held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model")
+    p = command("accuracy", "held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model")
     accuracy.add_arguments(p)
     p.set_defaults(func=accuracy.run)
     return parser
@@ -80,7 +96,11 @@ def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "python -m quantize") -> int:
     """``prog``: the name usage lines print (``tinygpt`` when run as ``tinygpt chat`` etc., tinygpt.cli)."""
     args = build_parser(prog).parse_args(argv)
-    return report_errors(lambda: args.func(args))
+    try:
+        return report_errors(lambda: args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

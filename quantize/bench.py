@@ -29,6 +29,8 @@ The header names the CPU and its x86 SIMD flags, and the ggml builds each engine
 
 A child that dies (segfault, OOM kill) is reported with its exit code and signal name, and one that gives no result
 within --child-timeout seconds is killed and reported; the bench then prints what it has and exits with status 1.
+A child stopped by a user's mistake (a UserError: a damaged file, an unreadable --image, a --ctx too short for the
+prompt, --backend llama-cpp without llama-cpp-python) prints its one `error:` line, and the exit status is 2.
 
 A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
 --rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
@@ -41,7 +43,6 @@ import argparse
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -52,9 +53,13 @@ from tinygpt.errors import UserError
 from . import bench_child
 from . import bench_kernel as kernel
 from . import bench_roofline as roof
+from . import gguf_names as names
+from .bench_child import report_failures
 from .chat import add_ggml_switches
-from .gguf_file import find_llm_file, find_vision_file
+from .cli_checks import check_ctx, check_threads
 from .engine_choice import BACKENDS
+from .gguf_file import find_llm_file, find_vision_file, llm_hyperparams, open_gguf
+from .vision_runtime import check_image_file
 
 
 PROBE_BYTES = 512 * 2**20  # the read-bandwidth probe in each engine's process, before and after its decode steps
@@ -62,13 +67,13 @@ PROBE_BYTES = 512 * 2**20  # the read-bandwidth probe in each engine's process, 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf")
-    p.add_argument("--qtype", default=None)
+    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to time when the directory has several")
     p.add_argument("--image", default=None, help="image for the encode / first-token timing (default: random 224 px)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ctx", type=int, default=1024, help="context length to allocate (default 1024)")
-    p.add_argument("--prefill-tokens", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="LLM engine (auto: ggml, else PyTorch)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine and of the bandwidth probe")
+    p.add_argument("--ctx", type=int, default=1024, help="context length to allocate, at most the model's")
+    p.add_argument("--prefill-tokens", type=int, default=128, help="random tokens prefilled before the decode steps")
+    p.add_argument("--decode-tokens", type=int, default=32, help="single-token decode steps timed (their median)")
     p.add_argument("--plain-gguf", default=None,
                    help="directory/file of a plain-phi2 LLM GGUF: also time it on our graph and on llama-cpp-python")
     p.add_argument("--rounds", type=int, default=0,
@@ -225,8 +230,9 @@ def decode_rounds(runner: Runner, engines: list[tuple[str, str, dict]], rounds: 
         entry: dict = {"ms": {}, "share": {}, "best": {}, "floor": {}, "read": {}, "moved": {}}
         for label, engine, args in engines:
             result = runner.run(engine, args, label)
-            if "error" in result:  # printed with the others at the end
-                out.append({"error": f"decode round {r + 1}: {result['error']}"})
+            if "error" in result:  # printed with the others at the end (a user's mistake as it is)
+                out.append(result if result.get("user_error") else
+                           {"error": f"decode round {r + 1}: {result['error']}"})
                 return out
             entry["ms"][label] = result["decode_ms"]
             entry["best"][label] = result.get("decode_best_ms", result["decode_ms"])
@@ -297,7 +303,8 @@ def _header(args: argparse.Namespace, stock: bool, bandwidth: dict | None) -> li
                           if f"bandwidth_{k}_gb_s" in bandwidth)
         lines.append(f"read bandwidth, {args.threads} threads: {bandwidth['bandwidth_gb_s']:.1f} GB/s best ({pages}), "
                      f"{bandwidth['bandwidth_median_gb_s']:.1f} median (torch.sum over "
-                     f"{bandwidth['bandwidth_bytes'] / 1e9:.1f} GB); roofline = weights read per token / best")
+                     f"{bandwidth['bandwidth_bytes'] / 1e9:.1f} GB); roofline = weights read per token / the read "
+                     "bandwidth measured beside each engine's decode (this best where none was)")
     return lines
 
 
@@ -310,16 +317,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--rounds compares against a plain-phi2 file: give --plain-gguf DIR too")
     if args.bandwidth_gb < 0 or args.child_timeout <= 0 or args.stock_batch < 1:
         raise UserError("--bandwidth-gb must be >= 0, --child-timeout > 0 and --stock-batch >= 1")
-    if args.image is not None and not Path(args.image).is_file():
-        raise UserError(f"{args.image}: image file not found")
-    find_llm_file(args.gguf, args.qtype), find_vision_file(args.gguf)  # fail fast on a wrong directory
-    if args.plain_gguf:
-        find_llm_file(args.plain_gguf)
-    errors: list[str] = []
+    check_threads(args.threads)
+    check_ctx(args.ctx)
+    if args.image is not None:
+        check_image_file(args.image)
+    find_vision_file(args.gguf)  # fail fast on a wrong directory, a damaged LLM file or a --ctx past the model's
+    for gguf, qtype in [(args.gguf, args.qtype)] + ([(args.plain_gguf, None)] if args.plain_gguf else []):
+        llm = open_gguf(find_llm_file(gguf, qtype), names.ARCH_LLM)
+        check_ctx(args.ctx, llm.path, llm_hyperparams(llm).context_length)
+    failures: list[dict] = []
     runner = Runner(args.child_timeout, args.threads, int(args.bandwidth_gb * 1e9))
     bandwidth = runner.measure()
     if bandwidth is not None and "error" in bandwidth:
-        errors.append(bandwidth["error"])
+        failures.append(bandwidth)
         bandwidth = None
     stock = bool(args.plain_gguf) and stock_available()
     if args.plain_gguf and not stock:
@@ -342,9 +352,7 @@ def run(args: argparse.Namespace) -> int:
         rounds = []
         if args.rounds:
             rounds = decode_rounds(runner, _round_engines(base, args.gguf, args.plain_gguf, stock), args.rounds)
-    errors += [r["error"] for r in results if "error" in r] + [r["error"] for r in rounds if "error" in r]
-    for message in errors:
-        print(f"error: {message}", file=sys.stderr)
+    status = report_failures(failures + [r for r in results + rounds if "error" in r])
     ok = [r for r in results if "error" not in r]
     if ok:
         width = max(30, *(len(r["engine"]) + 2 for r in ok))  # engine names whole (layout included)
@@ -360,4 +368,4 @@ def run(args: argparse.Namespace) -> int:
                   "the host moved this guest's CPUs or memory); no roofline share for it, run again")
     if rounds:
         print(format_rounds(rounds))
-    return 1 if errors else 0
+    return status

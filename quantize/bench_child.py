@@ -19,9 +19,12 @@ import multiprocessing as mp
 import queue as queue_mod
 import resource
 import signal
+import sys
 import time
 
 import numpy as np
+
+from tinygpt.errors import USER_ERROR_EXIT_CODE, UserError
 
 from . import bench_roofline as roof
 from . import gguf_names as names
@@ -33,6 +36,24 @@ from .session import ChatSession, open_session
 
 QUESTION = ("Describe the main objects in this picture, their colours and where they are placed, and say what the "
             "person on the left is doing right now.")
+
+
+def failure(exc: BaseException) -> dict:
+    """What a child puts on the queue when `exc` stopped it: a UserError's own message marked "user_error" (the parent
+    prints it as it is and exits 2), anything else with its class name (a crash: exit 1)."""
+    if isinstance(exc, UserError):
+        return {"error": str(exc), "user_error": True}
+    return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def report_failures(failures: list[dict]) -> int:
+    """Print each failure's `error:` line once (stderr); the exit status: 0 none, 2 when every one is a user's mistake
+    (a UserError in a child), else 1 (a crash, a signal, a timeout)."""
+    for message in dict.fromkeys(f["error"] for f in failures):
+        print(f"error: {message}", file=sys.stderr)
+    if not failures:
+        return 0
+    return USER_ERROR_EXIT_CODE if all(f.get("user_error") for f in failures) else 1
 
 
 def peak_rss_gb() -> float:
@@ -134,7 +155,7 @@ def ours(args: dict, queue) -> None:
         time_llm(session.llm, args["prefill"], args["decode"], out, args.get("probe_bytes", 0), args["threads"])
         queue.put(out)
     except BaseException as exc:  # report to the parent instead of dying silently
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 def stock(args: dict, queue) -> None:
@@ -152,7 +173,7 @@ def stock(args: dict, queue) -> None:
         llm.close()
         queue.put(out)
     except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 def measure_bandwidth(args: dict, queue) -> None:
@@ -175,7 +196,7 @@ def measure_bandwidth(args: dict, queue) -> None:
         out["bandwidth_median_gb_s"] = out["bandwidth_bytes"] / float(np.median(every)) / 1e9
         queue.put(out)
     except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 def measure_kernel(args: dict, queue) -> None:
@@ -186,7 +207,7 @@ def measure_kernel(args: dict, queue) -> None:
         rate, layout = kernel_rate(args["ggml_type"], args["threads"], repack=args["repack"])
         queue.put({"kernel_gb_s": rate, "layout": layout})
     except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 ENGINES = {"ours": ours, "stock": stock, "bandwidth": measure_bandwidth, "kernel": measure_kernel}

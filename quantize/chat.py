@@ -11,29 +11,40 @@ the conversation goes on. The answer streams to stdout; timings go to stderr wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tinygpt.errors import UserError
 
-from .sampler import SamplingParams
+from .cli_checks import check_ctx, check_threads
 from .engine_choice import BACKENDS
+from .sampler import SamplingParams
 from .session import ChatSession, TurnStats, open_session
+from .vision_runtime import check_image_file
+
+
+COMMANDS_HELP = ("interactive commands: /image PATH attaches an image to the next question (quotes and ~ allowed), "
+                 "/reset starts a new conversation, /stats prints the last answer's timings, /quit exits")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf")
-    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to use when the directory has several")
+    p.epilog = COMMANDS_HELP
+    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf (or the LLM file)")
+    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to use when the directory has several "
+                                                 "(any case; default: the one fastest on this CPU)")
     p.add_argument("--image", action="append", default=[], help="image for the (first) question; repeatable")
     p.add_argument("--prompt", default=None, help="ask once and exit; without it, chat interactively")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="LLM engine (auto: ggml, else PyTorch)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length in tokens, at most the model's (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the likeliest tokens up to this "
+                                                            "probability (with --temperature > 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.05, help="> 1 makes repeating a token less likely")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
     p.add_argument("--no-vision", action="store_true", help="text only: do not load vision.gguf")
     p.add_argument("--verbose", action="store_true", help="print timings after every answer (stderr)")
     add_ggml_switches(p)
@@ -97,6 +108,8 @@ class Attachments:
 
 
 def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=None) -> int:
+    for path in images:  # a bad --image fails now, not after the first question is typed
+        session.vision.preprocess(path)
     attached = Attachments(session)
     try:
         if images:
@@ -106,9 +119,19 @@ def interactive(session: ChatSession, images: list[str], verbose: bool, stdin=No
         attached.close()
 
 
+def image_argument(text: str) -> str:
+    """The path of `/image PATH`: surrounding quotes (a terminal adds them to a dragged-in file) dropped, ~ expanded."""
+    path = text.strip()
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1]
+    return os.path.expanduser(path)
+
+
 def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> int:
     prompt = ">>> " if stdin.isatty() else ""
-    print("chat: type a question; /image PATH attaches an image, /reset starts over, /quit exits.", file=sys.stderr)
+    print("chat: type a question; /image PATH attaches an image, /reset starts over, /stats shows timings, /quit "
+          "exits.", file=sys.stderr)
+    answered = False  # /stats has a turn to show
     while True:
         print(prompt, end="", flush=True, file=sys.stderr)
         line = stdin.readline()
@@ -123,11 +146,15 @@ def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> 
             if line == "/reset":
                 attached.clear()
                 session.reset()
+                answered = False
                 print("(new conversation)", file=sys.stderr)
             elif line == "/stats":
-                _print_stats(session.last_stats)
+                if answered:
+                    _print_stats(session.last_stats)
+                else:
+                    print("(no turn yet)", file=sys.stderr)
             elif line.startswith("/image"):
-                path = line[len("/image"):].strip()
+                path = image_argument(line[len("/image"):])
                 if not path:
                     raise UserError("/image needs a path")
                 if session.vision is None:
@@ -139,6 +166,7 @@ def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> 
                 raise UserError(f"unknown command {line.split()[0]!r} (use /image PATH, /reset, /stats, /quit)")
             else:
                 _answer(session, line, attached.take(), verbose)
+                answered = True
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -149,10 +177,12 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                               seed=args.seed).validate()
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads)
+    check_ctx(args.ctx)
     if args.no_vision and args.image:
         raise UserError("--image cannot be used with --no-vision")
+    for path in args.image:
+        check_image_file(path)
     session = open_session(args.gguf, backend=args.backend, qtype=args.qtype, n_ctx=args.ctx, n_threads=args.threads,
                            sampling=sampling, with_vision=not args.no_vision, decode_graph=args.decode_graph,
                            repack=args.repack)

@@ -34,7 +34,8 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
         if llm_hyperparams(llm).moe_layers:
             raise UserError(f"{llm.path}: stock llama.cpp's phi2 has no MoE layers (tinygptv.moe_layers); use "
                             "--backend ggml or torch")
-        return LlamaCppLLM(llm.path, n_ctx=n_ctx or llm_hyperparams(llm).context_length, n_threads=n_threads)
+        n_ctx = llm_hyperparams(llm).context_length if n_ctx is None else n_ctx
+        return LlamaCppLLM(llm.path, n_ctx=n_ctx, n_threads=n_threads)
     if backend in ("auto", "ggml"):
         try:  # lazy: ggml-python's shared library may be missing or fail to load, and then torch_llm serves
             from .ggml_llm import GgmlLLM

@@ -247,6 +247,11 @@ def write_pair(
 
 
 # ----------------------------------------------------------------------------------------- the model
+def model_content_id(model) -> str:
+    """The model_id an export of `model` (as load_model_dir returns it: LoRA merged) writes into both files."""
+    return content_id(model.state_dict(), extra=f"{type(model).__name__}|{model.config.to_json_string()}")
+
+
 def model_path(model_dir: str | Path) -> Path:
     """--model as a Path; an empty one (Path("") is the current directory, e.g. an unset variable) is a UserError."""
     if not str(model_dir).strip():
@@ -315,5 +320,5 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
         out_dir, qtype, Path(model_dir).resolve().name, llm_hyper, vision_hyper, PromptInfo.from_config(config), tok,
         [(n, shape(n)) for n in llm_order],
         [(n, tuple(state[t].shape)) for n, t in vision_map.items()],
-        produce, progress, model_id=content_id(state, extra=f"{type(model).__name__}|{config.to_json_string()}"),
+        produce, progress, model_id=model_content_id(model),
     )

@@ -90,7 +90,7 @@ class GgmlLLM(LLMBackend):
                  kv_type: str = "f32", decode_graph: bool = True, repack: bool = True, amx: bool | None = None):
         self.file = llm
         self.hp: LLMHyperParams = llm_hyperparams(llm)
-        self.n_ctx = int(n_ctx or self.hp.context_length)
+        self.n_ctx = int(self.hp.context_length if n_ctx is None else n_ctx)
         if self.n_ctx <= 0:
             raise UserError(f"context length must be positive, got {self.n_ctx}")
         if kv_type not in _KV_TYPES:

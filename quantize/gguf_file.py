@@ -21,6 +21,7 @@ from tinygpt.errors import UserError
 
 from . import gguf_names as names
 from .gguf_moe import ffn_shapes, read_moe
+from .qtypes import QTYPE_BY_NAME
 
 GGUF_MAGIC = b"GGUF"
 
@@ -95,7 +96,7 @@ def open_gguf(path: str | os.PathLike, expected_arch: str) -> GGUFContents:
         raise UserError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
         metadata, tensors, mm = _parse(path)
-    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: damaged or truncated GGUF file ({type(exc).__name__}: {exc})") from None
     contents = GGUFContents(path=path, metadata=metadata, tensors=tensors, reader=mm)
     arch = contents.require("general.architecture")
@@ -321,16 +322,25 @@ def check_pair(llm: GGUFContents, hp: LLMHyperParams, vision: GGUFContents, vis:
 
 
 def find_llm_file(gguf_dir: str | os.PathLike, qtype: str | None = None) -> Path:
-    """The llm-<qtype>.gguf in DIR (or DIR itself when it is a file); with several, q4_k first, then QTYPES order."""
+    """The llm-<qtype>.gguf in DIR (or DIR itself when it is a file); with several, q4_k first, then QTYPES order.
+    qtype is matched case-insensitively; an unknown one, one DIR has no file of, or one that disagrees with a file
+    given as DIR is a UserError listing what is there."""
     d = Path(gguf_dir)
+    q = None if qtype is None else str(qtype).lower()
+    if q is not None and q not in QTYPE_BY_NAME:
+        raise UserError(f"--qtype {qtype}: unknown type; choose one of {', '.join(QTYPE_BY_NAME)}"
+                        + (f" ({d} has {', '.join(llm_types_in(d)) or 'none'})" if d.is_dir() else ""))
     if d.is_file():
+        if q is not None and d.name != names.llm_file_name(q):
+            raise UserError(f"--qtype {qtype} disagrees with --gguf {d} (not an {names.llm_file_name(q)}); drop "
+                            "--qtype, or give the directory")
         return d
     if not d.is_dir():
         raise UserError(f"{d}: --gguf directory not found")
-    if qtype is not None:
-        path = d / names.llm_file_name(qtype)
+    if q is not None:
+        path = d / names.llm_file_name(q)
         if not path.is_file():
-            raise UserError(f"{path}: no LLM file for --qtype {qtype}")
+            raise UserError(f"{path}: no LLM file for --qtype {qtype} ({d} has {', '.join(llm_types_in(d)) or 'none'})")
         return path
     for q in names.QTYPES:
         if (d / names.llm_file_name(q)).is_file():
@@ -339,6 +349,11 @@ def find_llm_file(gguf_dir: str | os.PathLike, qtype: str | None = None) -> Path
     if others:
         return others[0]
     raise UserError(f"{d}: no llm-<qtype>.gguf file (expected e.g. {names.llm_file_name('q4_k')})")
+
+
+def llm_types_in(gguf_dir: Path) -> list[str]:
+    """The <qtype> of every llm-<qtype>.gguf in the directory."""
+    return sorted(p.name[len("llm-"):-len(".gguf")] for p in gguf_dir.glob("llm-*.gguf"))
 
 
 def find_vision_file(gguf_dir: str | os.PathLike) -> Path:
@@ -365,7 +380,11 @@ def load_tokenizer(llm: GGUFContents):
         elif typ != 5 and tok not in vocab:  # 5 = UNUSED padding rows
             vocab[tok] = i
     merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False))
+    try:  # a damaged token or merge: tokenizers raises a bare Exception ("Token ... out of vocabulary")
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False))
+    except Exception as exc:
+        raise UserError(f"{llm.path}: damaged GGUF file: its tokenizer (tokenizer.ggml.tokens / merges) does not "
+                        f"rebuild ({exc})") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     for content, index, special in sorted(added, key=lambda a: a[1]):

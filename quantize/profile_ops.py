@@ -22,7 +22,8 @@ weights-only roofline, and what each matmul group's rate compares with; where th
 moved the CPUs) there is no share (a prefill is bound by compute, and gets a tokens/s row instead).
 
 Contract: `profile(args)` -> {engine label: result dict from the child}; `format_profiles(results, positions, threads,
-prefill)` -> the table; `run(args)` prints it and returns 1 when an engine failed.
+prefill)` -> the table; `run(args)` prints it and returns 1 when an engine failed (2 when
+only because of a user's mistake, a UserError in the child).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from tinygpt.errors import UserError
 from . import bench
 from . import bench_roofline as roof
 from . import gguf_names as names
-from .bench_child import random_ids, run_child
+from .bench_child import failure, random_ids, report_failures, run_child
+from .cli_checks import check_threads
 from .gguf_file import find_llm_file, open_gguf
 
 NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
@@ -171,7 +173,7 @@ def ours(args: dict, queue) -> None:
         out["engine"], out["file"] = f"ours, {f.path.name}", str(f.path)
         queue.put(out)
     except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 def stock(args: dict, queue) -> None:
@@ -225,7 +227,7 @@ def stock(args: dict, queue) -> None:
         llm.close()
         queue.put(out)
     except BaseException as exc:
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        queue.put(failure(exc))
 
 
 CHILDREN = {"ours": ours, "stock": stock}
@@ -275,18 +277,19 @@ def format_profiles(results: list[dict], positions: int, threads: int, prefill: 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `python -m quantize profile`."""
     p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf (or the LLM file)")
-    p.add_argument("--qtype", default=None)
+    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to profile when the directory has several")
     p.add_argument("--plain-gguf", default=None,
                    help="a plain-phi2 GGUF directory: profiled by ours and by stock llama.cpp (llama-cpp-python)")
     p.add_argument("--positions", type=int, default=128, help="cached positions before the profiled step")
     p.add_argument("--prefill", type=int, default=0,
                    help="profile a prefill chunk of this many tokens instead of a decode step (0: decode)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
     p.add_argument("--bandwidth-gb", type=float, default=1.6,
                    help="GB the read-bandwidth probe sums beside each engine's steps, at most 0.5 GiB (0: no probe, "
                         "no roofline rows)")
-    p.add_argument("--child-timeout", type=float, default=900.0)
+    p.add_argument("--child-timeout", type=float, default=900.0,
+                   help="seconds an engine's process may take before it is killed and reported")
 
 
 def profile(args: argparse.Namespace) -> dict[str, dict]:
@@ -319,19 +322,19 @@ def profile(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.positions < 0 or args.prefill < 0 or args.threads < 1 or args.repeats < 1:
-        raise UserError("--positions and --prefill must be >= 0, --threads and --repeats >= 1")
+    check_threads(args.threads)
+    if args.positions < 0 or args.prefill < 0 or args.repeats < 1:
+        raise UserError("--positions and --prefill must be >= 0, --repeats >= 1")
     if args.child_timeout <= 0 or args.bandwidth_gb < 0:
         raise UserError("--child-timeout must be > 0 and --bandwidth-gb >= 0")
     find_llm_file(args.gguf, args.qtype)  # fail fast on a wrong directory
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)
     results = profile(args)
-    errors = [f"{label}: {r['error']}" if not r["error"].startswith(label) else r["error"]
-              for label, r in results.items() if "error" in r]
-    for message in errors:
-        print(f"error: {message}", file=sys.stderr)
+    failures = [r if r.get("user_error") or r["error"].startswith(label) else dict(r, error=f"{label}: {r['error']}")
+                for label, r in results.items() if "error" in r]
+    status = report_failures(failures)
     ok = [r for r in results.values() if "error" not in r]
     if ok:
         print(format_profiles(ok, args.positions, args.threads, args.prefill))
-    return 1 if errors else 0
+    return status

@@ -11,6 +11,8 @@ import numpy as np
 
 from tinygpt.errors import UserError
 
+from .cli_checks import check_finite
+
 
 @dataclass
 class SamplingParams:
@@ -23,6 +25,9 @@ class SamplingParams:
     seed: int | None = 0
 
     def validate(self) -> "SamplingParams":
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                            ("--repetition-penalty", self.repetition_penalty)):
+            check_finite(flag, value)
         if self.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -25,6 +25,7 @@ from tinygpt.tasks import IMAGE_TAG
 from . import gguf_names as names
 from .gguf_file import (ChatFormat, chat_format, check_pair, find_llm_file, find_vision_file,
                         llm_hyperparams, load_tokenizer, open_gguf, vision_values)
+from .cli_checks import check_ctx
 from .engine_choice import load_language_model, qtype_for_this_cpu
 from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
@@ -336,6 +337,7 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
         qtype = qtype_for_this_cpu(gguf_dir, quiet)
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
+    check_ctx(n_ctx, llm_file.path, hp.context_length)
     fmt = chat_format(llm_file)
     vision_file = None
     if with_vision:

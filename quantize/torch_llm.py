@@ -32,7 +32,7 @@ class TorchLLM(LLMBackend):
                  dtype: str = "auto", progress: bool = False):
         self.file = llm
         self.hp: LLMHyperParams = llm_hyperparams(llm)
-        self.n_ctx = int(n_ctx or self.hp.context_length)
+        self.n_ctx = int(self.hp.context_length if n_ctx is None else n_ctx)
         if self.n_ctx <= 0:
             raise UserError(f"context length must be positive, got {self.n_ctx}")
         self.n_batch = int(n_batch)

@@ -12,6 +12,7 @@ with the mean/std stored in the file.
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,15 +33,31 @@ from .gguf_file import GGUFContents, as_float32, vision_values
 from .memory import drop_pages
 
 
-def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:
-    """[1, 3, S, S] float32 pixels; UserError for a missing file or one that is not an image."""
+def check_image_file(path: str | os.PathLike) -> Path:
+    """The path of an image file; UserError when it is missing or a directory (before anything is loaded)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
+    return path
+
+
+def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:
+    """[1, 3, S, S] float32 pixels; UserError for a missing file, one that is not an image, or one with more pixels
+    than PIL opens without its decompression-bomb warning (Image.MAX_IMAGE_PIXELS)."""
+    path = check_image_file(path)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning past the limit, an error at 2x
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise UserError(f"{path}: the image has {size}, more than the {Image.MAX_IMAGE_PIXELS:,} an image may have "
+                        "(PIL's decompression-bomb limit); scale it down") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
     x = np.asarray(img, dtype=np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
