@@ -109,10 +109,11 @@ def test_a_prompt_without_the_question_is_refused(tmp_path):
                     ("caption", "question")) == "{caption}?"  # any of the aliases of the statement
 
 
-def test_evaluate_with_a_prompt_without_the_question_exits_2(tmp_path, capsys):
-    root = _gqa_root(tmp_path)
+def test_evaluate_with_a_prompt_without_the_question_exits_2(tmp_path, capsys, chat_model):
+    root = _gqa_root(tmp_path)  # a model that exists (a fresh clone has no outputs/tiny/stage4)
     assert tinygpt(["evaluate", "--cfg-path", str(GQA), "--options", f"benchmark.root={root}",
-                    f"run.out_dir={tmp_path / 'out'}", "benchmark.options.prompt=no_placeholder"]) == 2
+                    f"run.out_dir={tmp_path / 'out'}", f"model.path={chat_model[0]}",
+                    "benchmark.options.prompt=no_placeholder"]) == 2
     assert "error: --options benchmark.options.prompt: 'no_placeholder' holds no {question}" in \
         _one_error_line(capsys)
 
