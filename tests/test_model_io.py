@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -72,6 +73,11 @@ def test_trainable_only_chain_stage1_then_lora_stage(tiny_vlm, tmp_path):
         (tmp_path / name).rename(moved / name)
     reloaded = load_vlm(moved / "stage2")
     assert torch.equal(loss(stage2.eval(), pixels), loss(reloaded, pixels))
+    alone = tmp_path / "alone"  # a stage copied without the directory it builds on: the field is named
+    shutil.copytree(moved / "stage2", alone / "stage2")
+    with pytest.raises(UserError, match=r"stage2/config\.json: base_model '\.\./stage1' \(.*\) is not a model "
+                                        r"directory; copy that directory too"):
+        load_vlm(alone / "stage2")
 
     merged = merge_lora(reloaded)
     assert merged.config.lora is None

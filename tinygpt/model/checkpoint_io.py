@@ -63,6 +63,9 @@ def _chain(directory: Path) -> list[Path]:
         base = base if base.is_absolute() else (chain[-1] / base)
         if base.resolve() in seen:
             raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} makes a cycle")
+        if not (base / "config.json").is_file():  # e.g. a stage directory copied without the one it builds on
+            raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} ({base}) is not a model "
+                            "directory; copy that directory too, keeping the relative path, or fix base_model")
         seen.add(base.resolve())
         chain.append(base)
         config = read_config(base)
