@@ -193,7 +193,8 @@ class ChatSession:
             return  # already in the cache (e.g. the demo's textbox changed but not its images)
         if len(prefix) >= self.llm.n_ctx:
             raise UserError(f"prompt too long: the conversation and the image(s) need {len(prefix)} positions, the "
-                            f"context holds {self.llm.n_ctx} (start a new conversation)")
+                            f"context holds {self.llm.n_ctx}, which must leave at least one position for the answer "
+                            "(start a new conversation)")
         t0 = time.perf_counter()
         self._sync_cache(prefix)
         self.last_stats.prefill_s = time.perf_counter() - t0
@@ -233,7 +234,8 @@ class ChatSession:
         budget = self.llm.n_ctx - len(items)
         if budget < 1:
             raise UserError(f"prompt too long: the conversation needs {len(items)} positions, the context holds "
-                            f"{self.llm.n_ctx} (start a new conversation or shorten the prompt)")
+                            f"{self.llm.n_ctx}, which must leave at least one position for the answer (start a new "
+                            "conversation or shorten the prompt)")
         t0 = time.perf_counter()
         logits = self._sync_cache(items)
         stats.prefill_s = time.perf_counter() - t0

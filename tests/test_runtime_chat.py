@@ -134,7 +134,8 @@ def test_session_rejects_over_long_prompt_and_keeps_state(llm_files):
     s = _session(llm_files["f32"])
     s.ask("hi")
     n_turns, n_past = len(s.turns), s.llm.n_past
-    with pytest.raises(UserError, match=r"prompt too long: the conversation needs \d+ positions, the context holds 96"):
+    with pytest.raises(UserError, match=r"prompt too long: the conversation needs \d+ positions, the context holds "
+                                         r"96, which must leave at least one position for the answer"):
         s.ask("x" * 200)
     assert len(s.turns) == n_turns and s.llm.n_past == n_past
     with pytest.raises(UserError, match="2 <ImageHere> but 1 image"):
@@ -175,7 +176,7 @@ def test_session_prepare_then_ask_equals_ask_and_evaluates_only_the_question(llm
 def test_session_prepare_refuses_a_prefix_longer_than_the_context(llm_files):
     s = _session(llm_files["f32"], n_ctx=8)
     with pytest.raises(UserError, match="prompt too long: the conversation and the image.s. need 1[0-9] positions, "
-                                         "the context holds 8"):
+                                         "the context holds 8, which must leave at least one position"):
         s.prepare([image_vectors(0)])
     assert s.llm.n_past == 0
 
