@@ -181,6 +181,19 @@ def test_check_paths_names_file_and_key(tmp_path, monkeypatch):
         check_paths(cfg)
 
 
+def test_paths_of_a_kind_with_a_root_are_checked_under_it(tmp_path):
+    """cc_sbu_align reads <root>/<ann_file> and <root>/<image_dir>: a relative image_dir is under root, not the
+    working directory."""
+    root = tmp_path / "cc_sbu_align"
+    (root / "pictures").mkdir(parents=True)
+    (root / "filter_cap.json").write_text('{"annotations": []}')
+    options = ["model.init_from=null", f"data.datasets.cc_sbu_align.params.root={root}",
+               "data.datasets.cc_sbu_align.params.image_dir=pictures"]
+    check_paths(load_config(FULL[2], options))  # exists under root: ok
+    with pytest.raises(UserError, match=rf"params.image_dir: {root / 'nothing'} does not exist"):
+        check_paths(load_config(FULL[2], [*options[:2], "data.datasets.cc_sbu_align.params.image_dir=nothing"]))
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg-path", str(FULL[2]), "--options",
                              "model.init_form=x"], capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -92,6 +92,28 @@ def test_mixing_follows_ratios_and_splits_slots_across_processes():
     assert draw_table([1, 1, 2], seed=0, total_steps=50, slots=2).shape == (50, 2)
 
 
+def test_a_stream_without_one_readable_sample_is_a_user_error():
+    """A finite stream (resampled: false) whose every shard is unreadable ends at once, pass after pass: one
+    UserError naming the dataset, not a StopIteration out of the training loop."""
+    import torch
+
+    from tinygpt.errors import UserError
+    from tinygpt.train.mixing import DataMixer, MixEntry
+
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+        def set_epoch(self, epoch):  # as WebDatasetPairs
+            pass
+
+    mixer = DataMixer([MixEntry(name="laion", dataset=Empty(), batch_size=2, ratio=1.0)], seed=0, total_steps=3,
+                      world_size=1, rank=0, grad_accum_steps=1, num_workers=0, collate=list)
+    mixer.start(0)
+    with pytest.raises(UserError, match="dataset laion: a whole pass over its shards gave no readable sample"):
+        mixer.next_batch(0, 0)
+
+
 def test_map_style_draws_cover_each_epoch_once():
     from tinygpt.train.mixing import MixEntry, _DrawBatches
 

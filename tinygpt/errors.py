@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 from typing import Callable, Iterable
 
@@ -26,15 +27,24 @@ class BrokenModelError(UserError):
     """The run finished and wrote its results, but they are not believable (see the message)."""
 
 
+def one_line(error: UserError) -> str:
+    """The error's message. One raised in a torch DataLoader worker comes back as "Caught UserError in DataLoader
+    worker process 0.\nOriginal Traceback ...": its own message is the traceback's last line, after the class name."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    return re.sub(r"^[\w.]*Error: ", "", text.rstrip().splitlines()[-1])
+
+
 def report_errors(main: Callable[[], int | None]) -> int:
     """Run a command's body; a UserError becomes one ``error:`` line and exit status 2 (3 for BrokenModelError)."""
     try:
         return int(main() or 0)
     except BrokenModelError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return BROKEN_EXIT_CODE
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
 
 

@@ -344,11 +344,13 @@ def check_paths(cfg: RunConfig) -> None:
             if not _looks_like_path_param(param):
                 continue
             key = f"data.datasets.{name}.params.{param}"
-            for value in _path_values(values):
+            root = spec.params.get("root") if param != "root" else None  # a kind with a root (cc_sbu_align) names
+            for value in _path_values(values):                         # its other paths relative to it
+                target = Path(root) / value if isinstance(root, str) and not Path(value).is_absolute() else Path(value)
                 if param == "shards" and "{" in value:
                     _check_shard_pattern(cfg, key, value)
-                elif not Path(value).exists():
-                    raise UserError(f"{cfg.origin(key)}: {key}: {value} does not exist{_DATA_HINT}")
+                elif not target.exists():
+                    raise UserError(f"{cfg.origin(key)}: {key}: {target} does not exist{_DATA_HINT}")
 
 
 _DATA_HINT = " (set TINYGPT_DATA or vars.data_root to your data folder)"

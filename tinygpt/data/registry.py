@@ -114,8 +114,10 @@ def _policy(bad_records: Any) -> Optional[BadRecordPolicy]:
 
 def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     """The kind is known and ``params`` are its params: none unknown, none required missing, booleans and integers
-    of the right type (in that order). Returns :func:`kind_params`; raises :class:`DatasetSpecError`."""
+    of the right type, strings where the loader takes strings (in that order). Returns :func:`kind_params`; raises
+    :class:`DatasetSpecError`."""
     accepted = kind_params(kind)
+    annotations = {n: str(p.annotation) for n, p in KINDS[kind].signature().items()}
     valid = list(accepted)
     for name in params:
         if name not in accepted:
@@ -136,7 +138,21 @@ def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
                 not isinstance(value, int) or isinstance(value, bool)):
             raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be an integer, got {value!r}",
                                    "value", name, valid)
+        _check_text_param(kind, name, value, annotations[name], valid)
     return accepted
+
+
+def _check_text_param(kind: str, name: str, value: Any, annotation: str, valid: list[str]) -> None:
+    """A param annotated str (a path, a name, a template) holds a string; ``str | list[str]`` one or a list of them."""
+    if value is None and annotation.startswith("Optional["):
+        return
+    if annotation in ("str", "Optional[str]") and not isinstance(value, str):
+        raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be a string, got {value!r}",
+                               "value", name, valid)
+    if annotation == "str | list[str]" and not (
+            isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+        raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be a string or a non-empty list of "
+                               f"strings, got {value!r}", "value", name, valid)
 
 
 def build_dataset(kind: str, *, image_size: int, seed: int, bad_records: BadRecordPolicy | dict | None = None,

@@ -183,7 +183,11 @@ class DataMixer:
                 raise  # a map-style sampler never ends before total_steps: a bug
             log.info("dataset %s: stream ended, starting its next pass", self.entries[index].name)
             self._next_pass(index)
-            return next(self.iterators[index])
+            try:
+                return next(self.iterators[index])
+            except StopIteration:  # a whole pass without one readable sample (every shard damaged or foreign)
+                raise UserError(f"dataset {self.entries[index].name}: a whole pass over its shards gave no readable "
+                                "sample (the log lists each shard's problem)") from None
 
     def _next_pass(self, index: int) -> None:
         """A finite stream (resampled: false) ended: its next pass, seeded by the restart step and position."""

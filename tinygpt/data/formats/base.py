@@ -64,19 +64,25 @@ def iter_json_list(path: str | Path, key: Optional[str] = None) -> Iterator[tupl
 
 
 def iter_jsonl(path: str | Path, counter: BadRecordCounter) -> Iterator[tuple[str, Any]]:
-    """(where, object) per non-blank line; a line that is not JSON is counted as bad and skipped."""
+    """(where, object) per non-blank line; a line that is not UTF-8 or not JSON is counted as bad and skipped (a
+    byte-order mark at the start of the file is allowed)."""
     path = Path(path)
     try:
-        f = open(path, "r", encoding="utf-8", errors="replace")
+        f = open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{path}: file does not exist") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with f:
-        for line_no, line in enumerate(f, start=1):
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                counter.skip(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:

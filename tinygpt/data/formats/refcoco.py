@@ -13,6 +13,7 @@ The sentence passes through blip_caption; the box is ``{<x1><y1><x2><y2>}`` on 0
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,12 +28,18 @@ DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 BOX_TOLERANCE_PX = 1.0  # COCO boxes may overshoot the border by rounding
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_box_xywh(box: Any, width: Optional[float], height: Optional[float]) -> tuple[float, float, float, float]:
     """[x, y, w, h] -> (x1, y1, x2, y2), or BadRecord when it is malformed, empty or outside a W x H image
     (clamped to the image when it overshoots by at most one pixel)."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        raise BadRecord(f"box must be 4 numbers [x, y, w, h], got {box!r}")
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_finite(v) for v in box):
+        raise BadRecord(f"box must be 4 finite numbers [x, y, w, h], got {box!r}")
+    for side, value in (("width", width), ("height", height)):
+        if value is not None and not (_finite(value) and value > 0):
+            raise BadRecord(f"the image's {side} must be a positive number, got {value!r}")
     x, y, w, h = (float(v) for v in box)
     if w <= 0 or h <= 0:
         raise BadRecord(f"box {box!r} has no area")
@@ -45,6 +52,10 @@ def check_box_xywh(box: Any, width: Optional[float], height: Optional[float]) ->
     elif x1 < 0 or y1 < 0:
         raise BadRecord(f"box {box!r} has a negative corner")
     return x1, y1, x2, y2
+
+
+def _key(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 class RefCOCO(RecordDataset):
@@ -68,8 +79,9 @@ class RefCOCO(RecordDataset):
         if not isinstance(instances, dict) or not isinstance(instances.get("annotations"), list) \
                 or not isinstance(instances.get("images"), list):
             raise UserError(f"{instances_path}: expected a COCO object with 'images' and 'annotations' lists")
-        annotations = {a.get("id"): a for a in instances["annotations"] if isinstance(a, dict)}
-        images = {i.get("id"): i for i in instances["images"] if isinstance(i, dict)}
+        # ids that cannot be keys (a list from a damaged file) match no ref: those refs are bad records
+        annotations = {a.get("id"): a for a in instances["annotations"] if isinstance(a, dict) and _key(a.get("id"))}
+        images = {i.get("id"): i for i in instances["images"] if isinstance(i, dict) and _key(i.get("id"))}
         for index, ref in enumerate(refs):
             where = f"{refs_path} record {index}"
             self.add(where, lambda ref=ref: self._build(ref, split, annotations, images, image_name))

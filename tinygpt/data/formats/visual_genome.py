@@ -39,8 +39,9 @@ class VisualGenomeRefer(RecordDataset):
         self.process_text = process_text
         images = {}
         for _, info in iter_json_list(Path(root) / "image_data.json"):
-            if isinstance(info, dict):
-                images[info.get("image_id", info.get("id"))] = info
+            key = info.get("image_id", info.get("id")) if isinstance(info, dict) else None
+            if isinstance(key, (int, str)) and not isinstance(key, bool):  # a damaged id (a list) is no key
+                images[key] = info
         for where, entry in iter_json_list(regions_path):
             try:
                 image_id = require(entry, "id", int)
