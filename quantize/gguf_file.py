@@ -358,6 +358,8 @@ def llm_types_in(gguf_dir: Path) -> list[str]:
 
 def find_vision_file(gguf_dir: str | os.PathLike) -> Path:
     d = Path(gguf_dir)
+    if not d.exists():
+        raise UserError(f"{d}: --gguf directory not found")
     path = (d.parent if d.is_file() else d) / names.VISION_FILE_NAME
     if not path.is_file():
         raise UserError(f"{path}: vision file not found")

@@ -191,3 +191,10 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
         pytest.fail("Ctrl-C escaped main() (a traceback for the user)")
     assert code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_gguf_directory_that_does_not_exist_is_named_as_such(tmp_path):
+    from quantize.gguf_file import find_vision_file
+    from tinygpt.errors import UserError
+    with pytest.raises(UserError, match=r"nope\.gguf: --gguf directory not found"):
+        find_vision_file(tmp_path / "nope.gguf")

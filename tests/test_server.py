@@ -454,7 +454,7 @@ def test_bad_configs_and_a_busy_port_are_one_error_line(chat_model, tmp_path, ca
     assert "unknown key limits.queue_sise (did you mean 'queue_size'?)" in _one_error_line(capsys)
     (tmp_path / "empty.yaml").write_text("model:\n  backend: gguf\n  path: /no/such/dir\n")
     assert tinygpt(["serve", "--cfg-path", str(tmp_path / "empty.yaml")]) == 2
-    assert "holds no llm-*.gguf" in _one_error_line(capsys)
+    assert "model.path /no/such/dir does not exist; export one first" in _one_error_line(capsys)
     (tmp_path / "good.yaml").write_text(f"model:\n  backend: gguf\n  path: {chat_model[1]}\n")
     taken = listen("127.0.0.1", 0)
     try:

@@ -187,6 +187,11 @@ def launch_config_from_tree(path: Path, tree: dict, check_model: bool = True) ->
 
 def check_model_path(cfg: LaunchConfig) -> None:
     where = Path(cfg.model.path)
+    if not where.exists():
+        make = ("export one first (`python -m quantize export --model MODEL_DIR --out DIR`)"
+                if cfg.model.backend == "gguf" else "train it first (`python train.py --cfg-path "
+                "train_configs/stageN.yaml`; the quick start's `python train.py` makes outputs/tiny/stage4)")
+        raise UserError(f"{cfg.source}: model.path {where} does not exist; {make}")
     if cfg.model.backend == "torch" and not (where / "config.json").is_file():
         raise UserError(f"{cfg.source}: model.path {where} is not a saved model directory (no config.json); "
                         "train it first (`python train.py --cfg-path train_configs/stageN.yaml`; the quick start's "

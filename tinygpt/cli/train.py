@@ -55,10 +55,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.cfg_path, args.options)
     if args.check:
         check_paths(cfg)
+        from tinygpt.train.run_guard import check_resume
         from tinygpt.train.stage import check_dataset_specs, check_outputs
 
         check_dataset_specs(cfg)
         check_outputs(cfg)
+        check_resume(cfg)
         print(f"{args.cfg_path}: ok")
         return 0
     from tinygpt.tiny.backbones import resolve_builtin

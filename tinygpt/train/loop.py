@@ -26,6 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from ..config.schema import RunConfig
 from ..errors import UserError
 from . import checkpoint as ckpt
+from .run_guard import changed_settings, run_fingerprint
 from . import sharded
 from .mixing import DataMixer
 from .moe_log import MoELoad
@@ -99,6 +100,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     trainable = [p for p in model.parameters() if p.requires_grad]
     clipped = sharded.clip_parameters(accelerator, model, trainable)
     layout = row_layout(r)
+    fingerprint = run_fingerprint(cfg)  # kept in each checkpoint: a resume with other settings says so
 
     start_step, skipped, nonfinite_run, data_state = 0, 0, 0, None
     resume_from = ckpt.find_resume(r.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
@@ -107,6 +109,10 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         nonfinite_run, data_state = int(state.get("nonfinite_in_a_row", 0)), state.get("data", {})
         data_state = data_state.get(str(accelerator.process_index), data_state.get("0"))
+        changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
+        if changed and accelerator.is_main_process:
+            log.warning("resuming %s with settings other than the run that wrote it (%s): the result will differ "
+                        "from an uninterrupted run", resume_from, "; ".join(changed))
         if state.get("slots") != mixer.slots:
             log.warning("%s was written with %s micro-batch slots per step, this run has %d: the data order "
                         "after resume differs from an uninterrupted run", resume_from, state.get("slots"), mixer.slots)
@@ -183,7 +189,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
             elif r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps:
                 mixer.restart_streams(done)  # streams restart at every checkpoint, so its data position is exact
                 state = {"skipped_steps": skipped, "nonfinite_in_a_row": nonfinite_run, "slots": mixer.slots,
-                         "schedule": schedule.state_dict(), "last_loss": last_loss,
+                         "schedule": schedule.state_dict(), "last_loss": last_loss, "fingerprint": fingerprint,
                          "data": _gather_data_state(accelerator, mixer.state())}
                 ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)
     except torch._dynamo.exc.BackendCompilerFailed as exc:

@@ -30,6 +30,7 @@ from ..io_utils import check_output_dir
 from ..model import save_vlm
 from ..model.checkpoint_io import check_model_out
 from .build import build_model, planned_image_size
+from .run_guard import check_resume, run_lock
 from .loop import make_accelerator, train
 from .mixing import DataMixer, MixEntry
 from .sharded import model_to_save
@@ -131,7 +132,13 @@ def run_stage(cfg: RunConfig) -> Path:
     check_outputs(cfg)  # first: where we write is checked before anything is read or built
     check_paths(cfg)
     check_dataset_specs(cfg)
+    check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
     accelerator = make_accelerator(cfg.run)
+    with run_lock(cfg, accelerator.is_main_process):
+        return _run_locked(cfg, accelerator)
+
+
+def _run_locked(cfg: RunConfig, accelerator) -> Path:
     seed_everything(cfg.run.seed)
     if cfg.model.load_in_4bit and cfg.run.save_mode == "whole":
         raise UserError(f"{cfg.origin('run.save_mode')}: run.save_mode: whole cannot save 4-bit base weights")
