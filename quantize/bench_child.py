@@ -29,7 +29,8 @@ from tinygpt.errors import USER_ERROR_EXIT_CODE, UserError
 from . import bench_roofline as roof
 from . import gguf_names as names
 from .engine_choice import load_language_model
-from .gguf_file import chat_format, find_llm_file, load_tokenizer, open_gguf
+from .gguf_file import chat_format, find_llm_file, open_gguf
+from .gguf_tokenizer import load_tokenizer
 from .llama_cpp_backend import LlamaCppLLM
 from .sampler import SamplingParams
 from .session import ChatSession, open_session

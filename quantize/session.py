@@ -24,9 +24,10 @@ from tinygpt.tasks import IMAGE_TAG
 
 from . import gguf_names as names
 from .gguf_file import (ChatFormat, chat_format, check_pair, find_llm_file, find_vision_file,
-                        llm_hyperparams, load_tokenizer, open_gguf, vision_values)
+                        llm_hyperparams, open_gguf, vision_values)
 from .cli_checks import check_ctx
 from .engine_choice import load_language_model, qtype_for_this_cpu
+from .gguf_tokenizer import load_tokenizer
 from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
 from .vision_runtime import VisionEncoder

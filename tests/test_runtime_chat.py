@@ -15,7 +15,8 @@ from gguf_reference import image_vectors, rel_err, tiny_vocab  # noqa: E402
 from tinygpt.errors import UserError  # noqa: E402
 
 from quantize import gguf_names as names  # noqa: E402
-from quantize.gguf_file import chat_format, load_tokenizer, open_gguf  # noqa: E402
+from quantize.gguf_file import chat_format, open_gguf  # noqa: E402
+from quantize.gguf_tokenizer import load_tokenizer  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ sampler

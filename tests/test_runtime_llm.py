@@ -18,7 +18,8 @@ from gguf_reference import (TINY, T, file_weights, image_vectors, numpy_referenc
 from tinygpt.errors import UserError  # noqa: E402
 
 from quantize import gguf_names as names  # noqa: E402
-from quantize.gguf_file import chat_format, llm_hyperparams, load_tokenizer, open_gguf  # noqa: E402
+from quantize.gguf_file import chat_format, llm_hyperparams, open_gguf  # noqa: E402
+from quantize.gguf_tokenizer import load_tokenizer  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ gguf_file
