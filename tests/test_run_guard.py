@@ -38,12 +38,15 @@ def test_a_checkpoint_past_the_schedule_is_refused(tmp_path):
     assert check_resume(_cfg(tmp_path, "run.resume=false")) is None
 
 
-def test_check_refuses_a_resume_path_that_is_no_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg-path", str(STAGE1), "--check",
-                             "--options", f"run.output_dir={tmp_path / 'out'}", f"run.resume={tmp_path / 'none'}"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
+def test_check_refuses_a_resume_path_that_is_no_checkpoint(tmp_path, monkeypatch, capsys):
+    import tinygpt.config
+    from tinygpt.cli.train import main
+
+    monkeypatch.setattr(tinygpt.config, "check_paths", lambda cfg: None)  # the data folders: not this test's
+    monkeypatch.setattr("tinygpt.train.stage.check_dataset_specs", lambda cfg: None)
+    assert main(["--cfg-path", str(STAGE1), "--check", "--options", f"run.output_dir={tmp_path / 'out'}",
+                 f"run.resume={tmp_path / 'none'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --options: run.resume: {tmp_path / 'none'} is not a checkpoint (no state.json)"]
 
 
