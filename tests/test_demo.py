@@ -1,6 +1,6 @@
 """The gradio demo (tinygpt.demo): its pure parts (history <-> OpenAI messages, upload checks, box drawing, the
-clicked region, the shipped examples), its handlers over a real ChatEngine, the command line, and the named
-endpoints the UI uses, called with gradio_client against the demo served in-process.
+clicked region, the shipped examples), its handlers over a real ChatEngine, and the named endpoints the UI uses,
+called with gradio_client against the demo served in-process (the command line: tests/test_demo_cli.py).
 
 The engine is opened from a launch config naming conftest's decisive tiny model (random weights, seeded; logits
 scaled so greedy choices are not near-ties), on the PyTorch backend and once on the GGUF one: it answers nonsense, but
@@ -21,7 +21,6 @@ from PIL import Image
 
 from tinygpt.chat import ChatEngine, GenerationSettings
 from tinygpt.chat.launch import LaunchConfig, Limits, ModelChoice, load_launch_config, open_engine
-from tinygpt.demo import cli
 from tinygpt.demo.conversation import (
     is_notice, last_question, notice, parse_region, shown, tagged_text, to_openai, user_message, without_last_answer,
 )
@@ -312,33 +311,6 @@ def test_box_answers_are_drawn_in_the_chat_and_the_view(tmp_path):
     _, history = h.add_message({"text": "", "files": [SHAPES]}, [], "identify", region)
     assert last_question(history) == "[identify] {<39><38><65><65>}"
     assert h.pick(None, history, "", gr.SelectData(None, {"index": [176, 174], "value": None})) == "88, 87"
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def test_cli_help_and_a_missing_model(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    assert "--share" in capsys.readouterr().out
-    cfg = tmp_path / "mine.yaml"
-    cfg.write_text(f"model:\n  backend: torch\n  path: {tmp_path / 'nothing'}\n")
-    assert cli.main(["--cfg-path", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "python train.py" in err[0]
-    assert cli.main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
-    assert "launch config does not exist" in capsys.readouterr().err
-
-
-def test_cli_a_taken_port_is_one_error_line_before_the_model_loads(monkeypatch, capsys):
-    def never(cfg):
-        raise AssertionError("the model was loaded although the port is taken")
-
-    monkeypatch.setattr(cli, "load_launch_config", lambda path: object())
-    monkeypatch.setattr(cli, "open_engine", never)
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        assert cli.main(["--port", str(port)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: --host/--port: cannot listen on 127.0.0.1:{port}")
 
 
 # ------------------------------------------------------------------------------------------------ gradio_client

@@ -1,0 +1,36 @@
+"""The demo's command line (tinygpt.demo.cli): its help, a missing model and a taken port are each one error line
+and exit status 2, before any model is loaded."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tinygpt.demo import cli
+
+
+def test_cli_help_and_a_missing_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "--share" in capsys.readouterr().out
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"model:\n  backend: torch\n  path: {tmp_path / 'nothing'}\n")
+    assert cli.main(["--cfg-path", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "python train.py" in err[0]
+    assert cli.main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
+    assert "launch config does not exist" in capsys.readouterr().err
+
+
+def test_cli_a_taken_port_is_one_error_line_before_the_model_loads(monkeypatch, capsys):
+    def never(cfg):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(cli, "load_launch_config", lambda path: object())
+    monkeypatch.setattr(cli, "open_engine", never)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --host/--port: cannot listen on 127.0.0.1:{port}")
