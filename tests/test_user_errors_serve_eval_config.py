@@ -50,9 +50,9 @@ def test_a_missing_shard_folder_is_named_even_when_its_parent_exists(tmp_path):
 
 
 def test_a_shard_pattern_from_options_is_checked(tmp_path):
-    cfg = load_config(TINY1, [f"{SHARDS}=/tmp/nosuchdir-tinygpt/{{00000..00001}}.tar"])
-    with pytest.raises(UserError, match=rf"^--options: {SHARDS}: /tmp/nosuchdir-tinygpt/.*: the folder "
-                                        r"/tmp/nosuchdir-tinygpt does not exist"):
+    cfg = load_config(TINY1, [f"{SHARDS}={tmp_path}/nosuchdir/{{00000..00001}}.tar"])
+    with pytest.raises(UserError, match=rf"^--options: {SHARDS}: {tmp_path}/nosuchdir/.*: the folder "
+                                        rf"{tmp_path}/nosuchdir does not exist"):
         check_paths(cfg)
 
 

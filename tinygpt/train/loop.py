@@ -89,7 +89,9 @@ class TrainResult:
     model: object = None  # the prepared (wrapped) model, for saving under FSDP (sharded.model_to_save)
 
 
-def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count: int) -> TrainResult:
+def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count: int,
+          resume_from: Path | None = None) -> TrainResult:
+    """Train from step 0, or from `resume_from` (the checkpoint tinygpt.train.run_guard.check_resume picked)."""
     r, sched_cfg = cfg.run, cfg.schedule
     schedule = WarmupCosine.from_config(sched_cfg)
     optimizer = build_optimizer(model, cfg.optim, schedule.lr_at(0))
@@ -103,7 +105,6 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     fingerprint = run_fingerprint(cfg)  # kept in each checkpoint: a resume with other settings says so
 
     start_step, skipped, nonfinite_run, data_state = 0, 0, 0, None
-    resume_from = ckpt.find_resume(r.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer)
         start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))

@@ -132,13 +132,13 @@ def run_stage(cfg: RunConfig) -> Path:
     check_outputs(cfg)  # first: where we write is checked before anything is read or built
     check_paths(cfg)
     check_dataset_specs(cfg)
-    check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
+    resume_from = check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
     accelerator = make_accelerator(cfg.run)
     with run_lock(cfg, accelerator.is_main_process):
-        return _run_locked(cfg, accelerator)
+        return _run_locked(cfg, accelerator, resume_from)
 
 
-def _run_locked(cfg: RunConfig, accelerator) -> Path:
+def _run_locked(cfg: RunConfig, accelerator, resume_from: Path | None) -> Path:
     seed_everything(cfg.run.seed)
     if cfg.model.load_in_4bit and cfg.run.save_mode == "whole":
         raise UserError(f"{cfg.origin('run.save_mode')}: run.save_mode: whole cannot save 4-bit base weights")
@@ -155,7 +155,7 @@ def _run_locked(cfg: RunConfig, accelerator) -> Path:
                       world_size=accelerator.num_processes, rank=accelerator.process_index,
                       grad_accum_steps=cfg.run.grad_accum_steps, num_workers=cfg.data.num_workers,
                       collate=collate_batch)
-    result = train(cfg, accelerator, built.model, mixer, built.trainable_count)
+    result = train(cfg, accelerator, built.model, mixer, built.trainable_count, resume_from)
     accelerator.wait_for_everyone()
     out = Path(cfg.run.output_dir)
     model = model_to_save(accelerator, result.model)  # collective under FSDP (gathers the shards)
