@@ -6,12 +6,16 @@ Each kind is a loader class plus the params it fixes (e.g. ``invrefcocog`` = Ref
 naming it and the closest valid name. Every kind accepts ``name`` (the label in samples and per-dataset counts;
 default: the kind). :func:`check_params` is the one validator of a kind's params (``build_dataset`` and the stage's
 config check both call it); its :class:`DatasetSpecError` says which kind of problem, so a caller can name the YAML key.
+:func:`missing_input` names a file a kind builds from its params (RefCOCO's ``refs(unc).p`` under ``ann_root``, ...)
+that is missing, for the same check; it only tests existence and readability.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tinygpt.data.bad_records import BadRecordPolicy
@@ -20,15 +24,36 @@ from tinygpt.data.formats.cc_sbu_align import CCSBUAlign
 from tinygpt.data.formats.flickr import FlickrGrounding
 from tinygpt.data.formats.generic_jsonl import GenericJsonl
 from tinygpt.data.formats.llava import LlavaDataset
-from tinygpt.data.formats.qformer_features import FeatureDataset
-from tinygpt.data.formats.refcoco import RefCOCO
+from tinygpt.data.formats.qformer_features import MANIFEST, FeatureDataset
+from tinygpt.data.formats.refcoco import RefCOCO, refcoco_files
 from tinygpt.data.formats.unnatural import UnnaturalInstructions
-from tinygpt.data.formats.visual_genome import VisualGenomeRefer
+from tinygpt.data.formats.visual_genome import IMAGES_FILE, REGIONS_FILE, VisualGenomeRefer
 from tinygpt.data.formats.vqa import VQADataset
 from tinygpt.data.formats.webdataset_pairs import WebDatasetPairs
 from tinygpt.errors import UserError, did_you_mean
 
 SHARED_PARAMS = ("image_size", "seed", "bad_records")
+
+Need = tuple[str, Path, str]
+"""An input a loader builds from its params: (the param it comes from, its path, "file" or "folder")."""
+
+
+def _refcoco_needs(params: dict) -> list[Need]:
+    return [("ann_root", path, "file") for path in refcoco_files(params["ann_root"], params["dataset"],
+                                                                 params["split_by"])]
+
+
+def _cc_sbu_align_needs(params: dict) -> list[Need]:
+    root = Path(params["root"])
+    return [("root", root / params["ann_file"], "file"), ("root", root / params["image_dir"], "folder")]
+
+
+def _refvg_needs(params: dict) -> list[Need]:
+    return [("root", Path(params["root"]) / name, "file") for name in (REGIONS_FILE, IMAGES_FILE)]
+
+
+def _features_needs(params: dict) -> list[Need]:
+    return [("root", Path(params["root"]) / MANIFEST, "file")]
 
 
 @dataclass(frozen=True)
@@ -36,6 +61,7 @@ class Kind:
     loader: Callable
     fixed: dict = field(default_factory=dict)
     summary: str = ""
+    needs: Optional[Callable[[dict], list[Need]]] = None  # files and folders built from the params, for checks
 
     def signature(self) -> dict[str, inspect.Parameter]:
         params = inspect.signature(self.loader).parameters
@@ -44,12 +70,12 @@ class Kind:
 
 def _refcoco(dataset: str, inverse: bool) -> Kind:
     task = "identify (box -> sentence)" if inverse else "refer (sentence -> box)"
-    return Kind(RefCOCO, {"dataset": dataset, "inverse": inverse}, f"{dataset} {task}")
+    return Kind(RefCOCO, {"dataset": dataset, "inverse": inverse}, f"{dataset} {task}", _refcoco_needs)
 
 
 KINDS: dict[str, Kind] = {
     "webdataset_pairs": Kind(WebDatasetPairs, summary="img2dataset tar shards, jpg + json caption (stages 1-2)"),
-    "cc_sbu_align": Kind(CCSBUAlign, summary="filter_cap.json + image/ (stage 3)"),
+    "cc_sbu_align": Kind(CCSBUAlign, summary="filter_cap.json + image/ (stage 3)", needs=_cc_sbu_align_needs),
     "llava_detail": Kind(LlavaDataset, {"multi_turn": False}, "LLaVA detail_23k.json, first turn"),
     "llava_reason": Kind(LlavaDataset, {"multi_turn": False}, "LLaVA complex_reasoning_77k.json, first turn"),
     "llava_conversation": Kind(LlavaDataset, {"multi_turn": True}, "LLaVA conversation_58k.json, all turns"),
@@ -60,7 +86,7 @@ KINDS: dict[str, Kind] = {
     "invrefcoco": _refcoco("refcoco", True),
     "invrefcocop": _refcoco("refcoco+", True),
     "invrefcocog": _refcoco("refcocog", True),
-    "refvg": Kind(VisualGenomeRefer, summary="Visual Genome region descriptions as [refer]"),
+    "refvg": Kind(VisualGenomeRefer, summary="Visual Genome region descriptions as [refer]", needs=_refvg_needs),
     "flickr_grounded_caption": Kind(FlickrGrounding, {"task": "grounded_caption"}, "groundedcaption.json"),
     "flickr_caption_to_phrase": Kind(FlickrGrounding, {"task": "caption_to_phrase"}, "captiontobbox.json"),
     "flickr_object_to_phrase": Kind(FlickrGrounding, {"task": "object_to_phrase"}, "phrasetobbox.json"),
@@ -72,7 +98,8 @@ KINDS: dict[str, Kind] = {
     "gqa": Kind(VQADataset, {"variant": "gqa"}, "LAVIS train_balanced_questions.json"),
     "unnatural_instruction": Kind(UnnaturalInstructions, summary="text only, JSON list or JSONL"),
     "generic_jsonl": Kind(GenericJsonl, summary="tinygpt JSONL: images + multi-turn conversations"),
-    "qformer_features": Kind(FeatureDataset, summary="ViT + Q-Former outputs cached by tinygpt.train.features"),
+    "qformer_features": Kind(FeatureDataset, summary="ViT + Q-Former outputs cached by tinygpt.train.features",
+                             needs=_features_needs),
 }
 
 
@@ -153,6 +180,23 @@ def _check_text_param(kind: str, name: str, value: Any, annotation: str, valid: 
             isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
         raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be a string or a non-empty list of "
                                f"strings, got {value!r}", "value", name, valid)
+
+
+def missing_input(kind: str, params: dict[str, Any]) -> Optional[tuple[str, Path, str]]:
+    """(param, path, what is wrong) of the first file or folder that ``kind`` builds from ``params`` (already passed
+    by :func:`check_params`) and that does not exist or cannot be read; None when all are there. Nothing is parsed."""
+    spec = KINDS[kind]
+    if spec.needs is None:
+        return None
+    merged = {**kind_params(kind), **params, **spec.fixed}
+    for param, path, what in spec.needs(merged):
+        if not path.exists():
+            return param, path, "does not exist"
+        if (what == "file" and not path.is_file()) or (what == "folder" and not path.is_dir()):
+            return param, path, f"is not a {what}"
+        if not os.access(path, os.R_OK | (os.X_OK if what == "folder" else 0)):
+            return param, path, "cannot be read (permission denied)"
+    return None
 
 
 def build_dataset(kind: str, *, image_size: int, seed: int, bad_records: BadRecordPolicy | dict | None = None,

@@ -24,7 +24,7 @@ from ..config.load import check_paths, config_to_dict
 from ..config.schema import RunConfig
 from ..data.bad_records import BadRecordPolicy
 from ..data.collate import collate_batch
-from ..data.registry import DatasetSpecError, build_dataset, check_params
+from ..data.registry import DatasetSpecError, build_dataset, check_params, missing_input
 from ..errors import UserError, did_you_mean
 from ..io_utils import check_output_dir
 from ..model import save_vlm
@@ -46,14 +46,20 @@ def seed_everything(seed: int) -> None:
 
 
 def check_dataset_specs(cfg: RunConfig) -> None:
-    """Every dataset's kind and params pass the registry's :func:`check_params` (errors name the YAML file and
-    dotted key)."""
+    """Every dataset's kind and params pass the registry's :func:`check_params`, and the files a loader builds from
+    its params (RefCOCO's ``refs(unc).p`` and ``instances.json`` under ``ann_root``, ...) exist and can be read
+    (:func:`missing_input`; nothing is parsed). Errors name the YAML file, the dotted key and the path."""
     for name, spec in cfg.active_datasets().items():
         key = f"data.datasets.{name}"
         try:
             check_params(spec.kind, dict(spec.params))
         except DatasetSpecError as exc:
             raise UserError(_spec_message(cfg, key, spec.kind, exc)) from None
+        missing = missing_input(spec.kind, dict(spec.params))
+        if missing is not None:
+            param, path, problem = missing
+            raise UserError(f"{cfg.origin(f'{key}.params.{param}')}: {key}.params.{param}: dataset {name!r} (kind "
+                            f"{spec.kind!r}) reads {path}, which {problem}")
 
 
 def _spec_message(cfg: RunConfig, key: str, kind: str, exc: DatasetSpecError) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset
 from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
 from tinygpt.data.image import ImageTransform, load_image, safe_join
 from tinygpt.errors import UserError
-from tinygpt.tasks import IMAGE_PLACEHOLDER
+from tinygpt.tasks import IMAGE_PLACEHOLDER, box_is_valid
 
 
 @dataclass
@@ -106,13 +108,52 @@ def require(entry: Any, key: str, kind: type | tuple[type, ...] = str) -> Any:
 
 
 def image_file_name(pattern: str, entry: dict) -> str:
-    """Format a configured file-name pattern (e.g. ``"COCO_train2014_{id}.jpg"``) with a record's fields."""
+    """Format a configured file-name pattern (e.g. ``"COCO_train2014_{id}.jpg"``) with a record's fields; a field
+    the pattern names must be a non-blank string or an integer (a list or null would make a name that never exists)."""
+    try:
+        fields = sorted({name for _, name, _, _ in string.Formatter().parse(pattern) if name})
+    except ValueError as exc:
+        raise BadRecord(f"cannot build the image name from pattern {pattern!r}: {exc}") from None
+    for name in fields:
+        if not isinstance(entry, dict) or name not in entry:
+            continue  # a missing field is reported by the KeyError below
+        value = entry[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadRecord(f"field {name!r} has the wrong type ({type(value).__name__}); the image name pattern "
+                            f"{pattern!r} needs a string or an integer")
+        if isinstance(value, str) and not value.strip():
+            raise BadRecord(f"field {name!r} is empty; the image name pattern {pattern!r} needs it")
     try:
         return pattern.format(**entry)
     except KeyError as exc:
         raise BadRecord(f"missing field {exc.args[0]!r} needed by the image name pattern {pattern!r}") from None
     except (ValueError, TypeError, IndexError) as exc:
         raise BadRecord(f"cannot build the image name from pattern {pattern!r}: {exc}") from None
+
+
+# A box attempt: two or more <...> tokens holding a digit, optionally in braces, or one such token in braces.
+_BOX_ATTEMPT = re.compile(r"\{?\s*(?:<[^<>{}]*\d[^<>{}]*>\s*){2,}\}?|\{\s*<[^<>{}]*\d[^<>{}]*>\s*\}")
+_BOX_EXACT = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")
+
+
+def check_box_text(text: str, field: str, at_least_one: bool = False) -> int:
+    """Every box written in ``text`` is ``{<x1><y1><x2><y2>}`` with integers on the 0-100 grid, x1 <= x2 and
+    y1 <= y2; anything that looks like a box and is not (3 or 5 numbers, decimals, a sign, a missing brace) is a
+    BadRecord naming ``field``. Returns the number of boxes (``at_least_one``: none is a BadRecord too)."""
+    count = 0
+    for match in _BOX_ATTEMPT.finditer(text):
+        written = match.group().strip()
+        exact = _BOX_EXACT.fullmatch(written)
+        if exact is None:
+            raise BadRecord(f"malformed box {written!r} in {field}: a box is {{<x1><y1><x2><y2>}}, four integers "
+                            "on the 0-100 grid")
+        if not box_is_valid(tuple(int(v) for v in exact.groups())):  # type: ignore[arg-type]
+            raise BadRecord(f"box {written} in {field} lies outside the 0-100 grid or is reversed "
+                            "(needs 0 <= x1 <= x2 <= 100 and 0 <= y1 <= y2 <= 100)")
+        count += 1
+    if at_least_one and not count:
+        raise BadRecord(f"{field} holds no {{<x1><y1><x2><y2>}} box")
+    return count
 
 
 def check_placeholders(turns: list[dict], image_count: int) -> None:

@@ -7,29 +7,21 @@
   ``"<Img><ImageHere></Img> [detection] {caption} "``, assistant ``output`` raw.
 * object to phrase  ``phrasetobbox.json`` ``[{"image_id", "phrase", "bbox": "{<x1><y1><x2><y2>}"}]``: user
   ``"<Img><ImageHere></Img> [detection] {phrase} "``, assistant ``"<p>{phrase}</p> {bbox}"``.
-Boxes are already text on the 0-100 grid; every one must parse and lie on 0..100 (else the record is bad).
+Boxes are already text on the 0-100 grid; every one (not just the first of a phrase) must be written
+``{<x1><y1><x2><y2>}`` with integers on 0..100, x1 <= x2, y1 <= y2, else the record is bad
+(:func:`tinygpt.data.formats.base.check_box_text`).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, image_file_name, iter_json_list, require
+from tinygpt.data.bad_records import BadRecordPolicy
+from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, image_file_name, iter_json_list, require
 from tinygpt.errors import UserError
-from tinygpt.tasks import (DETECTION_PROMPTS, GROUNDING_PROMPTS, box_is_valid, format_phrase_box, parse_boxes,
-                           wrap_instruction)
+from tinygpt.tasks import DETECTION_PROMPTS, GROUNDING_PROMPTS, format_phrase_box, wrap_instruction
 
 FLICKR_TASKS = ("grounded_caption", "caption_to_phrase", "object_to_phrase")
-
-
-def check_box_text(text: str, field: str, at_least_one: bool = True) -> None:
-    boxes = parse_boxes(text)
-    if at_least_one and not boxes:
-        raise BadRecord(f"field {field!r} holds no {{<x1><y1><x2><y2>}} box")
-    for _, box in boxes:
-        if not box_is_valid(box):
-            raise BadRecord(f"box {box} in field {field!r} lies outside the image (0..100 grid) or is reversed")
 
 
 class FlickrGrounding(RecordDataset):
@@ -49,15 +41,15 @@ class FlickrGrounding(RecordDataset):
         require(entry, "image_id", (str, int))
         if self.task == "grounded_caption":
             caption = require(entry, "grounded_caption")
-            check_box_text(caption, "grounded_caption")
+            check_box_text(caption, "field 'grounded_caption'", at_least_one=True)
             data = caption
         elif self.task == "caption_to_phrase":
             output = require(entry, "output")
-            check_box_text(output, "output")
+            check_box_text(output, "field 'output'", at_least_one=True)
             data = (require(entry, "caption"), output)
         else:
             box = require(entry, "bbox")
-            check_box_text(box, "bbox")
+            check_box_text(box, "field 'bbox'", at_least_one=True)
             data = (require(entry, "phrase"), box)
         return Record([image_file_name(image_name, entry)], data)
 

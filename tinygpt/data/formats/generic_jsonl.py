@@ -9,7 +9,9 @@ One object per line::
 Each ``<image>`` in a user text marks where the next image of ``images`` goes (in order); their total count must
 equal ``len(images)`` (0 for text-only lines). Image paths are relative to ``image_root`` (default: the folder of
 the JSONL file) and may not leave it. Other fields (an ``id``, metadata) are ignored. ``<image>`` becomes
-``<Img><ImageHere></Img>``; texts are used as written.
+``<Img><ImageHere></Img>``; texts are used as written. Boxes in any text must be written as the project's box text,
+``{<x1><y1><x2><y2>}`` with integers on the 0-100 grid (x1 <= x2, y1 <= y2); a malformed or out-of-range one (3 or
+5 numbers, decimals, pixel coordinates, a missing brace) makes the line a bad record.
 :func:`write_generic_jsonl` writes the same format, so a dataset round-trips.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, iter_jsonl, require
+from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, iter_jsonl, require
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_write_text
 from tinygpt.tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
@@ -48,6 +50,7 @@ def parse_generic_record(entry: object) -> tuple[list[str], list[dict]]:
         for key in ("user", "assistant"):
             if IMAGE_PLACEHOLDER in turn[key] or (key == "assistant" and IMAGE_TOKEN in turn[key]):
                 raise BadRecord(f"conversations[{number}].{key} contains a reserved image marker")
+            check_box_text(turn[key], f"conversations[{number}].{key}")
         turns.append({"user": turn["user"].replace(IMAGE_TOKEN, IMAGE_TAG), "assistant": turn["assistant"]})
     marked = sum(turn["user"].count(IMAGE_TOKEN) for turn in conversations)
     if marked != len(images):

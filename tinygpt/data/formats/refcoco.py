@@ -54,6 +54,13 @@ def check_box_xywh(box: Any, width: Optional[float], height: Optional[float]) ->
     return x1, y1, x2, y2
 
 
+def refcoco_files(ann_root: str, dataset: str, split_by: Optional[str] = None) -> tuple[Path, Path]:
+    """(refs pickle, instances.json) that a dataset reads under ``ann_root``; the config check tests that they
+    exist before any model loads."""
+    folder = Path(ann_root) / dataset
+    return folder / f"refs({split_by or DEFAULT_SPLIT_BY[dataset]}).p", folder / "instances.json"
+
+
 def _key(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
@@ -65,8 +72,7 @@ class RefCOCO(RecordDataset):
                  image_name: str = "COCO_train2014_{image_id:012d}.jpg", process_text: bool = True) -> None:
         if dataset not in DEFAULT_SPLIT_BY:
             raise UserError(f"dataset {name!r}: dataset must be one of {sorted(DEFAULT_SPLIT_BY)}, got {dataset!r}")
-        split_by = split_by or DEFAULT_SPLIT_BY[dataset]
-        refs_path = Path(ann_root) / dataset / f"refs({split_by}).p"
+        refs_path, instances_path = refcoco_files(ann_root, dataset, split_by)
         super().__init__(name=name, source=refs_path, root=image_root, image_size=image_size, seed=seed,
                          bad_records=bad_records)
         self.inverse = inverse
@@ -74,7 +80,6 @@ class RefCOCO(RecordDataset):
         refs = load_plain_pickle(refs_path)
         if not isinstance(refs, list):
             raise UserError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
-        instances_path = Path(ann_root) / dataset / "instances.json"
         instances = read_json(instances_path)
         if not isinstance(instances, dict) or not isinstance(instances.get("annotations"), list) \
                 or not isinstance(instances.get("images"), list):

@@ -2,6 +2,7 @@
 
 File: a JSON list (MiniGPT-v2's filtered copy) or JSON lines (the original ``core_data.jsonl``) of
 ``{"instances": [{"instruction_with_input", "constraints", "output"}, ...]}``; the first instance is used.
+``constraints`` is optional: a string, or a list of strings joined with spaces; any other type makes the record bad.
 Sample: user ``blip_caption(instruction_with_input + " " + constraints)``, assistant ``blip_caption(output)``
 (lower-cased, punctuation stripped, at most 50 words, as the original; ``process_text=False`` keeps them raw).
 """
@@ -28,6 +29,19 @@ def _looks_like_json_list(path: Path) -> bool:
     return head.startswith(b"[")
 
 
+def _constraints_text(constraints: object) -> str:
+    """The ``constraints`` of an instance as one text: a string as written, a list of strings joined with spaces
+    (blank items left out), absent or null: none; any other type is a BadRecord naming the field."""
+    if constraints is None:
+        return ""
+    if isinstance(constraints, str):
+        return constraints if constraints.strip() else ""
+    if isinstance(constraints, list) and all(isinstance(item, str) for item in constraints):
+        return " ".join(item.strip() for item in constraints if item.strip())
+    kind = type(constraints).__name__ if not isinstance(constraints, list) else "a list holding a non-string"
+    raise BadRecord(f"field 'constraints' must be a string or a list of strings, got {kind}")
+
+
 class UnnaturalInstructions(RecordDataset):
     def __init__(self, ann_path: str, *, image_size: int, seed: int, bad_records: Optional[BadRecordPolicy] = None,
                  name: str = "unnatural_instruction", process_text: bool = True) -> None:
@@ -47,8 +61,8 @@ class UnnaturalInstructions(RecordDataset):
             raise BadRecord("field 'instances' holds no instance object")
         info = instances[0]
         instruction = require(info, "instruction_with_input")
-        constraints = info.get("constraints")
-        if isinstance(constraints, str) and constraints:
+        constraints = _constraints_text(info.get("constraints"))
+        if constraints:
             instruction = instruction + " " + constraints
         return Record([], (instruction, require(info, "output")))
 

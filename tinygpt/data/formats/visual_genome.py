@@ -19,6 +19,7 @@ from tinygpt.data.formats.refcoco import check_box_xywh
 from tinygpt.data.text import blip_caption
 from tinygpt.tasks import REFER_PROMPTS, format_box, wrap_instruction
 
+REGIONS_FILE, IMAGES_FILE = "region_descriptions.json", "image_data.json"  # under root
 MAX_REGION_AREA = 16384
 
 
@@ -33,12 +34,12 @@ def image_path_from_url(url: str) -> str:
 class VisualGenomeRefer(RecordDataset):
     def __init__(self, root: str, *, image_size: int, seed: int, bad_records: Optional[BadRecordPolicy] = None,
                  name: str = "refvg", max_region_area: int = MAX_REGION_AREA, process_text: bool = True) -> None:
-        regions_path = Path(root) / "region_descriptions.json"
+        regions_path = Path(root) / REGIONS_FILE
         super().__init__(name=name, source=regions_path, root=root, image_size=image_size, seed=seed,
                          bad_records=bad_records)
         self.process_text = process_text
         images = {}
-        for _, info in iter_json_list(Path(root) / "image_data.json"):
+        for _, info in iter_json_list(Path(root) / IMAGES_FILE):
             key = info.get("image_id", info.get("id")) if isinstance(info, dict) else None
             if isinstance(key, (int, str)) and not isinstance(key, bool):  # a damaged id (a list) is no key
                 images[key] = info
