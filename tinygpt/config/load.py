@@ -199,6 +199,19 @@ def _require(cfg: RunConfig, key: str, ok: bool, what: str) -> None:
         raise UserError(f"{cfg.origin(key)}: {key}: {what}")
 
 
+def _require_pair(cfg: RunConfig, key: str, what: str, other: str, other_what: str, ok: bool) -> None:
+    """A check on two keys: names ``key`` (``what``), or ``other`` (``other_what``) when only that one was set by
+    ``--options``, and says where the partner came from if elsewhere (``--options schedule.total_steps=2`` against
+    ``warmup_steps: 5`` in a file blames ``--options`` and names the file)."""
+    if ok:
+        return
+    here, there = cfg.origin(key), cfg.origin(other)
+    if there == OPTIONS and here != OPTIONS:
+        key, what, other, here, there = other, other_what, key, there, here
+    partner = f"; {other} comes from {there}" if there != here else ""
+    raise UserError(f"{here}: {key}: {what}{partner}")
+
+
 def _validate_moe(cfg: RunConfig) -> None:
     """``model.moe`` and the ``moe`` trainable set go together; layer indices are checked against the model later
     (``tinygpt.model.moe.resolve_layers``), when its depth is known."""
@@ -272,11 +285,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("init_lr", "min_lr", "warmup_lr"):
         _require(cfg, f"schedule.{key}", getattr(s, key) >= 0, "must be >= 0")
     _require(cfg, "schedule.init_lr", s.init_lr > 0, "must be > 0")
-    _require(cfg, "schedule.min_lr", s.min_lr <= s.init_lr,
-             f"{s.min_lr:g} is above init_lr {s.init_lr:g} (the cosine would rise instead of decay)")
+    rises = "the cosine would rise instead of decay"
+    _require_pair(cfg, "schedule.min_lr", f"{s.min_lr:g} is above init_lr {s.init_lr:g} ({rises})",
+                  "schedule.init_lr", f"{s.init_lr:g} is below min_lr {s.min_lr:g} ({rises})", s.min_lr <= s.init_lr)
     _require(cfg, "schedule.total_steps", s.total_steps >= 1, "must be >= 1")
-    _require(cfg, "schedule.warmup_steps", 0 <= s.warmup_steps <= s.total_steps,
-             f"must be in [0, total_steps={s.total_steps}]")
+    warmup_range = f"must be in [0, total_steps={s.total_steps}]"
+    _require(cfg, "schedule.warmup_steps", s.warmup_steps >= 0, warmup_range)
+    _require_pair(cfg, "schedule.warmup_steps", warmup_range, "schedule.total_steps",
+                  f"{s.total_steps} is below warmup_steps {s.warmup_steps} (the warm-up must fit in the run)",
+                  s.warmup_steps <= s.total_steps)
 
     _choice(cfg, "run.precision", r.precision, schema.PRECISIONS)
     _choice(cfg, "run.save_mode", r.save_mode, schema.SAVE_MODES)

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from ..config.schema import RunConfig
+from ..data.bad_records import bad_record_totals
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .run_guard import changed_settings, run_fingerprint
@@ -167,8 +168,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                     last = ckpt.list_checkpoints(cfg.checkpoint_dir)
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise TrainingStopped(
-                        f"training stopped at step {step + 1}: {nonfinite_run} non-finite losses in a row; {kept} "
-                        "(lower schedule.init_lr, set optim.max_grad_norm, or use run.precision bf16/fp32)")
+                        f"training stopped at step {step + 1}: {nonfinite_run} non-finite losses in a row; {kept}; "
+                        f"try: {nonfinite_advice(cfg, accelerator.mixed_precision)}")
             else:
                 nonfinite_run = 0
                 if cfg.optim.max_grad_norm is not None:
@@ -206,12 +207,29 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         "trainable_params": trainable_count, "skipped_steps": skipped, "last_loss": last_loss,
         "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
         "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
+        "bad_records": bad_record_totals({entry.name: entry.dataset for entry in mixer.entries}),
     }
     if moe_load:
         summary["moe_load_share"] = moe_load.summary()  # layer -> per-expert share of this run's top-k choices
     if accelerator.is_main_process:
         log.info("%s", format_summary(summary))
     return TrainResult(start_step, end_step, skipped, last_loss, summary, model)
+
+
+def nonfinite_advice(cfg: RunConfig, mixed_precision: str) -> str:
+    """What to try after non-finite losses, leaving out what is already in effect: a lower ``schedule.init_lr``
+    always (with its value), ``optim.max_grad_norm`` when unset, a wider precision than the one that ran
+    (``mixed_precision``: accelerate's "fp16", "bf16" or "no")."""
+    tries = [f"lower schedule.init_lr (now {cfg.schedule.init_lr:g})"]
+    if cfg.optim.max_grad_norm is None:
+        tries.append("set optim.max_grad_norm (e.g. 1.0)")
+    if mixed_precision == "fp16":
+        tries.append("use run.precision bf16 or fp32")
+    elif mixed_precision == "bf16":
+        tries.append("use run.precision fp32")
+    if len(tries) == 1:
+        return tries[0]
+    return ", ".join(tries[:-1]) + " or " + tries[-1]
 
 
 def _gather_data_state(accelerator, state: dict) -> dict:

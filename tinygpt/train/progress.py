@@ -1,6 +1,7 @@
 """Progress of a run: a tqdm bar (step, loss, lr, samples/s, ETA, peak memory), log lines, the end summary,
 and optional TensorBoard / Weights & Biases logging (never a network call unless ``run.wandb_project`` is set).
-Only the main process shows and logs anything.
+Only the main process shows and logs anything. While steps are skipped (non-finite loss) the bar and the log line say
+``loss skipped: non-finite (N in a row)`` instead of the mean of the last finite losses.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class Progress:
         self.started = time.monotonic()
         self.samples = 0
         self.recent: deque = deque(maxlen=50)        # (time, samples) for the samples/s figure
-        self.losses: deque = deque(maxlen=log_every)
+        self.losses: deque = deque(maxlen=log_every)  # the last finite losses (a skipped step adds none)
+        self.skipped_in_a_row = 0                     # steps skipped since the last finite loss
+        self.skipped_since_log = 0                    # steps skipped since the last log line
         self.bar = None
         self.tb = None
         self.wandb = None
@@ -67,23 +70,30 @@ class Progress:
         now = time.monotonic()
         self.samples += samples
         self.recent.append((now, self.samples))
-        if loss is not None:
+        if loss is None:
+            self.skipped_in_a_row += 1
+            self.skipped_since_log += 1
+        else:
+            self.skipped_in_a_row = 0
             self.losses.append(loss)
         rate = self.rate()
         memory = peak_memory_gb(self.device)
         mean_loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {mean_loss:.4f} lr {lr:.2e} {rate:.1f} samples/s mem {memory:.1f}G",
+            self.bar.set_postfix_str(f"{self.loss_text()} lr {lr:.2e} {rate:.1f} samples/s mem {memory:.1f}G",
                                      refresh=False)
         done = step + 1
         if done % self.log_every == 0 or done == self.total:
             if self.bar is None:
                 eta = (self.total - done) * (now - self.started) / max(1, done - self.start_step)
-                log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s peak mem %.2f GiB eta %.0f s",
-                         done, self.total, mean_loss, lr, rate, memory, eta)
-            metrics = {"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": rate,
-                       "train/peak_mem_gb": memory, **(extra or {})}
+                log.info("step %d/%d %s lr %.3e %.1f samples/s peak mem %.2f GiB eta %.0f s",
+                         done, self.total, self.loss_text(since_log=True), lr, rate, memory, eta)
+            metrics = {"train/lr": lr, "train/samples_per_s": rate, "train/peak_mem_gb": memory,
+                       "train/skipped_steps": self.skipped_since_log, **(extra or {})}
+            if not self.skipped_in_a_row:  # no stale loss while skipping
+                metrics["train/loss"] = mean_loss
+            self.skipped_since_log = 0
             if self.tb is not None:
                 for key, value in metrics.items():
                     self.tb.add_scalar(key, value, done)
@@ -91,6 +101,15 @@ class Progress:
                     self.tb.add_scalar(f"data/{name}", count, done)
             if self.wandb is not None:
                 self.wandb.log({**metrics, **{f"data/{k}": v for k, v in counts.items()}}, step=done)
+
+    def loss_text(self, since_log: bool = False) -> str:
+        """``loss 1.2345`` (the mean of the last finite losses), or ``loss skipped: non-finite (3 in a row)`` while
+        steps are skipped; ``since_log`` adds the steps skipped since the last log line to a finite mean."""
+        if self.skipped_in_a_row:
+            return f"loss skipped: non-finite ({self.skipped_in_a_row} in a row)"
+        mean = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        skipped = self.skipped_since_log if since_log else 0
+        return f"loss {mean:.4f}" + (f" ({skipped} skipped since the last line)" if skipped else "")
 
     def rate(self) -> float:
         if len(self.recent) < 2:
@@ -116,4 +135,17 @@ def format_summary(summary: dict) -> str:
         f"peak memory {summary['peak_mem_gb']:.2f} GiB; last loss {summary['last_loss']}",
         "batches per dataset (this process): " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())),
     ]
+    bad = summary.get("bad_records") or {}
+    if bad:
+        lines.append("bad records per dataset file (all data workers of this process; bad of seen):")
+        lines += [f"  {name}: {bad_record_line(counters)}" for name, counters in sorted(bad.items())]
     return "\n".join(lines)
+
+
+def bad_record_line(counters: list[dict]) -> str:
+    """``/data/x.jsonl: records 0 of 120, images 3 of 95 (3.2%)`` for one dataset's counters."""
+    parts: dict[str, list[str]] = {}
+    for c in counters:
+        share = f" ({c['bad'] / c['seen']:.1%})" if c["bad"] else ""
+        parts.setdefault(c["source"], []).append(f"{c['what']} {c['bad']} of {c['seen']}{share}")
+    return "; ".join(f"{source}: {', '.join(items)}" for source, items in parts.items())
