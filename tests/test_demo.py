@@ -374,3 +374,22 @@ def test_the_ui_endpoints_through_gradio_client(served, engine, tmp_path):
     assert final2[-1]["content"][0]["text"] == shown(answer)
     stopped = recording.streams[-2]
     assert stopped["closed_early"] and stopped["pieces"] < 300, recording.streams
+
+
+@pytest.mark.slow  # ~3 s on the served demo
+def test_a_txt_upload_is_our_notice_and_no_traceback(served, tmp_path, capfd, caplog):
+    """gradio's own file-type check (MultimodalTextbox.preprocess) would raise before add_message and print a traceback
+    (gradio/queueing.py); the textbox takes any file, so add_message's check refuses it with a notice."""
+    from gradio_client import Client, handle_file
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("milk, eggs\n")
+    client = Client(served[0], verbose=False, download_files=False)
+    capfd.readouterr()
+    box, history = client.predict({"text": "what is this?", "files": [handle_file(str(notes))]}, [], "vqa", "",
+                                  api_name="/add_message")
+    assert box == {"__type__": "update"} and history[-1]["metadata"]["title"] == "⚠️ Not sent"  # the box keeps it
+    assert history[-1]["content"][0]["text"] == ("notes.txt: not a readable image (UnidentifiedImageError); attach a "
+                                                 "PNG, JPEG or WebP picture")
+    err = capfd.readouterr().err + caplog.text
+    assert "Traceback" not in err and "Invalid file type" not in err, err

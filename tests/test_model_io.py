@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -44,7 +45,7 @@ def test_whole_directory_round_trip_is_exact_and_hf_native(tiny_vlm, tmp_path):
     assert torch.equal(auto.proj1.weight, model.proj1.weight)
 
 
-def test_trainable_only_chain_stage1_then_lora_stage(tiny_vlm, tmp_path):
+def test_trainable_only_chain_stage1_then_lora_stage(tiny_vlm, tmp_path, caplog):
     base = tiny_vlm()
     save_vlm(base, tmp_path / "base")
     pixels = torch.randn(1, 3, 112, 112)
@@ -71,8 +72,12 @@ def test_trainable_only_chain_stage1_then_lora_stage(tiny_vlm, tmp_path):
     moved.mkdir()
     for name in ("base", "stage1", "stage2"):  # the chain uses relative paths, so the whole tree can move
         (tmp_path / name).rename(moved / name)
-    reloaded = load_vlm(moved / "stage2")
+    with caplog.at_level(logging.INFO, logger="tinygpt.model.checkpoint_io"):
+        reloaded = load_vlm(moved / "stage2")
     assert torch.equal(loss(stage2.eval(), pixels), loss(reloaded, pixels))
+    loaded = [r.getMessage() for r in caplog.records if "model.safetensors" in r.getMessage()]
+    assert len(loaded) == 3 and not any("../" in line for line in loaded), loaded  # each base named without ../
+    assert any(line.startswith(f"{(moved / 'base').resolve()}/model.safetensors") for line in loaded), loaded
     alone = tmp_path / "alone"  # a stage copied without the directory it builds on: the field is named
     shutil.copytree(moved / "stage2", alone / "stage2")
     with pytest.raises(UserError, match=r"stage2/config\.json: base_model '\.\./stage1' \(.*\) is not a model "

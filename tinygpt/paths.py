@@ -6,7 +6,8 @@
   ``pip install`` puts in the package (``tinygpt/train_configs``, see pyproject.toml), so an installed tinygpt runs its
   tiny default from any directory;
 * the tiny default's data (``$TINYGPT_TINY_DATA``, else ``data/synthetic``) and outputs (``outputs/tiny``), relative to
-  the working directory.
+  the working directory;
+* how a path is shown in logs and headers (:func:`display_path`): never a chain of ``..``.
 """
 
 from __future__ import annotations
@@ -34,3 +35,14 @@ def tiny_data_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 TINY_OUTPUT_DIR = Path("outputs/tiny")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as a log line shows it: relative to the working directory when that is shorter and does not leave it
+    (``outputs/tiny/stage4``), else absolute with ``..`` and links resolved (``/data/models/stage4``)."""
+    absolute = Path(path).resolve()
+    try:
+        relative = str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:  # outside the working directory: relative would start with ..
+        return str(absolute)
+    return relative if len(relative) < len(str(absolute)) else str(absolute)

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from ..errors import UserError, did_you_mean
-from ..paths import PACKAGE_ROOT
+from ..paths import PACKAGE_ROOT, display_path
 from .engine import ChatEngine
 from .settings import GenerationSettings
 
@@ -202,11 +202,14 @@ def check_model_path(cfg: LaunchConfig) -> None:
 
 
 def open_engine(cfg: LaunchConfig) -> ChatEngine:
-    """The ChatEngine the config names, with its generation defaults and image cache size."""
+    """The ChatEngine the config names, with its generation defaults and image cache size. The model is opened by its
+    display path (tinygpt.paths.display_path), so the engine's name, logged by the server and shown in the demo's
+    header, holds no chain of ``..``."""
     options = {"settings": cfg.generation, "image_cache_size": cfg.limits.image_cache_size}
+    path = display_path(cfg.model.path)
     if cfg.model.backend == "torch":
-        return ChatEngine.from_model_dir(cfg.model.path, device=cfg.model.device, bits=cfg.model.bits, **options)
-    return ChatEngine.from_gguf(cfg.model.path, {"n_threads": cfg.model.threads, "qtype": cfg.model.qtype}, **options)
+        return ChatEngine.from_model_dir(path, device=cfg.model.device, bits=cfg.model.bits, **options)
+    return ChatEngine.from_gguf(path, {"n_threads": cfg.model.threads, "qtype": cfg.model.qtype}, **options)
 
 
 def listen(host: str, port: int) -> socket.socket:

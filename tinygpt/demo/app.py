@@ -62,8 +62,10 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
                                      feedback_options=None, group_consecutive_messages=False,
                                      placeholder="Attach an image, ask about it, or pick an example below.")
-                box = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
-                                           sources=["upload"], show_label=False,
+                # no file_types: gradio would refuse a non-image in preprocess, before add_message, with its own
+                # traceback on the console; add_message's upload checks refuse it with a notice instead
+                box = gr.MultimodalTextbox(elem_id="message", file_count="multiple", sources=["upload"],
+                                           show_label=False,
                                            placeholder="Ask about the image (attach one or more with the clip)")
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")

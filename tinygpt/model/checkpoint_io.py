@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io_utils import atomic_dir, check_output_dir, writing
+from ..paths import display_path
 from ..tokenizer import load_tokenizer
 from .moe import upcycle_state
 from .state import load_state
@@ -85,7 +86,7 @@ def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | 
         state = _fit_image_size(_read_weights(part), config)
         upcycled = upcycle_state(state, config.text_config)  # a dense base under an MoE stage output
         ignore = (".lora_",) if upcycled.keys() == state.keys() else (".lora_", ".mlp.router.")
-        report = load_state(model, upcycled, str(part / WEIGHTS), expect_complete=root, ignore_missing=ignore)
+        report = load_state(model, upcycled, display_path(part / WEIGHTS), expect_complete=root, ignore_missing=ignore)
         if report.unexpected:
             raise UserError(f"{part / WEIGHTS}: tensors the model does not have; " + report.summary())
         log.info(report.summary())
