@@ -61,12 +61,14 @@ def _chain(directory: Path) -> list[Path]:
     config = read_config(directory)
     while config.base_model:
         base = Path(config.base_model)
-        base = base if base.is_absolute() else (chain[-1] / base)
+        base = base if base.is_absolute() else Path(display_path(chain[-1] / base))
         if base.resolve() in seen:
             raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} makes a cycle")
         if not (base / "config.json").is_file():  # e.g. a stage directory copied without the one it builds on
-            raise UserError(f"{chain[-1] / 'config.json'}: base_model {config.base_model!r} ({base}) is not a model "
-                            "directory; copy that directory too, keeping the relative path, or fix base_model")
+            fix = ("restore it there" if Path(config.base_model).is_absolute()
+                   else "copy that directory too, keeping the relative path")
+            raise UserError(f"{display_path(chain[-1] / 'config.json')}: base_model {config.base_model!r} ({base}) is "
+                            f"not a model directory; {fix}, or fix base_model")
         seen.add(base.resolve())
         chain.append(base)
         config = read_config(base)
@@ -116,12 +118,34 @@ def _load_tokenizer(directory: Path, config: TinyGPTVConfig):
 
 def check_model_out(path: str | os.PathLike, where: str) -> Path:
     """Before any work: ``save_vlm`` can write ``path`` and destroys nothing of the user's there. It replaces the
-    directory whole, so it must be missing, empty or a model directory (config.json); never a file."""
+    directory whole, so it must be missing, empty or a tinygpt model directory (config.json of model_type tinygptv)
+    without folders inside; never a file, another model's directory (a Phi-2 or BLIP-2 download given as --out) or a
+    directory holding checkpoints."""
     out = check_output_dir(path, where, "model directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    replace = "the model replaces the directory whole, so choose a new or empty directory"
+    config = out / "config.json"
+    if not config.is_file():
         raise UserError(f"{where}: {out} is a non-empty directory that is not a model directory (no config.json); "
-                        "the model replaces it whole, so choose a new or empty directory")
+                        + replace)
+    model_type = _model_type(config)
+    if model_type != TinyGPTVConfig.model_type:
+        raise UserError(f"{where}: {out} holds another model (config.json model_type {model_type!r}), not one that "
+                        f"tinygpt wrote; {replace}")
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    if folders:
+        raise UserError(f"{where}: {out} holds folders ({', '.join(folders)}) that replacing the model directory "
+                        "would delete; move them out or choose a new or empty directory")
     return out
+
+
+def _model_type(config: Path) -> object:
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return raw.get("model_type") if isinstance(raw, dict) else None
 
 
 def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, base_model: str | None = None,
@@ -149,9 +173,12 @@ def save_vlm(model, directory: str | os.PathLike, trainable_only: bool = False, 
 
 
 def _relative_to(base: str, directory: Path) -> str:
-    """Store the base as a path relative to the new directory, so a tree of stage outputs can be moved whole."""
+    """The base as stored in config.json: relative to the new directory when it lies beside it or below its parent
+    (``../stage1``), so a tree of stage outputs can be moved whole; absolute otherwise (a base in the cache or another
+    tree: a relative ``../../..`` path would break as soon as the outputs move)."""
     base_path = Path(base).resolve()
     try:
-        return os.path.relpath(base_path, directory.resolve())
+        relative = os.path.relpath(base_path, directory.resolve())
     except ValueError:  # another drive on Windows
         return str(base_path)
+    return relative if Path(relative).parts[:2].count("..") <= 1 else str(base_path)
