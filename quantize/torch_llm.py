@@ -9,6 +9,7 @@ layers run each token through its top-k experts (quantize.gguf_moe), routers and
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -53,10 +54,9 @@ class TorchLLM(LLMBackend):
                 arr = arr.copy()
             keep_fp32 = arr.ndim == 1 or name.endswith(_FP32_NAMES)  # norms, biases (MoE: 2-D) and routers
             self.w[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32 if keep_fp32 else self.dtype)
-            if progress and (i % 50 == 0 or i == len(llm.tensors) - 1):
-                print(f"\rdequantizing {i + 1}/{len(llm.tensors)} tensors", end="", flush=True)
-        if progress:
-            print()
+            last = i == len(llm.tensors) - 1
+            if progress and (last or (i % 50 == 0 and sys.stdout.isatty())):  # a log file gets the last count only
+                print(f"\rdequantizing {i + 1}/{len(llm.tensors)} tensors", end="\n" if last else "", flush=True)
         shape = (self.n_ctx, self.hp.n_heads, self.hp.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.hp.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.hp.n_layers)]

@@ -85,3 +85,16 @@ def test_the_documented_forms_answer_as_before():
 def test_python_m_tinygpt_cli_is_the_console_script():
     result = _run("-m", "tinygpt.cli", "--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: tinygpt") and "ceiling" in result.stdout
+
+
+def test_train_quiet_turns_the_progress_bar_off(monkeypatch):
+    import tinygpt.tiny.backbones as backbones
+    import tinygpt.train.stage as stage
+
+    seen = []
+    monkeypatch.setattr(stage, "check_outputs", lambda cfg: None)
+    monkeypatch.setattr(backbones, "resolve_builtin", lambda cfg: None)
+    monkeypatch.setattr(stage, "run_stage", lambda cfg: seen.append(cfg.run.progress) or "out")
+    config = str(Path(__file__).resolve().parents[1] / "train_configs" / "tiny" / "stage1.yaml")
+    assert main(["train", "--cfg-path", config]) == 0 and main(["train", "--cfg-path", config, "--quiet"]) == 0
+    assert seen == [True, False]

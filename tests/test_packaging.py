@@ -6,6 +6,10 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from tinygpt.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +52,29 @@ def test_the_launch_configs_ship_and_resolve_outside_a_checkout(monkeypatch, tmp
     monkeypatch.chdir(tmp_path)  # no eval_configs/ here: the shipped copy answers
     cfg = launch.load_launch_config("eval_configs/tiny.yaml", check_model=False)
     assert cfg.source == installed / "eval_configs" / "tiny.yaml" and cfg.model.path == "outputs/tiny/stage4"
+
+
+def test_the_stage_configs_resolve_outside_a_checkout(monkeypatch, tmp_path):
+    """`--cfg-path train_configs/tiny/stage1.yaml`, as the README writes it, run from a folder without train_configs/
+    (an installed tinygpt): the copy shipped in the package is read."""
+    import shutil
+
+    import tinygpt.config.load as load
+
+    installed = tmp_path / "site-packages" / "tinygpt" / "train_configs"
+    shutil.copytree(ROOT / "train_configs", installed)
+    monkeypatch.setattr(load, "train_configs_dir", lambda: installed)
+    monkeypatch.chdir(tmp_path)
+    cfg = load.load_config("train_configs/tiny/stage1.yaml")
+    assert cfg.source == str(installed / "tiny" / "stage1.yaml")
+    with pytest.raises(UserError, match=r"train_configs/tiny/nope\.yaml: config file does not exist"):
+        load.load_config("train_configs/tiny/nope.yaml")
+
+
+def test_python_m_tinygpt_is_the_console_script():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tinygpt", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout and "serve" in done.stdout, done.stderr

@@ -30,6 +30,17 @@ def train_configs_dir() -> Path:
     return checkout if checkout.is_dir() else PACKAGE_ROOT / "train_configs"
 
 
+def shipped_copy(path: str | os.PathLike, folder: str, shipped: Path) -> Path:
+    """``path``; or, when it is a relative ``FOLDER/NAME.yaml`` (``folder`` first) that does not exist here, the copy
+    under ``shipped`` (the package's ``train_configs`` / ``eval_configs``) if there is one: an installed tinygpt run
+    outside a checkout finds the configs the README names."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute() or len(path.parts) < 2 or path.parts[0] != folder:
+        return path
+    copy = shipped.joinpath(*path.parts[1:])
+    return copy if copy.is_file() else path
+
+
 def tiny_data_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(override or os.environ.get("TINYGPT_TINY_DATA") or "data/synthetic")
 

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from ..errors import UserError, did_you_mean
-from ..paths import PACKAGE_ROOT, display_path
+from ..paths import PACKAGE_ROOT, display_path, shipped_copy
 from .engine import ChatEngine
 from .settings import GenerationSettings
 
@@ -124,10 +124,7 @@ def check_section(path: Path, name: str, raw: Any, cls: type | None = None) -> A
 
 def find_launch_config(path: str | os.PathLike) -> Path:
     """``path``, or for ``eval_configs/NAME.yaml`` missing here the copy shipped in the package; it must exist."""
-    path = Path(path)
-    shipped = eval_configs_dir() / Path(*path.parts[1:]) if len(path.parts) > 1 else None
-    if not path.is_file() and not path.is_absolute() and path.parts[0] == "eval_configs" and shipped.is_file():
-        path = shipped  # an installed tinygpt run outside a checkout: the copy shipped in the package
+    path = shipped_copy(path, "eval_configs", eval_configs_dir())
     if not path.is_file():
         hint = f" (shipped configs: {', '.join(sorted(p.name for p in eval_configs_dir().glob('*.yaml')))})" \
             if eval_configs_dir().is_dir() else ""

@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argpars
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. run.output_dir=out/s1 schedule.total_steps=100 run.resume=false")
     parser.add_argument("--check", action="store_true", help="validate the config and its paths, then exit")
-    parser.add_argument("--quiet", action="store_true", help="warnings only")
+    parser.add_argument("--quiet", action="store_true", help="warnings only: no info lines, no progress bar")
     parser.add_argument("--tiny-llm-steps", type=int, metavar="N",
                         help="tiny recipe only: pretrain the tiny LLM for N steps instead of 2700 (cached per N; "
                              "each 1000 steps add ~1.5 min on 2 cores)")
@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--tiny-llm-steps is for the tiny recipe (train.py without --cfg-path)")
     from tinygpt.config import check_paths, load_config
 
-    cfg = load_config(args.cfg_path, args.options)
+    cfg = load_config(args.cfg_path, args.options + (["run.progress=false"] if args.quiet else []))
     if args.check:
         check_paths(cfg)
         from tinygpt.train.run_guard import check_resume

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
 from ..errors import UserError, did_you_mean
+from ..paths import shipped_copy, train_configs_dir
 from . import schema
 from .options import OPTIONS, flat_keys, parse_options
 from .schema import REQUIRED, RunConfig
@@ -314,8 +315,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None,
                 check_files: bool = False) -> RunConfig:
-    """YAML (+ extends + overrides) -> validated RunConfig. ``check_files`` also checks that named paths exist."""
-    path = Path(path)
+    """YAML (+ extends + overrides) -> validated RunConfig. ``check_files`` also checks that named paths exist.
+    ``train_configs/...`` missing here is the copy shipped in the package (tinygpt.paths.shipped_copy)."""
+    path = shipped_copy(path, "train_configs", train_configs_dir())
     origins: dict[str, str] = {}
     merged = _load_tree(path, origins)
     if overrides:
