@@ -285,9 +285,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile a prefill chunk of this many tokens instead of a decode step (0: decode)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--repeats", type=int, default=5, help="steps profiled (medians and means over them)")
-    p.add_argument("--bandwidth-gb", type=float, default=1.6,
-                   help="GB the read-bandwidth probe sums beside each engine's steps, at most 0.5 GiB (0: no probe, "
-                        "no roofline rows)")
+    p.add_argument("--bandwidth-gb", type=float, default=round(bench.PROBE_BYTES / 1e9, 3),
+                   help="GB the read-bandwidth probe sums beside each engine's steps; larger values are capped at "
+                        "512 MiB, an array held beside the model (0: no probe, no roofline rows)")
     p.add_argument("--child-timeout", type=float, default=900.0,
                    help="seconds an engine's process may take before it is killed and reported")
 

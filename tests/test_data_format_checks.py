@@ -217,3 +217,16 @@ def test_missing_input_lists_files_built_from_a_root(tmp_path, kind, params, mak
     params = {k: str(tmp_path / v) if k.endswith("root") else v for k, v in params.items()}
     found = missing_input(kind, params)
     assert found == (None if expected is None else (expected[0], tmp_path / expected[1], expected[2]))
+
+
+def test_a_broken_jsonl_line_names_the_column_where_it_breaks(tmp_path, caplog):
+    from tinygpt.data.formats.generic_jsonl import GenericJsonl
+    make_image(tmp_path / "a.png")
+    good = json.dumps({"images": ["a.png"], "conversations": [{"user": "<image> hi", "assistant": "red"}]})
+    broken = '{"images": ["a.png"], "conversations": ['  # cut off after 40 characters
+    (tmp_path / "mine.jsonl").write_text(f"{good}\n{broken}\n")
+    with caplog.at_level(logging.WARNING, logger="tinygpt.data"):
+        GenericJsonl(str(tmp_path / "mine.jsonl"), image_size=S, seed=0, bad_records=LENIENT)
+    [message] = skipped(caplog)
+    assert message.endswith(f"mine.jsonl:2: skipped bad record: not valid JSON (Expecting value at column "
+                            f"{len(broken) + 1})")

@@ -33,4 +33,17 @@ def test_cli_a_taken_port_is_one_error_line_before_the_model_loads(monkeypatch, 
         port = taken.getsockname()[1]
         assert cli.main(["--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: --host/--port: cannot listen on 127.0.0.1:{port}")
+    assert err == [f"error: --host/--port: cannot listen on 127.0.0.1:{port} (Address already in use)"], err
+
+
+def test_the_examples_writer_has_a_real_command_line(tmp_path, monkeypatch, capsys):
+    from tinygpt.demo import examples
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        examples.main(["--help"])
+    assert done.value.code == 0 and "folder to write into" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # --help wrote nothing (it used to make a folder named --help)
+    assert examples.main([str(tmp_path / "out")]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(examples.example_path(i).name for i in range(3))

@@ -216,5 +216,6 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
-        reason = getattr(exc, "strerror", None) or exc
+        code = getattr(exc, "errno", None)  # "Address already in use", without create_server's "(while ...)" tail
+        reason = os.strerror(code) if code else exc
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -66,6 +67,15 @@ def write_examples(directory: Path = EXAMPLES_DIR) -> list[Path]:
     return written
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinygpt.demo.examples",
+                                     description="Write the demo's three example PNGs (the committed ones are these).")
+    parser.add_argument("out", nargs="?", default=str(EXAMPLES_DIR), help="folder to write into (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for path in write_examples(Path(args.out)):
+        print(path, path.stat().st_size, "bytes")
+    return 0
+
+
 if __name__ == "__main__":
-    for p in write_examples(Path(sys.argv[1]) if len(sys.argv) > 1 else EXAMPLES_DIR):
-        print(p, p.stat().st_size, "bytes")
+    sys.exit(main())

@@ -86,7 +86,7 @@ def iter_jsonl(path: str | Path, counter: BadRecordCounter) -> Iterator[tuple[st
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(line.rstrip("\r\n"))  # a column past the end, not line 2 column 1
             except json.JSONDecodeError as exc:
                 counter.skip(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
 

@@ -33,6 +33,7 @@ from ...tasks import IMAGE_PLACEHOLDER, wrap_instruction
 from ..benchmark import SCORINGS, Benchmark, Prediction, Sample
 from ..metrics import mean
 from ..shapes_metrics import IOU_THRESHOLD, caption_scores, grounding_iou, normalize_answer, vqa_correct
+from .common import SAME_AS_OFFICIAL
 
 CAPTION_INSTRUCTION = "[caption] Briefly describe this image."
 VQA_INSTRUCTION = "[vqa] {}"
@@ -176,7 +177,10 @@ def score(samples: list[Sample], predictions: list[Prediction], scoring: str = "
             "refer": [[s.meta["phrase"], s.meta["box_text"], text] for s, text in texts["refer"][:keep_examples]],
         },
     }
-    return {"metric": "vqa_accuracy", "value": figures["vqa_accuracy"], "n": len(samples), **figures}
+    result = {"metric": "vqa_accuracy", "value": figures["vqa_accuracy"], "n": len(samples), **figures}
+    if scoring == "tinygpt-v-compat":  # one scorer: the tiny recipe's own metrics (no lenient variant exists)
+        result["compat"] = SAME_AS_OFFICIAL
+    return result
 
 
 BENCHMARK = Benchmark(
