@@ -83,8 +83,9 @@ def hf_qformer_features(model, pixels):
         return model.qformer(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
 
 
-def lavis_files(tmp_path, prefix: str):
-    """eva_vit_g.pth (3 blocks; the model uses 2) and blip2_pretrained_flant5xxl.pth with LAVIS names, tiny sizes."""
+def lavis_files(tmp_path, prefix: str, eva_blocks: int = 4, qformer_layers: int = 2):
+    """eva_vit_g.pth and blip2_pretrained_flant5xxl.pth with LAVIS names, tiny sizes: 4 ViT blocks (the tiny preset's
+    depth; ``tiny_vlm`` uses 2) and 2 Q-Former layers by default."""
     gen = torch.Generator().manual_seed(4)
 
     def r(*shape, base=0.0):
@@ -93,7 +94,7 @@ def lavis_files(tmp_path, prefix: str):
     d, f = 32, 64
     eva = {"cls_token": r(1, 1, d), "pos_embed": r(1, 5, d), "patch_embed.proj.weight": r(d, 3, 14, 14),
            "patch_embed.proj.bias": r(d)}
-    for i in range(3):
+    for i in range(eva_blocks):
         b = f"blocks.{i}."
         eva.update({b + "norm1.weight": r(d, base=1), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
                     b + "attn.q_bias": r(d), b + "attn.v_bias": r(d), b + "attn.proj.weight": r(d, d),
@@ -104,7 +105,7 @@ def lavis_files(tmp_path, prefix: str):
     q = {"query_tokens": r(1, 8, d), "ln_vision.weight": r(d, base=1), "ln_vision.bias": r(d),
          "Qformer.bert.embeddings.LayerNorm.weight": r(d, base=1), "Qformer.bert.embeddings.LayerNorm.bias": r(d),
          "Qformer.bert.embeddings.position_ids": torch.arange(512)[None], "t5_proj.weight": r(16, d)}
-    for i in range(2):
+    for i in range(qformer_layers):
         b = f"Qformer.bert.encoder.layer.{i}."
         parts = ["attention"] + (["crossattention"] if i % 2 == 0 else [])
         for part in parts:

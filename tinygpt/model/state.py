@@ -42,6 +42,23 @@ def _lora_aware_names(model_keys: set[str]) -> dict[str, str]:
     return aliases
 
 
+def match_names(model_keys, names) -> dict[str, str | None]:
+    """Each of ``names`` -> the model key it fills (itself, or its ``base_layer`` key under LoRA), or None."""
+    own = set(model_keys)
+    aliases = _lora_aware_names(own)
+    return {name: name if name in own else aliases.get(name) for name in names}
+
+
+def nothing_matched(source: str, file_keys: list[str], model_keys: list[str]) -> UserError:
+    """The error for a file none of whose tensors belongs to the model, with examples of both sides."""
+    def examples(keys):
+        return ", ".join(keys[:2]) + (" ..." if len(keys) > 2 else "") if keys else "nothing"
+
+    return UserError(f"{source}: no tensor matched the model: read {len(file_keys)} tensors from the file(s), none "
+                     f"of them is one the model expects (the file has e.g. {examples(file_keys)}; the model "
+                     f"expects e.g. {examples(model_keys)})")
+
+
 def load_state(
     model: nn.Module,
     state: dict[str, torch.Tensor],
@@ -55,11 +72,11 @@ def load_state(
     when a model tensor other than those under ``ignore_missing`` prefixes/infixes received nothing.
     """
     own = model.state_dict(keep_vars=True)
-    aliases = _lora_aware_names(set(own))
+    targets = match_names(own, state)
     report = LoadReport(source)
     with torch.no_grad():
         for key, value in state.items():
-            target = key if key in own else aliases.get(key)
+            target = targets[key]
             if target is None:
                 report.unexpected.append(key)
                 continue
@@ -73,7 +90,7 @@ def load_state(
             param.copy_(value.to(param.dtype))
             report.loaded.append(target)
     if not report.loaded:
-        raise UserError(f"{source}: no tensor matched the model ({len(state)} tensors in the file)")
+        raise nothing_matched(source, list(state), list(own))
     got = set(report.loaded)
     report.missing = [k for k in own if k not in got and not any(p in k for p in ignore_missing)]
     if expect_complete and report.missing:

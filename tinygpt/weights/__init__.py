@@ -3,8 +3,10 @@
 Each ``load_*`` reads its file(s) lazily (one tensor in memory at a time), renames/fuses tensors to our names, resizes
 the ViT position embedding when the model's image size differs from the file's (224 -> 448 px), copies them with
 ``tinygpt.model.state.load_state`` and returns its ``LoadReport``. A load fails (``UserError`` naming the file) when
-nothing matched, a shape differs, or a converted tensor has no place in the model; what the file did not provide within
-the part it is responsible for is reported as missing, and tensors the importer does not use are reported as skipped.
+nothing matched or a converted tensor has no place in the model (both checked from the names, before any tensor is
+read), or when a shape differs; what the file did not provide within the part it is responsible for is reported as
+missing (with ``required=True``, as the build uses it, that is an error unless the tensor may start fresh: TinyGPT-V's
+extra norms, LoRA, the projections), and tensors the importer does not use are reported as skipped.
 
     from tinygpt.weights import load_phi2, load_blip2, load_lavis, load_released, load_minigpt4_proj
 """
@@ -12,13 +14,14 @@ the part it is responsible for is reported as missing, and tensors the importer 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from tqdm import tqdm
 
 from ..errors import UserError
 from ..model.lora import has_lora, inject_lora, lora_settings
-from ..model.state import LoadReport, load_state
+from ..model.state import LoadReport, load_state, match_names, nothing_matched
 from ..model.trainable import is_trainable
 from ..model.vision import resize_position_embedding
 from .blip2_hf import open_blip2, read_blip2
@@ -38,22 +41,77 @@ __all__ = [
 
 
 def load_weights(model, tensors: TensorSource, scope: Callable[[str], bool] | None = None,
-                 progress: bool = False) -> LoadReport:
-    """Copy converted ``tensors`` into ``model``; log notes, skipped, unexpected and (within ``scope``) missing keys."""
-    tensors = _resize_positions(model, tensors)
-    if progress:
-        tensors = _with_progress(tensors)
-    report = load_state(model, tensors, tensors.origin)
-    if report.unexpected:
-        raise UserError(f"{tensors.origin}: {len(report.unexpected)} tensors have no place in this model "
-                        f"({', '.join(report.unexpected[:3])}); was the model built with the same options "
+                 progress: bool = False, required: bool = False) -> LoadReport:
+    """Copy converted ``tensors`` into ``model``; log notes, skipped and (within ``scope``) missing keys.
+
+    Before any tensor is read: a source with no tensor for the model, or with tensors that have no place in it, is an
+    error; with ``required``, so is one that lacks a tensor within ``scope`` that cannot start fresh.
+    """
+    own = list(model.state_dict())
+    targets = match_names(own, tensors)
+    wanted = [k for k in own if scope is None or scope(k)]
+    if not any(targets.values()):
+        raise nothing_matched(tensors.origin, tensors.file_keys, wanted)
+    unexpected = [k for k, target in targets.items() if target is None]
+    if unexpected:
+        raise UserError(f"{tensors.origin}: {len(unexpected)} tensors have no place in this model "
+                        f"({', '.join(unexpected[:3])}); was the model built with the same options "
                         "(extra norms, LoRA, depth)?")
+    provided = set(targets.values())
+    gaps = [k for k in wanted if k not in provided and not starts_fresh(k)]
+    if required and gaps:
+        raise UserError(f"{tensors.origin}: lacks {len(gaps)} tensor(s) the model needs, first {gaps[0]} (renamed or "
+                        "missing in the file, or a file for a smaller model)")
+    tensors = _resize_positions(model, tensors)
+    bar = _progress_bar(tensors) if progress else None
+    try:
+        report = load_state(model, _ticking(tensors, bar) if bar else tensors, tensors.origin)
+    finally:
+        if bar is not None and not bar.disable:
+            bar.leave = bar.n < bar.total  # an error mid-file: keep the bar's line, so the error starts a new line
+            bar.close()
     report.missing = [k for k in report.missing if scope is None or scope(k)]
     report.unexpected = list(tensors.skipped)  # reported as "unexpected": present in the file, not used
     for note in tensors.notes:
         log.info("%s: %s", tensors.origin, note)
-    log.info(report.summary().replace(" unexpected [", " skipped ["))
+    log.info(_summary(report))
     return report
+
+
+def _summary(report: LoadReport) -> str:
+    """The report's line, tensors that start fresh by design (extra norms, LoRA, projections) named apart."""
+    fresh = [k for k in report.missing if starts_fresh(k)]
+    line = LoadReport(report.source, report.loaded, [k for k in report.missing if k not in fresh],
+                      report.unexpected).summary().replace(" unexpected [", " skipped [")
+    if fresh:
+        kinds = sorted({_FRESH_KINDS[_fresh_kind(k)] for k in fresh})
+        line += f"; {len(fresh)} not in this source by design ({', '.join(kinds)}: fresh unless another file has them)"
+    return line
+
+
+_EXTRA_NORM = re.compile(r"model\.layers\.\d+\.(self_attn\.[qk]_layernorm\.(weight|bias)|post_layernorm\.weight)$")
+_FRESH_KINDS = {"norm": "TinyGPT-V's q/k LayerNorms and post-attention RMSNorm", "lora": "LoRA",
+                "proj": "the projections"}
+
+
+def _fresh_kind(name: str) -> str | None:
+    if _EXTRA_NORM.search(name):
+        return "norm"
+    if ".lora_A." in name or ".lora_B." in name:
+        return "lora"
+    if name.startswith(("proj1.", "proj2.")):
+        return "proj"
+    return None
+
+
+def starts_fresh(name: str) -> bool:
+    """Whether the model tensor ``name`` may start fresh when no file provides it (extra norms, LoRA, projections)."""
+    return _fresh_kind(name) is not None
+
+
+def is_extra_norm(name: str) -> bool:
+    """TinyGPT-V's q/k LayerNorms and post-attention RMSNorm (weight 1, bias 0 when fresh)."""
+    return _fresh_kind(name) == "norm"
 
 
 def _resize_positions(model, tensors: TensorSource) -> TensorSource:
@@ -69,16 +127,17 @@ def _resize_positions(model, tensors: TensorSource) -> TensorSource:
     return tensors.derived({**tensors.loaders, POSITIONS: lambda: resized}, notes=[note])
 
 
-def _with_progress(tensors: TensorSource) -> TensorSource:
-    bar = tqdm(total=len(tensors), desc=f"loading {tensors.origin.rsplit('/', 1)[-1]}", unit="tensor",
-               leave=False, mininterval=1.0)
+def _progress_bar(tensors: TensorSource) -> tqdm:
+    """A bar on a terminal only (``disable=None``): a redirected stderr gets no carriage-return lines."""
+    return tqdm(total=len(tensors), desc=f"loading {tensors.origin.rsplit('/', 1)[-1]}", unit="tensor",
+                leave=False, mininterval=1.0, disable=None)
 
+
+def _ticking(tensors: TensorSource, bar: tqdm) -> TensorSource:
     def ticking(load):
         def run():
             value = load()
             bar.update(1)
-            if bar.n == bar.total:
-                bar.close()
             return value
         return run
 
@@ -111,12 +170,10 @@ def load_lavis(model, eva: str | None = None, qformer: str | None = None, progre
     reports = []
     if eva is not None:
         depth = model.config.vision_config.num_hidden_layers
-        tensors = eva_tensors(read_checkpoint(eva), depth)
-        scope = lambda k: k.startswith("vision_model.") and ".post_layernorm." not in k  # noqa: E731
-        reports.append(load_weights(model, tensors, scope, progress))
+        reports.append(load_weights(model, eva_tensors(read_checkpoint(eva), depth), eva_scope, progress))
     if qformer is not None:
-        scope = lambda k: k.startswith(("qformer.", "query_tokens", "vision_model.post_layernorm."))  # noqa: E731
-        reports.append(load_weights(model, lavis_qformer_tensors(read_checkpoint(qformer)), scope, progress))
+        tensors = lavis_qformer_tensors(read_checkpoint(qformer))
+        reports.append(load_weights(model, tensors, lavis_qformer_scope, progress))
     return reports
 
 
@@ -143,4 +200,15 @@ def load_minigpt4_proj(model, path: str) -> LoadReport:
 
 
 def vision_scope(name: str) -> bool:
+    """What a BLIP-2 model provides: the ViT (with ln_vision), the Q-Former and the query tokens."""
     return name.startswith(("vision_model.", "qformer.", "query_tokens"))
+
+
+def eva_scope(name: str) -> bool:
+    """What LAVIS ``eva_vit_g.pth`` provides: the ViT without ln_vision."""
+    return name.startswith("vision_model.") and ".post_layernorm." not in name
+
+
+def lavis_qformer_scope(name: str) -> bool:
+    """What LAVIS ``blip2_pretrained_*.pth`` provides: the Q-Former, the query tokens and ln_vision."""
+    return name.startswith(("qformer.", "query_tokens", "vision_model.post_layernorm."))

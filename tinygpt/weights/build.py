@@ -5,11 +5,15 @@
         [--image-size 448] [--minigpt4-proj pretrained_minigpt4_7b.pth] [--released TinyGPT-V_for_Stage3.pth] \\
         --out DIR [--dtype bf16|fp16|fp32]
 
-Sizes come from the sources' ``config.json`` files (``--preset`` gives the defaults, and the LAVIS shapes). The model
-is built on the meta device and materialised once in the target dtype, then filled tensor by tensor from memory-mapped
-files, so peak memory is about the size of the output model. What no file provides (the q/k LayerNorms and the
-post-attention RMSNorm that TinyGPT-V adds, the projections, LoRA) starts fresh: norms at weight 1 / bias 0, Linear
-layers with PyTorch's default init, LoRA A kaiming-uniform and B zero. Any other tensor left unfilled is an error.
+Sizes come from the sources' ``config.json`` files (``--preset`` gives the defaults; for LAVIS files, which carry no
+config, the widths come from the tensors and the depths and head counts from the preset). ``--tokenizer`` is resolved
+before any weight file is opened, and every source is located (LAVIS, MiniGPT-4 and released files opened) before the
+model is built; each source must provide every tensor of its part of the model, which is checked before its tensors
+are read (one error naming the source and the first missing tensor). The model is built on the meta device and
+materialised once in the target dtype, then filled tensor by tensor from memory-mapped files, so peak memory is about
+the size of the output model. What no file provides (the q/k LayerNorms and the post-attention RMSNorm that TinyGPT-V
+adds, the projections, LoRA) starts fresh: norms at weight 1 / bias 0, Linear layers with PyTorch's default init,
+LoRA A kaiming-uniform and B zero. Any other tensor left unfilled is an error.
 The result is a ``tinygpt.model.save_vlm`` directory (config.json + model.safetensors + tokenizer files).
 """
 
@@ -30,8 +34,9 @@ from ..model.checkpoint_io import check_model_out
 from ..model.lora import lora_settings, merge_lora
 from ..model.presets import PRESETS
 from ..model.trainable import is_trainable
+from ..model.vision import check_image_size
 from ..tokenizer import load_tokenizer
-from . import load_weights, vision_scope
+from . import eva_scope, is_extra_norm, lavis_qformer_scope, load_weights, vision_scope
 from .blip2_hf import open_blip2, read_blip2
 from .lavis import eva_tensors, lavis_config_overrides, lavis_qformer_tensors
 from .minigpt4 import minigpt4_proj_tensors
@@ -40,8 +45,6 @@ from .released import released_lora_rank, released_tensors
 from .torch_file import read_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_ONES = ("self_attn.q_layernorm.weight", "self_attn.k_layernorm.weight", "post_layernorm.weight")
-_ZEROS = ("self_attn.q_layernorm.bias", "self_attn.k_layernorm.bias")
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m tinygpt.weights.build") -> argparse.Namespace:
@@ -83,8 +86,12 @@ class Steps:
 
 
 def make_config(preset: str, text: dict, vision: dict, image_size: int | None, extra_norms: bool,
-                lora: dict | None) -> TinyGPTVConfig:
-    """The preset's config with the sizes read from the sources laid over it."""
+                lora: dict | None, sources: dict[str, str] | None = None) -> TinyGPTVConfig:
+    """The preset's config with the sizes read from the sources laid over it.
+
+    ``sources`` names where the text / vision / qformer sizes came from, for the errors (e.g. the LAVIS file).
+    """
+    sources = {"text": "--llm config.json", "vision": "vision_config", "qformer": "qformer_config", **(sources or {})}
     base = build_config(preset, lora=lora, extra_norms=extra_norms).to_dict()
     base["text_config"].update(text)
     base["vision_config"].update(vision.get("vision", {}))
@@ -92,12 +99,19 @@ def make_config(preset: str, text: dict, vision: dict, image_size: int | None, e
     if "num_query_tokens" in vision:
         base["num_query_tokens"] = vision["num_query_tokens"]
     if image_size is not None:
+        check_image_size(int(image_size), int(base["vision_config"]["patch_size"]), where=f"--image-size {image_size}")
         base["vision_config"]["image_size"] = int(image_size)
+    for part, what in (("vision", "ViT"), ("qformer", "Q-Former")):
+        width, heads = base[f"{part}_config"]["hidden_size"], base[f"{part}_config"]["num_attention_heads"]
+        if width % heads:
+            given = sources[part] if "num_attention_heads" in vision.get(part, {}) else f"--preset {preset}"
+            raise UserError(f"{sources[part]}: the {what} is {width} wide, which does not split into the {heads} "
+                            f"attention heads of {given}; choose the --preset the files were made for")
     config = TinyGPTVConfig.from_dict(base)
     try:
         config.text_config.validate_shapes()
     except ValueError as exc:
-        raise UserError(f"--llm config.json: {exc}") from None
+        raise UserError(f"{sources['text']}: {exc}") from None
     return config
 
 
@@ -115,9 +129,9 @@ def initialise_fresh(model: nn.Module, names: list[str]) -> None:
     not_fresh = []
     for name in names:
         param = model.get_parameter(name)
-        if name.endswith(_ONES):
+        if is_extra_norm(name) and name.endswith(".weight"):
             param.fill_(1.0)
-        elif name.endswith(_ZEROS) or ".lora_B." in name:
+        elif is_extra_norm(name) or ".lora_B." in name:
             param.zero_()
         elif ".lora_A." in name:
             nn.init.kaiming_uniform_(param, a=math.sqrt(5))
@@ -138,9 +152,7 @@ def _linear_default_init(linear: nn.Linear, param: torch.Tensor) -> None:
         nn.init.uniform_(param, -bound, bound)
 
 
-def _tokenizer(args, llm_dir):
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
+def _tokenizer(llm_dir):
     if any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return load_tokenizer(str(llm_dir))
     print(f"[build] {llm_dir} has no tokenizer files: using the builtin Phi-2 tokenizer", flush=True)
@@ -152,17 +164,22 @@ def build(args: argparse.Namespace):
     steps = Steps(6)
     dtype = DTYPES[args.dtype]
     steps(f"locating sources (LLM {args.llm}, vision {args.vision or args.eva})")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None  # a hub id may fail: before any weight
     llm_dir, text = open_phi2(args.llm)
+    if tokenizer is None:
+        tokenizer = _tokenizer(llm_dir)
     if args.vision:
         vision_dir, vision = open_blip2(args.vision)
+        sources = {"vision": str(vision_dir / "config.json"), "qformer": str(vision_dir / "config.json")}
     else:
         vision_dir, eva, qformer = None, read_checkpoint(args.eva), read_checkpoint(args.qformer)
-        depth = build_config(args.preset).vision_config.num_hidden_layers
-        vision = lavis_config_overrides(eva, qformer, depth)
+        vision, sources = lavis_config_overrides(eva, qformer), {"vision": args.eva, "qformer": args.qformer}
+    proj = minigpt4_proj_tensors(read_checkpoint(args.minigpt4_proj)) if args.minigpt4_proj else None
     released = read_checkpoint(args.released) if args.released else None
     rank = released_lora_rank(released) if released is not None else None
     lora = lora_settings({"r": rank}) if rank is not None else (lora_settings({}) if args.lora else None)
-    config = make_config(args.preset, text, vision, args.image_size, not args.no_extra_norms, lora)
+    sources["text"] = str(llm_dir / "config.json")
+    config = make_config(args.preset, text, vision, args.image_size, not args.no_extra_norms, lora, sources)
 
     t, v = config.text_config, config.vision_config
     lora_text = f"r={lora['r']}" if lora else "off"
@@ -172,18 +189,19 @@ def build(args: argparse.Namespace):
     n_params = sum(p.numel() for p in model.parameters())
 
     steps("loading the language model")
-    loaded = set(load_weights(model, read_phi2(llm_dir, t.num_attention_heads).with_prefix("language_model."),
-                              lambda k: k.startswith("language_model."), progress=True).loaded)
+    llm = read_phi2(llm_dir, t.num_attention_heads).with_prefix("language_model.")
+    loaded = set(load_weights(model, llm, lambda k: k.startswith("language_model."), True, required=True).loaded)
     steps("loading the vision tower and Q-Former")
     if vision_dir is not None:
-        loaded |= set(load_weights(model, read_blip2(vision_dir), vision_scope, progress=True).loaded)
+        loaded |= set(load_weights(model, read_blip2(vision_dir), vision_scope, True, required=True).loaded)
     else:
-        loaded |= set(load_weights(model, eva_tensors(eva, v.num_hidden_layers), vision_scope, progress=True).loaded)
-        loaded |= set(load_weights(model, lavis_qformer_tensors(qformer), vision_scope, progress=True).loaded)
+        eva_part = eva_tensors(eva, v.num_hidden_layers)
+        loaded |= set(load_weights(model, eva_part, eva_scope, True, required=True).loaded)
+        qformer_part = lavis_qformer_tensors(qformer)
+        loaded |= set(load_weights(model, qformer_part, lavis_qformer_scope, True, required=True).loaded)
     steps("projections, released stage weights, fresh init of the rest")
-    if args.minigpt4_proj:
-        tensors = minigpt4_proj_tensors(read_checkpoint(args.minigpt4_proj))
-        loaded |= set(load_weights(model, tensors, lambda k: k.startswith("proj1.")).loaded)
+    if proj is not None:
+        loaded |= set(load_weights(model, proj, lambda k: k.startswith("proj1.")).loaded)
     if released is not None:
         tensors = released_tensors(released, t.num_attention_heads, v.num_hidden_layers)
         scope = lambda k: is_trainable(k, "lora" if rank is not None else "stage1")  # noqa: E731
@@ -195,7 +213,7 @@ def build(args: argparse.Namespace):
     if args.merge_lora and lora is not None:
         merge_lora(model)
     model.eval()
-    model.tokenizer = _tokenizer(args, llm_dir)
+    model.tokenizer = tokenizer
     steps(f"saving {n_params:,} parameters to {args.out}")
     save_vlm(model, args.out)
     print(f"[build] done in {time.perf_counter() - steps.start:.1f}s: {args.out}", flush=True)
@@ -214,7 +232,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.weights.b
         build(args)
         return 0
 
-    return report_errors(run)
+    try:
+        return report_errors(run)
+    finally:
+        logger.removeHandler(handler)  # a second main() in the same process prints each line once
 
 
 if __name__ == "__main__":

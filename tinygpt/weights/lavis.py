@@ -103,10 +103,11 @@ def _rename(name: str, renames) -> str | None:
     return None
 
 
-def lavis_config_overrides(eva: TensorSource, qformer: TensorSource, preset_depth: int) -> dict:
-    """ViT / Q-Former widths read from the LAVIS tensors (the files carry no config); head counts stay the preset's.
+def lavis_config_overrides(eva: TensorSource, qformer: TensorSource) -> dict:
+    """ViT / Q-Former widths read from the LAVIS tensors (the files carry no config).
 
-    The ViT depth is the preset's (39 for EVA ViT-g), or fewer when the file has fewer blocks.
+    Depths and head counts stay the preset's: a file with fewer ViT blocks or Q-Former layers than that is reported as
+    missing tensors when it is loaded (never a smaller model); extra ViT blocks are dropped with a note.
     """
     def find(source: TensorSource, suffix: str):
         key = next((k for k in source if k.removeprefix("visual_encoder.") == suffix), None)
@@ -119,15 +120,9 @@ def lavis_config_overrides(eva: TensorSource, qformer: TensorSource, preset_dept
         vision["intermediate_size"] = int(fc1.shape[0])
     if (patch := find(eva, "patch_embed.proj.weight")) is not None:
         vision["patch_size"] = int(patch.shape[-1])
-    blocks = {int(m.group(1)) for k in eva if (m := _BLOCK.match(k.removeprefix("visual_encoder.")))}
-    if blocks:
-        vision["num_hidden_layers"] = min(preset_depth, max(blocks) + 1)
     if (queries := find(qformer, "query_tokens")) is not None:
         qf["hidden_size"] = int(queries.shape[-1])
         out["num_query_tokens"] = int(queries.shape[1])
-    layers = {int(m.group(1)) for k in qformer if (m := _QFORMER_LAYER.match(k))}
-    if layers:
-        qf["num_hidden_layers"] = max(layers) + 1
     if (inter := find(qformer, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")) is not None:
         qf["intermediate_size"] = int(inter.shape[0])
     return {"vision": vision, "qformer": qf, **out}

@@ -10,11 +10,15 @@ Three layouts are accepted, detected per tensor name (docs/training.md, "Weight 
    ``mixer.out_proj``, ``ln``, ``lm_head.ln`` / ``lm_head.linear``.
 
 Names come out relative to ``TinyGPTPhiForCausalLM`` (``model.layers.N...``, ``lm_head...``). Tensors the importer does
-not know are listed as skipped. The sizes of the language model come from the directory's ``config.json``.
+not know are listed as skipped. A ``torch.save(peft_model.state_dict())`` of a merged model has every name under
+``base_model.model.``: the prefix is removed (with a note); LoRA adapter tensors (``lora_A`` / ``lora_B``) are refused,
+since dropping them would silently give the base model. The sizes of the language model come from the directory's
+``config.json``; a required field that is missing or null is one error naming the file and the field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from ..errors import UserError
 from .sources import read_config_json, read_model_dir, resolve_model_dir
 from .torch_file import TensorSource
 
+PEFT_PREFIX = "base_model.model."
+_REQUIRED = object()
 _SPLIT_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)(q|k|v)_proj\.(weight|bias)$")
 _FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)query_key_value\.(weight|bias)$")
 _PLAIN = re.compile(
@@ -57,7 +63,8 @@ def deinterleave_qkv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def phi2_tensors(raw: TensorSource, num_heads: int) -> TensorSource:
     """Rename/fuse a Phi checkpoint (any of the three layouts) into ``TinyGPTPhiForCausalLM`` names."""
-    loaders, skipped, split = {}, [], {}
+    raw = _without_peft_prefix(raw)
+    loaders, skipped, split, notes = {}, [], {}, []
     for key in raw:
         if m := _SPLIT_QKV.match(key):
             split.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = key
@@ -76,10 +83,26 @@ def phi2_tensors(raw: TensorSource, num_heads: int) -> TensorSource:
             have = ", ".join(sorted(parts))
             raise UserError(f"{raw.origin}: {prefix}*_proj.{kind}: only {have} of q/k/v present")
         loaders[f"{prefix}qkv.{kind}"] = lambda p=parts: torch.cat([raw[p["q"]], raw[p["k"]], raw[p["v"]]], 0)
-    notes = []
     if split:
         notes.append(f"fused q_proj/k_proj/v_proj into qkv in {len(split) // 2} layers")
     return raw.derived(loaders, skipped=skipped, notes=notes)
+
+
+def _without_peft_prefix(raw: TensorSource) -> TensorSource:
+    """Names without PEFT's ``base_model.model.``; LoRA adapter tensors are an error (merge them first)."""
+    lora = next((k for k in raw if ".lora_A." in k or ".lora_B." in k), None)
+    if lora is not None:
+        raise UserError(f"{raw.origin}: holds LoRA adapter tensors (e.g. {lora}), not plain Phi weights; merge the "
+                        "adapter first (peft: merge_and_unload(), then save_pretrained) and build from that folder")
+    prefixed = [k for k in raw if k.startswith(PEFT_PREFIX)]
+    if not prefixed:
+        return raw
+    names = {k.removeprefix(PEFT_PREFIX): k for k in raw}
+    if len(names) < len(raw):
+        clash = next(k for k in prefixed if k.removeprefix(PEFT_PREFIX) in raw)
+        raise UserError(f"{raw.origin}: holds both {clash} and {clash.removeprefix(PEFT_PREFIX)}; keep one copy")
+    note = f"removed the PEFT prefix {PEFT_PREFIX!r} from {len(prefixed)} tensor names"
+    return raw.derived({name: raw.loaders[key] for name, key in names.items()}, notes=[note])
 
 
 def _msft_name(key: str) -> str | None:
@@ -95,36 +118,58 @@ def phi_text_overrides(config: dict, where: str) -> dict:
         return {}
     model_type = config.get("model_type")
     if model_type == "phi":
-        rope = config.get("rope_parameters") or {}
-        heads = int(config["num_attention_heads"])
-        kv_heads = config.get("num_key_value_heads") or heads
-        if int(kv_heads) != heads:
+        rope = _field(config, "rope_parameters", where, {}, dict)
+        heads = _field(config, "num_attention_heads", where)
+        kv_heads = _field(config, "num_key_value_heads", where, heads)
+        if kv_heads != heads:
             raise UserError(f"{where}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; "
                             "grouped-query attention is not supported")
-        head_dim = int(config["hidden_size"]) // heads
-        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))
+        hidden = _field(config, "hidden_size", where)
+        factor = _field(rope, "partial_rotary_factor", where,
+                        _field(config, "partial_rotary_factor", where, 0.5, float), float)
+        theta = _field(rope, "rope_theta", where, _field(config, "rope_theta", where, 10000.0, float), float)
         out = dict(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads, rotary_dim=int(head_dim * float(factor)),
-            rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-            layer_norm_eps=config.get("layer_norm_eps", 1e-5), hidden_act=config.get("hidden_act", "gelu_new"),
+            vocab_size=_field(config, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=_field(config, "intermediate_size", where),
+            num_hidden_layers=_field(config, "num_hidden_layers", where),
+            num_attention_heads=heads, rotary_dim=int(hidden // heads * float(factor)), rope_base=float(theta),
+            max_position_embeddings=_field(config, "max_position_embeddings", where, 2048),
+            layer_norm_eps=_field(config, "layer_norm_eps", where, 1e-5, float),
+            hidden_act=_field(config, "hidden_act", where, "gelu_new", str),
         )
         if config.get("qk_layernorm"):
             out["qk_layernorm"] = True
         return out
     if model_type in ("phi-msft", "mixformer-sequential"):
-        hidden = int(config["n_embd"])
+        hidden = _field(config, "n_embd", where)
         return dict(
-            vocab_size=config["vocab_size"], hidden_size=hidden,
-            intermediate_size=config.get("n_inner") or 4 * hidden, num_hidden_layers=config["n_layer"],
-            num_attention_heads=config["n_head"], rotary_dim=config["rotary_dim"],
-            max_position_embeddings=config.get("n_positions", 2048),
-            layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
-            hidden_act=config.get("activation_function", "gelu_new"),
+            vocab_size=_field(config, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=_field(config, "n_inner", where, 4 * hidden),
+            num_hidden_layers=_field(config, "n_layer", where), num_attention_heads=_field(config, "n_head", where),
+            rotary_dim=_field(config, "rotary_dim", where),
+            max_position_embeddings=_field(config, "n_positions", where, 2048),
+            layer_norm_eps=_field(config, "layer_norm_epsilon", where, 1e-5, float),
+            hidden_act=_field(config, "activation_function", where, "gelu_new", str),
         )
     raise UserError(f"{where}: model_type {model_type!r} is not a Phi model (expected 'phi' or 'phi-msft')")
+
+
+def _field(config: dict, name: str, where: str, default=_REQUIRED, kind: type = int):
+    """``config[name]`` checked: a positive int (``kind`` int), a number, a string or an object; a missing or null
+    field takes ``default``, or is an error naming ``where`` and the field when it is required."""
+    value = config.get(name)
+    if value is None:
+        if default is not _REQUIRED:
+            return default
+        state = "null" if name in config else "missing"
+        raise UserError(f"{where}: field {name!r} is {state}; a Phi config.json needs it")
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), dict: lambda v: isinstance(v, dict)}[kind](value)
+    if not ok:
+        expected = {int: "a positive integer", float: "a number", str: "a string", dict: "an object"}[kind]
+        raise UserError(f"{where}: field {name!r} is {json.dumps(value)}; expected {expected}")
+    return value
 
 
 def open_phi2(source: str) -> tuple[Path, dict]:

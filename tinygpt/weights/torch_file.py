@@ -31,14 +31,19 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 class TensorSource(Mapping):
-    """Read-only ``name -> tensor`` mapping; each value is computed by its loader when accessed."""
+    """Read-only ``name -> tensor`` mapping; each value is computed by its loader when accessed.
+
+    ``file_keys`` are the names as stored in the file(s) (kept through renames), for messages about what was read.
+    """
 
     def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]], origin: str,
-                 skipped: list[str] | None = None, notes: list[str] | None = None):
+                 skipped: list[str] | None = None, notes: list[str] | None = None,
+                 file_keys: list[str] | None = None):
         self.loaders = dict(loaders)
         self.origin = origin
         self.skipped = list(skipped or [])
         self.notes = list(notes or [])
+        self.file_keys = list(self.loaders) if file_keys is None else list(file_keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.loaders[key]()
@@ -50,20 +55,32 @@ class TensorSource(Mapping):
         return len(self.loaders)
 
     def derived(self, loaders: dict[str, Callable[[], torch.Tensor]], skipped=(), notes=()) -> "TensorSource":
-        """A new source from the same origin (keeps this one's skipped keys and notes)."""
-        return TensorSource(loaders, self.origin, [*self.skipped, *skipped], [*self.notes, *notes])
+        """A new source from the same origin (keeps this one's skipped keys, notes and file keys)."""
+        return TensorSource(loaders, self.origin, [*self.skipped, *skipped], [*self.notes, *notes], self.file_keys)
 
     def with_prefix(self, prefix: str) -> "TensorSource":
         return self.derived({prefix + k: f for k, f in self.loaders.items()})
 
     @staticmethod
     def merged(sources: list["TensorSource"], origin: str) -> "TensorSource":
-        loaders, skipped, notes = {}, [], []
+        """One source from several; a name held by two sources is an error naming both (never an overwrite)."""
+        loaders, owner, shared, skipped, notes, file_keys = {}, {}, {}, [], [], {}
         for source in sources:
-            loaders.update(source.loaders)
+            for key, load in source.loaders.items():
+                if key in owner and owner[key] != source.origin:
+                    shared.setdefault(key, {owner[key]})
+                    shared[key].add(source.origin)
+                owner[key] = source.origin
+                loaders[key] = load
             skipped += source.skipped
             notes += source.notes
-        return TensorSource(loaders, origin, skipped, notes)
+            file_keys.update(dict.fromkeys(source.file_keys))
+        if shared:
+            key = next(iter(shared))
+            files = sorted({Path(f).name for holders in shared.values() for f in holders})
+            raise UserError(f"{origin}: {len(shared)} tensor(s) in more than one weight file ({', '.join(files)}), "
+                            f"e.g. {key}; keep one copy of each weight file in the folder")
+        return TensorSource(loaders, origin, skipped, notes, list(file_keys))
 
 
 def read_checkpoint(path: str | Path) -> TensorSource:
