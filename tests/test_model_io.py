@@ -78,6 +78,8 @@ def test_trainable_only_chain_stage1_then_lora_stage(tiny_vlm, tmp_path, caplog)
     loaded = [r.getMessage() for r in caplog.records if "model.safetensors" in r.getMessage()]
     assert len(loaded) == 3 and not any("../" in line for line in loaded), loaded  # each base named without ../
     assert any(line.startswith(f"{(moved / 'base').resolve()}/model.safetensors") for line in loaded), loaded
+    stages = [line for line in loaded if "/stage" in line]  # their other tensors come from the base, not missing
+    assert len(stages) == 2 and all(line.endswith("tensors over its base") for line in stages), stages
     alone = tmp_path / "alone"  # a stage copied without the directory it builds on: the field is named
     shutil.copytree(moved / "stage2", alone / "stage2")
     with pytest.raises(UserError, match=r"stage2/config\.json: base_model '\.\./stage1' \(.*\) is not a model "

@@ -91,7 +91,8 @@ def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | 
         report = load_state(model, upcycled, display_path(part / WEIGHTS), expect_complete=root, ignore_missing=ignore)
         if report.unexpected:
             raise UserError(f"{part / WEIGHTS}: tensors the model does not have; " + report.summary())
-        log.info(report.summary())
+        # a stage directory holds only its trainable tensors: the rest comes from the parts before it, not missing
+        log.info(report.summary() if root else f"{report.source}: loaded {len(report.loaded)} tensors over its base")
     if dtype is not None:
         model.to(dtype)
     model.eval()
