@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,46 @@ def test_a_base_beside_the_output_is_relative_a_far_one_absolute(tiny_vlm, tmp_p
     with pytest.raises(UserError, match=r"stage1/config\.json: base_model '.*backbones' \(.*\) is not a model "
                                         r"directory; restore it there, or fix base_model"):
         load_vlm(moved / "stage2")
+
+
+def test_a_feature_cache_replaces_only_an_earlier_cache(tmp_path):
+    """The cache builder replaces --out whole: a dataset folder with a manifest.json of its own (every synthetic data
+    folder has one) is refused, never wiped; an earlier cache, and nothing else, may be replaced."""
+    from tinygpt.train.features import check_features_out
+
+    dataset = tmp_path / "cc_sbu_align"
+    (dataset / "image").mkdir(parents=True)
+    (dataset / "filter_cap.json").write_text("[]")
+    (dataset / "manifest.json").write_text(json.dumps({"generator": "synthetic", "seed": 0}))
+    with pytest.raises(UserError, match=r"is a non-empty directory that is not a feature cache"):
+        check_features_out(dataset)
+    assert (dataset / "filter_cap.json").is_file()
+
+    cache = tmp_path / "features"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"shards": [], "samples": 0, "num_query_tokens": 32}))
+    (cache / "features-00000.safetensors").write_bytes(b"")
+    (cache / "samples-00000.jsonl").write_text("")
+    check_features_out(cache)
+    (cache / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files a feature cache does not write \(notes\.txt\)"):
+        check_features_out(cache)
+
+
+def test_a_stage_never_writes_into_the_model_it_starts_from(tiny_vlm, tmp_path):
+    """run.output_dir = model.init_from, or a directory in init_from's base_model chain: refused before any work
+    (it used to replace the model and leave a base_model cycle that no longer loads)."""
+    from tinygpt.config import load_config
+    from tinygpt.train.stage import check_outputs
+
+    stage3 = Path(__file__).resolve().parents[1] / "train_configs" / "tiny" / "stage3.yaml"
+    save_vlm(tiny_vlm(), tmp_path / "c1")
+    stage = load_vlm(tmp_path / "c1")
+    apply_trainable_set(stage, "stage1")
+    save_vlm(stage, tmp_path / "c2", trainable_only=True, base_model=str(tmp_path / "c1"))
+    for out in ("c2", "c1"):
+        cfg = load_config(stage3, [f"model.init_from={tmp_path / 'c2'}", f"run.output_dir={tmp_path / out}"])
+        with pytest.raises(UserError, match=rf"run\.output_dir: {tmp_path / out} is the model this stage starts from"):
+            check_outputs(cfg)
+    check_outputs(load_config(stage3, [f"model.init_from={tmp_path / 'c2'}", f"run.output_dir={tmp_path / 'c3'}"]))
+    assert load_vlm(tmp_path / "c2").config.base_model == "../c1"

@@ -75,6 +75,11 @@ def _chain(directory: Path) -> list[Path]:
     return chain[::-1]
 
 
+def model_chain(directory: str | os.PathLike) -> list[Path]:
+    """The model directories ``directory`` is loaded from: its base_model chain, root first, ``directory`` last."""
+    return _chain(Path(directory))
+
+
 def load_vlm(directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None):
     """Load a model directory (whole or trainable-only), attach its tokenizer. Offline."""
     directory = Path(directory)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,11 +35,31 @@ log = logging.getLogger("tinygpt.train")
 
 
 def check_features_out(out: Path) -> None:
-    """--out can be written and holds nothing of the user's (the cache replaces it whole)."""
+    """--out can be written and holds nothing of the user's (the cache replaces it whole): it is missing, empty, or an
+    earlier cache, i.e. a cache's manifest and nothing but the files a cache writes. A dataset folder that has a
+    manifest.json of its own (the synthetic data's folders do) is refused, never replaced."""
     out = check_output_dir(out, "--out", "feature cache")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UserError(f"--out: {out} is a non-empty directory that is not a feature cache (no {MANIFEST}); "
-                        "the cache replaces it whole, so choose a new or empty directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    replace = "the cache replaces it whole, so choose a new or empty directory"
+    if not _is_feature_manifest(out / MANIFEST):
+        raise UserError(f"--out: {out} is a non-empty directory that is not a feature cache (no feature-cache "
+                        f"{MANIFEST}); {replace}")
+    foreign = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and not _CACHE_FILE.match(p.name))
+    if foreign:
+        raise UserError(f"--out: {out} holds files a feature cache does not write ({', '.join(foreign[:3])}"
+                        f"{' ...' if len(foreign) > 3 else ''}); {replace}")
+
+
+_CACHE_FILE = re.compile(r"^(features-\d{5}\.safetensors|samples-\d{5}\.jsonl)$")
+
+
+def _is_feature_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"shards", "samples", "num_query_tokens"} <= manifest.keys()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from ..data.registry import DatasetSpecError, build_dataset, check_params, missi
 from ..errors import UserError, did_you_mean
 from ..io_utils import check_output_dir
 from ..model import save_vlm
-from ..model.checkpoint_io import check_model_out
+from ..model.checkpoint_io import check_model_out, model_chain
 from .build import build_model, planned_image_size
 from .run_guard import check_resume, run_lock
 from .loop import make_accelerator, train
@@ -119,6 +119,12 @@ def check_outputs(cfg: RunConfig) -> None:
     if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:
         raise UserError(f"{ckpt_where}: {ckpt} is inside run.output_dir {out}, which the stage output replaces "
                         "whole; choose a directory outside it")
+    start = cfg.model.init_from
+    if start and not start.startswith("builtin:") and (Path(start) / "config.json").is_file():
+        if out.resolve() in {part.resolve() for part in model_chain(start)}:
+            raise UserError(f"{cfg.origin('run.output_dir')}: run.output_dir: {out} is the model this stage starts "
+                            f"from (model.init_from {start}) or a directory it builds on; the stage output replaces "
+                            "it whole, so choose another directory")
 
 
 def save_output(cfg: RunConfig, model, base_dir, mode: str, summary: dict) -> Path:
