@@ -116,3 +116,18 @@ def test_a_stage_never_writes_into_the_model_it_starts_from(tiny_vlm, tmp_path):
             check_outputs(cfg)
     check_outputs(load_config(stage3, [f"model.init_from={tmp_path / 'c2'}", f"run.output_dir={tmp_path / 'c3'}"]))
     assert load_vlm(tmp_path / "c2").config.base_model == "../c1"
+
+
+def test_a_logging_package_that_is_missing_is_named_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    from tinygpt.config import load_config
+    from tinygpt.train.stage import check_outputs
+
+    stage1 = Path(__file__).resolve().parents[1] / "train_configs" / "tiny" / "stage1.yaml"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = load_config(stage1, ["run.wandb_project=mine", f"run.output_dir={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match=r"^--options: run\.wandb_project: needs the wandb package \(pip install wandb\)"):
+        check_outputs(cfg)
+    assert not (tmp_path / "o-checkpoints").exists()

@@ -12,6 +12,7 @@ module only names the YAML key at fault when the registry rejects a spec.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
@@ -119,6 +120,10 @@ def check_outputs(cfg: RunConfig) -> None:
     if ckpt.resolve() == out.resolve() or out.resolve() in ckpt.resolve().parents:
         raise UserError(f"{ckpt_where}: {ckpt} is inside run.output_dir {out}, which the stage output replaces "
                         "whole; choose a directory outside it")
+    for key, package, wanted in (("run.tensorboard", "tensorboard", cfg.run.tensorboard),
+                                 ("run.wandb_project", "wandb", cfg.run.wandb_project)):
+        if wanted and importlib.util.find_spec(package) is None:  # before the model loads, and in --check
+            raise UserError(f"{cfg.origin(key)}: {key}: needs the {package} package (pip install {package})")
     start = cfg.model.init_from
     if start and not start.startswith("builtin:") and (Path(start) / "config.json").is_file():
         if out.resolve() in {part.resolve() for part in model_chain(start)}:
