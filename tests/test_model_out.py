@@ -131,3 +131,13 @@ def test_a_logging_package_that_is_missing_is_named_before_any_work(monkeypatch,
     with pytest.raises(UserError, match=r"^--options: run\.wandb_project: needs the wandb package"):
         check_outputs(cfg)
     assert not (tmp_path / "o-checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--limit", "0"], ["--limit", "-3"]])
+def test_the_feature_cache_command_refuses_counts_below_one(tmp_path, capsys, flags):
+    from tinygpt.train.features import main
+
+    stage3 = Path(__file__).resolve().parents[1] / "train_configs" / "tiny" / "stage3.yaml"
+    assert main(["--cfg-path", str(stage3), "--out", str(tmp_path / "f"), *flags]) == 2
+    assert "error: --batch-size and --limit: expected whole numbers >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

@@ -129,6 +129,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _features_command(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError(f"--batch-size and --limit: expected whole numbers >= 1, got {args.batch_size} and "
+                        f"{args.limit}")
     cfg = load_config(args.cfg_path, args.options)
     check_features_out(Path(args.out))
     check_paths(cfg)
