@@ -232,7 +232,7 @@ def test_the_table_shows_official_compat_gap_and_paper():
     assert "this run, official *" in text and "20.0" in text and "27.5" in text and "+7.5" in text
     assert "paper: TinyGPT-V (paper v1)" in text and "33.6" in text and "49.5" in text and "unparsed 10.0" in text
     row = format_table([summary]).splitlines()[1].split()
-    assert row == ["gqa", "testdev", "10", "accuracy", "20.0", "27.5", "+7.5", "33.6", "torch:cpu"]
+    assert row == ["m", "gqa", "testdev", "accuracy", "10", "20.0", "27.5", "+7.5", "33.6", "torch:cpu"]
 
 
 # ---- the command lines ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
   and the field or argument at fault.
 * :class:`BrokenModelError`: the run finished and wrote its results, but they are not believable (garbage answers,
   scores under the floors; ``tinygpt.evaluation.health``). Same one line, exit status 3.
+* Ctrl-C (KeyboardInterrupt) in a command: one line ``interrupted`` on stderr, exit status 130 (128 + SIGINT, as a
+  shell reports a command stopped by Ctrl-C), no traceback.
 * :func:`did_you_mean`: the `` (did you mean 'x'?)`` hint every message about a misspelt name uses.
 """
 
@@ -17,6 +19,7 @@ from typing import Callable, Iterable
 
 USER_ERROR_EXIT_CODE = 2
 BROKEN_EXIT_CODE = 3
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 
 
 class UserError(Exception):
@@ -37,7 +40,8 @@ def one_line(error: UserError) -> str:
 
 
 def report_errors(main: Callable[[], int | None]) -> int:
-    """Run a command's body; a UserError becomes one ``error:`` line and exit status 2 (3 for BrokenModelError)."""
+    """Run a command's body; a UserError becomes one ``error:`` line and exit status 2 (3 for BrokenModelError),
+    Ctrl-C one ``interrupted`` line and exit status 130."""
     try:
         return int(main() or 0)
     except BrokenModelError as error:
@@ -46,6 +50,9 @@ def report_errors(main: Callable[[], int | None]) -> int:
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6, form: str = " (did you mean {!r}?)",

@@ -18,10 +18,11 @@ Contract:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from ..chat.engine import ChatEngine
-from ..chat.messages import ChatTurn, Conversation, image_from_path
+from ..chat.messages import ChatTurn, Conversation, ImageRef, image_from_path
 from ..chat.settings import GenerationSettings
 from ..errors import UserError
 from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
@@ -30,7 +31,7 @@ from .benchmark import Prediction, Sample
 
 def conversation(sample: Sample) -> Conversation:
     """The one-turn conversation that asks `sample` (see the module docstring)."""
-    images = tuple(image_from_path(path, f"sample {sample.id}: images[{k}]") for k, path in enumerate(sample.images))
+    images = tuple(_image(sample, k, path) for k, path in enumerate(sample.images))
     marks = sample.prompt.count(IMAGE_PLACEHOLDER)
     if marks == 0 and images:
         user = " ".join([IMAGE_TAG] * len(images) + ([sample.prompt.strip()] if sample.prompt.strip() else []))
@@ -39,6 +40,14 @@ def conversation(sample: Sample) -> Conversation:
     else:
         raise UserError(f"sample {sample.id}: prompt: {marks} {IMAGE_PLACEHOLDER} mark(s) for {len(images)} image(s)")
     return Conversation((ChatTurn(user, images),))
+
+
+def _image(sample: Sample, k: int, path: str) -> ImageRef:
+    """Image `k` of `sample`; the error of a file that is missing names it once, that of one that does not decode
+    (raised when the model opens it) names the sample, the image and its file."""
+    if not Path(path).is_file():
+        raise UserError(f"sample {sample.id}: images[{k}]: image file not found: {path}")
+    return image_from_path(path, f"sample {sample.id}: images[{k}] {path}")
 
 
 def _chunks(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
