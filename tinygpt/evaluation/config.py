@@ -2,8 +2,9 @@
 
     cfg = load_eval_config("eval_configs/gqa.yaml", ["benchmark.root=/data/gqa", "run.batch_size=16"])
 
-The file is a launch config (tinygpt.chat.launch: `model`, `generation`, `limits`, parsed and checked there) with two
-more sections:
+The file is a launch config (tinygpt.chat.launch: `model`, `limits`, parsed and checked there; a non-empty
+`generation` section is refused: answers are greedy and each benchmark sets its max_new_tokens) with two more
+sections:
 
     benchmark:  name: a registry name (tinygpt.evaluation.benchmarks: gqa, vsr, ..., shapes)
                 root: the dataset directory (default: the synthetic files for the tiny model,
@@ -131,7 +132,19 @@ def eval_config_from_tree(path: Path, tree: dict, check_model: bool = True) -> E
     bench = _benchmark(path, tree["benchmark"])
     run = _run(path, tree.get("run"), bench)
     launch = launch_config_from_tree(path, {k: v for k, v in tree.items() if k in LAUNCH_SECTIONS}, check_model)
+    _no_generation(path, tree.get("generation"))
     return EvalConfig(path, launch, bench, run)
+
+
+def _no_generation(path: Path, section) -> None:
+    """Evaluation is greedy and each benchmark sets its own max_new_tokens, so a (checked, non-empty) generation
+    section would be silently ignored: it is refused, naming its first key."""
+    if not section:
+        return
+    key = next(iter(section)) if isinstance(section, dict) else None
+    raise UserError(f"{path}: {'generation.' + str(key) if key is not None else 'generation'}: an evaluation config "
+                    "takes no generation settings (answers are greedy and each benchmark sets max_new_tokens); "
+                    "remove the generation section")
 
 
 def load_eval_config(path: str | os.PathLike, options: Iterable[str] = (), check_model: bool = True) -> EvalConfig:
@@ -146,7 +159,8 @@ def load_eval_config(path: str | os.PathLike, options: Iterable[str] = (), check
         if overrides is None:
             raise
         try:  # the file alone may be fine: then the override is at fault, and the message says so
-            eval_config_from_tree(path, read_config_tree(path), check_model)
+            # the file's own model is checked only when it is the one used (--options model.path=X replaces it)
+            eval_config_from_tree(path, read_config_tree(path), check_model and "model.path" not in keys)
         except UserError:
             raise error from None
         message = str(error)

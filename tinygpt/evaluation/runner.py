@@ -4,15 +4,18 @@
 
 Contract:
 * ``<out_dir>/predictions.jsonl``: the first line is ``{"fingerprint": {...}}`` (benchmark, split, root, model path,
-  backend, the load options but the limit: what decides the answers, not how they are scored), then one
-  `Prediction` per line (``{"id", "text", "scores"}``), appended and flushed as soon as each is known;
-* a rerun reads it, keeps the predictions of the loaded samples, and predicts only the rest; a last line cut off by a
-  kill is dropped (and redone); a file made by another benchmark / split / data / model / backend / prompt is refused
-  with a UserError, or moved aside to ``predictions.jsonl.<time>.old`` with ``restart=True``;
+  model_id, backend, the load options but the limit: what decides the answers, not how they are scored; resume.py),
+  then one `Prediction` per line (``{"id", "text", "scores"}``), appended and flushed as soon as each is known;
+* one run at a time per out_dir: an flock on ``<out_dir>/run.lock`` is held for the whole run (resume.run_lock);
+* a rerun reads it (saying ``resuming: N of M predictions from PATH`` on stderr), keeps the predictions of the
+  loaded samples, and predicts only the rest; a last line cut off by a kill is dropped (and redone); a file
+  made by another benchmark / split / data / model / backend / prompt is refused with a UserError, or moved aside
+  to ``predictions.jsonl.<time>.old`` with ``restart=True``;
 * then both scorings (official and tinygpt-v-compat) from the same predictions; ``summary.json`` (written atomically)
   has the headline of ``run.scoring`` (metric, value, extras) and both score dicts, n, backend, model, prompt,
   commit, versions, and under ``timing`` what differs between an interrupted and an uninterrupted run;
-* garbage says so (:func:`garbage_problems`): a loud ``WARNING`` line on stderr and ``"warning"`` in summary.json.
+* garbage in the official scores (whatever the headline) or the headline's says so (:func:`run_garbage`): a loud
+  ``WARNING`` line on stderr and ``"warning"`` in summary.json.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from ..io_utils import atomic_write_text, check_output_dir, writing
 from .benchmark import SCORINGS, Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark
 from .config import EvalConfig, default_root
+from .resume import PREDICTIONS, SUMMARY, fingerprint, move_aside, read_predictions, run_lock
 
-PREDICTIONS = "predictions.jsonl"
-SUMMARY = "summary.json"
+__all__ = ["PREDICTIONS", "SUMMARY", "fingerprint", "garbage_problems", "read_predictions", "run_evaluation"]
 
 # garbage thresholds (fractions): a headline under NEAR_ZERO; a yes/no benchmark at or under chance with every answer
 # one class; more than MOST_UNPARSED of the answers unparsable; every generated answer the same text (ALL_SAME_MIN+)
@@ -42,64 +45,6 @@ NEAR_ZERO = 0.05
 CHANCE = 0.50
 MOST_UNPARSED = 0.50
 ALL_SAME_MIN = 10
-
-
-# ---- the predictions file ------------------------------------------------------------------------------------------
-
-def fingerprint(cfg: EvalConfig) -> dict:
-    """What decides the answers (so a file with another fingerprint cannot be resumed); not the scoring, not the
-    limit (a rerun with a larger limit continues)."""
-    model = cfg.launch.model
-    return {"benchmark": cfg.benchmark.name, "split": cfg.benchmark.split,
-            "root": str(Path(cfg.benchmark.root).resolve()), "model": str(Path(model.path).resolve()),
-            "backend": {"name": model.backend, "bits": model.bits, "qtype": model.qtype},
-            "options": {k: v for k, v in sorted(cfg.benchmark.options.items()) if k != "limit"}}
-
-
-def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
-    """The predictions already in ``path`` (id -> Prediction); cuts a last line left unfinished by a kill off the
-    file. Another run's file (its fingerprint differs) is a UserError saying what differs."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is a line a kill cut off
-    lines = data[:end].decode("utf-8", errors="replace").splitlines()
-    if not lines:
-        path.write_bytes(b"")
-        return {}
-    try:
-        header = json.loads(lines[0])["fingerprint"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: line 1 is not a predictions header (not written by tinygpt evaluate?); move it "
-                        "away or rerun with --restart") from None
-    if header != expected:
-        differ = [f"{key} {header.get(key)!r} (now {expected[key]!r})" for key in expected
-                  if header.get(key) != expected[key]]
-        raise UserError(f"{path}: predictions of another run ({'; '.join(differ)}); rerun with --restart to move "
-                        "them aside, or choose another run.out_dir")
-    done = {}
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            prediction = Prediction.from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path}: line {number} is not a prediction; rerun with --restart to start over") from None
-        done[prediction.id] = prediction
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return done
-
-
-def move_aside(out_dir: Path) -> list[Path]:
-    """``--restart``: predictions.jsonl and summary.json renamed to ``<name>.<time>.old``; the new names."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for name in (PREDICTIONS, SUMMARY):
-        if (out_dir / name).exists():
-            target = out_dir / f"{name}.{stamp}.old"
-            (out_dir / name).rename(target)
-            moved.append(target)
-    return moved
 
 
 # ---- progress ------------------------------------------------------------------------------------------------------
@@ -256,16 +201,32 @@ def _load(bench: Benchmark, cfg: EvalConfig, extra: dict) -> list[Sample]:
     return samples
 
 
+def run_garbage(scores: dict[str, dict], headline: str, samples: Sequence[Sample],
+                predictions: Sequence[Prediction]) -> list[str]:
+    """`garbage_problems` of the official scores, whatever the headline (a lenient compat scorer must not hide
+    garbage), and of the headline's too when it is another (each problem once)."""
+    problems = garbage_problems(scores["official"], samples, predictions)
+    if headline != "official":
+        problems += [f"{headline}: {p}" for p in garbage_problems(scores[headline], samples, predictions)
+                     if p not in problems]
+    return problems
+
+
 def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: bool = False) -> dict:
     """Evaluate ``cfg``'s model on its benchmark (``engine``: an already open ChatEngine, for tests and the bench);
-    returns the summary written to ``<out_dir>/summary.json``."""
-    from .predict import predict  # torch and the engine: imported once the config is known to be good
-
+    returns the summary written to ``<out_dir>/summary.json``. One run at a time per out_dir (``run.lock``)."""
     bench = get_benchmark(cfg.benchmark.name)
     out_dir = check_output_dir(cfg.run.out_dir, cfg.blame("run.out_dir"), "evaluation results")
     _check_root(cfg)
     samples = _load(bench, cfg, {})  # the files are checked before the model loads
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir):
+        return _run(cfg, bench, out_dir, samples, restart, engine, quiet)
+
+
+def _run(cfg: EvalConfig, bench: Benchmark, out_dir: Path, samples: list[Sample], restart: bool, engine,
+         quiet: bool) -> dict:
+    from .predict import predict  # torch and the engine: imported once the config is known to be good
+
     path = out_dir / PREDICTIONS
     if restart:
         for moved in move_aside(out_dir):
@@ -281,6 +242,9 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
     if extra:
         samples = _load(bench, cfg, extra)
     todo = [s for s in samples if s.id not in done]
+    if len(todo) < len(samples):
+        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} predictions from {path}", file=sys.stderr,
+              flush=True)
     label = f"{cfg.benchmark.name}/{cfg.benchmark.split}"
     advance, close = progress_bar(len(samples), len(samples) - len(todo), label) if not quiet else (
         lambda n: None, lambda: None)
@@ -301,7 +265,7 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
     predictions = [done[s.id] for s in samples]
     scores = score_all(bench, samples, predictions)
     headline = scores[cfg.run.scoring]
-    problems = garbage_problems(headline, samples, predictions)
+    problems = run_garbage(scores, cfg.run.scoring, samples, predictions)
     summary = {
         "benchmark": bench.name, "title": bench.title, "split": cfg.benchmark.split,
         "root": str(Path(cfg.benchmark.root).resolve()), "synthetic": synthetic_data(Path(cfg.benchmark.root)),
@@ -310,6 +274,7 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
         "extras": {k: v for k, v in headline.items() if k not in ("metric", "value")},
         "scores": scores, "paper": bench.paper,
         "backend": getattr(engine, "name", cfg.launch.model.backend), "model": expected["model"],
+        "model_id": expected["model_id"],
         "prompt": {"options": {**expected["options"], **extra}, "example": samples[0].prompt,
                    "template": getattr(getattr(getattr(engine, "backend", None), "prompt", None), "template", None)},
         "config": str(cfg.source), "commit": _commit(), "versions": versions(cfg.launch.model.backend),

@@ -15,15 +15,14 @@ layout, image size, each dataset's batch size and ratio); paths are left out, so
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..config.load import config_to_dict
 from ..config.schema import RunConfig
 from ..errors import UserError
+from ..io_utils import exclusive_lock
 from . import checkpoint as ckpt
 
 
@@ -70,20 +69,8 @@ def run_lock(cfg: RunConfig, is_main: bool = True) -> Iterator[None]:
     if not is_main:
         yield
         return
-    root = Path(cfg.checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UserError(f"{cfg.origin('run.output_dir')}: run.output_dir: another run (process {holder}) is "
-                            f"training into {cfg.run.output_dir} now ({path} is locked); wait for it, or give this "
-                            "run another run.output_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    path = Path(cfg.checkpoint_dir) / "run.lock"
+    with exclusive_lock(path, lambda holder: (
+            f"{cfg.origin('run.output_dir')}: run.output_dir: another run (process {holder}) is training into "
+            f"{cfg.run.output_dir} now ({path} is locked); wait for it, or give this run another run.output_dir")):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock

@@ -1,0 +1,135 @@
+"""The predictions file of an evaluation run and what guards it: one run at a time per out_dir, and a file made by
+another run (another benchmark, split, data, model path, model content, backend or prompt) refused.
+
+    with run_lock(out_dir, who):                 # UserError: another evaluation holds <out_dir>/run.lock
+        done = read_predictions(path, fingerprint(cfg))
+
+``model_id`` (in the fingerprint): a cheap content id of the model files, so a model replaced at the same path (a
+retrained stage, a new export) is refused rather than silently reusing the old answers. For a PyTorch model directory
+it is the size and mtime (ns) of config.json and every ``*.safetensors`` of each directory of its ``base_model`` chain
+(no file is read but config.json); for a GGUF directory those of every ``*.gguf``. A copy of the directory (new
+mtimes) counts as another model: rerun with --restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import UserError
+from ..io_utils import exclusive_lock
+from ..model.checkpoint_io import model_chain
+from .benchmark import Prediction
+from .config import EvalConfig
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+LOCK = "run.lock"
+
+
+def _chain(directory: Path) -> list[Path]:
+    """A PyTorch model directory and the directories its ``base_model`` chain leads to; just the directory when the
+    chain is broken (loading the model reports that, not this)."""
+    try:
+        return model_chain(directory)
+    except UserError:
+        return [directory]
+
+
+def _model_file(name: str, backend: str) -> bool:
+    return name.endswith(".gguf") if backend == "gguf" else name == "config.json" or name.endswith(".safetensors")
+
+
+def model_id(path: str | os.PathLike, backend: str) -> str:
+    """The model's content id (see the module docstring): 16 hex digits, or ``missing`` without any model file."""
+    root = Path(path)
+    directories = _chain(root) if backend == "torch" else [root]
+    stats = []
+    for number, directory in enumerate(directories):
+        try:
+            names = sorted(p.name for p in directory.iterdir() if p.is_file() and _model_file(p.name, backend))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                found = (directory / name).stat()
+            except OSError:
+                continue
+            stats.append([number, name, found.st_size, found.st_mtime_ns])
+    if not stats:
+        return "missing"
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: EvalConfig) -> dict:
+    """What decides the answers (so a file with another fingerprint cannot be resumed); not the scoring, not the
+    limit (a rerun with a larger limit continues)."""
+    model = cfg.launch.model
+    return {"benchmark": cfg.benchmark.name, "split": cfg.benchmark.split,
+            "root": str(Path(cfg.benchmark.root).resolve()), "model": str(Path(model.path).resolve()),
+            "model_id": model_id(model.path, model.backend),
+            "backend": {"name": model.backend, "bits": model.bits, "qtype": model.qtype},
+            "options": {k: v for k, v in sorted(cfg.benchmark.options.items()) if k != "limit"}}
+
+
+def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
+    """The predictions already in ``path`` (id -> Prediction); cuts a last line left unfinished by a kill off the
+    file. Another run's file (its fingerprint differs) is a UserError saying what differs."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is a line a kill cut off
+    lines = data[:end].decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        path.write_bytes(b"")
+        return {}
+    try:
+        header = json.loads(lines[0])["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: line 1 is not a predictions header (not written by tinygpt evaluate?); move it "
+                        "away or rerun with --restart") from None
+    if header != expected:
+        differ = [f"{key} {header.get(key)!r} (now {expected[key]!r})" for key in expected
+                  if header.get(key) != expected[key]]
+        if "model_id" in header and header.get("model_id") != expected["model_id"]:
+            differ.append("the model files changed since these predictions were made")
+        raise UserError(f"{path}: predictions of another run ({'; '.join(differ)}); rerun with --restart to move "
+                        "them aside, or choose another run.out_dir")
+    done = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            prediction = Prediction.from_json(json.loads(line))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: line {number} is not a prediction; rerun with --restart to start over") from None
+        done[prediction.id] = prediction
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return done
+
+
+def move_aside(out_dir: Path) -> list[Path]:
+    """``--restart``: predictions.jsonl and summary.json renamed to ``<name>.<time>.old``; the new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (PREDICTIONS, SUMMARY):
+        if (out_dir / name).exists():
+            target = out_dir / f"{name}.{stamp}.old"
+            (out_dir / name).rename(target)
+            moved.append(target)
+    return moved
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """An flock on ``<out_dir>/run.lock`` held for the block (the kernel drops it when the process ends, however it
+    ends: a killed run leaves no stale lock); another live evaluation holding it is a UserError, at once."""
+    with exclusive_lock(out_dir / LOCK, lambda holder: (
+            f"{out_dir} is in use by another evaluation (process {holder}); wait for it, or give this run another "
+            "run.out_dir")):
+        yield
