@@ -18,8 +18,6 @@ import sys
 
 from tinygpt.errors import report_errors
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
-
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
@@ -96,11 +94,7 @@ def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str = "python -m quantize") -> int:
     """``prog``: the name usage lines print (``tinygpt`` when run as ``tinygpt chat`` etc., tinygpt.cli)."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        return report_errors(lambda: args.func(args))
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
-        print("interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    return report_errors(lambda: args.func(args))  # Ctrl-C included: one `interrupted` line, exit 130
 
 
 if __name__ == "__main__":
