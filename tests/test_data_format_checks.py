@@ -69,6 +69,10 @@ def test_generic_jsonl_checks_user_boxes_and_the_writer_refuses_bad_boxes(tmp_pa
                                                 {"user": "[identify] {<1><2><3>}", "assistant": "a cat"}]})
     # texts without box-like tokens stay as written: braces, HTML, a lone number in angle brackets
     parse_generic_record({"conversations": [{"user": "Code?", "assistant": "<b>x</b> {a: 1} <5> 3<4"}]})
+    # tags that merely hold a digit are not boxes: headings, cells, templated names
+    parse_generic_record({"conversations": [{"user": "HTML?", "assistant": "<h1><h2>T</h2></h1> <td2><td3> {<h1>}"}]})
+    with pytest.raises(BadRecord, match=r"malformed box '\{<-1><2><3><4>\}'"):
+        parse_generic_record({"conversations": [{"user": "where?", "assistant": "{<-1><2><3><4>}"}]})
     with pytest.raises(UserError, match=r"record 0 cannot be written: box \{<0><0><101><5>\} in "):
         write_generic_jsonl([{"turns": [{"user": "box?", "assistant": "{<0><0><101><5>}"}]}], tmp_path / "o.jsonl")
 

@@ -131,8 +131,10 @@ def image_file_name(pattern: str, entry: dict) -> str:
         raise BadRecord(f"cannot build the image name from pattern {pattern!r}: {exc}") from None
 
 
-# A box attempt: two or more <...> tokens holding a digit, optionally in braces, or one such token in braces.
-_BOX_ATTEMPT = re.compile(r"\{?\s*(?:<[^<>{}]*\d[^<>{}]*>\s*){2,}\}?|\{\s*<[^<>{}]*\d[^<>{}]*>\s*\}")
+# A box attempt: two or more numeric <...> tokens (digits, maybe a sign, a point or a comma: <12>, <-3>, <30.5>),
+# optionally in braces, or one such token in braces. Tags that merely hold a digit (<h1><h2>, <td2>) are not boxes.
+_NUMBER_TAG = r"<\s*[-+]?(?=[\d.,\s]*\d)[\d.,\s]+>"
+_BOX_ATTEMPT = re.compile(rf"\{{?\s*(?:{_NUMBER_TAG}\s*){{2,}}\}}?|\{{\s*{_NUMBER_TAG}\s*\}}")
 _BOX_EXACT = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")
 
 
