@@ -47,3 +47,24 @@ def test_the_examples_writer_has_a_real_command_line(tmp_path, monkeypatch, caps
     assert examples.main([str(tmp_path / "out")]) == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == sorted(examples.example_path(i).name for i in range(3))
+
+
+def test_the_start_up_lines_name_our_share_flag_not_gradios_launch_argument(capfd):
+    import gradio as gr
+
+    from tinygpt.chat.launch import Limits
+    from tinygpt.demo.app import launch, serving_lines
+
+    cfg = type("Cfg", (), {"limits": Limits()})()
+    with gr.Blocks() as demo:
+        gr.Markdown("hello")
+    launch(demo, cfg, port=None, prevent_thread_lock=True, share_hint="python demo.py --share")  # type: ignore
+    try:
+        out = capfd.readouterr().out
+    finally:
+        demo.close()
+    assert "share=True" not in out and "launch()" not in out, out
+    assert f"* Running on local URL:  {demo.local_url}" in out
+    assert "* No public link; python demo.py --share makes one (*.gradio.live)" in out
+    assert serving_lines("http://h:1/", "https://x.gradio.live", True)[1].endswith(": https://x.gradio.live")
+    assert "could not make one" in serving_lines("http://h:1/", None, True)[1]

@@ -107,8 +107,28 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
 
 
 def launch(demo: gr.Blocks, cfg: LaunchConfig, host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, **options):
-    """Queue (bounded; one generation at a time) and serve; `options` go to gradio's launch (prevent_thread_lock...)."""
+           share: bool = False, share_hint: str = "--share", quiet: bool = False, prevent_thread_lock: bool = False,
+           **options):
+    """Queue (bounded; one generation at a time) and serve; `options` go to gradio's launch. Gradio's own start-up
+    lines are replaced by `serving_lines` (gradio's advise ``share=True`` in ``launch()``, which a user of the
+    command cannot set; `share_hint` is the flag that does it)."""
     demo.queue(max_size=cfg.limits.queue_size, default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=cfg.limits.max_upload_bytes,
-                       allowed_paths=[str(EXAMPLES_DIR)], **options)
+    started = demo.launch(server_name=host, server_port=port, share=share, max_file_size=cfg.limits.max_upload_bytes,
+                          allowed_paths=[str(EXAMPLES_DIR)], quiet=True, prevent_thread_lock=True, **options)
+    if not quiet:
+        print("\n".join(serving_lines(demo.local_url, demo.share_url, share, share_hint)), flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return started
+
+
+def serving_lines(local_url: str, share_url: str | None, share: bool, share_hint: str = "--share") -> list[str]:
+    """What the demo says once it listens: its local address, and its public link or how to get one."""
+    lines = [f"* Running on local URL:  {local_url}"]
+    if share_url:
+        lines.append(f"* Public link (anyone who has it can use the demo; gradio keeps it up to a week): {share_url}")
+    elif share:
+        lines.append("* No public link: gradio could not make one (is this machine online?); the local URL works")
+    else:
+        lines.append(f"* No public link; {share_hint} makes one (*.gradio.live)")
+    return lines

@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "demo.py") -> argparse
     parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true",
                         help="also make a public *.gradio.live link (off unless given)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.prog = prog
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str = "demo.py") -> int:
@@ -47,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
 
     engine = open_engine(cfg)
     try:
-        launch(build_demo(engine, cfg), cfg, host=args.host, port=args.port, share=args.share)
+        launch(build_demo(engine, cfg), cfg, host=args.host, port=args.port, share=args.share,
+               share_hint=("python " if args.prog.endswith(".py") else "") + f"{args.prog} --share")
     except OSError as exc:  # the port was taken while the model loaded
         raise UserError(f"--host/--port: gradio cannot listen on {args.host}:{args.port} ({exc})") from None
     return 0
