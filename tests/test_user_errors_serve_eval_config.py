@@ -130,22 +130,24 @@ def test_messages_name_the_option_that_set_the_value(tmp_path):
     (tmp_path / "a-file").write_text("x")
     out = _run(tmp_path, f"run.out_dir={tmp_path / 'a-file' / 'out'}")
     assert str(out).startswith("--options run.out_dir: ") and "is a file" in str(out)
-    limt = _run(tmp_path, "benchmark.options.limt=3")
-    assert str(limt).startswith("--options benchmark.options.limt: unknown option for benchmark gqa")
-    assert "(did you mean 'limit'?)" in str(limt)
+    with pytest.raises(UserError) as limt:  # said when the config is read, before any data or model
+        load_eval_config(GQA, ["benchmark.options.limt=3"], check_model=False)
+    assert str(limt.value).startswith(f"--options (over {GQA}): benchmark.options.limt: unknown option for "
+                                      "benchmark gqa")
+    assert "(did you mean 'limit'?)" in str(limt.value)
 
 
 def test_messages_name_the_file_when_the_file_set_the_value(tmp_path):
     path = tmp_path / "gqa.yaml"
     path.write_text(f"model: {{backend: torch, path: x}}\nbenchmark: {{name: gqa, root: {tmp_path / 'none'}, "
-                    f"options: {{limt: 3}}}}\nrun: {{out_dir: {tmp_path / 'out'}}}\n")
+                    f"options: {{limit: 3}}}}\nrun: {{out_dir: {tmp_path / 'out'}}}\n")
     cfg = load_eval_config(path, check_model=False)
     with pytest.raises(UserError, match=rf"^{path}: benchmark\.root: {tmp_path}/none is not a directory"):
         run_evaluation(cfg, quiet=True)
+    path.write_text(path.read_text().replace("limit: 3", "limt: 3"))
     root = _gqa_root(tmp_path)
-    cfg = load_eval_config(path, [f"benchmark.root={root}"], check_model=False)
     with pytest.raises(UserError, match=rf"^{path}: benchmark\.options\.limt: unknown option"):
-        run_evaluation(cfg, quiet=True)
+        load_eval_config(path, [f"benchmark.root={root}"], check_model=False)
 
 
 def test_a_device_without_cuda_names_model_device(chat_model, tmp_path):

@@ -23,6 +23,7 @@ bad key or value is one UserError naming the file (or ``--options`` when the ove
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -31,8 +32,8 @@ from ..chat.launch import LaunchConfig, check_section, find_launch_config, launc
 from ..config.options import OPTIONS, parse_options
 from ..errors import UserError, did_you_mean
 from ..paths import tiny_data_dir
-from .benchmark import SCORINGS
-from .benchmarks import get_benchmark, names
+from .benchmark import SCORINGS, Benchmark
+from .benchmarks import common, get_benchmark, names
 
 LAUNCH_SECTIONS = ("model", "generation", "limits")
 SECTIONS = (*LAUNCH_SECTIONS, "benchmark", "run")
@@ -100,8 +101,33 @@ def _benchmark(path: Path, raw) -> BenchmarkChoice:
     options = {} if choice.options is None else choice.options
     if not isinstance(options, dict):
         raise UserError(f"{path}: benchmark.options must be a mapping (e.g. {{limit: 100}}), got {options!r}")
+    _check_option_names(path, choice.name, bench, options)
     root = choice.root or str(default_root(choice.name))
     return BenchmarkChoice(choice.name, root, split, options)
+
+
+def accepted_options(bench: Benchmark) -> tuple[str, ...] | None:
+    """The option names ``bench.load`` accepts: its module's ``OPTIONS`` (shapes), or the shared ones of a module
+    that reads them with ``common.parse_options`` (gqa, vqa, refcoco, ...); None when it declares neither (then only
+    its ``load`` checks them)."""
+    module = sys.modules[bench.load.__module__]
+    if hasattr(module, "OPTIONS"):
+        return tuple(module.OPTIONS)
+    if getattr(module, "parse_options", None) is common.parse_options:
+        return common.OPTIONS
+    return None
+
+
+def _check_option_names(path: Path, name: str, bench: Benchmark, options: dict) -> None:
+    """A misspelt ``benchmark.options`` key is said here, when the config is read, not when the benchmark loads
+    (after the model)."""
+    accepted = accepted_options(bench)
+    if accepted is None:
+        return
+    for key in options:
+        if key not in accepted:
+            raise UserError(f"{path}: benchmark.options.{key}: unknown option for benchmark {name}; expected one of "
+                            f"{', '.join(accepted)}{did_you_mean(str(key), accepted)}")
 
 
 def _run(path: Path, raw, bench: BenchmarkChoice) -> RunChoice:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..chat.launch import open_engine
 from ..errors import UserError
 from ..io_utils import atomic_write_text, check_output_dir, writing
+from ..version import tinygpt_version
 from .benchmark import SCORINGS, Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark
 from .config import EvalConfig, default_root
@@ -132,8 +133,8 @@ def synthetic_data(root: Path) -> bool:
 
 
 def versions(backend: str) -> dict[str, Optional[str]]:
-    names = ["torch", "transformers", "tinygpt"] + (["ggml-python"] if backend == "gguf" else [])
-    found: dict[str, Optional[str]] = {"python": platform.python_version()}
+    names = ["torch", "transformers"] + (["ggml-python"] if backend == "gguf" else [])
+    found: dict[str, Optional[str]] = {"python": platform.python_version(), "tinygpt": tinygpt_version()}
     for name in names:
         try:
             found[name] = metadata.version(name)

@@ -51,8 +51,11 @@ def parsed(family: str, text: str) -> bool:
     return answer.isdigit() if family == "count_both" else answer in WHICH_IMAGE
 
 
+OPTIONS = ("limit",)  # checked when the eval config is read (tinygpt.evaluation.config.accepted_options)
+
+
 def _limit(options: dict) -> int | None:
-    unknown = sorted(set(options) - {"limit"})
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise UserError(f"benchmark.options.{unknown[0]}: the multi_image benchmark takes only limit")
     limit = options.get("limit")
