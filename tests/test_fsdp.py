@@ -1,13 +1,10 @@
 """The shipped FSDP config (train_configs/accelerate/fsdp.yaml) on 2 CPU processes (gloo): a tiny stage trains, writes
 full-shape checkpoints and output, matches one process with the same global batch, and resumes bit-identically.
 
-accelerate runs FSDP only on accelerators: on a CPU it sets the launch up as plain data parallel (MULTI_CPU) whatever
-the config says, and it refuses the config's ``sync_module_states`` there. The launched script below therefore turns
-the run's distributed type to FSDP with the plugin built from the launch's own FSDP settings (the shipped file's
-wrap policy, sharding, prefetch, ``use_orig_params``, state-dict type) and the device to ``cpu`` (accelerate's
-``cpu:0`` is not what FSDP computes on), and the launch passes
-``--fsdp_sync_module_states false`` (it only broadcasts rank 0's initial weights, which here are the same file on
-every process). Everything else (accelerate's FSDP wrapping, the loop, checkpoints, the stage output) runs as on a GPU.
+On a CPU accelerate would set the launch up as plain data parallel (MULTI_CPU) and refuse the config's
+``sync_module_states``; tinygpt's own switch (tinygpt.train.sharded: cpu_fsdp_launch, fsdp_on_cpu) makes the same
+launch, with no extra flag, train FSDP on the CPU processes, so everything here (accelerate's FSDP wrapping, the loop,
+checkpoints, the stage output) runs the code a GPU launch runs.
 """
 
 from __future__ import annotations
@@ -34,21 +31,9 @@ PYTHON = sys.executable
 
 FSDP_ON_CPU = textwrap.dedent("""
     import json, sys
-    import torch
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from tinygpt.config import load_config
-    from tinygpt.train import loop, stage
+    from tinygpt.train import stage
 
-    def fsdp_on_cpu(run):
-        accelerator = loop.make_accelerator(run)
-        for state in (accelerator.state, PartialState()):  # AcceleratorState() copies PartialState's on every call
-            state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables
-        accelerator.state.device = torch.device("cpu")  # FSDP's CPU compute device has no index
-        return accelerator
-
-    stage.make_accelerator = fsdp_on_cpu
     path, opts = json.loads(sys.argv[1])
     stage.run_stage(load_config(path, opts))
 """)
@@ -68,8 +53,7 @@ def launch_fsdp(opts: list[str], tmp_path: Path, port: int) -> subprocess.Comple
     script.write_text(FSDP_ON_CPU)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [str(Path(PYTHON).parent / "accelerate"), "launch", "--config_file", str(FSDP_YAML),
-               "--num_processes", "2", "--main_process_port", str(port), "--fsdp_sync_module_states", "false",
-               str(script), json.dumps([str(CONFIG), opts])]
+               "--num_processes", "2", "--main_process_port", str(port), str(script), json.dumps([str(CONFIG), opts])]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

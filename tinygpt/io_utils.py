@@ -133,7 +133,8 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str]) -> list[Path]:
     """Remove the temporaries in ``directory`` of targets named like one of ``names`` (glob patterns) whose writer is
     no longer running: the PID in the name is no live process, or, for a name without a PID (older versions), no such
-    temporary changed for ``LEGACY_QUIET_SECONDS`` (a live writer keeps writing one). Returns the removed paths."""
+    temporary changed for ``LEGACY_QUIET_SECONDS`` (a live writer keeps writing one). A temporary folder
+    (:func:`atomic_dir`'s) is removed with everything in it. Returns the removed paths."""
     dead, legacy = [], []
     for pattern in names:
         for tmp in sorted(Path(directory).glob(f".{pattern}.*.tmp")):
@@ -149,7 +150,10 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
     removed = []
     for tmp in dead + legacy:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            if tmp.is_dir() and not tmp.is_symlink():  # atomic_dir's staging folder
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
             removed.append(tmp)
     return removed
 
@@ -240,13 +244,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``path``; on success it replaces ``path`` (an old directory is
-    removed; a file there is refused, never replaced). Every file written inside gets the usual permissions."""
+    """Yield a fresh temporary directory ``.<name>.<pid>.<random>.tmp`` next to ``path``; on success it replaces
+    ``path`` (an old directory is removed; a file there is refused, never replaced). Every file written inside gets
+    the usual permissions. A killed writer's one is removed by :func:`remove_stale_temporaries`."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise UserError(f"{target}: exists and is a file, not a directory; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         for root, dirs, files in os.walk(tmp):

@@ -214,8 +214,8 @@ def _require_pair(cfg: RunConfig, key: str, what: str, other: str, other_what: s
 
 
 def _validate_moe(cfg: RunConfig) -> None:
-    """``model.moe`` and the ``moe`` trainable set go together; layer indices are checked against the model later
-    (``tinygpt.model.moe.resolve_layers``), when its depth is known."""
+    """``model.moe`` and the ``moe`` trainable set go together; layer indices are checked against the starting
+    model's depth before it loads (``tinygpt.train.init_checks``, from ``check_outputs``)."""
     moe = cfg.model.moe
     if moe is None:
         _require(cfg, "model.trainable", cfg.model.trainable != "moe",

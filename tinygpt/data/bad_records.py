@@ -10,6 +10,12 @@ A counter's two numbers (seen, bad) live in shared memory made when the dataset 
 any DataLoader worker starts: every worker (forked, or spawned: the dataset is then pickled while the worker starts)
 adds to the same numbers, so the verdict judges all workers together and :func:`bad_record_totals` gives the main
 process the whole run's counts for the end-of-run summary. ``num_workers: 0`` counts in the main process alone.
+
+Several training processes (``accelerate launch``, torchrun) each build their own datasets. A counter that judged a
+whole file at construction (``check_final``: the records of a map-style dataset) holds the same counts in every
+process. The others (images decoded, stream samples) count each process's own share: between steps the training
+loop hands every process the other processes' sums (:func:`share_counts`, collective), so the running verdict and
+:func:`bad_record_totals` judge and report all processes together.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import multiprocessing
 from dataclasses import dataclass
 from multiprocessing.context import get_spawning_popen
+from typing import Callable
 
 from tinygpt.errors import UserError
 
@@ -59,8 +66,9 @@ class BadRecordCounter:
         self.source = source
         self.policy = policy or BadRecordPolicy()
         self.what = what
-        self._counts = _shared_counts((0, 0))
+        self._counts = _shared_counts((0, 0, 0, 0))  # seen, bad; then the other training processes' seen, bad
         self.first_bad: str | None = None  # the first bad record this process saw
+        self.whole_file = False  # judged a whole file (check_final): the same counts in every training process
 
     def _add(self, bad: int) -> tuple[int, int]:
         """One more record (``bad``: 0 or 1); returns (seen, bad) after it."""
@@ -71,10 +79,22 @@ class BadRecordCounter:
             return raw[0], raw[1]
 
     def counts(self) -> tuple[int, int]:
-        """(seen, bad) over every process that shares this counter."""
+        """(seen, bad) over every process that shares this counter (this training process's workers)."""
         with self._counts.get_lock():
             raw = self._counts.get_obj()
             return raw[0], raw[1]
+
+    def combined(self) -> tuple[int, int]:
+        """(seen, bad) of this training process and the others, as of the last :func:`share_counts`."""
+        with self._counts.get_lock():
+            raw = self._counts.get_obj()
+            return raw[0] + raw[2], raw[1] + raw[3]
+
+    def set_others(self, seen: int, bad: int) -> None:
+        """The other training processes' (seen, bad), which every worker of this one then judges with."""
+        with self._counts.get_lock():
+            raw = self._counts.get_obj()
+            raw[2], raw[3] = seen, bad
 
     @property
     def seen(self) -> int:
@@ -87,12 +107,14 @@ class BadRecordCounter:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         if get_spawning_popen() is None:  # pickle or deepcopy, not a worker start: the copy gets its own numbers
-            state["_counts"] = self.counts()
+            with self._counts.get_lock():
+                state["_counts"] = tuple(self._counts.get_obj())
         return state
 
     def __setstate__(self, state: dict) -> None:
         if isinstance(state["_counts"], tuple):
-            state["_counts"] = _shared_counts(state["_counts"])
+            state["_counts"] = _shared_counts((tuple(state["_counts"]) + (0, 0))[:4])
+        state.setdefault("whole_file", False)
         self.__dict__.update(state)
 
     @property
@@ -117,13 +139,15 @@ class BadRecordCounter:
 
     def _raise(self, seen: int, bad: int) -> None:
         first = f"; first: {self.first_bad}" if self.first_bad else ""
+        everyone = " (all training processes)" if seen > self.counts()[0] else ""
         raise UserError(
-            f"{self.source}: {bad} of {seen} {self.what} are bad ({bad / seen:.1%} > limit "
+            f"{self.source}: {bad} of {seen} {self.what}{everyone} are bad ({bad / seen:.1%} > limit "
             f"{self.policy.max_bad_fraction:.1%}){first}"
         )
 
     def check_final(self) -> None:
         """Verdict over a whole file (map-style datasets, after construction): over the limit, or all bad."""
+        self.whole_file = True
         seen, bad = self.counts()
         if seen and bad == seen:
             self._raise(seen, bad)
@@ -135,9 +159,10 @@ class BadRecordCounter:
 
         Everything bad after ``min_records`` stops at once (a wrong root or a broken pattern). Otherwise the fraction
         is judged only after enough records that one sporadic bad image early on cannot stop a run:
-        ``max(min_records, 10 / max_bad_fraction)`` (1,000 at the default 1%). The counts are those of all workers.
+        ``max(min_records, 10 / max_bad_fraction)`` (1,000 at the default 1%). The counts are those of all workers
+        and, as of the last :func:`share_counts`, of all training processes.
         """
-        seen, bad = self.counts()
+        seen, bad = self.combined()
         if seen >= self.policy.min_records and bad == seen:
             self._raise(seen, bad)
         limit = self.policy.max_bad_fraction
@@ -150,20 +175,38 @@ class BadRecordCounter:
         return f"{self.source}: {bad} bad of {seen} {self.what} ({bad / seen if seen else 0.0:.2%})"
 
 
-def _shared_counts(values: tuple[int, int]):
-    """[seen, bad] as int64 in shared memory with a lock, of the default start method (the one a DataLoader's workers
-    use unless told otherwise)."""
+def _shared_counts(values: tuple[int, ...]):
+    """[seen, bad, others' seen, others' bad] as int64 in shared memory with a lock, of the default start method (the
+    one a DataLoader's workers use unless told otherwise)."""
     return multiprocessing.Array("q", list(values))
 
 
+def counters_of(datasets: dict[str, object]) -> list[tuple[str, BadRecordCounter]]:
+    """(dataset name, counter) of every counter, in the same order in every training process."""
+    return [(name, v) for name, dataset in datasets.items()
+            for v in getattr(dataset, "__dict__", {}).values() if isinstance(v, BadRecordCounter)]
+
+
+def share_counts(datasets: dict[str, object], sum_over_processes: Callable[[list[int]], list[int]]) -> None:
+    """Hand every counter that counts this process's own share the other training processes' (seen, bad).
+    ``sum_over_processes``: the element-wise sum of a list of ints over all processes (an all-reduce), so this is
+    collective: every process calls it at the same point."""
+    own_share = [counter for _, counter in counters_of(datasets) if not counter.whole_file]
+    mine = [n for counter in own_share for n in counter.counts()]
+    if not mine:
+        return
+    total = sum_over_processes(mine)
+    for i, counter in enumerate(own_share):
+        counter.set_others(total[2 * i] - mine[2 * i], total[2 * i + 1] - mine[2 * i + 1])
+
+
 def bad_record_totals(datasets: dict[str, object]) -> dict[str, list[dict]]:
-    """Per dataset name, its counters' ``{"source", "what", "bad", "seen"}`` (all workers together), for the
-    end-of-run summary; a dataset without counters (cached features) is left out."""
+    """Per dataset name, its counters' ``{"source", "what", "bad", "seen"}`` (all workers together, and all training
+    processes as of the last :func:`share_counts`), for the end-of-run summary; a dataset without counters (cached
+    features) is left out."""
     totals: dict[str, list[dict]] = {}
-    for name, dataset in datasets.items():
-        counters = [v for v in getattr(dataset, "__dict__", {}).values() if isinstance(v, BadRecordCounter)]
-        for counter in counters:
-            seen, bad = counter.counts()
-            totals.setdefault(name, []).append({"source": counter.source, "what": counter.what, "bad": bad,
-                                                "seen": seen})
+    for name, counter in counters_of(datasets):
+        seen, bad = counter.counts() if counter.whole_file else counter.combined()
+        totals.setdefault(name, []).append({"source": counter.source, "what": counter.what, "bad": bad,
+                                            "seen": seen})
     return totals

@@ -7,6 +7,10 @@ with ``--lengths mixed``), so no data and, with ``--random-weights``, no weights
 samples/s, peak memory, the model FLOPs utilisation on a GPU, and the step time with cached Q-Former features
 relative to the full step (features.py). ``--compare`` instead times every speed switch before/after side by side
 in the same run (``bench_switches.py``) and prints a markdown table.
+
+Without a GPU (or with ``run.cpu: true``) a model of more than a billion parameters (the full-size stages) is refused
+with one line before anything is built: one step of it takes many minutes and tens of GiB there. ``--allow-cpu``
+runs it anyway; the tiny stages (``train_configs/tiny/``) run on any CPU.
 """
 
 from __future__ import annotations
@@ -22,16 +26,48 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import check_paths, load_config
+from ..config.schema import BUILTIN_PREFIX
 from ..errors import UserError, report_errors
+from ..model import TinyGPTVForConditionalGeneration, build_config
+from ..model.checkpoint_io import read_config
 from .bench_steps import model_flops_per_sample, peak_tflops, synthetic_batch, time_steps
 from .bench_switches import compare, markdown_table, parse_switches
-from .build import build_model
-from .loop import make_accelerator
+from .build import build_model, resolve_init_dir
+from .loop import make_accelerator, precision_note, ran_precision
 from .optim import build_optimizer
 from .progress import peak_memory_gb
 from .stage import frozen_weight_dtype, seed_everything
 
 __all__ = ["bench", "main", "model_flops_per_sample"]
+log = logging.getLogger("tinygpt.train")
+CPU_MAX_PARAMS = 1_000_000_000  # larger models are refused on the CPU without --allow-cpu (the tiny one has 31 M)
+
+
+def model_parameters(cfg, random_weights: bool) -> int | None:
+    """Parameters of the model the bench would build, counted on the meta device (nothing is allocated); None for
+    the built-in tiny models."""
+    init_from = None if random_weights else cfg.model.init_from
+    if init_from is not None and init_from.startswith(BUILTIN_PREFIX):
+        return None
+    init_dir = resolve_init_dir(init_from)
+    config = read_config(init_dir) if init_dir is not None else build_config(cfg.model.preset)
+    with torch.device("meta"):
+        return sum(p.numel() for p in TinyGPTVForConditionalGeneration(config).parameters())
+
+
+def check_cpu_size(cfg, random_weights: bool, allow_cpu: bool) -> None:
+    """Refuse a model of more than :data:`CPU_MAX_PARAMS` parameters when the bench would run on the CPU."""
+    if allow_cpu or (torch.cuda.is_available() and not cfg.run.cpu):
+        return
+    count = model_parameters(cfg, random_weights)
+    if count is None or count <= CPU_MAX_PARAMS:
+        return
+    key = "model.preset" if random_weights or cfg.model.init_from is None else "model.init_from"
+    value = cfg.model.preset if key == "model.preset" else cfg.model.init_from
+    where = "run.cpu: true" if cfg.run.cpu else "no GPU"
+    raise UserError(f"{cfg.origin(key)}: {key}: {value} is a {count / 1e9:.1f} B-parameter model and this run has "
+                    f"{where}: one CPU step takes many minutes and tens of GiB; bench a tiny stage "
+                    "(train_configs/tiny/stageN.yaml), run on a GPU, or pass --allow-cpu to run it anyway")
 
 
 def profile_steps(cfg, accelerator, model, optimizer, batch: dict, steps: int = 3, rows: int = 15) -> str:
@@ -52,6 +88,9 @@ def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = No
     if random_weights:
         cfg.model.init_from = None
     accelerator = make_accelerator(cfg.run)
+    note = precision_note(cfg, accelerator)
+    if note:
+        log.warning("%s", note)
     seed_everything(cfg.run.seed)
     built = build_model(cfg, frozen_dtype=frozen_weight_dtype(cfg, accelerator),
                         init_device=accelerator.device if random_weights else None)
@@ -64,9 +103,11 @@ def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = No
     batch_size = max(spec.batch_size for spec in cfg.active_datasets().values())
     text = text_tokens if text_tokens is not None else min(cfg.model.max_txt_len, 160)
     size = unwrapped.config.image_size
-    result = {"config": cfg.source, "device": str(accelerator.device), "precision": cfg.run.precision,
+    result = {"config": cfg.source, "device": str(accelerator.device), "precision": ran_precision(accelerator),
               "batch_size": batch_size, "image_size": size, "text_tokens": text, "lengths": lengths,
               "trainable_params": built.trainable_count, "load_peak_memory_gb": load_peak}
+    if note:
+        result["precision_requested"] = cfg.run.precision
     if cuda:
         result["gpu"] = torch.cuda.get_device_name()
     if switches:  # every variant builds its own optimizer
@@ -111,6 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --compare: start no variant this many seconds after the start (the rest are "
                              "listed as skipped)")
     parser.add_argument("--profile", action="store_true", help="also print the top operators of a step (stderr)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="bench a model of more than a billion parameters without a GPU (refused otherwise)")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -129,6 +172,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         raise UserError("--profile and --compare: choose one")
     if not args.random_weights:
         check_paths(cfg)
+    check_cpu_size(cfg, args.random_weights, args.allow_cpu)
     if args.text_tokens is not None and not 1 <= args.text_tokens <= cfg.model.max_txt_len:
         raise UserError(f"--text-tokens must be in 1..{cfg.model.max_txt_len} (model.max_txt_len of {cfg.source})")
     result = bench(cfg, args.steps, args.random_weights, args.text_tokens, args.profile, args.lengths, switches,

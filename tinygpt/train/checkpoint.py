@@ -5,7 +5,8 @@
   optimizer.pt            optimizer state (AdamW moments; bitsandbytes 8-bit state too; under FSDP the gathered one)
   scaler.pt               fp16 loss-scaler state (fp16 runs only)
   rng_<rank>.pt           python / numpy / torch (CPU and CUDA) RNG states of each process
-  state.json              step, counters, data position, schedule, run fingerprint
+  state.json              step, counters, data position, schedule, run fingerprint; an MoE stage's expert load
+                          counts so far (``moe_load``: the summary's whole-run moe_load_share goes on from them)
 A checkpoint directory is first written as ``step_N.tmp`` and renamed when complete, so a kill at any moment leaves
 the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it.
 ``state.json`` records every other file's size and sha256; resume validates every file before restoring anything

@@ -7,11 +7,18 @@ writes the cache (it needs the model); ``tinygpt.data.formats.qformer_features``
 The texts are those of the dataset's epoch 0 (a random prompt choice is frozen with the features).
 CLI: ``python -m tinygpt.train.features --cfg-path train_configs/stage3.yaml --out DIR [--dataset NAME]``; then
 train with ``data.datasets.NAME: {kind: qformer_features, batch_size: 6, params: {root: DIR}}``.
+
+A cache holds the outputs of one model at one image size: :func:`check_feature_cache` (the stage's config check, in
+``train.py --check`` too) refuses a cache made from another model directory, at another image size, or with another
+Q-Former width or query count than the stage's model takes, before the model loads. The cache is built in
+``.<out name>.<pid>.<random>.tmp`` next to ``--out``; a later build removes those of builds that are no longer
+running (``tinygpt.io_utils.remove_stale_temporaries``).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import re
@@ -24,12 +31,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import check_paths, load_config
+from ..config.schema import BUILTIN_PREFIX, RunConfig
 from ..data.collate import collate_samples
-from ..data.formats.qformer_features import MANIFEST
+from ..data.formats.qformer_features import MANIFEST, read_manifest
 from ..errors import UserError, report_errors
-from ..io_utils import atomic_dir, check_output_dir, writing
+from ..io_utils import atomic_dir, check_output_dir, remove_stale_temporaries, writing
+from ..model.checkpoint_io import read_config
+from ..model.presets import PRESETS
 from .build import build_model, planned_image_size
-from .stage import build_datasets, check_dataset_specs
 
 log = logging.getLogger("tinygpt.train")
 
@@ -62,10 +71,90 @@ def _is_feature_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and {"shards", "samples", "num_query_tokens"} <= manifest.keys()
 
 
+BUILTIN_PRESETS = {"builtin:tiny": "tiny"}  # the built-in models' sizes (tinygpt.tiny.backbones: build_config("tiny"))
+
+
+def stage_features(cfg: RunConfig) -> dict:
+    """The image size, Q-Former width and query count of the features the stage's model takes, from the config.json
+    of ``model.init_from`` or the preset (no weights are read)."""
+    init = cfg.model.init_from
+    if init is None or init in BUILTIN_PRESETS:
+        spec = PRESETS[cfg.model.preset if init is None else BUILTIN_PRESETS[init]]
+        return {"image_size": cfg.model.image_size or spec["vision"]["image_size"],
+                "hidden_size": spec["qformer"]["hidden_size"], "num_query_tokens": spec["num_query_tokens"]}
+    config = read_config(Path(init))
+    return {"image_size": planned_image_size(cfg), "hidden_size": config.qformer_config.hidden_size,
+            "num_query_tokens": config.num_query_tokens}
+
+
+RANDOM = "null (random weights)"
+
+
+def _model_mismatch(manifest: dict, init: Optional[str]) -> Optional[tuple[str, str, str]]:
+    """(manifest field, its value, the stage's model) when the cache was made from another model than ``init``
+    (``model.init_from``: null, ``builtin:tiny`` before the entry point resolves it, or a directory); None when it is
+    the same. Directories are compared resolved: ``model_dir`` (absolute), or for a cache written before that field
+    existed its ``model``, the path its config gave, relative to the working directory."""
+    cached = None if manifest["model"] in (None, "None") else str(manifest["model"])
+    field = "model_dir" if manifest.get("model_dir") else "model"
+    recorded = RANDOM if cached is None else str(manifest[field])
+    if init is None or cached is None:  # random weights match only random weights
+        return None if init is None and cached is None else (field, recorded, init or RANDOM)
+    if init.startswith(BUILTIN_PREFIX):  # train.py --check: compared by name, by directory once resolved
+        return None if cached == init else ("model", cached, init)
+    wanted = Path(init).resolve()
+    if Path(recorded).resolve() == wanted:
+        return None
+    told = f"{recorded} ({cached})" if field == "model_dir" and cached.startswith(BUILTIN_PREFIX) else recorded
+    return field, told, str(wanted)
+
+
+FITS = {"image_size": "this stage trains at {} px", "hidden_size": "its model takes Q-Former outputs {} wide",
+        "num_query_tokens": "its model takes {} query tokens"}
+
+
+def check_feature_cache(cfg: RunConfig, name: str) -> None:
+    """Dataset ``name`` (kind qformer_features) was cached from this stage's model (the same ``model.init_from``
+    directory), at its image size, with its Q-Former width and query count; else one UserError naming the YAML key,
+    the cache, the manifest field, both values and the command that rebuilds it."""
+    root = str(cfg.data.datasets[name].params["root"])
+    key = f"data.datasets.{name}.params.root"
+    where = f"{cfg.origin(key)}: {key}"
+    try:
+        manifest = read_manifest(root)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    overrides = [f"{k}={v}" for k, v in (("model.init_from", cfg.model.init_from),
+                                         ("model.image_size", cfg.model.image_size)) if cfg.origin(k) == "--options"]
+    rebuild = (f"rebuild it with python -m tinygpt.train.features --cfg-path {cfg.source} --dataset {name} --out "
+               f"{root}" + (f" --options {' '.join(overrides)}" if overrides else ""))
+    model = _model_mismatch(manifest, cfg.model.init_from)
+    if model is not None:
+        field, cached, wanted = model
+        raise UserError(f"{where}: the feature cache {root} was made from another model: {MANIFEST} {field} is "
+                        f"{cached}, this stage's model.init_from is {wanted}; {rebuild}")
+    wanted = stage_features(cfg)
+    for field, fits in FITS.items():
+        if manifest[field] != wanted[field]:
+            raise UserError(f"{where}: the feature cache {root} does not fit this stage: {MANIFEST} {field} is "
+                            f"{manifest[field]}, {fits.format(wanted[field])}; {rebuild}")
+
+
+def _model_dir(model_source: Optional[str], model_dir: Optional[str]) -> Optional[str]:
+    """The absolute directory the cached model was loaded from (None: random weights or not a directory)."""
+    directory = model_dir if model_dir is not None else model_source
+    if directory is None or not Path(directory).is_dir():
+        return None
+    return str(Path(directory).resolve())
+
+
 @torch.no_grad()
-def write_features(model, dataset, out: Path, dataset_name: str, model_source: str, batch_size: int = 16,
-                   shard_size: int = 2048, limit: Optional[int] = None, progress: bool = True) -> Path:
-    """Run the frozen towers over ``dataset`` (map-style: in index order; streaming: the first ``limit``)."""
+def write_features(model, dataset, out: Path, dataset_name: str, model_source: Optional[str], batch_size: int = 16,
+                   shard_size: int = 2048, limit: Optional[int] = None, progress: bool = True,
+                   model_dir: Optional[str] = None) -> Path:
+    """Run the frozen towers over ``dataset`` (map-style: in index order; streaming: the first ``limit``).
+    ``model_source``: the config's ``model.init_from`` (``builtin:tiny``, a path, None); ``model_dir``: the directory
+    it was loaded from, when that is not ``model_source`` itself (``builtin:tiny`` resolved)."""
     check_features_out(out)
     model.eval()
     streaming = not hasattr(dataset, "__len__")
@@ -76,6 +165,9 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: s
     device = next(model.parameters()).device
     shards, buffer, written = [], [], 0
     bar = tqdm(total=total, desc=f"features {dataset_name}", unit="sample", disable=not progress, file=sys.stderr)
+    with writing(out, "the feature cache"):
+        for stale in remove_stale_temporaries(Path(out).parent, [glob.escape(Path(out).name)]):
+            log.info("removed %s (a temporary of a feature-cache build that is no longer running)", stale)
     with writing(out, "the feature cache"), atomic_dir(out) as tmp:
         def flush():
             feats, offsets, lines = [], [0], []
@@ -107,6 +199,7 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: s
         if buffer:
             flush()
         manifest = {"dataset": dataset_name, "samples": written, "shards": shards, "model": model_source,
+                    "model_dir": _model_dir(model_source, model_dir),
                     "image_size": model.config.image_size, "num_query_tokens": model.config.num_query_tokens,
                     "hidden_size": model.config.qformer_config.hidden_size}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -132,23 +225,39 @@ def _features_command(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError(f"--batch-size and --limit: expected whole numbers >= 1, got {args.batch_size} and "
                         f"{args.limit}")
+    from .stage import build_datasets, check_dataset_specs  # here: stage imports check_feature_cache from this module
+
     cfg = load_config(args.cfg_path, args.options)
     check_features_out(Path(args.out))
     check_paths(cfg)
-    check_dataset_specs(cfg)
     names = list(cfg.active_datasets())
     name = args.dataset or (names[0] if len(names) == 1 else None)
     if name not in names:
         raise UserError(f"--dataset: choose one of {', '.join(names)}")
+    if cfg.data.datasets[name].kind == "qformer_features":
+        raise UserError(f"--dataset: {name} is a feature cache already (kind qformer_features in "
+                        f"{cfg.origin(f'data.datasets.{name}.kind')}); cache the dataset of its images")
     cfg.data.datasets = {name: cfg.data.datasets[name]}
+    check_dataset_specs(cfg)
+    source = cfg.model.init_from
+    _resolve_builtin(cfg)
     entry = build_datasets(cfg, planned_image_size(cfg))[0]
     model = build_model(cfg).model
     if torch.cuda.is_available():
         model.cuda()
-    out = write_features(model, entry.dataset, Path(args.out), name, str(cfg.model.init_from),
-                         batch_size=args.batch_size, limit=args.limit)
+    out = write_features(model, entry.dataset, Path(args.out), name, source, batch_size=args.batch_size,
+                         limit=args.limit, model_dir=cfg.model.init_from)
     print(f"wrote {out}")
     return 0
+
+
+def _resolve_builtin(cfg: RunConfig) -> None:
+    """``model.init_from: builtin:tiny`` -> the cached tiny backbones (built the first time). This module is an entry
+    point like train.py, so it may reach the twin above training (pyproject's import-linter ignore_imports)."""
+    if cfg.model.init_from is not None and cfg.model.init_from.startswith(BUILTIN_PREFIX):
+        from ..tiny.backbones import resolve_builtin
+
+        resolve_builtin(cfg)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from ..config.schema import RunConfig
-from ..data.bad_records import bad_record_totals
+from ..data.bad_records import bad_record_totals, share_counts
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .run_guard import changed_settings, run_fingerprint
@@ -51,12 +51,29 @@ def make_accelerator(run):
         AcceleratorState._reset_state(True)
     precision = MIXED[run.precision]
     cuda = torch.cuda.is_available() and not run.cpu
-    if precision == "fp16" and not cuda:
-        log.warning("run.precision fp16 has no effect on the CPU (nothing is autocast); using bf16")
+    if precision == "fp16" and not cuda:  # accelerate autocasts nothing for fp16 on a CPU (precision_note says so)
         precision = "bf16"
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # text-only batches leave proj1/proj2 unused
+    cpu_fsdp = sharded.cpu_fsdp_launch(cuda)
     # cpu=True also when there is no GPU: only then does accelerate see a torchrun/mpirun launch as multi-CPU (gloo)
-    return Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp])
+    return sharded.fsdp_on_cpu(accelerator) if cpu_fsdp else accelerator
+
+
+def ran_precision(accelerator) -> str:
+    """The ``run.precision`` the accelerator runs: fp32, bf16 or fp16 (under DeepSpeed, its config's)."""
+    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+def precision_note(cfg: RunConfig, accelerator) -> str | None:
+    """One line when the precision that runs is not ``run.precision`` (fp16 without a GPU runs bf16), else None."""
+    asked, ran = cfg.run.precision, ran_precision(accelerator)
+    if asked == ran:
+        return None
+    why = ("PyTorch has no fp16 autocast on the CPU" if accelerator.device.type == "cpu"
+           else f"the accelerate launch config runs {ran}")
+    return (f"{cfg.origin('run.precision')}: run.precision: {asked} cannot run here ({why}); this run trains in "
+            f"{ran} instead (set run.precision: {ran} to run it without this warning)")
 
 
 def compute_loss(model, batch: dict, model_cfg) -> torch.Tensor:
@@ -94,6 +111,9 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
           resume_from: Path | None = None) -> TrainResult:
     """Train from step 0, or from `resume_from` (the checkpoint tinygpt.train.run_guard.check_resume picked)."""
     r, sched_cfg = cfg.run, cfg.schedule
+    note = precision_note(cfg, accelerator)
+    if note and accelerator.is_main_process:
+        log.warning("%s", note)
     schedule = WarmupCosine.from_config(sched_cfg)
     optimizer = build_optimizer(model, cfg.optim, schedule.lr_at(0))
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -135,7 +155,10 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                         wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")))
     started, samples_total, last_loss = time.monotonic(), 0, None
     model_cfg = cfg.model
+    datasets = {entry.name: entry.dataset for entry in mixer.entries}
     moe_load = MoELoad(model)
+    if moe_load and resume_from is not None:  # the whole-run load shares go on from the checkpoint's counts
+        moe_load.resume(state.get("moe_load"), resume_from, start_step)
     try:
         for step in range(start_step, sched_cfg.total_steps):
             lr = schedule.apply(optimizer, step)
@@ -158,6 +181,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 step_losses.append(float(loss.detach()))
             flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
             any_bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            if accelerator.num_processes > 1:  # bad records: judged and summed up over all processes
+                share_counts(datasets, lambda counts: sum_over_processes(accelerator, counts))
             if any_bad:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -193,6 +218,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 state = {"skipped_steps": skipped, "nonfinite_in_a_row": nonfinite_run, "slots": mixer.slots,
                          "schedule": schedule.state_dict(), "last_loss": last_loss, "fingerprint": fingerprint,
                          "data": _gather_data_state(accelerator, mixer.state())}
+                if moe_load:
+                    state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
                 ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
@@ -207,10 +234,11 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         "trainable_params": trainable_count, "skipped_steps": skipped, "last_loss": last_loss,
         "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
         "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
-        "bad_records": bad_record_totals({entry.name: entry.dataset for entry in mixer.entries}),
+        "precision": ran_precision(accelerator), **({"precision_requested": r.precision} if note else {}),
+        "bad_records": bad_record_totals(datasets),  # all processes (as of the last step's share_counts)
     }
-    if moe_load:
-        summary["moe_load_share"] = moe_load.summary()  # layer -> per-expert share of this run's top-k choices
+    if moe_load:  # moe_load_share: layer -> per-expert share of the run's top-k choices (resumes included)
+        summary.update(moe_load.summary())
     if accelerator.is_main_process:
         log.info("%s", format_summary(summary))
     return TrainResult(start_step, end_step, skipped, last_loss, summary, model)
@@ -230,6 +258,12 @@ def nonfinite_advice(cfg: RunConfig, mixed_precision: str) -> str:
     if len(tries) == 1:
         return tries[0]
     return ", ".join(tries[:-1]) + " or " + tries[-1]
+
+
+def sum_over_processes(accelerator, values: list[int]) -> list[int]:
+    """The element-wise sum of ``values`` over all processes (collective)."""
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.int64, device=accelerator.device), reduction="sum")
+    return [int(v) for v in total.tolist()]
 
 
 def _gather_data_state(accelerator, state: dict) -> dict:

@@ -3,21 +3,31 @@
 After each micro-batch the loop adds every MoE layer's assignment counts (top-k choices per expert, padding tokens
 included) and auxiliary loss; at ``run.log_every`` a line gives each layer's load share per expert since the last line
 and the mean auxiliary loss, e.g. ``moe layer 1 load 0.27 0.23 0.26 0.24 | layer 3 load ... | aux loss 0.0201``
-(1 / num_experts each is perfect balance). The run summary keeps the shares over the whole run. Counts are this
-process's.
+(1 / num_experts each is perfect balance). The run summary keeps the shares over the whole run (``moe_load_share``):
+each resume checkpoint holds the counts so far (``state()``, in its state.json), and a resume continues them
+(``resume``). A checkpoint written before the counts were saved resumes too: the shares then cover only the steps
+since the resume, which the log says and the summary records as ``moe_load_share_from_step``. Counts are this
+process's (the main process's are the ones saved and summarised).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
+from ..errors import UserError
 from ..model.moe import moe_modules
+
+log = logging.getLogger("tinygpt.train")
 
 
 class MoELoad:
     def __init__(self, model):
         self.modules = moe_modules(model)
         self.total = {i: torch.zeros(m.num_experts, dtype=torch.long) for i, m in self.modules}
+        self.from_step = 0  # the counts cover the steps after this one: 0, or a checkpoint's step without counts
         self.reset()
 
     def __bool__(self) -> bool:
@@ -58,5 +68,32 @@ class MoELoad:
             out.update({f"moe/layer{i}/expert{e}": s for e, s in enumerate(share)})
         return out
 
-    def summary(self) -> dict[str, list[float]]:
-        return {str(i): [round(s, 4) for s in share] for i, share in self.shares(self.total).items()}
+    def summary(self) -> dict:
+        """``moe_load_share``: layer -> per-expert share of the top-k choices over the run (from ``from_step`` when a
+        resume had no counts to continue, then also ``moe_load_share_from_step``)."""
+        out: dict = {"moe_load_share": {str(i): [round(s, 4) for s in share]
+                                        for i, share in self.shares(self.total).items()}}
+        if self.from_step:
+            out["moe_load_share_from_step"] = self.from_step
+        return out
+
+    def state(self) -> dict[str, list[int]]:
+        """The whole-run counts (layer -> per-expert top-k choices), for a resume checkpoint's state.json."""
+        return {str(i): counts.tolist() for i, counts in self.total.items()}
+
+    def resume(self, saved, checkpoint: Path, step: int) -> None:
+        """Continue the counts ``state()`` saved in ``checkpoint`` (of ``step``); without them (a checkpoint written
+        before they were saved) the shares cover the steps after ``step`` only, as the log and the summary say."""
+        if saved is None:
+            self.from_step = step
+            log.warning("%s holds no MoE load counts (written by an older tinygpt): the summary's moe_load_share "
+                        "covers only the steps after step %d", checkpoint, step)
+            return
+        wanted = {key: len(counts) for key, counts in self.state().items()}
+        if not (isinstance(saved, dict) and set(saved) == set(wanted) and all(
+                isinstance(v, list) and len(v) == wanted[k] and all(isinstance(c, int) for c in v)
+                for k, v in saved.items())):
+            raise UserError(f"{checkpoint / 'state.json'}: moe_load does not match this model's MoE layers "
+                            f"(layer -> experts {wanted}); resume with the same config")
+        for i in self.total:
+            self.total[i] += torch.tensor(saved[str(i)], dtype=torch.long)

@@ -132,14 +132,25 @@ def format_summary(summary: dict) -> str:
         f"in {summary['seconds']:.1f} s ({summary['samples_per_s']:.2f} samples/s, "
         f"{summary['steps_per_s']:.2f} steps/s)",
         f"trainable parameters {summary['trainable_params']:,}; skipped non-finite steps {summary['skipped_steps']}; "
-        f"peak memory {summary['peak_mem_gb']:.2f} GiB; last loss {summary['last_loss']}",
+        f"peak memory {summary['peak_mem_gb']:.2f} GiB; last loss {summary['last_loss']}{precision_text(summary)}",
         "batches per dataset (this process): " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())),
     ]
     bad = summary.get("bad_records") or {}
     if bad:
-        lines.append("bad records per dataset file (all data workers of this process; bad of seen):")
+        processes = summary.get("processes", 1)
+        whose = (f"all {processes} processes and their data workers" if processes > 1
+                 else "all data workers of this process")
+        lines.append(f"bad records per dataset file ({whose}; bad of seen):")
         lines += [f"  {name}: {bad_record_line(counters)}" for name, counters in sorted(bad.items())]
     return "\n".join(lines)
+
+
+def precision_text(summary: dict) -> str:
+    """``; precision bf16`` (and what run.precision asked for when that could not run)."""
+    if "precision" not in summary:
+        return ""
+    asked = summary.get("precision_requested")
+    return f"; precision {summary['precision']}" + (f" (run.precision {asked} cannot run here)" if asked else "")
 
 
 def bad_record_line(counters: list[dict]) -> str:

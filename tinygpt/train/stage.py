@@ -31,6 +31,8 @@ from ..io_utils import check_output_dir
 from ..model import save_vlm
 from ..model.checkpoint_io import check_model_out, model_chain
 from .build import build_model, planned_image_size
+from .features import check_feature_cache
+from .init_checks import check_model_start
 from .run_guard import check_resume, run_lock
 from .loop import make_accelerator, train
 from .mixing import DataMixer, MixEntry
@@ -49,7 +51,8 @@ def seed_everything(seed: int) -> None:
 def check_dataset_specs(cfg: RunConfig) -> None:
     """Every dataset's kind and params pass the registry's :func:`check_params`, and the files a loader builds from
     its params (RefCOCO's ``refs(unc).p`` and ``instances.json`` under ``ann_root``, ...) exist and can be read
-    (:func:`missing_input`; nothing is parsed). Errors name the YAML file, the dotted key and the path."""
+    (:func:`missing_input`; nothing is parsed), and a cached-features dataset fits the stage's model
+    (:func:`check_feature_cache`). Errors name the YAML file, the dotted key and the path."""
     for name, spec in cfg.active_datasets().items():
         key = f"data.datasets.{name}"
         try:
@@ -61,6 +64,8 @@ def check_dataset_specs(cfg: RunConfig) -> None:
             param, path, problem = missing
             raise UserError(f"{cfg.origin(f'{key}.params.{param}')}: {key}.params.{param}: dataset {name!r} (kind "
                             f"{spec.kind!r}) reads {path}, which {problem}")
+        if spec.kind == "qformer_features":
+            check_feature_cache(cfg, name)  # made from this stage's model, at its image size and width
 
 
 def _spec_message(cfg: RunConfig, key: str, kind: str, exc: DatasetSpecError) -> str:
@@ -113,7 +118,8 @@ def frozen_weight_dtype(cfg: RunConfig, accelerator) -> torch.dtype | None:
 
 def check_outputs(cfg: RunConfig) -> None:
     """Before any work: ``run.output_dir`` and the checkpoint directory can be written, and writing them destroys
-    nothing of the user's (the output directory is replaced whole, so it must be missing, empty or a model dir)."""
+    nothing of the user's (the output directory is replaced whole, so it must be missing, empty or a model dir);
+    then the starting model's config.json against the stage (``init_checks.check_model_start``)."""
     out = check_model_out(cfg.run.output_dir, f"{cfg.origin('run.output_dir')}: run.output_dir")
     ckpt_where = f"{cfg.origin('run.checkpoint_dir')}: run.checkpoint_dir"
     ckpt = check_output_dir(cfg.checkpoint_dir, ckpt_where, "checkpoints and logs")
@@ -130,6 +136,7 @@ def check_outputs(cfg: RunConfig) -> None:
             raise UserError(f"{cfg.origin('run.output_dir')}: run.output_dir: {out} is the model this stage starts "
                             f"from (model.init_from {start}) or a directory it builds on; the stage output replaces "
                             "it whole, so choose another directory")
+    check_model_start(cfg)  # save mode and MoE settings against the starting model, before it loads
 
 
 def save_output(cfg: RunConfig, model, base_dir, mode: str, summary: dict) -> Path:

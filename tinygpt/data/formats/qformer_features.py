@@ -10,6 +10,11 @@ the model); this module only reads it. Layout::
 Samples: ``{"images": empty [0, 3, S, S], "image_features": [N, Q, D], "turns", "dataset"}``; batch them with
 :func:`tinygpt.data.collate.collate_features`. The shared registry arguments (``image_size``, ``seed``,
 ``bad_records``) are accepted and unused: the cache fixes its image size and texts when it is written.
+
+The manifest's ``model`` is the writer's ``model.init_from`` as its config gave it (``builtin:tiny``, a path, or null
+for random weights) and ``model_dir`` the absolute model directory it was loaded from (caches written before
+``model_dir`` existed lack it). A stage compares them, ``image_size``, ``hidden_size`` (the Q-Former width) and
+``num_query_tokens`` with its own model before it loads (``tinygpt.train.features.check_feature_cache``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,24 @@ from tinygpt.data.bad_records import BadRecordPolicy
 from tinygpt.errors import UserError
 
 MANIFEST = "manifest.json"
+REQUIRED = ("dataset", "samples", "shards", "model", "image_size", "num_query_tokens", "hidden_size")
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of the feature cache ``root``; a UserError when it is missing, unreadable or lacks a field."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{root}: not a feature cache (no {MANIFEST}; write one with python -m tinygpt.train.features)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable feature-cache manifest ({exc}); rebuild the cache with "
+                        "python -m tinygpt.train.features") from None
+    missing = [key for key in REQUIRED if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise UserError(f"{path}: not a feature-cache manifest (no {missing[0]!r}); rebuild the cache with "
+                        "python -m tinygpt.train.features")
+    return manifest
 
 
 class FeatureDataset(Dataset):
@@ -34,11 +57,7 @@ class FeatureDataset(Dataset):
     def __init__(self, root: str, name: Optional[str] = None, *, image_size: Optional[int] = None, seed: int = 0,
                  bad_records: Optional[BadRecordPolicy] = None):
         self.root = Path(root)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"{self.root}: not a feature cache (no {MANIFEST}; write one with "
-                            "python -m tinygpt.train.features)")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(self.root)
         self.name = name or self.manifest["dataset"]
         self.index: list[tuple[int, int]] = []       # (shard, row in shard) per sample
         self.texts: list[dict] = []
