@@ -157,7 +157,7 @@ def test_models_and_health(server, engine):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
     health = httpx.get(server.url + "/health").json()
-    assert health == {"status": "ok", "model": NAME, "backend": engine.name, "context_length": engine.context_length,
+    assert health == {"status": "ok", "model": NAME, "backend": "gguf", "context_length": engine.context_length,
                       "queue": {"depth": 0, "size": LIMITS.queue_size}}
 
 
@@ -167,7 +167,11 @@ def test_a_full_queue_refuses_at_once_and_loses_nothing(engine):
         time.sleep(1.0)
         return engine.chat(messages, settings)
 
-    app = create_app(Wrapped(engine, chat=slow_chat), NAME, Limits(queue_size=2))
+    def slow_stream(messages, settings, cancel):  # what the server runs for a non-streamed answer too
+        time.sleep(1.0)
+        return engine.stream(messages, settings, cancel)
+
+    app = create_app(Wrapped(engine, chat=slow_chat, stream=slow_stream), NAME, Limits(queue_size=2))
     outcomes: list = []
     start = threading.Barrier(10)
 

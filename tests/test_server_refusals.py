@@ -39,7 +39,7 @@ def _too_many_images():
 
 BAD_REQUESTS = [  # (name, request body or raw bytes, status, field, words the message holds)
     ("invalid JSON", b'{"model": "tiny", "messages": [', 400, None, "not valid JSON"),
-    ("not an object", b'[1, 2]', 400, None, "valid dictionary"),
+    ("not an object", b'[1, 2]', 400, None, "expected a JSON object (Content-Type: application/json)"),
     ("no messages", {"model": NAME}, 400, "messages", "Field required"),
     ("messages not a list", {"model": NAME, "messages": "hi"}, 400, "messages", "valid list"),
     ("max_tokens not a number", {"model": NAME, "messages": [user("x")], "max_tokens": "many"}, 400, "max_tokens",

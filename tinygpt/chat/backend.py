@@ -5,14 +5,20 @@ encoded handles from `encode_image`) and must give the same answer for the same 
 keep caches (the GGUF runtime keeps its KV cache and reuses the common prefix). Backends are not thread-safe; the
 engine runs one call at a time.
 
-* `generate` -> the answer text, cut before the first stop string (the model's own + `settings.stop`), stripped;
-* `stream` -> pieces of that same answer (their join equals `generate`'s result for the same seed); the
-  generation stops early when `cancel` is set or the iterator is closed;
+* `generate` -> the answer text, cut before the first stop string (the model's own + `settings.stop`), with its
+  leading whitespace dropped; the whitespace before the model's own end (its stop strings, its end symbol, the end
+  token, the token budget) is dropped too, but a stop string of the caller's (`settings.stop`) cuts exactly: the
+  answer is all the text before it (as OpenAI's API does; `AnswerCutter`);
+* `stream` -> pieces of that same answer, token by token (their join equals `generate`'s result for the same seed);
+  the generation stops early when `cancel` is set or the iterator is closed;
 * `score` -> for each candidate answer to the last turn, the summed log-probability of its tokens (tokenized alone,
   as training tokenizes answers; no end symbol), each <= 0;
 * `prompt_length` -> the positions the prompt takes (text tokens + image vectors), for the context check.
 
-Two optional methods make batches cheaper; the engine falls back to the ones above when a backend lacks them:
+Optional: `last_stats`, a `GenerationStats` of the last generation (of a batch: its last conversation), read by
+the server for `usage` and `finish_reason` (tinygpt.serve.usage); None before the first.
+
+Optional methods that make batches cheaper; the engine falls back to the ones above when a backend lacks them:
 
 * `encode_images(images)` -> one handle per image, in order, as `encode_image` gives them (the PyTorch backend runs
   the vision tower once over the stack);
@@ -102,30 +108,57 @@ def encoded_turns(turns: Sequence[ChatTurn], handles: Sequence[Any]) -> list[Enc
     return out
 
 
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generation did: positions in its prompt (image vectors included), tokens generated (the end token
+    included) and why it stopped: "eos", "stop string", "max_new_tokens", "context full" or "cancelled"."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    stopped_by: str
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason: "length" when the token budget or the context ended the answer, else "stop"."""
+        return "length" if self.stopped_by in ("max_new_tokens", "context full") else "stop"
+
+
 class AnswerCutter:
-    """Turns the growing raw text of a generation into the pieces of the final answer, for streaming.
+    """Turns the raw text of a generation into the final answer (`answer`) or, while it grows, into the pieces of
+    that answer (`update`, for streaming).
 
-    The answer is the raw text before the first stop string, stripped. While generating, text that could still be
-    the start of a stop string and trailing whitespace are held back, so the pieces' join always equals the answer
-    the non-streaming path returns."""
+    The answer is the raw text before the first stop string (the model's own `prompt.stop_strings` + the caller's
+    `stops`) without its leading whitespace. The whitespace before the model's own end (one of its stop strings or
+    its end symbol, or no stop string at all: the end token or the token budget) is the model's formatting and is
+    dropped too; a stop string of the caller's cuts exactly (OpenAI's `stop`), so the text before it is kept whole.
+    While generating, text that could still be the start of a stop string and trailing whitespace are held back, so
+    the pieces' join always equals `answer` of the whole raw text."""
 
-    def __init__(self, stops: Sequence[str]):
-        self.matcher = StopMatcher(stops)
+    def __init__(self, prompt: PromptInfo, stops: Sequence[str] = ()):
+        self.matcher = StopMatcher([*prompt.stop_strings, *stops])
+        self.own = tuple(s for s in (*prompt.stop_strings, prompt.end_sym) if s)
         self.shown = ""
         self.stopped = False
 
-    def answer(self, raw: str) -> str:
+    def _cut(self, raw: str) -> tuple[str, bool, bool]:
+        """(text before the first stop string, whether one was found, whether it was the caller's)."""
         cut = self.matcher.find(raw)
-        return (raw if cut < 0 else raw[:cut]).strip()
+        if cut < 0:
+            return raw, False, False
+        return raw[:cut], True, not any(raw.startswith(s, cut) for s in self.own)
+
+    def answer(self, raw: str) -> str:
+        text, _, exact = self._cut(raw)
+        return text.lstrip() if exact else text.strip()
 
     def update(self, raw: str, final: bool = False) -> str:
         """The new piece for the raw text so far ("" if none); sets `stopped` once a stop string appeared."""
-        cut = self.matcher.find(raw)
-        if cut >= 0:
-            raw, final, self.stopped = raw[:cut], True, True
+        raw, found, exact = self._cut(raw)
+        if found:
+            final, self.stopped = True, True
         if not final:
             raw = raw[: self.matcher.safe_prefix_length(raw)].rstrip()
-        visible = raw.strip()
+        visible = raw.lstrip() if exact else raw.strip()
         if not visible.startswith(self.shown):  # cannot happen for appended text; never emit a contradiction
             return ""
         piece, self.shown = visible[len(self.shown):], visible

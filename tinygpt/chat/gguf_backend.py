@@ -8,6 +8,10 @@
   makes a batch of questions about one image cheap);
   streaming runs it in a worker thread that hands the text over through a queue, and cancelling stops the decode
   loop at the next token;
+* the session cuts the text off at a stop string; a matcher that remembers the text it found one in (`_Remembering`)
+  gives `AnswerCutter` that text, which tells the caller's stop strings (the text before them kept exactly) from
+  the model's own (whitespace before them dropped);
+* `last_stats` is the session's own count of the last call (`ChatSession.last_stats`) as a `GenerationStats`;
 * `score` is `ChatSession.score`: the prompt once, then each candidate's tokens after it, the cache cut back between
   candidates. Beam search is not available here (a UserError).
 """
@@ -27,12 +31,24 @@ from quantize.session import ChatSession, Turn, open_session
 
 from ..data.image import ImageTransform
 from ..errors import UserError
-from .backend import AnswerCutter, EncodedTurn, PromptInfo
+from .backend import AnswerCutter, EncodedTurn, GenerationStats, PromptInfo
 from .settings import GenerationSettings
 
 
 class _Cancelled(Exception):
     pass
+
+
+class _Remembering(StopMatcher):
+    """A StopMatcher that keeps the last text it found a stop string in (`hit`): the session stops there."""
+
+    hit: str | None = None
+
+    def find(self, text: str) -> int:
+        cut = super().find(text)
+        if cut >= 0:
+            self.hit = text
+        return cut
 
 
 class GGUFBackend:
@@ -84,6 +100,19 @@ class GGUFBackend:
     def prompt_length(self, turns: Sequence[EncodedTurn]) -> int:
         return len(self.session.layout(self._turns(turns)))
 
+    @property
+    def last_stats(self) -> GenerationStats:
+        """The runtime's count of the last call: prompt positions (reused from the cache or evaluated), tokens
+        generated (the end token included) and why it stopped ("" when cancelled)."""
+        stats = self.session.last_stats
+        return GenerationStats(stats.reused_tokens + stats.prompt_tokens, stats.generated_tokens,
+                               stats.stopped_by or "cancelled")
+
+    def _raw(self, text: str) -> str:
+        """The generated text with the stop string that ended it (the session cut it off), else `text`."""
+        hit = getattr(self.session.stop, "hit", None)
+        return hit if self.session.last_stats.stopped_by == "stop string" and hit is not None else text
+
     def _configure(self, settings: GenerationSettings) -> list[str]:
         if settings.num_beams > 1:
             raise UserError("num_beams: beam search is available with the PyTorch backend only")
@@ -92,13 +121,14 @@ class GGUFBackend:
                                 max_new_tokens=settings.max_new_tokens, seed=settings.seed)
         stops = list(self.prompt.stop_strings) + list(settings.stop)
         s = self.session
-        s.sampling, s.sampler, s.stop = params, Sampler(params), StopMatcher(stops)
+        s.sampling, s.sampler, s.stop = params, Sampler(params), _Remembering(stops)
         return stops
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
-        stops = self._configure(settings)
-        return AnswerCutter(stops).answer(self.session.respond(self._turns(turns)))
+        self._configure(settings)
+        text = self.session.respond(self._turns(turns))
+        return AnswerCutter(self.prompt, settings.stop).answer(self._raw(text))
 
     def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]], settings: GenerationSettings) -> list[str]:
         """One conversation after another: the KV cache keeps the common prefix, so questions about the same image
@@ -107,7 +137,7 @@ class GGUFBackend:
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        stops = self._configure(settings)
+        self._configure(settings)
         session_turns = self._turns(turns)
         pieces: queue.Queue = queue.Queue()
         halt = threading.Event()
@@ -128,14 +158,14 @@ class GGUFBackend:
             pieces.put(done)
 
         worker = threading.Thread(target=work, name="tinygpt-chat-gguf", daemon=True)
-        cutter = AnswerCutter(stops)
+        cutter = AnswerCutter(self.prompt, settings.stop)
         raw = ""
         worker.start()
         try:
             while True:
                 item = pieces.get()
                 if item is done:
-                    piece = cutter.update(raw, final=True)
+                    piece = cutter.update(self._raw(raw), final=True)
                     if piece:
                         yield piece
                     break

@@ -210,9 +210,13 @@ def open_engine(cfg: LaunchConfig) -> ChatEngine:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port (port 0: any free one); a taken port, an unknown host or a port outside
-    0-65535 is one UserError naming --host/--port."""
+    """A socket listening on host:port (port 0: any free one); a taken port, a host that does not resolve ("cannot
+    resolve host ...") or a port outside 0-65535 is one UserError naming --host/--port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)  # create_server hides gaierror in an OSError
+    except socket.gaierror as exc:  # a name that does not resolve, or an address like 999.1.1.1
+        raise UserError(f"--host: cannot resolve host {host} ({exc.strerror})") from None
     try:
         return socket.create_server((host, port), family=family)
     except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535

@@ -2,7 +2,7 @@
 
 Accepted input (a list of dicts, as `/v1/chat/completions`, gradio 6 and evaluation harnesses send them)::
 
-    {"role": "system" | "user" | "assistant",
+    {"role": "system" | "developer" | "user" | "assistant",
      "content": "text" | [{"type": "text", "text": "..."},
                           {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},   # or a str url
                           {"type": "image", "image": PIL.Image | "path/to/file.png"}]}
@@ -12,10 +12,14 @@ Rules:
   space, so ``[image, "What is it?"]`` reads ``"<Img><ImageHere></Img> What is it?"`` (the training wording);
 * any number of images per message and across turns; images are only allowed in user messages;
 * a system message may only come first; its text is put in front of the first user text (the prompt templates of
-  TinyGPT-V have no system slot);
+  TinyGPT-V have no system slot); ``developer`` (OpenAI's newer name for it) is the same as ``system``;
+* an assistant message's content may be null or missing (as a client echoes a reply that called a tool or refused),
+  and may hold ``{"type": "refusal", "refusal": ...}`` parts: both count as empty text;
 * consecutive user messages are merged (one space); user and assistant must otherwise alternate, and the first
   non-system message is a user message;
-* image URLs may be ``data:`` URIs, ``file://`` URLs or local paths; ``http(s)`` is refused (no downloads);
+* image URLs may be ``data:`` URIs, ``file://`` URLs or local paths; ``http(s)`` is refused (no downloads); a data URI
+  is read by `decode_data_uri` (the one parser, the server's too): ``data:image/<type>;base64,<data>``, scheme and
+  ``;base64`` in any case, whitespace in the data ignored, a media type other than ``image/*`` refused;
 * a text that already contains ``<ImageHere>`` is refused (it would desynchronise images and placeholders).
 Every violation is a `UserError` naming the field, e.g. ``messages[2].content[1].image_url.url: ...``; an image
 that does not decode when it is used (`ImageRef.open`) is an `UnreadableImage`, a UserError (the server: code
@@ -42,7 +46,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
+SYSTEM_ROLES = ("system", "developer")
+DATA_URI_SHAPE = "data:image/png;base64,<data>"
 
 
 class UnreadableImage(UserError):
@@ -66,8 +72,7 @@ class ImageRef:
         except UnidentifiedImageError:
             raise UnreadableImage(f"{self.where}: not a readable image (not an image format PIL knows)") from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise UnreadableImage(f"{self.where}: not a readable image: it is truncated or damaged "
-                                  f"({type(exc).__name__}: {exc})") from None
+            raise UnreadableImage(f"{self.where}: not a readable image: it is truncated or damaged ({exc})") from None
         return image.convert("RGB")
 
 
@@ -123,16 +128,38 @@ def image_ref(value: Any, where: str = "image") -> ImageRef:
     raise UserError(f"{where}: expected a PIL image, a path or a data URI, got {type(value).__name__}")
 
 
+def is_data_uri(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+def data_uri_payload(url: str, where: str) -> str:
+    """The base64 text of a ``data:image/<type>[;params];base64,<data>`` URI, its header checked (scheme and
+    ``;base64`` in any case; the media type must be an image); a UserError naming `where` otherwise."""
+    header, sep, payload = url[5:].partition(",")
+    params = [p.strip() for p in header.split(";")]
+    if not sep or len(params) < 2 or params[-1].lower() != "base64":
+        raise UserError(f"{where}: a data URI must look like {DATA_URI_SHAPE}")
+    media = params[0].lower()
+    if not media:
+        raise UserError(f"{where}: the data URI names no media type; it must look like {DATA_URI_SHAPE}")
+    if not media.startswith("image/"):
+        raise UserError(f"{where}: media type {media} is not an image; a data URI must look like {DATA_URI_SHAPE}")
+    return payload
+
+
+def decode_data_uri(url: str, where: str) -> bytes:
+    """The bytes of a data URI (`data_uri_payload`); spaces and line breaks in the base64 text (wrapped `base64`
+    output) are ignored, anything else that is not base64 is a UserError."""
+    payload = "".join(data_uri_payload(url, where).split())
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"{where}: the data URI is not valid base64") from None
+
+
 def _image_from_url(url: str, where: str) -> ImageRef:
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise UserError(f"{where}: a data URI must look like data:image/png;base64,<data>")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise UserError(f"{where}: the data URI is not valid base64") from None
-        return image_from_bytes(data, where)
+    if is_data_uri(url):
+        return image_from_bytes(decode_data_uri(url, where), where)
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https", "ftp"):
         raise UserError(f"{where}: remote image URLs are not fetched; send the image as a data: URI")
@@ -149,12 +176,15 @@ def _check_text(text: Any, where: str) -> str:
     return text
 
 
-def _parse_part(part: Any, where: str) -> str | ImageRef:
+def _parse_part(part: Any, where: str, assistant: bool) -> str | ImageRef:
     if not isinstance(part, dict):
         raise UserError(f"{where}: expected an object with a 'type', got {type(part).__name__}")
     kind = part.get("type")
     if kind == "text":
         return _check_text(part.get("text"), f"{where}.text")
+    if kind == "refusal" and assistant:  # an OpenAI model's refusal, echoed back: no text of the conversation
+        _check_text(part.get("refusal"), f"{where}.refusal")
+        return ""
     if kind == "image_url":
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
@@ -166,14 +196,17 @@ def _parse_part(part: Any, where: str) -> str | ImageRef:
         if "image" not in part:
             raise UserError(f"{where}.image: missing")
         return image_ref(part["image"], f"{where}.image")
-    raise UserError(f"{where}.type: expected 'text', 'image_url' or 'image', got {kind!r}")
+    kinds = "'text', 'refusal', 'image_url' or 'image'" if assistant else "'text', 'image_url' or 'image'"
+    raise UserError(f"{where}.type: expected {kinds}, got {kind!r}")
 
 
-def _parse_content(content: Any, where: str) -> list[str | ImageRef]:
+def _parse_content(content: Any, where: str, assistant: bool = False) -> list[str | ImageRef]:
     if isinstance(content, str):
         return [_check_text(content, where)]
+    if content is None and assistant:  # {"role": "assistant", "content": null, "refusal": ...} or "tool_calls"
+        return []
     if isinstance(content, (list, tuple)):
-        return [_parse_part(p, f"{where}[{i}]") for i, p in enumerate(content)]
+        return [_parse_part(p, f"{where}[{i}]", assistant) for i, p in enumerate(content)]
     raise UserError(f"{where}: expected a string or a list of parts, got {type(content).__name__}")
 
 
@@ -197,14 +230,14 @@ def parse_messages(messages: Any, *, answered: bool = False) -> Conversation:
         role = msg.get("role")
         if role not in ROLES:
             raise UserError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-        if "content" not in msg:
+        if "content" not in msg and role != "assistant":
             raise UserError(f"{where}.content: missing")
-        parts = _parse_content(msg["content"], f"{where}.content")
-        if role == "system":
+        parts = _parse_content(msg.get("content"), f"{where}.content", assistant=role == "assistant")
+        if role in SYSTEM_ROLES:
             if i != 0:
-                raise UserError(f"{where}.role: a system message may only come first")
+                raise UserError(f"{where}.role: a {role} message may only come first")
             if any(isinstance(p, ImageRef) for p in parts):
-                raise UserError(f"{where}.content: a system message may not hold images")
+                raise UserError(f"{where}.content: a {role} message may not hold images")
             system = _join(parts)[0]
         elif role == "user":
             pending = (pending or []) + parts

@@ -4,8 +4,11 @@
   the projection runs per call;
 * generation is the model's own `generate` (transformers' generate: greedy, sampling, beams, repetition penalty,
   stop strings); `generate_batch` runs it once over a left-padded batch (`generate` is a batch of one); streaming
-  uses transformers' `TextIteratorStreamer` with the generation in a worker thread, and a stopping criterion that
-  ends it when the caller cancels or a stop string shows up;
+  runs it in a worker thread that hands each new token id over (`_Tokens`); the consumer decodes all the ids so far
+  and passes on the new text at once, holding back only an incomplete UTF-8 character (text ending in U+FFFD), so a
+  box `{<66><36><91><60>}` arrives token by token; a stopping criterion ends the generation when the caller cancels;
+* `last_stats` (a `GenerationStats`): the prompt positions, the ids generated (the end token included) and why the
+  last generation stopped, for the server's `usage` and `finish_reason`;
 * `score` runs one forward pass over prompt + candidate for all candidates at once (right-padded batch) and sums
   the log-softmax of each candidate's tokens;
 * `load(model_dir, device, bits)`: bits 8 or 4 put the language model's Linear layers into bitsandbytes
@@ -16,18 +19,22 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from quantize.sampler import StopMatcher
 
 from ..data.image import ImageTransform
 from ..errors import UserError
 from ..model import TinyGPTVForConditionalGeneration, load_vlm
 from ..model.sequence import embed_inputs
-from .backend import AnswerCutter, EncodedTurn, PromptInfo
+from .backend import AnswerCutter, EncodedTurn, GenerationStats, PromptInfo
 from .settings import GenerationSettings
 
 
@@ -37,6 +44,27 @@ class _EventStop(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Tokens(BaseStreamer):
+    """`generate`'s streamer: hands each new token id to the consumer through a queue (None: the end) and keeps
+    them all in `ids` (written by the generating thread; read once it has finished)."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.ids: list[int] = []
+        self._prompt = True
+
+    def put(self, value):
+        if self._prompt:  # generate hands over the prompt's ids first (none here: the prompt goes in as embeddings)
+            self._prompt = False
+            return
+        ids = value.reshape(-1).tolist()
+        self.ids.extend(ids)
+        self.queue.put(ids)
+
+    def end(self):
+        self.queue.put(None)
 
 
 class TorchBackend:
@@ -53,6 +81,12 @@ class TorchBackend:
         self.name = name or f"torch:{self.device}"
         self.transform = ImageTransform(self.prompt.image_size)
         self.tokenizer = model._require_tokenizer()
+        text = cfg.text_config
+        eos = text.eos_token_id
+        self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._pad = text.pad_token_id
+        self.last_stats: GenerationStats | None = None
+        self.last_batch_stats: list[GenerationStats] = []
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "auto", bits: int | None = None) -> "TorchBackend":
@@ -117,6 +151,29 @@ class TorchBackend:
         return max(1, min(settings.max_new_tokens, self.context_length - length))
 
     # ---- generation ------------------------------------------------------------------------------------------
+    def _stopped_by(self, ids: list[int], max_new: int, settings: GenerationSettings, stops: Sequence[str],
+                    padded: bool = False) -> str:
+        """Why the generation of `ids` (the row's own tokens) stopped; `padded`: the batch padded the row after it
+        ended (with pad == eos the end token is then among the padding)."""
+        if StopMatcher(stops).find(self.tokenizer.decode(ids, skip_special_tokens=True)) >= 0:
+            return "stop string"
+        if padded or (ids and ids[-1] in self._eos):
+            return "eos"
+        if len(ids) >= max_new:
+            return "max_new_tokens" if max_new >= settings.max_new_tokens else "context full"
+        return "cancelled"
+
+    def _row_stats(self, row: list[int], prompt: int, max_new: int, settings: GenerationSettings,
+                   stops: Sequence[str]) -> GenerationStats:
+        """The stats of one row of a batch: after a row ends, `generate` pads it to the batch's width."""
+        n = len(row)
+        while n and row[n - 1] == self._pad:
+            n -= 1
+        why = self._stopped_by(row[:n], max_new, settings, stops, padded=n < len(row))
+        if why == "eos" and n < len(row) and self._pad in self._eos:
+            n += 1  # pad == eos: the first padding id is the end token the row generated
+        return GenerationStats(prompt, n, why)
+
     def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
         return self.generate_batch([turns], settings)[0]
 
@@ -127,11 +184,16 @@ class TorchBackend:
         convs = [self._conv(turns) for turns in conversations]
         counts = [sum(len(t.images) for t in turns) for turns in conversations]
         handles = [h for turns in conversations for t in turns for h in t.images]
-        width = self.model.prepare_inputs(convs, counts, None, "left").input_ids.shape[1]
-        kw = self._kwargs(settings, self._max_new(width, settings))
+        inputs = self.model.prepare_inputs(convs, counts, None, "left")
+        max_new = self._max_new(inputs.input_ids.shape[1], settings)
+        kw = self._kwargs(settings, max_new)
         features = torch.stack(handles) if handles else None
-        ids = self.model.generate(convs, counts, image_features=features, **kw)
-        cutter = AnswerCutter(kw["stop_strings"])
+        ids = self.model.generate(convs, counts, image_features=features, **kw).tolist()
+        prompts = inputs.attention_mask.sum(dim=1).tolist()
+        self.last_batch_stats = [self._row_stats(row, int(n), max_new, settings, kw["stop_strings"])
+                                 for row, n in zip(ids, prompts)]
+        self.last_stats = self.last_batch_stats[-1]
+        cutter = AnswerCutter(self.prompt, settings.stop)
         return [cutter.answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
@@ -139,26 +201,31 @@ class TorchBackend:
         if settings.num_beams > 1:
             raise UserError("num_beams: streaming needs num_beams 1 (beam search decides the text at the end)")
         conv, handles, inputs, features = self._inputs(turns)
-        kw = self._kwargs(settings, self._max_new(inputs.input_ids.shape[1], settings))
+        max_new = self._max_new(inputs.input_ids.shape[1], settings)
+        kw = self._kwargs(settings, max_new)
         halt = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        kw.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_EventStop(halt)]))
+        tokens = _Tokens()
+        kw.update(streamer=tokens, stopping_criteria=StoppingCriteriaList([_EventStop(halt)]))
         failure: list[BaseException] = []
+        self.last_stats = None
 
         def work():
             try:
                 self.model.generate([conv], [len(handles)], image_features=features, **kw)
             except BaseException as exc:  # handed to the consumer below
                 failure.append(exc)
-                streamer.end()
+                tokens.end()
 
         worker = threading.Thread(target=work, name="tinygpt-chat-generate", daemon=True)
-        cutter = AnswerCutter(kw["stop_strings"])
-        raw = ""
+        cutter = AnswerCutter(self.prompt, settings.stop)
+        ids: list[int] = []
         worker.start()
         try:
-            for chunk in streamer:
-                raw += chunk
+            while (new := tokens.queue.get()) is not None:
+                ids.extend(new)
+                raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if raw.endswith("\ufffd"):  # an incomplete UTF-8 character: its next token completes it
+                    continue
                 piece = cutter.update(raw)
                 if piece:
                     yield piece
@@ -167,12 +234,15 @@ class TorchBackend:
             else:
                 if failure:
                     raise failure[0]
-                piece = cutter.update(raw, final=True)
+                piece = cutter.update(self.tokenizer.decode(ids, skip_special_tokens=True), final=True)
                 if piece:
                     yield piece
         finally:
-            halt.set()  # the streamer's queue is unbounded, so the worker never blocks on it
+            halt.set()  # the queue is unbounded, so the worker never blocks on it
             worker.join()
+            if not failure:
+                why = self._stopped_by(tokens.ids, max_new, settings, kw["stop_strings"])
+                self.last_stats = GenerationStats(int(inputs.input_ids.shape[1]), len(tokens.ids), why)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     @torch.no_grad()

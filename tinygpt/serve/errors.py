@@ -8,7 +8,7 @@ Contract (installed on the app by `install_error_handlers`):
 * request-validation errors (invalid JSON, a wrong field type, a value out of range) are a 400 naming the field,
   not FastAPI's 422 shape;
 * HTTP errors Starlette raises (unknown path 404, wrong method 405, body too large 413) keep their status and get
-  the same body shape;
+  the same body shape; a path with a trailing slash that names an endpoint without it is a 404 saying so;
 * anything else is a 500 with a generic message; the traceback goes to the log, never to the client, and the
   server keeps serving.
 """
@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..chat.messages import UnreadableImage
 from ..errors import UserError
@@ -107,14 +108,25 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 413:
             return body_too_large(max_body_bytes)
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
-                                                                                            str(exc.detail))
+        path = request.url.path
+        message = {404: f"no such endpoint: {request.method} {path}{_slash_hint(request)}",
+                   405: f"method {request.method} is not allowed on {path}"}.get(exc.status_code, str(exc.detail))
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # Starlette re-raises it afterwards: uvicorn logs it
         return error_response(500, INTERNAL, code="internal_error")
+
+
+def _slash_hint(request: Request) -> str:
+    path = request.url.path
+    bare = path.rstrip("/")
+    if bare == path or not bare:
+        return ""
+    scope = dict(request.scope, path=bare)
+    if any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes):
+        return f" (without the trailing slash: {bare})"
+    return ""
 
 
 def body_too_large(max_body_bytes: int) -> JSONResponse:

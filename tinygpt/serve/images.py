@@ -1,39 +1,53 @@
-"""The server's image policy: which images a request may carry, checked before anything is decoded.
+"""The server's image policy: which images a request may carry, checked in two steps.
 
-`check_images(messages, limits, allow_local)` walks the request's messages and returns a copy in which every
-``image_url`` (and ``image``) part is replaced by an ``image`` part holding a checked `ImageRef`, plus the
-(width, height) of each image in conversation order (the last one is the image boxes are given in).
+    found = find_images(messages, limits, allow_local)    # before the queue: count, URLs, policy; nothing read
+    parse_messages(with_images(messages, found))            # the messages' structure, images as placeholders
+    messages, sizes = read_images(messages, found, limits, allow_local)   # after admission, on a worker thread
 
-* more than ``limits.max_images`` images in the request: 400, before any image is read;
-* ``data:`` URIs must be ``data:<type>;base64,<data>`` with valid base64 (else 400);
-* a local path or ``file://`` URL is read only when the server runs with ``--allow-local-images`` (else 400); any
-  other URL (http, https, ftp, s3 ...) is refused with 400: the server never fetches;
+`find_images` walks the request's messages (cheap: nothing is decoded or read):
+* more than ``limits.max_images`` images in the request: 400;
+* an image part without a URL string: 400; a ``data:`` URI whose header is not ``data:image/<type>;base64,``
+  (scheme and ``;base64`` in any case; tinygpt.chat.data_uri_payload, the parser the chat engine uses): 400;
+* a local path or ``file://`` URL is taken only when the server runs with ``--allow-local-images`` (else 400); any
+  other URL (http, https, ftp, s3 ...) is refused with 400: the server never fetches.
+`read_images` returns a copy of the messages in which every ``image_url`` (and ``image``) part is an ``image`` part
+holding a checked `ImageRef`, plus the (width, height) of each image in conversation order (the last one is the
+image boxes are given in):
+* base64 that does not decode (spaces and line breaks in it are ignored): 400;
 * the image's size is read from its header (PIL opens lazily): more than ``limits.max_image_pixels`` pixels is a 413
   without decoding; PIL's own decompression-bomb guard is a 413 too; bytes that are not an image are a 400;
-* a local file larger than ``limits.max_upload_bytes`` is a 413 (a request body is already bounded by that size).
+* a local file that does not exist is a 400; one larger than ``limits.max_upload_bytes`` a 413 (a request body is
+  already bounded by that size).
 Anything that is not an image part is left for `tinygpt.chat.parse_messages`, which names the field at fault.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
 from ..chat.launch import Limits
-from ..chat.messages import ImageRef, image_from_bytes
+from ..chat.messages import ImageRef, data_uri_payload, decode_data_uri, image_from_bytes, is_data_uri
 from .errors import APIError
 
 IMAGE_TYPES = ("image_url", "image")
 
 
+@dataclass(frozen=True)
+class ImagePart:
+    message: int  # index in messages
+    part: int  # index in that message's content
+    url: str
+    field: str  # e.g. messages[0].content[1].image_url.url
+
+
 def _image_parts(messages: Any):
-    """(field, message index, part index) of every image part, in conversation order."""
+    """(where, message index, part index) of every image part, in conversation order."""
     if not isinstance(messages, list):
         return
     for i, msg in enumerate(messages):
@@ -56,20 +70,47 @@ def _url_of(part: dict, where: str) -> tuple[str, str]:
     return value, field
 
 
-def _decode_data_uri(url: str, field: str) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise APIError(400, f"{field}: a data URI must look like data:image/png;base64,<data>", field)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{field}: the data URI is not valid base64", field) from None
-
-
-def _read_local(url: str, field: str, limits: Limits, allow_local: bool) -> bytes:
+def _check_url(url: str, field: str, allow_local: bool) -> None:
+    if is_data_uri(url):
+        data_uri_payload(url, field)  # the header (a UserError: a 400 naming the field)
+        return
+    scheme = urlparse(url).scheme.lower()
+    if scheme and scheme != "file" and len(scheme) > 1:  # one letter: a Windows drive, i.e. a local path
+        raise APIError(400, f"{field}: remote image URLs ({scheme}://) are not fetched; send the image as a data: "
+                            "URI", field, "remote_image_url")
     if not allow_local:
         raise APIError(400, f"{field}: local image paths are refused (start the server with --allow-local-images "
                             "to allow them); send the image as a data: URI", field)
+
+
+def find_images(messages: Any, limits: Limits, allow_local: bool) -> list[ImagePart]:
+    """The request's image parts, counted and their URLs checked by the policy above; nothing is read."""
+    found = list(_image_parts(messages))
+    if len(found) > limits.max_images:
+        raise APIError(400, f"messages: the request holds {len(found)} images; this server takes at most "
+                            f"{limits.max_images} per request (limits.max_images)", "messages", "too_many_images")
+    parts = []
+    for where, i, j in found:
+        url, field = _url_of(messages[i]["content"][j], where)
+        _check_url(url, field, allow_local)
+        parts.append(ImagePart(i, j, url, field))
+    return parts
+
+
+def with_images(messages: Any, found: list[ImagePart], image: Callable[[ImagePart], ImageRef] | None = None) -> Any:
+    """A copy of `messages` whose image parts are ``{"type": "image", "image": image(part)}`` (default: a
+    placeholder that is never opened, to check the messages' structure before anything is read)."""
+    if not found:
+        return messages
+    image = image or (lambda part: ImageRef("unread", part.field))
+    messages = [dict(m) if isinstance(m, dict) else m for m in messages]
+    for part in found:
+        content = messages[part.message]["content"] = list(messages[part.message]["content"])
+        content[part.part] = {"type": "image", "image": image(part)}
+    return messages
+
+
+def _read_local(url: str, field: str, limits: Limits) -> bytes:
     path = Path(unquote(urlparse(url).path) if url.lower().startswith("file:") else url)
     if not path.is_file():
         raise APIError(400, f"{field}: image file not found: {path}", field)
@@ -81,13 +122,8 @@ def _read_local(url: str, field: str, limits: Limits, allow_local: bool) -> byte
 
 def image_bytes(url: str, field: str, limits: Limits, allow_local: bool) -> bytes:
     """The bytes an image URL stands for, by the policy above (never fetched from the network)."""
-    if url.startswith("data:"):
-        return _decode_data_uri(url, field)
-    scheme = urlparse(url).scheme.lower()
-    if scheme and scheme != "file" and len(scheme) > 1:  # one letter: a Windows drive, i.e. a local path
-        raise APIError(400, f"{field}: remote image URLs ({scheme}://) are not fetched; send the image as a data: "
-                            "URI", field, "remote_image_url")
-    return _read_local(url, field, limits, allow_local)
+    _check_url(url, field, allow_local)
+    return decode_data_uri(url, field) if is_data_uri(url) else _read_local(url, field, limits)
 
 
 def image_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
@@ -98,28 +134,26 @@ def image_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
     except Image.DecompressionBombError:
         raise APIError(413, f"{field}: the image has more pixels than this server decodes (at most {max_pixels}, "
                             "limits.max_image_pixels)", field, "image_too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise APIError(400, f"{field}: not a readable image ({type(exc).__name__})", field, "invalid_image") from None
+    except UnidentifiedImageError:
+        raise APIError(400, f"{field}: not a readable image (not an image format this server knows, e.g. PNG or "
+                            "JPEG)", field, "invalid_image") from None
+    except (OSError, ValueError, SyntaxError):
+        raise APIError(400, f"{field}: not a readable image: its header is truncated or damaged", field,
+                       "invalid_image") from None
     if width * height > max_pixels:
         raise APIError(413, f"{field}: the image is {width} x {height} = {width * height} pixels; this server takes "
                             f"at most {max_pixels} (limits.max_image_pixels)", field, "image_too_large")
     return width, height
 
 
-def check_images(messages: Any, limits: Limits, allow_local: bool) -> tuple[Any, list[tuple[int, int]]]:
-    found = list(_image_parts(messages))
-    if len(found) > limits.max_images:
-        raise APIError(400, f"messages: the request holds {len(found)} images; this server takes at most "
-                            f"{limits.max_images} per request (limits.max_images)", "messages", "too_many_images")
-    if not found:
-        return messages, []
-    messages = [dict(m) if isinstance(m, dict) else m for m in messages]
+def read_images(messages: Any, found: list[ImagePart], limits: Limits,
+                allow_local: bool) -> tuple[Any, list[tuple[int, int]]]:
+    """`messages` with each image part found an `ImageRef` of its bytes (checked), and the images' sizes."""
     sizes = []
-    for where, i, j in found:
-        content = messages[i]["content"] = list(messages[i]["content"])
-        url, field = _url_of(content[j], where)
-        data = image_bytes(url, field, limits, allow_local)
-        sizes.append(image_size(data, field, limits.max_image_pixels))
-        ref: ImageRef = image_from_bytes(data, field)
-        content[j] = {"type": "image", "image": ref}
-    return messages, sizes
+
+    def read(part: ImagePart) -> ImageRef:
+        data = image_bytes(part.url, part.field, limits, allow_local)
+        sizes.append(image_size(data, part.field, limits.max_image_pixels))
+        return image_from_bytes(data, part.field)
+
+    return with_images(messages, found, read), sizes

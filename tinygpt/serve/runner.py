@@ -7,14 +7,18 @@
 
 Contract:
 * at most ``queue_size`` requests are admitted (waiting + running); one more is refused at once with a 429;
-  `release()` gives a slot back when a request fails before `start`, otherwise the job gives it back when it ends;
+  `release()` gives a slot back when a request fails before `start`, otherwise the job gives it back when it ends,
+  or at once when it is stopped before it started;
 * jobs run one after another on a single worker thread, so the event loop never blocks on the engine;
-* a streamed job yields the pieces of `ChatEngine.stream` (whose join equals `ChatEngine.chat`); a plain job runs
-  `ChatEngine.chat` (beam search included) and yields the answer as one piece; both end with Event("end", (usage,
-  finish reason)) or Event("error", exception);
-* `job.cancel` (a threading.Event) stops a stream at the next token, and a job that has not started yet does not
-  run at all; `job.next(request)` sets it when the client has gone (polled while waiting), and so does closing an
-  SSE stream early (tinygpt.serve.app).
+* every job runs `ChatEngine.stream` with the job's cancel event (whose join equals `ChatEngine.chat`): a streamed
+  job yields its pieces, a plain one the joined answer as one piece; only beam search (``num_beams`` > 1, PyTorch)
+  runs `ChatEngine.chat`, which cannot be stopped midway; both end with Event("end", (usage, finish reason)) or
+  Event("error", exception);
+* `job.stop()` (the client left: `job.next(request)` polls for it while waiting, and an SSE stream closed early calls
+  it) cancels the job: a running generation ends at the next token, a job that has not started yet never runs and
+  its slot is free at once;
+* `shutdown()` (the server is stopping, tinygpt.serve.background.AppServer) ends every admitted job with a 503
+  error event (code ``server_shutting_down``) and stops it; `admit` and `start` refuse afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from starlette.requests import Request
 
@@ -39,6 +43,11 @@ class ClientGone(Exception):
     """The client disconnected while its request waited."""
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: the request was cancelled; retry once it is back",
+                    code="server_shutting_down")
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str  # "piece" | "end" | "error"
@@ -46,20 +55,26 @@ class Event:
 
 
 class Job:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_stop: Callable[["Job"], None]):
         self.cancel = threading.Event()
+        self.state = "queued"  # -> "running" -> "done"; or -> "dropped" (stopped before it ran)
         self._loop = loop
+        self._on_stop = on_stop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
 
     def put(self, kind: str, value: Any = None) -> None:
-        """From the worker thread."""
+        """From any thread."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, Event(kind, value))
         except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
             self.cancel.set()
 
+    def stop(self) -> None:
+        """Cancel the job (a no-op once it has ended)."""
+        self._on_stop(self)
+
     async def next(self, request: Request | None = None) -> Event:
-        """The next event; with `request`, a client that disconnects meanwhile cancels the job (ClientGone)."""
+        """The next event; with `request`, a client that disconnects meanwhile stops the job (ClientGone)."""
         if request is None:
             return await self._events.get()
         getter = asyncio.ensure_future(self._events.get())
@@ -69,7 +84,7 @@ class Job:
                 if done:
                     return getter.result()
                 if await request.is_disconnected():
-                    self.cancel.set()
+                    self.stop()
                     raise ClientGone
         finally:
             getter.cancel()
@@ -80,6 +95,8 @@ class Runner:
         self.engine = engine
         self.queue_size = queue_size
         self._active = 0
+        self._jobs: set[Job] = set()
+        self._closing = False
         self._guard = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygpt-serve")
 
@@ -90,6 +107,8 @@ class Runner:
 
     def admit(self) -> None:
         with self._guard:
+            if self._closing:
+                raise shutting_down()
             if self._active >= self.queue_size:
                 raise APIError(429, f"the server is busy: {self._active} requests are waiting or running (limits."
                                     f"queue_size = {self.queue_size}); retry later", code="queue_full",
@@ -101,29 +120,63 @@ class Runner:
             self._active -= 1
 
     def start(self, conversation: Conversation, settings: GenerationSettings, stream: bool) -> Job:
-        job = Job(asyncio.get_running_loop())
+        """The admitted request's job, queued for the worker (refused once the server is shutting down: the caller
+        still holds the slot then)."""
+        job = Job(asyncio.get_running_loop(), self.stop)
+        with self._guard:
+            if self._closing:
+                raise shutting_down()
+            self._jobs.add(job)
         self._worker.submit(self._run, job, conversation, settings, stream)
         return job
 
+    def stop(self, job: Job) -> None:
+        job.cancel.set()
+        with self._guard:
+            if job.state == "queued":
+                job.state = "dropped"
+                self._ended(job)
+
+    def _ended(self, job: Job) -> None:  # with the guard held
+        self._jobs.discard(job)
+        self._active -= 1
+
     def _run(self, job: Job, conversation: Conversation, settings: GenerationSettings, stream: bool) -> None:
-        try:
-            if job.cancel.is_set():
+        with self._guard:
+            if job.state != "queued":  # stopped while it waited: its slot is already free
                 return
-            if stream:
+            job.state = "running"
+        try:
+            if settings.num_beams > 1:  # beam search decides the text at the end: no pieces, no cancelling
+                answer = self.engine.chat(conversation, settings)
+                job.put("piece", answer)
+            else:
                 pieces = []
                 for piece in self.engine.stream(conversation, settings, cancel=job.cancel):
                     pieces.append(piece)
-                    job.put("piece", piece)
+                    if stream:
+                        job.put("piece", piece)
                 answer = "".join(pieces)
-            else:
-                answer = self.engine.chat(conversation, settings)
-                job.put("piece", answer)
+                if not stream and not job.cancel.is_set():
+                    job.put("piece", answer)
             if not job.cancel.is_set():
                 job.put("end", measure(self.engine, conversation, answer, settings))
         except BaseException as exc:  # handed to the request (a UserError is a 400, anything else a logged 500)
             job.put("error", exc)
         finally:
-            self.release()
+            with self._guard:
+                job.state = "done"
+                self._ended(job)
+
+    def shutdown(self) -> None:
+        """Refuse new requests and end every admitted job with a 503 (idempotent)."""
+        with self._guard:
+            self._closing = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.put("error", shutting_down())
+            self.stop(job)
 
     def close(self) -> None:
+        self.shutdown()
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -10,16 +10,21 @@ Contract:
   not numbers (what the `openai` client sends, ints for floats and null for what is optional, is accepted);
 * ``stop``, as OpenAI's: at most `MAX_STOP` strings of 1 to `MAX_STOP_CHARS` characters (a long or numerous stop
   list makes every generated token slow to check); ``seed`` is checked by GenerationSettings (0 .. 2**64 - 1);
-* fields that would change what an answer means and that this server cannot do (``tools``, ``functions``,
-  ``logprobs``, ``top_logprobs``, a non-text ``response_format``, ``n`` > 1) are refused with a 400; other OpenAI
-  fields (``user``, ``presence_penalty``, ``frequency_penalty``, ``metadata``...) are accepted and ignored;
+* fields that would change what an answer means and that this server cannot do are refused with a 400, code
+  ``unsupported_parameter``, naming the field: ``tools``, ``functions``, ``logprobs``, ``top_logprobs``, a
+  non-empty ``logit_bias``, a ``tool_choice`` other than "none" / "auto" (there are no tools), ``modalities`` other
+  than ["text"], ``audio``, ``best_of`` > 1, ``echo: true``, a non-text ``response_format``, ``n`` > 1 (code none);
+  ``stream_options`` without ``stream: true`` is a 400 too (as OpenAI's); other OpenAI fields (``user``,
+  ``presence_penalty``, ``frequency_penalty``, ``metadata``...) are accepted and ignored;
 * ``messages`` is checked by the chat engine (tinygpt.chat.parse_messages), which names the field at fault;
-* settings the request leaves out come from the launch config's ``generation`` section (so a request without
-  ``seed`` samples with the config's seed and repeats).
+* settings the request leaves out come from the launch config's ``generation`` section, except ``seed``: a sampled
+  request (temperature > 0) without one gets a fresh seed (`fresh_seed`, below 2**53 so that any JSON client can
+  send it back exactly), so that it samples afresh as OpenAI's API does; the server reports it (``x-tinygpt-seed``).
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +33,7 @@ from ..chat.settings import GenerationSettings
 from .errors import APIError
 
 _UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs")
+FRESH_SEED_BITS = 53  # a drawn seed is exact as a JSON number in every client (JavaScript's doubles included)
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 64  # characters per stop string
 
@@ -60,17 +66,22 @@ class ChatCompletionRequest(BaseModel):
         for key in _UNSUPPORTED:
             if extra.get(key):
                 raise APIError(400, f"{key}: not supported by this server", key, "unsupported_parameter")
-        response_format = extra.get("response_format")
-        if response_format and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-            raise APIError(400, "response_format: only plain text answers are supported", "response_format",
-                           "unsupported_parameter")
+        refusal = _unsupported(extra)
+        if refusal:
+            key, why = refusal
+            shown = repr(extra[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise APIError(400, f"{key}: {why}, got {shown}", key, "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only allowed with stream: true", "stream_options", "invalid_request")
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def settings(self, defaults: GenerationSettings) -> GenerationSettings:
-        """`defaults` with what the request sets (validated again by GenerationSettings: a UserError is a 400)."""
+        """`defaults` with what the request sets (validated again by GenerationSettings: a UserError is a 400); a
+        fresh seed when it samples without one."""
         changes: dict[str, Any] = {}
         max_new = self.max_completion_tokens or self.max_tokens
         if max_new is not None:
@@ -80,7 +91,10 @@ class ChatCompletionRequest(BaseModel):
                 changes[name] = getattr(self, name)
         if self.stop is not None:
             changes["stop"] = self._stop()
-        return defaults.with_(**changes)
+        settings = defaults.with_(**changes)
+        if self.seed is None and not settings.greedy:
+            settings = settings.with_(seed=fresh_seed())
+        return settings
 
     def _stop(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -93,3 +107,28 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, f"stop: each stop string may hold at most {MAX_STOP_CHARS} characters, got one of "
                                 f"{len(too_long[0])}", "stop")
         return tuple(stop)  # empty strings: GenerationSettings refuses them ("stop: expected non-empty strings")
+
+
+def fresh_seed() -> int:
+    return secrets.randbits(FRESH_SEED_BITS)
+
+
+def _unsupported(extra: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, why) of the first field in `extra` that asks for what this server cannot do, or None."""
+    response_format = extra.get("response_format")
+    if response_format and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        return "response_format", "only plain text answers are supported"
+    if extra.get("logit_bias"):
+        return "logit_bias", "not supported by this server (send {} or leave it out)"
+    if extra.get("tool_choice") not in (None, "none", "auto"):
+        return "tool_choice", "this server has no tools; only 'none' or 'auto' are accepted"
+    modalities = extra.get("modalities")
+    if modalities is not None and modalities != ["text"] and modalities != []:
+        return "modalities", "this server answers with text only (['text'])"
+    if extra.get("audio") is not None:
+        return "audio", "this server answers with text only"
+    if extra.get("best_of") not in (None, 1):
+        return "best_of", "this server returns the one answer it generates (best_of 1)"
+    if extra.get("echo") not in (None, False):
+        return "echo", "not supported by this server"
+    return None

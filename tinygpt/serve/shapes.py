@@ -3,16 +3,19 @@
 * `completion`: a ``chat.completion`` (one choice; ``message`` = {role, content, boxes}; ``finish_reason`` "stop" or
   "length"; ``usage`` when known);
 * `chunk`: a ``chat.completion.chunk`` of a stream; the first carries ``delta.role``, the middle ones
-  ``delta.content``, the last one ``finish_reason`` and ``delta.boxes``; with ``stream_options.include_usage`` one
-  more chunk has empty ``choices`` and the ``usage``;
+  ``delta.content``, the last one ``finish_reason`` and ``delta.boxes``; with ``stream_options.include_usage`` each of
+  them has ``"usage": null`` (as OpenAI's) and one more chunk has empty ``choices`` and the ``usage``;
 * `boxes_json`: the boxes the answer names (``<p>phrase</p> {<x1><y1><x2><y2>}`` on the 0-100 grid) as
   ``[{"phrase": str | None, "box": [x1, y1, x2, y2]}]`` in pixels of the conversation's last image
   (tinygpt.chat.answer_boxes); ``[]`` when the answer has none or the conversation has no image;
-* `models`: the ``/v1/models`` list (one model).
+* `models`: the ``/v1/models`` list (one model);
+* `backend_kind`: what ``/health`` says of the backend: its kind and device (``torch:cpu``, ``gguf``), never the
+  model's location on disk (the start-up log line has it).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ class Reply:
     """The identity every object of one answer shares."""
 
     model: str
+    include_usage: bool = False  # a stream asked for a usage chunk: every other chunk says "usage": null
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -52,6 +56,8 @@ class Reply:
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         body = self._head("chat.completion.chunk")
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if self.include_usage:
+            body["usage"] = None
         return body
 
     def usage_chunk(self, usage: Usage | None) -> dict:
@@ -67,3 +73,12 @@ def models(name: str, created: int) -> dict:
 
 def model(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "tinygpt"}
+
+
+_DEVICE_NAME = re.compile(r"torch(?::\w+)*")  # TorchBackend's names: torch:cpu, torch:cuda:int8 (no path in them)
+
+
+def backend_kind(name: str) -> str:
+    """``torch:cpu`` and ``torch:cuda:int8`` as they are; any other name up to its first colon: ``gguf:/models/x
+    (GgmlLLM)`` -> ``gguf``."""
+    return name if _DEVICE_NAME.fullmatch(name) else name.split(":", 1)[0]

@@ -1,0 +1,104 @@
+"""The request body: its size limit (a middleware, before anything is read) and its reading into a request.
+
+* `BodyLimit`: a body over ``limits.max_upload_bytes`` is a 413, at once when its Content-Length says so (nothing is
+  read), else counted as it arrives; a body within the limit is handed on whole;
+* `read_request(raw)`: the body parsed as JSON whatever its Content-Type says (as llama.cpp does: ``curl -d`` sends
+  JSON labelled as a form), then checked by `ChatCompletionRequest` (tinygpt.serve.schema). Every refusal is a 400
+  with code ``invalid_request``: an empty body, bytes that are not UTF-8 or not JSON ("the request body is not valid
+  JSON (...)"), JSON that is not an object ("expected a JSON object (Content-Type: application/json)"), a field of the
+  wrong type or out of range (naming the field);
+* `OPENAPI_BODY`: the request's JSON schema for /docs and /openapi.json (FastAPI does not see the endpoint's body).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import APIError, body_too_large, validation_message
+from .schema import ChatCompletionRequest
+
+JSON_OBJECT = "expected a JSON object (Content-Type: application/json)"
+_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+          type(None): "null"}
+
+
+class BodyLimit:
+    """Refuses a request body over the limit with a 413: at once when its Content-Length says so (nothing is read),
+    else counting as it arrives (a body sent without a length); a body within the limit is handed on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await body_too_large(self.max_bytes)(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await body_too_large(self.max_bytes)(scope, receive, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+
+def _replay(messages: list[dict], then=None):
+    """An ASGI receive that gives `messages` first, then defers to `then` (disconnect notices)."""
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
+
+
+def _invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param, "invalid_request")
+
+
+def read_request(raw: bytes) -> ChatCompletionRequest:
+    """The chat-completions request in `raw` (any Content-Type), or an APIError 400 saying what is wrong."""
+    if not raw.strip():
+        raise _invalid(f"the request body is empty: {JSON_OBJECT}")
+    try:
+        data: Any = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"the request body is not valid JSON: it is not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                       f"position {exc.start}); {JSON_OBJECT}") from None
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"the request body is not valid JSON ({exc.msg} at character {exc.pos}); {JSON_OBJECT}") \
+            from None
+    if not isinstance(data, dict):
+        raise _invalid(f"request body: {JSON_OBJECT}, got {_KINDS.get(type(data), type(data).__name__)}")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(*validation_message(list(exc.errors()))) from None
+
+
+def _openapi_body() -> dict:
+    schema = ChatCompletionRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):  # the nested models in place of their $refs (the schema sits outside #/components)
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            return inline(defs[ref.rsplit("/", 1)[-1]]) if ref else {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+OPENAPI_BODY = _openapi_body()
