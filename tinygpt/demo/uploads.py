@@ -43,8 +43,11 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
                 raise UserError(f"{name}: {width}x{height} pixels is over this demo's limit of "
                                 f"{limits.max_image_pixels:,} pixels per image")
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{name}: not a readable image ({type(exc).__name__}); attach a PNG, JPEG or WebP "
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not a readable image (not an image format this demo knows); attach a PNG, JPEG "
+                        "or WebP picture") from None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise UserError(f"{name}: not a readable image (it is truncated or damaged); attach a PNG, JPEG or WebP "
                         "picture") from None
     return width, height
 
