@@ -91,14 +91,14 @@ def test_the_summary_share_covers_the_whole_run_after_a_resume(tmp_path, caplog)
     state = json.loads((step2 / "state.json").read_text())
     assert set(state["moe_load"]) == {"1", "3"} and all(sum(c) > 0 for c in state["moe_load"].values())
 
-    resumed = summary("run.resume=auto")
+    resumed = summary(f"run.resume={step2}")  # named: auto would find the finished run's step 4 and not retrain
     assert resumed["start_step"] == 2 and resumed["moe_load_share"] == whole["moe_load_share"]
     assert "moe_load_share_from_step" not in resumed
 
     del state["moe_load"]  # as a checkpoint written before the counts were saved
     (step2 / "state.json").write_text(json.dumps(state))
     with caplog.at_level(logging.WARNING, logger="tinygpt.train"):
-        older = summary("run.resume=auto")
+        older = summary(f"run.resume={step2}")
     assert older["start_step"] == 2 and older["moe_load_share_from_step"] == 2
     assert set(older["moe_load_share"]) == {"1", "3"}
     assert any("holds no MoE load counts" in r.getMessage() for r in caplog.records)

@@ -4,6 +4,7 @@ a resume with other settings is named."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,10 +24,16 @@ def _cfg(tmp_path, *extra):
     return load_config(STAGE1, [f"run.output_dir={tmp_path / 'out'}", *extra])
 
 
-def _checkpoint(tmp_path, step: int) -> Path:
-    path = tmp_path / "out-checkpoints" / "checkpoints" / f"step_{step:08d}"
+def _checkpoint(tmp_path, at: int, **state) -> Path:
+    """The checkpoint of step ``at``, which passes check_resume's file check: its files are stand-ins, recorded in
+    state.json's manifest (check_resume checks sizes and sha256, loading no tensor); ``state``: more of state.json."""
+    path = tmp_path / "out-checkpoints" / "checkpoints" / f"step_{at:08d}"
     path.mkdir(parents=True)
-    (path / "state.json").write_text(json.dumps({"step": step}))
+    files = {}
+    for name in ("trainable.safetensors", "optimizer.pt", "rng_0.pt"):
+        (path / name).write_bytes(name.encode())
+        files[name] = {"bytes": len(name), "sha256": hashlib.sha256(name.encode()).hexdigest()}
+    (path / "state.json").write_text(json.dumps({"step": at, "files": files, **state}))
     return path
 
 
@@ -47,7 +54,12 @@ def test_check_refuses_a_resume_path_that_is_no_checkpoint(tmp_path, monkeypatch
     assert main(["--cfg-path", str(STAGE1), "--check", "--options", f"run.output_dir={tmp_path / 'out'}",
                  f"run.resume={tmp_path / 'none'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --options: run.resume: {tmp_path / 'none'} is not a checkpoint (no state.json)"]
+        f"error: --options: run.resume: {tmp_path / 'none'} does not exist"]
+    (tmp_path / "empty").mkdir()
+    assert main(["--cfg-path", str(STAGE1), "--check", "--options", f"run.output_dir={tmp_path / 'out'}",
+                 f"run.resume={tmp_path / 'empty'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --options: run.resume: {tmp_path / 'empty'} is not a checkpoint (no state.json)"]
 
 
 def test_a_second_run_into_the_same_directory_is_refused_while_the_first_lives(tmp_path):

@@ -79,13 +79,14 @@ def train_main(opts: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def trained(synthetic, base_model, tmp_path_factory) -> Path:
-    """A finished 3-step tiny stage 1: ``stage1/`` (output) and ``stage1-checkpoints/`` holding steps 1 and 2.
+    """A finished 3-step tiny stage 1: ``stage1/`` (output) and ``stage1-checkpoints/`` holding steps 2 and 3 (the
+    last step is always checkpointed; keep_last 2).
     (Every run here uses the same single-process CPU accelerator, so its shared state needs no reset.)"""
     root = tmp_path_factory.mktemp("trained")
     assert train_main(stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2,
                                     run__resume="false")) == 0
     steps = sorted(p.name for p in (root / "stage1-checkpoints" / "checkpoints").iterdir())
-    assert steps == ["step_00000001", "step_00000002"]
+    assert steps == ["step_00000002", "step_00000003"]
     return root
 
 
@@ -281,23 +282,23 @@ def test_read_only_output_locations_fail_before_any_work(tmp_path):
 def test_corrupt_optimizer_state_names_the_file_and_offers_the_previous_checkpoint(trained, synthetic, base_model,
                                                                                    tmp_path, capsys):
     """Class 6: resume validates every file; the error names optimizer.pt and the checkpoint before it, which
-    then resumes."""
+    then resumes (the finished 3-step run extended to 4 steps, so that auto resumes from its last checkpoint)."""
     root = copy_run(trained, tmp_path / "run")
     ckpts = root / "stage1-checkpoints" / "checkpoints"
-    damaged = ckpts / "step_00000002" / "optimizer.pt"
+    damaged = ckpts / "step_00000003" / "optimizer.pt"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     output_before = snapshot(root / "stage1")
-    opts = stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2)
+    opts = stage_options(synthetic, root, base_model, 4, run__save_every=1, run__keep_last=2)
     capsys.readouterr()
     assert train_main(opts + ["run.resume=auto"]) == 2
     line = one_error(capsys.readouterr().err)
     assert line.startswith(f"error: {damaged}: damaged checkpoint file")
-    previous = ckpts / "step_00000001"
+    previous = ckpts / "step_00000002"
     assert f"run.resume={previous}" in line
     assert snapshot(root / "stage1") == output_before
     assert train_main(opts + [f"run.resume={previous}"]) == 0  # the offered checkpoint resumes
     summary = json.loads((root / "stage1" / "train_summary.json").read_text())["summary"]
-    assert (summary["start_step"], summary["end_step"]) == (1, 3)
+    assert (summary["start_step"], summary["end_step"]) == (2, 4)
 
 
 @pytest.mark.parametrize("name", ["state.json", "trainable.safetensors", "optimizer.pt", "rng_0.pt"])
@@ -328,8 +329,8 @@ def test_every_checkpoint_file_is_validated(name, manifest, trained, tmp_path):
 
 # ------------------------------------------------------------------------- 7, 8: full disks
 def test_full_disk_at_a_checkpoint_keeps_the_earlier_ones(trained, synthetic, base_model, tmp_path, capsys):
-    """Class 7: the checkpoint of step 3 cannot be written; no step_*.tmp is left, steps 1-2 are intact, and resume
-    picks step 2."""
+    """Class 7: the checkpoint of step 4 cannot be written; no step_*.tmp is left, steps 2-3 are intact, and resume
+    picks step 3."""
     from tinygpt.train.checkpoint import list_checkpoints, read_checkpoint
 
     root = copy_run(trained, tmp_path / "run")
@@ -342,19 +343,21 @@ def test_full_disk_at_a_checkpoint_keeps_the_earlier_ones(trained, synthetic, ba
         rc = train_main(opts)
     assert rc == 2
     line = one_error(capsys.readouterr().err)
-    assert "step_00000003" in line and "checkpoint of step 3" in line and "File too large" in line
+    assert "step_00000004" in line and "checkpoint of step 4" in line and "File too large" in line
     assert snapshot(ckpt_dir) == before
     assert not (root / "stage1").exists()
-    assert list_checkpoints(ckpt_dir)[-1].name == "step_00000002"
+    assert list_checkpoints(ckpt_dir)[-1].name == "step_00000003"
     read_checkpoint(list_checkpoints(ckpt_dir)[-1], 0, with_scaler=False)
 
 
 def test_full_disk_at_the_final_save_keeps_the_previous_output(trained, synthetic, base_model, tmp_path, capsys):
     """Class 8: the stage output cannot be written; the previous model directory is byte-identical and no
-    temporary directory is left."""
+    temporary directory is left. (The run resumes from its last checkpoint, named: under run.resume auto a finished
+    run is not written again.)"""
     root = copy_run(trained, tmp_path / "run")
     before = snapshot(root)
-    opts = stage_options(synthetic, root, base_model, 3, run__save_every=0, run__resume="auto")
+    last = root / "stage1-checkpoints" / "checkpoints" / "step_00000003"
+    opts = stage_options(synthetic, root, base_model, 3, run__save_every=0, run__resume=last)
     capsys.readouterr()
     with file_size_limit(200_000):  # model.safetensors is 0.8 MB
         rc = train_main(opts)

@@ -8,9 +8,10 @@
 * ``writing(path, what)``: a full disk, a permission or an I/O error while writing becomes one ``UserError`` naming
   the path and what was being written (OSError, safetensors' SafetensorError, torch.save's RuntimeError).
 * Temporary names are ``.<target name>.<pid>.<random>.tmp``: ``remove_stale_temporaries`` removes those of writers that
-  are no longer running (killed by SIGKILL, a power cut). ``sigterm_raises()`` turns a SIGTERM into ``SystemExit`` so
-  the temporaries are removed as on any error; ``dirs_removed_on_failure(path)`` removes the directories a failed
-  write created.
+  are no longer running (killed by SIGKILL, a power cut). A folder ``atomic_dir`` moved aside while replacing it is
+  ``.<target name>.<pid>.old.tmp``: when its writer died before the new folder took its place, the sweep puts it back.
+  ``sigterm_raises()`` turns a SIGTERM into ``SystemExit`` so the temporaries are removed as on any error;
+  ``dirs_removed_on_failure(path)`` removes the directories a failed write created.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import logging
 import os
 import shutil
 import signal
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -134,16 +138,22 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
     """Remove the temporaries in ``directory`` of targets named like one of ``names`` (glob patterns) whose writer is
     no longer running: the PID in the name is no live process, or, for a name without a PID (older versions), no such
     temporary changed for ``LEGACY_QUIET_SECONDS`` (a live writer keeps writing one). A temporary folder
-    (:func:`atomic_dir`'s) is removed with everything in it. Returns the removed paths."""
-    dead, legacy = [], []
+    (:func:`atomic_dir`'s) is removed with everything in it, except a folder atomic_dir moved aside whose target is
+    missing (its writer died between the two renames): that one is put back. Returns the removed paths."""
+    dead, legacy, aside = [], [], []
     for pattern in names:
         for tmp in sorted(Path(directory).glob(f".{pattern}.*.tmp")):
-            head, pid, _ = (tmp.name[:-len(".tmp")].rsplit(".", 2) + ["", ""])[:3]
+            head, pid, rest = (tmp.name[:-len(".tmp")].rsplit(".", 2) + ["", ""])[:3]
             if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}"):
                 if not _pid_alive(int(pid)):
-                    dead.append(tmp)
+                    (aside if rest == "old" else dead).append((tmp, head[1:]))
             else:
                 legacy.append(tmp)
+        for old in sorted(Path(directory).glob(f".{pattern}.old-*")):  # atomic_dir's aside name in older versions
+            head, _, pid = old.name.rpartition(".old-")
+            if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}") and not _pid_alive(int(pid)):
+                aside.append((old, head[1:]))
+    dead = [tmp for tmp, _ in dead] + [old for old, name in aside if not _put_back(old, old.parent / name)]
     with contextlib.suppress(FileNotFoundError):
         if legacy and time.time() - max(p.stat().st_mtime for p in legacy) < LEGACY_QUIET_SECONDS:
             legacy = []
@@ -156,6 +166,21 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
                 tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def _aside_name(target: Path) -> Path:
+    """Where :func:`atomic_dir` moves the folder it replaces: a name the sweep of ``target``'s temporaries knows."""
+    return target.parent / f".{target.name}.{os.getpid()}.old.tmp"
+
+
+def _put_back(aside: Path, target: Path) -> bool:
+    """A dead writer's folder that :func:`atomic_dir` moved aside goes back to ``target`` when the writer died before
+    the new folder took its place (nothing is at ``target``), so what was there before is intact. True when put back."""
+    if not aside.is_dir() or aside.is_symlink() or target.exists() or target.is_symlink():
+        return False
+    os.replace(aside, target)
+    log.warning("%s: put back from %s (a run was killed while replacing it)", target, aside.name)
+    return True
 
 
 @contextlib.contextmanager
@@ -245,8 +270,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory ``.<name>.<pid>.<random>.tmp`` next to ``path``; on success it replaces
-    ``path`` (an old directory is removed; a file there is refused, never replaced). Every file written inside gets
-    the usual permissions. A killed writer's one is removed by :func:`remove_stale_temporaries`."""
+    ``path`` (an old directory is moved aside as ``.<name>.<pid>.old.tmp``, then removed; a file there is refused,
+    never replaced). Every file written inside gets the usual permissions. A killed writer's temporary is removed by
+    :func:`remove_stale_temporaries`, which also puts its aside folder back when ``path`` is missing."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise UserError(f"{target}: exists and is a file, not a directory; refusing to replace it")
@@ -263,7 +289,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = _aside_name(target)  # a kill before the next rename leaves it for remove_stale_temporaries to put back
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(target, old)
     try:
         os.replace(tmp, target)

@@ -3,13 +3,15 @@
 With no --cfg-path it runs the embedded tiny default: synthetic data, tiny backbones, tiny stages 1-4 and their
 evaluation, on any CPU in minutes (tinygpt.tiny.recipe). Multi-GPU: accelerate launch train.py --cfg-path ...
 The top-level train.py is a shim over :func:`main`; ``prog`` only changes the name that usage and errors print.
-A user error prints one ``error:`` line and exits 2, results that are not believable exit 3 (tinygpt.errors).
+A user error prints one ``error:`` line and exits 2, results that are not believable exit 3 (tinygpt.errors). Ctrl-C
+or SIGTERM during training prints one line saying at which step and where a rerun resumes, and exits 130 / 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from tinygpt.errors import UserError, report_errors
 
@@ -33,7 +35,17 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return report_errors(lambda: _run(args))
+    return report_errors(lambda: _run_reporting_interrupts(args))
+
+
+def _run_reporting_interrupts(args: argparse.Namespace) -> int:
+    from tinygpt.train.interrupt import TrainingInterrupted
+
+    try:
+        return _run(args)
+    except TrainingInterrupted as stopped:  # "interrupted at step N; rerun the same command to resume from ..."
+        print(stopped.message, file=sys.stderr)
+        return stopped.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,18 +67,27 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.cfg_path, args.options + (["run.progress=false"] if args.quiet else []))
     if args.check:
         check_paths(cfg)
-        from tinygpt.train.run_guard import check_resume
+        from tinygpt.train.run_guard import already_complete, check_resume, resume_line
         from tinygpt.train.stage import check_dataset_specs, check_outputs
 
         check_dataset_specs(cfg)
         check_outputs(cfg)
-        check_resume(cfg)
+        where = already_complete(cfg)  # as the run would say it (and then it checks no checkpoint)
+        if where is None:
+            where = resume_line(cfg, check_resume(cfg))
+        if where:
+            print(where)
         print(f"{args.cfg_path}: ok")
         return 0
     from tinygpt.tiny.backbones import resolve_builtin
+    from tinygpt.train.run_guard import already_complete
     from tinygpt.train.stage import check_outputs, run_stage
 
     check_outputs(cfg)  # before builtin:tiny may build the backbones: a bad output location costs nothing
+    complete = already_complete(cfg)  # run.resume auto and the run already finished: no model loads
+    if complete:
+        print(complete)
+        return 0
     resolve_builtin(cfg)
     out = run_stage(cfg)
     print(f"stage output: {out}")

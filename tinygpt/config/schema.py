@@ -120,7 +120,8 @@ class RunSection:
     seed: int = 42                   # seeds weights-independent randomness: data order, mixing, dropout
     precision: str = "bf16"          # fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)
     grad_accum_steps: int = 1        # micro-batches per optimizer step per process
-    save_every: int = 1000           # optimizer steps between resume checkpoints (0 = only at the end)
+    save_every: int = 1000           # optimizer steps between resume checkpoints (0 = only at the end; the last
+                                     # step is always checkpointed, so a rerun of a finished run knows it is done)
     keep_last: int = 2               # resume checkpoints kept
     resume: Union[bool, str] = "auto"  # false | true (latest, must exist) | auto (latest if any) | a checkpoint path
     save_mode: str = "auto"          # stage output: auto | trainable_only (+ base reference) | whole

@@ -8,17 +8,21 @@
   state.json              step, counters, data position, schedule, run fingerprint; an MoE stage's expert load
                           counts so far (``moe_load``: the summary's whole-run moe_load_share goes on from them)
 A checkpoint directory is first written as ``step_N.tmp`` and renamed when complete, so a kill at any moment leaves
-the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it.
-``state.json`` records every other file's size and sha256; resume validates every file before restoring anything
-and names the damaged file, offering the checkpoint before it.
+the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it. A
+checkpoint that goes (one of the same step replaced, one past ``keep_last``, an earlier run's at a fresh start) is
+first renamed to ``step_N.old.tmp`` and only then deleted, so a kill during the deletion leaves no partial ``step_N``
+either; ``remove_temporaries`` sweeps such leftovers (every save does, and so does the start of a run).
+``state.json`` records every other file's size and sha256; ``verify_checkpoint`` checks them and state.json's own
+values (``checkpoint_state.py``) without loading a tensor (run_guard calls it before the model loads), and resume reads
+every file before restoring anything; either names the damaged file, offering the checkpoint before it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -30,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 from ..io_utils import atomic_write_text, make_readable, writing
 from . import sharded
+from .checkpoint_state import STEP_DIR, state_problem
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "rng_0.pt")  # in every manifest
 
 
 def checkpoints_root(checkpoint_dir: str | Path) -> Path:
@@ -40,11 +45,39 @@ def checkpoints_root(checkpoint_dir: str | Path) -> Path:
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = checkpoints_root(checkpoint_dir)
+    return _step_dirs(checkpoints_root(checkpoint_dir))
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The ``step_N`` directories holding a state.json directly in ``root``, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def remove_temporaries(checkpoint_dir: str | Path) -> None:
+    """Remove the ``step_*.tmp`` folders a killed run left: a checkpoint being written, or one being deleted. Only
+    under the run lock (no other run writes into the folder)."""
+    root = checkpoints_root(checkpoint_dir)
+    for stale in sorted(root.glob("step_*.tmp")) if root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint directory that goes to ``step_N.old.tmp``: a name resume never picks and
+    ``remove_temporaries`` removes. Returns the new path."""
+    aside = path.with_name(f"{path.name}.old.tmp")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(path, aside)
+    return aside
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint directory, moved aside first, so a kill while deleting leaves nothing that resume could
+    pick (``remove_temporaries`` finishes the job)."""
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
 
 
 def find_resume(resume, checkpoint_dir: str | Path, where: str) -> Optional[Path]:
@@ -59,8 +92,12 @@ def find_resume(resume, checkpoint_dir: str | Path, where: str) -> Optional[Path
             raise UserError(f"{where}: run.resume: no checkpoint in {checkpoints_root(checkpoint_dir)}")
         return None
     path = Path(resume)
-    if path.is_dir() and STEP_DIR.match(path.name) is None and list_checkpoints(path):
-        return list_checkpoints(path)[-1]  # a checkpoint_dir was named: take its latest
+    if not path.exists():
+        raise UserError(f"{where}: run.resume: {path} does not exist")
+    if path.is_dir() and STEP_DIR.match(path.name) is None and not (path / "state.json").is_file():
+        latest = list_checkpoints(path) or _step_dirs(path)  # a checkpoint_dir, or its checkpoints/ folder
+        if latest:
+            return latest[-1]
     if not (path / "state.json").is_file():
         raise UserError(f"{where}: run.resume: {path} is not a checkpoint (no state.json)")
     return path
@@ -110,8 +147,7 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
     try:
         with writing(tmp, f"the checkpoint of step {step}"):
             if main:
-                for stale in root.glob("step_*.tmp"):  # left by a run that was killed while writing
-                    shutil.rmtree(stale, ignore_errors=True)
+                remove_temporaries(checkpoint_dir)  # left by a run that was killed while writing or deleting
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
             torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
@@ -130,11 +166,13 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
                 record = {"step": step, **state, "files": files}
                 atomic_write_text(tmp / "state.json", json.dumps(record, indent=1, sort_keys=True))
                 make_readable(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
+                # a checkpoint of the same step is never deleted in place: a kill then would leave a partial step_N
+                replaced = _move_aside(final) if final.exists() else None
                 tmp.rename(final)
+                if replaced is not None:
+                    shutil.rmtree(replaced, ignore_errors=True)
                 for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    discard(old)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -166,18 +204,53 @@ def _read(file: Path, reader):
         raise _damaged(file, f"{type(exc).__name__}: {text[0][:200] if text else 'unreadable'}") from None
 
 
-def read_checkpoint(path: Path, rank: int, with_scaler: bool) -> dict:
-    """Every file of the checkpoint, read and validated before anything is restored; a damaged one raises one
-    ``UserError`` naming it. Returns {"state", "weights", "optimizer", "scaler", "rng"}."""
+def read_state(path: Path) -> dict:
+    """The checkpoint's state.json, its values checked (``checkpoint_state.state_problem``); a damaged one raises
+    one ``UserError`` naming the key and the checkpoint before it."""
     state = _read(path / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise _damaged(path / "state.json", "no integer 'step'")
-    for name, expected in (state.get("files") or {}).items():  # checkpoints written before the manifest have none
+    problem = state_problem(state, path.name)
+    if problem is not None:
+        raise _damaged(path / "state.json", problem)
+    return state
+
+
+def _check_manifest(path: Path, state: dict) -> None:
+    """Every file state.json records is there with its recorded size and sha256."""
+    files = state["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise _damaged(path / "state.json", f"its files list has no {name}")
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise _damaged(file, "missing")
-        if file.stat().st_size != expected.get("bytes") or _digest(file)["sha256"] != expected.get("sha256"):
+        if file.stat().st_size != expected["bytes"] or _digest(file)["sha256"] != expected["sha256"]:
             raise _damaged(file, "its size or sha256 differs from state.json's record")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """state.json checked, and every file against its recorded size and sha256, without loading a tensor; a
+    checkpoint written before the manifest (no ``files`` in state.json) has each file read by its loader instead.
+    Returns state.json. Raises one ``UserError`` naming the damaged file (run_guard calls this before the model
+    loads)."""
+    state = read_state(path)
+    if "files" in state:
+        _check_manifest(path, state)
+    else:
+        _read_files(path, state, 0, with_scaler=False)
+    return state
+
+
+def read_checkpoint(path: Path, rank: int, with_scaler: bool) -> dict:
+    """Every file of the checkpoint, read and validated before anything is restored; a damaged one raises one
+    ``UserError`` naming it. Returns {"state", "weights", "optimizer", "scaler", "rng"}."""
+    state = read_state(path)
+    if "files" in state:  # checkpoints written before the manifest have none
+        _check_manifest(path, state)
+    return _read_files(path, state, rank, with_scaler)
+
+
+def _read_files(path: Path, state: dict, rank: int, with_scaler: bool) -> dict:
     loaded = {"state": state, "scaler": None, "rng": None}
     loaded["weights"] = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
     optim = _read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from ..config.schema import RunConfig
 from ..data.bad_records import bad_record_totals, share_counts
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .run_guard import changed_settings, run_fingerprint
+from .interrupt import StepReached
+from .run_guard import changed_settings, resume_line, run_fingerprint, stage_record
 from . import sharded
 from .mixing import DataMixer
 from .moe_log import MoELoad
@@ -108,8 +108,10 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count: int,
-          resume_from: Path | None = None) -> TrainResult:
-    """Train from step 0, or from `resume_from` (the checkpoint tinygpt.train.run_guard.check_resume picked)."""
+          resume_from: Path | None = None, reached: StepReached | None = None) -> TrainResult:
+    """Train from step 0, or from `resume_from` (the checkpoint tinygpt.train.run_guard.check_resume picked).
+    ``reached.step`` follows the steps done (for the message when the run is interrupted)."""
+    reached = reached or StepReached()
     r, sched_cfg = cfg.run, cfg.schedule
     note = precision_note(cfg, accelerator)
     if note and accelerator.is_main_process:
@@ -124,11 +126,14 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     clipped = sharded.clip_parameters(accelerator, model, trainable)
     layout = row_layout(r)
     fingerprint = run_fingerprint(cfg)  # kept in each checkpoint: a resume with other settings says so
+    if accelerator.is_main_process:
+        ckpt.remove_temporaries(cfg.checkpoint_dir)  # a killed run's half-written or half-deleted checkpoints
 
-    start_step, skipped, nonfinite_run, data_state = 0, 0, 0, None
+    start_step, skipped, nonfinite_run, data_state, last_loss = 0, 0, 0, None, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer)
         start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        last_loss = state.get("last_loss")
         nonfinite_run, data_state = int(state.get("nonfinite_in_a_row", 0)), state.get("data", {})
         data_state = data_state.get(str(accelerator.process_index), data_state.get("0"))
         changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
@@ -145,15 +150,18 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         log.warning("starting fresh: removing %d checkpoints of an earlier run in %s", len(stale),
                     ckpt.checkpoints_root(cfg.checkpoint_dir))
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            ckpt.discard(path)
+    elif accelerator.is_main_process and resume_line(cfg, None):
+        log.info("%s", resume_line(cfg, None))  # run.resume auto found none
     accelerator.wait_for_everyone()
+    reached.step = start_step
     mixer.start(start_step, data_state)
 
     progress = Progress(total_steps=sched_cfg.total_steps, start_step=start_step, enabled=accelerator.is_main_process,
                         show_bar=r.progress, device=accelerator.device, log_every=r.log_every,
                         log_dir=Path(cfg.checkpoint_dir), tensorboard=r.tensorboard,
                         wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")))
-    started, samples_total, last_loss = time.monotonic(), 0, None
+    started, samples_total = time.monotonic(), 0
     model_cfg = cfg.model
     datasets = {entry.name: entry.dataset for entry in mixer.entries}
     moe_load = MoELoad(model)
@@ -211,13 +219,16 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 if accelerator.is_main_process:
                     log.info("step %d %s", done, moe_load.line())
                 moe_load.reset()
-            if r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps and nonfinite_run:
+            reached.step = done
+            final = done == sched_cfg.total_steps  # always checkpointed: a rerun then knows the run is done
+            due = final or bool(r.save_every and done % r.save_every == 0)
+            if due and nonfinite_run and not final:
                 log.warning("step %d: no checkpoint while losses are non-finite (the last good one stays)", done)
-            elif r.save_every and done % r.save_every == 0 and done < sched_cfg.total_steps:
+            elif due:
                 mixer.restart_streams(done)  # streams restart at every checkpoint, so its data position is exact
                 state = {"skipped_steps": skipped, "nonfinite_in_a_row": nonfinite_run, "slots": mixer.slots,
                          "schedule": schedule.state_dict(), "last_loss": last_loss, "fingerprint": fingerprint,
-                         "data": _gather_data_state(accelerator, mixer.state())}
+                         "stage": stage_record(cfg), "data": _gather_data_state(accelerator, mixer.state())}
                 if moe_load:
                     state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
                 ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)

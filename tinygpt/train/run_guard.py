@@ -1,7 +1,10 @@
 """What must hold before a training run starts, beyond its config: one run at a time per checkpoint directory, a
-checkpoint to resume from that lies within the schedule, and a word when the run resumes with other settings.
+checkpoint to resume from that is intact, lies within the schedule and was written by this stage, and a word when the
+run resumes with other settings.
 
+    already_complete(cfg)                # "already complete: OUT (step N of N); ..." when auto finds the run done
     check_resume(cfg)                    # the checkpoint run.resume picks (or None); UserError when it cannot be used
+    resume_line(cfg, found)              # "will resume from PATH (step N)" / "no checkpoint in DIR: starting at step 0"
     with run_lock(cfg, is_main):         # UserError when another live run holds cfg.checkpoint_dir
         ...
     changed_settings(state.get("fingerprint"), run_fingerprint(cfg))   # ["schedule.init_lr: 0.001 -> 0.005", ...]
@@ -10,12 +13,16 @@ The lock is an flock on ``<checkpoint_dir>/run.lock`` (beside ``checkpoints/``) 
 whole run: the kernel drops it when that process ends, however it ends, so a killed run never leaves a stale lock.
 The fingerprint is the settings that decide what the resumed steps compute (schedule, optimizer, seed, micro-batch
 layout, image size, each dataset's batch size and ratio); paths are left out, so a moved data folder is no change.
+The stage record (``stage_record``: config file, output, trainable set, dataset names) tells another stage's
+checkpoint: one whose trainable set differs, or that another config wrote into another output, is refused (one
+written before the record resumes as before).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,22 +34,86 @@ from . import checkpoint as ckpt
 
 
 def check_resume(cfg: RunConfig) -> Optional[Path]:
-    """run.resume's checkpoint (None: start fresh), checked before any model is loaded: it exists, and its step is
-    not past schedule.total_steps."""
+    """run.resume's checkpoint (None: start fresh), checked before any model is loaded: it exists, is intact
+    (``checkpoint.verify_checkpoint``: state.json's values, every file's size and sha256), its step is not past
+    schedule.total_steps, and this stage wrote it."""
     found = ckpt.find_resume(cfg.run.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
     if found is None:
         return None
-    try:
-        step = int(json.loads((found / "state.json").read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{found / 'state.json'}: not a readable checkpoint state ({type(exc).__name__}); resume from "
-                        "an earlier checkpoint with run.resume=PATH, or start fresh with run.resume=false") from None
-    total = cfg.schedule.total_steps
+    state = ckpt.verify_checkpoint(found)
+    step, total = state["step"], cfg.schedule.total_steps
     if step > total:
         raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is at step {step}, past "
                         f"schedule.total_steps {total} ({cfg.origin('schedule.total_steps')}); raise total_steps, or "
                         "start fresh with run.resume=false")
+    changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
+    if step == total and changed:  # the end of a finished run: resuming would only re-save it under new settings
+        listed = "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+        raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is the end of a finished run (step {step} "
+                        f"of {total}), made with other settings ({listed}); "
+                        "nothing is left to train: retrain with run.resume=false, or raise schedule.total_steps to "
+                        "go on from it")
+    _check_same_stage(cfg, found, state.get("stage"))
     return found
+
+
+def _is_auto(resume) -> bool:
+    return isinstance(resume, str) and resume.lower() == "auto"
+
+
+def resume_line(cfg: RunConfig, found: Optional[Path]) -> Optional[str]:
+    """Where the run starts, in one line: ``will resume from PATH (step N)``, ``no checkpoint in DIR: starting at
+    step 0`` (run.resume auto), or None (run.resume false)."""
+    if found is not None:
+        step = json.loads((found / "state.json").read_text(encoding="utf-8"))["step"]
+        return f"will resume from {found} (step {step})"
+    if _is_auto(cfg.run.resume):
+        return f"no checkpoint in {ckpt.checkpoints_root(cfg.checkpoint_dir)}: starting at step 0"
+    return None
+
+
+def already_complete(cfg: RunConfig) -> Optional[str]:
+    """With run.resume auto, the line to print instead of training again when the run is done: its newest checkpoint
+    is at schedule.total_steps and the output's train_summary.json says that run finished (end_step total_steps, the
+    same fingerprint as the checkpoint and as this config). None otherwise (also when anything cannot be read)."""
+    found = ckpt.list_checkpoints(cfg.checkpoint_dir) if _is_auto(cfg.run.resume) else []
+    if not found:
+        return None
+    total, out = cfg.schedule.total_steps, Path(cfg.run.output_dir)
+    try:
+        state = json.loads((found[-1] / "state.json").read_text(encoding="utf-8"))
+        record = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+        end_step = record["summary"]["end_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fingerprint = run_fingerprint(cfg)
+    if not (isinstance(state, dict) and state.get("step") == total and end_step == total
+            and state.get("fingerprint") == fingerprint and record.get("fingerprint") == fingerprint):
+        return None
+    return f"already complete: {out} (step {total} of {total}); run.resume=false retrains it"
+
+
+def stage_record(cfg: RunConfig) -> dict[str, Any]:
+    """What tells one stage's checkpoints from another's (kept in each checkpoint's state.json as ``stage``)."""
+    return {"config": cfg.source, "output_dir": os.path.abspath(cfg.run.output_dir),
+            "trainable": cfg.model.trainable, "datasets": sorted(cfg.active_datasets())}
+
+
+def _check_same_stage(cfg: RunConfig, found: Path, saved: Optional[dict]) -> None:
+    """Refuse a checkpoint of another stage: another trainable set, or another config that wrote into another output
+    (the same config into another output is a moved or deliberate copy; another config into the same output, a renamed
+    config). A checkpoint written before the record passes."""
+    if not saved:
+        return
+    now = stage_record(cfg)
+    if saved["trainable"] == now["trainable"] and (saved["config"] == now["config"]
+                                                   or saved["output_dir"] == now["output_dir"]):
+        return
+    raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is a checkpoint of another stage: "
+                    f"{saved['config']} wrote it into {saved['output_dir']} (model.trainable {saved['trainable']}), "
+                    f"this run is {now['config']} into {now['output_dir']} (model.trainable {now['trainable']}); "
+                    "resume from this stage's own checkpoints (run.resume=PATH), or give it its own "
+                    "run.checkpoint_dir")
 
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
@@ -58,10 +129,13 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
 
 def changed_settings(saved: Optional[dict], now: dict) -> list[str]:
-    """``key: before -> now`` for every fingerprint entry that differs (none for a checkpoint without one)."""
+    """``key: before -> now`` for every fingerprint entry that differs, in this run's or in the checkpoint's (a
+    dataset dropped from the config: ``data.datasets.x.batch_size: 16 -> None``); none for a checkpoint without
+    one."""
     if not saved:
         return []
-    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in now.items() if saved.get(key) != value]
+    keys = list(now) + [key for key in saved if key not in now]
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ module only names the YAML key at fault when the registry rejects a spec.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import logging
@@ -27,13 +28,14 @@ from ..data.bad_records import BadRecordPolicy
 from ..data.collate import collate_batch
 from ..data.registry import DatasetSpecError, build_dataset, check_params, missing_input
 from ..errors import UserError, did_you_mean
-from ..io_utils import check_output_dir
+from ..io_utils import check_output_dir, remove_stale_temporaries
 from ..model import save_vlm
 from ..model.checkpoint_io import check_model_out, model_chain
 from .build import build_model, planned_image_size
 from .features import check_feature_cache
 from .init_checks import check_model_start
-from .run_guard import check_resume, run_lock
+from .interrupt import StepReached, interrupts_reported
+from .run_guard import already_complete, check_resume, run_fingerprint, run_lock
 from .loop import make_accelerator, train
 from .mixing import DataMixer, MixEntry
 from .sharded import model_to_save
@@ -140,9 +142,13 @@ def check_outputs(cfg: RunConfig) -> None:
 
 
 def save_output(cfg: RunConfig, model, base_dir, mode: str, summary: dict) -> Path:
-    """Write the model directory and its ``train_summary.json`` in one atomic rename."""
+    """Write the model directory and its ``train_summary.json`` in one atomic rename; first the temporaries of a
+    run that was killed while writing it go (and an output it had moved aside comes back: ``io_utils``)."""
     out = Path(cfg.run.output_dir)
-    record = {"summary": summary, "save_mode": mode, "config": config_to_dict(cfg), "config_file": cfg.source}
+    for stale in remove_stale_temporaries(out.parent, [glob.escape(out.name)]):
+        log.info("removed %s (a temporary of a run that was killed while writing %s)", stale, out)
+    record = {"summary": summary, "save_mode": mode, "config": config_to_dict(cfg), "config_file": cfg.source,
+              "fingerprint": run_fingerprint(cfg)}  # with the final checkpoint: tells a finished run (run_guard)
     extra = {"train_summary.json": json.dumps(record, indent=1, default=str)}
     if mode == "trainable_only":
         save_vlm(model, out, trainable_only=True, base_model=str(base_dir), extra_files=extra)
@@ -156,13 +162,19 @@ def run_stage(cfg: RunConfig) -> Path:
     check_outputs(cfg)  # first: where we write is checked before anything is read or built
     check_paths(cfg)
     check_dataset_specs(cfg)
+    complete = already_complete(cfg)  # run.resume auto, and this run already finished: nothing to do
+    if complete:
+        log.info("%s", complete)
+        return Path(cfg.run.output_dir)
     resume_from = check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
-    accelerator = make_accelerator(cfg.run)
-    with run_lock(cfg, accelerator.is_main_process):
-        return _run_locked(cfg, accelerator, resume_from)
+    reached = StepReached()
+    with interrupts_reported(cfg, reached):  # Ctrl-C / SIGTERM: one line saying where a rerun resumes
+        accelerator = make_accelerator(cfg.run)
+        with run_lock(cfg, accelerator.is_main_process):
+            return _run_locked(cfg, accelerator, resume_from, reached)
 
 
-def _run_locked(cfg: RunConfig, accelerator, resume_from: Path | None) -> Path:
+def _run_locked(cfg: RunConfig, accelerator, resume_from: Path | None, reached: StepReached) -> Path:
     seed_everything(cfg.run.seed)
     if cfg.model.load_in_4bit and cfg.run.save_mode == "whole":
         raise UserError(f"{cfg.origin('run.save_mode')}: run.save_mode: whole cannot save 4-bit base weights")
@@ -179,7 +191,7 @@ def _run_locked(cfg: RunConfig, accelerator, resume_from: Path | None) -> Path:
                       world_size=accelerator.num_processes, rank=accelerator.process_index,
                       grad_accum_steps=cfg.run.grad_accum_steps, num_workers=cfg.data.num_workers,
                       collate=collate_batch)
-    result = train(cfg, accelerator, built.model, mixer, built.trainable_count, resume_from)
+    result = train(cfg, accelerator, built.model, mixer, built.trainable_count, resume_from, reached)
     accelerator.wait_for_everyone()
     out = Path(cfg.run.output_dir)
     model = model_to_save(accelerator, result.model)  # collective under FSDP (gathers the shards)

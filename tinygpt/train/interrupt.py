@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM during a training run: an orderly exit that says where a rerun picks up.
+
+    reached = StepReached()
+    with interrupts_reported(cfg, reached):      # SIGTERM raises (io_utils.sigterm_raises), so temporaries go
+        ...                                      # the loop keeps reached.step = steps done
+    # -> TrainingInterrupted("interrupted at step 7; rerun the same command to resume from .../step_00000006 (step 6)")
+
+``TrainingInterrupted`` is a KeyboardInterrupt (any command's ``report_errors`` still says ``interrupted``, exit 130);
+the train command prints its message and exits 130 for Ctrl-C, 143 for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from ..config.schema import RunConfig
+from ..io_utils import sigterm_raises
+from . import checkpoint as ckpt
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what io_utils.sigterm_raises exits with
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM; ``str()`` says at which step and where a rerun resumes."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code
+
+
+@dataclass
+class StepReached:
+    step: Optional[int] = None  # optimizer steps done so far (None: training has not started)
+
+
+def interrupt_message(cfg: RunConfig, step: Optional[int]) -> str:
+    """``interrupted at step N; ...`` with what a rerun of the same command does (from the newest checkpoint)."""
+    head = "interrupted" if step is None else f"interrupted at step {step}"
+    found = ckpt.list_checkpoints(cfg.checkpoint_dir)
+    latest = None
+    if found:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            latest = f"{found[-1]} (step {int(json.loads((found[-1] / 'state.json').read_text())['step'])})"
+    resume = cfg.run.resume
+    if resume is False or (isinstance(resume, str) and resume.lower() in ("false", "no", "off")):
+        also = f" (run.resume=auto resumes from {latest})" if latest else ""
+        return f"{head}; run.resume is false: a rerun of the same command starts at step 0{also}"
+    if latest is None:
+        return f"{head}; no checkpoint yet: a rerun starts at step 0"
+    if resume is True or resume.lower() in ("true", "auto", "latest"):
+        return f"{head}; rerun the same command to resume from {latest}"
+    return f"{head}; rerun with run.resume=auto to resume from {latest}"
+
+
+@contextlib.contextmanager
+def interrupts_reported(cfg: RunConfig, reached: StepReached) -> Iterator[None]:
+    """Inside the block SIGTERM raises like Ctrl-C does; either becomes one ``TrainingInterrupted``."""
+    with sigterm_raises():
+        try:
+            yield
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(interrupt_message(cfg, reached.step), 130) from None
+        except SystemExit as exc:
+            if exc.code != SIGTERM_EXIT:
+                raise
+            raise TrainingInterrupted(interrupt_message(cfg, reached.step), SIGTERM_EXIT) from None
