@@ -9,9 +9,10 @@
                           counts so far (``moe_load``: the summary's whole-run moe_load_share goes on from them)
 A checkpoint directory is first written as ``step_N.tmp`` and renamed when complete, so a kill at any moment leaves
 the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it. A
-checkpoint that goes (one of the same step replaced, one past ``keep_last``, an earlier run's at a fresh start) is
-first renamed to ``step_N.old.tmp`` and only then deleted, so a kill during the deletion leaves no partial ``step_N``
-either; ``remove_temporaries`` sweeps such leftovers (every save does, and so does the start of a run).
+checkpoint that goes (one of the same step replaced, one past ``keep_last``, an earlier run's once a fresh start has
+written its first checkpoint) is first renamed to ``step_N.old.tmp`` and only then deleted, so a kill during the
+deletion leaves no partial ``step_N`` either; ``remove_temporaries`` sweeps such leftovers (every save does, and so does
+the start of a run).
 ``state.json`` records every other file's size and sha256; ``verify_checkpoint`` checks them and state.json's own
 values (``checkpoint_state.py``) without loading a tensor (run_guard calls it before the model loads), and resume reads
 every file before restoring anything; either names the damaged file, offering the checkpoint before it.
@@ -131,8 +132,10 @@ def _digest(path: Path) -> dict:
 
 
 def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: str | Path, state: dict,
-                    keep_last: int) -> Path:
-    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path.
+                    keep_last: int, replaces: tuple[Path, ...] = ()) -> Path:
+    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path. ``replaces``: an
+    earlier run's checkpoints (a fresh start keeps them until now), discarded once ``step_N`` is in place and before
+    ``keep_last`` counts.
 
     A write failure (full disk, permissions) raises one ``UserError`` naming the checkpoint; the partial
     ``step_N.tmp`` is removed and the earlier checkpoints stay as they were."""
@@ -171,6 +174,9 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
                 tmp.rename(final)
                 if replaced is not None:
                     shutil.rmtree(replaced, ignore_errors=True)
+                for stale in replaces:  # never step_N itself: one of the same step was moved aside above
+                    if stale != final and stale.is_dir():
+                        discard(stale)
                 for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
                     discard(old)
     except BaseException:

@@ -129,7 +129,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     if accelerator.is_main_process:
         ckpt.remove_temporaries(cfg.checkpoint_dir)  # a killed run's half-written or half-deleted checkpoints
 
-    start_step, skipped, nonfinite_run, data_state, last_loss = 0, 0, 0, None, None
+    start_step, skipped, nonfinite_run, data_state, last_loss, stale = 0, 0, 0, None, None, ()
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer)
         start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
@@ -146,11 +146,9 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         if accelerator.is_main_process:
             log.info("resuming from %s (step %d)", resume_from, start_step)
     elif accelerator.is_main_process and ckpt.list_checkpoints(cfg.checkpoint_dir):
-        stale = ckpt.list_checkpoints(cfg.checkpoint_dir)
-        log.warning("starting fresh: removing %d checkpoints of an earlier run in %s", len(stale),
-                    ckpt.checkpoints_root(cfg.checkpoint_dir))
-        for path in stale:
-            ckpt.discard(path)
+        stale = tuple(ckpt.list_checkpoints(cfg.checkpoint_dir))  # kept until this run's first checkpoint is written
+        log.warning("starting fresh: %d checkpoints of an earlier run in %s are kept until this run writes its first "
+                    "checkpoint, then removed", len(stale), ckpt.checkpoints_root(cfg.checkpoint_dir))
     elif accelerator.is_main_process and resume_line(cfg, None):
         log.info("%s", resume_line(cfg, None))  # run.resume auto found none
     accelerator.wait_for_everyone()
@@ -198,7 +196,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)", step + 1,
                             nonfinite_run, skipped)
                 if nonfinite_run >= r.max_nonfinite:
-                    last = ckpt.list_checkpoints(cfg.checkpoint_dir)
+                    last = [p for p in ckpt.list_checkpoints(cfg.checkpoint_dir) if p not in stale]
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                     raise TrainingStopped(
                         f"training stopped at step {step + 1}: {nonfinite_run} non-finite losses in a row; {kept}; "
@@ -231,7 +229,9 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                          "stage": stage_record(cfg), "data": _gather_data_state(accelerator, mixer.state())}
                 if moe_load:
                     state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
-                ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last)
+                ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last,
+                                     replaces=stale)
+                stale = ()  # the earlier run's checkpoints went with this one
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
     finally:

@@ -11,8 +11,11 @@ run resumes with other settings.
 
 The lock is an flock on ``<checkpoint_dir>/run.lock`` (beside ``checkpoints/``) held by the main process for the
 whole run: the kernel drops it when that process ends, however it ends, so a killed run never leaves a stale lock.
+The file names the holder's process and output dir, so a run that shares another's run.checkpoint_dir is told whose.
 The fingerprint is the settings that decide what the resumed steps compute (schedule, optimizer, seed, micro-batch
-layout, image size, each dataset's batch size and ratio); paths are left out, so a moved data folder is no change.
+layout, precision, packing, max_txt_len, image size, the init_from string, each dataset's kind, batch size and ratio;
+with a stream among the datasets also data.num_workers and run.save_every); data paths are left out, so a moved data
+folder is no change. Settings added to it later are not reported against a checkpoint whose fingerprint predates them.
 The stage record (``stage_record``: config file, output, trainable set, dataset names) tells another stage's
 checkpoint: one whose trainable set differs, or that another config wrote into another output, is refused (one
 written before the record resumes as before).
@@ -47,7 +50,10 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
                         f"schedule.total_steps {total} ({cfg.origin('schedule.total_steps')}); raise total_steps, or "
                         "start fresh with run.resume=false")
     changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
-    if step == total and changed:  # the end of a finished run: resuming would only re-save it under new settings
+    named = isinstance(cfg.run.resume, str) and not _is_auto(cfg.run.resume)  # a checkpoint path the user gave
+    if step == total and changed and not named:
+        # the end of a finished run, picked by auto/true: resuming would only re-save it under new settings (a path
+        # the user named, e.g. to write a lost output again, is taken as asked)
         listed = "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
         raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is the end of a finished run (step {step} "
                         f"of {total}), made with other settings ({listed}); "
@@ -88,9 +94,15 @@ def already_complete(cfg: RunConfig) -> Optional[str]:
         return None
     fingerprint = run_fingerprint(cfg)
     if not (isinstance(state, dict) and state.get("step") == total and end_step == total
-            and state.get("fingerprint") == fingerprint and record.get("fingerprint") == fingerprint):
+            and _same(state.get("fingerprint"), fingerprint) and _same(record.get("fingerprint"), fingerprint)):
         return None
     return f"already complete: {out} (step {total} of {total}); run.resume=false retrains it"
+
+
+def _same(saved, fingerprint: dict) -> bool:
+    """``saved`` is a fingerprint that names no change from ``fingerprint`` (one from before a setting was added
+    to it counts as the same)."""
+    return isinstance(saved, dict) and bool(saved) and not changed_settings(saved, fingerprint)
 
 
 def stage_record(cfg: RunConfig) -> dict[str, Any]:
@@ -116,35 +128,90 @@ def _check_same_stage(cfg: RunConfig, found: Path, saved: Optional[dict]) -> Non
                     "run.checkpoint_dir")
 
 
+def streaming_datasets(cfg: RunConfig) -> list[str]:
+    """The active datasets that are streams (their kind's loader an IterableDataset, e.g. webdataset_pairs): these
+    restart at every checkpoint and are split among the data workers, so save_every and num_workers shape their data."""
+    from torch.utils.data import IterableDataset
+
+    from ..data.registry import KINDS
+
+    def streams(kind: str) -> bool:
+        loader = getattr(KINDS.get(kind), "loader", None)
+        return isinstance(loader, type) and issubclass(loader, IterableDataset)
+
+    return sorted(name for name, spec in cfg.active_datasets().items() if streams(spec.kind))
+
+
+# settings the fingerprint took in later: a checkpoint whose fingerprint predates them (it has no run.precision) is
+# not told they changed, as nothing says what they were (a dataset's kind: see changed_settings)
+ADDED_LATER = ("run.precision", "run.packing.", "model.max_txt_len", "model.init_from", "data.num_workers",
+               "run.save_every")
+
+
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     settings = config_to_dict(cfg)
     flat = {f"schedule.{k}": v for k, v in settings["schedule"].items()}
     flat.update({f"optim.{k}": v for k, v in settings["optim"].items()})
     flat.update({"run.seed": cfg.run.seed, "run.grad_accum_steps": cfg.run.grad_accum_steps,
-                 "model.image_size": settings["model"].get("image_size")})
+                 "model.image_size": settings["model"].get("image_size"), "run.precision": cfg.run.precision,
+                 "run.packing.enabled": cfg.run.packing.enabled, "model.max_txt_len": cfg.model.max_txt_len,
+                 "model.init_from": cfg.model.init_from})
+    if cfg.run.packing.enabled:
+        flat["run.packing.tokens_per_row"] = cfg.run.packing.tokens_per_row
+    if streaming_datasets(cfg):  # streams restart at each checkpoint, and the workers split them
+        flat.update({"data.num_workers": cfg.data.num_workers, "run.save_every": cfg.run.save_every})
     for name, spec in cfg.active_datasets().items():
         flat[f"data.datasets.{name}.batch_size"] = spec.batch_size
         flat[f"data.datasets.{name}.sample_ratio"] = spec.sample_ratio
+        flat[f"data.datasets.{name}.kind"] = spec.kind
     return json.loads(json.dumps(flat, default=str))  # as state.json gives it back (tuples as lists)
+
+
+def _is_kind(key: str) -> bool:
+    return key.startswith("data.datasets.") and key.endswith(".kind")
 
 
 def changed_settings(saved: Optional[dict], now: dict) -> list[str]:
     """``key: before -> now`` for every fingerprint entry that differs, in this run's or in the checkpoint's (a
     dataset dropped from the config: ``data.datasets.x.batch_size: 16 -> None``); none for a checkpoint without
-    one."""
+    one, nor for the settings ``ADDED_LATER`` when the checkpoint's fingerprint predates them. A dataset's kind is
+    named only when it changes (a dataset added or dropped is named by its batch size and ratio)."""
     if not saved:
         return []
-    keys = list(now) + [key for key in saved if key not in now]
+    old = "run.precision" not in saved
+    keys = [key for key in now if not (old and key not in saved and key.startswith(ADDED_LATER))]
+    keys += [key for key in saved if key not in now]
+    keys = [key for key in keys if not (_is_kind(key) and (key not in saved or key not in now))]
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
 
 
 @contextlib.contextmanager
 def run_lock(cfg: RunConfig, is_main: bool = True) -> Iterator[None]:
+    """The flock on ``<checkpoint_dir>/run.lock``; the file holds the holder's process id, and on its second line
+    its output dir (so a run with another output that shares the run.checkpoint_dir is told whose it is)."""
     if not is_main:
         yield
         return
     path = Path(cfg.checkpoint_dir) / "run.lock"
-    with exclusive_lock(path, lambda holder: (
-            f"{cfg.origin('run.output_dir')}: run.output_dir: another run (process {holder}) is training into "
-            f"{cfg.run.output_dir} now ({path} is locked); wait for it, or give this run another run.output_dir")):
+    output = os.path.abspath(cfg.run.output_dir)
+    with exclusive_lock(path, lambda holder: _busy(cfg, path, holder)):
+        with open(path, "r+", encoding="utf-8") as lock:  # exclusive_lock wrote the process id alone
+            lock.write(f"{os.getpid()}\n{output}\n")
         yield
+
+
+def _busy(cfg: RunConfig, path: Path, holder: str) -> str:
+    """The message for a run.lock another live process holds (``holder``: the start of the lock file)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = holder.splitlines()
+    pid = lines[0].strip() if lines and lines[0].strip() else "?"
+    theirs = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
+    if theirs == os.path.abspath(cfg.run.output_dir) or (theirs is None and not cfg.run.checkpoint_dir):
+        return (f"{cfg.origin('run.output_dir')}: run.output_dir: another run (process {pid}) is training into "
+                f"{cfg.run.output_dir} now ({path} is locked); wait for it, or give this run another run.output_dir")
+    whose = f"process {pid}, training into {theirs}" if theirs else f"process {pid}"
+    return (f"{cfg.origin('run.checkpoint_dir')}: run.checkpoint_dir: another run ({whose}) holds {path}: it "
+            f"shares this run's checkpoint directory {cfg.checkpoint_dir} (this run trains into "
+            f"{cfg.run.output_dir}); wait for it, or give this run its own run.checkpoint_dir")
