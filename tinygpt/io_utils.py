@@ -305,19 +305,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
-    """An flock on ``path`` (its folder made if missing) held for the block, with this process's id written in it;
-    the kernel drops it however the process ends, so a killed run leaves no stale lock. Held by another live process:
-    a UserError at once, ``busy(holder's process id)`` its message."""
+def exclusive_lock(path: Path, busy: Callable[[str], str], note: str = "") -> Iterator[None]:
+    """An flock on ``path`` (its folder made if missing) held for the block, with this process's id written in it
+    (and ``note`` on the next line); the kernel drops it however the process ends, so a killed run leaves no stale
+    lock. Held by another live process: a UserError at once, ``busy(the holder's file: its process id first)`` its
+    message."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(busy(os.pread(fd, 64, 0).decode(errors="replace").strip() or "?")) from None
+            raise UserError(busy(os.pread(fd, 4096, 0).decode(errors="replace").strip() or "?")) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, (f"{os.getpid()}\n{note}\n" if note else str(os.getpid())).encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

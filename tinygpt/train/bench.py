@@ -26,13 +26,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import check_paths, load_config
-from ..config.schema import BUILTIN_PREFIX
 from ..errors import UserError, report_errors
 from ..model import TinyGPTVForConditionalGeneration, build_config
-from ..model.checkpoint_io import read_config
 from .bench_steps import model_flops_per_sample, peak_tflops, synthetic_batch, time_steps
 from .bench_switches import compare, markdown_table, parse_switches
-from .build import build_model, resolve_init_dir
+from .build import build_model, planned_config
 from .loop import make_accelerator, precision_note, ran_precision
 from .optim import build_optimizer
 from .progress import peak_memory_gb
@@ -46,11 +44,9 @@ CPU_MAX_PARAMS = 1_000_000_000  # larger models are refused on the CPU without -
 def model_parameters(cfg, random_weights: bool) -> int | None:
     """Parameters of the model the bench would build, counted on the meta device (nothing is allocated); None for
     the built-in tiny models."""
-    init_from = None if random_weights else cfg.model.init_from
-    if init_from is not None and init_from.startswith(BUILTIN_PREFIX):
+    config = build_config(cfg.model.preset) if random_weights else planned_config(cfg)
+    if config is None:
         return None
-    init_dir = resolve_init_dir(init_from)
-    config = read_config(init_dir) if init_dir is not None else build_config(cfg.model.preset)
     with torch.device("meta"):
         return sum(p.numel() for p in TinyGPTVForConditionalGeneration(config).parameters())
 

@@ -55,6 +55,18 @@ def resolve_init_dir(init_from: Optional[str]) -> Optional[Path]:
     return Path(init_from)
 
 
+def planned_config(cfg: RunConfig):
+    """The config of the model the stage starts from, without loading weights: ``model.init_from``'s config.json, or
+    the preset's for random weights. None while init_from names a built-in model (only the entry points resolve it)
+    or a folder without a config.json (check_paths says so)."""
+    init = cfg.model.init_from
+    if init is None:
+        return build_config(cfg.model.preset, image_size=cfg.model.image_size)
+    if init.startswith(BUILTIN_PREFIX) or not (Path(init) / "config.json").is_file():
+        return None
+    return read_config(Path(init))
+
+
 def planned_image_size(cfg: RunConfig) -> int:
     """The image size the stage trains at, without loading weights (datasets are built before the model)."""
     if cfg.model.image_size is not None:

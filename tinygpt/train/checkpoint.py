@@ -81,15 +81,27 @@ def discard(path: Path) -> None:
     shutil.rmtree(_move_aside(path), ignore_errors=True)
 
 
+def resume_mode(resume) -> str:
+    """``run.resume`` as "off" (false), "latest" (true: the newest checkpoint, which must exist), "auto" (the newest
+    if any) or "path" (that checkpoint, or the newest in that folder)."""
+    text = resume.lower() if isinstance(resume, str) else None
+    if resume is False or text in ("false", "no", "off"):
+        return "off"
+    if resume is True or text in ("true", "latest"):
+        return "latest"
+    return "auto" if text == "auto" else "path"
+
+
 def find_resume(resume, checkpoint_dir: str | Path, where: str) -> Optional[Path]:
     """``run.resume``: false -> None; auto -> latest or None; true -> latest (must exist); a path -> that one."""
-    if resume is False or (isinstance(resume, str) and resume.lower() in ("false", "no", "off")):
+    mode = resume_mode(resume)
+    if mode == "off":
         return None
-    if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "auto", "latest")):
+    if mode in ("latest", "auto"):
         found = list_checkpoints(checkpoint_dir)
         if found:
             return found[-1]
-        if resume is True or resume.lower() in ("true", "latest"):
+        if mode == "latest":
             raise UserError(f"{where}: run.resume: no checkpoint in {checkpoints_root(checkpoint_dir)}")
         return None
     path = Path(resume)

@@ -36,9 +36,9 @@ from ..data.collate import collate_samples
 from ..data.formats.qformer_features import MANIFEST, read_manifest
 from ..errors import UserError, report_errors
 from ..io_utils import atomic_dir, check_output_dir, remove_stale_temporaries, writing
+from ..model import build_config
 from ..model.checkpoint_io import read_config
-from ..model.presets import PRESETS
-from .build import build_model, planned_image_size
+from .build import build_model, planned_config, planned_image_size
 
 log = logging.getLogger("tinygpt.train")
 
@@ -78,12 +78,13 @@ def stage_features(cfg: RunConfig) -> dict:
     """The image size, Q-Former width and query count of the features the stage's model takes, from the config.json
     of ``model.init_from`` or the preset (no weights are read)."""
     init = cfg.model.init_from
-    if init is None or init in BUILTIN_PRESETS:
-        spec = PRESETS[cfg.model.preset if init is None else BUILTIN_PRESETS[init]]
-        return {"image_size": cfg.model.image_size or spec["vision"]["image_size"],
-                "hidden_size": spec["qformer"]["hidden_size"], "num_query_tokens": spec["num_query_tokens"]}
-    config = read_config(Path(init))
-    return {"image_size": planned_image_size(cfg), "hidden_size": config.qformer_config.hidden_size,
+    if init in BUILTIN_PRESETS:
+        config = build_config(BUILTIN_PRESETS[init], image_size=cfg.model.image_size)
+    else:
+        config = planned_config(cfg)
+        if config is None:  # a folder without config.json: read_config says so
+            config = read_config(Path(init))
+    return {"image_size": cfg.model.image_size or config.image_size, "hidden_size": config.qformer_config.hidden_size,
             "num_query_tokens": config.num_query_tokens}
 
 

@@ -13,14 +13,12 @@ null; no weights. Each mistake is one UserError naming the YAML file and the dot
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional
 
-from ..config.schema import BUILTIN_PREFIX, RunConfig
+from ..config.schema import RunConfig
 from ..errors import UserError
-from ..model.checkpoint_io import read_config
 from ..model.moe import SETTING_KEYS, moe_settings, resolve_layers
-from ..model.presets import PRESETS
+from .build import planned_config
 
 
 def check_model_start(cfg: RunConfig) -> None:
@@ -44,13 +42,12 @@ def check_model_start(cfg: RunConfig) -> None:
 def _starting_config(cfg: RunConfig) -> Optional[tuple[int, Optional[dict], str]]:
     """(LLM layers, MoE settings or None, what they come from) of the starting model; None while ``init_from`` is
     unresolved (builtin) or no model directory (``check_paths`` says so)."""
-    init = cfg.model.init_from
-    if init is None:
-        return int(PRESETS[cfg.model.preset]["text"]["num_hidden_layers"]), None, f"preset {cfg.model.preset!r}"
-    if init.startswith(BUILTIN_PREFIX) or not (Path(init) / "config.json").is_file():
+    config = planned_config(cfg)
+    if config is None:
         return None
-    text = read_config(Path(init)).text_config
-    return int(text.num_hidden_layers), text.moe, f"model.init_from {init}"
+    init, text = cfg.model.init_from, config.text_config
+    source = f"preset {cfg.model.preset!r}" if init is None else f"model.init_from {init}"
+    return int(text.num_hidden_layers), text.moe, source
 
 
 def _check_moe_layers(cfg: RunConfig, depth: int, source: str) -> None:

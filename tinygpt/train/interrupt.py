@@ -45,13 +45,13 @@ def interrupt_message(cfg: RunConfig, step: Optional[int]) -> str:
     if found:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             latest = f"{found[-1]} (step {int(json.loads((found[-1] / 'state.json').read_text())['step'])})"
-    resume = cfg.run.resume
-    if resume is False or (isinstance(resume, str) and resume.lower() in ("false", "no", "off")):
+    mode = ckpt.resume_mode(cfg.run.resume)
+    if mode == "off":
         also = f" (run.resume=auto resumes from {latest})" if latest else ""
         return f"{head}; run.resume is false: a rerun of the same command starts at step 0{also}"
     if latest is None:
         return f"{head}; no checkpoint yet: a rerun starts at step 0"
-    if resume is True or resume.lower() in ("true", "auto", "latest"):
+    if mode in ("latest", "auto"):
         return f"{head}; rerun the same command to resume from {latest}"
     return f"{head}; rerun with run.resume=auto to resume from {latest}"
 

@@ -50,8 +50,7 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
                         f"schedule.total_steps {total} ({cfg.origin('schedule.total_steps')}); raise total_steps, or "
                         "start fresh with run.resume=false")
     changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
-    named = isinstance(cfg.run.resume, str) and not _is_auto(cfg.run.resume)  # a checkpoint path the user gave
-    if step == total and changed and not named:
+    if step == total and changed and ckpt.resume_mode(cfg.run.resume) != "path":
         # the end of a finished run, picked by auto/true: resuming would only re-save it under new settings (a path
         # the user named, e.g. to write a lost output again, is taken as asked)
         listed = "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
@@ -63,17 +62,13 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
     return found
 
 
-def _is_auto(resume) -> bool:
-    return isinstance(resume, str) and resume.lower() == "auto"
-
-
 def resume_line(cfg: RunConfig, found: Optional[Path]) -> Optional[str]:
     """Where the run starts, in one line: ``will resume from PATH (step N)``, ``no checkpoint in DIR: starting at
     step 0`` (run.resume auto), or None (run.resume false)."""
     if found is not None:
         step = json.loads((found / "state.json").read_text(encoding="utf-8"))["step"]
         return f"will resume from {found} (step {step})"
-    if _is_auto(cfg.run.resume):
+    if ckpt.resume_mode(cfg.run.resume) == "auto":
         return f"no checkpoint in {ckpt.checkpoints_root(cfg.checkpoint_dir)}: starting at step 0"
     return None
 
@@ -82,7 +77,7 @@ def already_complete(cfg: RunConfig) -> Optional[str]:
     """With run.resume auto, the line to print instead of training again when the run is done: its newest checkpoint
     is at schedule.total_steps and the output's train_summary.json says that run finished (end_step total_steps, the
     same fingerprint as the checkpoint and as this config). None otherwise (also when anything cannot be read)."""
-    found = ckpt.list_checkpoints(cfg.checkpoint_dir) if _is_auto(cfg.run.resume) else []
+    found = ckpt.list_checkpoints(cfg.checkpoint_dir) if ckpt.resume_mode(cfg.run.resume) == "auto" else []
     if not found:
         return None
     total, out = cfg.schedule.total_steps, Path(cfg.run.output_dir)
@@ -193,19 +188,13 @@ def run_lock(cfg: RunConfig, is_main: bool = True) -> Iterator[None]:
         yield
         return
     path = Path(cfg.checkpoint_dir) / "run.lock"
-    output = os.path.abspath(cfg.run.output_dir)
-    with exclusive_lock(path, lambda holder: _busy(cfg, path, holder)):
-        with open(path, "r+", encoding="utf-8") as lock:  # exclusive_lock wrote the process id alone
-            lock.write(f"{os.getpid()}\n{output}\n")
+    with exclusive_lock(path, lambda holder: _busy(cfg, path, holder), note=os.path.abspath(cfg.run.output_dir)):
         yield
 
 
 def _busy(cfg: RunConfig, path: Path, holder: str) -> str:
-    """The message for a run.lock another live process holds (``holder``: the start of the lock file)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = holder.splitlines()
+    """The message for a run.lock another live process holds (``holder``: the lock file's text)."""
+    lines = holder.splitlines()
     pid = lines[0].strip() if lines and lines[0].strip() else "?"
     theirs = lines[1].strip() if len(lines) > 1 and lines[1].strip() else None
     if theirs == os.path.abspath(cfg.run.output_dir) or (theirs is None and not cfg.run.checkpoint_dir):
