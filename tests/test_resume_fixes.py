@@ -33,12 +33,16 @@ STAGE2 = STAGE1.with_name("stage2.yaml")
     ({"data": {"0": {"restart_step": "x"}}}, "data.0.restart_step is 'x', not an integer >= 0"),
     ({"data": []}, "data is [], not an object of data positions by process ('0', ...)"),
     ({"fingerprint": 5}, "fingerprint is 5, not an object of settings or null"),
+    ({"seconds": -1}, "seconds is -1, not a number >= 0"),
+    ({"bad_records": {"x": [{"source": "a", "what": "images", "bad": 1}]}},
+     "bad_records is {'x': [{'source': 'a', 'what': 'images', 'bad': 1}]}, not an object of per-dataset lists of "
+     "{source, what, bad, seen} counts"),
 ])
 def test_state_json_values_are_checked_before_the_model_loads(state, problem, tmp_path):
     previous = _checkpoint(tmp_path, 4)
     damaged = _checkpoint(tmp_path, 8, **state)
-    with pytest.raises(UserError) as info:
-        check_resume(_cfg(tmp_path, "run.resume=auto"))
+    with pytest.raises(UserError) as info:  # named: an error (auto / true would go back to step 4, test_resume_damaged)
+        check_resume(_cfg(tmp_path, f"run.resume={damaged}"))
     assert str(info.value) == (f"{damaged / 'state.json'}: damaged checkpoint file ({problem}); resume from the "
                                f"previous checkpoint with --options run.resume={previous}")
 
@@ -49,7 +53,7 @@ def test_a_manifest_without_the_checkpoint_files_is_refused(tmp_path):
     del state["files"]["optimizer.pt"]
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match=r"state\.json: damaged checkpoint file \(its files list has no optimizer.pt"):
-        check_resume(_cfg(tmp_path, "run.resume=auto"))
+        check_resume(_cfg(tmp_path, f"run.resume={path}"))
 
 
 # ------------------------------------------------------------------ 6: result-changing resumes

@@ -155,8 +155,9 @@ def test_ctrl_c_says_where_a_rerun_resumes(trained, synthetic, base_model, tmp_p
 @pytest.mark.parametrize("manifest", [True, False])
 def test_a_damaged_checkpoint_is_refused_before_the_model_loads(manifest, trained, synthetic,  # noqa: F811
                                                                 base_model, tmp_path, monkeypatch, capsys):
-    """A truncated optimizer.pt: caught by its sha256 record, or (a checkpoint from before the record) by reading
-    it; by --check and by the run, before any model loads."""
+    """A truncated optimizer.pt in the checkpoint run.resume names: caught by its sha256 record, or (a checkpoint from
+    before the record) by reading it; by --check and by the run, before any model loads. (auto and true go back to
+    the newest intact checkpoint instead: test_resume_damaged.py.)"""
     from tinygpt.train import stage
 
     root = copy_run(trained, tmp_path / "run")
@@ -168,7 +169,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(manifest, traine
         del state["files"]
         (damaged.parent / "state.json").write_text(json.dumps(state))
     monkeypatch.setattr(stage, "build_model", no_model)
-    opts = stage_options(synthetic, root, base_model, 4, run__save_every=1, run__resume="auto")
+    opts = stage_options(synthetic, root, base_model, 4, run__save_every=1, run__resume=damaged.parent)
     for command in (check_main, train_main):
         capsys.readouterr()
         assert command(opts) == 2

@@ -284,7 +284,8 @@ def test_read_only_output_locations_fail_before_any_work(tmp_path):
 def test_corrupt_optimizer_state_names_the_file_and_offers_the_previous_checkpoint(trained, synthetic, base_model,
                                                                                    tmp_path, capsys):
     """Class 6: resume validates every file; the error names optimizer.pt and the checkpoint before it, which
-    then resumes (the finished 3-step run extended to 4 steps, so that auto resumes from its last checkpoint)."""
+    then resumes (the finished 3-step run extended to 4 steps, resumed from its last checkpoint by name: auto would
+    go back to the intact one itself, test_resume_damaged.py)."""
     root = copy_run(trained, tmp_path / "run")
     ckpts = root / "stage1-checkpoints" / "checkpoints"
     damaged = ckpts / "step_00000003" / "optimizer.pt"
@@ -292,7 +293,7 @@ def test_corrupt_optimizer_state_names_the_file_and_offers_the_previous_checkpoi
     output_before = snapshot(root / "stage1")
     opts = stage_options(synthetic, root, base_model, 4, run__save_every=1, run__keep_last=2)
     capsys.readouterr()
-    assert train_main(opts + ["run.resume=auto"]) == 2
+    assert train_main(opts + [f"run.resume={damaged.parent}"]) == 2
     line = one_error(capsys.readouterr().err)
     assert line.startswith(f"error: {damaged}: damaged checkpoint file")
     previous = ckpts / "step_00000002"

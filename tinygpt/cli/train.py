@@ -4,7 +4,8 @@ With no --cfg-path it runs the embedded tiny default: synthetic data, tiny backb
 evaluation, on any CPU in minutes (tinygpt.tiny.recipe). Multi-GPU: accelerate launch train.py --cfg-path ...
 The top-level train.py is a shim over :func:`main`; ``prog`` only changes the name that usage and errors print.
 A user error prints one ``error:`` line and exits 2, results that are not believable exit 3 (tinygpt.errors). Ctrl-C
-or SIGTERM during training prints one line saying at which step and where a rerun resumes, and exits 130 / 143.
+or SIGTERM during training prints one line saying at which step and where a rerun resumes (the main process of a
+multi-process run; every process exits so), and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _run_reporting_interrupts(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except TrainingInterrupted as stopped:  # "interrupted at step N; rerun the same command to resume from ..."
-        print(stopped.message, file=sys.stderr)
+        if stopped.main:  # one line for a multi-process run; every process exits with the code
+            print(stopped.message, file=sys.stderr)
         return stopped.exit_code
 
 

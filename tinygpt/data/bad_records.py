@@ -15,7 +15,8 @@ Several training processes (``accelerate launch``, torchrun) each build their ow
 whole file at construction (``check_final``: the records of a map-style dataset) holds the same counts in every
 process. The others (images decoded, stream samples) count each process's own share: between steps the training
 loop hands every process the other processes' sums (:func:`share_counts`, collective), so the running verdict and
-:func:`bad_record_totals` judge and report all processes together.
+:func:`bad_record_totals` judge and report all processes together. A resume checkpoint keeps the counts read so far
+(:func:`read_totals`), and the resumed run's totals go on from them (the 1% verdict judges each run's own reads).
 """
 
 from __future__ import annotations
@@ -200,13 +201,30 @@ def share_counts(datasets: dict[str, object], sum_over_processes: Callable[[list
         counter.set_others(total[2 * i] - mine[2 * i], total[2 * i + 1] - mine[2 * i + 1])
 
 
-def bad_record_totals(datasets: dict[str, object]) -> dict[str, list[dict]]:
+def bad_record_totals(datasets: dict[str, object], earlier: dict | None = None) -> dict[str, list[dict]]:
     """Per dataset name, its counters' ``{"source", "what", "bad", "seen"}`` (all workers together, and all training
     processes as of the last :func:`share_counts`), for the end-of-run summary; a dataset without counters (cached
-    features) is left out."""
+    features) is left out. ``earlier``: :func:`read_totals` as a resumed run's checkpoint kept it (the run before the
+    resume), added to the counters that count as they read; a whole file is counted again by every start."""
+    return _totals(datasets, earlier or {}, whole_files=True)
+
+
+def read_totals(datasets: dict[str, object], earlier: dict | None = None) -> dict[str, list[dict]]:
+    """:func:`bad_record_totals` of the counters that count as they read (images, stream samples) alone: what a resume
+    checkpoint keeps, so the summary of a resumed run covers the whole run."""
+    return _totals(datasets, earlier or {}, whole_files=False)
+
+
+def _totals(datasets: dict[str, object], earlier: dict, whole_files: bool) -> dict[str, list[dict]]:
+    carried = {(name, c["source"], c["what"]): c for name, counters in earlier.items() for c in counters}
     totals: dict[str, list[dict]] = {}
     for name, counter in counters_of(datasets):
+        if counter.whole_file and not whole_files:
+            continue
         seen, bad = counter.counts() if counter.whole_file else counter.combined()
-        totals.setdefault(name, []).append({"source": counter.source, "what": counter.what, "bad": bad,
-                                            "seen": seen})
+        before = {} if counter.whole_file else carried.pop((name, counter.source, counter.what), {})
+        totals.setdefault(name, []).append({"source": counter.source, "what": counter.what,
+                                            "bad": bad + before.get("bad", 0), "seen": seen + before.get("seen", 0)})
+    for (name, source, what), c in carried.items():  # read before the resume, not since (a dataset dropped or moved)
+        totals.setdefault(name, []).append({"source": source, "what": what, "bad": c["bad"], "seen": c["seen"]})
     return totals

@@ -16,6 +16,9 @@ the start of a run).
 ``state.json`` records every other file's size and sha256; ``verify_checkpoint`` checks them and state.json's own
 values (``checkpoint_state.py``) without loading a tensor (run_guard calls it before the model loads), and resume reads
 every file before restoring anything; either names the damaged file, offering the checkpoint before it.
+``newest_intact`` is what ``run.resume`` auto / true take: the newest checkpoint that verifies, and the newer ones
+that do not. Those are left where they are: ``keep_last`` counts only the checkpoints up to the step just written (one
+past it is not this run's), and the checkpoint of their step replaces them as any same-step one (moved aside first).
 """
 
 from __future__ import annotations
@@ -49,12 +52,17 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return _step_dirs(checkpoints_root(checkpoint_dir))
 
 
+def step_of(path: Path) -> int:
+    """The step a ``step_N`` directory is named after."""
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """The ``step_N`` directories holding a state.json directly in ``root``, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def remove_temporaries(checkpoint_dir: str | Path) -> None:
@@ -189,7 +197,9 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
                 for stale in replaces:  # never step_N itself: one of the same step was moved aside above
                     if stale != final and stale.is_dir():
                         discard(stale)
-                for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+                # keep_last counts step_N and those before it: one past it is not this run's (a resume that found
+                # it damaged went back from it), and is replaced when this run writes its step
+                for old in [p for p in list_checkpoints(checkpoint_dir) if step_of(p) <= step][:-keep_last]:
                     discard(old)
     except BaseException:
         if main:
@@ -199,15 +209,23 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
     return final
 
 
-def _damaged(file: Path, reason: str) -> UserError:
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that is missing, unreadable or not what state.json records: ``file`` and ``reason`` say
+    which and how; the message also offers the checkpoint before it."""
+
+    def __init__(self, file: Path, reason: str, message: str):
+        super().__init__(message)
+        self.file, self.reason = file, reason
+
+
+def _damaged(file: Path, reason: str) -> DamagedCheckpoint:
     """One error naming the damaged file, offering the checkpoint before it."""
     ckpt = file.parent
     step = STEP_DIR.match(ckpt.name)
-    earlier = [p for p in list_checkpoints(ckpt.parent.parent)
-               if step is not None and int(STEP_DIR.match(p.name).group(1)) < int(step.group(1))]
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if step is not None and step_of(p) < step_of(ckpt)]
     offer = (f"resume from the previous checkpoint with --options run.resume={earlier[-1]}" if earlier else
              "no earlier checkpoint; start afresh with --options run.resume=false")
-    return UserError(f"{file}: damaged checkpoint file ({reason}); {offer}")
+    return DamagedCheckpoint(file, reason, f"{file}: damaged checkpoint file ({reason}); {offer}")
 
 
 def _read(file: Path, reader):
@@ -257,6 +275,18 @@ def verify_checkpoint(path: Path) -> dict:
     else:
         _read_files(path, state, 0, with_scaler=False)
     return state
+
+
+def newest_intact(checkpoint_dir: str | Path) -> tuple[Optional[Path], Optional[dict], list[tuple[Path, str]]]:
+    """The newest checkpoint that passes ``verify_checkpoint`` and its state.json (None, None: none does), and each
+    newer one that fails it with what is wrong (``optimizer.pt: its size or sha256 differs ...``), newest first."""
+    damaged = []
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            return path, verify_checkpoint(path), damaged
+        except DamagedCheckpoint as exc:
+            damaged.append((path, f"{exc.file.name}: {exc.reason}"))
+    return None, None, damaged
 
 
 def read_checkpoint(path: Path, rank: int, with_scaler: bool) -> dict:

@@ -3,9 +3,9 @@ reads it as, and the step the directory is named after. ``state_problem(state, d
 wrong (the dotted key and what it holds) or None; ``tinygpt.train.checkpoint`` turns it into its "damaged checkpoint
 file" error, which names the checkpoint before it.
 
-Keys a checkpoint written by an older tinygpt lacks (``files``, ``fingerprint``, ``moe_load``, ``stage``, ...) may be
-absent; a key that is present must hold the right type (``null`` only where the loop writes it: ``last_loss``,
-``fingerprint``).
+Keys a checkpoint written by an older tinygpt lacks (``files``, ``fingerprint``, ``moe_load``, ``stage``, ``seconds``,
+``bad_records``, ...) may be absent; a key that is present must hold the right type (``null`` only where the loop
+writes it: ``last_loss``, ``fingerprint``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def _file_record(value: Any) -> bool:
     return isinstance(value, dict) and _count(value.get("bytes")) and isinstance(value.get("sha256"), str)
 
 
+def _bad_records(value: Any) -> bool:
+    """dataset name -> [{source, what, bad, seen}, ...] (``bad_records.read_totals``)"""
+    return isinstance(value, dict) and all(
+        isinstance(counters, list) and all(
+            isinstance(c, dict) and isinstance(c.get("source"), str) and isinstance(c.get("what"), str)
+            and _count(c.get("bad")) and _count(c.get("seen")) for c in counters) for counters in value.values())
+
+
 def _stage(value: Any) -> bool:
     names = ("config", "output_dir", "trainable")
     return (isinstance(value, dict) and all(isinstance(value.get(k), str) for k in names)
@@ -56,6 +64,8 @@ TOP: dict[str, tuple[Callable[[Any], bool], str]] = {
     "files": (lambda v: isinstance(v, dict) and all(_file_record(r) for r in v.values()),
               "an object of {bytes, sha256} records"),
     "stage": (_stage, "an object {config, output_dir, trainable, datasets}"),
+    "seconds": (lambda v: v is not None and _number_or_null(v) and v >= 0, "a number >= 0"),
+    "bad_records": (_bad_records, "an object of per-dataset lists of {source, what, bad, seen} counts"),
 }
 DATA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "restart_step": (_count, "an integer >= 0"),

@@ -6,7 +6,8 @@
     # -> TrainingInterrupted("interrupted at step 7; rerun the same command to resume from .../step_00000006 (step 6)")
 
 ``TrainingInterrupted`` is a KeyboardInterrupt (any command's ``report_errors`` still says ``interrupted``, exit 130);
-the train command prints its message and exits 130 for Ctrl-C, 143 for SIGTERM.
+the train command prints its message and exits 130 for Ctrl-C, 143 for SIGTERM. Every process of a multi-process run
+exits so; only the main one (``reached.main``) prints the line.
 """
 
 from __future__ import annotations
@@ -14,38 +15,46 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 from ..config.schema import RunConfig
 from ..io_utils import sigterm_raises
 from . import checkpoint as ckpt
+from .run_guard import launched_as_main
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # what io_utils.sigterm_raises exits with
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C or SIGTERM; ``str()`` says at which step and where a rerun resumes."""
+    """A run stopped by Ctrl-C or SIGTERM; ``str()`` says at which step and where a rerun resumes. ``main``: this is
+    the process that prints it (the others of a multi-process run exit with the same code, silently)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, main: bool = True):
         super().__init__(message)
-        self.message, self.exit_code = message, exit_code
+        self.message, self.exit_code, self.main = message, exit_code, main
 
 
 @dataclass
 class StepReached:
     step: Optional[int] = None  # optimizer steps done so far (None: training has not started)
+    checkpoint: Optional[Path] = None  # the newest checkpoint this run resumed from or wrote
+    main: bool = field(default_factory=launched_as_main)  # the main process (the accelerator's word, once it exists)
 
 
-def interrupt_message(cfg: RunConfig, step: Optional[int]) -> str:
-    """``interrupted at step N; ...`` with what a rerun of the same command does (from the newest checkpoint)."""
+def interrupt_message(cfg: RunConfig, step: Optional[int], checkpoint: Optional[Path] = None) -> str:
+    """``interrupted at step N; ...`` with what a rerun of the same command does: resume from ``checkpoint`` (the
+    newest one this run resumed from or wrote; a newer one was found damaged, and a rerun skips it again) or, without
+    it or with run.resume false or a path, from the newest checkpoint."""
     head = "interrupted" if step is None else f"interrupted at step {step}"
-    found = ckpt.list_checkpoints(cfg.checkpoint_dir)
+    mode = ckpt.resume_mode(cfg.run.resume)
+    own = checkpoint is not None and mode in ("latest", "auto")
+    found = [checkpoint] if own else ckpt.list_checkpoints(cfg.checkpoint_dir)
     latest = None
     if found:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             latest = f"{found[-1]} (step {int(json.loads((found[-1] / 'state.json').read_text())['step'])})"
-    mode = ckpt.resume_mode(cfg.run.resume)
     if mode == "off":
         also = f" (run.resume=auto resumes from {latest})" if latest else ""
         return f"{head}; run.resume is false: a rerun of the same command starts at step 0{also}"
@@ -65,8 +74,10 @@ def interrupts_reported(cfg: RunConfig, reached: StepReached) -> Iterator[None]:
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
-            raise TrainingInterrupted(interrupt_message(cfg, reached.step), 130) from None
+            raise TrainingInterrupted(interrupt_message(cfg, reached.step, reached.checkpoint), 130,
+                                      reached.main) from None
         except SystemExit as exc:
             if exc.code != SIGTERM_EXIT:
                 raise
-            raise TrainingInterrupted(interrupt_message(cfg, reached.step), SIGTERM_EXIT) from None
+            raise TrainingInterrupted(interrupt_message(cfg, reached.step, reached.checkpoint), SIGTERM_EXIT,
+                                      reached.main) from None

@@ -23,7 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 
 from ..config.schema import RunConfig
-from ..data.bad_records import bad_record_totals, share_counts
+from ..data.bad_records import share_counts
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .interrupt import StepReached
@@ -33,6 +33,7 @@ from .mixing import DataMixer
 from .moe_log import MoELoad
 from .optim import build_optimizer
 from .progress import Progress, format_summary, peak_memory_gb
+from .run_totals import RunTotals
 from .schedule import WarmupCosine
 from .speed import compile_failed, row_layout
 
@@ -162,9 +163,11 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     started, samples_total = time.monotonic(), 0
     model_cfg = cfg.model
     datasets = {entry.name: entry.dataset for entry in mixer.entries}
-    moe_load = MoELoad(model)
+    moe_load, totals = MoELoad(model), RunTotals()
     if moe_load and resume_from is not None:  # the whole-run load shares go on from the checkpoint's counts
         moe_load.resume(state.get("moe_load"), resume_from, start_step)
+    if resume_from is not None:  # so do the summary's seconds and bad records
+        totals.resume(state, resume_from, start_step, accelerator.is_main_process)
     try:
         for step in range(start_step, sched_cfg.total_steps):
             lr = schedule.apply(optimizer, step)
@@ -226,11 +229,12 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 mixer.restart_streams(done)  # streams restart at every checkpoint, so its data position is exact
                 state = {"skipped_steps": skipped, "nonfinite_in_a_row": nonfinite_run, "slots": mixer.slots,
                          "schedule": schedule.state_dict(), "last_loss": last_loss, "fingerprint": fingerprint,
-                         "stage": stage_record(cfg), "data": _gather_data_state(accelerator, mixer.state())}
+                         "stage": stage_record(cfg), "data": _gather_data_state(accelerator, mixer.state()),
+                         **totals.state(time.monotonic() - started, datasets)}
                 if moe_load:
                     state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
-                ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir, state, r.keep_last,
-                                     replaces=stale)
+                reached.checkpoint = ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir,
+                                                          state, r.keep_last, replaces=stale)
                 stale = ()  # the earlier run's checkpoints went with this one
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
@@ -239,14 +243,14 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     seconds = time.monotonic() - started
     end_step = sched_cfg.total_steps
     summary = {
-        "start_step": start_step, "end_step": end_step, "total_steps": sched_cfg.total_steps, "seconds": seconds,
+        "start_step": start_step, "end_step": end_step, "total_steps": sched_cfg.total_steps,
+        **totals.summary(seconds, datasets),  # seconds and bad_records (all processes) of the whole run
         "samples_per_s": samples_total / seconds if seconds > 0 else 0.0,
         "steps_per_s": (end_step - start_step) / seconds if seconds > 0 else 0.0,
         "trainable_params": trainable_count, "skipped_steps": skipped, "last_loss": last_loss,
         "peak_mem_gb": peak_memory_gb(accelerator.device), "counts": dict(mixer.counts),
         "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.name,
         "precision": ran_precision(accelerator), **({"precision_requested": r.precision} if note else {}),
-        "bad_records": bad_record_totals(datasets),  # all processes (as of the last step's share_counts)
     }
     if moe_load:  # moe_load_share: layer -> per-expert share of the run's top-k choices (resumes included)
         summary.update(moe_load.summary())

@@ -127,10 +127,11 @@ class Progress:
 
 
 def format_summary(summary: dict) -> str:
+    segment = summary.get("seconds_this_segment", summary["seconds"])
     lines = [
         f"trained steps {summary['start_step']}..{summary['end_step']} of {summary['total_steps']} "
-        f"in {summary['seconds']:.1f} s ({summary['samples_per_s']:.2f} samples/s, "
-        f"{summary['steps_per_s']:.2f} steps/s)",
+        f"in {segment:.1f} s ({summary['samples_per_s']:.2f} samples/s, "
+        f"{summary['steps_per_s']:.2f} steps/s){whole_run_text(summary)}",
         f"trainable parameters {summary['trainable_params']:,}; skipped non-finite steps {summary['skipped_steps']}; "
         f"peak memory {summary['peak_mem_gb']:.2f} GiB; last loss {summary['last_loss']}{precision_text(summary)}",
         "batches per dataset (this process): " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())),
@@ -140,9 +141,19 @@ def format_summary(summary: dict) -> str:
         processes = summary.get("processes", 1)
         whose = (f"all {processes} processes and their data workers" if processes > 1
                  else "all data workers of this process")
+        if summary.get("bad_records_from_step"):
+            whose += f", since step {summary['bad_records_from_step']}"
         lines.append(f"bad records per dataset file ({whose}; bad of seen):")
         lines += [f"  {name}: {bad_record_line(counters)}" for name, counters in sorted(bad.items())]
     return "\n".join(lines)
+
+
+def whole_run_text(summary: dict) -> str:
+    """``; the whole run 12.3 s`` after a resume (``since step N`` when its checkpoint kept no seconds)."""
+    if not summary["start_step"]:
+        return ""
+    since = summary.get("seconds_from_step")
+    return f"; the whole run {summary['seconds']:.1f} s" + (f" since step {since}" if since else "")
 
 
 def precision_text(summary: dict) -> str:

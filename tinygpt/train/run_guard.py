@@ -4,6 +4,7 @@ run resumes with other settings.
 
     already_complete(cfg)                # "already complete: OUT (step N of N); ..." when auto finds the run done
     check_resume(cfg)                    # the checkpoint run.resume picks (or None); UserError when it cannot be used
+                                         # (auto / true: the newest intact one, a warning naming newer damaged ones)
     resume_line(cfg, found)              # "will resume from PATH (step N)" / "no checkpoint in DIR: starting at step 0"
     with run_lock(cfg, is_main):         # UserError when another live run holds cfg.checkpoint_dir
         ...
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,15 +37,33 @@ from ..errors import UserError
 from ..io_utils import exclusive_lock
 from . import checkpoint as ckpt
 
+log = logging.getLogger("tinygpt.train")
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")  # as accelerate reads them
+
+
+def launched_as_main() -> bool:
+    """False in a process of a multi-process launch (torchrun, accelerate launch, mpirun) other than rank 0: before
+    an accelerator exists, what tells the one process that prints what every process finds."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value) == 0
+    return True
+
 
 def check_resume(cfg: RunConfig) -> Optional[Path]:
     """run.resume's checkpoint (None: start fresh), checked before any model is loaded: it exists, is intact
     (``checkpoint.verify_checkpoint``: state.json's values, every file's size and sha256), its step is not past
-    schedule.total_steps, and this stage wrote it."""
-    found = ckpt.find_resume(cfg.run.resume, cfg.checkpoint_dir, cfg.origin("run.resume"))
-    if found is None:
-        return None
-    state = ckpt.verify_checkpoint(found)
+    schedule.total_steps, and this stage wrote it. auto and true take the newest intact one (``_newest_intact``); a
+    checkpoint the user named must be intact itself."""
+    where = cfg.origin("run.resume")
+    if ckpt.resume_mode(cfg.run.resume) in ("latest", "auto") and ckpt.list_checkpoints(cfg.checkpoint_dir):
+        found, state = _newest_intact(cfg, where)
+    else:
+        found = ckpt.find_resume(cfg.run.resume, cfg.checkpoint_dir, where)
+        if found is None:
+            return None
+        state = ckpt.verify_checkpoint(found)
     step, total = state["step"], cfg.schedule.total_steps
     if step > total:
         raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is at step {step}, past "
@@ -60,6 +80,19 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
                         "go on from it")
     _check_same_stage(cfg, found, state.get("stage"))
     return found
+
+
+def _newest_intact(cfg: RunConfig, where: str) -> tuple[Path, dict]:
+    """The newest checkpoint that verifies and its state.json; a newer, damaged one is named in one warning (and left
+    as it is), and with none intact one error names each and what is wrong with it."""
+    found, state, damaged = ckpt.newest_intact(cfg.checkpoint_dir)
+    told = "; ".join(f"{path} is damaged ({why})" for path, why in damaged)
+    if found is None:
+        raise UserError(f"{where}: run.resume: no checkpoint in {ckpt.checkpoints_root(cfg.checkpoint_dir)} is "
+                        f"intact: {told}; start afresh with --options run.resume=false")
+    if damaged and launched_as_main():
+        log.warning("%s; resuming from %s instead", told, found)
+    return found, state
 
 
 def resume_line(cfg: RunConfig, found: Optional[Path]) -> Optional[str]:

@@ -167,9 +167,10 @@ def run_stage(cfg: RunConfig) -> Path:
         log.info("%s", complete)
         return Path(cfg.run.output_dir)
     resume_from = check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
-    reached = StepReached()
+    reached = StepReached(checkpoint=resume_from)
     with interrupts_reported(cfg, reached):  # Ctrl-C / SIGTERM: one line saying where a rerun resumes
         accelerator = make_accelerator(cfg.run)
+        reached.main = accelerator.is_main_process  # the one process that says it
         with run_lock(cfg, accelerator.is_main_process):
             return _run_locked(cfg, accelerator, resume_from, reached)
 
