@@ -96,7 +96,9 @@ def test_session_layout_follows_training_format(llm_files):
 def test_session_greedy_with_cache_equals_recomputation_and_multi_turn_reuse(llm_files):
     """Greedy decoding through the KV cache == greedy recomputed from scratch at every step; the second turn
     evaluates only its new positions, and its logits equal one long prefill of the whole conversation."""
-    path = llm_files["q8_0"]
+    # F32 weights: with 8-bit activations (Q8_0) a one-ulp difference between the batched and the one-row kernels
+    # can flip one rounding and move a logit by ~0.02 (seen on an AVX2-only EPYC), which says nothing of the cache
+    path = llm_files["f32"]
     s = _session(path)
     rec = _RecordingSampler(s.sampler)
     s.sampler = rec
@@ -328,12 +330,18 @@ def _run_cli(args, stdin_text=None, monkeypatch=None, capsys=None):
     return rc, out.out, out.err
 
 
+def _answered_tokens(err: str) -> list[int]:
+    """The generated-token counts of the stats lines (--verbose, /stats) in a chat run's stderr."""
+    return [int(n) for n in re.findall(r"\| (\d+) tok at ", err)]
+
+
 def test_chat_cli_one_shot_and_interactive_survives_bad_input(exported_tiny, monkeypatch, capsys):
     _, d = exported_tiny
     g = str(d / "gguf")
     rc, out, err = _run_cli(["chat", "--gguf", g, "--image", str(d / "img.png"), "--prompt", "What is it?",
                              "--max-new-tokens", "4", "--verbose"], capsys=capsys)
-    assert rc == 0 and out.strip() and "first token" in err
+    # random weights may answer with ids that decode to nothing (Phi-2's unused ids): count tokens, not text
+    assert rc == 0 and "first token" in err and _answered_tokens(err) in ([1], [2], [3], [4]), err
     lines = "\n".join([f"/image {d / 'missing.png'}", f"/image {d / 'notes.txt'}", "x " * 1500, "/bogus",
                        f"/image {d / 'img.png'}", "hello there", "/stats", "/quit"]) + "\n"
     rc, out, err = _run_cli(["chat", "--gguf", g, "--max-new-tokens", "3"], stdin_text=lines,
@@ -343,7 +351,7 @@ def test_chat_cli_one_shot_and_interactive_survives_bad_input(exported_tiny, mon
     assert "missing.png: image file not found" in errors[0]
     assert "notes.txt: not a readable image" in errors[1]
     assert "prompt too long" in errors[2] and "unknown command '/bogus'" in errors[3]
-    assert out.strip()  # the valid question got an answer
+    assert _answered_tokens(err) in ([1], [2], [3]), err  # the valid question got an answer (/stats shows its turn)
     # the attached image was prepared before the question: the question reused BOS, the template text and its 32 rows
     rc, out, err = _run_cli(["chat", "--gguf", g, "--max-new-tokens", "3", "--verbose"],
                             stdin_text=f"/image {d / 'img.png'}\nWhat is it?\n/quit\n", monkeypatch=monkeypatch,
