@@ -232,11 +232,7 @@ class ChatSession:
             t_start, self.last_stats = time.perf_counter(), TurnStats()
         stats = self.last_stats
         items = self.layout(turns)
-        budget = self.llm.n_ctx - len(items)
-        if budget < 1:
-            raise UserError(f"prompt too long: the conversation needs {len(items)} positions, the context holds "
-                            f"{self.llm.n_ctx}, which must leave at least one position for the answer (start a new "
-                            "conversation or shorten the prompt)")
+        budget = self._room(items, "the conversation")
         t0 = time.perf_counter()
         logits = self._sync_cache(items)
         stats.prefill_s = time.perf_counter() - t0
@@ -245,6 +241,30 @@ class ChatSession:
         # the history keeps the text exactly as generated, so the next turn's layout re-tokenizes to the cached ids
         turn.answer = self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
         return turn.answer.strip()
+
+    def text_items(self, text: str) -> list:
+        """A raw prompt laid out as a conversation starts (BOS, then its tokens), without the template."""
+        return [self.fmt.bos_id] + self._tokens(text)
+
+    def complete(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Continue `text` as it is (`text_items`; no template, no images): the generated text exactly, cut before a
+        stop string. The KV cache is reused as respond() reuses it; the conversation (`turns`) is left alone."""
+        t_start, self.last_stats = time.perf_counter(), TurnStats()
+        items = self.text_items(text)
+        budget = self._room(items, "the prompt")
+        t0 = time.perf_counter()
+        logits = self._sync_cache(items)
+        self.last_stats.prefill_s = time.perf_counter() - t0
+        return self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
+
+    def _room(self, items: list, what: str) -> int:
+        """Positions the context leaves after `items`; a UserError when there is none."""
+        budget = self.llm.n_ctx - len(items)
+        if budget < 1:
+            raise UserError(f"prompt too long: {what} needs {len(items)} positions, the context holds "
+                            f"{self.llm.n_ctx}, which must leave at least one position for the answer (start a new "
+                            "conversation or shorten the prompt)")
+        return budget
 
     def score(self, turns: Sequence[Turn], candidates: Sequence[str]) -> list[float]:
         """Summed log-probability of each candidate as the answer to the last of `turns` (answer None): the

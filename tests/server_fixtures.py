@@ -80,8 +80,10 @@ class Wrapped:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def chat(self, messages, settings=None):
-        return (self._chat or self._engine.chat)(messages, settings)
+    def chat(self, messages, settings=None, cancel=None):  # the server passes `cancel` (beam search only)
+        if self._chat is None:
+            return self._engine.chat(messages, settings, cancel)
+        return self._chat(messages, settings) if cancel is None else self._chat(messages, settings, cancel)
 
     def stream(self, messages, settings=None, cancel=None):
         return (self._stream or self._engine.stream)(messages, settings, cancel)

@@ -8,7 +8,8 @@ engine runs one call at a time.
 * `generate` -> the answer text, cut before the first stop string (the model's own + `settings.stop`), with its
   leading whitespace dropped; the whitespace before the model's own end (its stop strings, its end symbol, the end
   token, the token budget) is dropped too, but a stop string of the caller's (`settings.stop`) cuts exactly: the
-  answer is all the text before it (as OpenAI's API does; `AnswerCutter`);
+  answer is all the text before it (as OpenAI's API does; `AnswerCutter`); with `cancel` (a threading.Event, passed
+  only when the caller has one: the server's beam search) the generation stops at the next step once it is set;
 * `stream` -> pieces of that same answer, token by token (their join equals `generate`'s result for the same seed);
   the generation stops early when `cancel` is set or the iterator is closed;
 * `score` -> for each candidate answer to the last turn, the summed log-probability of its tokens (tokenized alone,
@@ -29,6 +30,14 @@ Optional methods that make batches cheaper; the engine falls back to the ones ab
 * `prefill_images(turns)` -> nothing; evaluates the prompt of `turns` up to its last image ahead of the question, so
   that a later call on the same conversation plus a question only evaluates the question (the GGUF runtime's KV
   cache; `ChatEngine.prepare`).
+
+Optional, for a raw prompt continued as it is (`ChatEngine.complete`, the server's /v1/completions; without them
+that is a UserError): `text_length(prompt)`, `generate_text(prompt, settings, cancel=None)` and
+`stream_text(prompt, settings, cancel=None)`, the counterparts of `prompt_length`, `generate` and `stream`. The
+prompt is laid out as a conversation starts, [BOS] then its tokens, without the template; text only. The generation
+stops at the end token, the budget, the caller's stop strings or `cancel` (the model's own stop strings belong to
+its chat template), and the text comes back exactly as generated (`AnswerCutter(..., continuation=True)`). Both
+backends have them.
 """
 
 from __future__ import annotations
@@ -81,7 +90,8 @@ class ChatBackend(Protocol):
 
     def prompt_length(self, turns: Sequence[EncodedTurn]) -> int: ...
 
-    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str: ...
+    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
+                 cancel: threading.Event | None = None) -> str: ...
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]: ...
@@ -132,11 +142,16 @@ class AnswerCutter:
     its end symbol, or no stop string at all: the end token or the token budget) is the model's formatting and is
     dropped too; a stop string of the caller's cuts exactly (OpenAI's `stop`), so the text before it is kept whole.
     While generating, text that could still be the start of a stop string and trailing whitespace are held back, so
-    the pieces' join always equals `answer` of the whole raw text."""
+    the pieces' join always equals `answer` of the whole raw text.
 
-    def __init__(self, prompt: PromptInfo, stops: Sequence[str] = ()):
-        self.matcher = StopMatcher([*prompt.stop_strings, *stops])
-        self.own = tuple(s for s in (*prompt.stop_strings, prompt.end_sym) if s)
+    `continuation`: the text continues a raw prompt (`ChatEngine.complete`): the model's own stop strings and end
+    symbol belong to its chat template and do not apply, only the caller's cut, and no whitespace is dropped."""
+
+    def __init__(self, prompt: PromptInfo, stops: Sequence[str] = (), continuation: bool = False):
+        own = () if continuation else prompt.stop_strings
+        self.matcher = StopMatcher([*own, *stops])
+        self.own = () if continuation else tuple(s for s in (*own, prompt.end_sym) if s)
+        self.continuation = continuation
         self.shown = ""
         self.stopped = False
 
@@ -147,9 +162,12 @@ class AnswerCutter:
             return raw, False, False
         return raw[:cut], True, not any(raw.startswith(s, cut) for s in self.own)
 
+    def _visible(self, text: str, exact: bool) -> str:
+        return text if self.continuation else text.lstrip() if exact else text.strip()
+
     def answer(self, raw: str) -> str:
         text, _, exact = self._cut(raw)
-        return text.lstrip() if exact else text.strip()
+        return self._visible(text, exact)
 
     def update(self, raw: str, final: bool = False) -> str:
         """The new piece for the raw text so far ("" if none); sets `stopped` once a stop string appeared."""
@@ -157,8 +175,9 @@ class AnswerCutter:
         if found:
             final, self.stopped = True, True
         if not final:
-            raw = raw[: self.matcher.safe_prefix_length(raw)].rstrip()
-        visible = raw.lstrip() if exact else raw.strip()
+            raw = raw[: self.matcher.safe_prefix_length(raw)]
+            raw = raw if self.continuation else raw.rstrip()
+        visible = self._visible(raw, exact)
         if not visible.startswith(self.shown):  # cannot happen for appended text; never emit a contradiction
             return ""
         piece, self.shown = visible[len(self.shown):], visible

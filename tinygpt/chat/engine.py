@@ -8,6 +8,7 @@
     engine.score(messages, ["yes", "no"])                  # summed log-probabilities, for metrics
     engine.prepare([{"role": "user", "content": [{"type": "image", "image": "cat.png"}]}])  # ahead of the question
     engine.ask("cat.png", "refer", "the cat")              # TaskAnswer(text, boxes in pixels)
+    engine.complete("Once upon a time", GenerationSettings(max_new_tokens=20))   # raw text continued, no template
 
 Contract:
 * messages are OpenAI content-part dicts (`tinygpt.chat.messages`) or an already parsed `Conversation`;
@@ -20,6 +21,10 @@ Contract:
   (`generate_batch` where the backend has it, else one `generate` per conversation);
 * one generation at a time per engine (a lock; a stream holds it until it is exhausted, closed or cancelled);
 * `stream(..., cancel=event)` stops at the next token once `event` is set; closing the iterator does the same;
+  `chat(..., cancel=event)` stops at the next step too (beam search included: the server's way to cancel it);
+* `complete(prompt)` / `complete_stream(prompt)`: a raw prompt continued as it is (no template, no images; [BOS] and
+  its tokens), stopping at the end token, the budget or `settings.stop` only, the text exactly as generated
+  (tinygpt.chat.backend: `text_length`, `generate_text`, `stream_text`); the same context check and cancelling;
 * `prepare(messages)` encodes the images before the question is known and, on the GGUF runtime, evaluates the prompt
   up to the last image: what the question then waits for is its own tokens.
 """
@@ -154,9 +159,12 @@ class ChatEngine:
 
     def _fit(self, turns: list[EncodedTurn], settings: GenerationSettings, where: str = "") -> GenerationSettings:
         """`settings` with max_new_tokens cut to the room the prompt leaves; a UserError when there is none."""
-        length = self.backend.prompt_length(turns)
+        return self._fit_length(self.backend.prompt_length(turns), settings, where)
+
+    def _fit_length(self, length: int, settings: GenerationSettings, where: str = "",
+                    what: str = "the conversation") -> GenerationSettings:
         if length >= self.context_length:
-            raise UserError(f"{where}prompt too long: the conversation needs {length} positions and the model's "
+            raise UserError(f"{where}prompt too long: {what} needs {length} positions and the model's "
                             f"context holds {self.context_length}, which must leave at least one position for the "
                             "answer (start a new conversation or shorten it)")
         room = self.context_length - length
@@ -179,11 +187,14 @@ class ChatEngine:
             if prefill is not None and self.backend.prompt_length(turns) < self.context_length:
                 prefill(turns)
 
-    def chat(self, messages, settings: GenerationSettings | None = None) -> str:
-        """The assistant's answer to the last user message."""
+    def chat(self, messages, settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> str:
+        """The assistant's answer to the last user message; with `cancel`, the generation (beam search too) stops at
+        its next step once the event is set, and the answer is the text so far."""
         with self._lock:
             turns, settings = self._prepare(messages, settings)
-            return self.backend.generate(turns, settings)
+            if cancel is None:  # a backend of the older protocol takes no `cancel`
+                return self.backend.generate(turns, settings)
+            return self.backend.generate(turns, settings, cancel)
 
     def chat_batch(self, conversations: Sequence[Any], settings: GenerationSettings | None = None) -> list[str]:
         """The answers to several conversations (messages or `Conversation`s), in order: with greedy settings the
@@ -227,13 +238,39 @@ class ChatEngine:
     def _stream(self, conversation: Conversation, settings, cancel) -> Iterator[str]:
         with self._lock:
             turns, settings = self._prepare(conversation, settings)
-            pieces = self.backend.stream(turns, settings, cancel)
-            try:
-                yield from pieces
-            finally:
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()
+            yield from _closing(self.backend.stream(turns, settings, cancel))
+
+    # ---- a raw prompt: text completion ------------------------------------------------------------------------
+    def complete(self, prompt: str, settings: GenerationSettings | None = None,
+                 cancel: threading.Event | None = None) -> str:
+        """The model's continuation of `prompt` as it is: no chat template, no images (the layout's start: [BOS] and
+        the prompt's tokens); it stops at the end token, the budget or `settings.stop` (not at the model's own stop
+        strings, which belong to its chat template) and comes back exactly as generated, whitespace included.
+        `cancel` stops it at the next step (beam search too)."""
+        with self._lock:
+            settings = self._fit_text(prompt, settings)
+            return self.backend.generate_text(prompt, settings, cancel)
+
+    def complete_stream(self, prompt: str, settings: GenerationSettings | None = None,
+                        cancel: threading.Event | None = None) -> Iterator[str]:
+        """`complete` in pieces (their join equals it), as `stream` gives `chat`; a bad prompt raises here."""
+        self._check_prompt(prompt)
+        return self._complete_stream(prompt, settings, cancel)
+
+    def _complete_stream(self, prompt: str, settings, cancel) -> Iterator[str]:
+        with self._lock:
+            settings = self._fit_text(prompt, settings)
+            yield from _closing(self.backend.stream_text(prompt, settings, cancel))
+
+    def _check_prompt(self, prompt: str) -> None:
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+        if not hasattr(self.backend, "stream_text"):
+            raise UserError(f"prompt: the backend {self.name} cannot continue a raw prompt")
+
+    def _fit_text(self, prompt: str, settings: GenerationSettings | None) -> GenerationSettings:
+        self._check_prompt(prompt)
+        return self._fit_length(self.backend.text_length(prompt), settings or self.settings, what="the prompt")
 
     def score(self, messages, candidates: Sequence[str]) -> list[float]:
         """Summed log-probability of each candidate as the answer to the last user message (each <= 0)."""
@@ -253,3 +290,13 @@ class ChatEngine:
         answer = self.chat(messages, settings)
         boxes = answer_boxes(answer, *size) if task in BOX_TASKS else []
         return TaskAnswer(answer, boxes, prompt)
+
+
+def _closing(pieces: Iterator[str]) -> Iterator[str]:
+    """`pieces`, closed when the caller stops early (the backend's generation ends with it)."""
+    try:
+        yield from pieces
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()

@@ -3,7 +3,9 @@
 * an image is encoded once by the session's vision encoder and added to the session (`add_image`); its handle is
   its index there, so the same image keeps the same index and the KV cache is reused across calls (a follow-up
   question, or another question about the same image, evaluates only its own tokens);
-* `generate` / `stream` set the session's sampler and stop strings for the call and run `ChatSession.respond`;
+* `generate` / `stream` set the session's sampler and stop strings for the call and run `ChatSession.respond`
+  (`generate` with a `cancel` event runs the stream); `generate_text` / `stream_text` run `ChatSession.complete`, a
+  raw prompt continued as it is (tinygpt.chat.backend), through the same stream;
   `generate_batch` and `encode_images` are loops (the runtime decodes one sequence at a time; the KV cache reuse
   makes a batch of questions about one image cheap);
   streaming runs it in a worker thread that hands the text over through a queue, and cancelling stops the decode
@@ -113,19 +115,22 @@ class GGUFBackend:
         hit = getattr(self.session.stop, "hit", None)
         return hit if self.session.last_stats.stopped_by == "stop string" and hit is not None else text
 
-    def _configure(self, settings: GenerationSettings) -> list[str]:
+    def _configure(self, settings: GenerationSettings, continuation: bool = False) -> list[str]:
         if settings.num_beams > 1:
             raise UserError("num_beams: beam search is available with the PyTorch backend only")
         params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                                 repetition_penalty=settings.repetition_penalty,
                                 max_new_tokens=settings.max_new_tokens, seed=settings.seed)
-        stops = list(self.prompt.stop_strings) + list(settings.stop)
+        stops = ([] if continuation else list(self.prompt.stop_strings)) + list(settings.stop)
         s = self.session
         s.sampling, s.sampler, s.stop = params, Sampler(params), _Remembering(stops)
         return stops
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
+    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
+                 cancel: threading.Event | None = None) -> str:
+        if cancel is not None:  # the stream stops at the next token once it is set
+            return "".join(self.stream(turns, settings, cancel))
         self._configure(settings)
         text = self.session.respond(self._turns(turns))
         return AnswerCutter(self.prompt, settings.stop).answer(self._raw(text))
@@ -137,8 +142,25 @@ class GGUFBackend:
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        self._configure(settings)
         session_turns = self._turns(turns)
+        return self._stream(lambda on_text: self.session.respond(session_turns, on_text), settings, cancel)
+
+    # ---- a raw prompt (tinygpt.chat.backend): ChatSession.complete -------------------------------------------------
+    def text_length(self, prompt: str) -> int:
+        return len(self.session.text_items(prompt))
+
+    def generate_text(self, prompt: str, settings: GenerationSettings, cancel: threading.Event | None = None) -> str:
+        return "".join(self.stream_text(prompt, settings, cancel))
+
+    def stream_text(self, prompt: str, settings: GenerationSettings,
+                    cancel: threading.Event | None = None) -> Iterator[str]:
+        return self._stream(lambda on_text: self.session.complete(prompt, on_text), settings, cancel,
+                            continuation=True)
+
+    def _stream(self, respond, settings: GenerationSettings, cancel: threading.Event | None,
+                continuation: bool = False) -> Iterator[str]:
+        """The pieces of `respond(on_text)` (the session's generation, run on a worker thread) as they come."""
+        self._configure(settings, continuation)
         pieces: queue.Queue = queue.Queue()
         halt = threading.Event()
         done = object()
@@ -150,7 +172,7 @@ class GGUFBackend:
 
         def work():
             try:
-                self.session.respond(session_turns, on_text)
+                respond(on_text)
             except _Cancelled:
                 pass
             except BaseException as exc:  # handed to the consumer
@@ -158,7 +180,7 @@ class GGUFBackend:
             pieces.put(done)
 
         worker = threading.Thread(target=work, name="tinygpt-chat-gguf", daemon=True)
-        cutter = AnswerCutter(self.prompt, settings.stop)
+        cutter = AnswerCutter(self.prompt, settings.stop, continuation)
         raw = ""
         worker.start()
         try:

@@ -6,7 +6,10 @@
   stop strings); `generate_batch` runs it once over a left-padded batch (`generate` is a batch of one); streaming
   runs it in a worker thread that hands each new token id over (`_Tokens`); the consumer decodes all the ids so far
   and passes on the new text at once, holding back only an incomplete UTF-8 character (text ending in U+FFFD), so a
-  box `{<66><36><91><60>}` arrives token by token; a stopping criterion ends the generation when the caller cancels;
+  box `{<66><36><91><60>}` arrives token by token; a stopping criterion ends the generation when the caller cancels
+  (streamed, or `generate` with a `cancel` event: beam search too, at its next step);
+* a raw prompt (`generate_text` / `stream_text`, tinygpt.chat.backend) is [BOS] + its tokens, embedded and run
+  through the language model's own `generate` the way the model's `generate` runs a conversation;
 * `last_stats` (a `GenerationStats`): the prompt positions, the ids generated (the end token included) and why the
   last generation stopped, for the server's `usage` and `finish_reason`;
 * `score` runs one forward pass over prompt + candidate for all candidates at once (right-padded batch) and sums
@@ -18,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -135,10 +139,32 @@ class TorchBackend:
     def prompt_length(self, turns: Sequence[EncodedTurn]) -> int:
         return int(self._inputs(turns)[2].input_ids.shape[1])
 
-    def _kwargs(self, settings: GenerationSettings, max_new: int) -> dict:
+    def _text_ids(self, prompt: str) -> list[int]:
+        """A raw prompt laid out as a conversation starts (tinygpt.model.sequence), without the template."""
+        bos = self.model.config.text_config.bos_token_id
+        return [bos] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def text_length(self, prompt: str) -> int:
+        return len(self._text_ids(prompt))
+
+    def _generate_ids(self, ids: list[int], **kw) -> torch.Tensor:
+        """transformers' generate over the embedded `ids`, as TinyGPTVForConditionalGeneration.generate runs a
+        conversation (embeddings in, only the new ids out; no image positions)."""
+        text = self.model.config.text_config
+        lm = self.model.language_model
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        kw.update(pad_token_id=text.pad_token_id, eos_token_id=text.eos_token_id)
+        if kw.get("stop_strings"):
+            kw["tokenizer"] = self.tokenizer
+        else:
+            kw.pop("stop_strings", None)
+        embeds = lm.get_input_embeddings()(input_ids)
+        return lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), **kw)
+
+    def _kwargs(self, settings: GenerationSettings, max_new: int, continuation: bool = False) -> dict:
+        own = [] if continuation else list(self.prompt.stop_strings)
         kw: dict = {"max_new_tokens": max_new, "num_beams": settings.num_beams,
-                    "repetition_penalty": settings.repetition_penalty,
-                    "stop_strings": list(self.prompt.stop_strings) + list(settings.stop)}
+                    "repetition_penalty": settings.repetition_penalty, "stop_strings": own + list(settings.stop)}
         if settings.greedy:
             kw["do_sample"] = False
         else:
@@ -174,10 +200,12 @@ class TorchBackend:
             n += 1  # pad == eos: the first padding id is the end token the row generated
         return GenerationStats(prompt, n, why)
 
-    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings) -> str:
-        return self.generate_batch([turns], settings)[0]
+    def generate(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
+                 cancel: threading.Event | None = None) -> str:
+        return self.generate_batch([turns], settings, cancel)[0]
 
-    def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]], settings: GenerationSettings) -> list[str]:
+    def generate_batch(self, conversations: Sequence[Sequence[EncodedTurn]], settings: GenerationSettings,
+                       cancel: threading.Event | None = None) -> list[str]:
         """One left-padded `generate` over the conversations (rows that stop early wait, padded, for the rest)."""
         if not conversations:
             return []
@@ -185,24 +213,55 @@ class TorchBackend:
         counts = [sum(len(t.images) for t in turns) for turns in conversations]
         handles = [h for turns in conversations for t in turns for h in t.images]
         inputs = self.model.prepare_inputs(convs, counts, None, "left")
-        max_new = self._max_new(inputs.input_ids.shape[1], settings)
-        kw = self._kwargs(settings, max_new)
         features = torch.stack(handles) if handles else None
-        ids = self.model.generate(convs, counts, image_features=features, **kw).tolist()
-        prompts = inputs.attention_mask.sum(dim=1).tolist()
-        self.last_batch_stats = [self._row_stats(row, int(n), max_new, settings, kw["stop_strings"])
+        prompts = [int(n) for n in inputs.attention_mask.sum(dim=1).tolist()]
+
+        def run(**kw):
+            return self.model.generate(convs, counts, image_features=features, **kw)
+
+        return self._generate_rows(run, int(inputs.input_ids.shape[1]), prompts, settings, cancel)
+
+    def generate_text(self, prompt: str, settings: GenerationSettings, cancel: threading.Event | None = None) -> str:
+        ids = self._text_ids(prompt)
+        run = functools.partial(self._generate_ids, ids)
+        return self._generate_rows(run, len(ids), [len(ids)], settings, cancel, continuation=True)[0]
+
+    def _generate_rows(self, run, width: int, prompts: list[int], settings: GenerationSettings,
+                       cancel: threading.Event | None, continuation: bool = False) -> list[str]:
+        """`run(**generate_kwargs)` (a batch of prompts `width` positions wide, each `prompts[i]` long) -> the
+        answers; `cancel` ends the generation at the next step (beam search included)."""
+        max_new = self._max_new(width, settings)
+        kw = self._kwargs(settings, max_new, continuation)
+        if cancel is not None:
+            kw["stopping_criteria"] = StoppingCriteriaList([_EventStop(cancel)])
+        ids = run(**kw).tolist()
+        self.last_batch_stats = [self._row_stats(row, n, max_new, settings, kw["stop_strings"])
                                  for row, n in zip(ids, prompts)]
         self.last_stats = self.last_batch_stats[-1]
-        cutter = AnswerCutter(self.prompt, settings.stop)
+        cutter = AnswerCutter(self.prompt, settings.stop, continuation)
         return [cutter.answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
 
     def stream(self, turns: Sequence[EncodedTurn], settings: GenerationSettings,
                cancel: threading.Event | None = None) -> Iterator[str]:
+        conv, handles, inputs, features = self._inputs(turns)
+
+        def run(**kw):
+            return self.model.generate([conv], [len(handles)], image_features=features, **kw)
+
+        return self._stream(run, int(inputs.input_ids.shape[1]), settings, cancel)
+
+    def stream_text(self, prompt: str, settings: GenerationSettings,
+                    cancel: threading.Event | None = None) -> Iterator[str]:
+        ids = self._text_ids(prompt)
+        return self._stream(functools.partial(self._generate_ids, ids), len(ids), settings, cancel, continuation=True)
+
+    def _stream(self, run, prompt: int, settings: GenerationSettings, cancel: threading.Event | None,
+                continuation: bool = False) -> Iterator[str]:
+        """The pieces of `run(**generate_kwargs)` (a prompt of `prompt` positions) as they are generated."""
         if settings.num_beams > 1:
             raise UserError("num_beams: streaming needs num_beams 1 (beam search decides the text at the end)")
-        conv, handles, inputs, features = self._inputs(turns)
-        max_new = self._max_new(inputs.input_ids.shape[1], settings)
-        kw = self._kwargs(settings, max_new)
+        max_new = self._max_new(prompt, settings)
+        kw = self._kwargs(settings, max_new, continuation)
         halt = threading.Event()
         tokens = _Tokens()
         kw.update(streamer=tokens, stopping_criteria=StoppingCriteriaList([_EventStop(halt)]))
@@ -211,13 +270,13 @@ class TorchBackend:
 
         def work():
             try:
-                self.model.generate([conv], [len(handles)], image_features=features, **kw)
+                run(**kw)
             except BaseException as exc:  # handed to the consumer below
                 failure.append(exc)
                 tokens.end()
 
         worker = threading.Thread(target=work, name="tinygpt-chat-generate", daemon=True)
-        cutter = AnswerCutter(self.prompt, settings.stop)
+        cutter = AnswerCutter(self.prompt, settings.stop, continuation)
         ids: list[int] = []
         worker.start()
         try:
@@ -242,7 +301,7 @@ class TorchBackend:
             worker.join()
             if not failure:
                 why = self._stopped_by(tokens.ids, max_new, settings, kw["stop_strings"])
-                self.last_stats = GenerationStats(int(inputs.input_ids.shape[1]), len(tokens.ids), why)
+                self.last_stats = GenerationStats(prompt, len(tokens.ids), why)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     @torch.no_grad()

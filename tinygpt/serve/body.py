@@ -2,27 +2,28 @@
 
 * `BodyLimit`: a body over ``limits.max_upload_bytes`` is a 413, at once when its Content-Length says so (nothing is
   read), else counted as it arrives; a body within the limit is handed on whole;
-* `read_request(raw)`: the body parsed as JSON whatever its Content-Type says (as llama.cpp does: ``curl -d`` sends
-  JSON labelled as a form), then checked by `ChatCompletionRequest` (tinygpt.serve.schema). Every refusal is a 400
-  with code ``invalid_request``: an empty body, bytes that are not UTF-8 or not JSON ("the request body is not valid
-  JSON (...)"), JSON that is not an object ("expected a JSON object (Content-Type: application/json)"), a field of the
-  wrong type or out of range (naming the field);
-* `OPENAPI_BODY`: the request's JSON schema for /docs and /openapi.json (FastAPI does not see the endpoint's body).
+* `read_request(raw, kind)`: the body parsed as JSON whatever its Content-Type says (as llama.cpp does: ``curl -d``
+  sends JSON labelled as a form), then checked by `kind` (tinygpt.serve.schema: `ChatCompletionRequest`, the default,
+  or `CompletionRequest`). Every refusal is a 400 with code ``invalid_request``: an empty body, bytes that are not
+  UTF-8 or not JSON ("the request body is not valid JSON (...)"), JSON that is not an object ("expected a JSON object
+  (Content-Type: application/json)"), a field of the wrong type or out of range (naming the field);
+* `openapi_body(kind)`: the request's JSON schema for /docs and /openapi.json (FastAPI does not see the endpoint's
+  body); `OPENAPI_BODY` is the chat request's.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import APIError, body_too_large, validation_message
-from .schema import ChatCompletionRequest
+from .schema import ChatCompletionRequest, json_kind
+
+Request = TypeVar("Request", bound=BaseModel)
 
 JSON_OBJECT = "expected a JSON object (Content-Type: application/json)"
-_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-          type(None): "null"}
 
 
 class BodyLimit:
@@ -68,8 +69,8 @@ def _invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param, "invalid_request")
 
 
-def read_request(raw: bytes) -> ChatCompletionRequest:
-    """The chat-completions request in `raw` (any Content-Type), or an APIError 400 saying what is wrong."""
+def read_request(raw: bytes, kind: type[Request] = ChatCompletionRequest) -> Request:
+    """The request in `raw` (any Content-Type) as `kind`, or an APIError 400 saying what is wrong."""
     if not raw.strip():
         raise _invalid(f"the request body is empty: {JSON_OBJECT}")
     try:
@@ -81,15 +82,15 @@ def read_request(raw: bytes) -> ChatCompletionRequest:
         raise _invalid(f"the request body is not valid JSON ({exc.msg} at character {exc.pos}); {JSON_OBJECT}") \
             from None
     if not isinstance(data, dict):
-        raise _invalid(f"request body: {JSON_OBJECT}, got {_KINDS.get(type(data), type(data).__name__)}")
+        raise _invalid(f"request body: {JSON_OBJECT}, got {json_kind(data)}")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as exc:
         raise _invalid(*validation_message(list(exc.errors()))) from None
 
 
-def _openapi_body() -> dict:
-    schema = ChatCompletionRequest.model_json_schema()
+def openapi_body(kind: type[BaseModel]) -> dict:
+    schema = kind.model_json_schema()
     defs = schema.pop("$defs", {})
 
     def inline(node):  # the nested models in place of their $refs (the schema sits outside #/components)
@@ -101,4 +102,4 @@ def _openapi_body() -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-OPENAPI_BODY = _openapi_body()
+OPENAPI_BODY = openapi_body(ChatCompletionRequest)

@@ -3,6 +3,7 @@
     runner = Runner(engine, queue_size=8)
     runner.admit()                                  # APIError 429 when queue_size requests are waiting or running
     job = runner.start(conversation, settings, stream=True)    # now the job owns the admitted slot
+    (or runner.start("Once upon a time", settings, stream=False): a raw prompt, text completion)
     event = await job.next(request)                 # Event("piece", text) ... Event("end", (usage, finish reason))
 
 Contract:
@@ -10,13 +11,14 @@ Contract:
   `release()` gives a slot back when a request fails before `start`, otherwise the job gives it back when it ends,
   or at once when it is stopped before it started;
 * jobs run one after another on a single worker thread, so the event loop never blocks on the engine;
-* every job runs `ChatEngine.stream` with the job's cancel event (whose join equals `ChatEngine.chat`): a streamed
-  job yields its pieces, a plain one the joined answer as one piece; only beam search (``num_beams`` > 1, PyTorch)
-  runs `ChatEngine.chat`, which cannot be stopped midway; both end with Event("end", (usage, finish reason)) or
-  Event("error", exception);
+* a job is a `Conversation` (chat) or a raw prompt, a str (text completion); every job runs `ChatEngine.stream`
+  (a prompt: `ChatEngine.complete_stream`) with the job's cancel event (whose join equals `ChatEngine.chat` /
+  `complete`): a streamed job yields its pieces, a plain one the joined answer as one piece; beam search
+  (``num_beams`` > 1, PyTorch) runs `ChatEngine.chat` (`complete`) with the same cancel event and yields its answer
+  as one piece; every job ends with Event("end", (usage, finish reason)) or Event("error", exception);
 * `job.stop()` (the client left: `job.next(request)` polls for it while waiting, and an SSE stream closed early calls
-  it) cancels the job: a running generation ends at the next token, a job that has not started yet never runs and
-  its slot is free at once;
+  it) cancels the job: a running generation ends at the next token (beam search at its next step), a job that has
+  not started yet never runs and its slot is free at once; a cancelled job sends no more events;
 * `shutdown()` (the server is stopping, tinygpt.serve.background.AppServer) ends every admitted job with a 503
   error event (code ``server_shutting_down``) and stops it; `admit` and `start` refuse afterwards.
 """
@@ -119,15 +121,15 @@ class Runner:
         with self._guard:
             self._active -= 1
 
-    def start(self, conversation: Conversation, settings: GenerationSettings, stream: bool) -> Job:
-        """The admitted request's job, queued for the worker (refused once the server is shutting down: the caller
-        still holds the slot then)."""
+    def start(self, source: Conversation | str, settings: GenerationSettings, stream: bool) -> Job:
+        """The admitted request's job (a conversation, or a raw prompt), queued for the worker (refused once the
+        server is shutting down: the caller still holds the slot then)."""
         job = Job(asyncio.get_running_loop(), self.stop)
         with self._guard:
             if self._closing:
                 raise shutting_down()
             self._jobs.add(job)
-        self._worker.submit(self._run, job, conversation, settings, stream)
+        self._worker.submit(self._run, job, source, settings, stream)
         return job
 
     def stop(self, job: Job) -> None:
@@ -141,18 +143,22 @@ class Runner:
         self._jobs.discard(job)
         self._active -= 1
 
-    def _run(self, job: Job, conversation: Conversation, settings: GenerationSettings, stream: bool) -> None:
+    def _run(self, job: Job, source: Conversation | str, settings: GenerationSettings, stream: bool) -> None:
         with self._guard:
             if job.state != "queued":  # stopped while it waited: its slot is already free
                 return
             job.state = "running"
+        engine = self.engine
+        whole, in_pieces = ((engine.complete, engine.complete_stream) if isinstance(source, str)
+                            else (engine.chat, engine.stream))
         try:
-            if settings.num_beams > 1:  # beam search decides the text at the end: no pieces, no cancelling
-                answer = self.engine.chat(conversation, settings)
-                job.put("piece", answer)
+            if settings.num_beams > 1:  # beam search decides the text at the end: one piece
+                answer = whole(source, settings, cancel=job.cancel)
+                if not job.cancel.is_set():
+                    job.put("piece", answer)
             else:
                 pieces = []
-                for piece in self.engine.stream(conversation, settings, cancel=job.cancel):
+                for piece in in_pieces(source, settings, cancel=job.cancel):
                     pieces.append(piece)
                     if stream:
                         job.put("piece", piece)
@@ -160,7 +166,7 @@ class Runner:
                 if not stream and not job.cancel.is_set():
                     job.put("piece", answer)
             if not job.cancel.is_set():
-                job.put("end", measure(self.engine, conversation, answer, settings))
+                job.put("end", measure(self.engine, source, answer, settings))
         except BaseException as exc:  # handed to the request (a UserError is a 400, anything else a logged 500)
             job.put("error", exc)
         finally:

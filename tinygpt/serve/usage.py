@@ -28,9 +28,11 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def measure(engine, conversation: Conversation, answer: str, settings: GenerationSettings) -> tuple[Usage | None, str]:
-    """(usage or None, finish reason "stop" | "length") of the generation that just answered `conversation`
-    (`conversation`, `answer` and `settings` are the call's; the counts come from the backend's `last_stats`)."""
+def measure(engine, conversation: Conversation | str, answer: str,
+            settings: GenerationSettings) -> tuple[Usage | None, str]:
+    """(usage or None, finish reason "stop" | "length") of the generation that just answered `conversation` (or
+    continued a raw prompt; `conversation`, `answer` and `settings` are the call's; the counts come from the
+    backend's `last_stats`)."""
     stats = getattr(engine.backend, "last_stats", None)
     if not isinstance(stats, GenerationStats):
         return None, "stop"
