@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from test_resume_fixes_runs import check_main
 from test_run_guard import STAGE1, _cfg, _checkpoint
 from test_write_safety import copy_run, stage_options, synthetic, train_main, trained  # noqa: F401  (fixtures)
 from tinygpt.config import load_config
@@ -67,12 +68,16 @@ def test_a_fresh_start_removes_the_old_checkpoints_only_with_its_first(trained, 
 
     monkeypatch.setattr(ckpt, "save_checkpoint", spy)
     opts = stage_options(synthetic, root, base_model, 1, run__save_every=1, run__keep_last=2, run__resume="false")
-    with caplog.at_level(logging.WARNING, logger="tinygpt.train"):
-        assert train_main(opts) == 0
+    line = (f"starting fresh: 2 checkpoints of an earlier run in {folder} are kept until this run writes its first "
+            "checkpoint, then removed")
+    caplog.set_level(logging.WARNING, logger="tinygpt.train")
+    assert check_main(opts) == 0  # --check says it too
+    assert caplog.messages == [line]
+    caplog.clear()
+    assert train_main(opts) == 0
     assert seen == [["step_00000002", "step_00000003"]]  # still there as the first new checkpoint is written
     assert sorted(p.name for p in folder.iterdir()) == ["step_00000001"]  # then gone; keep_last kept the new one
-    assert (f"starting fresh: 2 checkpoints of an earlier run in {folder} are kept until this run writes its first "
-            "checkpoint, then removed") in caplog.text
+    assert line in caplog.messages
 
 
 # ------------------------------------------------------------------ 3: a shared run.checkpoint_dir

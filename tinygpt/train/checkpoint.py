@@ -9,16 +9,18 @@
                           counts so far (``moe_load``: the summary's whole-run moe_load_share goes on from them)
 A checkpoint directory is first written as ``step_N.tmp`` and renamed when complete, so a kill at any moment leaves
 the previous checkpoints intact and never a half-written one that resume could pick; a write failure removes it. A
-checkpoint that goes (one of the same step replaced, one past ``keep_last``, an earlier run's once a fresh start has
-written its first checkpoint) is first renamed to ``step_N.old.tmp`` and only then deleted, so a kill during the
-deletion leaves no partial ``step_N`` either; ``remove_temporaries`` sweeps such leftovers (every save does, and so does
-the start of a run).
+checkpoint that goes (one of the same step replaced, one past ``keep_last``, one of the run a new one replaces once
+that has written its first checkpoint: ``replaced_by``) is first renamed to ``step_N.old.tmp`` and only then deleted,
+so a kill during the deletion leaves no partial ``step_N`` either; ``remove_temporaries`` sweeps such leftovers (every
+save does, and so does the start of a run).
 ``state.json`` records every other file's size and sha256; ``verify_checkpoint`` checks them and state.json's own
 values (``checkpoint_state.py``) without loading a tensor (run_guard calls it before the model loads), and resume reads
 every file before restoring anything; either names the damaged file, offering the checkpoint before it.
 ``newest_intact`` is what ``run.resume`` auto / true take: the newest checkpoint that verifies, and the newer ones
-that do not. Those are left where they are: ``keep_last`` counts only the checkpoints up to the step just written (one
-past it is not this run's), and the checkpoint of their step replaces them as any same-step one (moved aside first).
+that do not. Those, and the newer ones a resume from an older checkpoint (``run.resume=PATH``) leaves behind, are of
+the run this one replaces (``replaced_by``): kept until this run writes its first checkpoint, then removed with it
+(``save_checkpoint``'s ``replaces``); one of the same step as that first checkpoint is replaced as any same-step one
+(moved aside first).
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def _step_dirs(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=step_of)
+
+
+def replaced_by(checkpoint_dir: str | Path, step: Optional[int]) -> list[Path]:
+    """The checkpoints of the run that a run starting at ``step`` replaces, oldest first: with ``step`` None (a fresh
+    start) every one, else every one past ``step`` (a resume from an older checkpoint, or past damaged ones). The run
+    keeps them until it writes its first checkpoint (``save_checkpoint``'s ``replaces``), so a stop before that loses
+    nothing, and a later ``run.resume`` auto never goes back to them after it."""
+    return [p for p in list_checkpoints(checkpoint_dir) if step is None or step_of(p) > step]
 
 
 def remove_temporaries(checkpoint_dir: str | Path) -> None:
@@ -153,9 +163,9 @@ def _digest(path: Path) -> dict:
 
 def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: str | Path, state: dict,
                     keep_last: int, replaces: tuple[Path, ...] = ()) -> Path:
-    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path. ``replaces``: an
-    earlier run's checkpoints (a fresh start keeps them until now), discarded once ``step_N`` is in place and before
-    ``keep_last`` counts.
+    """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path. ``replaces``: the
+    checkpoints of the run this one replaces (``replaced_by``, kept until now), discarded once ``step_N`` is in place
+    and before ``keep_last`` counts (one of step N was moved aside and replaced as any same-step one).
 
     A write failure (full disk, permissions) raises one ``UserError`` naming the checkpoint; the partial
     ``step_N.tmp`` is removed and the earlier checkpoints stay as they were."""
@@ -197,8 +207,8 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
                 for stale in replaces:  # never step_N itself: one of the same step was moved aside above
                     if stale != final and stale.is_dir():
                         discard(stale)
-                # keep_last counts step_N and those before it: one past it is not this run's (a resume that found
-                # it damaged went back from it), and is replaced when this run writes its step
+                # keep_last counts step_N and those before it: one past it is not this run's (those the replaced
+                # run left went with this run's first checkpoint, just above)
                 for old in [p for p in list_checkpoints(checkpoint_dir) if step_of(p) <= step][:-keep_last]:
                     discard(old)
     except BaseException:

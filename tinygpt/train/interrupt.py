@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..config.schema import RunConfig
+from ..errors import UserError
 from ..io_utils import sigterm_raises
 from . import checkpoint as ckpt
 from .run_guard import launched_as_main
@@ -40,27 +41,34 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StepReached:
     step: Optional[int] = None  # optimizer steps done so far (None: training has not started)
     checkpoint: Optional[Path] = None  # the newest checkpoint this run resumed from or wrote
+    wrote: bool = False  # this run has written a checkpoint (and the replaced run's went with its first)
     main: bool = field(default_factory=launched_as_main)  # the main process (the accelerator's word, once it exists)
 
 
-def interrupt_message(cfg: RunConfig, step: Optional[int], checkpoint: Optional[Path] = None) -> str:
-    """``interrupted at step N; ...`` with what a rerun of the same command does: resume from ``checkpoint`` (the
-    newest one this run resumed from or wrote; a newer one was found damaged, and a rerun skips it again) or, without
-    it or with run.resume false or a path, from the newest checkpoint."""
+def interrupt_message(cfg: RunConfig, step: Optional[int], checkpoint: Optional[Path] = None,
+                      wrote: bool = False) -> str:
+    """``interrupted at step N; ...`` with what a rerun of the same command does. ``checkpoint``: the newest one this
+    run resumed from or wrote (``wrote``: this run has written one). With run.resume auto or true a rerun resumes from
+    it (a newer one was found damaged, and stays until this run's first checkpoint); with a path, before this run
+    wrote one, from that path again (a newer one is the replaced run's). Otherwise the line names what auto takes:
+    the newest intact checkpoint (``checkpoint.newest_intact``)."""
     head = "interrupted" if step is None else f"interrupted at step {step}"
     mode = ckpt.resume_mode(cfg.run.resume)
-    own = checkpoint is not None and mode in ("latest", "auto")
-    found = [checkpoint] if own else ckpt.list_checkpoints(cfg.checkpoint_dir)
+    same = mode in ("latest", "auto") or (mode == "path" and checkpoint is not None and not wrote)
+    found = checkpoint if same else None
+    if found is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, UserError):
+            found = ckpt.newest_intact(cfg.checkpoint_dir)[0]
     latest = None
-    if found:
+    if found is not None:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            latest = f"{found[-1]} (step {int(json.loads((found[-1] / 'state.json').read_text())['step'])})"
+            latest = f"{found} (step {int(json.loads((found / 'state.json').read_text())['step'])})"
     if mode == "off":
         also = f" (run.resume=auto resumes from {latest})" if latest else ""
         return f"{head}; run.resume is false: a rerun of the same command starts at step 0{also}"
     if latest is None:
         return f"{head}; no checkpoint yet: a rerun starts at step 0"
-    if mode in ("latest", "auto"):
+    if same:
         return f"{head}; rerun the same command to resume from {latest}"
     return f"{head}; rerun with run.resume=auto to resume from {latest}"
 
@@ -74,10 +82,13 @@ def interrupts_reported(cfg: RunConfig, reached: StepReached) -> Iterator[None]:
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
-            raise TrainingInterrupted(interrupt_message(cfg, reached.step, reached.checkpoint), 130,
-                                      reached.main) from None
+            raise TrainingInterrupted(_message(cfg, reached), 130, reached.main) from None
         except SystemExit as exc:
             if exc.code != SIGTERM_EXIT:
                 raise
-            raise TrainingInterrupted(interrupt_message(cfg, reached.step, reached.checkpoint), SIGTERM_EXIT,
-                                      reached.main) from None
+            raise TrainingInterrupted(_message(cfg, reached), SIGTERM_EXIT, reached.main) from None
+
+
+def _message(cfg: RunConfig, reached: StepReached) -> str:
+    """The line, on the main process (the one that prints it: the others do not verify checkpoints for it)."""
+    return interrupt_message(cfg, reached.step, reached.checkpoint, reached.wrote) if reached.main else "interrupted"

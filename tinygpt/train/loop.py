@@ -146,12 +146,10 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                         "after resume differs from an uninterrupted run", resume_from, state.get("slots"), mixer.slots)
         if accelerator.is_main_process:
             log.info("resuming from %s (step %d)", resume_from, start_step)
-    elif accelerator.is_main_process and ckpt.list_checkpoints(cfg.checkpoint_dir):
-        stale = tuple(ckpt.list_checkpoints(cfg.checkpoint_dir))  # kept until this run's first checkpoint is written
-        log.warning("starting fresh: %d checkpoints of an earlier run in %s are kept until this run writes its first "
-                    "checkpoint, then removed", len(stale), ckpt.checkpoints_root(cfg.checkpoint_dir))
     elif accelerator.is_main_process and resume_line(cfg, None):
         log.info("%s", resume_line(cfg, None))  # run.resume auto found none
+    if accelerator.is_main_process:  # the replaced run's (check_resume named them): kept until this run's first
+        stale = tuple(ckpt.replaced_by(cfg.checkpoint_dir, start_step if resume_from is not None else None))
     accelerator.wait_for_everyone()
     reached.step = start_step
     mixer.start(start_step, data_state)
@@ -235,7 +233,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                     state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
                 reached.checkpoint = ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir,
                                                           state, r.keep_last, replaces=stale)
-                stale = ()  # the earlier run's checkpoints went with this one
+                reached.wrote, stale = True, ()  # the replaced run's checkpoints went with this one
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
     finally:

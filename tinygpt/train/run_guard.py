@@ -4,7 +4,8 @@ run resumes with other settings.
 
     already_complete(cfg)                # "already complete: OUT (step N of N); ..." when auto finds the run done
     check_resume(cfg)                    # the checkpoint run.resume picks (or None); UserError when it cannot be used
-                                         # (auto / true: the newest intact one, a warning naming newer damaged ones)
+                                         # (auto / true: the newest intact one, a warning naming newer damaged ones;
+                                         # one line naming the checkpoints of the run this one replaces)
     resume_line(cfg, found)              # "will resume from PATH (step N)" / "no checkpoint in DIR: starting at step 0"
     with run_lock(cfg, is_main):         # UserError when another live run holds cfg.checkpoint_dir
         ...
@@ -55,13 +56,20 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
     """run.resume's checkpoint (None: start fresh), checked before any model is loaded: it exists, is intact
     (``checkpoint.verify_checkpoint``: state.json's values, every file's size and sha256), its step is not past
     schedule.total_steps, and this stage wrote it. auto and true take the newest intact one (``_newest_intact``); a
-    checkpoint the user named must be intact itself."""
+    checkpoint the user named must be intact itself. The checkpoints of the run this one replaces
+    (``checkpoint.replaced_by``: a fresh start's old ones, those past the checkpoint resumed from) are named in one
+    line (the run and ``--check`` say the same)."""
     where = cfg.origin("run.resume")
-    if ckpt.resume_mode(cfg.run.resume) in ("latest", "auto") and ckpt.list_checkpoints(cfg.checkpoint_dir):
+    mode = ckpt.resume_mode(cfg.run.resume)
+    if mode in ("latest", "auto") and ckpt.list_checkpoints(cfg.checkpoint_dir):
         found, state = _newest_intact(cfg, where)
     else:
         found = ckpt.find_resume(cfg.run.resume, cfg.checkpoint_dir, where)
         if found is None:
+            stale = ckpt.replaced_by(cfg.checkpoint_dir, None)  # run.resume false (auto found none)
+            if stale and launched_as_main():
+                log.warning("starting fresh: %d checkpoints of an earlier run in %s are kept until this run writes "
+                            "its first checkpoint, then removed", len(stale), ckpt.checkpoints_root(cfg.checkpoint_dir))
             return None
         state = ckpt.verify_checkpoint(found)
     step, total = state["step"], cfg.schedule.total_steps
@@ -79,19 +87,27 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
                         "nothing is left to train: retrain with run.resume=false, or raise schedule.total_steps to "
                         "go on from it")
     _check_same_stage(cfg, found, state.get("stage"))
+    stale = ckpt.replaced_by(cfg.checkpoint_dir, step) if step < total else []  # (at the end it writes none)
+    if mode == "path" and stale and launched_as_main():  # (auto / true: the damaged ones, named above)
+        what = (f"the {len(stale)} newer checkpoints" if len(stale) > 1 else "the newer checkpoint")
+        log.warning("resuming from step %d: %s in %s (%s) %s of the run this one replaces: kept until this run "
+                    "writes its first checkpoint, then removed", step, what, ckpt.checkpoints_root(cfg.checkpoint_dir),
+                    ", ".join(p.name for p in stale), "are" if len(stale) > 1 else "is")
     return found
 
 
 def _newest_intact(cfg: RunConfig, where: str) -> tuple[Path, dict]:
-    """The newest checkpoint that verifies and its state.json; a newer, damaged one is named in one warning (and left
-    as it is), and with none intact one error names each and what is wrong with it."""
+    """The newest checkpoint that verifies and its state.json; a newer, damaged one is named in one warning (it is
+    kept until the run writes its first checkpoint, then removed: ``checkpoint.replaced_by``), and with none intact
+    one error names each and what is wrong with it."""
     found, state, damaged = ckpt.newest_intact(cfg.checkpoint_dir)
     told = "; ".join(f"{path} is damaged ({why})" for path, why in damaged)
     if found is None:
         raise UserError(f"{where}: run.resume: no checkpoint in {ckpt.checkpoints_root(cfg.checkpoint_dir)} is "
                         f"intact: {told}; start afresh with --options run.resume=false")
     if damaged and launched_as_main():
-        log.warning("%s; resuming from %s instead", told, found)
+        log.warning("%s; resuming from %s instead; %s kept until this run writes its first checkpoint, then removed",
+                    told, found, "they are" if len(damaged) > 1 else "it is")
     return found, state
 
 
