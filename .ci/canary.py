@@ -154,7 +154,7 @@ def pytest_summary(junit: Path) -> tuple[str, str]:
 
 
 def run_tests(report: Report, python: Path, work: Path) -> None:
-    progress(f"{report.flavour}: running the test suite (python -m pytest -q; ~5 min)")
+    progress(f"{report.flavour}: running the test suite (python -m pytest -q; 12-20 min on 2 cores)")
     junit = work / "tests.xml"
     rc, output = run_logged([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                              "--deselect", LOCK_CONTENT_TEST],
