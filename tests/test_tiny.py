@@ -7,6 +7,7 @@ default build (``ensure_tiny_backbones()``) is exercised by ``python train.py`` 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -184,6 +185,26 @@ def _train_cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_killed_builds_folders_are_swept_and_a_live_ones_kept(tmp_path):
+    """A build killed outright (SIGKILL, power loss) leaves .NAME.building-PID / .NAME.scratch-PID beside the target;
+    the next build removes those whose process is gone and keeps a running build's."""
+    import subprocess
+
+    from tinygpt.tiny.backbones import sweep_dead_builds
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    target = tmp_path / "tiny-backbones-v6-0123456789"
+    dead = [tmp_path / f".{target.name}.{kind}-{gone.pid}" for kind in ("building", "scratch")]
+    live = tmp_path / f".{target.name}.scratch-{os.getpid()}"
+    other = tmp_path / f".tiny-backbones-v6-9999999999.scratch-{gone.pid}"  # another key's: not this build's business
+    for folder in dead + [live, other]:
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    assert sweep_dead_builds(target) == sorted(dead)
+    assert not any(p.exists() for p in dead) and live.is_dir() and other.is_dir()
 
 
 def test_tiny_llm_steps_flag_reaches_the_recipe_with_enough_documents(monkeypatch, capsys):

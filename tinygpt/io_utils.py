@@ -124,7 +124,7 @@ def _temp_file(target: Path) -> Path:
 LEGACY_QUIET_SECONDS = 600  # temporaries named without a PID: stale when none of them changed for this long
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -145,13 +145,13 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
         for tmp in sorted(Path(directory).glob(f".{pattern}.*.tmp")):
             head, pid, rest = (tmp.name[:-len(".tmp")].rsplit(".", 2) + ["", ""])[:3]
             if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}"):
-                if not _pid_alive(int(pid)):
+                if not pid_alive(int(pid)):
                     (aside if rest == "old" else dead).append((tmp, head[1:]))
             else:
                 legacy.append(tmp)
         for old in sorted(Path(directory).glob(f".{pattern}.old-*")):  # atomic_dir's aside name in older versions
             head, _, pid = old.name.rpartition(".old-")
-            if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}") and not _pid_alive(int(pid)):
+            if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}") and not pid_alive(int(pid)):
                 aside.append((old, head[1:]))
     dead = [tmp for tmp, _ in dead] + [old for old, name in aside if not _put_back(old, old.parent / name)]
     with contextlib.suppress(FileNotFoundError):

@@ -31,7 +31,7 @@ import torch
 
 from tinygpt.errors import UserError
 from tinygpt.evaluation.health import installed_versions, versions_text
-from tinygpt.io_utils import atomic_write_text
+from tinygpt.io_utils import atomic_write_text, pid_alive
 from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, load_vlm, save_vlm
 from tinygpt.paths import cache_root
 from tinygpt.tiny.llm_ceiling import llm_ceiling
@@ -181,8 +181,21 @@ def build_backbone_model(llm: LLMPretrainSettings, vision: VisionPretrainSetting
     return model, figures
 
 
+def sweep_dead_builds(target: Path) -> list[Path]:
+    """Remove the ``.NAME.building-PID`` / ``.NAME.scratch-PID`` folders that a killed build of ``target`` left (its
+    process is gone; a live one's are kept). Called under the build lock; returns what it removed."""
+    removed = []
+    for leftover in sorted(target.parent.glob(f".{target.name}.*-*")):
+        kind, _, pid = leftover.name[len(target.name) + 2:].partition("-")
+        if kind in ("building", "scratch") and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
 def _build(target: Path, llm: LLMPretrainSettings, vision: VisionPretrainSettings, progress: bool) -> None:
     start = time.monotonic()
+    sweep_dead_builds(target)
     building = target.parent / f".{target.name}.building-{os.getpid()}"
     scratch = target.parent / f".{target.name}.scratch-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
