@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -93,3 +94,12 @@ def stream_text(client, messages, **kw) -> tuple[str, list]:
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, stream=True, **kw))
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
+
+def wait_for(condition, seconds: float = 10) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

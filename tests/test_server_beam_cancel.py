@@ -10,12 +10,11 @@ assertions count the tokens generated, never the time taken. Helpers: tests/serv
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from server_fixtures import LIMITS, NAME, Wrapped, openai_client, post, user
+from server_fixtures import LIMITS, NAME, Wrapped, openai_client, post, user, wait_for
 from tinygpt.chat import ChatEngine, GenerationSettings
 from tinygpt.serve.app import create_app
 from tinygpt.serve.background import BackgroundServer
@@ -55,15 +54,6 @@ def forced(chat_model):
 
     model = load_vlm(chat_model[0])
     return ChatEngine(TorchBackend(model), BEAMS), Steps(model)
-
-
-def _wait_for(condition, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_the_engines_beam_search_stops_at_the_next_step_once_cancelled(forced):
@@ -106,9 +96,9 @@ def test_a_client_that_leaves_stops_the_servers_beam_search(forced):
         assert reached.wait(30), "the beam search did not start"
         leaver.join(timeout=30)
         assert left, "the client got an answer"  # it has gone; the generation waits at step AT
-        assert _wait_for(lambda: bool(cancels) and cancels[0].is_set()), "the job was not cancelled"
+        assert wait_for(lambda: bool(cancels) and cancels[0].is_set(), 20), "the job was not cancelled"
         release.set()
-        assert _wait_for(lambda: httpx.get(running.url + "/health").json()["queue"]["depth"] == 0)
+        assert wait_for(lambda: httpx.get(running.url + "/health").json()["queue"]["depth"] == 0, 20)
         stats = engine.backend.last_stats
         assert (stats.generated_tokens, stats.stopped_by) == (AT, "cancelled"), stats  # not 200
         client = openai_client(running)  # and the server answers on, beam search included
@@ -125,7 +115,7 @@ def test_the_server_stopping_stops_a_running_beam_search(forced):
     with BackgroundServer(app) as running:
         response = post(running, {"model": NAME, "messages": [user("go on")]})
         assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
-        assert _wait_for(lambda: httpx.get(running.url + "/health").json()["queue"]["depth"] == 0)
+        assert wait_for(lambda: httpx.get(running.url + "/health").json()["queue"]["depth"] == 0, 20)
         stats = engine.backend.last_stats
         assert (stats.generated_tokens, stats.stopped_by) == (AT, "cancelled"), stats  # not 200
         refused = httpx.post(running.url + "/v1/completions", json={"model": NAME, "prompt": "x"}, timeout=60)

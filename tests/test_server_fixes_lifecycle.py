@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from server_fixtures import LIMITS, NAME, REPO, Wrapped, gguf_engine, post, user
+from server_fixtures import LIMITS, NAME, REPO, Wrapped, gguf_engine, post, user, wait_for
 from tinygpt.chat.launch import listen
 from tinygpt.cli import main as tinygpt
 from tinygpt.errors import UserError
@@ -33,15 +33,6 @@ def engine(chat_model):
 
 def _depth(server_url: str) -> int:
     return httpx.get(server_url + "/health").json()["queue"]["depth"]
-
-
-def _wait_for(condition, seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ A: shutdown
@@ -101,14 +92,14 @@ def test_a_signal_ends_every_admitted_request_and_exits_0(tmp_path, sig):
                 break
         url = re.search(r"http://\S+(?=/v1)", line).group(0)
         threading.Thread(target=lambda: rest.extend(proc.stderr), daemon=True).start()
-        assert _wait_for(lambda: _depth(url) == 0, 30)
+        assert wait_for(lambda: _depth(url) == 0, 30)
         askers = [threading.Thread(target=ask, args=(0, True))]
         askers[0].start()
-        assert _wait_for(lambda: _depth(url) == 1)
+        assert wait_for(lambda: _depth(url) == 1)
         askers += [threading.Thread(target=ask, args=(k, k % 2 == 0)) for k in range(1, 5)]
         for t in askers[1:]:
             t.start()
-        assert _wait_for(lambda: _depth(url) == 5), "the five requests were not all admitted"
+        assert wait_for(lambda: _depth(url) == 5), "the five requests were not all admitted"
         time.sleep(0.3)  # the running stream has sent some pieces
         proc.send_signal(sig)
         status = proc.wait(timeout=60)
@@ -158,7 +149,7 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_engine(engine):
     app = create_app(Wrapped(engine, chat=_slow_chat, stream=_endless(cancels)), NAME, LIMITS)
     with BackgroundServer(app) as running:
         _leave(running, {"model": NAME, "messages": [user("go on")]})
-        assert _wait_for(lambda: _depth(running.url) == 0, 4), "the generation still holds the engine"
+        assert wait_for(lambda: _depth(running.url) == 0, 4), "the generation still holds the engine"
         assert cancels and cancels[0].is_set()
 
 
@@ -173,11 +164,11 @@ def test_a_queued_request_whose_client_leaves_frees_its_slot_at_once(engine):
             leaver = threading.Thread(target=_leave, args=(running, {"model": NAME, "messages": [user("me too")],
                                                                      "stream": True}))
             leaver.start()
-            assert _wait_for(lambda: _depth(running.url) == 2)
+            assert wait_for(lambda: _depth(running.url) == 2)
             leaver.join()
-            assert _wait_for(lambda: _depth(running.url) == 1, 3), "the abandoned request still counts"
+            assert wait_for(lambda: _depth(running.url) == 1, 3), "the abandoned request still counts"
             assert len(cancels) == 1 and not cancels[0].is_set()  # the running one goes on, the other never ran
-        assert _wait_for(lambda: _depth(running.url) == 0)
+        assert wait_for(lambda: _depth(running.url) == 0)
 
 
 # ------------------------------------------------------------------------------------------------ I: seeds
