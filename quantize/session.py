@@ -292,7 +292,16 @@ class ChatSession:
     def _generate(self, logits, items, max_new: int, on_text, t_start: float) -> str:
         stats = self.last_stats
         history = [i for i in items if isinstance(i, int)]
-        generated: list[int] = []
+        generated: list[int] = []  # filled by _generate_loop
+        try:
+            return self._generate_loop(logits, history, generated, max_new, on_text, t_start)
+        finally:  # a generation cancelled by on_text (it raises) still reports what it generated
+            stats.generated_tokens = len(generated)
+            stats.decode_s = time.perf_counter() - stats.first_token_s - t_start if generated else 0.0
+
+    def _generate_loop(self, logits, history: list[int], generated: list[int], max_new: int, on_text,
+                       t_start: float) -> str:
+        stats = self.last_stats
         shown = 0
         text = ""
         t_first = None
@@ -322,8 +331,6 @@ class ChatSession:
             self._cached.append(token)
         if on_text is not None and len(text) > shown:
             on_text(text[shown:])
-        stats.generated_tokens = len(generated)
-        stats.decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
         return text
 
     def reset(self) -> None:

@@ -254,10 +254,12 @@ def test_context_check_and_cancel(engines):
         cancel = threading.Event()
         long = GenerationSettings(max_new_tokens=200)
         stream = engine.stream(_conversations()[0], long, cancel=cancel)
-        next(stream)
+        first = next(stream)
         cancel.set()
         rest = list(stream)
-        assert len("".join(rest)) < len(engine.chat(_conversations()[0], long))
+        stats = engine.backend.last_stats  # a cancelled generation still counts what it generated (usage)
+        assert stats.stopped_by == "cancelled" and 1 <= stats.generated_tokens < long.max_new_tokens, stats
+        assert len(first + "".join(rest)) < len(engine.chat(_conversations()[0], long))
         stream = engine.stream(_conversations()[0], long)  # closing early releases the engine
         next(stream)
         stream.close()
