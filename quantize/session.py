@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from tinygpt.errors import UserError
 from tinygpt.tasks import IMAGE_TAG
@@ -337,14 +336,12 @@ class ChatSession:
         """Forget the conversation (the cache is reused only if the next one starts the same way)."""
         self.turns.clear()
 
-    def warm_up(self, n_tokens: int = 32) -> None:
-        """Pay the one-off costs (compute buffers, thread pools, first-touch pages) at load time instead of in the
-        user's first answer: one blank image through the vision tower, a short prefill that is then forgotten
-        (what it saves on the full-size model: docs/benchmarks.md, "Time to first token"). The cache is left holding
-        the start every conversation shares (BOS and the template's text before the user's), which the first turn
-        then reuses."""
-        if self.vision is not None:
-            self.vision.encode_pixels(torch.zeros(1, 3, self.vision.image_size, self.vision.image_size))
+    def warm_up(self, n_tokens: int = 8) -> None:
+        """Pay the language model's one-off costs (compute buffers, thread pool, first-touch pages) at load time
+        instead of in the user's first answer: a short prefill that is then forgotten. The cache is left holding the
+        start every conversation shares (BOS and the template's text before the user's), which the first turn then
+        reuses. The vision tower is not warmed: its first image costs what any later one does, and encoding a blank
+        one took 8 s of a 21 s load on a 2-core Zen 1 (docs/gguf-runtime.md, "Warm-up")."""
         self.llm.eval_tokens([self.llm.hp.vocab_size - 1] * min(n_tokens, self.llm.n_ctx))
         self.llm.truncate(0)
         self._cached.clear()
@@ -379,8 +376,8 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
             else None
         llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
                                   decode_graph=decode_graph, repack=repack, kv_type=kv_type)
-        vision = vision_job.result() if vision_job is not None else None
-    session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt, vision=vision,
-                          sampling=sampling or SamplingParams())
-    session.warm_up()
+        session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt,
+                              sampling=sampling or SamplingParams())
+        session.warm_up()  # while the vision tower may still be building
+        session.vision = vision_job.result() if vision_job is not None else None
     return session
