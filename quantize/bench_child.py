@@ -1,8 +1,9 @@
-"""The bench's child processes: one engine (or the bandwidth probe) per fresh spawned process, and a parent side that
-never waits for ever.
+"""The bench's child processes: one engine (or the bandwidth probe) per fresh process, and a parent side that never
+waits for ever.
 
 Contract:
-  * `run_child(target, args, timeout_s, label)` starts `target(args, queue)` in a spawned process and returns the dict
+  * `run_child(target, args, timeout_s, label)` starts `target(args, queue)` in a fresh process (forked from a
+    forkserver that imported this module once, `child_context`) and returns the dict
     it puts on the queue. A child that dies before reporting (a segfault in a C library, os._exit, the OOM killer) comes
     back as {"error": "<label>: child died with signal SIGSEGV (exit code -11) before reporting a result"}; a child
     still running after timeout_s is killed and comes back as {"error": "<label>: no result after N s ..."}. So the
@@ -225,9 +226,28 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+_CONTEXT: list = []  # the multiprocessing context of every child, made on first use
+
+
+def child_context():
+    """A forkserver that has imported this module (torch, transformers, ggml) once; each child is forked from it and
+    starts fresh (nothing run, no threads, no model) without importing them again, which took 5-8 s of CPU per child
+    on a slow 2-core CPU. Children see the environment of the process when its first child started (the forkserver's).
+    Spawn where there is no forkserver."""
+    if not _CONTEXT:
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+        else:
+            ctx = mp.get_context("spawn")
+        _CONTEXT.append(ctx)
+    return _CONTEXT[0]
+
+
 def run_child(target, args: dict, timeout_s: float, label: str) -> dict:
-    """`target(args, queue)` in a fresh spawned process: its result, or {"error": ...} if it dies or overruns."""
-    ctx = mp.get_context("spawn")
+    """`target(args, queue)` in a fresh process (`child_context`): its result, or {"error": ...} if it dies or
+    overruns."""
+    ctx = child_context()
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(args, queue), daemon=True)
     proc.start()

@@ -97,6 +97,31 @@ def small_backbones(tmp_path_factory):
     return cache, path, time.monotonic() - start
 
 
+@pytest.fixture(scope="session")
+def tiny_synthetic_data(tmp_path_factory):
+    """The tiny synthetic dataset (seed 0, scale "tiny"), generated once for the session; the tests only read it."""
+    from tinygpt.tiny.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    generate(out, seed=0, scale="tiny", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_run(tiny_synthetic_data, base_model, tmp_path_factory):
+    """A finished 3-step tiny stage 1 (test_write_safety's options): ``stage1/`` (output) and ``stage1-checkpoints/``
+    holding steps 2 and 3 (the last step is always checkpointed; keep_last 2). Trained once for the session; the
+    tests copy it (test_write_safety.copy_run) and change only their copy."""
+    from test_write_safety import stage_options, train_main
+
+    root = tmp_path_factory.mktemp("trained")
+    assert train_main(stage_options(tiny_synthetic_data, root, base_model, 3, run__save_every=1, run__keep_last=2,
+                                    run__resume="false")) == 0
+    steps = sorted(p.name for p in (root / "stage1-checkpoints" / "checkpoints").iterdir())
+    assert steps == ["step_00000002", "step_00000003"]
+    return root
+
+
 def save_decisive_tiny_model(out_dir, seed: int = 0):
     """A seeded random tiny VLM whose greedy choices are not near-ties (norms perturbed, logits scaled to O(10)),
     saved as a model directory: a stand-in for a trained model in the chat, demo and server tests."""

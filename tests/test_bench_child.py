@@ -1,7 +1,8 @@
 """The bench's children never leave it waiting: a child that dies (here: the stock engine's child killing itself with
 SIGSEGV, as llama-cpp-python's batched prefill does on some AVX-512/AMX machines) is reported with its signal and the
 bench exits non-zero; a child that hangs is killed after --child-timeout. Engines are swapped through
-quantize.bench_child.ENGINES; the replacement targets below live in this module, which the spawned child imports."""
+quantize.bench_child.ENGINES; the replacement targets below live in this module, which the child imports. Children are
+forked from one forkserver that imported the bench's modules once (quantize.bench_child.child_context)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,15 @@ def test_run_child_kills_a_child_that_hangs_past_the_timeout():
     result = bench_child.run_child(hanging_engine, {}, timeout_s=3, label="stuck engine")
     assert result == {"error": "stuck engine: no result after 3 s (--child-timeout); child killed"}
     assert time.monotonic() - t0 < 30
+
+
+def parent_engine(args: dict, queue) -> None:
+    queue.put({"ppid": os.getppid()})
+
+
+def test_children_fork_from_one_forkserver_that_has_the_bench_imported():
+    first, second = (bench_child.run_child(parent_engine, {}, 60, "x") for _ in range(2))
+    assert first["ppid"] == second["ppid"] != os.getpid()  # not this process: the forkserver, reused
 
 
 def test_run_child_reports_an_exit_code_and_passes_a_result_through():

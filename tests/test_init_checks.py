@@ -112,12 +112,10 @@ def test_a_real_run_stops_before_the_model_loads(tmp_path, monkeypatch):
         stage.run_stage(stage5(tmp_path, "model.init_from=null", "model.moe.layers=[9]"))
 
 
-def test_check_flag_reports_it(tmp_path, capsys):
+def test_check_flag_reports_it(tmp_path, capsys, tiny_synthetic_data):
     from tinygpt.cli.train import main
-    from tinygpt.tiny.synthetic import generate
 
-    data = tmp_path / "data"
-    generate(data, seed=0, scale="tiny", progress=False)
+    data = tiny_synthetic_data
     start = config_dir(tmp_path / "start", moe=MOE)
     args = ["--cfg-path", str(STAGE5), "--check", "--options", f"vars.data_root={data}",
             f"vars.output_root={tmp_path}", f"model.init_from={start}"]

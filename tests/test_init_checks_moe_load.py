@@ -65,13 +65,11 @@ def test_counts_of_another_model_are_refused(saved):
 
 
 @pytest.mark.slow
-def test_the_summary_share_covers_the_whole_run_after_a_resume(tmp_path, caplog):
-    from tinygpt.tiny.synthetic import generate
+def test_the_summary_share_covers_the_whole_run_after_a_resume(tmp_path, caplog, tiny_synthetic_data):
     from tinygpt.tokenizer import load_tokenizer
     from tinygpt.train.stage import run_stage
 
-    data = tmp_path / "data"
-    generate(data, seed=0, scale="tiny", progress=False)
+    data = tiny_synthetic_data
     torch.manual_seed(0)
     dense = TinyGPTVForConditionalGeneration(build_config("tiny", lora={}))
     dense.tokenizer = load_tokenizer(None)

@@ -1,6 +1,6 @@
 """`python -m quantize bench`: the machine header, the table's rows for ours and the plain file (with the roofline),
-the alternating decode rounds, and its argument errors. Tiny random GGUF files; engines run in spawned processes
-exactly as for the full-size numbers."""
+the alternating decode rounds, and its argument errors. Tiny random GGUF files; engines run in child processes
+(forked from the bench's forkserver) exactly as for the full-size numbers."""
 
 from __future__ import annotations
 

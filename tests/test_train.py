@@ -33,12 +33,8 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    from tinygpt.tiny.synthetic import generate
-
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    generate(out, seed=0, scale="tiny", progress=False)
-    return out
+def synthetic(tiny_synthetic_data) -> Path:
+    return tiny_synthetic_data  # conftest: generated once for the session
 
 
 def options(stage: int, synthetic: Path, out: Path, steps: int = 2, batch: int = 2, **extra) -> list[str]:

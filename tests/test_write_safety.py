@@ -57,12 +57,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    from tinygpt.tiny.synthetic import generate
-
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    generate(out, seed=0, scale="tiny", progress=False)
-    return out
+def synthetic(tiny_synthetic_data) -> Path:
+    return tiny_synthetic_data  # conftest: generated once for the session
 
 
 def stage_options(synthetic: Path, root: Path, base: Path, steps: int, **extra) -> list[str]:
@@ -80,16 +76,10 @@ def train_main(opts: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic, base_model, tmp_path_factory) -> Path:
-    """A finished 3-step tiny stage 1: ``stage1/`` (output) and ``stage1-checkpoints/`` holding steps 2 and 3 (the
-    last step is always checkpointed; keep_last 2).
+def trained(tiny_stage1_run) -> Path:
+    """A finished 3-step tiny stage 1 (conftest.tiny_stage1_run: trained once for the session; copy it to change it).
     (Every run here uses the same single-process CPU accelerator, so its shared state needs no reset.)"""
-    root = tmp_path_factory.mktemp("trained")
-    assert train_main(stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2,
-                                    run__resume="false")) == 0
-    steps = sorted(p.name for p in (root / "stage1-checkpoints" / "checkpoints").iterdir())
-    assert steps == ["step_00000002", "step_00000003"]
-    return root
+    return tiny_stage1_run
 
 
 def copy_run(trained: Path, dest: Path) -> Path:
