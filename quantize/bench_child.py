@@ -16,6 +16,7 @@ Contract:
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import queue as queue_mod
 import resource
@@ -226,22 +227,17 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-_CONTEXT: list = []  # the multiprocessing context of every child, made on first use
-
-
+@functools.cache
 def child_context():
     """A forkserver that has imported this module (torch, transformers, ggml) once; each child is forked from it and
     starts fresh (nothing run, no threads, no model) without importing them again, which took 5-8 s of CPU per child
     on a slow 2-core CPU. Children see the environment of the process when its first child started (the forkserver's).
     Spawn where there is no forkserver."""
-    if not _CONTEXT:
-        if "forkserver" in mp.get_all_start_methods():
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
-        else:
-            ctx = mp.get_context("spawn")
-        _CONTEXT.append(ctx)
-    return _CONTEXT[0]
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def run_child(target, args: dict, timeout_s: float, label: str) -> dict:

@@ -291,46 +291,41 @@ class ChatSession:
     def _generate(self, logits, items, max_new: int, on_text, t_start: float) -> str:
         stats = self.last_stats
         history = [i for i in items if isinstance(i, int)]
-        generated: list[int] = []  # filled by _generate_loop
-        try:
-            return self._generate_loop(logits, history, generated, max_new, on_text, t_start)
-        finally:  # a generation cancelled by on_text (it raises) still reports what it generated
-            stats.generated_tokens = len(generated)
-            stats.decode_s = time.perf_counter() - stats.first_token_s - t_start if generated else 0.0
-
-    def _generate_loop(self, logits, history: list[int], generated: list[int], max_new: int, on_text,
-                       t_start: float) -> str:
-        stats = self.last_stats
+        generated: list[int] = []
         shown = 0
         text = ""
         t_first = None
-        while True:
-            token = self.sampler(logits, history + generated)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.first_token_s = t_first - t_start
-            generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=False)
-            cut = self.stop.find(text)
-            if token == self.fmt.eos_id:
-                text, stats.stopped_by = self.tokenizer.decode(generated[:-1], skip_special_tokens=False), "eos"
-                break
-            if cut >= 0:
-                text, stats.stopped_by = text[:cut], "stop string"
-                break
-            if len(generated) >= max_new:
-                stats.stopped_by = "max_new_tokens" if max_new == self.sampling.max_new_tokens else "context full"
-                break
-            if on_text is not None and not text.endswith("\ufffd"):
-                safe = self.stop.safe_prefix_length(text)
-                if safe > shown:
-                    on_text(text[shown:safe])
-                    shown = safe
-            logits = self.llm.eval_tokens([token])
-            self._cached.append(token)
-        if on_text is not None and len(text) > shown:
-            on_text(text[shown:])
-        return text
+        try:
+            while True:
+                token = self.sampler(logits, history + generated)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.first_token_s = t_first - t_start
+                generated.append(token)
+                text = self.tokenizer.decode(generated, skip_special_tokens=False)
+                cut = self.stop.find(text)
+                if token == self.fmt.eos_id:
+                    text, stats.stopped_by = self.tokenizer.decode(generated[:-1], skip_special_tokens=False), "eos"
+                    break
+                if cut >= 0:
+                    text, stats.stopped_by = text[:cut], "stop string"
+                    break
+                if len(generated) >= max_new:
+                    stats.stopped_by = "max_new_tokens" if max_new == self.sampling.max_new_tokens else "context full"
+                    break
+                if on_text is not None and not text.endswith("\ufffd"):
+                    safe = self.stop.safe_prefix_length(text)
+                    if safe > shown:
+                        on_text(text[shown:safe])
+                        shown = safe
+                logits = self.llm.eval_tokens([token])
+                self._cached.append(token)
+            if on_text is not None and len(text) > shown:
+                on_text(text[shown:])
+            return text
+        finally:  # a generation cancelled by on_text (it raises) still reports what it generated
+            stats.generated_tokens = len(generated)
+            stats.decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
 
     def reset(self) -> None:
         """Forget the conversation (the cache is reused only if the next one starts the same way)."""

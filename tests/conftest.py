@@ -109,10 +109,10 @@ def tiny_synthetic_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_stage1_run(tiny_synthetic_data, base_model, tmp_path_factory):
-    """A finished 3-step tiny stage 1 (test_write_safety's options): ``stage1/`` (output) and ``stage1-checkpoints/``
+    """A finished 3-step tiny stage 1 (tests/tiny_stage1.py): ``stage1/`` (output) and ``stage1-checkpoints/``
     holding steps 2 and 3 (the last step is always checkpointed; keep_last 2). Trained once for the session; the
     tests copy it (test_write_safety.copy_run) and change only their copy."""
-    from test_write_safety import stage_options, train_main
+    from tiny_stage1 import stage_options, train_main
 
     root = tmp_path_factory.mktemp("trained")
     assert train_main(stage_options(tiny_synthetic_data, root, base_model, 3, run__save_every=1, run__keep_last=2,

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from tinygpt.config import load_config
+from tiny_stage1 import STAGE1, stage_options, train_main  # noqa: F401  (also imported from here by the resume tests)
 from tinygpt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE1 = REPO / "train_configs" / "tiny" / "stage1.yaml"
 
 
 @contextlib.contextmanager
@@ -59,20 +58,6 @@ def snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def synthetic(tiny_synthetic_data) -> Path:
     return tiny_synthetic_data  # conftest: generated once for the session
-
-
-def stage_options(synthetic: Path, root: Path, base: Path, steps: int, **extra) -> list[str]:
-    cfg = load_config(STAGE1)
-    opts = [f"vars.data_root={synthetic}", f"vars.output_root={root}", f"schedule.total_steps={steps}",
-            "schedule.warmup_steps=1", "run.progress=false", "model.max_txt_len=24", f"model.init_from={base}"]
-    opts += [f"data.datasets.{name}.batch_size=2" for name in cfg.active_datasets()]
-    return opts + [f"{key.replace('__', '.')}={value}" for key, value in extra.items()]
-
-
-def train_main(opts: list[str]) -> int:
-    import train
-
-    return train.main(["--quiet", "--cfg-path", str(STAGE1), "--options", *opts])
 
 
 @pytest.fixture(scope="module")
