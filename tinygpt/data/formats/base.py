@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
-from tinygpt.data.image import ImageTransform, load_image, safe_join
+from tinygpt.data.image import ImageTransform, checked_path, load_image
 from tinygpt.errors import UserError
 from tinygpt.tasks import IMAGE_PLACEHOLDER, box_is_valid
 
@@ -187,6 +187,7 @@ class RecordDataset(Dataset):
         self.image_counter = BadRecordCounter(self.source, self.policy, "images")
         self.records: list[Record] = []
         self._bad_indices: set[int] = set()
+        self.resolved_dirs: dict[str, str] = {}  # directories resolved while indexing (finish clears it)
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class RecordDataset(Dataset):
                 return
             record.where = where
             for relative in record.images:
-                safe_join(self.root, relative)
+                checked_path(self.root, relative, self.resolved_dirs)
         except BadRecord as exc:
             self.record_counter.skip(where, str(exc))
             return
@@ -211,6 +212,7 @@ class RecordDataset(Dataset):
 
     def finish(self) -> None:
         """Apply the bad-record limit to the whole file and refuse an empty dataset."""
+        self.resolved_dirs = {}
         self.record_counter.check_final()
         if not self.records:
             raise UserError(f"{self.source}: dataset {self.name!r} has no usable records")

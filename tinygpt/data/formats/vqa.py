@@ -15,13 +15,14 @@ with a short answer:" wording), assistant the answer; question and answer pass t
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from collections import Counter
 from typing import Optional
 
 from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
 from tinygpt.data.formats.base import Record, RecordDataset, iter_json_list, require
-from tinygpt.data.image import safe_join
+from tinygpt.data.image import checked_path
 from tinygpt.data.text import blip_caption
 from tinygpt.errors import UserError
 from tinygpt.tasks import VQA_PROMPTS, wrap_instruction
@@ -77,7 +78,7 @@ class VQADataset(RecordDataset):
 
     def _image_missing(self, entry, by_basename: bool) -> bool:
         try:
-            return not safe_join(self.root, self._image_name(entry, by_basename)).is_file()
+            return not os.path.isfile(checked_path(self.root, self._image_name(entry, by_basename), self.resolved_dirs))
         except BadRecord:
             return False  # not "missing": let validation count it as bad
 
