@@ -159,3 +159,33 @@ def test_trainable_only_dir_over_a_base_of_another_image_size(tiny_vlm, tmp_path
     assert again.vision_model.embeddings.position_embedding.shape[1] == 257
     pixels = torch.randn(1, 3, 224, 224)
     assert torch.equal(loss(big, pixels), loss(again, pixels))
+
+
+def test_loading_draws_no_random_weights_unless_a_tensor_is_in_no_file(tiny_vlm, tmp_path, monkeypatch):
+    """load_vlm builds the model without its random init when the files fill every tensor (the full-size init cost
+    83 s on a 2-core CPU); a tensor no file holds (here LoRA that the config names, which a directory may lack) makes
+    it build the model again with its init, so that tensor starts as in a fresh model (drawn with the init's std),
+    never as the uninitialised memory of the fast build."""
+    from safetensors.torch import load_file, save_file
+
+    from tinygpt.model.phi import TinyGPTPhiPreTrainedModel
+
+    calls = []
+    real = TinyGPTPhiPreTrainedModel._init_weights
+    monkeypatch.setattr(TinyGPTPhiPreTrainedModel, "_init_weights", lambda self, m: calls.append(m) or real(self, m))
+    model = tiny_vlm(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["qkv", "dense"]})
+    perturb(model, ".lora_")
+    save_vlm(model, tmp_path / "m")
+    calls.clear()
+    again = load_vlm(tmp_path / "m")
+    assert calls == []  # every tensor came from the file
+    saved = model.state_dict()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in again.state_dict().items())
+
+    weights = tmp_path / "m" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if ".lora_" not in k}, str(weights))
+    again = load_vlm(tmp_path / "m")
+    assert calls  # built again, with its random init
+    lora = [p.detach() for name, p in again.named_parameters() if ".lora_" in name]
+    assert lora and all(torch.isfinite(p).all() and 0.01 < float(p.std()) < 0.03 for p in lora)  # std 0.02
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in again.state_dict().items() if ".lora_" not in name)
