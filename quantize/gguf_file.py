@@ -137,15 +137,6 @@ def _parse(path: Path):
         pos += struct.calcsize(fmt)
         return value
 
-    def string() -> str:
-        nonlocal pos
-        n = unpack("<Q")
-        if pos + n > len(buf):
-            raise ValueError("string runs past the end of the file")
-        text = bytes(buf[pos:pos + n]).decode("utf-8")
-        pos += n
-        return text
-
     def strings(n: int) -> list[str]:
         """An array of n strings: one loop over local names (the 51200 tokens and 50000 merges of a Phi-2 file
         took most of a load's parse through ``string``)."""
@@ -160,6 +151,9 @@ def _parse(path: Path):
             at += size
         pos = at
         return out
+
+    def string() -> str:
+        return strings(1)[0]
 
     def value(vtype: int):
         nonlocal pos
