@@ -127,6 +127,7 @@ def test_a_quiet_export_removes_them_silently(models, pair_a, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- 2: killed exports
+@pytest.mark.slow
 def test_sigterm_during_export_removes_the_temporaries(models, pair_a, tmp_path):
     out = tmp_path / "gguf"
     shutil.copytree(pair_a, out)
@@ -135,9 +136,15 @@ def test_sigterm_during_export_removes_the_temporaries(models, pair_a, tmp_path)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert snapshot(out) == before  # the old pair as it was, no temporary file
 
-    new = tmp_path / "new" / "gguf"
-    result = export_killed(models[1], new, "SIGTERM")
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+
+
+def test_sigterm_during_an_export_into_a_new_directory_removes_the_directory(models, tmp_path, monkeypatch):
+    """The same SIGTERM in this process (the handler raises SystemExit(143), as in the child above): the directories
+    the export created are gone."""
+    dying_at(monkeypatch, IN_LLM_FILE, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        export_model(models[1], tmp_path / "new" / "gguf", "q8_0", progress=False)
+    assert stopped.value.code == 128 + signal.SIGTERM
     assert not (tmp_path / "new").exists()
 
 
@@ -153,6 +160,7 @@ def test_sigterm_handler_is_restored_after_an_export(models, tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_next_export_removes_temporaries_of_a_killed_export_only(models, pair_a, tmp_path, capsys):
     out = tmp_path / "gguf"
     shutil.copytree(pair_a, out)
