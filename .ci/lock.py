@@ -3,6 +3,11 @@
     python3 .ci/canary.py                 # first: newest and oldest allowed versions must both be green
     python3 .ci/lock.py                   # rewrite requirements.lock from requirements.txt + constraints.txt
     python3 .ci/lock.py --verify .venv/bin/python   # is that environment exactly the lock? (used by .ci/run)
+    python3 .ci/lock.py --add             # lock a requirement new in requirements.txt, every locked version kept
+
+``--add`` resolves with the lock's own pins as constraints, so it only adds packages (a new test tool and what it
+needs); it refuses, writing nothing, if the new requirement would move a locked version. It needs no canary: nothing
+that a fresh clone installed before changes.
 
 The lock is made by ``uv pip compile`` at a pinned uv version (installed with pip into a tools venv under
 ``$TINYGPT_TOOLS``, default ~/.cache/tinygpt-tools, never into the project's venv) for CPython 3.11 on linux
@@ -114,17 +119,39 @@ def uv_compile(out: Path, resolution: str = "highest", extra_constraints: Path |
         torch_cpu.unlink(missing_ok=True)
 
 
-def refresh() -> int:
+def tidy(body: str) -> str:
+    """uv's output less the "via" lines of the temporary constraint files (torch's CPU pin, the kept pins), a "via"
+    left with one reason written on one line as uv writes it."""
+    body = re.sub(r"\n\s*#\s+-c \S*(torch-cpu|pins)\.txt", "", body)
+    return re.sub(r"# via\n\s*#   ([^\n]+)\n(?!\s*#   )", r"# via \1\n", body)
+
+
+def moved_pins(old: dict[str, str], body: str) -> list[str]:
+    """Names that ``old`` pins at another version than the lock text ``body`` (packages added or dropped: not moved)."""
+    return sorted(n for n, v in parse_pins(body).items() if n in old and old[n] != v)
+
+
+def refresh(keep_locked: bool = False) -> int:
+    """Rewrite the lock; ``keep_locked``: with every locked version as a constraint (only additions)."""
     tmp = LOCK.with_name(LOCK.name + ".new")
-    result = uv_compile(tmp)
+    old = read_lock() if LOCK.exists() else {}
+    pins = LOCK.with_name(LOCK.name + ".pins.txt")
+    if keep_locked:
+        pins.write_text("".join(f"{name}=={version}\n" for name, version in sorted(old.items())))
+    try:
+        result = uv_compile(tmp, extra_constraints=pins if keep_locked else None)
+    finally:
+        pins.unlink(missing_ok=True)
     if result.returncode != 0:
         print(result.stderr, file=sys.stderr)
         tmp.unlink(missing_ok=True)
         return 1
-    body = tmp.read_text()
-    body = re.sub(r"\n\s*#\s+-c \S*torch-cpu\.txt", "", body)
+    body = tidy(tmp.read_text())
     tmp.unlink()
-    old = read_lock() if LOCK.exists() else {}
+    moved = moved_pins(old, body)
+    if keep_locked and moved:
+        print(f"{LOCK.name}: unchanged; --add would move locked versions ({', '.join(moved)})", file=sys.stderr)
+        return 1
     LOCK.write_text(HEADER + with_build_settings(body))
     new = read_lock()
     changes = [f"  {n}: {old.get(n, '-')} -> {new.get(n, '-')}" for n in sorted(set(old) | set(new))
@@ -160,8 +187,10 @@ def verify(python: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--verify", metavar="PYTHON", help="compare that interpreter's environment with the lock")
+    parser.add_argument("--add", action="store_true",
+                        help="lock requirements new in requirements.txt, keeping every locked version")
     args = parser.parse_args(argv)
-    return verify(args.verify) if args.verify else refresh()
+    return verify(args.verify) if args.verify else refresh(keep_locked=args.add)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,32 @@ os.environ.setdefault("TINYGPT_VISION_CACHE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# 2 threads, or the cores' share of each pytest-xdist worker (-n N): N workers of 2 threads each on 2 cores would
+# oversubscribe them, and OpenMP's spinning threads then burn what the other worker needs
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml's addopts): one worker per core this process may use, up to 4 (each worker builds
+    the session's tiny models and data again; more workers than that buy little on this suite)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadfile`` hands out whole files in collection order) the files with the most
+    ``slow`` tests go first, so that no long file starts last and runs alone at the end; every worker sorts the same
+    way (a stable sort of the collected order)."""
+    if _WORKERS == 1:
+        return
+    from collections import Counter
+
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = Counter(file_of(item) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[file_of(item)])
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +116,10 @@ def small_backbones(tmp_path_factory):
     from tiny_settings import SMALL_LLM, SMALL_VISION
     from tinygpt.tiny.backbones import ensure_tiny_backbones
 
-    cache = tmp_path_factory.mktemp("tiny-cache")
+    # under pytest-xdist the workers share one cache: ensure_tiny_backbones builds under a lock, the others wait and
+    # read it (the build takes both cores)
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    cache = tmp_path_factory.getbasetemp().parent / "tiny-cache" if shared else tmp_path_factory.mktemp("tiny-cache")
     start = time.monotonic()
     path = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
     return cache, path, time.monotonic() - start

@@ -47,6 +47,7 @@ def _bench_in_thread(argv: list[str], timeout_s: float) -> int:
     return result["code"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stock_child_that_segfaults_is_reported_and_the_bench_exits_non_zero(random_gguf_pairs, capsys, monkeypatch):
     monkeypatch.setattr(bench, "stock_available", lambda: True)

@@ -74,12 +74,35 @@ def test_pyproject_declares_requirements_txt_ranges():
 def test_the_lock_builds_ggml_python_with_its_amx_tile_configuration_kept():
     """ggml-python is built from its sdist at install; the lock's line passes -fno-dse so that GCC 12 does not drop the
     AMX tile configuration's stores (quantize/ggml_amx.py). .ci/lock.py writes the line, and reads it back."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
-    ci_lock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ci_lock)
+    ci_lock = _ci_lock()
     (line,) = [x for x in (ROOT / "requirements.lock").read_text().splitlines() if x.startswith("ggml-python==")]
     assert line.endswith(" --config-settings=cmake.define.CMAKE_CXX_FLAGS=-fno-dse")
     assert ci_lock.with_build_settings("ggml-python==0.0.45\n    # via -r requirements.txt\n").splitlines()[0] == line
     assert ci_lock.parse_pins(line) == {"ggml-python": "0.0.45"}
+
+
+def _ci_lock():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adding_a_requirement_keeps_the_lock_s_text_and_refuses_a_moved_version():
+    """``python3 .ci/lock.py --add`` resolves with every locked version as a constraint; uv then names that temporary
+    file under each package's "via". Those lines go, a single reason folds back onto the "via" line, and any locked
+    version that moved is named (the lock is then left as it was)."""
+    ci_lock = _ci_lock()
+    compiled = ("execnet==2.1.2\n    # via\n    #   -c requirements.lock.pins.txt\n    #   pytest-xdist\n"
+                "pytest==9.2.0\n    # via\n    #   -c requirements.lock.pins.txt\n    #   -r requirements.txt\n"
+                "    #   pytest-xdist\n"
+                "torch==2.13.0+cpu\n    # via\n    #   -c requirements.lock.pins.txt\n"
+                "    #   -c requirements.lock.torch-cpu.txt\n    #   -r requirements.txt\n")
+    assert ci_lock.tidy(compiled) == ("execnet==2.1.2\n    # via pytest-xdist\n"
+                                      "pytest==9.2.0\n    # via\n    #   -r requirements.txt\n    #   pytest-xdist\n"
+                                      "torch==2.13.0+cpu\n    # via -r requirements.txt\n")
+    old = {"pytest": "9.2.0", "torch": "2.13.0+cpu", "gone": "1.0"}
+    assert ci_lock.moved_pins(old, compiled) == []
+    assert ci_lock.moved_pins(old, compiled.replace("pytest==9.2.0", "pytest==9.3.0")) == ["pytest"]

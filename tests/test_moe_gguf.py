@@ -275,6 +275,7 @@ def test_greedy_generation_gives_pytorch_generates_tokens(moe_dir, backend):
 
 
 # ---- the tiny MoE stage: trains, exports, chats ----------------------------------------------------------------
+@pytest.mark.slow
 def test_the_tiny_moe_stage_exports_and_chats(synthetic, stage4_like, tmp_path, capsys):  # noqa: F811
     """Two steps of the tiny stage 5 over a stage-4 stand-in (its output: routers and experts only, over the dense
     base), exported F32: the chat engine gives the PyTorch model's greedy answers through ggml and the torch fallback,

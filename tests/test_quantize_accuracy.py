@@ -1,5 +1,7 @@
 """Scoring used by `python -m quantize accuracy` (the same metrics as the PyTorch shapes evaluation)."""
 
+import pytest
+
 from tinygpt.tiny.gguf_accuracy import score
 
 
@@ -19,6 +21,7 @@ def test_answers_that_do_not_parse_are_counted():
     assert unparsed("refer", ["{<10><10><50><50>}", "{<p>}", "no box"], []) == 2 / 3
 
 
+@pytest.mark.slow
 def test_accuracy_of_a_garbage_model_prints_its_table_then_refuses_it(base_model, tmp_path, capsys):
     """An untrained model answers noise on both sides: the table is printed, then one error line and exit 3."""
     from quantize.__main__ import main

@@ -295,6 +295,7 @@ def test_the_log_line_shows_a_clean_model_path(chat_model, tmp_path, monkeypatch
     assert shown == ("model", "m", str(deep.parent.resolve()))
 
 
+@pytest.mark.slow
 def test_tinygpt_serve_runs_the_launch_config(chat_model, tmp_path):
     cfg = tmp_path / "served.yaml"
     cfg.write_text(f"model:\n  backend: gguf\n  path: {chat_model[1]}\n  threads: 1\n"

@@ -136,6 +136,7 @@ def test_code_accuracy_reads_a_coordinate_slots_number_past_its_context_words(mo
 
 # --- backbones ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_backbone_cache_is_made_once_and_reused(small_backbones):
     cache, path, first_seconds = small_backbones
     assert path.name == backbones_key(SMALL_LLM, SMALL_VISION)
@@ -144,7 +145,9 @@ def test_backbone_cache_is_made_once_and_reused(small_backbones):
     start = time.monotonic()
     again = ensure_tiny_backbones(cache, llm=SMALL_LLM, vision=SMALL_VISION, progress=False)
     assert again == path
-    assert time.monotonic() - start < 0.5 < first_seconds
+    assert time.monotonic() - start < 0.5
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # under xdist another worker may have built the shared cache
+        assert first_seconds > 0.5
     assert json.loads((path / MARKER).read_text()) == marker  # not rebuilt
     other = backbones_key(LLMPretrainSettings(steps=21), SMALL_VISION)
     assert other != path.name  # any change of recipe gets its own directory

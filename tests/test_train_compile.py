@@ -217,6 +217,7 @@ def test_bench_refuses_an_unknown_switch(capsys):
     assert "--compare: unknown switch turbo; choose from all, packing, bucketing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_script_writes_the_table_on_the_tiny_configs(tmp_path, monkeypatch, capsys):
     """The prepared GPU run (experiments/train_speed_gpu.py), on the CPU with a tiny stage and one step. Its main runs
     here (importing the script costs what this process has imported already); each stage's bench is its own
