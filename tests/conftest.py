@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # 2 threads, or the cores' share of each pytest-xdist worker (-n N): N workers of 2 threads each on 2 cores would
-# oversubscribe them, and OpenMP's spinning threads then burn what the other worker needs
+# oversubscribe them, and OpenMP's spinning threads then burn what the other worker needs. ggml's threads are left as
+# each test asks: tests/test_runtime_llm.py checks its 2-4 thread splits (capping them made the ggml tests 25% faster)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
