@@ -43,8 +43,10 @@ def test_bench_prints_every_row_and_the_alternating_decode_rounds(random_gguf_pa
     bound = [float(v[:-1]) for v in rows[names.index("share of max(roofline, kernel)")].split()[-2:]]
     share = [float(v[:-1]) for v in rows[names.index("share of the roofline")].split()[-2:]]
     assert all(b >= s for b, s in zip(bound, share))  # the higher floor's share
-    if all(k > r for k, r in zip(kernel_ms, roofline_ms)):
-        assert all(b > s for b, s in zip(bound, share))
+    decode_ms = [float(v) for v in rows[names.index("decode (ms/token)")].split()[-2:]]
+    for k, r, d, b, s in zip(kernel_ms, roofline_ms, decode_ms, bound, share):
+        if (k - r - 0.1) / d * 100 >= 1.5:  # a kernel floor above the roofline by more than the printed figures'
+            assert b > s                       # rounding (0.1 ms, whole percent): its share is the higher one
     with_kv = [float(v) for v in rows[names.index("roofline, weights + KV cache (ms)")].split()[-2:]]
     assert all(k >= r for k, r in zip(with_kv, roofline_ms))  # more bytes at the same bandwidth (0.1 ms resolution)
     beside = rows[names.index("read GB/s beside decode")][34:].split()  # "before / after" for each engine
