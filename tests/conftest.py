@@ -19,7 +19,17 @@ import torch  # noqa: E402
 # oversubscribe them, and OpenMP's spinning threads then burn what the other worker needs. ggml's threads are left as
 # each test asks: tests/test_runtime_llm.py checks its 2-4 thread splits (capping them made the ggml tests 25% faster)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
+_THREADS = max(1, min(2, torch.get_num_threads() // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:  # the child processes a test starts (a killed run it then resumes here) compute on as many threads:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # float sums in the same order, bit for bit
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts on ``_THREADS`` torch threads: torch's count is process-wide and some code under test sets it
+    (quantize's VisionEncoder(n_threads=2)); a resumed run must sum in the order its killed child did."""
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.hookimpl(optionalhook=True)
