@@ -66,9 +66,14 @@ def tiny_vlm(tokenizer):
     """A freshly initialised tiny TinyGPT-V (seeded), with the tokenizer attached, in eval mode."""
     from tinygpt.model import TinyGPTVForConditionalGeneration, build_config
 
-    def make(lora=None, extra_norms=True, seed=0, **overrides):
+    def make(lora=None, extra_norms=True, seed=0, lora_b_std=0.0, **overrides):
+        """``lora_b_std``: draw LoRA B like a trained one (a fresh B is 0, so LoRA A gets no gradient)."""
         torch.manual_seed(seed)
         model = TinyGPTVForConditionalGeneration(build_config("tiny", lora=lora, extra_norms=extra_norms, **overrides))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if lora_b_std and ".lora_B." in name:
+                    param.normal_(0.0, lora_b_std)
         model.tokenizer = tokenizer
         return model.eval()
 

@@ -41,7 +41,7 @@ def model(tiny_vlm):
     """A tiny VLM with LoRA (no dropout: nothing random), stage-2 trainable set, in training mode."""
     from tinygpt.model.trainable import apply_trainable_set
 
-    m = tiny_vlm(lora=LORA)
+    m = tiny_vlm(lora=LORA, lora_b_std=0.02)  # a trained-like B: LoRA A's gradients are compared too
     apply_trainable_set(m, "lora")
     m.train()
     m.vision_model.eval()

@@ -51,7 +51,7 @@ def test_compiled_layers_compute_what_the_eager_ones_do(tiny_vlm):
     position: percent)."""
     from tinygpt.model.trainable import apply_trainable_set
 
-    model = tiny_vlm(lora=LORA)
+    model = tiny_vlm(lora=LORA, lora_b_std=0.02)  # a trained-like B: LoRA A's gradients are compared too
     apply_trainable_set(model, "lora")
     model.train()
     model.vision_model.eval()
@@ -63,6 +63,7 @@ def test_compiled_layers_compute_what_the_eager_ones_do(tiny_vlm):
     assert all(layer._compiled_call_impl is not None for layer in model.language_model.model.layers)
     loss, grads = _loss_and_grads(model, layout)
     assert grads.keys() == grads0.keys() and any(".lora_A." in n for n in grads)
+    assert all(grads0[n].abs().max() > 0 for n in grads0 if ".lora_A." in n)
     torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads0[name], rtol=0, atol=1e-5 * float(grads0[name].abs().max()), msg=name)

@@ -54,6 +54,27 @@ def test_stage1_refuses_lora_and_lora_set_requires_it():
         apply_trainable_set(meta_model(), "stage9")
 
 
+def test_a_fresh_model_with_lora_computes_its_base_function(tiny_vlm):
+    """LoRA starts as peft starts it (B = 0), also when the VLM's own init runs after the injection (it used to draw
+    the new Linears again, B ~ N(0, 0.02), so a fresh LoRA model was not its base)."""
+    model = tiny_vlm(lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["qkv", "dense"]})
+    lora_layers = [m for m in model.modules() if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict)]
+    assert len(lora_layers) == 2 * model.config.text_config.num_hidden_layers
+    assert all(not m.lora_B["default"].weight.any() and m.lora_A["default"].weight.any() for m in lora_layers)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        with_lora = model.language_model(input_ids=ids).logits
+        for m in lora_layers:
+            m.enable_adapters(False)
+        base = model.language_model(input_ids=ids).logits
+        for m in lora_layers:
+            m.enable_adapters(True)
+            m.lora_B["default"].weight.normal_(0.0, 0.02)  # what the old start drew: then the function moves
+        moved = model.language_model(input_ids=ids).logits
+    assert torch.equal(with_lora, base)
+    assert (moved - base).abs().max() > 1e-3
+
+
 def test_encode_images_gives_32_vectors_per_image(tiny_vlm):
     model = tiny_vlm()
     with torch.no_grad():

@@ -36,6 +36,11 @@ def inject_lora(language_model: nn.Module, settings: dict) -> None:
         bias="none",
     )
     inject_adapter_in_model(config, language_model)
+    # peft drew the start (B = 0: each layer computes its base function). Mark the new Linears initialised, or the
+    # post_init of a model that encloses this one (TinyGPTVForConditionalGeneration) draws them again, B ~ N(0, 0.02)
+    for name, module in language_model.named_modules():
+        if ".lora_A." in f"{name}." or ".lora_B." in f"{name}.":
+            module._is_hf_initialized = True
 
 
 def has_lora(model: nn.Module) -> bool:
