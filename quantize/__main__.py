@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from tinygpt.errors import report_errors
 
@@ -44,21 +45,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
-
-    p = command("export", "write llm-<qtype>.gguf + vision.gguf from a trained model directory")
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="saved tinygpt model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--qtype", default="q4_k", help="LLM weight type: q4_k, q4_0, q8_0, f16 or f32 (any case)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_export)
 
-    p = command("random", "write a random-weight GGUF pair of the real shapes (benchmarks, tests)")
+
+def _random_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--size", default="tiny", help="full (TinyGPT-V shapes) or tiny")
     p.add_argument("--qtype", default="q4_k", help="LLM weight type: q4_k, q4_0, q8_0, f16 or f32")
@@ -67,33 +62,64 @@ def build_parser(prog: str = "python -m quantize") -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_random)
 
-    from tinygpt.tiny import gguf_accuracy as accuracy  # the twin's tool, registered here (entry point)
 
-    from . import bench, chat
+def _command_module(p: argparse.ArgumentParser, module) -> None:
+    """A command whose module defines ``add_arguments`` and ``run``. The four below import theirs only when that
+    command is parsed: they import torch, transformers or ggml (seconds), which ``--help`` does not need."""
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
 
-    p = command("chat", "chat with an exported model on the CPU (one --prompt, or interactively)")
-    chat.add_arguments(p)
-    p.set_defaults(func=chat.run)
 
-    p = command("bench", "load / image / prefill / decode timings, peak memory and the memory roofline")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    from . import chat
 
+    _command_module(p, chat)
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from . import bench
+
+    _command_module(p, bench)
+
+
+def _profile_arguments(p: argparse.ArgumentParser) -> None:
     from . import profile_ops
 
-    p = command("profile", "per-op profile of one decode step, ours and stock llama.cpp side by side")
-    profile_ops.add_arguments(p)
-    p.set_defaults(func=profile_ops.run)
+    _command_module(p, profile_ops)
 
-    p = command("accuracy", "held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model")
-    accuracy.add_arguments(p)
-    p.set_defaults(func=accuracy.run)
+
+def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    from tinygpt.tiny import gguf_accuracy  # the twin's tool, registered here (entry point)
+
+    _command_module(p, gguf_accuracy)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "export": ("write llm-<qtype>.gguf + vision.gguf from a trained model directory", _export_arguments),
+    "random": ("write a random-weight GGUF pair of the real shapes (benchmarks, tests)", _random_arguments),
+    "chat": ("chat with an exported model on the CPU (one --prompt, or interactively)", _chat_arguments),
+    "bench": ("load / image / prefill / decode timings, peak memory and the memory roofline", _bench_arguments),
+    "profile": ("per-op profile of one decode step, ours and stock llama.cpp side by side", _profile_arguments),
+    "accuracy": ("held-out VQA / grounding accuracy of the GGUF runtime vs the PyTorch model", _accuracy_arguments),
+}
+
+
+def build_parser(prog: str = "python -m quantize", only: str | None = None) -> argparse.ArgumentParser:
+    """Every command with its flags; with ``only``, just that command's flags (the others are listed, not imported:
+    ``python -m quantize --help`` and ``bench --help`` need no other command's module)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (summary, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+        if only is None or only == name:
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m quantize") -> int:
     """``prog``: the name usage lines print (``tinygpt`` when run as ``tinygpt chat`` etc., tinygpt.cli)."""
-    args = build_parser(prog).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog, only=argv[0] if argv else "").parse_args(argv)
     return report_errors(lambda: args.func(args))  # Ctrl-C included: one `interrupted` line, exit 130
 
 

@@ -56,10 +56,9 @@ from . import bench_roofline as roof
 from . import gguf_names as names
 from .bench_child import report_failures
 from .chat import add_ggml_switches
-from .cli_checks import check_ctx, check_threads
+from .cli_checks import check_ctx, check_image_file, check_threads
 from .engine_choice import BACKENDS
 from .gguf_file import find_llm_file, find_vision_file, llm_hyperparams, open_gguf
-from .vision_runtime import check_image_file
 
 
 PROBE_BYTES = 512 * 2**20  # the read-bandwidth probe in each engine's process, before and after its decode steps

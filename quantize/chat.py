@@ -17,11 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tinygpt.errors import UserError
 
-from .cli_checks import check_ctx, check_threads
+from .cli_checks import check_ctx, check_image_file, check_threads
 from .engine_choice import BACKENDS
 from .sampler import SamplingParams
 from .session import ChatSession, TurnStats, open_session
-from .vision_runtime import check_image_file
 
 
 COMMANDS_HELP = ("interactive commands: /image PATH attaches an image to the next question (quotes and ~ allowed), "

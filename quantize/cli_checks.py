@@ -3,6 +3,8 @@ command words them the same: UserError naming the flag."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from tinygpt.errors import UserError
 
@@ -28,3 +30,13 @@ def check_finite(flag: str, value: float) -> None:
     """A float flag must be a number (not nan or inf)."""
     if not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}")
+
+
+def check_image_file(path: str | os.PathLike) -> Path:
+    """The path of an image file; UserError when it is missing or a directory (before anything is loaded)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not an image file")
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found")
+    return path

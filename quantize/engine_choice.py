@@ -12,7 +12,6 @@ from . import gguf_names as names
 from .gguf_file import GGUFContents, llm_hyperparams
 from .llama_cpp_backend import LlamaCppLLM
 from .llm_backend import LLMBackend
-from .torch_llm import TorchLLM
 
 BACKENDS = ("auto", "ggml", "torch", "llama-cpp")
 
@@ -49,6 +48,8 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
         else:
             kv = {} if kv_type is None else {"kv_type": kv_type}
             return GgmlLLM(llm, n_ctx=n_ctx, n_threads=n_threads, decode_graph=decode_graph, repack=repack, **kv)
+    from .torch_llm import TorchLLM  # lazy: torch (seconds) only when it is the engine
+
     return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
 
 

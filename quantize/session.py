@@ -14,7 +14,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -29,7 +29,9 @@ from .engine_choice import load_language_model, qtype_for_this_cpu
 from .gguf_tokenizer import load_tokenizer
 from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
-from .vision_runtime import VisionEncoder
+
+if TYPE_CHECKING:
+    from .vision_runtime import VisionEncoder
 
 @dataclass
 class Turn:
@@ -365,6 +367,8 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
     if with_vision:
         vision_file = open_gguf(find_vision_file(gguf_dir), names.ARCH_VISION)
         check_pair(llm_file, hp, vision_file, vision_values(vision_file))
+    from .vision_runtime import VisionEncoder  # lazy: torch + transformers, imported by the commands' --help too
+
     # the vision tower builds on a second thread while the LLM loads (both mostly C++ that releases the GIL)
     with ThreadPoolExecutor(1) as pool:
         vision_job = pool.submit(VisionEncoder, vision_file, int8=vision_int8, n_threads=n_threads) if with_vision \

@@ -16,7 +16,6 @@ import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,18 +28,9 @@ from tinygpt.errors import UserError
 
 from . import gguf_names as names
 from . import vision_cache
+from .cli_checks import check_image_file
 from .gguf_file import GGUFContents, as_float32, vision_values
 from .memory import drop_pages
-
-
-def check_image_file(path: str | os.PathLike) -> Path:
-    """The path of an image file; UserError when it is missing or a directory (before anything is loaded)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not an image file")
-    if not path.is_file():
-        raise UserError(f"{path}: image file not found")
-    return path
 
 
 def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Tensor:

@@ -10,6 +10,9 @@ import io
 import math
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -23,6 +26,8 @@ from quantize.sampler import SamplingParams  # noqa: E402
 from quantize.session import TurnStats  # noqa: E402
 from quantize.vision_runtime import load_image  # noqa: E402
 from tinygpt.errors import UserError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -177,6 +182,22 @@ def test_every_flag_has_help_with_its_default_and_chat_lists_its_commands(capsys
     text = " ".join(capsys.readouterr().out.split())
     assert all(command in text for command in ("/image", "/reset", "/stats", "/quit"))
     assert "CPU threads (default: 2)" in text and "(default: 300)" in text
+
+
+@pytest.mark.parametrize("command", ["", "chat", "bench", "profile", "export", "random"])
+def test_help_imports_neither_torch_nor_transformers(command):
+    """`python -m quantize [COMMAND] --help` imports only the command it shows: it took 9 s when every command's
+    module (torch, transformers, the model) was imported to build the parser."""
+    code = ("import contextlib, io, sys\n"
+            "from quantize.__main__ import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    try: main({[a for a in (command, '--help') if a]!r})\n"
+            "    except SystemExit as exc: assert exc.code == 0\n"
+            "assert 'usage:' in out.getvalue()\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 # 10. Ctrl-C
