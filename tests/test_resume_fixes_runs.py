@@ -66,6 +66,28 @@ def test_a_finished_run_is_not_trained_again(trained, synthetic, base_model, tmp
                               "datasets": ["cc_sbu", "laion"]}  # written before the copy: the same config passes
 
 
+def test_a_finished_run_whose_output_was_damaged_writes_it_again(trained, synthetic, base_model,  # noqa: F811
+                                                                 tmp_path, caplog):
+    """A finished run whose output weights were cut short or deleted afterwards is not 'already complete': it resumes
+    from its final checkpoint, trains no step and writes the same weights again (a later stage would otherwise
+    fail to load them)."""
+    root = copy_run(trained, tmp_path / "run")
+    weights = root / "stage1" / "model.safetensors"
+    before = weights.read_bytes()
+    opts = stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2, run__resume="auto")
+    for damage, said in ((lambda: weights.write_bytes(before[: len(before) // 2]), "unreadable (SafetensorError)"),
+                         (weights.unlink, "missing")):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tinygpt.train"):
+            assert train_main(opts) == 0
+        last = root / "stage1-checkpoints" / "checkpoints" / "step_00000003"
+        line = f"{root / 'stage1'}: model.safetensors is {said}; writing the output again from {last}"
+        assert line in caplog.messages
+        assert weights.read_bytes() == before
+        assert (summary_of(root)["start_step"], summary_of(root)["end_step"]) == (3, 3)  # no step trained
+
+
 def test_an_extended_run_goes_on_from_its_end(trained, synthetic, base_model, tmp_path):  # noqa: F811
     root = copy_run(trained, tmp_path / "run")
     assert train_main(stage_options(synthetic, root, base_model, 4, run__save_every=3, run__resume="auto")) == 0

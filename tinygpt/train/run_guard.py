@@ -3,6 +3,7 @@ checkpoint to resume from that is intact, lies within the schedule and was writt
 run resumes with other settings.
 
     already_complete(cfg)                # "already complete: OUT (step N of N); ..." when auto finds the run done
+                                         # (None when its output is damaged: the run saves it again from its end)
     check_resume(cfg)                    # the checkpoint run.resume picks (or None); UserError when it cannot be used
                                          # (auto / true: the newest intact one, a warning naming newer damaged ones;
                                          # one line naming the checkpoints of the run this one replaces)
@@ -36,6 +37,7 @@ from ..config.load import config_to_dict
 from ..config.schema import RunConfig
 from ..errors import UserError
 from ..io_utils import exclusive_lock
+from ..model.checkpoint_io import WEIGHTS
 from . import checkpoint as ckpt
 
 log = logging.getLogger("tinygpt.train")
@@ -140,7 +142,27 @@ def already_complete(cfg: RunConfig) -> Optional[str]:
     if not (isinstance(state, dict) and state.get("step") == total and end_step == total
             and _same(state.get("fingerprint"), fingerprint) and _same(record.get("fingerprint"), fingerprint)):
         return None
+    damage = _output_damage(out)
+    if damage:  # the run resumes from its final checkpoint, trains no step and writes the output again
+        log.warning("%s: %s; writing the output again from %s", out, damage, found[-1])
+        return None
     return f"already complete: {out} (step {total} of {total}); run.resume=false retrains it"
+
+
+def _output_damage(out: Path) -> str | None:
+    """What is wrong with a finished run's output directory (deleted or cut-short weights, no config.json), or None.
+    Opening the weights reads only their header, which safetensors checks against the file's size."""
+    from safetensors import safe_open
+
+    if not (out / "config.json").is_file():
+        return "config.json is missing"
+    try:
+        with safe_open(str(out / WEIGHTS), "pt"):
+            return None
+    except FileNotFoundError:
+        return f"{WEIGHTS} is missing"
+    except Exception as exc:  # safetensors' own error types for a cut-short or foreign file
+        return f"{WEIGHTS} is unreadable ({type(exc).__name__})"
 
 
 def _same(saved, fingerprint: dict) -> bool:
