@@ -366,6 +366,8 @@ def test_registry_builds_kinds_and_names_them(tmp_path):
     ("refcoco", {"image_root": "y"}, "missing param 'ann_root'"),
     ("coco_vqa", {"ann_paths": ["a"], "image_root": "b", "process_text": "yes"},
      "'process_text' must be true or false"),
+    ("gqa", {"ann_paths": ["a"], "image_root": "b", "skip_missing_images": "false"},  # a quoted false: was truthy
+     "'skip_missing_images' must be true or false, got 'false'"),
     ("webdataset_pairs", {"shards": 5}, "'shards' must be a string or a non-empty list of strings, got 5"),
     ("coco_vqa", {"ann_paths": 5, "image_root": "b"}, "'ann_paths' must be a string or a non-empty list"),
     ("coco_vqa", {"ann_paths": ["a", 3], "image_root": "b"}, "'ann_paths' must be a string or a non-empty list"),

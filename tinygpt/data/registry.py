@@ -158,7 +158,8 @@ def check_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
                                "missing", missing[0], valid)
     for name, value in params.items():
         default = accepted[name]
-        if isinstance(default, bool) and not isinstance(value, bool):
+        optional_bool = annotations[name] == "Optional[bool]" and value is not None  # None: the loader's own rule
+        if (isinstance(default, bool) or optional_bool) and not isinstance(value, bool):
             raise DatasetSpecError(f"dataset kind {kind!r}: param {name!r} must be true or false, got {value!r}",
                                    "value", name, valid)
         if isinstance(default, int) and not isinstance(default, bool) and (

@@ -162,7 +162,10 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: O
     if streaming and limit is None:
         raise UserError(f"{dataset_name}: a streaming dataset needs --limit (how many samples to cache)")
     total = limit if streaming else min(len(dataset), limit or len(dataset))
-    samples = iter(dataset) if streaming else (dataset[i] for i in range(total))
+    if streaming:
+        samples = iter(dataset)
+    else:  # each record once: a bad one is left out (counted), not stood in for by the next one as in training
+        samples = map(getattr(dataset, "sample_at", dataset.__getitem__), range(total))  # None: a bad record
     device = next(model.parameters()).device
     shards, buffer, written = [], [], 0
     bar = tqdm(total=total, desc=f"features {dataset_name}", unit="sample", disable=not progress, file=sys.stderr)
@@ -190,9 +193,11 @@ def write_features(model, dataset, out: Path, dataset_name: str, model_source: O
             buffer.clear()
 
         for sample in samples:
+            bar.update(1)
+            if sample is None:
+                continue
             buffer.append(sample)
             written += 1
-            bar.update(1)
             if len(buffer) >= shard_size:
                 flush()
             if written >= total:

@@ -110,12 +110,14 @@ def require(entry: Any, key: str, kind: type | tuple[type, ...] = str) -> Any:
 def image_file_name(pattern: str, entry: dict) -> str:
     """Format a configured file-name pattern (e.g. ``"COCO_train2014_{id}.jpg"``) with a record's fields; a field
     the pattern names must be a non-blank string or an integer (a list or null would make a name that never exists)."""
+    if not isinstance(entry, dict):
+        raise BadRecord(f"expected a JSON object, got {type(entry).__name__}")
     try:
         fields = sorted({name for _, name, _, _ in string.Formatter().parse(pattern) if name})
     except ValueError as exc:
         raise BadRecord(f"cannot build the image name from pattern {pattern!r}: {exc}") from None
     for name in fields:
-        if not isinstance(entry, dict) or name not in entry:
+        if name not in entry:
             continue  # a missing field is reported by the KeyError below
         value = entry[name]
         if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -158,11 +160,25 @@ def check_box_text(text: str, field: str, at_least_one: bool = False) -> int:
     return count
 
 
+def check_unicode(text: str, what: str) -> None:
+    """BadRecord when ``text`` holds an unpaired surrogate: JSON may escape half of a UTF-16 pair (``"\\ud83d"``, an
+    emoji cut in two by a scraper), which parses but is no Unicode text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRecord(f"{what} holds an unpaired surrogate (\\u{ord(exc.object[exc.start]):04x}, half of an "
+                        "escaped UTF-16 pair)") from None
+
+
 def check_placeholders(turns: list[dict], image_count: int) -> None:
-    """The data contract: >= 1 turn, and as many ``<ImageHere>`` in all user texts as there are images (a dataset
-    text that itself contains the placeholder, or puts it in an answer, would break the model's splice)."""
+    """The data contract: >= 1 turn, texts that are Unicode, and as many ``<ImageHere>`` in all user texts as there are
+    images (a dataset text that itself contains the placeholder, or puts it in an answer, would break the model's
+    splice)."""
     if not turns:
         raise BadRecord("no conversation turn")
+    for number, turn in enumerate(turns, start=1):
+        for side in ("user", "assistant"):
+            check_unicode(turn[side], f"turn {number}'s {side} text")
     placed = sum(turn["user"].count(IMAGE_PLACEHOLDER) for turn in turns)
     if placed != image_count or any(IMAGE_PLACEHOLDER in turn["assistant"] for turn in turns):
         raise BadRecord(f"text holds {placed} {IMAGE_PLACEHOLDER} placeholders in user turns for {image_count} images"
@@ -234,26 +250,34 @@ class RecordDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
+        """Record ``index``'s sample; for a bad one (an image that does not decode), the next good record's, so that a
+        batch keeps its size."""
         if not 0 <= index < len(self.records):
             raise IndexError(index)
         for offset in range(len(self.records)):
-            i = (index + offset) % len(self.records)
-            if i in self._bad_indices:
-                continue
-            record = self.records[i]
-            try:
-                pil_images = [load_image(self.root, relative) for relative in record.images]
-                turns = self.make_turns(record, [image.size for image in pil_images], self.rng(i))
-                check_placeholders(turns, len(pil_images))
-            except BadRecord as exc:
-                self._bad_indices.add(i)
-                self.image_counter.skip(record.where, str(exc))
-                self.image_counter.check_running()
-                continue
-            self.image_counter.ok()
-            images = torch.stack([self.transform(im) for im in pil_images]) if pil_images else self.transform.empty()
-            return {"images": images, "turns": turns, "dataset": self.name}
+            sample = self.sample_at((index + offset) % len(self.records))
+            if sample is not None:
+                return sample
         raise UserError(f"{self.source}: every record of dataset {self.name!r} has a bad image")
+
+    def sample_at(self, i: int) -> Optional[dict]:
+        """Record ``i``'s sample, or None when it is bad (counted and warned about once). A pass that must see each
+        record once (the feature cache) reads this, not ``__getitem__``, which would repeat the next record."""
+        if i in self._bad_indices:
+            return None
+        record = self.records[i]
+        try:
+            pil_images = [load_image(self.root, relative) for relative in record.images]
+            turns = self.make_turns(record, [image.size for image in pil_images], self.rng(i))
+            check_placeholders(turns, len(pil_images))
+        except BadRecord as exc:
+            self._bad_indices.add(i)
+            self.image_counter.skip(record.where, str(exc))
+            self.image_counter.check_running()
+            return None
+        self.image_counter.ok()
+        images = torch.stack([self.transform(im) for im in pil_images]) if pil_images else self.transform.empty()
+        return {"images": images, "turns": turns, "dataset": self.name}
 
     def report(self) -> list[str]:
         """One line per counter, for the per-dataset summary at the end of a run."""

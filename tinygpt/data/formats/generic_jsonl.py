@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, iter_jsonl, require
+from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, check_unicode, iter_jsonl, require
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_write_text
 from tinygpt.tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
@@ -48,6 +48,7 @@ def parse_generic_record(entry: object) -> tuple[list[str], list[dict]]:
         if not turn["assistant"].strip():
             raise BadRecord(f"conversations[{number}].assistant is empty")
         for key in ("user", "assistant"):
+            check_unicode(turn[key], f"conversations[{number}].{key}")
             if IMAGE_PLACEHOLDER in turn[key] or (key == "assistant" and IMAGE_TOKEN in turn[key]):
                 raise BadRecord(f"conversations[{number}].{key} contains a reserved image marker")
             check_box_text(turn[key], f"conversations[{number}].{key}")

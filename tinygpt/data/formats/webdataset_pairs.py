@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
+from tinygpt.data.formats.base import check_placeholders
 from tinygpt.data.image import ImageTransform, decode_image_bytes
 from tinygpt.data.text import blip_caption
 from tinygpt.errors import UserError
@@ -142,10 +143,11 @@ class WebDatasetPairs(IterableDataset):
         caption = meta.get(self.caption_key) if isinstance(meta, dict) else None
         if not isinstance(caption, str) or not caption.strip():
             raise BadRecord(f"the .json member has no text field {self.caption_key!r}")
-        image = decode_image_bytes(parts[image_ext], f"{key}.{image_ext}")
         answer = blip_caption(caption) if self.process_text else caption.strip()
-        return {"images": self.transform(image).unsqueeze(0),
-                "turns": [{"user": IMAGE_PLACEHOLDER, "assistant": answer}], "dataset": self.name}
+        turns = [{"user": IMAGE_PLACEHOLDER, "assistant": answer}]
+        check_placeholders(turns, 1)
+        image = decode_image_bytes(parts[image_ext], f"{key}.{image_ext}")
+        return {"images": self.transform(image).unsqueeze(0), "turns": turns, "dataset": self.name}
 
     def _raw_items(self, rng: random.Random, worker: int, workers: int) -> Iterator[tuple[Path, str, dict]]:
         empty_in_a_row, limit = 0, max(10, 2 * len(self.shards))
