@@ -194,6 +194,28 @@ def test_paths_of_a_kind_with_a_root_are_checked_under_it(tmp_path):
         check_paths(load_config(FULL[2], [*options[:2], "data.datasets.cc_sbu_align.params.image_dir=nothing"]))
 
 
+def test_a_prompt_path_is_checked_where_the_loader_opens_it(tmp_path, monkeypatch):
+    """cc_sbu_align's prompt_path is a path of its own (the loader opens it from the working directory), not a file
+    under root: the check used to look for it under root, refusing a file the loader reads and passing one it cannot."""
+    from tinygpt.data.registry import build_dataset
+
+    root = tmp_path / "cc_sbu_align"
+    (root / "image").mkdir(parents=True)
+    (root / "filter_cap.json").write_text('{"annotations": [{"image_id": "1", "caption": "a red circle"}]}')
+    (tmp_path / "prompts.txt").write_text("<Img><ImageHere></Img> Describe it.\n")
+    monkeypatch.chdir(tmp_path)
+    options = ["model.init_from=null", f"data.datasets.cc_sbu_align.params.root={root}",
+               "data.datasets.cc_sbu_align.params.prompt_path=prompts.txt"]
+    cfg = load_config(FULL[2], options)
+    check_paths(cfg)
+    params = cfg.active_datasets()["cc_sbu_align"].params
+    assert build_dataset("cc_sbu_align", image_size=28, seed=0, **params).prompts == [
+        "<Img><ImageHere></Img> Describe it."]
+    (tmp_path / "prompts.txt").rename(root / "prompts.txt")  # under root only: the loader would not find it
+    with pytest.raises(UserError, match=r"params.prompt_path: prompts.txt does not exist"):
+        check_paths(cfg)
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg-path", str(FULL[2]), "--options",
                              "model.init_form=x"], capture_output=True, text=True, cwd=tmp_path, timeout=120)

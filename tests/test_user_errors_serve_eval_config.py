@@ -1,10 +1,10 @@
 """User errors of the training config check (train.py --check), the shared ``--options`` parsing and the evaluation
 runner (the audit's findings): one ``error:`` line, exit status 2, naming the file or ``--options`` and the full key.
 
-Covered: webdataset shard patterns whose folder (or every shard) is missing; ``--options`` values that are not
-valid YAML (train.py and evaluate.py); a prompt option without the benchmark's question placeholder; messages that
-name ``--options <key>`` when the value came from the command line (benchmark.root, run.out_dir,
-benchmark.options.*, model.device) and a batch size range said once."""
+Covered: webdataset shard patterns whose folder (or every shard) is missing, shard lists of which nothing exists;
+``--options`` values that are not valid YAML (train.py and evaluate.py); a prompt option without the benchmark's
+question placeholder; messages that name ``--options <key>`` when the value came from the command line
+(benchmark.root, run.out_dir, benchmark.options.*, model.device) and a batch size range said once."""
 
 from __future__ import annotations
 
@@ -47,6 +47,23 @@ def test_a_missing_shard_folder_is_named_even_when_its_parent_exists(tmp_path):
     (tmp_path / "cc_sbu").mkdir()
     (tmp_path / "cc_sbu" / "00000.tar").write_bytes(b"")
     check_paths(cfg)  # one shard of each pattern is enough (the loader skips missing ones with a warning)
+
+
+def test_a_list_of_shards_is_refused_only_when_none_exists(tmp_path):
+    """The loader skips missing shards with a warning (a partial download): a list naming one missing file used to
+    be refused by the check; now only a list of which nothing exists is, naming its first entry."""
+    listed = json.dumps([f"{tmp_path}/a.tar", f"{tmp_path}/b.tar", f"{tmp_path}/more/{{0..3}}.tar"])
+    (tmp_path / "cc_sbu").mkdir()
+    (tmp_path / "cc_sbu" / "00000.tar").write_bytes(b"")  # the stage's other dataset
+    cfg = load_config(STAGE1, ["model.init_from=null", f"vars.data_root={tmp_path}", f"{SHARDS}={listed}"])
+    with pytest.raises(UserError, match=rf"^--options: {SHARDS}: {tmp_path}/a.tar does not exist"):
+        check_paths(cfg)
+    (tmp_path / "b.tar").write_bytes(b"")
+    check_paths(cfg)
+    (tmp_path / "b.tar").unlink()
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "2.tar").write_bytes(b"")
+    check_paths(cfg)
 
 
 def test_a_shard_pattern_from_options_is_checked(tmp_path):

@@ -363,17 +363,37 @@ def check_paths(cfg: RunConfig) -> None:
             if not _looks_like_path_param(param):
                 continue
             key = f"data.datasets.{name}.params.{param}"
-            root = spec.params.get("root") if param != "root" else None  # a kind with a root (cc_sbu_align) names
-            for value in _path_values(values):                         # its other paths relative to it
+            # a kind with a root (cc_sbu_align) names the files and folders inside it (ann_file, image_dir) relative to
+            # it; a *_path param (its prompt_path) is a path of its own, as the loader opens it
+            root = spec.params.get("root") if param.endswith(("_file", "_dir")) else None
+            if param == "shards":
+                _check_shards(cfg, key, _path_values(values))
+                continue
+            for value in _path_values(values):
                 target = Path(root) / value if isinstance(root, str) and not Path(value).is_absolute() else Path(value)
-                if param == "shards" and "{" in value:
-                    _check_shard_pattern(cfg, key, value)
-                elif not target.exists():
+                if not target.exists():
                     raise UserError(f"{cfg.origin(key)}: {key}: {target} does not exist{_DATA_HINT}")
 
 
 _DATA_HINT = " (set TINYGPT_DATA or vars.data_root to your data folder)"
 _BRACES = re.compile(r"\{[^{}]*\}")
+
+
+def _check_shards(cfg: RunConfig, key: str, entries: list[str]) -> None:
+    """Shards (paths and brace patterns) name at least one file: the loader skips the missing ones with a warning
+    (partial downloads are common), so only a list of which nothing exists is an error (the first entry's)."""
+    errors = []
+    for entry in entries:
+        try:
+            if "{" in entry:
+                _check_shard_pattern(cfg, key, entry)
+            elif not Path(entry).exists():
+                raise UserError(f"{cfg.origin(key)}: {key}: {entry} does not exist{_DATA_HINT}")
+            return
+        except UserError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _check_shard_pattern(cfg: RunConfig, key: str, pattern: str) -> None:
