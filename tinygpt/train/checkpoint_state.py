@@ -71,6 +71,7 @@ DATA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "restart_step": (_count, "an integer >= 0"),
     "read_since_restart": (_counts, "an object of integer counts"),
     "counts": (_counts, "an object of integer counts"),
+    "pass_seeds": (_counts, "an object of integer seeds"),
 }
 
 

@@ -10,9 +10,13 @@ Exact resume: what every micro-batch reads is a pure function of (seed, step, sl
 * Map-style datasets: the k-th draw of a dataset (counted over all slots in order) is batch k of a seeded
   permutation per epoch (drop_last); each item is read as ``(epoch, index)`` so per-epoch randomness in the dataset
   (prompt choice, answer sampling) is reproducible, also in worker processes.
-* Streaming (iterable) datasets: each process reads its own stream, restarted with a new seed
-  (``set_epoch(restart_step * world_size + rank)``) right after every checkpoint; the checkpoint stores the restart
-  step and how many batches were read since (skipped on resume), so resume is exact.
+* Streaming (iterable) datasets: each process reads its own stream. An endless one (``resampled``, the default) is
+  restarted with a new seed (``set_epoch(restart_step * world_size + rank)``) right after every checkpoint; the
+  checkpoint stores the restart step and how many batches were read since (skipped on resume), so resume is exact.
+  A finite one (``resampled: false``, one pass over its shards at a time) is not restarted at checkpoints, which
+  would begin a new shuffled pass each time and read the shards early in each order again while others were never
+  read: it runs its pass to the end, and the checkpoint stores the pass's seed and the batches read in it (a resume
+  reads them again, at most one pass).
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ class MixEntry:
     @property
     def streaming(self) -> bool:
         return isinstance(self.dataset, IterableDataset)
+
+    @property
+    def finite_stream(self) -> bool:
+        """A stream read in whole passes (``resampled: false``), not restarted at checkpoints."""
+        return self.streaming and getattr(self.dataset, "resampled", True) is False
 
 
 def draw_table(ratios: list[float], seed: int, total_steps: int, slots: int) -> np.ndarray:
@@ -124,7 +133,8 @@ class DataMixer:
         self.table = draw_table([e.ratio for e in entries], seed, total_steps, self.slots)
         self.iterators: dict[int, Iterator] = {}
         self.restart_step = 0
-        self.read_since_restart: Counter = Counter()
+        self.read_since_restart: Counter = Counter()  # a finite stream's: batches read in its current pass
+        self.pass_seeds: dict[str, int] = {}           # a finite stream's current pass
         self.counts: Counter = Counter()        # batches this process took per dataset (for the log)
 
     # ---- loaders --------------------------------------------------------------------------------------------
@@ -132,6 +142,11 @@ class DataMixer:
         entry = self.entries[index]
         generator = torch.Generator().manual_seed(_seed_of(self.seed, entry.name, "workers", start_step, self.rank))
         common = dict(collate_fn=self.collate, num_workers=self.num_workers, generator=generator)
+        if entry.finite_stream:
+            pass_seed = self.pass_seeds.setdefault(entry.name, start_step * self.world + self.rank)
+            entry.dataset.set_epoch(pass_seed)
+            common["generator"] = torch.Generator().manual_seed(_seed_of(self.seed, entry.name, "pass", pass_seed))
+            return DataLoader(entry.dataset, batch_size=entry.batch_size, **common)
         if entry.streaming:
             if hasattr(entry.dataset, "set_epoch"):
                 entry.dataset.set_epoch(start_step * self.world + self.rank)
@@ -146,6 +161,7 @@ class DataMixer:
         self.restart_step = int(state.get("restart_step", step))
         skip = Counter({k: int(v) for k, v in state.get("read_since_restart", {}).items()})
         self.counts = Counter({k: int(v) for k, v in state.get("counts", {}).items()})
+        self.pass_seeds = {k: int(v) for k, v in state.get("pass_seeds", {}).items()}  # none: a pass from restart_step
         self.iterators = {}
         for index, entry in enumerate(self.entries):
             from_step = self.restart_step if entry.streaming else step
@@ -157,10 +173,12 @@ class DataMixer:
                 self.read_since_restart[entry.name] += 1
 
     def restart_streams(self, step: int) -> None:
-        """New streams for the iterable datasets from ``step`` on (called right after each checkpoint)."""
-        self.restart_step, self.read_since_restart = step, Counter()
+        """New streams for the endless iterable datasets from ``step`` on (called right after each checkpoint); a
+        finite stream goes on with its pass."""
+        self.restart_step = step
         for index, entry in enumerate(self.entries):
-            if entry.streaming:
+            if entry.streaming and not entry.finite_stream:
+                self.read_since_restart[entry.name] = 0
                 self.iterators[index] = iter(self._loader(index, step))
 
     def dataset_at(self, step: int, micro: int) -> int:
@@ -190,16 +208,15 @@ class DataMixer:
                                 "sample (the log lists each shard's problem)") from None
 
     def _next_pass(self, index: int) -> None:
-        """A finite stream (resampled: false) ended: its next pass, seeded by the restart step and position."""
+        """A finite stream (resampled: false) ended: its next pass, seeded by the one before. (Another stream that
+        ends, one without ``resampled``, is read again from its restart.)"""
         entry = self.entries[index]
-        read = self.read_since_restart[entry.name]
-        step = self.restart_step
-        entry.dataset.set_epoch(_seed_of(step, self.rank, read) % (1 << 31))
-        loader = DataLoader(entry.dataset, batch_size=entry.batch_size, collate_fn=self.collate,
-                            num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(_seed_of(self.seed, entry.name, step, read)))
-        self.iterators[index] = iter(loader)
+        if entry.finite_stream:
+            previous = self.pass_seeds[entry.name]
+            self.pass_seeds[entry.name] = _seed_of(self.seed, entry.name, self.rank, previous) % (1 << 31)
+            self.read_since_restart[entry.name] = 0
+        self.iterators[index] = iter(self._loader(index, self.restart_step))
 
     def state(self) -> dict:
         return {"restart_step": self.restart_step, "read_since_restart": dict(self.read_since_restart),
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "pass_seeds": dict(self.pass_seeds)}
