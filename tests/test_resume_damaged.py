@@ -42,6 +42,29 @@ def test_auto_and_true_go_back_to_the_newest_intact_checkpoint(resume, tmp_path,
                                                           "trainable.safetensors"]  # left as it was
 
 
+def test_a_file_that_cannot_be_read_is_damage_and_auto_goes_back(tmp_path, monkeypatch, caplog):
+    """A read error (a bad disk block, a file without read permission) while checking a checkpoint's files was a
+    traceback; it is damage like a wrong sha256, so auto takes the checkpoint before it."""
+    import errno
+
+    from tinygpt.train import checkpoint
+
+    intact = _checkpoint(tmp_path, 2)
+    unreadable = _checkpoint(tmp_path, 4)
+    real = checkpoint._digest
+
+    def failing(path):
+        if path == unreadable / "optimizer.pt":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "_digest", failing)
+    with caplog.at_level(logging.WARNING, logger="tinygpt.train"):
+        assert check_resume(_cfg(tmp_path, "run.resume=auto")) == intact
+    assert caplog.messages[0].startswith(f"{unreadable} is damaged (optimizer.pt: unreadable (Input/output error)); "
+                                         f"resuming from {intact} instead")
+
+
 def test_with_no_intact_checkpoint_the_error_names_each(tmp_path):
     older = _checkpoint(tmp_path, 2)
     (older / "rng_0.pt").unlink()

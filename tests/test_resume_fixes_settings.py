@@ -1,5 +1,6 @@
 """Resume fixes, settings and ownership: every setting that changes a resumed run's result is in the fingerprint
-(precision, packing, max_txt_len, init_from, each dataset's kind; with a stream among the datasets also num_workers
+(precision, packing, max_txt_len, init_from, LoRA, MoE, prompt template, end symbol, attention, 4-bit loading, each
+dataset's kind; with a stream among the datasets also num_workers
 and save_every), a checkpoint whose fingerprint predates them still resumes without a warning, a fresh start keeps
 the earlier run's checkpoints until its own first one is written, and a run that shares another's
 run.checkpoint_dir is told whose lock it meets."""
@@ -33,6 +34,31 @@ def test_settings_that_change_the_result_are_named(tmp_path):
         "model.init_from: 'builtin:tiny' -> '/models/other'", "run.packing.tokens_per_row: None -> 2048",
         "data.num_workers: 0 -> 5", "run.save_every: 100 -> 7",
         "data.datasets.laion.kind: 'webdataset_pairs' -> 'generic_jsonl'"]
+
+
+def test_the_model_settings_that_change_the_result_are_named(tmp_path):
+    """LoRA, MoE, the prompt template, the end symbol, the attention kind and 4-bit loading change what the remaining
+    steps compute: a resume with another value warns (they were missing from the fingerprint); a checkpoint from
+    before they joined it (it has run.precision, not model.end_sym) is not told they changed."""
+    stage2 = STAGE1.with_name("stage2.yaml")
+
+    def fingerprint(*extra):
+        return run_fingerprint(load_config(stage2, [f"run.output_dir={tmp_path / 'out'}", *extra]))
+
+    before = fingerprint()
+    assert changed_settings(before, fingerprint(
+        "model.lora.alpha=64", "model.lora.dropout=0.0", 'model.prompt_template="[INST] {} [/INST]"',
+        'model.end_sym="###"', "model.attention=mmca", "model.load_in_4bit=true")) == [
+        "model.end_sym: '\\n' -> '###'", "model.prompt_template: '{}' -> '[INST] {} [/INST]'",
+        "model.attention: None -> 'mmca'", "model.load_in_4bit: False -> True", "model.lora.alpha: 16.0 -> 64.0",
+        "model.lora.dropout: 0.05 -> 0.0"]
+    assert changed_settings(before, fingerprint("model.lora=null", "model.trainable=stage1")) == [
+        "model.lora.r: 64 -> None", "model.lora.alpha: 16.0 -> None", "model.lora.dropout: 0.05 -> None",
+        "model.lora.target_modules: ['qkv', 'dense'] -> None"]
+    earlier = {key: value for key, value in before.items() if not key.startswith(("model.end_sym", "model.prompt",
+                                                                                   "model.attention", "model.load",
+                                                                                   "model.lora", "model.moe"))}
+    assert "run.precision" in earlier and changed_settings(earlier, fingerprint("model.lora.alpha=64")) == []
 
 
 def test_workers_and_save_every_count_only_with_a_stream(tmp_path):

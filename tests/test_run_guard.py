@@ -45,6 +45,19 @@ def test_a_checkpoint_past_the_schedule_is_refused(tmp_path):
     assert check_resume(_cfg(tmp_path, "run.resume=false")) is None
 
 
+def test_total_steps_lowered_to_a_stopped_runs_checkpoint_resumes_it(tmp_path):
+    """A 10-step run killed at step 4, given total_steps 4 to end there: its checkpoint is no finished run's end
+    (that refusal was for re-saving a finished run under other settings), so it resumes and writes its output."""
+    options = ("run.resume=auto", "schedule.total_steps=4", "schedule.warmup_steps=1")
+    fingerprint = run_fingerprint(_cfg(tmp_path, *options))
+    stopped = _checkpoint(tmp_path, 4, fingerprint={**fingerprint, "schedule.total_steps": 10})
+    assert check_resume(_cfg(tmp_path, *options)) == stopped
+    other = tmp_path / "other"
+    _checkpoint(other, 4, fingerprint={**fingerprint, "schedule.init_lr": 0.5})  # its own end, other settings
+    with pytest.raises(UserError, match=r"is the end of a finished run \(step 4 of 4\), made with other settings"):
+        check_resume(_cfg(other, *options))
+
+
 def test_check_refuses_a_resume_path_that_is_no_checkpoint(tmp_path, monkeypatch, capsys):
     import tinygpt.config
     from tinygpt.cli.train import main

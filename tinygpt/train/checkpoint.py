@@ -270,7 +270,11 @@ def _check_manifest(path: Path, state: dict) -> None:
         file = path / name
         if not file.is_file():
             raise _damaged(file, "missing")
-        if file.stat().st_size != expected["bytes"] or _digest(file)["sha256"] != expected["sha256"]:
+        try:
+            same = file.stat().st_size == expected["bytes"] and _digest(file)["sha256"] == expected["sha256"]
+        except OSError as exc:  # an I/O error, a file without read permission: damaged, so auto takes an older one
+            raise _damaged(file, f"unreadable ({exc.strerror or exc})") from None
+        if not same:
             raise _damaged(file, "its size or sha256 differs from state.json's record")
 
 

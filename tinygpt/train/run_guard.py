@@ -16,8 +16,9 @@ The lock is an flock on ``<checkpoint_dir>/run.lock`` (beside ``checkpoints/``) 
 whole run: the kernel drops it when that process ends, however it ends, so a killed run never leaves a stale lock.
 The file names the holder's process and output dir, so a run that shares another's run.checkpoint_dir is told whose.
 The fingerprint is the settings that decide what the resumed steps compute (schedule, optimizer, seed, micro-batch
-layout, precision, packing, max_txt_len, image size, the init_from string, each dataset's kind, batch size and ratio;
-with a stream among the datasets also data.num_workers and run.save_every); data paths are left out, so a moved data
+layout, precision, packing, max_txt_len, image size, the init_from string, LoRA and MoE settings, prompt template, end
+symbol, attention kind, 4-bit loading, each dataset's kind, batch size and ratio; with a stream among the datasets
+also data.num_workers and run.save_every); data paths are left out, so a moved data
 folder is no change. Settings added to it later are not reported against a checkpoint whose fingerprint predates them.
 The stage record (``stage_record``: config file, output, trainable set, dataset names) tells another stage's
 checkpoint: one whose trainable set differs, or that another config wrote into another output, is refused (one
@@ -80,9 +81,11 @@ def check_resume(cfg: RunConfig) -> Optional[Path]:
                         f"schedule.total_steps {total} ({cfg.origin('schedule.total_steps')}); raise total_steps, or "
                         "start fresh with run.resume=false")
     changed = changed_settings(state.get("fingerprint"), run_fingerprint(cfg))
-    if step == total and changed and ckpt.resume_mode(cfg.run.resume) != "path":
+    its_end = (state.get("fingerprint") or {}).get("schedule.total_steps", step) == step  # not a run stopped early
+    if step == total and its_end and changed and ckpt.resume_mode(cfg.run.resume) != "path":
         # the end of a finished run, picked by auto/true: resuming would only re-save it under new settings (a path
-        # the user named, e.g. to write a lost output again, is taken as asked)
+        # the user named, e.g. to write a lost output again, is taken as asked; a run killed at step 150 of 200 and
+        # given total_steps 150 to end there is resumed: it writes its output)
         listed = "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
         raise UserError(f"{cfg.origin('run.resume')}: run.resume: {found} is the end of a finished run (step {step} "
                         f"of {total}), made with other settings ({listed}); "
@@ -208,10 +211,14 @@ def streaming_datasets(cfg: RunConfig) -> list[str]:
     return sorted(name for name, spec in cfg.active_datasets().items() if streams(spec.kind))
 
 
-# settings the fingerprint took in later: a checkpoint whose fingerprint predates them (it has no run.precision) is
-# not told they changed, as nothing says what they were (a dataset's kind: see changed_settings)
-ADDED_LATER = ("run.precision", "run.packing.", "model.max_txt_len", "model.init_from", "data.num_workers",
-               "run.save_every")
+# settings the fingerprint took in later, by generation: a checkpoint whose fingerprint predates a generation (it
+# lacks that generation's first key) is not told its settings changed, as nothing says what they were (a dataset's
+# kind: see changed_settings)
+ADDED_LATER_BY_GENERATION = (
+    ("run.precision", "run.packing.", "model.max_txt_len", "model.init_from", "data.num_workers", "run.save_every"),
+    ("model.end_sym", "model.prompt_template", "model.attention", "model.load_in_4bit", "model.lora", "model.moe"),
+)
+ADDED_LATER = tuple(key for generation in ADDED_LATER_BY_GENERATION for key in generation)
 
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
@@ -221,7 +228,12 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     flat.update({"run.seed": cfg.run.seed, "run.grad_accum_steps": cfg.run.grad_accum_steps,
                  "model.image_size": settings["model"].get("image_size"), "run.precision": cfg.run.precision,
                  "run.packing.enabled": cfg.run.packing.enabled, "model.max_txt_len": cfg.model.max_txt_len,
-                 "model.init_from": cfg.model.init_from})
+                 "model.init_from": cfg.model.init_from, "model.end_sym": cfg.model.end_sym,
+                 "model.prompt_template": cfg.model.prompt_template, "model.attention": cfg.model.attention,
+                 "model.load_in_4bit": cfg.model.load_in_4bit})
+    for section in ("lora", "moe"):  # each setting named on its own (model.lora.alpha: 16.0 -> 64.0); None: off
+        value = settings["model"][section]
+        flat.update({f"model.{section}.{k}": v for k, v in value.items()} if value else {f"model.{section}": None})
     if cfg.run.packing.enabled:
         flat["run.packing.tokens_per_row"] = cfg.run.packing.tokens_per_row
     if streaming_datasets(cfg):  # streams restart at each checkpoint, and the workers split them
@@ -244,8 +256,8 @@ def changed_settings(saved: Optional[dict], now: dict) -> list[str]:
     named only when it changes (a dataset added or dropped is named by its batch size and ratio)."""
     if not saved:
         return []
-    old = "run.precision" not in saved
-    keys = [key for key in now if not (old and key not in saved and key.startswith(ADDED_LATER))]
+    predates = tuple(key for keys in ADDED_LATER_BY_GENERATION if keys[0] not in saved for key in keys)
+    keys = [key for key in now if not (key not in saved and key.startswith(predates))]
     keys += [key for key in saved if key not in now]
     keys = [key for key in keys if not (_is_kind(key) and (key not in saved or key not in now))]
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
