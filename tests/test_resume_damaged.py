@@ -65,6 +65,22 @@ def test_a_file_that_cannot_be_read_is_damage_and_auto_goes_back(tmp_path, monke
                                          f"resuming from {intact} instead")
 
 
+def test_a_process_the_checkpoint_has_no_random_state_for_keeps_its_seed(trained, caplog):  # noqa: F811
+    """A run of one process with grad_accum_steps 2 resumed by two processes with 1 (the same data, by design): the
+    checkpoint has rng_0.pt only, and process 1 used to call it damaged (advising a fresh start) and stop, taking
+    process 0 down with it. rng_0.pt stays required; a process it was not written for keeps run.seed's state."""
+    from tinygpt.train.checkpoint import read_checkpoint
+
+    last = trained / "stage1-checkpoints" / "checkpoints" / "step_00000003"
+    assert read_checkpoint(last, 0, False)["rng"] is not None
+    with caplog.at_level(logging.WARNING, logger="tinygpt.train"):
+        loaded = read_checkpoint(last, 1, False)
+    assert loaded["rng"] is None and loaded["weights"] and loaded["optimizer"]
+    assert caplog.messages == [f"{last} holds no random state for process 1 (written by 1 process): that process "
+                               "keeps the one run.seed gave it, and its dropout draws differ from an uninterrupted "
+                               "run's"]
+
+
 def test_with_no_intact_checkpoint_the_error_names_each(tmp_path):
     older = _checkpoint(tmp_path, 2)
     (older / "rng_0.pt").unlink()

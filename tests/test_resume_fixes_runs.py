@@ -88,6 +88,34 @@ def test_a_finished_run_whose_output_was_damaged_writes_it_again(trained, synthe
         assert (summary_of(root)["start_step"], summary_of(root)["end_step"]) == (3, 3)  # no step trained
 
 
+def test_an_output_an_earlier_run_wrote_is_not_this_runs(trained, synthetic, base_model, tmp_path,  # noqa: F811
+                                                         caplog):
+    """A retrain (run.resume=false, the same settings) stopped after its final checkpoint, before its output replaced
+    the earlier run's: auto used to call it 'already complete' and keep the earlier model. train_summary.json names
+    the final checkpoint's files (sizes, sha256), so the rerun writes this run's output from its checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    root = copy_run(trained, tmp_path / "run")
+    summary_path = root / "stage1" / "train_summary.json"
+    last = root / "stage1-checkpoints" / "checkpoints" / "step_00000003"
+    record = json.loads(summary_path.read_text())
+    assert record["checkpoint_files"] == json.loads((last / "state.json").read_text())["files"]
+    weights = root / "stage1" / "model.safetensors"
+    ours = weights.read_bytes()  # the earlier run's model differs: every tensor + 1
+    earlier = dict(record, checkpoint_files={**record["checkpoint_files"], "optimizer.pt": {"bytes": 1,
+                                                                                           "sha256": "0" * 64}})
+    summary_path.write_text(json.dumps(earlier))
+    tensors = load_file(str(weights))
+    save_file({name: tensor + 1 for name, tensor in tensors.items()}, str(weights), metadata={"format": "pt"})
+    opts = stage_options(synthetic, root, base_model, 3, run__save_every=1, run__keep_last=2, run__resume="auto")
+    with caplog.at_level(logging.INFO, logger="tinygpt.train"):
+        assert train_main(opts) == 0
+    assert (f"{root / 'stage1'}: it is not the output of the run that wrote this checkpoint (a run stopped while "
+            f"writing its output); writing the output again from {last}") in caplog.messages
+    assert json.loads(summary_path.read_text())["checkpoint_files"] == record["checkpoint_files"]
+    assert weights.read_bytes() == ours and summary_of(root)["start_step"] == 3
+
+
 def test_an_extended_run_goes_on_from_its_end(trained, synthetic, base_model, tmp_path):  # noqa: F811
     root = copy_run(trained, tmp_path / "run")
     assert train_main(stage_options(synthetic, root, base_model, 4, run__save_every=3, run__resume="auto")) == 0

@@ -149,6 +149,33 @@ def test_weight_decay_groups_match_the_original_rule(tiny_vlm):
     assert not decays("language_model.model.final_layernorm.weight", torch.zeros(4))
 
 
+def test_a_resume_trains_on_with_this_runs_optimizer_settings():
+    """Loading optimizer.pt used to put the checkpoint's weight decay, betas, eps and fused back into the optimizer
+    the resumed run built from its config: a resume warned "optim.weight_decay: 0.05 -> 5.0" and then trained with
+    0.05, bit for bit. The moments and step counts come from the checkpoint, the settings from this run."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tinygpt.config.schema import OptimSection
+    from tinygpt.train.optim import build_optimizer
+    from tinygpt.train.sharded import load_optimizer_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    before = build_optimizer(model, OptimSection(weight_decay=0.05), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    before.step()
+    saved = before.state_dict()
+    after = build_optimizer(model, OptimSection(weight_decay=5.0, betas=[0.8, 0.95], eps=1e-6), lr=1e-3)
+    load_optimizer_state(SimpleNamespace(distributed_type=SimpleNamespace(name="NO")), model, after, saved)
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in after.param_groups] == [
+        (5.0, (0.8, 0.95), 1e-6), (0.0, (0.8, 0.95), 1e-6)]
+    weight = model[0].weight
+    assert torch.equal(after.state[weight]["exp_avg"], before.state[weight]["exp_avg"])
+    assert float(after.state[weight]["step"]) == 1.0
+
+
 def test_bench_reports_step_time_memory_and_cache_ratio(capsys):
     from tinygpt.train.bench import main
 

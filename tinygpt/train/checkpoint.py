@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -41,6 +42,8 @@ from ..errors import UserError
 from ..io_utils import atomic_write_text, make_readable, writing
 from . import sharded
 from .checkpoint_state import STEP_DIR, state_problem
+
+log = logging.getLogger("tinygpt.train")
 
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "rng_0.pt")  # in every manifest
 
@@ -322,7 +325,13 @@ def _read_files(path: Path, state: dict, rank: int, with_scaler: bool) -> dict:
     if with_scaler and (path / "scaler.pt").is_file():
         loaded["scaler"] = _read(path / "scaler.pt", lambda f: torch.load(f, weights_only=True))
     rng_file = path / f"rng_{rank}.pt"
-    if rng_file.is_file() or "files" in state:
+    recorded = state.get("files")
+    if recorded is not None and rng_file.name not in recorded:  # written by fewer processes than this run has
+        writers = sum(1 for name in recorded if name.startswith("rng_"))
+        log.warning("%s holds no random state for process %d (written by %d process%s): that process keeps the "
+                    "one run.seed gave it, and its dropout draws differ from an uninterrupted run's", path, rank,
+                    writers, "" if writers == 1 else "es")
+    elif rng_file.is_file() or recorded is not None:
         rng = _read(rng_file, lambda f: torch.load(f, weights_only=True))
         if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
             raise _damaged(rng_file, "not an RNG state")

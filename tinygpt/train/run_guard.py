@@ -146,10 +146,23 @@ def already_complete(cfg: RunConfig) -> Optional[str]:
             and _same(state.get("fingerprint"), fingerprint) and _same(record.get("fingerprint"), fingerprint)):
         return None
     damage = _output_damage(out)
+    if damage is None and record.get("checkpoint_files", state.get("files")) != state.get("files"):
+        damage = "it is not the output of the run that wrote this checkpoint (a run stopped while writing its output)"
     if damage:  # the run resumes from its final checkpoint, trains no step and writes the output again
         log.warning("%s: %s; writing the output again from %s", out, damage, found[-1])
         return None
     return f"already complete: {out} (step {total} of {total}); run.resume=false retrains it"
+
+
+def newest_checkpoint_files(cfg: RunConfig) -> Optional[dict]:
+    """The files record (name -> bytes, sha256) of the newest checkpoint, the run's final one when its output is
+    written: kept in train_summary.json, so that ``already_complete`` tells an output another run wrote (a retrain
+    killed after its final checkpoint, before its output replaced the old one) from this run's."""
+    found = ckpt.list_checkpoints(cfg.checkpoint_dir)
+    try:
+        return json.loads((found[-1] / "state.json").read_text(encoding="utf-8")).get("files") if found else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _output_damage(out: Path) -> str | None:

@@ -119,14 +119,20 @@ def optimizer_state(accelerator, model: nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict) -> None:
-    """Restore :func:`optimizer_state`'s dict (every process reads the full one; FSDP keeps its own shard)."""
+    """Restore :func:`optimizer_state`'s dict (every process reads the full one; FSDP keeps its own shard): the
+    moments and step counts. The settings stay this run's config (weight decay, betas, eps, fused: loading would put
+    the checkpoint's back, and a resume warned about a change would then not make it; the schedule sets the lr)."""
+    settings = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+                for group in optimizer.param_groups]
     if not is_fsdp(accelerator):
         optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    else:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _plain_optimizer(optimizer), state,
-                             options=_full_options(accelerator, gather_on_main=False))
+        set_optimizer_state_dict(model, _plain_optimizer(optimizer), state,
+                                 options=_full_options(accelerator, gather_on_main=False))
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 class FullModelView:

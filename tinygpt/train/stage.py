@@ -35,7 +35,7 @@ from .build import build_model, planned_image_size
 from .features import check_feature_cache
 from .init_checks import check_model_start
 from .interrupt import StepReached, interrupts_reported
-from .run_guard import already_complete, check_resume, run_fingerprint, run_lock
+from .run_guard import already_complete, check_resume, newest_checkpoint_files, run_fingerprint, run_lock
 from .loop import make_accelerator, train
 from .mixing import DataMixer, MixEntry
 from .sharded import model_to_save
@@ -148,7 +148,8 @@ def save_output(cfg: RunConfig, model, base_dir, mode: str, summary: dict) -> Pa
     for stale in remove_stale_temporaries(out.parent, [glob.escape(out.name)]):
         log.info("removed %s (a temporary of a run that was killed while writing %s)", stale, out)
     record = {"summary": summary, "save_mode": mode, "config": config_to_dict(cfg), "config_file": cfg.source,
-              "fingerprint": run_fingerprint(cfg)}  # with the final checkpoint: tells a finished run (run_guard)
+              "fingerprint": run_fingerprint(cfg),  # with the final checkpoint: tells a finished run (run_guard)
+              "checkpoint_files": newest_checkpoint_files(cfg)}  # ... and that this output is that run's
     extra = {"train_summary.json": json.dumps(record, indent=1, default=str)}
     if mode == "trainable_only":
         save_vlm(model, out, trainable_only=True, base_model=str(base_dir), extra_files=extra)
