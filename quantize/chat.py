@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the likeliest tokens up to this "
                                                             "probability (with --temperature > 0)")
     p.add_argument("--repetition-penalty", type=float, default=1.05, help="> 1 makes repeating a token less likely")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (-1: a fresh one each run)")
     p.add_argument("--no-vision", action="store_true", help="text only: do not load vision.gguf")
     p.add_argument("--verbose", action="store_true", help="print timings after every answer (stderr)")
     add_ggml_switches(p)
@@ -169,7 +169,7 @@ def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> 
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
         except KeyboardInterrupt:
-            print("\n(interrupted)", file=sys.stderr)
+            print("\n(interrupted: that question is left out of the conversation)", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

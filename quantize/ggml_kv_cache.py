@@ -36,7 +36,7 @@ class KVCache:
         self.k: list = []
         self.v: list = []
         self.capacity = 0
-        self._allocate(min(n_ctx, START))
+        self._ctx, self._buf, self.k, self.v, self.capacity = self._allocate(min(n_ctx, START))
 
     @property
     def bytes_per_position(self) -> int:
@@ -51,7 +51,8 @@ class KVCache:
         """Bytes between two layers' tensors: one tensor rounded up to whole pages."""
         return -(-self._row * capacity * self.n_heads // _ALIGN) * _ALIGN
 
-    def _allocate(self, capacity: int) -> None:
+    def _allocate(self, capacity: int) -> tuple:
+        """(ggml context, buffer, K tensors, V tensors, capacity) of a new, zero-filled cache."""
         stride = self._stride(capacity)
         buf, _ = huge_page_array(2 * self.n_layers * stride)
         ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=(2 * self.n_layers + 4) * ggml.ggml_tensor_overhead(),
@@ -61,7 +62,7 @@ class KVCache:
             t = ggml.ggml_new_tensor_3d(ctx, self.ggml_type, self.head_dim, capacity, self.n_heads)
             t.contents.data = buf.ctypes.data + i * stride
             (k if i % 2 == 0 else v).append(t)
-        self._ctx, self._buf, self.k, self.v, self.capacity = ctx, buf, k, v, capacity
+        return ctx, buf, k, v, capacity
 
     def reserve(self, n_positions: int) -> bool:
         if n_positions <= self.capacity:
@@ -71,14 +72,26 @@ class KVCache:
         old_ctx, old_buf, old_capacity = self._ctx, self._buf, self.capacity
         old_stride = self._stride(old_capacity)
         wanted = max(2 * old_capacity, -(-n_positions // START) * START)
-        self._allocate(min(self.n_ctx, wanted))
-        stride, used = self._stride(self.capacity), self._row * old_capacity
-        for i in range(2 * self.n_layers):
+        new = self._allocate(min(self.n_ctx, wanted))
+        new_buf, capacity = new[1], new[4]
+        stride, used = self._stride(capacity), self._row * old_capacity
+
+        def copy(i: int) -> None:
             src = old_buf[i * old_stride:i * old_stride + used * self.n_heads].reshape(self.n_heads, used)
-            dst = self._buf[i * stride:i * stride + self._row * self.capacity * self.n_heads]
+            dst = new_buf[i * stride:i * stride + self._row * capacity * self.n_heads]
             dst.reshape(self.n_heads, -1)[:, :used] = src
-            release_pages(old_buf[i * old_stride:(i + 1) * old_stride])
-        ggml.ggml_free(old_ctx)
+
+        copied = 0
+        try:
+            for i in range(2 * self.n_layers):
+                copy(i)
+                copied = i + 1
+                release_pages(old_buf[i * old_stride:(i + 1) * old_stride])
+        finally:  # interrupted (Ctrl-C) half-way: the rest is copied too, so the cache never holds half its layers
+            for i in range(copied, 2 * self.n_layers):
+                copy(i)
+            self._ctx, self._buf, self.k, self.v, self.capacity = new
+            ggml.ggml_free(old_ctx)
         return True
 
     def close(self) -> None:

@@ -130,11 +130,12 @@ class GgmlLLM(LLMBackend):
         return self.kv.v
 
     def _reserve_kv(self, n_positions: int) -> None:
-        """Room in the KV cache for positions 0..n_positions-1; a cache that had to grow has new tensors, so the cached
-        decode graph (built on the old ones) goes."""
-        if self.kv.reserve(n_positions) and self._decode is not None:
+        """Room in the KV cache for positions 0..n_positions-1; a cache that has to grow gets new tensors, so the cached
+        decode graph (built on the old ones) goes first (also when the growth is interrupted)."""
+        if n_positions > self.kv.capacity and self._decode is not None:
             self._decode.close()
             self._decode = None
+        self.kv.reserve(n_positions)
 
     def close(self) -> None:
         if getattr(self, "_decode", None) is not None:

@@ -272,8 +272,10 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
 def chat_format(llm: GGUFContents) -> ChatFormat:
     """Prompt template, stop strings and image settings of the LLM file."""
     template = llm.metadata.get(names.PROMPT_TEMPLATE, "###Human: {} ###Assistant: ")
+    if "{}" not in template:  # written before the export appended it: the user text follows, as in training
+        template += "{}"
     if template.count("{}") != 1:
-        raise UserError(f"{llm.path}: {names.PROMPT_TEMPLATE} must contain exactly one '{{}}', got {template!r}")
+        raise UserError(f"{llm.path}: {names.PROMPT_TEMPLATE} must contain at most one '{{}}', got {template!r}")
     end_sym = llm.metadata.get(names.END_SYM, "###")
     stops = llm.metadata.get(names.STOP_STRINGS)
     if stops is None:

@@ -124,9 +124,11 @@ class PromptInfo:
 
     @classmethod
     def from_config(cls, c: Any) -> "PromptInfo":
-        """From a TinyGPTVConfig."""
+        """From a TinyGPTVConfig. A template without ``{}`` has the user text appended, as training wraps it
+        (tinygpt.model.sequence.PromptFormat.wrap): the file always holds the one ``{}``."""
+        template = str(c.prompt_template)
         return cls(
-            prompt_template=str(c.prompt_template), end_sym=str(c.end_sym),
+            prompt_template=template if "{}" in template else template + "{}", end_sym=str(c.end_sym),
             stop_strings=tuple(str(s) for s in (c.stop_strings or ())),
             image_token_count=int(c.num_query_tokens), image_placeholder=str(c.image_placeholder),
         )

@@ -14,9 +14,13 @@ from tinygpt.errors import UserError
 from .cli_checks import check_finite
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing the logits by it overflows (inf, then NaN)
+
+
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy. Defaults follow the original demo (top-p 0.9, repetition penalty 1.05)."""
+    """temperature 0 (or under GREEDY_BELOW) means greedy. Defaults follow the original demo (top-p 0.9, repetition
+    penalty 1.05). seed None (or -1, as llama.cpp spells it): a fresh random seed."""
 
     temperature: float = 0.0
     top_p: float = 0.9
@@ -36,6 +40,10 @@ class SamplingParams:
             raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed == -1:
+            self.seed = None
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise UserError(f"--seed must be an integer in 0 .. 2**64-1 (or -1: a fresh random seed), got {self.seed}")
         return self
 
 
@@ -55,7 +63,7 @@ class Sampler:
             vals = logits[seen]
             # CTRL / HF rule: divide positive logits, multiply negative ones
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.temperature == 0.0:
+        if p.temperature < GREEDY_BELOW:
             return int(np.argmax(logits))
         logits /= p.temperature
         probs = np.exp(logits - logits.max())

@@ -163,8 +163,8 @@ class ChatSession:
         n_turns = len(self.turns)
         try:
             return self.respond(self.turns + [Turn(user=text, images=indices)], on_text, t_start)
-        except UserError:
-            if len(self.turns) == n_turns:  # refused before the turn was taken: forget its images
+        except BaseException:  # UserError, Ctrl-C
+            if len(self.turns) == n_turns:  # refused or interrupted, the turn not taken: forget its images
                 del self.image_vectors[n_before:]
             raise
 
@@ -237,10 +237,14 @@ class ChatSession:
         t0 = time.perf_counter()
         logits = self._sync_cache(items)
         stats.prefill_s = time.perf_counter() - t0
-        self.turns = list(turns)
+        before, self.turns = self.turns, list(turns)
         turn = self.turns[-1]
-        # the history keeps the text exactly as generated, so the next turn's layout re-tokenizes to the cached ids
-        turn.answer = self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
+        try:
+            # the history keeps the text exactly as generated, so the next turn's layout re-tokenizes to the cached ids
+            turn.answer = self._generate(logits, items, min(budget, self.sampling.max_new_tokens), on_text, t_start)
+        except BaseException:  # Ctrl-C, a cancelling on_text: no question without its answer stays in the history
+            self.turns = before
+            raise
         return turn.answer.strip()
 
     def text_items(self, text: str) -> list:

@@ -84,3 +84,43 @@ def test_a_cache_that_grew_many_times_gives_the_logits_of_one_that_did_not(tmp_p
         both(lambda m: m.eval_tokens([t]))
     assert capacities[0] == 32 and 64 in capacities and capacities[-1] == 200
     assert capacities == sorted(capacities)
+
+
+def test_a_growth_interrupted_half_way_leaves_a_whole_cache_and_no_stale_graph(tmp_path, monkeypatch):
+    """Ctrl-C while the cache grows (the interactive chat goes on after it): the new buffer used to be in place with
+    only the layers copied so far, the rest zeros, and the decode graph built on the old tensors kept: later turns
+    computed wrong logits from the 'cached' prefix. Now the copy completes and the graph goes first."""
+    from quantize.ggml_llm import GgmlLLM
+    from quantize.gguf_file import find_llm_file, open_gguf
+    from quantize.random_model import write_random_model
+
+    write_random_model(tmp_path, size="tiny", qtype="f32", seed=3, progress=False)
+    f = open_gguf(find_llm_file(tmp_path, "f32"), "phi2")
+    ids = np.random.default_rng(0).integers(0, 1000, 60).tolist()
+    reference = GgmlLLM(f, n_ctx=96, kv_type="f32")
+    monkeypatch.setattr(ggml_kv_cache, "START", 32)  # one decode bucket (ggml_decode_graph.BUCKET)
+    model = GgmlLLM(f, n_ctx=96, kv_type="f32")
+    model.eval_tokens(ids[:26])
+    for t in ids[26:32]:  # a decode graph is built; the cache holds its 32 positions
+        model.eval_tokens([t])
+    real, releases = ggml_kv_cache.release_pages, []
+
+    def interrupted(buf):
+        releases.append(1)
+        if len(releases) == 3:
+            raise KeyboardInterrupt
+        return real(buf)
+
+    monkeypatch.setattr(ggml_kv_cache, "release_pages", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.eval_tokens([ids[32]])  # position 32: the cache grows
+    monkeypatch.setattr(ggml_kv_cache, "release_pages", real)
+    assert model.kv.capacity == 64 and model.n_past == 32
+    want = reference.eval_tokens(ids[:40])
+    model.truncate(24)  # the next turn keeps a prefix of what was cached
+    assert np.abs(model.eval_tokens(ids[24:40]) - want).max() <= 1e-5 * np.abs(want).max()
+    reference.truncate(26)
+    model.truncate(26)
+    for t in ids[26:30]:  # cached decode steps in the bucket of the graph built before the growth
+        a, b = reference.eval_tokens([t]), model.eval_tokens([t])
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

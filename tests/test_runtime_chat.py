@@ -229,6 +229,53 @@ def test_session_streams_text_and_stops_at_stop_string(llm_files):
     assert s2.ask("q") == "Yes" and s2.last_stats.stopped_by == "eos"
 
 
+def test_ctrl_c_during_an_answer_leaves_that_question_out_of_the_conversation(llm_files):
+    """The interactive chat goes on after Ctrl-C: the interrupted question used to stay in the history without an
+    answer, so every later prompt held it with no answer and no end symbol, a layout training never makes."""
+    s = _session(llm_files["f32"])
+    s.ask("first")
+
+    def interrupt(text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        s.ask("second", on_text=interrupt)
+    assert [t.user for t in s.turns] == ["first"] and s.turns[0].answer is not None
+    s.ask("third")
+    assert [t.user for t in s.turns] == ["first", "third"]
+
+
+def test_a_template_without_its_placeholder_gets_the_user_text_appended(llm_files):
+    """Training appends the user text to a prompt_template without '{}' (PromptFormat.wrap); the export wrote such a
+    template as it was, and every runtime then refused the file. The export appends '{}', and a file written before
+    is read the same way; two '{}' stay refused."""
+    from types import SimpleNamespace
+
+    from quantize.gguf_meta import PromptInfo
+
+    config = SimpleNamespace(prompt_template="Question: ", end_sym="\n", stop_strings=None, num_query_tokens=32,
+                             image_placeholder="<ImageHere>")
+    assert PromptInfo.from_config(config).prompt_template == "Question: {}"
+    f = open_gguf(llm_files["f32"], names.ARCH_LLM)
+    for written, read in (("Question: ", "Question: {}"), ("Q: {} A:", "Q: {} A:")):
+        f.metadata[names.PROMPT_TEMPLATE] = written
+        assert chat_format(f).prompt_template == read
+    f.metadata[names.PROMPT_TEMPLATE] = "{} and {}"
+    with pytest.raises(UserError, match="must contain at most one"):
+        chat_format(f)
+
+
+def test_seed_minus_one_is_a_fresh_seed_and_a_tiny_temperature_is_greedy():
+    """--seed -1 (llama.cpp's 'random') crashed in NumPy after the model had loaded; other negative or huge seeds are
+    refused before it loads. A temperature of 1e-310 overflowed the logits to NaN; under 1e-5 it is greedy."""
+    assert SamplingParams(seed=-1).validate().seed is None
+    for seed in (-2, 2**64):
+        with pytest.raises(UserError, match=r"--seed must be an integer in 0 \.\. 2\*\*64-1"):
+            SamplingParams(seed=seed).validate()
+    logits = np.array([1.0, 3.0, 2.9])
+    assert Sampler(SamplingParams(temperature=1e-310, repetition_penalty=1.0))(logits) == 1
+
+
 def test_backend_auto_falls_back_to_torch_with_notice(llm_files, monkeypatch, capsys):
     import builtins
     real_import = builtins.__import__
