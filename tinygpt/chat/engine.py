@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..tasks import CAPTION_PROMPTS, GROUNDING_PROMPTS, TASKS, format_box
 from .backend import ChatBackend, EncodedTurn, encoded_turns
 from .boxes import PixelBox, answer_boxes
-from .messages import Conversation, ImageRef, image_ref, parse_messages
+from .messages import Conversation, ImageRef, check_unicode, image_ref, parse_messages
 from .settings import GenerationSettings
 
 BOX_TASKS = ("refer", "grounding", "detection")  # tasks whose answers carry boxes
@@ -265,6 +265,7 @@ class ChatEngine:
     def _check_prompt(self, prompt: str) -> None:
         if not isinstance(prompt, str):
             raise UserError(f"prompt: expected a string, got {type(prompt).__name__}")
+        check_unicode(prompt, "prompt")  # a lone UTF-16 surrogate: no tokenizer takes it
         if not hasattr(self.backend, "stream_text"):
             raise UserError(f"prompt: the backend {self.name} cannot continue a raw prompt")
 

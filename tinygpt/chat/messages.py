@@ -20,7 +20,12 @@ Rules:
 * image URLs may be ``data:`` URIs, ``file://`` URLs or local paths; ``http(s)`` is refused (no downloads); a data URI
   is read by `decode_data_uri` (the one parser, the server's too): ``data:image/<type>;base64,<data>``, scheme and
   ``;base64`` in any case, whitespace in the data ignored, a media type other than ``image/*`` refused;
-* a text that already contains ``<ImageHere>`` is refused (it would desynchronise images and placeholders).
+* a text that already contains ``<ImageHere>`` is refused (it would desynchronise images and placeholders), and so
+  is a text holding an unpaired UTF-16 surrogate (JSON may escape half of a pair, ``"\\ud83d"``: valid JSON, but no
+  Unicode text and no tokenizer takes it; `check_unicode`, also used for prompts and stop strings);
+* image bytes are opened only as one of `IMAGE_FORMATS` (PNG, JPEG, WebP, GIF, BMP: `open_image`, the server's and
+  the demo's too), so bytes in another format (EPS, which PIL would hand to Ghostscript, TIFF ...) never reach a
+  decoder: an `UnreadableImage` naming the format.
 Every violation is a `UserError` naming the field, e.g. ``messages[2].content[1].image_url.url: ...``; an image
 that does not decode when it is used (`ImageRef.open`) is an `UnreadableImage`, a UserError (the server: code
 ``invalid_image``).
@@ -49,10 +54,53 @@ from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
 ROLES = ("system", "developer", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")
 DATA_URI_SHAPE = "data:image/png;base64,<data>"
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what client and user image bytes may be opened as (PIL names)
+IMAGE_FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
 
 
 class UnreadableImage(UserError):
     """An image whose bytes do not decode (not an image, truncated, damaged, too large for PIL's guard)."""
+
+
+def check_unicode(text: str, where: str) -> str:
+    """`text`, or a UserError naming `where` when it holds an unpaired UTF-16 surrogate (``"\\ud83d"`` in JSON: half
+    of an escaped pair, e.g. an emoji cut in two), which is no Unicode text and which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{where}: text holds an unpaired UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at "
+                        f"character {exc.start}") from None
+    return text
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The PIL format name whose signature `head` (the first bytes of a file) carries, or None; only the plugins'
+    signature checks run, nothing is parsed."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head[:16]):
+                return name
+        except Exception:  # a plugin's check that does not take this prefix: not that format
+            continue
+    return None
+
+
+def format_refusal(head: bytes, where: str, what: str = "this server") -> str:
+    """The message for bytes that do not open as one of `IMAGE_FORMATS`, naming their format when it is known."""
+    found = sniff_format(head)
+    if found is not None and found not in IMAGE_FORMATS:
+        return f"{where}: {found} images are not accepted; send {IMAGE_FORMAT_NAMES}"
+    return f"{where}: not a readable image (not an image format {what} knows: {IMAGE_FORMAT_NAMES})"
+
+
+def open_image(data: bytes, where: str) -> Image.Image:
+    """`data` opened lazily (header only) as one of `IMAGE_FORMATS`; an `UnreadableImage` naming the format
+    otherwise. Every image from a client or a user file is opened here (or with ``formats=IMAGE_FORMATS``)."""
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UnreadableImage(format_refusal(data[:16], where)) from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +147,7 @@ class Conversation:
 
 
 def image_from_bytes(data: bytes, where: str) -> ImageRef:
-    return ImageRef(hashlib.sha256(data).hexdigest(), where, lambda: Image.open(io.BytesIO(data)))
+    return ImageRef(hashlib.sha256(data).hexdigest(), where, lambda: open_image(data, where))
 
 
 def image_from_path(path: str | os.PathLike, where: str) -> ImageRef:
@@ -143,7 +191,8 @@ def data_uri_payload(url: str, where: str) -> str:
     if not media:
         raise UserError(f"{where}: the data URI names no media type; it must look like {DATA_URI_SHAPE}")
     if not media.startswith("image/"):
-        raise UserError(f"{where}: media type {media} is not an image; a data URI must look like {DATA_URI_SHAPE}")
+        shown = media.encode("ascii", "backslashreplace").decode()  # escaped: it may hold a lone surrogate
+        raise UserError(f"{where}: media type {shown} is not an image; a data URI must look like {DATA_URI_SHAPE}")
     return payload
 
 
@@ -173,7 +222,7 @@ def _check_text(text: Any, where: str) -> str:
         raise UserError(f"{where}: expected a string, got {type(text).__name__}")
     if IMAGE_PLACEHOLDER in text:
         raise UserError(f"{where}: text may not contain {IMAGE_PLACEHOLDER}; send images as image parts")
-    return text
+    return check_unicode(text, where)
 
 
 def _parse_part(part: Any, where: str, assistant: bool) -> str | ImageRef:

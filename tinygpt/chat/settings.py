@@ -1,6 +1,8 @@
 """Generation settings shared by every backend: one frozen dataclass, validated once.
 
-Defaults are greedy (temperature 0), so an answer is reproducible; the original demo sampled (top-p 0.9,
+Defaults are greedy (temperature 0), so an answer is reproducible; a temperature below `MIN_TEMPERATURE` (1e-5) is
+greedy too (it is stored as 0): dividing the logits by a tinier one overflows them (1e-40 on PyTorch, 1e-310 in
+the GGUF runtime), and sampling that cold is greedy in effect; the original demo sampled (top-p 0.9,
 temperature 0.6-1.0, repetition penalty 1.05), which users can ask for. `stop` adds to the model's own stop strings
 (read from its config or GGUF). `seed` makes sampling repeat: each call reseeds; it is an integer in
 0 .. 2**64 - 1 (what torch.manual_seed and numpy's generators both take) or None. `num_beams` > 1 is PyTorch only.
@@ -11,11 +13,14 @@ the two agree only at 1.0 (the default).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
+from .messages import check_unicode
 
 MAX_SEED = 2**64 - 1
+MIN_TEMPERATURE = 1e-5  # below it (and above 0): greedy, stored as 0.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class GenerationSettings:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # the logits / temperature would overflow: greedy
         self.validate()
 
     def validate(self) -> "GenerationSettings":
@@ -40,6 +47,8 @@ class GenerationSettings:
             raise UserError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.temperature < 0:
             raise UserError(f"temperature: must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature):
+            raise UserError(f"temperature: must be a finite number, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
@@ -48,6 +57,8 @@ class GenerationSettings:
             raise UserError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
+        for i, text in enumerate(self.stop):
+            check_unicode(text, f"stop[{i}]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= MAX_SEED):
             raise UserError(f"seed: must be an integer in 0 .. {MAX_SEED} (2**64 - 1) or null, got {self.seed!r}")

@@ -34,6 +34,7 @@ from PIL import Image
 
 from ..chat import ChatEngine, answer_boxes
 from ..chat.launch import LaunchConfig
+from ..chat.messages import IMAGE_FORMATS
 from ..errors import UserError
 from ..tasks import split_task_tag
 from .conversation import (
@@ -61,7 +62,7 @@ def _open(path: str | None) -> Image.Image | None:
     if not path:
         return None
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:  # no EPS to Ghostscript before the upload check
             return image.convert("RGB")
     except (OSError, ValueError):
         return None  # not an image: add_message says so when it is sent

@@ -5,7 +5,8 @@ Contract (limits come from the launch config's ``limits`` section, tinygpt.chat.
 * each file at most ``max_upload_bytes`` (gradio refuses bigger uploads itself when the demo is launched with
   ``max_file_size``; this check also covers files that arrive another way, e.g. an example or an API call);
 * each file must decode as an image (a text file named ``.png`` does not) of at most ``max_image_pixels`` pixels
-  (the size is read from the header before the pixels are decoded);
+  (the size is read from the header before the pixels are decoded), in one of the formats the chat engine opens
+  (tinygpt.chat.messages.IMAGE_FORMATS: PNG, JPEG, WebP, GIF, BMP; an EPS file never reaches Ghostscript);
 * every refusal is one UserError naming the file, which the UI shows as a message.
 """
 
@@ -18,6 +19,7 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from ..chat.launch import Limits
+from ..chat.messages import IMAGE_FORMATS, sniff_format
 from ..errors import UserError
 
 
@@ -37,13 +39,20 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
         raise UserError(f"{name}: {_megabytes(size)} is over this demo's upload limit of "
                         f"{_megabytes(limits.max_upload_bytes)} per image")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > limits.max_image_pixels:
                 raise UserError(f"{name}: {width}x{height} pixels is over this demo's limit of "
                                 f"{limits.max_image_pixels:,} pixels per image")
             image.load()
     except UnidentifiedImageError:
+        try:
+            with open(path, "rb") as file:
+                found = sniff_format(file.read(16))
+        except OSError:
+            found = None
+        if found is not None and found not in IMAGE_FORMATS:
+            raise UserError(f"{name}: {found} images are not accepted; attach a PNG, JPEG or WebP picture") from None
         raise UserError(f"{name}: not a readable image (not an image format this demo knows); attach a PNG, JPEG "
                         "or WebP picture") from None
     except (OSError, ValueError, Image.DecompressionBombError):

@@ -11,7 +11,8 @@ Endpoints:
 * ``GET /v1/models``, ``GET /v1/models/{name}``: the one model, named ``model_name`` (which may hold ``/``);
 * ``GET /health``: status, model, backend kind (never a path), context length, queue depth (never behind the key).
 Paths are exact: ``/v1/chat/completions/`` is a 404 (no redirect). With `allowed_origins`, browsers on those origins
-may call the API (CORS; "*" for any); without, no CORS headers are sent.
+may call the API (CORS; "*" for any; any request header is allowed, as the openai JS SDK sends its own
+X-Stainless-* headers); without, no CORS headers are sent.
 
 Order of checks for a completion: the body's size (413, before it is read), the API key (401), the body's JSON and
 the field types and ranges (400, tinygpt.serve.body), the model name (404), unsupported options (400), the settings
@@ -78,8 +79,9 @@ def create_app(engine, model_name: str, limits: Limits | None = None, api_key: s
     install_error_handlers(app, limits.max_upload_bytes)
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     if allowed_origins:  # outermost, so that refusals (a 413, a 401) carry the CORS headers too
+        # any request header: the openai JS SDK adds its X-Stainless-* ones; the origin is what is checked
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=[SEED_HEADER])
+                           allow_headers=["*"], expose_headers=[SEED_HEADER])
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key or None))])
 
     @app.get("/health")

@@ -5,7 +5,8 @@
 * `read_request(raw, kind)`: the body parsed as JSON whatever its Content-Type says (as llama.cpp does: ``curl -d``
   sends JSON labelled as a form), then checked by `kind` (tinygpt.serve.schema: `ChatCompletionRequest`, the default,
   or `CompletionRequest`). Every refusal is a 400 with code ``invalid_request``: an empty body, bytes that are not
-  UTF-8 or not JSON ("the request body is not valid JSON (...)"), JSON that is not an object ("expected a JSON object
+  UTF-8 or not JSON ("the request body is not valid JSON (...)", also for JSON nested too deeply to parse and an
+  integer literal too long to convert), JSON that is not an object ("expected a JSON object
   (Content-Type: application/json)"), a field of the wrong type or out of range (naming the field);
 * `openapi_body(kind)`: the request's JSON schema for /docs and /openapi.json (FastAPI does not see the endpoint's
   body); `OPENAPI_BODY` is the chat request's.
@@ -81,6 +82,10 @@ def read_request(raw: bytes, kind: type[Request] = ChatCompletionRequest) -> Req
     except json.JSONDecodeError as exc:
         raise _invalid(f"the request body is not valid JSON ({exc.msg} at character {exc.pos}); {JSON_OBJECT}") \
             from None
+    except RecursionError:  # arrays or objects nested deeper than the parser's recursion limit
+        raise _invalid(f"the request body is not valid JSON (nested too deeply); {JSON_OBJECT}") from None
+    except ValueError:  # an integer literal over Python's 4300-digit conversion limit
+        raise _invalid(f"the request body is not valid JSON (a number is too long); {JSON_OBJECT}") from None
     if not isinstance(data, dict):
         raise _invalid(f"request body: {JSON_OBJECT}, got {json_kind(data)}")
     try:

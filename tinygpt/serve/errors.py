@@ -47,9 +47,15 @@ def model_not_found(name: str, served: str) -> APIError:
                     "model_not_found")
 
 
+def _printable(text: str | None) -> str | None:
+    """`text` with any lone UTF-16 surrogate escaped (``\\ud83d``): a message echoing a client's text must still
+    encode as UTF-8, or the refusal itself would be a 500."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": kind, "param": _printable(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,

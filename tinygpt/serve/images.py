@@ -15,7 +15,9 @@ holding a checked `ImageRef`, plus the (width, height) of each image in conversa
 image boxes are given in):
 * base64 that does not decode (spaces and line breaks in it are ignored): 400;
 * the image's size is read from its header (PIL opens lazily): more than ``limits.max_image_pixels`` pixels is a 413
-  without decoding; PIL's own decompression-bomb guard is a 413 too; bytes that are not an image are a 400;
+  without decoding; PIL's own decompression-bomb guard is a 413 too; bytes that are not an image are a 400, and so
+  are bytes in a format other than PNG, JPEG, WebP, GIF and BMP (tinygpt.chat.messages.IMAGE_FORMATS: no other plugin,
+  e.g. EPS's Ghostscript, ever sees client bytes), the message naming the format;
 * a local file that does not exist is a 400; one larger than ``limits.max_upload_bytes`` a 413 (a request body is
   already bounded by that size).
 Anything that is not an image part is left for `tinygpt.chat.parse_messages`, which names the field at fault.
@@ -32,7 +34,9 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..chat.launch import Limits
-from ..chat.messages import ImageRef, data_uri_payload, decode_data_uri, image_from_bytes, is_data_uri
+from ..chat.messages import (
+    IMAGE_FORMATS, ImageRef, data_uri_payload, decode_data_uri, format_refusal, image_from_bytes, is_data_uri,
+)
 from .errors import APIError
 
 IMAGE_TYPES = ("image_url", "image")
@@ -129,14 +133,13 @@ def image_bytes(url: str, field: str, limits: Limits, allow_local: bool) -> byte
 def image_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the image's header, refused when larger than `max_pixels`; nothing is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # never EPS (Ghostscript), TIFF ...
             width, height = image.size
     except Image.DecompressionBombError:
         raise APIError(413, f"{field}: the image has more pixels than this server decodes (at most {max_pixels}, "
                             "limits.max_image_pixels)", field, "image_too_large") from None
     except UnidentifiedImageError:
-        raise APIError(400, f"{field}: not a readable image (not an image format this server knows, e.g. PNG or "
-                            "JPEG)", field, "invalid_image") from None
+        raise APIError(400, format_refusal(data[:16], field), field, "invalid_image") from None
     except (OSError, ValueError, SyntaxError):
         raise APIError(400, f"{field}: not a readable image: its header is truncated or damaged", field,
                        "invalid_image") from None

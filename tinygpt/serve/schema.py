@@ -11,6 +11,8 @@ Contract:
   not numbers (what the `openai` client sends, ints for floats and null for what is optional, is accepted);
 * ``stop``, as OpenAI's: at most `MAX_STOP` strings of 1 to `MAX_STOP_CHARS` characters (a long or numerous stop
   list makes every generated token slow to check); ``seed`` is checked by GenerationSettings (0 .. 2**64 - 1);
+  ``stop`` strings and the text-completion ``prompt`` holding an unpaired UTF-16 surrogate (``"\\ud83d"``, valid JSON
+  that no tokenizer takes) are a 400 naming the field, before the queue (message texts: parse_messages);
 * fields that would change what an answer means and that this server cannot do are refused with a 400, code
   ``unsupported_parameter``, naming the field (`check_supported`, one check for both endpoints): ``tools``,
   ``functions``, ``logprobs``, ``top_logprobs``, a non-empty ``logit_bias``, a ``tool_choice`` other than "none" /
@@ -31,7 +33,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..chat.messages import check_unicode
 from ..chat.settings import GenerationSettings
+from ..errors import UserError
 from .errors import APIError
 
 FRESH_SEED_BITS = 53  # a drawn seed is exact as a JSON number in every client (JavaScript's doubles included)
@@ -112,6 +116,8 @@ class _Request(BaseModel):
         if too_long:
             raise APIError(400, f"stop: each stop string may hold at most {MAX_STOP_CHARS} characters, got one of "
                                 f"{len(too_long[0])}", "stop")
+        for i, text in enumerate(stop):
+            _check_unicode(text, f"stop[{i}]" if isinstance(self.stop, list) else "stop", "stop")
         return tuple(stop)  # empty strings: GenerationSettings refuses them ("stop: expected non-empty strings")
 
 
@@ -139,7 +145,7 @@ class CompletionRequest(_Request):
         """The prompt; a 400 naming ``prompt`` unless it is a string or a list holding exactly one string."""
         items = self.prompt if isinstance(self.prompt, list) else [self.prompt]
         if len(items) == 1 and isinstance(items[0], str):
-            return items[0]
+            return _check_unicode(items[0], "prompt" if items is not self.prompt else "prompt[0]", "prompt")
         if not isinstance(self.prompt, list):
             why = json_kind(self.prompt)
         elif not items:
@@ -152,6 +158,15 @@ class CompletionRequest(_Request):
             why = "a list holding " + " and ".join(sorted({json_kind(p) for p in items}))
         raise APIError(400, f"prompt: expected a string or a list holding one string, got {why}", "prompt",
                        "invalid_request")
+
+
+def _check_unicode(text: str, where: str, param: str) -> str:
+    """`text`, or a 400 naming the field when it holds an unpaired UTF-16 surrogate (``"\\ud83d"``: valid JSON, but
+    no tokenizer takes it), refused here, before the queue."""
+    try:
+        return check_unicode(text, where)
+    except UserError as exc:
+        raise APIError(400, str(exc), param, "invalid_request") from None
 
 
 def json_kind(value: Any) -> str:
