@@ -118,8 +118,14 @@ def test_pope_score(tmp_path):
     assert by["random"]["f1"] == 1.0 and by["random"]["yes_ratio"] == 0.5
     assert by["popular"]["accuracy"] == 0.5 and by["popular"]["precision"] == 0.5
     assert by["popular"]["f1"] == pytest.approx(2 / 3) and by["popular"]["yes_ratio"] == 1.0
-    assert by["adversarial"]["f1"] == 0.0 and by["adversarial"]["unparsed"] == 0.5
-    assert official["value"] == pytest.approx((1 + 2 / 3 + 0) / 3) and official["accuracy"] == pytest.approx(2 / 3)
+    # the official figures use POPE's own rule (no "No" / "no" / "not" in the first sentence = yes), under which
+    # "maybe" is a yes (right on the yes item); the old strict first-word parse, which left it unparsed and wrong,
+    # is kept as the strict_* figures
+    assert by["adversarial"]["f1"] == 1.0 and by["adversarial"]["unparsed"] == 0.0
+    assert by["adversarial"]["strict_f1"] == 0.0 and by["adversarial"]["strict_unparsed"] == 0.5
+    assert official["value"] == pytest.approx((1 + 2 / 3 + 1) / 3) and official["accuracy"] == pytest.approx(5 / 6)
+    assert official["strict_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert official["strict_accuracy"] == pytest.approx(2 / 3)
     single = score_bench("pope", load_bench("pope", tmp_path, "popular"), ["yes", "yes"])
     assert single["value"] == pytest.approx(2 / 3) and list(single["by_category"]) == ["popular"]
     assert score_bench("pope", samples, texts, scoring="tinygpt-v-compat")["compat"] == "same as official"

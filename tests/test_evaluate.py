@@ -216,8 +216,11 @@ def test_garbage_rules():
     same = [Prediction(str(i), text="Yes") for i in range(12)]
     problems = garbage_problems({"metric": "accuracy", "value": 0.5, "yes_ratio": 1.0}, [], same)
     assert any("every answer is yes" in p for p in problems) and any("all 12 generated answers" in p for p in problems)
-    assert "no answer is yes" in garbage_problems({"value": 0.5, "yes_ratio": 0.0}, [], varied)[0]
-    assert garbage_problems({"metric": "accuracy", "value": 0.6, "yes_ratio": 1.0}, [], varied) == []
+    assert "every answer is no" in garbage_problems({"value": 0.5, "yes_ratio": 0.0}, [], varied)[0]
+    # every answer one class is garbage whatever the headline (it used to pass above 50% "chance": POPE's headline is
+    # F1, 66.7% for answering yes to everything); fewer than 10 answers are too few to say so
+    assert "every answer is yes" in garbage_problems({"metric": "f1", "value": 0.667, "yes_ratio": 1.0}, [], varied)[0]
+    assert garbage_problems({"metric": "accuracy", "value": 0.6, "yes_ratio": 1.0}, [], varied[:9]) == []
     assert "unparsable" in garbage_problems({"value": 0.3, "grounding_unparsed": 0.6}, [], varied)[0]
     assert "60% of the answers are unparsable" in garbage_problems({"value": 0.3, "unparsed": 0.6}, [], varied)[0]
 

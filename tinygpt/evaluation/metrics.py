@@ -103,6 +103,11 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
     return float(roc_auc_score([bool(label) for label in labels], list(scores)))
 
 
+def has_nan(scores: Sequence[float]) -> bool:
+    """Whether any of the log-probabilities is NaN (a numerically broken model: such scores are left out)."""
+    return any(isinstance(x, float) and math.isnan(x) for x in scores)
+
+
 def yes_probability(logprob_yes: float, logprob_no: float) -> float:
     """P(yes) normalised over the two answers: ``exp(ly) / (exp(ly) + exp(ln))``, computed stably.
 

@@ -25,6 +25,9 @@ that carries an article still matches itself.
 
 `first_word_yes_no` is a strict parse: the first whitespace-separated word, lower-cased and stripped of surrounding
 punctuation, must be one of the yes or no words; anything else is unparsed (``None``), never guessed.
+
+`pope_yes_no` is POPE's own rule (its ``evaluate.py``, also LLaVA's ``eval_pope.py``): "no" when the first sentence
+holds the word No, no or not, "yes" otherwise; it parses every answer.
 """
 
 from __future__ import annotations
@@ -112,3 +115,20 @@ def first_word_yes_no(text: str, yes: Sequence[str] = ("yes",), no: Sequence[str
     if first in {w.lower() for w in no}:
         return False
     return None
+
+
+def pope_yes_no(text: str) -> bool:
+    """POPE's own yes / no rule (github.com/AoiDragon/POPE ``evaluate.py``, also LLaVA's ``eval_pope.py``): False ("no")
+    when a word of the first sentence is exactly ``No``, ``no`` or ``not``, True ("yes") otherwise, so every answer
+    parses (an empty or garbled one is a "yes").
+
+    As the original: only the text before the first ``.`` is kept, commas are deleted, and the rest is split on single
+    spaces (``text.split(' ')``, not on any whitespace); the words compare case-sensitively, with no other punctuation
+    stripped (``"No!"`` is not a no word, ``"NO"`` neither). ``"There is no dog."`` -> False; ``"Not that I can see"``
+    -> True (``Not`` is not in the list); ``"No, there is not."`` -> False; ``"There is a dog. It is not red."`` ->
+    True.
+    """
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return not ("No" in words or "not" in words or "no" in words)

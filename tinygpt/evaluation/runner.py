@@ -36,14 +36,15 @@ from ..version import tinygpt_version
 from .benchmark import SCORINGS, Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark
 from .config import EvalConfig, default_root
+from .metrics import has_nan
 from .resume import PREDICTIONS, SUMMARY, fingerprint, move_aside, read_predictions, run_lock
 
 __all__ = ["PREDICTIONS", "SUMMARY", "fingerprint", "garbage_problems", "read_predictions", "run_evaluation"]
 
-# garbage thresholds (fractions): a headline under NEAR_ZERO; a yes/no benchmark at or under chance with every answer
-# one class; more than MOST_UNPARSED of the answers unparsable; every generated answer the same text (ALL_SAME_MIN+)
+# garbage thresholds (fractions): a headline under NEAR_ZERO; a yes/no benchmark with every parsed answer one class
+# (ALL_SAME_MIN+ of them); more than MOST_UNPARSED of the answers unparsable; every generated answer the same text
+# (ALL_SAME_MIN+); any NaN log-probability
 NEAR_ZERO = 0.05
-CHANCE = 0.50
 MOST_UNPARSED = 0.50
 ALL_SAME_MIN = 10
 
@@ -76,30 +77,76 @@ def progress_bar(total: int, initial: int, label: str) -> tuple[Callable[[int], 
 
 def _unparsed_share(scores: dict) -> float:
     """The largest share of unparsable answers a score dict reports (keys ``unparsed`` / ``*_unparsed``, each a
-    fraction of n: the benchmarks' contract, `benchmarks.common.yes_no_figures`)."""
+    fraction of n: the benchmarks' contract, `benchmarks.common.yes_no_figures`). ``strict_*`` figures are left out:
+    a strict parse kept beside a benchmark's own rule (POPE's ``strict_unparsed``) does not decide garbage."""
     shares = [float(value) for key, value in scores.items()
-              if (key == "unparsed" or key.endswith("_unparsed")) and isinstance(value, (int, float))]
+              if (key == "unparsed" or key.endswith("_unparsed")) and not key.startswith("strict_")
+              and isinstance(value, (int, float))]
     return max(shares, default=0.0)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _majority_share(samples: Sequence[Sample]) -> Optional[float]:
+    """The share of the commoner label among yes / no (1 / 0) labels: the accuracy of always giving it; None without
+    labels."""
+    labels = [bool(s.label) for s in samples if s.label in (0, 1)]
+    if not labels:
+        return None
+    yes = sum(labels) / len(labels)
+    return max(yes, 1.0 - yes)
+
+
+def _one_class(scores: dict, samples: Sequence[Sample], predictions: Sequence[Prediction]) -> Optional[str]:
+    """"every answer is yes" / "every answer is no" for a yes/no benchmark (``yes_ratio`` reported) whose parsed
+    answers (ALL_SAME_MIN or more) are all one class, whatever its headline (POPE's F1 of answering yes to
+    everything is 66.7%); with the accuracy beside the majority-class share of the labels where both are known."""
+    ratio = scores.get("yes_ratio")
+    if not _number(ratio) or ratio not in (0, 1):
+        return None
+    n = scores.get("n") if _number(scores.get("n")) else len(predictions)
+    unparsed = float(scores["unparsed"]) if _number(scores.get("unparsed")) else 0.0
+    parsed = n if ratio == 1 else round(n * (1.0 - unparsed))
+    if parsed < ALL_SAME_MIN:
+        return None
+    problem = ("every answer is yes" if ratio == 1 else
+               "every answer is no" if unparsed == 0 else "every parsed answer is no")
+    accuracy, majority = scores.get("accuracy"), _majority_share(samples)
+    if _number(accuracy) and majority is not None:
+        problem += (f": accuracy {100 * accuracy:.1f}% is no better than always giving the commoner label "
+                    f"({100 * majority:.1f}%)")
+    return problem
+
+
+def _nan_scores(predictions: Sequence[Prediction]) -> int:
+    """How many predictions carry a NaN log-probability (a numerically broken model)."""
+    return sum(1 for p in predictions if p.scores and has_nan(p.scores))
 
 
 def garbage_problems(scores: dict, samples: Sequence[Sample], predictions: Sequence[Prediction]) -> list[str]:
     """Why these results look like a broken model rather than a weak one ([] when none):
-    the headline under 5%; a yes/no benchmark (``yes_ratio`` reported) at or under 50% with every answer one class;
-    more than half of the answers unparsable; every generated answer the same text (10 or more answers)."""
+    the headline under 5%; a yes/no benchmark (``yes_ratio`` reported) with every parsed answer one class (10 or
+    more); more than half of the answers unparsable; every generated answer the same text (10 or more answers);
+    any NaN log-probability."""
     problems = []
     value = scores.get("value")
-    if isinstance(value, (int, float)) and value < NEAR_ZERO:
+    if _number(value) and value < NEAR_ZERO:
         problems.append(f"{scores.get('metric', 'value')} {100 * value:.1f}% is under {100 * NEAR_ZERO:.0f}%")
-    ratio = scores.get("yes_ratio")
-    if isinstance(ratio, (int, float)) and ratio in (0, 1) and isinstance(value, (int, float)) and value <= CHANCE:
-        problems.append(f"{'every answer is yes' if ratio == 1 else 'no answer is yes'} and {100 * value:.1f}% is at "
-                        f"or under chance ({100 * CHANCE:.0f}%)")
+    one_class = _one_class(scores, samples, predictions)
+    if one_class:
+        problems.append(one_class)
     unparsed = _unparsed_share(scores)
     if unparsed > MOST_UNPARSED:
         problems.append(f"{100 * unparsed:.0f}% of the answers are unparsable (> {100 * MOST_UNPARSED:.0f}%)")
     texts = [" ".join(p.text.lower().split()) for p in predictions if p.text is not None]
     if len(texts) >= ALL_SAME_MIN and len(set(texts)) == 1:
         problems.append(f"all {len(texts)} generated answers are {texts[0][:40]!r}")
+    nan = _nan_scores(predictions)
+    if nan:
+        problems.append(f"{nan} of {len(predictions)} predictions have NaN log-probabilities (left out of the "
+                        f"likelihood figures)")
     return problems
 
 

@@ -20,6 +20,8 @@ Each choice is scored as the answer (log-probability) and an answer is generated
 
 Scoring: official = accuracy of the highest-scoring choice (``accuracy_likelihood``, the headline) and of the choice
 the generated answer names (``accuracy_generation``, `metrics.choice_from_text`; ``generation_unparsed`` names none).
+Scores holding a NaN (a numerically broken model) are left out of ``accuracy_likelihood`` and counted in
+``likelihood_unparsed`` (a share of n); with none left the headline is None.
 tinygpt-v-compat = `compat.iconqa_compat`: the original joined the choices with "_" and split them on "|", so it
 scored one candidate and "chose" index 0: the figure is the share of questions whose answer index is 0. A question
 with "|" in a choice has several such candidates whose scores were never asked for; it counts as wrong and in
@@ -35,7 +37,7 @@ from ...data.formats.base import read_json
 from ...errors import UserError
 from ..benchmark import Benchmark, Prediction, Sample
 from ..compat import iconqa_compat
-from ..metrics import choice_from_scores, choice_from_text, mean
+from ..metrics import choice_from_scores, choice_from_text, has_nan, mean
 from .common import (aligned, breakdown, check_scoring, fill, image_file, need, parse_options, published, take,
                      template, text_of)
 
@@ -111,16 +113,18 @@ def score(samples: list[Sample], predictions: list[Prediction], scoring: str) ->
                 hits.append(0.0)
                 unscorable += 1
         return {"metric": "accuracy", "value": mean(hits), "n": len(samples), "compat_unscorable": unscorable}
-    scored = [(s, p) for s, p in zip(samples, predictions) if p.scores and len(p.scores) == len(s.choices)]
+    asked = [(s, p) for s, p in zip(samples, predictions) if p.scores and len(p.scores) == len(s.choices)]
+    scored = [(s, p) for s, p in asked if not has_nan(p.scores)]
     by_likelihood = [1.0 if choice_from_scores(p.scores) == s.label else 0.0 for s, p in scored]
     named = [choice_from_text(text_of(p), s.choices) for s, p in zip(samples, predictions)]
     by_generation = [1.0 if choice == s.label else 0.0 for choice, s in zip(named, samples)]
     likelihood = mean(by_likelihood) if scored else None
-    result = {"metric": "accuracy_likelihood" if scored else "accuracy_generation",
-              "value": likelihood if scored else mean(by_generation), "n": len(samples),
+    result = {"metric": "accuracy_likelihood" if asked else "accuracy_generation",
+              "value": likelihood if asked else mean(by_generation), "n": len(samples),
               "accuracy_likelihood": likelihood, "accuracy_generation": mean(by_generation),
               "generation_unparsed": mean(1.0 if choice is None else 0.0 for choice in named),
-              "n_scored": len(scored)}
+              "n_scored": len(scored),
+              "likelihood_unparsed": (len(asked) - len(scored)) / len(samples) if samples else 0.0}
     if scored:
         result["by_grade"] = breakdown(by_likelihood, [s.meta.get("grade") for s, _ in scored])
     return result

@@ -14,10 +14,15 @@ Prompt fields: ``{question}`` (the ``text``). Official and ``tinygpt-v``: ``[vqa
 question with a short answer: {question}`` (the model's VQA prompt; TinyGPT-V did not report POPE). Up to 10 new
 tokens.
 
-Scoring: official = the strict first-word yes / no parse (anything else is unparsed and wrong) and accuracy,
-precision, recall, F1 of "yes" and yes_ratio per category; the headline is F1 (what the LLaVA-suite model cards
-report, `common.PUBLISHED`; with ``all``, the mean F1 of the three categories, and the other figures are means
-too). tinygpt-v-compat is the same as official (``compat`` says so).
+Scoring: official = POPE's own yes / no rule (`normalize.pope_yes_no`, as POPE's ``evaluate.py`` and LLaVA's
+``eval_pope.py`` apply it: "no" when the first sentence holds the word No / no / not, else "yes", so ``unparsed`` is
+always 0) and accuracy, precision, recall, F1 of "yes" and yes_ratio per category; the headline is F1 (what the
+LLaVA-suite model cards report, `common.PUBLISHED`; with ``all``, the mean F1 of the three categories, and the other
+figures are means too). Beside them, the same figures under the strict first-word parse (`normalize.first_word_yes_no`:
+anything but a leading yes / no is unparsed and wrong) as ``strict_accuracy``, ``strict_precision``,
+``strict_recall``, ``strict_f1``, ``strict_yes_ratio`` and ``strict_unparsed`` (in ``by_category`` too); they are
+extra figures, not checked for garbage (POPE's rule reads every answer). tinygpt-v-compat is the same as official
+(``compat`` says so).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Iterator
 
 from ..benchmark import Benchmark, Prediction, Sample
 from ..metrics import mean
-from ..normalize import first_word_yes_no
+from ..normalize import first_word_yes_no, pope_yes_no
 from .common import (SAME_AS_OFFICIAL, VQA_PROMPT, aligned, check_scoring, fill, image_dir, image_file, need,
                      need_label, parse_options, published, read_jsonl, take, template, text_of, yes_no_figures)
 
@@ -35,6 +40,8 @@ NAME = "pope"
 CATEGORIES = ("random", "popular", "adversarial")
 SPLITS = ("all",) + CATEGORIES
 FIGURES = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
+STRICT = "strict_"  # the strict first-word parse's figures: strict_accuracy, ..., strict_unparsed
+ALL_FIGURES = FIGURES + tuple(STRICT + name for name in FIGURES)
 MAX_NEW_TOKENS = 10
 
 
@@ -61,14 +68,18 @@ def load(root: Path, split: str, options: dict) -> list[Sample]:
 
 def score(samples: list[Sample], predictions: list[Prediction], scoring: str) -> dict:
     check_scoring(scoring)
-    parsed = [first_word_yes_no(text_of(p)) for p in aligned(samples, predictions)]
+    texts = [text_of(p) for p in aligned(samples, predictions)]
+    parsed = [pope_yes_no(text) for text in texts]
+    strict = [first_word_yes_no(text) for text in texts]
     per_category = {}
     for category in CATEGORIES:
         chosen = [i for i, s in enumerate(samples) if s.meta.get("category") == category]
         if chosen:
-            per_category[category] = yes_no_figures([parsed[i] for i in chosen],
-                                                    [bool(samples[i].label) for i in chosen])
-    overall = {name: mean(figures[name] for figures in per_category.values()) for name in FIGURES}
+            labels = [bool(samples[i].label) for i in chosen]
+            figures = yes_no_figures([parsed[i] for i in chosen], labels)
+            strict_figures = yes_no_figures([strict[i] for i in chosen], labels)
+            per_category[category] = {**figures, **{STRICT + name: strict_figures[name] for name in FIGURES}}
+    overall = {name: mean(figures[name] for figures in per_category.values()) for name in ALL_FIGURES}
     result = {"metric": "f1", "value": overall["f1"], "n": len(samples), **overall, "by_category": per_category}
     if scoring == "tinygpt-v-compat":
         result["compat"] = SAME_AS_OFFICIAL
