@@ -75,7 +75,7 @@ def test_a_text_with_an_unpaired_surrogate_is_a_bad_record_in_every_kind(tmp_pat
     (tmp_path / "llava.json").write_text(records % (half, whole))
     Image.new("RGB", (20, 20)).save(tmp_path / "COCO_train2014_1.jpg")
     llava = LlavaDataset(str(tmp_path / "llava.json"), str(tmp_path), image_size=14, seed=0, bad_records=lenient)
-    assert llava[0]["turns"][0]["assistant"] == "a cat \U0001f431"  # record 0 is bad: the next one stands in
+    assert llava[0]["turns"][0]["assistant"] == "a cat \U0001f431"  # record 0 is bad: the good one stands in
     assert llava.image_counter.bad == 1
     assert "record 0: skipped bad record: turn 1's assistant text holds an unpaired surrogate" in caplog.text
 
@@ -120,7 +120,9 @@ def test_the_feature_cache_holds_each_good_record_once(tiny_vlm, tmp_path, caplo
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
     dataset = GenericJsonl(str(tmp_path / "d.jsonl"), image_size=model.config.image_size, seed=0,
                            bad_records=BadRecordPolicy(max_bad_fraction=1.0))
-    assert dataset[2]["turns"][0]["assistant"] == "record 3"  # training: the next good record stands in
+    stand_in = dataset[2]["turns"][0]["assistant"]  # training: a good record stands in, the same one every time
+    assert stand_in in {"record 0", "record 1", "record 3", "record 4", "record 5"}
+    assert dataset[2]["turns"][0]["assistant"] == stand_in
     out = write_features(model, dataset, tmp_path / "cache", "mine", None, progress=False)
     cached = [json.loads(line)["turns"][0]["assistant"]
               for line in (out / "samples-00000.jsonl").read_text().splitlines()]
@@ -136,3 +138,36 @@ def test_an_entry_that_is_no_object_is_named_so_where_an_image_name_is_built():
     with pytest.raises(BadRecord, match=r"^expected a JSON object, got str$"):
         image_file_name("{image_id}.jpg", "0001")
     assert image_file_name("{image_id}.jpg", {"image_id": 7}) == "7.jpg"
+
+
+def test_bad_records_are_stood_in_for_by_records_spread_over_the_dataset(tmp_path):
+    """Training stands a good record in for a bad one so that a batch keeps its size. It used to be the next good
+    record, so with every other image missing each good record was read twice per epoch and its neighbours' share
+    doubled; the stand-in is now drawn per index (seeded: the same on every read, so resume stays exact)."""
+    import collections
+    import json
+
+    from PIL import Image
+
+    from tinygpt.data.bad_records import BadRecordPolicy
+    from tinygpt.data.formats.generic_jsonl import GenericJsonl
+
+    lines = []
+    for i in range(40):
+        if i < 20 or i % 2:  # the second half: every even record's image is missing
+            Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"images": [f"{i}.png"], "conversations": [{"user": "<image>", "assistant": f"r{i}"}]}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+
+    def read_all(seed):
+        dataset = GenericJsonl(str(tmp_path / "d.jsonl"), image_size=14, seed=seed,
+                               bad_records=BadRecordPolicy(max_bad_fraction=1.0))
+        return [dataset[i]["turns"][0]["assistant"] for i in range(40)]
+
+    answers = read_all(0)
+    stand_ins = [answers[i] for i in range(20, 40, 2)]
+    assert all(answer == f"r{i}" for i, answer in enumerate(answers) if i < 20 or i % 2)
+    neighbours = sum(s == f"r{i + 1}" for s, i in zip(stand_ins, range(20, 40, 2)))
+    assert neighbours <= 3  # it was 10 of 10: each bad record's next one, read twice per epoch
+    assert max(collections.Counter(stand_ins).values()) <= 3
+    assert read_all(0) == answers and read_all(1) != answers  # seeded

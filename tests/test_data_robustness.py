@@ -47,7 +47,7 @@ def test_missing_or_corrupt_image_is_skipped_lazily_and_next_record_returned(tmp
     assert len(dataset) == 2  # images are decoded lazily
     with caplog.at_level(logging.WARNING, logger="tinygpt.data"):
         sample = dataset[0]
-    assert sample["turns"][0]["assistant"] == "a square"  # the next good record
+    assert sample["turns"][0]["assistant"] == "a square"  # the (only) good record stands in
     assert dataset.image_counter.bad == 1
     [message] = bad_warnings(caplog)
     assert message.startswith(f"{path}:1: skipped bad record: image broken.jpg")

@@ -250,12 +250,18 @@ class RecordDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
-        """Record ``index``'s sample; for a bad one (an image that does not decode), the next good record's, so that a
-        batch keeps its size."""
-        if not 0 <= index < len(self.records):
+        """Record ``index``'s sample; for a bad one (an image that does not decode), a good record's drawn with
+        ``rng(index)`` (so a batch keeps its size, and no one neighbour stands in for every bad record before it,
+        which an epoch would then read twice as often), the same draw every time (an exact resume)."""
+        n = len(self.records)
+        if not 0 <= index < n:
             raise IndexError(index)
-        for offset in range(len(self.records)):
-            sample = self.sample_at((index + offset) % len(self.records))
+        sample = self.sample_at(index)
+        if sample is not None:
+            return sample
+        start = self.rng(index).randrange(n)
+        for offset in range(n):  # from a random place on: the first good record
+            sample = self.sample_at((start + offset) % n)
             if sample is not None:
                 return sample
         raise UserError(f"{self.source}: every record of dataset {self.name!r} has a bad image")
