@@ -390,6 +390,6 @@ def test_a_txt_upload_is_our_notice_and_no_traceback(served, tmp_path, capfd, ca
                                   api_name="/add_message")
     assert box == {"__type__": "update"} and history[-1]["metadata"]["title"] == "⚠️ Not sent"  # the box keeps it
     assert history[-1]["content"][0]["text"] == ("notes.txt: not a readable image (not an image format this demo "
-                                                 "knows); attach a PNG, JPEG or WebP picture")
+                                                 "knows); attach a PNG, JPEG, WebP, GIF or BMP picture")
     err = capfd.readouterr().err + caplog.text
     assert "Traceback" not in err and "Invalid file type" not in err, err

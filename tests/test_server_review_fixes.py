@@ -184,7 +184,8 @@ def test_image_bytes_outside_the_allow_list_are_refused_by_name(monkeypatch):
 def test_the_demo_opens_uploads_with_the_same_allow_list(tmp_path, monkeypatch):
     opened = _eps_never_opened(monkeypatch)
     (tmp_path / "drawing.png").write_bytes(EPS)
-    with pytest.raises(UserError, match=r"^drawing\.png: EPS images are not accepted; attach a PNG, JPEG or WebP"):
+    with pytest.raises(UserError, match=r"^drawing\.png: EPS images are not accepted; attach a PNG, JPEG, WebP, GIF "
+                                        r"or BMP picture$"):
         check_image_file(tmp_path / "drawing.png", Limits())
     from tinygpt.demo.handlers import _open  # the image view opens an attached file before the upload check
 

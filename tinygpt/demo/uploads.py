@@ -22,6 +22,8 @@ from ..chat.launch import Limits
 from ..chat.messages import IMAGE_FORMATS, sniff_format
 from ..errors import UserError
 
+ATTACH = "attach a PNG, JPEG, WebP, GIF or BMP picture"  # the formats uploads open as (IMAGE_FORMATS)
+
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
@@ -52,12 +54,10 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
         except OSError:
             found = None
         if found is not None and found not in IMAGE_FORMATS:
-            raise UserError(f"{name}: {found} images are not accepted; attach a PNG, JPEG or WebP picture") from None
-        raise UserError(f"{name}: not a readable image (not an image format this demo knows); attach a PNG, JPEG "
-                        "or WebP picture") from None
+            raise UserError(f"{name}: {found} images are not accepted; {ATTACH}") from None
+        raise UserError(f"{name}: not a readable image (not an image format this demo knows); {ATTACH}") from None
     except (OSError, ValueError, Image.DecompressionBombError):
-        raise UserError(f"{name}: not a readable image (it is truncated or damaged); attach a PNG, JPEG or WebP "
-                        "picture") from None
+        raise UserError(f"{name}: not a readable image (it is truncated or damaged); {ATTACH}") from None
     return width, height
 
 
