@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from quantize.sampler import GREEDY_BELOW as MIN_TEMPERATURE  # below it (and above 0): greedy, stored as 0.0
+
 from ..errors import UserError
 from .messages import check_unicode
 
 MAX_SEED = 2**64 - 1
-MIN_TEMPERATURE = 1e-5  # below it (and above 0): greedy, stored as 0.0
 
 
 @dataclass(frozen=True)
