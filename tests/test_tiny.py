@@ -229,6 +229,18 @@ def test_tiny_llm_steps_flag_reaches_the_recipe_with_enough_documents(monkeypatc
     assert "--tiny-llm-steps is for the tiny recipe" in capsys.readouterr().err
     assert len(received) == 2
 
+
+def test_quiet_reaches_the_tiny_recipe(monkeypatch):
+    """`python train.py --quiet` ("warnings only: no info lines, no progress bar") used to print every [tiny] line
+    and progress bar of the default recipe: the flag reached only the logging level."""
+    import tinygpt.tiny.recipe
+
+    progress = []
+    monkeypatch.setattr(tinygpt.tiny.recipe, "run_tiny_recipe", lambda **kwargs: progress.append(kwargs["progress"]))
+    train = _train_cli()
+    assert train.main(["--quiet"]) == 0 and train.main([]) == 0
+    assert progress == [False, True]
+
 def test_backbones_record_the_true_code_ceiling(small_backbones):
     marker = json.loads((small_backbones[1] / MARKER).read_text())
     ceiling = marker["figures"]["llm"]["true_code_ceiling"]

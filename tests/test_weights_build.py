@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,10 +98,18 @@ def test_build_cli_from_phi_and_blip2_dirs(tmp_path, capsys):
     blip = hf_blip2()
     blip.save_pretrained(tmp_path / "blip2")
     out = tmp_path / "built"
+    # what a build killed while saving leaves beside --out (the whole model at full size): the next build removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed = tmp_path / f".built.{dead}.x1y2z3.tmp"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"\0" * 1024)
     rc = build_main(["--llm", str(tmp_path / "phi"), "--vision", str(tmp_path / "blip2"), "--preset", "tiny",
                      "--no-extra-norms", "--lora", "--dtype", "fp32", "--image-size", "28", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
+    assert f"[build] removed {killed} (a temporary of a build that was killed while writing {out})" in printed
+    assert not killed.exists() and [p.name for p in tmp_path.glob(".built.*")] == []
     assert "[build 6/6" in printed
     assert f"fresh (not in any file): {4 + 4 * LAYERS} tensors" in printed  # proj1/proj2 + LoRA A/B only
     model = load_vlm(out)

@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         from tinygpt.tiny.recipe import run_tiny_recipe
 
         llm = LLMPretrainSettings()
-        run_tiny_recipe(llm=llm if args.tiny_llm_steps is None else llm.with_steps(args.tiny_llm_steps))
+        run_tiny_recipe(llm=llm if args.tiny_llm_steps is None else llm.with_steps(args.tiny_llm_steps),
+                        progress=not args.quiet)
         return 0
     if args.tiny_llm_steps is not None:
         raise UserError("--tiny-llm-steps is for the tiny recipe (train.py without --cfg-path)")

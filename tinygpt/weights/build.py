@@ -20,15 +20,18 @@ The result is a ``tinygpt.model.save_vlm`` directory (config.json + model.safete
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError, report_errors
+from ..io_utils import remove_stale_temporaries
 from ..model import TinyGPTVConfig, TinyGPTVForConditionalGeneration, build_config, save_vlm
 from ..model.checkpoint_io import check_model_out
 from ..model.lora import lora_settings, merge_lora
@@ -160,6 +163,9 @@ def _tokenizer(llm_dir):
 
 
 def build(args: argparse.Namespace):
+    out = Path(args.out)
+    for stale in remove_stale_temporaries(out.parent, [glob.escape(out.name)]):  # a killed build's (gigabytes)
+        print(f"[build] removed {stale} (a temporary of a build that was killed while writing {out})", flush=True)
     check_model_out(args.out, "--out")  # before reading gigabytes of weights
     steps = Steps(6)
     dtype = DTYPES[args.dtype]
