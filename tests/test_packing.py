@@ -177,3 +177,35 @@ def test_config_switches_are_validated_and_off_by_default():
     with pytest.raises(UserError, match=r"^--options: run.packing.enabled: expected true/false"):
         load_config(STAGE3, ["run.packing.enabled=maybe"])
 
+
+
+def test_an_moe_stage_with_a_capacity_gives_the_unpacked_loss_in_every_layout(tiny_vlm):
+    """MoE layers route only real tokens: padding used to take expert slots (capacity counted over every position in
+    row order), so a row's padding dropped real tokens of later rows and packing or bucketing moved the loss by ~1e-3.
+    With top-2 of 4 experts and capacity factor 1.0 (tokens are dropped), every layout gives the unpacked loss and
+    gradients to float rounding, the balancing loss included."""
+    from tinygpt.model.moe import upcycle
+    from tinygpt.model.trainable import apply_trainable_set
+
+    m = tiny_vlm()
+    upcycle(m.language_model, {"num_experts": 4, "top_k": 2, "layers": "all", "aux_loss_weight": 0.01,
+                               "capacity_factor": 1.0}, seed=0)
+    with torch.no_grad():  # experts and routers that differ, as trained ones do
+        generator = torch.Generator().manual_seed(3)
+        for name, p in m.named_parameters():
+            if ".experts." in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+            elif ".router." in name:
+                p.normal_(0.0, 0.5, generator=generator)
+    apply_trainable_set(m, "moe")
+    m.train()
+    m.vision_model.eval()
+    m.qformer.eval()
+    loss0, grads0 = _loss_and_grads(m, None)
+    assert any(".router." in n for n in grads0)
+    for label, layout in LAYOUTS.items():
+        loss, grads = _loss_and_grads(m, layout)
+        torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0, msg=label)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, grads0[name], rtol=0, atol=1e-5 * float(grads0[name].abs().max()),
+                                       msg=f"{label}: {name}")

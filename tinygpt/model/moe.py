@@ -10,8 +10,8 @@ outputs. The decoder layer is otherwise unchanged (parallel residual: ``x + attn
   nothing from that expert (its other experts and the residual still count). ``capacity_factor: null`` and every
   evaluation / generation forward are dropless, so a prompt's logits never depend on the batch around it, and
   generation gives the same tokens with and without the KV cache.
-* Every token is routed, padding included (padding never reaches the loss, but it counts in the load statistics and
-  the balancing loss, as in MoE-LLaVA's training).
+* Only real tokens are routed (``token_mask``: padding gets a zero output, takes no expert slot and counts in neither
+  the load statistics nor the balancing loss), so a packed or bucketed batch gives the unpacked loss.
 * Auxiliary loss (Switch Transformer): ``E * sum_i f_i * P_i`` with ``f_i`` the share of the top-k assignments that
   went to expert i and ``P_i`` the mean router probability of i; times ``aux_loss_weight``, plus
   ``z_loss_weight * mean(logsumexp(logits)^2)``. Each forward leaves it in ``last_aux_loss`` and its per-expert
@@ -102,8 +102,12 @@ class MoEFeedForward(nn.Module):
             return None
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_mask`` [B, S]: the real tokens, which alone are routed, take expert slots (capacity counted over
+        them, in row order) and count in the balancing loss; padding gets a zero output. None: every position."""
         flat = x.reshape(-1, x.shape[-1])
+        real = None if token_mask is None else token_mask.reshape(-1).nonzero(as_tuple=True)[0]
+        full, flat = flat, (flat if real is None else flat[real])
         top_i, gates = self.route(flat)
         limit = self.capacity(flat.shape[0])
         out = torch.zeros_like(flat)
@@ -116,6 +120,8 @@ class MoEFeedForward(nn.Module):
                 continue
             weight = gates[token, slot].unsqueeze(-1).to(flat.dtype)
             out = out.index_add(0, token, expert(flat[token]) * weight)
+        if real is not None:
+            out = torch.zeros_like(full).index_copy(0, real, out)
         return out.reshape(x.shape)
 
 

@@ -50,6 +50,7 @@ class PackedInputs(ModelInputs):
     position_ids: torch.Tensor = None
     rows: list = None
     lengths: list = None
+    token_mask: torch.Tensor = None  # [R, W] the real tokens (the 4-D mask lets a padding position see itself)
 
 
 def _round_up(width: int, multiple: int) -> int:
@@ -126,7 +127,8 @@ def pack(inputs: ModelInputs, tokens_per_row: int, pad_to_multiple: int = 1) -> 
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] > 0)
     mask = (same & causal) | torch.eye(width, dtype=torch.bool)  # a padding query sees itself: no empty row
     return PackedInputs(input_ids=input_ids, attention_mask=mask[:, None], labels=labels,
-                        image_used=inputs.image_used, position_ids=positions, rows=rows, lengths=lengths)
+                        image_used=inputs.image_used, position_ids=positions, rows=rows, lengths=lengths,
+                        token_mask=segment > 0)
 
 
 def padding_tokens(inputs: ModelInputs) -> tuple[int, int]:

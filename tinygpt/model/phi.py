@@ -141,12 +141,14 @@ class TinyGPTPhiDecoderLayer(GradientCheckpointingLayer):
             self.mlp = TinyGPTPhiMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, hidden_states, cos_sin=None, attn_mask=None, cache=None, **kwargs):
+    def forward(self, hidden_states, cos_sin=None, attn_mask=None, cache=None, token_mask=None, **kwargs):
+        """``token_mask`` [B, S]: the real (not padding) positions, which alone an MoE FFN routes (None: all)."""
         h = self.input_layernorm(hidden_states)
         a = self.self_attn(h, cos_sin, attn_mask, cache)
         if self.post_layernorm is not None:
             a = self.post_layernorm(a)
-        return hidden_states + self.resid_dropout(a) + self.resid_dropout(self.mlp(h))
+        f = self.mlp(h) if isinstance(self.mlp, TinyGPTPhiMLP) else self.mlp(h, token_mask)
+        return hidden_states + self.resid_dropout(a) + self.resid_dropout(f)
 
 
 def build_attention_mask(
@@ -237,11 +239,14 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         image_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> DecoderOutput:
         """``cache``: a KV cache (``kv_cache.py``), also accepted as ``past_key_values``; returned under both names.
         ``image_mask`` [B, S]: which of the new positions are image embeddings (read only with ``attention: mmca``;
-        none given = all text); the cache remembers it for later steps."""
+        none given = all text); the cache remembers it for later steps. ``token_mask`` [B, S]: which new positions
+        are real tokens, not padding (read only by MoE layers; none given: a 2-D ``attention_mask``'s last S
+        columns, else all); a packed batch's 4-D mask does not say, so packing passes it."""
         cache = take_cache(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -266,9 +271,13 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
             key_is_image = cache_image_keys(cache, _new_image_flags(image_mask, batch, seq, device), past)
             mask = mmca_mask(mask, key_is_image, past)
         cos_sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_base, torch.float32)
+        if self.config.moe is None:
+            token_mask = None
+        elif token_mask is None and attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
         hidden = self.embed_dropout(inputs_embeds)
         for layer in self.layers:
-            hidden = layer(hidden, cos_sin=cos_sin, attn_mask=mask, cache=cache)
+            hidden = layer(hidden, cos_sin=cos_sin, attn_mask=mask, cache=cache, token_mask=token_mask)
         hidden = self.final_layernorm(hidden)
         return with_cache(DecoderOutput, cache, last_hidden_state=hidden)
 
@@ -313,6 +322,7 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         loss_only: bool = False,
         image_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutput:
         """``loss_only``: with labels, project to the vocabulary only where a label is supervised (training speed:
@@ -325,6 +335,7 @@ class TinyGPTPhiForCausalLM(TinyGPTPhiPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             image_mask=image_mask,
+            token_mask=token_mask,
         )
         hidden = out.last_hidden_state
         if loss_only and labels is not None:

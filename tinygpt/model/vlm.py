@@ -124,6 +124,7 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
         if row_layout is not None:
             inputs = row_layout.apply(inputs)
         positions = getattr(inputs, "position_ids", None)
+        real = getattr(inputs, "token_mask", None)  # a packed batch's real tokens (MoE routes only those)
         image_embeds = self._image_embeds(pixel_values, image_features)
         device = self.proj1.weight.device
         embeds = embed_inputs(inputs, self.language_model.get_input_embeddings(), image_embeds)
@@ -134,6 +135,7 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
             labels=inputs.labels.to(device),
             use_cache=False,
             loss_only=loss_only,
+            **({} if real is None else {"token_mask": real.to(device)}),
             **self.image_mask_kwargs(inputs),
         )
 
