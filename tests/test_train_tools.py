@@ -296,3 +296,19 @@ def test_a_finite_stream_reads_each_pass_whole_across_checkpoints_and_resumes_ex
         resumed = mixer()
         resumed.start(step, states[step])
         assert read(resumed, range(step, 50), {}) == answers[step:], step
+
+
+def test_gradient_accumulation_is_refused_under_deepspeed():
+    """accelerate's DeepSpeed backward steps the engine at every micro-batch the loop does not mark (it marks none),
+    so grad_accum_steps 2 would silently step twice per step: refused with the key, before any model loads."""
+    from types import SimpleNamespace
+
+    from tinygpt.errors import UserError
+    from tinygpt.train.loop import check_deepspeed
+
+    deepspeed = SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"))
+    with pytest.raises(UserError, match=r"^--options: run.grad_accum_steps: 2 is not supported under DeepSpeed"):
+        check_deepspeed(load_config(STAGE3, ["run.grad_accum_steps=2"]), deepspeed)
+    check_deepspeed(load_config(STAGE3, ["run.grad_accum_steps=1"]), deepspeed)
+    check_deepspeed(load_config(STAGE3, ["run.grad_accum_steps=2"]),
+                    SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_GPU")))

@@ -61,6 +61,16 @@ def make_accelerator(run):
     return sharded.fsdp_on_cpu(accelerator) if cpu_fsdp else accelerator
 
 
+def check_deepspeed(cfg: RunConfig, accelerator) -> None:
+    """UserError for ``run.grad_accum_steps`` > 1 under DeepSpeed: accelerate's DeepSpeed backward steps the engine at
+    every micro-batch this loop does not mark as not the last (it marks none yet), so accumulation would silently be
+    one step per micro-batch (docs/training.md, DeepSpeed)."""
+    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.run.grad_accum_steps > 1:
+        raise UserError(f"{cfg.origin('run.grad_accum_steps')}: run.grad_accum_steps: {cfg.run.grad_accum_steps} "
+                        "is not supported under DeepSpeed yet (it would step at every micro-batch); use 1 and a "
+                        "larger batch_size, or run without DeepSpeed")
+
+
 def ran_precision(accelerator) -> str:
     """The ``run.precision`` the accelerator runs: fp32, bf16 or fp16 (under DeepSpeed, its config's)."""
     return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)

@@ -36,7 +36,7 @@ from .features import check_feature_cache
 from .init_checks import check_model_start
 from .interrupt import StepReached, interrupts_reported
 from .run_guard import already_complete, check_resume, newest_checkpoint_files, run_fingerprint, run_lock
-from .loop import make_accelerator, train
+from .loop import check_deepspeed, make_accelerator, train
 from .mixing import DataMixer, MixEntry
 from .sharded import model_to_save
 from .speed import apply_compile
@@ -171,6 +171,7 @@ def run_stage(cfg: RunConfig) -> Path:
     reached = StepReached(checkpoint=resume_from)
     with interrupts_reported(cfg, reached):  # Ctrl-C / SIGTERM: one line saying where a rerun resumes
         accelerator = make_accelerator(cfg.run)
+        check_deepspeed(cfg, accelerator)
         reached.main = accelerator.is_main_process  # the one process that says it
         with run_lock(cfg, accelerator.is_main_process):
             return _run_locked(cfg, accelerator, resume_from, reached)
