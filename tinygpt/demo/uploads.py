@@ -19,10 +19,10 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from ..chat.launch import Limits
-from ..chat.messages import IMAGE_FORMATS, sniff_format
+from ..chat.messages import IMAGE_FORMAT_NAMES, IMAGE_FORMATS, sniff_format
 from ..errors import UserError
 
-ATTACH = "attach a PNG, JPEG, WebP, GIF or BMP picture"  # the formats uploads open as (IMAGE_FORMATS)
+ATTACH = f"attach a {IMAGE_FORMAT_NAMES} picture"  # the formats uploads open as (IMAGE_FORMATS)
 
 
 def _megabytes(n: int) -> str:
