@@ -89,9 +89,9 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
-    from tinygpt.tiny import gguf_accuracy  # the twin's tool, registered here (entry point)
+    from tinygpt.tiny import gguf_accuracy_cli  # the twin's tool, registered here (entry point)
 
-    _command_module(p, gguf_accuracy)
+    _command_module(p, gguf_accuracy_cli)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {

@@ -184,7 +184,7 @@ def test_every_flag_has_help_with_its_default_and_chat_lists_its_commands(capsys
     assert "CPU threads (default: 2)" in text and "(default: 300)" in text
 
 
-@pytest.mark.parametrize("command", ["", "chat", "bench", "profile", "export", "random"])
+@pytest.mark.parametrize("command", ["", "chat", "bench", "profile", "export", "random", "accuracy"])
 def test_help_imports_neither_torch_nor_transformers(command):
     """`python -m quantize [COMMAND] --help` imports only the command it shows: it took 9 s when every command's
     module (torch, transformers, the model) was imported to build the parser."""

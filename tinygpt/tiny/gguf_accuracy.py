@@ -1,6 +1,6 @@
 """How much accuracy survives quantisation: the CPU runtime's greedy answers vs the PyTorch model's, on held-out scenes.
 
-    python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit 200]
+    python -m quantize accuracy --model DIR --gguf DIR --split DATA/eval [--limit 200]   (flags: gguf_accuracy_cli.py)
 
 Both sides answer the same ``[vqa]`` and ``[refer]`` prompts of the synthetic shapes suite
 (``tinygpt.tiny.shapes``) greedily, with the prompt format of the model's config / the GGUF file, and are
@@ -15,16 +15,15 @@ must be the model it was exported from (its content id, quantize.export.model_co
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from quantize import gguf_names as names
 from quantize.export import load_model_dir, model_content_id
 from quantize.sampler import SamplingParams
 from quantize.session import open_session
-from tinygpt.errors import BrokenModelError, UserError
+from tinygpt.errors import UserError
 from tinygpt.evaluation.benchmarks.shapes import read_records
-from tinygpt.evaluation.health import FLOORS, broken_message, generation_problems
+from tinygpt.evaluation.health import FLOORS, generation_problems
 from tinygpt.model import load_vlm
 from tinygpt.tasks import parse_boxes, wrap_instruction
 from tinygpt.tiny.shapes import (IOU_THRESHOLD, MAX_NEW_TOKENS, REFER_INSTRUCTION, VQA_INSTRUCTION, evaluate_loaded,
@@ -109,27 +108,3 @@ def compare(model_dir, gguf_dir, split_dir, limit: int | None = 200, qtype: str 
         report[task] = {"pytorch": reference, "gguf": quantized,
                         "retained": quantized / reference if reference else float("nan")}
     return report
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="the trained model directory the GGUF files were exported from")
-    p.add_argument("--gguf", required=True, help="directory with llm-<qtype>.gguf and vision.gguf")
-    p.add_argument("--split", required=True, help="held-out synthetic split (DATA/eval)")
-    p.add_argument("--limit", type=int, default=200, help="first N records of each task")
-    p.add_argument("--qtype", default=None, help="which llm-<qtype>.gguf to use when --gguf has several (q4_k, q4_0, "
-                                                 "q8_0, f16, f32; default: the one fastest on this CPU)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ggml", "torch"],
-                   help="LLM engine of the GGUF side (auto: ggml, else PyTorch)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit must be positive, got {args.limit}")
-    report = compare(args.model, args.gguf, args.split, args.limit, args.qtype, args.backend)
-    print(f"{'task':8} {'pytorch':>8} {'gguf':>8} {'retained':>9}")
-    for task in TASKS:
-        r = report[task]
-        print(f"{task:8} {r['pytorch']:8.3f} {r['gguf']:8.3f} {r['retained']:9.1%}")
-    if report["problems"]:
-        raise BrokenModelError(broken_message(report["problems"], f"accuracy of {args.gguf}"))
-    return 0
