@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,6 +158,47 @@ def test_nonfinite_loss_is_skipped_and_counted(synthetic, base_model, tmp_path, 
     out = run(1, options(1, synthetic, tmp_path, steps=4, model__init_from=base_model))
     summary = json.loads((out / "train_summary.json").read_text())["summary"]
     assert summary["skipped_steps"] == 1 and len(calls) == 4
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class SteppingInBackward:
+    """A CPU accelerator that acts as accelerate does under DeepSpeed (grad_accum_steps 1): backward() steps the
+    optimizer (the engine's step) and clears the gradients; the loop's own optimizer.step() then has nothing to do."""
+
+    def __init__(self, real):
+        self._real, self.distributed_type, self.optimizer = real, SimpleNamespace(name="DEEPSPEED"), None
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def prepare(self, model, optimizer):
+        model, self.optimizer = self._real.prepare(model, optimizer)
+        return model, self.optimizer
+
+    def backward(self, loss):
+        self._real.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def test_nonfinite_loss_is_skipped_when_the_engine_steps_inside_backward(synthetic, base_model, tmp_path,
+                                                                         monkeypatch):
+    """Under DeepSpeed the engine steps inside backward, before the loop's check: the loss is checked first."""
+    from tinygpt.train import loop, stage
+
+    real_loss, real_accelerator, calls = loop.compute_loss, stage.make_accelerator, []
+
+    def nan_on_second_call(model, batch, model_cfg):
+        calls.append(1)
+        loss = real_loss(model, batch, model_cfg)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "compute_loss", nan_on_second_call)
+    monkeypatch.setattr(stage, "make_accelerator", lambda run: SteppingInBackward(real_accelerator(run)))
+    out = run(1, options(1, synthetic, tmp_path, steps=3, model__init_from=base_model))
+    summary = json.loads((out / "train_summary.json").read_text())["summary"]
+    assert summary["skipped_steps"] == 1 and len(calls) == 3
     weights = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
 

@@ -134,6 +134,9 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(e.batch_size for e in mixer.entries)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # DeepSpeed's engine steps inside accelerator.backward (grad_accum_steps is 1 there, check_deepspeed): a
+    # non-finite loss on any process is found before that backward, which is then not run on any process
+    steps_in_backward = accelerator.distributed_type.name == "DEEPSPEED"
     clipped = sharded.clip_parameters(accelerator, model, trainable)
     layout = row_layout(r)
     fingerprint = run_fingerprint(cfg)  # kept in each checkpoint: a resume with other settings says so
@@ -194,10 +197,10 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                     if moe_load:
                         moe_load.add()
                     finite = finite and bool(torch.isfinite(loss.detach()).item())
-                    accelerator.backward(loss / r.grad_accum_steps)
+                    if not (steps_in_backward and any_process_bad(accelerator, finite)):
+                        accelerator.backward(loss / r.grad_accum_steps)
                 step_losses.append(float(loss.detach()))
-            flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
-            any_bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            any_bad = any_process_bad(accelerator, finite)
             if accelerator.num_processes > 1:  # bad records: judged and summed up over all processes
                 share_counts(datasets, lambda counts: sum_over_processes(accelerator, counts))
             if any_bad:
@@ -281,6 +284,12 @@ def nonfinite_advice(cfg: RunConfig, mixed_precision: str) -> str:
     if len(tries) == 1:
         return tries[0]
     return ", ".join(tries[:-1]) + " or " + tries[-1]
+
+
+def any_process_bad(accelerator, finite: bool) -> bool:
+    """True on every process when the loss was not finite on any of them."""
+    flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def sum_over_processes(accelerator, values: list[int]) -> list[int]:
