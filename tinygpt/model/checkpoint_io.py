@@ -23,6 +23,7 @@ from ..io_utils import atomic_dir, check_output_dir, writing
 from ..paths import display_path
 from ..tokenizer import load_tokenizer
 from .moe import upcycle_state
+from .phi_config import attention_kind
 from .state import load_state
 from .vision import resize_position_embedding
 from .vlm import TinyGPTVForConditionalGeneration
@@ -42,9 +43,20 @@ def read_config(directory: Path) -> TinyGPTVConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a model config (it holds a {type(raw).__name__}, not a JSON object)")
     if raw.get("model_type") != TinyGPTVConfig.model_type:
         raise UserError(f"{path}: model_type is {raw.get('model_type')!r}, expected {TinyGPTVConfig.model_type!r}")
-    return TinyGPTVConfig.from_pretrained(str(directory), local_files_only=True)
+    for key in TinyGPTVConfig.sub_configs:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise UserError(f"{path}: {key} must be an object, got {raw[key]!r}")
+    config = TinyGPTVConfig.from_pretrained(str(directory), local_files_only=True)
+    try:  # what building the language model would refuse, deep inside, with a traceback
+        config.text_config.validate_shapes()
+        attention_kind(config.text_config)
+    except ValueError as exc:
+        raise UserError(f"{path}: text_config: {exc}") from None
+    return config
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

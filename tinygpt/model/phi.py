@@ -253,8 +253,8 @@ class TinyGPTPhiModel(TinyGPTPhiPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # no backward, no replay: generating from a model in training mode keeps its cache
         if use_cache and cache is None:
             cache = KVCache()
         if not use_cache:

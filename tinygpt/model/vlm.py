@@ -183,6 +183,8 @@ class TinyGPTVForConditionalGeneration(PreTrainedModel):
         generate_kwargs.setdefault("pad_token_id", text.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", text.eos_token_id)
         stops = generate_kwargs.pop("stop_strings", self.config.stop_strings)
+        if isinstance(stops, str):  # transformers takes one string too; list() would split it into characters
+            stops = [stops]
         if stops:
             generate_kwargs["stop_strings"] = list(stops)
             generate_kwargs.setdefault("tokenizer", self._require_tokenizer())
