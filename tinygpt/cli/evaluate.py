@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argp
     parser.add_argument("--cfg-path", required=True,
                         help="evaluation config, e.g. eval_configs/gqa.yaml (one per benchmark; "
                              "eval_configs/shapes.yaml is the tiny model's held-out split)")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. benchmark.root=/data/gqa model.path=outputs/stage4 "
                              "run.limit=100 run.scoring=tinygpt-v-compat")
     parser.add_argument("--restart", action="store_true",

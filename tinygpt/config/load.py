@@ -5,27 +5,27 @@
 * ``${...}`` interpolation (omegaconf), including ``${oc.env:NAME,default}`` and ``${vars.x}``.
 * Every mistake is one ``UserError`` line naming the YAML file (or ``--options``) that set the key and the dotted key:
   unknown/misspelt keys (with the closest valid key), wrong types, missing required values, bad choices and ranges.
-  This happens before any work; ``check_paths`` (called by ``run_stage``) also checks that named paths exist.
+  This happens before any work; ``check_paths`` (tinygpt.config.inputs, called by ``run_stage``) also checks that
+  named paths exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from yaml import YAMLError
 
 from ..errors import UserError, did_you_mean
 from ..paths import shipped_copy, train_configs_dir
 from . import schema
 from .options import OPTIONS, flat_keys, parse_options
+from .inputs import check_paths
 from .schema import REQUIRED, RunConfig
+from .tree import merge, read_yaml, resolve
 
 
 class _Mismatch(Exception):
@@ -34,26 +34,13 @@ class _Mismatch(Exception):
 
 # ---- reading and merging -----------------------------------------------------------------------------------------
 
-def _read_yaml(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: config file does not exist")
-    try:
-        loaded = OmegaConf.load(path)
-    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not valid YAML ({first})") from None
-    if not OmegaConf.is_dict(loaded):
-        raise UserError(f"{path}: the top level must be a mapping of sections (model, data, optim, schedule, run)")
-    return loaded
-
-
 def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()):
     """The merged (unresolved) config of ``path`` and everything it extends; records which file set each key."""
     path = path.resolve() if path.is_absolute() else Path(os.path.abspath(path))
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise UserError(f"{stack[-1]}: extends makes a cycle ({chain})")
-    own = _read_yaml(path)
+    own = read_yaml(path)
     extends = own.pop("extends", None)
     if extends is None:
         bases = []
@@ -68,27 +55,59 @@ def _load_tree(path: Path, origins: dict[str, str], stack: tuple[Path, ...] = ()
         base_path = Path(base)
         if base_path.is_absolute():
             raise UserError(f"{path}: extends: {base!r} is absolute; name bases relative to this file")
-        merged = OmegaConf.merge(merged, _load_tree(path.parent / base_path, origins, (*stack, path)))
-    for key in flat_keys(own):
-        origins[key] = str(path)
-    return OmegaConf.merge(merged, own)
+        target = path.parent / base_path
+        if not target.is_file():
+            state = "is a folder" if target.is_dir() else "does not exist"
+            raise UserError(f"{path}: extends: {base!r} names {target}, which {state} (bases are relative to "
+                            "this file)")
+        before = dict(origins)
+        merged = merge(merged, _load_tree(target, origins, (*stack, path)), before, origins)
+    own_origins = dict.fromkeys(flat_keys(own), str(path))
+    merged = merge(merged, own, origins, own_origins)
+    origins.update(own_origins)
+    return merged
+
+
+def _schema_type(dotted: str, through_mappings: bool = True) -> Any:
+    """The schema's type at ``dotted`` (Optional unwrapped; None: no such key). ``through_mappings``: a key under a
+    free mapping (``vars.x``, ``params.x``) is its value type, else None."""
+    tp: Any = RunConfig
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(tp):
+            tp = get_type_hints(tp).get(part)
+        elif get_origin(tp) is dict and through_mappings:
+            tp = get_args(tp)[1]
+        else:
+            return None
+        if get_origin(tp) is Union:
+            tp = next((a for a in get_args(tp) if a is not type(None)), None)
+    return tp
+
+
+def _takes_mapping(dotted: str) -> bool:
+    """Whether the schema's type at ``dotted`` is a mapping (a section, ``model.lora``, ``params``, ``vars``)."""
+    tp = _schema_type(dotted)
+    return dataclasses.is_dataclass(tp) or get_origin(tp) is dict
+
+
+def _unset_setting(dotted: str) -> str | None:
+    """What to say of a schema setting that an interpolation refers to and no file sets; None for no setting (a
+    typo, or a free value such as ``vars.x``)."""
+    parent, _, name = dotted.rpartition(".")
+    cls = _schema_type(parent, through_mappings=False) if parent else RunConfig
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if name not in fields or fields[name].metadata.get("internal"):
+        return None
+    if fields[name].default is REQUIRED:
+        return "required value is missing"
+    return "not set by any file or --options (an interpolation sees only those, not the defaults)"
 
 
 def _parse_options(options: Iterable[str], origins: dict[str, str]):
-    parsed, keys = parse_options(options, example="run.seed=3")
+    parsed, keys = parse_options(options, example="run.seed=3", takes_mapping=_takes_mapping)
     for key in keys:
         origins[key] = OPTIONS
     return parsed
-
-
-def _resolve(merged, origins: dict[str, str], top: str) -> dict:
-    try:
-        return OmegaConf.to_container(merged, resolve=True, throw_on_missing=False)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        where = origins.get(key, top)
-        message = str(exc).strip().splitlines()[0]
-        raise UserError(f"{where}: {key}: cannot resolve interpolation ({message})") from None
 
 
 # ---- typed validation --------------------------------------------------------------------------------------------
@@ -147,6 +166,8 @@ def _convert(value: Any, tp: Any, key: str, cfg: RunConfig) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Mismatch
+        if not math.isfinite(value):  # .nan / .inf: no setting means them (null is "off" where there is an off)
+            raise UserError(f"{cfg.origin(key)}: {key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -248,6 +269,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.init_from is not None and m.init_from.startswith(schema.BUILTIN_PREFIX):
         _choice(cfg, "model.init_from", m.init_from, schema.BUILTIN_MODELS)
     _require(cfg, "model.init_from", m.init_from is None or m.init_from.strip() != "", "empty path (use null)")
+    _require(cfg, "model.tokenizer", m.tokenizer is None or m.tokenizer.strip() != "", "empty (use null: builtin)")
+    _require(cfg, "model.tokenizer", m.tokenizer is None or m.init_from is None,
+             "only used when init_from is null (the model in init_from has its own tokenizer); set it to null")
     if m.trainable == "lora":
         _require(cfg, "model.lora", m.lora is not None, "trainable set 'lora' needs LoRA settings (e.g. lora: {})")
     elif m.trainable == "stage1":
@@ -299,6 +323,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice(cfg, "run.precision", r.precision, schema.PRECISIONS)
     _choice(cfg, "run.save_mode", r.save_mode, schema.SAVE_MODES)
     _require(cfg, "run.output_dir", r.output_dir.strip() != "", "empty path")
+    _require(cfg, "run.checkpoint_dir", r.checkpoint_dir is None or r.checkpoint_dir.strip() != "",
+             "empty path (use null for <output_dir>-checkpoints)")
+    _require(cfg, "run.seed", abs(r.seed) < 2**63, f"must be below 2^63 in size (torch seeds are 64-bit), got {r.seed}")
     _require(cfg, "run.grad_accum_steps", r.grad_accum_steps >= 1, "must be >= 1")
     _require(cfg, "run.save_every", r.save_every >= 0, "must be >= 0")
     _require(cfg, "run.keep_last", r.keep_last >= 1, "must be >= 1")
@@ -321,9 +348,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None,
     origins: dict[str, str] = {}
     merged = _load_tree(path, origins)
     if overrides:
-        merged = OmegaConf.merge(merged, _parse_options(overrides, origins))
+        before = dict(origins)
+        merged = merge(merged, _parse_options(overrides, origins), before, origins)
     top = str(Path(os.path.abspath(path)))
-    values = _resolve(merged, origins, top)
+    values = resolve(merged, origins, top, _unset_setting)
     cfg = RunConfig(source=top, origins=origins)
     built = _build(RunConfig, values, "", cfg)
     built.source, built.origins = top, origins
@@ -331,80 +359,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None,
     if check_files:
         check_paths(built)
     return built
-
-
-PATH_PARAM_NAMES = ("root", "path", "paths", "dir", "file")
-
-
-def _looks_like_path_param(name: str) -> bool:
-    return name in PATH_PARAM_NAMES or name.endswith(tuple(f"_{n}" for n in PATH_PARAM_NAMES)) or name == "shards"
-
-
-def _path_values(value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, str)]
-    return []
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Named inputs exist: ``model.init_from`` (a model dir) and the path-like params of every active dataset."""
-    init = cfg.model.init_from
-    if init is not None and not init.startswith(schema.BUILTIN_PREFIX):
-        where = cfg.origin("model.init_from")
-        if not Path(init).is_dir():
-            raise UserError(f"{where}: model.init_from: {init} does not exist (run the previous stage first, "
-                            "or build the base model with python -m tinygpt.weights.build)")
-        if not (Path(init) / "config.json").is_file():
-            raise UserError(f"{where}: model.init_from: {init} is not a model directory (no config.json)")
-    for name, spec in cfg.active_datasets().items():
-        for param, values in spec.params.items():
-            if not _looks_like_path_param(param):
-                continue
-            key = f"data.datasets.{name}.params.{param}"
-            # a kind with a root (cc_sbu_align) names the files and folders inside it (ann_file, image_dir) relative to
-            # it; a *_path param (its prompt_path) is a path of its own, as the loader opens it
-            root = spec.params.get("root") if param.endswith(("_file", "_dir")) else None
-            if param == "shards":
-                _check_shards(cfg, key, _path_values(values))
-                continue
-            for value in _path_values(values):
-                target = Path(root) / value if isinstance(root, str) and not Path(value).is_absolute() else Path(value)
-                if not target.exists():
-                    raise UserError(f"{cfg.origin(key)}: {key}: {target} does not exist{_DATA_HINT}")
-
-
-_DATA_HINT = " (set TINYGPT_DATA or vars.data_root to your data folder)"
-_BRACES = re.compile(r"\{[^{}]*\}")
-
-
-def _check_shards(cfg: RunConfig, key: str, entries: list[str]) -> None:
-    """Shards (paths and brace patterns) name at least one file: the loader skips the missing ones with a warning
-    (partial downloads are common), so only a list of which nothing exists is an error (the first entry's)."""
-    errors = []
-    for entry in entries:
-        try:
-            if "{" in entry:
-                _check_shard_pattern(cfg, key, entry)
-            elif not Path(entry).exists():
-                raise UserError(f"{cfg.origin(key)}: {key}: {entry} does not exist{_DATA_HINT}")
-            return
-        except UserError as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-
-
-def _check_shard_pattern(cfg: RunConfig, key: str, pattern: str) -> None:
-    """A brace pattern (``data/laion/{00000..05244}.tar``): the folder it lives in exists and holds at least one
-    file of the pattern's shape (each ``{...}`` read as ``*``; the data loader expands the braces exactly)."""
-    folder = Path(os.path.dirname(pattern.split("{", 1)[0]) or ".")
-    if not folder.is_dir():
-        raise UserError(f"{cfg.origin(key)}: {key}: {pattern}: the folder {folder} does not exist{_DATA_HINT}")
-    if not glob.glob(_BRACES.sub("*", pattern)):
-        raise UserError(f"{cfg.origin(key)}: {key}: {pattern}: no shard file of this pattern exists in "
-                        f"{folder}{_DATA_HINT}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

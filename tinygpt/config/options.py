@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -56,9 +56,11 @@ def _reads_as_text(value: str) -> bool:
     return value.startswith("{") and ":" not in value
 
 
-def parse_options(options: Iterable[str] | None, example: str) -> tuple[DictConfig | None, list[str]]:
+def parse_options(options: Iterable[str] | None, example: str,
+                  takes_mapping: Callable[[str], bool] | None = None) -> tuple[DictConfig | None, list[str]]:
     """The overrides as one tree (None when there are none) and the dotted keys they set; ``example`` is shown
-    when an item is not key=value."""
+    when an item is not key=value. ``takes_mapping(key)``: the key holds a mapping, so ``key={}`` is the empty
+    mapping (``model.lora={}``: LoRA with its defaults), not text."""
     items = list(options or [])
     if not items:
         return None, []
@@ -67,7 +69,8 @@ def parse_options(options: Iterable[str] | None, example: str) -> tuple[DictConf
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise UserError(f"{OPTIONS}: {item!r} is not key=value (e.g. {example})")
         key, value = (part.strip() for part in item.split("=", 1))
-        if _reads_as_text(value):
+        empty_mapping = value == "{}" and takes_mapping is not None and takes_mapping(key)
+        if _reads_as_text(value) and not empty_mapping:
             kind = "mapping" if isinstance(yaml.safe_load(value), dict) else "list"
             raise UserError(f"{OPTIONS}: {item}: the value reads as a YAML {kind}, not as text; "
                             f"to pass text, quote it: {quoted(key, value)}")
