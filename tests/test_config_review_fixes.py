@@ -161,3 +161,28 @@ def test_an_empty_environment_root_is_refused_not_turned_into_the_filesystem_roo
     assert error_of(REPO / "train_configs" / "stage1.yaml") == (
         f"{BASE}: vars.output_root: the environment variable TINYGPT_OUTPUT is set but empty (unset it for the "
         "default, or give it a value)")
+
+
+# the launch configs of evaluate.py, demo.py and serve (tinygpt.chat.launch), the same three mistakes
+def test_launch_config_folder_yaml_error_and_list_over_mapping_are_one_line(tmp_path):
+    from tinygpt.chat.launch import load_launch_config
+    from tinygpt.evaluation.config import load_eval_config
+
+    with pytest.raises(UserError, match=r": is a folder, not a launch config file$"):
+        load_launch_config(tmp_path)
+    dupl = write(tmp_path / "dupl.yaml", "model:\n  path: x\n  path: y\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(found duplicate key path \(line 3, column 3\)\)"):
+        load_launch_config(dupl)
+    with pytest.raises(UserError) as info:  # omegaconf's bare TypeError before
+        load_eval_config(REPO / "eval_configs" / "shapes.yaml", ["benchmark=[a]"], check_model=False)
+    assert "benchmark: a list cannot replace the mapping set in" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_training_bench_takes_repeated_options_too(monkeypatch):
+    from tinygpt.train import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "_bench_command", lambda args: seen.setdefault("options", args.options) and 0)
+    bench.main(["--cfg-path", str(STAGE3), "--options", "run.seed=abc", "--options", "run.keep_last=3"])
+    assert seen["options"] == ["run.seed=abc", "run.keep_last=3"]

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from yaml import YAMLError
 
+from ..config.tree import merge, yaml_problem
 from ..errors import UserError, did_you_mean
 from ..paths import PACKAGE_ROOT, display_path, shipped_copy
 from .engine import ChatEngine
@@ -125,6 +126,8 @@ def check_section(path: Path, name: str, raw: Any, cls: type | None = None) -> A
 def find_launch_config(path: str | os.PathLike) -> Path:
     """``path``, or for ``eval_configs/NAME.yaml`` missing here the copy shipped in the package; it must exist."""
     path = shipped_copy(path, "eval_configs", eval_configs_dir())
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a launch config file")
     if not path.is_file():
         hint = f" (shipped configs: {', '.join(sorted(p.name for p in eval_configs_dir().glob('*.yaml')))})" \
             if eval_configs_dir().is_dir() else ""
@@ -137,12 +140,11 @@ def read_config_tree(path: Path, overrides: Any = None) -> dict:
     interpolations resolved; a file that is not a mapping of sections is a UserError naming it."""
     try:
         loaded = OmegaConf.load(path)
-        if overrides is not None and OmegaConf.is_dict(loaded):
-            loaded = OmegaConf.merge(loaded, overrides)
+        if overrides is not None and OmegaConf.is_dict(loaded):  # a list over a mapping: names the key
+            loaded = merge(loaded, overrides, {"": str(path)}, {"": str(path)})
         tree = OmegaConf.to_container(loaded, resolve=True)
     except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not valid YAML ({first})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: the top level must be a mapping with model, generation and limits")
     return tree

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from tinygpt.config.options import add_options_argument
 from tinygpt.errors import report_errors
 
 
@@ -22,9 +23,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argp
     parser.add_argument("--cfg-path", required=True,
                         help="evaluation config, e.g. eval_configs/gqa.yaml (one per benchmark; "
                              "eval_configs/shapes.yaml is the tiny model's held-out split)")
-    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. benchmark.root=/data/gqa model.path=outputs/stage4 "
-                             "run.limit=100 run.scoring=tinygpt-v-compat")
+    add_options_argument(parser, example="benchmark.root=/data/gqa model.path=outputs/stage4 run.limit=100 "
+                                          "run.scoring=tinygpt-v-compat")
     parser.add_argument("--restart", action="store_true",
                         help="move the predictions of an earlier run aside and predict every sample again")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from tinygpt.config.options import add_options_argument
 from tinygpt.errors import UserError, report_errors
 
 
@@ -22,8 +23,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> argpars
         prog=prog, description="Train one stage of TinyGPT-V (no arguments: the tiny recipe, stages 1-4).")
     parser.add_argument("--cfg-path",
                         help="stage YAML, e.g. train_configs/stage1.yaml or train_configs/tiny/stage1.yaml")
-    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. run.output_dir=out/s1 schedule.total_steps=100 run.resume=false")
+    add_options_argument(parser, example="run.output_dir=out/s1 schedule.total_steps=100 run.resume=false")
     parser.add_argument("--check", action="store_true", help="validate the config and its paths, then exit")
     parser.add_argument("--quiet", action="store_true", help="warnings only: no info lines, no progress bar")
     parser.add_argument("--tiny-llm-steps", type=int, metavar="N",

@@ -2,6 +2,7 @@
 each value parsed as YAML: ``run.seed=3``, ``model.lora=null``, ``benchmark.split=[a, b]``).
 
     tree, keys = parse_options(["run.seed=3"], example="run.seed=3")   # tree: a DictConfig (None for no items)
+    add_options_argument(parser, example="run.seed=3")                  # the flag itself (argparse)
 
 An item that is not ``key=value``, or whose value is not valid YAML, is one UserError naming ``--options`` and the
 item; so is a value that YAML reads as a mapping or list although it looks like text (``prompt=Q: {question}``: a
@@ -26,6 +27,12 @@ from yaml import YAMLError
 from ..errors import UserError
 
 OPTIONS = "--options"
+
+
+def add_options_argument(parser, example: str) -> None:
+    """The ``--options KEY=VALUE ...`` flag of every command that reads a config; given twice, both apply."""
+    parser.add_argument(OPTIONS, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"dotted overrides, e.g. {example}")
 
 
 def flat_keys(node: Any, prefix: str = "") -> Iterable[str]:

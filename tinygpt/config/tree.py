@@ -1,7 +1,7 @@
 """Reading, merging and resolving the (untyped) omegaconf tree of a stage YAML, each mistake one UserError line.
 
-* :func:`read_yaml`: one file; a folder, bad YAML (what and where: ``found duplicate key seed (line 4, column 3)``)
-  or a top level that is not a mapping is refused.
+* :func:`read_yaml`: one file; a folder, bad YAML (:func:`yaml_problem`, what and where: ``found duplicate key seed
+  (line 4, column 3)``) or a top level that is not a mapping is refused.
 * :func:`merge`: ``OmegaConf.merge`` that names the key where a list would replace a mapping or the other way round
   (omegaconf's own answer is a bare ``TypeError``).
 * :func:`resolve`: ``${...}`` interpolation; a failure blames the key whose own interpolation is wrong, not a key that
@@ -25,7 +25,7 @@ from ..errors import UserError
 from .options import flat_keys
 
 
-def _yaml_problem(exc: Exception) -> str:
+def yaml_problem(exc: Exception) -> str:
     """What is wrong and where, from a YAML error (its first line alone, "while constructing a mapping", says
     neither)."""
     problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
@@ -45,7 +45,7 @@ def read_yaml(path: Path):
     try:
         loaded = OmegaConf.load(path)
     except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if not OmegaConf.is_dict(loaded):
         raise UserError(f"{path}: the top level must be a mapping of sections (model, data, optim, schedule, run)")
     return loaded

@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import check_paths, load_config
+from ..config.options import add_options_argument
 from ..errors import UserError, report_errors
 from ..model import TinyGPTVForConditionalGeneration, build_config
 from .bench_steps import model_flops_per_sample, peak_tflops, synthetic_batch, time_steps
@@ -150,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also print the top operators of a step (stderr)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="bench a model of more than a billion parameters without a GPU (refused otherwise)")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_options_argument(parser, example="data.datasets.NAME.batch_size=4 model.lora=null")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
