@@ -203,6 +203,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
             any_bad = any_process_bad(accelerator, finite)
             if accelerator.num_processes > 1:  # bad records: judged and summed up over all processes
                 share_counts(datasets, lambda counts: sum_over_processes(accelerator, counts))
+            step_samples = samples_over_processes(accelerator, step_samples)
             if any_bad:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -222,10 +223,10 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = sum(step_losses) / len(step_losses)
-            samples_total += step_samples * accelerator.num_processes
+            samples_total += step_samples
             done = step + 1
             logged = bool(moe_load) and (done % r.log_every == 0 or done == sched_cfg.total_steps)
-            progress.step(step, None if any_bad else last_loss, lr, step_samples * accelerator.num_processes,
+            progress.step(step, None if any_bad else last_loss, lr, step_samples,
                           dict(mixer.counts), moe_load.metrics() if logged else None)
             if logged:
                 if accelerator.is_main_process:
@@ -296,6 +297,14 @@ def sum_over_processes(accelerator, values: list[int]) -> list[int]:
     """The element-wise sum of ``values`` over all processes (collective)."""
     total = accelerator.reduce(torch.tensor(values, dtype=torch.int64, device=accelerator.device), reduction="sum")
     return [int(v) for v in total.tolist()]
+
+
+def samples_over_processes(accelerator, samples: int) -> int:
+    """The samples of one step on all processes together (collective with several). Not ``samples * processes``:
+    each process draws its own dataset for each micro-batch, and datasets have their own batch sizes."""
+    if accelerator.num_processes == 1:
+        return samples
+    return sum_over_processes(accelerator, [samples])[0]
 
 
 def _gather_data_state(accelerator, state: dict) -> dict:

@@ -1,7 +1,7 @@
 """Per-expert load statistics of an MoE stage for the training log (``model.moe``; nothing for a dense model).
 
-After each micro-batch the loop adds every MoE layer's assignment counts (top-k choices per expert, padding tokens
-included) and auxiliary loss; at ``run.log_every`` a line gives each layer's load share per expert since the last line
+After each micro-batch the loop adds every MoE layer's assignment counts (top-k choices per expert, real tokens
+only) and auxiliary loss; at ``run.log_every`` a line gives each layer's load share per expert since the last line
 and the mean auxiliary loss, e.g. ``moe layer 1 load 0.27 0.23 0.26 0.24 | layer 3 load ... | aux loss 0.0201``
 (1 / num_experts each is perfect balance). The run summary keeps the shares over the whole run (``moe_load_share``):
 each resume checkpoint holds the counts so far (``state()``, in its state.json), and a resume continues them
