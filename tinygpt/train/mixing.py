@@ -13,10 +13,10 @@ Exact resume: what every micro-batch reads is a pure function of (seed, step, sl
 * Streaming (iterable) datasets: each process reads its own stream. An endless one (``resampled``, the default) is
   restarted with a new seed (``set_epoch(restart_step * world_size + rank)``) right after every checkpoint; the
   checkpoint stores the restart step and how many batches were read since (skipped on resume), so resume is exact.
-  A finite one (``resampled: false``, one pass over its shards at a time) is not restarted at checkpoints, which
-  would begin a new shuffled pass each time and read the shards early in each order again while others were never
-  read: it runs its pass to the end, and the checkpoint stores the pass's seed and the batches read in it (a resume
-  reads them again, at most one pass).
+  A finite one (``resampled: false``, one pass over its shards at a time, each process reading its own shards) is
+  not restarted at checkpoints, which would begin a new shuffled pass each time and read the shards early in each
+  order again while others were never read: it runs its pass to the end, and the checkpoint stores the pass's seed
+  and the batches read in it (a resume reads them again, at most one pass).
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ class DataMixer:
         if entry.finite_stream:
             pass_seed = self.pass_seeds.setdefault(entry.name, start_step * self.world + self.rank)
             entry.dataset.set_epoch(pass_seed)
+            if hasattr(entry.dataset, "set_process"):  # a pass is split over the processes by shard
+                entry.dataset.set_process(self.rank, self.world)
             common["generator"] = torch.Generator().manual_seed(_seed_of(self.seed, entry.name, "pass", pass_seed))
             return DataLoader(entry.dataset, batch_size=entry.batch_size, **common)
         if entry.streaming:

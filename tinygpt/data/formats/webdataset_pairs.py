@@ -6,7 +6,10 @@ Sample: user ``"<ImageHere>"``, assistant ``blip_caption(caption)`` (the model a
 
 ``resampled=True`` (the original): an endless stream; each shard is drawn at random (seeded) with replacement.
 ``resampled=False``: one pass over the shards per epoch, in a seeded shuffled order. Either way a seeded
-shuffle buffer (1000) mixes samples across shards. With DataLoader workers, worker k reads its own share.
+shuffle buffer (1000) mixes samples across shards. With DataLoader workers, worker k reads its own share; with
+several training processes (``set_process``), a finite pass is split by shard too: process r reads shards r, r + n,
+... of n processes, so one pass over all processes reads each sample once (webdataset's ``split_by_node``); with
+fewer shards than processes each process reads them all (one warning).
 Missing shards are skipped with one warning (partial LAION downloads are common); a truncated tar or a bad sample
 is counted as a bad record naming shard and key.
 """
@@ -112,6 +115,7 @@ class WebDatasetPairs(IterableDataset):
         self.name = name
         self.seed = int(seed)
         self.epoch = 0
+        self.rank, self.world = 0, 1  # the training process, of how many (set_process)
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
         self.caption_key = caption_key
@@ -122,11 +126,20 @@ class WebDatasetPairs(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_process(self, rank: int, world: int) -> None:
+        """This is training process ``rank`` of ``world``: a finite pass reads only this process's shards."""
+        self.rank, self.world = int(rank), int(world)
+        if not self.resampled and 1 < self.world and len(self.shards) < self.world and self.rank == 0:
+            logger.warning("%s: %d shards for %d training processes: each process reads every shard, so a pass "
+                           "reads each sample %d times (give at least one shard per process)", self.source,
+                           len(self.shards), self.world, self.world)
+
     def _shard_order(self, rng: random.Random, worker: int, workers: int) -> Iterator[Path]:
         if self.resampled:
             while True:
                 yield rng.choice(self.shards)
-        order = self.shards[worker::workers]  # a worker past the shard count reads nothing
+        mine = self.shards[self.rank::self.world] if len(self.shards) >= self.world else list(self.shards)
+        order = mine[worker::workers]  # a worker past the shard count reads nothing
         rng.shuffle(order)
         yield from order
 
