@@ -19,8 +19,11 @@ A model with MoE layers (model.moe) stacks each layer's experts into llama.cpp's
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -140,6 +143,24 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return check_output_dir(out_dir, "--out", "GGUF export")
 
 
+@contextlib.contextmanager
+def one_export_at_a_time(out: Path, progress: bool):
+    """An flock on the output directory itself (no file is added) for the whole transaction: a second export into it
+    waits, then sees the first one's files, so it removes an llm-*.gguf of the other model as it would afterwards."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another export into {out} to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def content_id(tensors: Mapping[str, Any], extra: str = "") -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor in name order, plus `extra`: the exported model's
     identity, shared by its two GGUF files."""
@@ -209,7 +230,7 @@ def write_pair(
                       model_id)
     vision_type = qtype if qtype in REFERENCE_TYPES else VISION_LINEAR_TYPE
     with sigterm_raises(), dirs_removed_on_failure(out), \
-            writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"):
+            writing(out, f"the GGUF export ({', '.join(f.name for f in files)})"), one_export_at_a_time(out, progress):
         for stale in remove_stale_temporaries(out, [f.name for f in files] + ["llm-*.gguf"]):
             if progress:
                 print(f"removed {stale} (a temporary file of an export that is no longer running)")

@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -139,7 +140,7 @@ class Writer:
     file into place and prunes old entries; any OSError turns the writer off with a one-line notice."""
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, int]]):
-        self.path, self._fd = path, None
+        self.path, self._fd, self._lock = path, None, threading.Lock()
         self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         header, self._offsets, offset = {}, {}, 0
         for name, (rows, cols) in shapes.items():
@@ -168,13 +169,18 @@ class Writer:
             return
         rows = qweight.int_repr().numpy()
         scales = qweight.q_per_channel_scales().to(torch.float64).numpy()
-        try:
-            for key, array in ((f"{name}.weight", rows), (f"{name}.scale", scales)):
-                os.pwrite(self._fd, memoryview(np.ascontiguousarray(array)).cast("B"),
-                          self._data_start + self._offsets[key])
-                self._crcs[key] = _crc(array)  # an array never put keeps "00000000" and fails its check
-        except OSError as exc:
-            self._fail(exc)
+        arrays = {f"{name}.weight": rows, f"{name}.scale": scales}
+        crcs = {key: _crc(array) for key, array in arrays.items()}
+        with self._lock:  # a failure in one thread closes the file: no other thread writes through a closed fd
+            if self._fd is None:
+                return
+            try:
+                for key, array in arrays.items():
+                    os.pwrite(self._fd, memoryview(np.ascontiguousarray(array)).cast("B"),
+                              self._data_start + self._offsets[key])
+                    self._crcs[key] = crcs[key]  # an array never put keeps "00000000" and fails its check
+            except OSError as exc:
+                self._fail(exc)
 
     def commit(self) -> bool:
         """Whether the entry is now in place."""

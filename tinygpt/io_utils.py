@@ -147,8 +147,9 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: Sequence[str])
             if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}"):
                 if not pid_alive(int(pid)):
                     (aside if rest == "old" else dead).append((tmp, head[1:]))
-            else:
+            elif fnmatch.fnmatchcase(tmp.name[:-len(".tmp")].rsplit(".", 1)[0], f".{pattern}"):  # .<name>.<random>
                 legacy.append(tmp)
+            # else another target's temporary whose name starts with this one's (".out.v2.<pid>...", a live writer's)
         for old in sorted(Path(directory).glob(f".{pattern}.old-*")):  # atomic_dir's aside name in older versions
             head, _, pid = old.name.rpartition(".old-")
             if pid.isdigit() and fnmatch.fnmatchcase(head, f".{pattern}") and not pid_alive(int(pid)):

@@ -149,7 +149,8 @@ def _load_builtin():
     try:
         with atomic_path(cached) as tmp:
             backend.save(str(tmp))
-    except OSError as exc:  # read-only cache: use the tokenizer anyway, from a temporary file
+    except Exception as exc:  # a read-only or full cache (tokenizers' save raises a bare Exception "... (os error
+        # 28)" for an OS error): use the tokenizer anyway, from a temporary file
         logger.warning("cannot write tokenizer cache %s (%s); rebuilding it on every load", cached, _one_line(exc))
         with tempfile.TemporaryDirectory() as tmp_dir:
             tmp_file = Path(tmp_dir) / "tokenizer.json"

@@ -114,12 +114,17 @@ def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
 
 
 def move_aside(out_dir: Path) -> list[Path]:
-    """``--restart``: predictions.jsonl and summary.json renamed to ``<name>.<time>.old``; the new names."""
+    """``--restart``: predictions.jsonl and summary.json renamed to ``<name>.<time>.old`` (``<time>-2`` ... when a
+    restart in the same second moved some already: an earlier run's files are never overwritten); the new names."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    free, number = stamp, 1
+    while any((out_dir / f"{name}.{free}.old").exists() for name in (PREDICTIONS, SUMMARY)):
+        number += 1
+        free = f"{stamp}-{number}"
     moved = []
     for name in (PREDICTIONS, SUMMARY):
         if (out_dir / name).exists():
-            target = out_dir / f"{name}.{stamp}.old"
+            target = out_dir / f"{name}.{free}.old"
             (out_dir / name).rename(target)
             moved.append(target)
     return moved

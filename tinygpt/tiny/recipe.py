@@ -31,7 +31,7 @@ from pathlib import Path
 from tinygpt.config.load import load_config
 from tinygpt.errors import BrokenModelError, UserError
 from tinygpt.evaluation.health import FLOORS, broken_message, generation_problems, installed_versions, score_problems
-from tinygpt.io_utils import atomic_path, atomic_write_text, check_output_dir, writing
+from tinygpt.io_utils import atomic_paths, check_output_dir, writing
 from tinygpt.model import load_vlm
 from tinygpt.paths import TINY_OUTPUT_DIR, tiny_data_dir, train_configs_dir
 from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
@@ -134,9 +134,10 @@ def _plot(rows: dict[str, dict], ceiling: dict | None, path: Path) -> None:
     axis.set_title("tiny TinyGPT-V: each stage on held-out synthetic shapes")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncols=len(COLUMNS), frameon=False)
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, format="png", dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def health_problems(rows: dict[str, dict], ceiling: dict | None, generation: list[str],
@@ -241,11 +242,12 @@ def run_tiny_recipe(
                          "floors": dataclasses.asdict(FLOORS), "versions": installed_versions()}
     table = "\n".join([format_table(rows), *([format_ceiling(ceiling)] if ceiling else []),
                        format_health(problems, floors_apply)])
-    with writing(out, "the tiny recipe's results (results.json, results.txt, results.png)"):
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-        atomic_write_text(out / "results.txt", table + "\n")
-        _plot(rows, ceiling, out / "results.png")
+    files = [out / "results.json", out / "results.txt", out / "results.png"]
+    with writing(out, "the tiny recipe's results (results.json, results.txt, results.png)"), \
+            atomic_paths(files) as (json_tmp, text_tmp, chart_tmp):  # the three replaced together, or none of them
+        json_tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        text_tmp.write_text(table + "\n", encoding="utf-8")
+        _plot(rows, ceiling, chart_tmp)
     print(table)
     print(f"[tiny] total {timings['total']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU; results in "
           f"{out / 'results.json'}, chart in {out / 'results.png'}", flush=True)

@@ -28,6 +28,7 @@ evaluation scenes use their own stream and are checked to differ from every trai
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -43,7 +44,7 @@ from tinygpt.tiny.synthetic.writers import (
     write_images, write_json, write_jsonl, write_manifest, write_refcoco, write_webdataset,
 )
 from tinygpt.errors import UserError
-from tinygpt.io_utils import check_output_dir, writing
+from tinygpt.io_utils import atomic_dir, check_output_dir, pid_alive, remove_stale_temporaries, writing
 from tinygpt.tasks import CAPTION_PROMPTS, IDENTIFY_PROMPTS, REFER_PROMPTS
 
 GENERATOR = "tinygpt.tiny.synthetic"
@@ -287,10 +288,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, scale: str | Scale = "ti
 
 def _generate_into(out: Path, seed: int, scale: str, plan, pretrain_size: int, instruct_size: int,
                    progress: bool) -> dict:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    _sweep_killed_writers(out)
+    with atomic_dir(out) as tmp:  # a killed run's temporaries: removed by the next run's sweep
         roots, pretrain_scenes = _write_pretrain(tmp, seed, scale, plan, pretrain_size, progress)
         instruct, instruct_scenes = _write_instruct(tmp, seed, scale, plan, instruct_size, progress)
         roots.update(instruct)
@@ -306,16 +305,14 @@ def _generate_into(out: Path, seed: int, scale: str, plan, pretrain_size: int, i
                "pretrain_size": pretrain_size, "instruct_size": instruct_size, "plan": asdict(plan),
                "roots": {name: m["counts"] for name, m in roots.items()}}
         write_manifest(tmp, top)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return top
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def _sweep_killed_writers(out: Path) -> None:
+    """Remove what a killed earlier run left next to ``out``: atomic_dir's temporaries (an aside folder goes back
+    to ``out`` when ``out`` is missing) and the ``.NAME.tmp-PID`` folders of older versions whose process is gone."""
+    remove_stale_temporaries(out.parent, [glob.escape(out.name)])
+    for leftover in out.parent.glob(f"{glob.escape(f'.{out.name}.tmp-')}*"):
+        pid = leftover.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -34,6 +34,7 @@ directory and renamed into place at the end; ``out_dir`` may be missing, empty o
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import pickle
 import random
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from tinygpt.errors import UserError, report_errors
-from tinygpt.io_utils import atomic_dir, check_output_dir, writing
+from tinygpt.io_utils import atomic_dir, check_output_dir, remove_stale_temporaries, writing
 from tinygpt.tiny.synthetic import SCALES
 from tinygpt.tiny.synthetic import texts
 from tinygpt.tiny.synthetic.scenes import (COLOURS, MAX_OBJECTS, REGIONS, SHAPES, Scene, render_scene, sample_scene,
@@ -347,6 +348,8 @@ def write_benchmark_files(out_dir: str | Path, seed: int = 0, per_benchmark: int
         raise UserError(f"--out: {out} exists and was not written by {GENERATOR}; refusing to replace it")
     seen = training_signatures(seed, image_size)
     counts = {}
+    with writing(out, "the synthetic benchmark files"):  # what a killed earlier run left next to out
+        remove_stale_temporaries(out.parent, [glob.escape(out.name)])
     with writing(out, "the synthetic benchmark files"), atomic_dir(out) as tmp:
         for name in NAMES:
             counts[name] = WRITERS[name](tmp / name, Plan(seed, name, per_benchmark, image_size, seen, progress))
