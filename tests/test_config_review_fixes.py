@@ -186,3 +186,12 @@ def test_the_training_bench_takes_repeated_options_too(monkeypatch):
     monkeypatch.setattr(bench, "_bench_command", lambda args: seen.setdefault("options", args.options) and 0)
     bench.main(["--cfg-path", str(STAGE3), "--options", "run.seed=abc", "--options", "run.keep_last=3"])
     assert seen["options"] == ["run.seed=abc", "run.keep_last=3"]
+
+
+def test_the_feature_cache_takes_repeated_options_too(monkeypatch):
+    from tinygpt.train import features
+
+    seen = {}
+    monkeypatch.setattr(features, "_features_command", lambda args: seen.setdefault("options", args.options) and 0)
+    features.main(["--cfg-path", str(STAGE3), "--out", "x", "--options", "run.seed=abc", "--options", "run.seed=1"])
+    assert seen["options"] == ["run.seed=abc", "run.seed=1"]

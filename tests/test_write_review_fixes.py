@@ -267,3 +267,24 @@ def test_two_exports_into_one_directory_at_once_leave_one_consistent_pair(tmp_pa
     vision = open_gguf(out / names.VISION_FILE_NAME, names.ARCH_VISION).metadata[names.VISION_MODEL_ID]
     llms = {f.name: open_gguf(f, names.ARCH_LLM).metadata[names.MODEL_ID] for f in out.glob("llm-*.gguf")}
     assert llms and all(model_id == vision for model_id in llms.values()), (vision[:12], llms)
+
+
+def test_the_recipe_names_data_written_with_other_settings(tmp_path, capsys):
+    """The recipe reused any data folder holding a manifest, silently: data of another seed or scale (made with
+    `python -m tinygpt.tiny.synthetic --scale small`) trained the recipe with nothing said and seed 0 recorded."""
+    import json
+
+    from tinygpt.tiny import recipe
+
+    data = tmp_path / "data"
+    (data / "eval").mkdir(parents=True)
+    (data / "eval" / "vqa.json").write_text("[]")
+    (data / "manifest.json").write_text(json.dumps({"version": recipe.GENERATOR_VERSION, "seed": 7,
+                                                    "scale": "small"}))
+    made = recipe._ensure_data(data, seed=0, progress=False)
+    assert made == {"version": recipe.GENERATOR_VERSION, "seed": 7, "scale": "small"}
+    err = capsys.readouterr().err
+    assert "seed 7 (the recipe's: 0)" in err and "scale 'small' (the recipe's: 'tiny')" in err
+    (data / "manifest.json").write_text(json.dumps({"version": recipe.GENERATOR_VERSION, "seed": 0, "scale": "tiny"}))
+    assert recipe._ensure_data(data, seed=0, progress=False)["seed"] == 0
+    assert capsys.readouterr().err == ""

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from tinygpt.tiny.backbones import current_ceiling, ensure_tiny_backbones
 from tinygpt.tiny.pretrain_llm import LLMPretrainSettings
 from tinygpt.tiny.pretrain_vision import VisionPretrainSettings
 from tinygpt.tiny.shapes import evaluate_loaded, evaluate_shapes
-from tinygpt.tiny.synthetic import generate
+from tinygpt.tiny.synthetic import GENERATOR_VERSION, generate
 from tinygpt.train.stage import run_stage
 
 CONFIG_DIR = train_configs_dir() / "tiny"
@@ -49,14 +50,30 @@ COLUMNS = (("caption_f1", "caption F1"), ("caption_attribute_recall", "attr. rec
            ("vqa_accuracy", "VQA acc."), ("grounding_accuracy", "grounding acc."))
 
 
-def _ensure_data(data_dir: Path, seed: int, progress: bool) -> None:
+def _ensure_data(data_dir: Path, seed: int, progress: bool) -> dict:
+    """The data the recipe trains on, written when missing; returns its generator settings (version, seed, scale).
+    Data written with other settings (``python -m tinygpt.tiny.synthetic --scale small``, another seed) is used as it
+    is, with a warning that names each difference: the results then differ from the recipe's."""
+    wanted = {"version": GENERATOR_VERSION, "seed": seed, "scale": "tiny"}
     if (data_dir / "manifest.json").is_file() and (data_dir / "eval" / "vqa.json").is_file():
-        if progress:
+        try:
+            manifest = json.loads((data_dir / "manifest.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = {}
+        made = {key: manifest.get(key) if isinstance(manifest, dict) else None for key in wanted}
+        differ = [f"{key} {made[key]!r} (the recipe's: {value!r})" for key, value in wanted.items()
+                  if made[key] != value]
+        if differ:
+            print(f"[tiny] WARNING: {data_dir} was generated with {', '.join(differ)}: the results will differ "
+                  "from the recipe's (remove the folder to have the recipe's data written)", file=sys.stderr,
+                  flush=True)
+        elif progress:
             print(f"[tiny] synthetic data: reusing {data_dir}", flush=True)
-        return
+        return made
     if progress:
         print(f"[tiny] synthetic data: writing {data_dir}", flush=True)
     generate(data_dir, seed=seed, scale="tiny", progress=progress)
+    return wanted
 
 
 def _stage_options(stage: int, data_dir: Path, out_dir: Path, backbones: Path, max_steps: int | None,
@@ -186,7 +203,7 @@ def run_tiny_recipe(
     timings: dict[str, float] = {}
 
     t = time.monotonic()
-    _ensure_data(data, seed, progress)
+    data_settings = _ensure_data(data, seed, progress)
     timings["data"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -232,7 +249,7 @@ def run_tiny_recipe(
                "settings": {"data_dir": str(data), "backbones": str(backbones), "max_steps": max_steps,
                             "eval_limit": eval_limit,
                             "final_eval_limit": final_eval_limit, "llm": dataclasses.asdict(llm),
-                            "vision": dataclasses.asdict(vision), "seed": seed}}
+                            "vision": dataclasses.asdict(vision), "seed": seed, "data": data_settings}}
     results["cpu_seconds"] = round(cpu_seconds(), 1)
     if ceiling:
         results["llm_ceiling"] = ceiling

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import check_paths, load_config
+from ..config.options import add_options_argument
 from ..config.schema import BUILTIN_PREFIX, RunConfig
 from ..data.collate import collate_samples
 from ..data.formats.qformer_features import MANIFEST, read_manifest
@@ -219,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cfg-path", required=True, help="stage YAML (its init_from model and datasets)")
     parser.add_argument("--out", required=True, help="output directory of the cache")
     parser.add_argument("--dataset", help="which dataset of the config (default: the only one)")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    add_options_argument(parser, example="model.init_from=outputs/stage2")
     parser.add_argument("--limit", type=int, help="cache at most this many samples (required for streams)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
