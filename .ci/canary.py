@@ -8,7 +8,10 @@ For each flavour it builds a throwaway venv in a temp dir:
 * oldest: the lowest version allowed by each direct requirement (``uv pip compile --resolution lowest-direct``,
   uv pinned in .ci/lock.py), installed with pip;
 
-torch is forced to the local 2.13.0+cpu wheel in both (never a CUDA download). In each venv it runs the test suite
+torch is forced to the local 2.13.0+cpu wheel in both (never a CUDA download), and ggml-python is built with the lock's
+build settings (.ci/lock.py BUILD_SETTINGS: -fno-dse): else the canary would test another build than the lock's, and
+pip's wheel cache, keyed by the sdist's URL and not by the settings, would hand that build to the next
+``pip install -r requirements.lock`` on the machine. In each venv it runs the test suite
 (``python -m pytest -q`` from the checkout, less the one test of the lock's content: the canary runs before a
 refresh, when a new requirement is not in the lock yet) and the tiny LLM ceiling check
 (``python -m tinygpt.tiny.ceiling_check --check``; $TINYGPT_CACHE is passed through, so every flavour reuses one
@@ -98,11 +101,14 @@ def install(report: Report, work: Path) -> Path | None:
     python = venv / "bin" / "python"
     progress(f"{report.flavour}: creating {venv}")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", lock.PIP], check=True)  # as the quick start does
     torch_cpu = work / "torch-cpu.txt"
     torch_cpu.write_text(lock.TORCH_CPU + "\n")
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "-c", str(torch_cpu)]
     if report.flavour == "newest":
-        cmd = pip + ["--upgrade", "--upgrade-strategy", "eager", "-r", str(lock.REQUIREMENTS),
+        requirements = work / "requirements.txt"  # requirements.txt with the lock's build settings (module docstring)
+        requirements.write_text(lock.with_build_settings(lock.REQUIREMENTS.read_text()))
+        cmd = pip + ["--upgrade", "--upgrade-strategy", "eager", "-r", str(requirements),
                      "-c", str(lock.CONSTRAINTS)]
     else:
         pins = work / "oldest.txt"
@@ -112,6 +118,7 @@ def install(report: Report, work: Path) -> Path | None:
             report.install = "resolve failed: " + last_error(resolved.stderr)
             (work / "resolve.log").write_text(resolved.stderr)
             return None
+        pins.write_text(lock.with_build_settings(pins.read_text()))  # the lock's build settings (module docstring)
         cmd = pip + ["-r", str(pins), "-c", str(lock.CONSTRAINTS)]
     progress(f"{report.flavour}: installing (a few minutes; log {work / 'install.log'})")
     rc, output = run_logged(cmd, work / "install.log", INSTALL_TIMEOUT, cwd=work, env=clean_env())

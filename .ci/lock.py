@@ -34,6 +34,9 @@ PYTHON_VERSION = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
 TORCH_CPU = "torch==2.13.0+cpu"  # forced in every resolution: a plain torch==2.13.0 may be PyPI's CUDA build
 NOT_LOCKED = {"pip"}  # installed by venv itself; everything else in an environment must be in the lock
+# the pip every install runs first (README quick start, .ci/run, the canary): the lock's per-line --config-settings
+# needs pip >= 23.1, and Debian 12's `python3 -m venv` brings pip 23.0.1, which refuses the whole lock
+PIP = "pip==23.2.1"
 # per-requirement build settings that pip applies when it builds the package from its sdist (the lock's line carries
 # them). ggml-python is source-only and built natively at install; GCC 12's AMX header lets dead-store elimination
 # drop the tile configuration's stores, and the AMX tile kernels then fault: -fno-dse keeps them
