@@ -15,6 +15,9 @@ from .cli_checks import check_finite
 
 
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing the logits by it overflows (inf, then NaN)
+# the repetition penalty divides (or multiplies) logits: outside this range they overflow to inf (float32 logits on
+# PyTorch: 1e-38 already; 1e-320 here in float64) and sampling fails on NaN probabilities
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -36,8 +39,9 @@ class SamplingParams:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise UserError(f"--repetition-penalty must be in {low} .. {high} (1: none), got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.seed == -1:

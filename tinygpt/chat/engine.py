@@ -31,6 +31,7 @@ Contract:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -66,9 +67,13 @@ def task_prompt(task: str, text: str | None = None, box: PixelBox | None = None,
     if task == "identify":
         if box is None or size is None:
             raise UserError("box: the identify task needs a box (x1, y1, x2, y2) in pixels")
-        if len(box) != 4:
-            raise UserError(f"box: expected (x1, y1, x2, y2), got {box!r}")
-        box_text = format_box(tuple(float(v) for v in box), size[0], size[1])  # type: ignore[arg-type]
+        try:
+            values = tuple(float(v) for v in box)
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise UserError(f"box: expected (x1, y1, x2, y2), four finite numbers, got {box!r}")
+        box_text = format_box(values, size[0], size[1])  # type: ignore[arg-type]
         return f"[identify] {text} {box_text}" if text else f"[identify] {box_text}"
     if text:
         return f"[{task}] {text}"
@@ -202,7 +207,10 @@ class ChatEngine:
         UserError names ``conversations[i]``); the images of all are encoded together, each content once. Backends
         with `generate_batch` answer a group of conversations at once (those whose max_new_tokens the context cuts
         form groups of their own), others one by one. With sampling, a batch is one draw (seeded once)."""
-        if isinstance(conversations, (str, dict, Conversation)) or any(isinstance(c, dict) for c in conversations):
+        if isinstance(conversations, (str, dict, Conversation)):
+            raise UserError("conversations: expected a list of conversations, each a list of messages")
+        conversations = list(conversations)  # a generator: the check below would use it up
+        if any(isinstance(c, dict) for c in conversations):
             raise UserError("conversations: expected a list of conversations, each a list of messages")
         with self._lock:
             parsed = []
@@ -275,10 +283,11 @@ class ChatEngine:
 
     def score(self, messages, candidates: Sequence[str]) -> list[float]:
         """Summed log-probability of each candidate as the answer to the last user message (each <= 0)."""
-        if isinstance(candidates, str) or not all(isinstance(c, str) and c for c in candidates):
+        texts = None if isinstance(candidates, str) else list(candidates)  # a generator: read once
+        if texts is None or not all(isinstance(c, str) and c for c in texts):
             raise UserError("candidates: expected a list of non-empty strings")
         with self._lock:
-            return self.backend.score(self._encode(self._conversation(messages)), list(candidates))
+            return self.backend.score(self._encode(self._conversation(messages)), texts)
 
     def ask(self, image, task: str, text: str | None = None, box: PixelBox | None = None,
             settings: GenerationSettings | None = None) -> TaskAnswer:

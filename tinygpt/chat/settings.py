@@ -8,7 +8,7 @@ temperature 0.6-1.0, repetition penalty 1.05), which users can ask for. `stop` a
 0 .. 2**64 - 1 (what torch.manual_seed and numpy's generators both take) or None. `num_beams` > 1 is PyTorch only.
 The repetition penalty is applied over the generated tokens by the PyTorch backend (transformers' rule for
 `inputs_embeds` prompts) and over the conversation's text tokens plus the generated ones by the GGUF runtime, so
-the two agree only at 1.0 (the default).
+the two agree only at 1.0 (the default); it lies in 0.01 .. 100 (further out the logits overflow and sampling fails).
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import math
 from dataclasses import dataclass, replace
 
 from quantize.sampler import GREEDY_BELOW as MIN_TEMPERATURE  # below it (and above 0): greedy, stored as 0.0
+from quantize.sampler import REPETITION_PENALTY_RANGE
 
 from ..errors import UserError
 from .messages import check_unicode
 
 MAX_SEED = 2**64 - 1
+# outside it the logits overflow and sampling fails on NaN probabilities (the runtime sampler's range)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = REPETITION_PENALTY_RANGE
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ class GenerationSettings:
             raise UserError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise UserError(f"num_beams: must be an integer >= 1, got {self.num_beams!r}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise UserError(f"repetition_penalty: must be in {MIN_REPETITION_PENALTY} .. {MAX_REPETITION_PENALTY} "
+                            f"(1: none), got {self.repetition_penalty}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop: expected non-empty strings, got {list(self.stop)!r}")
         for i, text in enumerate(self.stop):

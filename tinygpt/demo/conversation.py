@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import html
+import math
 import re
 from typing import Any, Iterable
 
@@ -126,6 +127,8 @@ def parse_region(text: str | None) -> Box | None:
         raise UserError("region: one corner so far; click the opposite corner on the image")
     if len(values) != 4:
         raise UserError(f"region: expected x1, y1, x2, y2 in pixels, got {text!r}")
+    if not all(math.isfinite(v) for v in values):  # hundreds of digits: float() gives infinity
+        raise UserError("region: a number is too large to be a pixel position")
     x1, y1, x2, y2 = values
     if x1 == x2 or y1 == y2:
         raise UserError(f"region: the box {text!r} has no area; click two opposite corners")
@@ -146,4 +149,8 @@ def tagged_text(task: str | None, text: str, region: str | None = None,
             raise UserError("identify: mark a region first (click two opposite corners on the image)")
         if size is None:
             raise UserError("identify: attach an image to mark the region on")
+        x1, y1, x2, y2 = box
+        if x2 <= 0 or y2 <= 0 or x1 >= size[0] or y1 >= size[1]:  # on the grid: a box of no area at an edge
+            raise UserError(f"region: the box {region!r} lies outside the {size[0]}x{size[1]} image; mark a region "
+                            "on the image")
     return task_prompt(task, text, box, size)

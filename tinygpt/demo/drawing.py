@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 VIEW_SIDE = 448
+MAX_COORD = 100_000  # typed region numbers are clamped to +-this: PIL cannot draw at 1e30 (nor round infinity)
 PALETTE = ((230, 25, 75), (0, 110, 200), (30, 150, 60), (235, 120, 20), (145, 30, 180), (0, 150, 150))
 LabeledBox = tuple[Optional[str], tuple[float, float, float, float]]
 
@@ -29,7 +30,7 @@ def view_scale(size: tuple[int, int]) -> int:
 
 
 def _numbers(text: str | None) -> list[int]:
-    return [round(float(v)) for v in re.findall(r"-?\d+(?:\.\d+)?", text or "")]
+    return [round(min(max(float(v), -MAX_COORD), MAX_COORD)) for v in re.findall(r"-?\d+(?:\.\d+)?", text or "")]
 
 
 def click_region(region: str | None, point: Sequence[float], scale: int) -> str:

@@ -80,7 +80,8 @@ class Handlers:
         try:
             sizes = check_message_files(files, self.limits)
             newest = files[-1] if files else newest_image(None, history)
-            size = sizes[-1] if files else (_open(newest).size if newest else None)  # type: ignore[union-attr]
+            opened = None if files else _open(newest)  # None: no image, or its file is gone or unreadable
+            size = sizes[-1] if files else (opened.size if opened else None)
             text = tagged_text(task, (message or {}).get("text") or "", region, size)
             if not text and not files:
                 raise UserError("type a question or attach an image first")

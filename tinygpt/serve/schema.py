@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat.messages import check_unicode
-from ..chat.settings import GenerationSettings
+from ..chat.settings import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, GenerationSettings
 from ..errors import UserError
 from .errors import APIError
 
@@ -63,7 +63,8 @@ class _Request(BaseModel):
     stop: Any = None  # a string or a list of strings (checked in settings(): one message for both shapes)
     seed: int | None = Field(None, strict=True)  # its range: GenerationSettings (one check for every front end)
     n: int | None = Field(1, strict=True)
-    repetition_penalty: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, strict=True,
+                                             allow_inf_nan=False)
 
     def check_supported(self) -> None:
         if self.n not in (1, None):
