@@ -12,7 +12,8 @@
 * `exact_match`: 1.0 / 0.0 after a normalisation (`gqa_normalize` by default: GQA's accuracy).
 * `binary_metrics`: accuracy, precision, recall, F1 of the positive class (yes / True), the share answered yes, and how
   many answers could not be parsed (POPE, VSR, Hateful Memes); scikit-learn computes the four scores.
-* `auroc` (scikit-learn's ``roc_auc_score``) over `yes_probability`: Hateful Memes' headline metric.
+* `auroc` (scikit-learn's ``roc_auc_score``) over `yes_log_odds` (the same order as `yes_probability`, without its
+  rounding to 1.0): Hateful Memes' headline metric.
 * `box_iou` and `iou_hits`: RefCOCO's Acc@0.5 counts IoU >= 0.5 as a hit (the original TinyGPT-V / MiniGPT-v2 script
   counts IoU > 0.5 with its +1-pixel IoU; see `compat.refcoco_compat`).
 * `choice_from_scores` / `choice_from_text`: the chosen option of a multiple-choice question (IconQA), from the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Iterable, Optional, Sequence
 
 from ..tasks import iou as _iou
@@ -101,6 +103,17 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score([bool(label) for label in labels], list(scores)))
+
+
+def yes_log_odds(logprob_yes: float, logprob_no: float) -> float:
+    """``logprob_yes - logprob_no``, the log-odds of yes (0.0 when both are equal, -inf included): the score AUROC
+    ranks. Unlike `yes_probability` it does not round to exactly 1.0 once yes leads by about 37 nats, which would tie
+    confident answers and change the AUROC. An infinite result (one answer impossible) becomes the largest finite
+    float, same sign (scikit-learn refuses infinities). A NaN raises ValueError."""
+    if math.isnan(logprob_yes) or math.isnan(logprob_no):
+        raise ValueError("yes_log_odds: a log-probability is NaN")
+    odds = 0.0 if logprob_yes == logprob_no else logprob_yes - logprob_no
+    return max(-sys.float_info.max, min(sys.float_info.max, odds))
 
 
 def has_nan(scores: Sequence[float]) -> bool:

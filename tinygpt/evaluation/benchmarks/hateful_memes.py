@@ -16,8 +16,9 @@ task tag); ``tinygpt-v``: ``This is an image writting '{text}'. Is this image ha
 generated (up to 10 new tokens; 20 for ``tinygpt-v``).
 
 Scoring: official = AUROC (the challenge's metric) of P(yes) = softmax of the two choices' log-probabilities
-(`metrics.yes_probability`), with ``accuracy`` of the generated answer's first word (strict yes / no; anything else is
-unparsed and wrong), its precision / recall / F1 / yes_ratio, and ``accuracy_likelihood`` (P(yes) > 0.5). A pair of
+(`metrics.yes_probability`; ranked by its log-odds, `metrics.yes_log_odds`, which P(yes) would tie once it rounds to
+1.0), with ``accuracy`` of the generated answer's first word (strict yes / no; anything else is unparsed and wrong),
+its precision / recall / F1 / yes_ratio, and ``accuracy_likelihood`` (P(yes) > 0.5: log-odds > 0). A pair of
 log-probabilities holding a NaN (a numerically broken model) is left out of AUROC and ``accuracy_likelihood`` and
 counted in ``likelihood_unparsed`` (a share of n); with none left both are None.
 tinygpt-v-compat = accuracy of `compat.hateful_memes_compat` ("yes" anywhere -> 1, else "no" anywhere -> 0).
@@ -30,7 +31,7 @@ from typing import Iterator
 
 from ..benchmark import Benchmark, Prediction, Sample
 from ..compat import hateful_memes_compat
-from ..metrics import auroc, has_nan, mean, yes_probability
+from ..metrics import auroc, has_nan, mean, yes_log_odds
 from ..normalize import first_word_yes_no
 from .common import (aligned, check_scoring, fill, image_file, need, need_label, parse_options, published, read_jsonl,
                      take, template, text_of, yes_no_figures)
@@ -74,10 +75,10 @@ def score(samples: list[Sample], predictions: list[Prediction], scoring: str) ->
                 "n": len(samples), "unparsed": mean(1.0 if r is None else 0.0 for r in read)}
     figures = yes_no_figures([first_word_yes_no(text) for text in texts], labels)
     asked = [(p.scores, label) for p, label in zip(predictions, labels) if p.scores and len(p.scores) == 2]
-    scored = [(yes_probability(*pair), label) for pair, label in asked if not has_nan(pair)]
-    area = auroc([p for p, _ in scored], [label for _, label in scored]) if scored else None
+    scored = [(yes_log_odds(*pair), label) for pair, label in asked if not has_nan(pair)]  # log-odds: no ties at 1.0
+    area = auroc([odds for odds, _ in scored], [label for _, label in scored]) if scored else None
     return {"metric": "auroc", "value": area, **figures, "auroc": area,
-            "accuracy_likelihood": mean(1.0 if (p > 0.5) == label else 0.0 for p, label in scored) if scored else None,
+            "accuracy_likelihood": mean(1.0 if (odds > 0) == y else 0.0 for odds, y in scored) if scored else None,
             "n_scored": len(scored),
             "likelihood_unparsed": (len(asked) - len(scored)) / len(samples) if samples else 0.0}
 
