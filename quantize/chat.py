@@ -94,7 +94,13 @@ class Attachments:
 
     def take(self) -> list:
         job, self._job = self._job, None
-        return job.result() if job is not None else []
+        if job is None:
+            return []
+        try:
+            return job.result()
+        except KeyboardInterrupt:  # the worker still prefills into the KV cache: the next take() waits for it
+            self._job = job
+            raise
 
     def clear(self) -> None:
         try:

@@ -186,7 +186,9 @@ def _parse(path: Path):
         n_dims = unpack("<I")
         dims = [unpack("<Q") for _ in range(n_dims)]
         infos.append((name, dims, unpack("<I"), unpack("<Q")))
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment < 1:
+        raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
     data_start = -(-pos // alignment) * alignment
     tensors = {}
     for name, dims, ttype, offset in infos:
@@ -239,9 +241,17 @@ def llm_hyperparams(llm: GGUFContents) -> LLMHyperParams:
     if kv_heads != hp.n_heads:
         raise UserError(f"{llm.path}: {names.LLM_HEAD_COUNT_KV}={kv_heads} != head_count {hp.n_heads} "
                         "(GQA unsupported)")
-    if hp.hidden_size % hp.n_heads or hp.rotary_dim > hp.head_dim:
+    if hp.n_layers < 1 or hp.n_heads < 1:
+        raise UserError(f"{llm.path}: {names.LLM_BLOCK_COUNT}={hp.n_layers} and {names.LLM_HEAD_COUNT}={hp.n_heads} "
+                        "must be at least 1")
+    blocks = {n.split(".")[1] for n in llm.tensors if n.startswith("blk.")}
+    extra = sorted(b for b in blocks if not b.isdigit() or int(b) >= hp.n_layers)
+    if extra:
+        raise UserError(f"{llm.path}: {names.LLM_BLOCK_COUNT}={hp.n_layers} but the file has tensors of block "
+                        f"{extra[0]} (damaged metadata)")
+    if hp.hidden_size % hp.n_heads or not 0 <= hp.rotary_dim <= hp.head_dim or hp.rotary_dim % 2:
         raise UserError(f"{llm.path}: inconsistent shapes (hidden {hp.hidden_size}, heads {hp.n_heads}, "
-                        f"rope {hp.rotary_dim})")
+                        f"rope {hp.rotary_dim}: an even count at most the head size)")
     has_post = "blk.0.post_attention_norm.weight" in llm.tensors
     if has_post and hp.rms_norm_eps is None:
         raise UserError(f"{llm.path}: metadata key {names.LLM_RMS_NORM_EPS!r} is missing "

@@ -155,7 +155,7 @@ class ChatSession:
         placeholder = self.fmt.image_placeholder
         if placeholder in text:
             if text.count(placeholder) != len(indices):
-                del self.image_vectors[n_before:]
+                self._forget_images(n_before)
                 raise UserError(f"prompt has {text.count(placeholder)} {placeholder} but {len(indices)} image(s) "
                                 "were given")
         elif indices:
@@ -165,7 +165,7 @@ class ChatSession:
             return self.respond(self.turns + [Turn(user=text, images=indices)], on_text, t_start)
         except BaseException:  # UserError, Ctrl-C
             if len(self.turns) == n_turns:  # refused or interrupted, the turn not taken: forget its images
-                del self.image_vectors[n_before:]
+                self._forget_images(n_before)
             raise
 
     def prepare(self, images: Sequence) -> list[int]:
@@ -215,9 +215,18 @@ class ChatSession:
                 else:
                     indices.append(self.add_image(image))
         except Exception:
-            del self.image_vectors[n_before:]
+            self._forget_images(n_before)
             raise
         return indices
+
+    def _forget_images(self, n_before: int) -> None:
+        """Drop the images from index n_before on, and the cache from their first row on: a later image gets the
+        same index, and must not reuse the rows the forgotten one left in the KV cache."""
+        del self.image_vectors[n_before:]
+        stale = next((k for k, item in enumerate(self._cached) if isinstance(item, tuple) and item[0] >= n_before),
+                     None)
+        if stale is not None:
+            del self._cached[stale:]
 
     def _image_tags(self, count: int) -> str:
         return " ".join([IMAGE_TAG.replace("<ImageHere>", self.fmt.image_placeholder)] * count)
