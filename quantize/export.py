@@ -19,11 +19,8 @@ A model with MoE layers (model.moe) stacks each layer's experts into llama.cpp's
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,6 +36,7 @@ from tinygpt.io_utils import (
     dirs_removed_on_failure,
     remove_stale_temporaries,
     sigterm_raises,
+    waiting_lock,
     writing,
 )
 from tinygpt.model.checkpoint_io import load_vlm
@@ -143,22 +141,12 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return check_output_dir(out_dir, "--out", "GGUF export")
 
 
-@contextlib.contextmanager
 def one_export_at_a_time(out: Path, progress: bool):
-    """An flock on the output directory itself (no file is added) for the whole transaction: a second export into it
-    waits, then sees the first one's files, so it removes an llm-*.gguf of the other model as it would afterwards."""
+    """A lock on the output directory itself for the whole transaction: a second export into it waits, then sees the
+    first one's files, so it removes an llm-*.gguf of the other model as it would afterwards."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"waiting for another export into {out} to finish", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    say = (lambda: print(f"waiting for another export into {out} to finish", flush=True)) if progress else None
+    return waiting_lock(out, on_wait=say)
 
 
 def content_id(tensors: Mapping[str, Any], extra: str = "") -> str:

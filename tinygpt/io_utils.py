@@ -306,6 +306,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def waiting_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An flock on ``path`` held for the block: a folder itself (no file is added), or a file made if missing. Held
+    by another process, this waits for it (``on_wait`` is called once first, e.g. to say so). The kernel drops the
+    lock however the process ends. ``exclusive_lock`` refuses instead of waiting."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
 def exclusive_lock(path: Path, busy: Callable[[str], str], note: str = "") -> Iterator[None]:
     """An flock on ``path`` (its folder made if missing) held for the block, with this process's id written in it
     (and ``note`` on the next line); the kernel drops it however the process ends, so a killed run leaves no stale

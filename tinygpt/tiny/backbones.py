@@ -16,7 +16,6 @@ directory and renamed into place; a lock file makes a second process wait for th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +30,7 @@ import torch
 
 from tinygpt.errors import UserError
 from tinygpt.evaluation.health import installed_versions, versions_text
-from tinygpt.io_utils import atomic_write_text, pid_alive
+from tinygpt.io_utils import atomic_write_text, pid_alive, waiting_lock
 from tinygpt.model import TinyGPTVForConditionalGeneration, build_config, load_vlm, save_vlm
 from tinygpt.paths import cache_root
 from tinygpt.tiny.llm_ceiling import llm_ceiling
@@ -71,23 +70,6 @@ def is_complete(directory: Path) -> bool:
     return (directory / MARKER).is_file() and (directory / "config.json").is_file()
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive lock on ``lock_path`` (blocking). POSIX flock; elsewhere no lock (documented limitation)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: two simultaneous first builds would both build; the rename keeps one
-            yield
-            return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_tiny_backbones(
     cache_dir: str | os.PathLike | None = None,
     llm: LLMPretrainSettings = LLMPretrainSettings(),
@@ -100,7 +82,7 @@ def ensure_tiny_backbones(
     if is_complete(target):
         return target
     try:
-        with _exclusive(root / f"{target.name}.lock"):
+        with waiting_lock(root / f"{target.name}.lock"):
             if is_complete(target):  # another process built it while we waited
                 return target
             _build(target, llm, vision, progress)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config.load import check_paths, config_to_dict
+from ..config.inputs import check_paths
+from ..config.load import config_to_dict
 from ..config.schema import RunConfig
 from ..data.bad_records import BadRecordPolicy
 from ..data.collate import collate_batch
