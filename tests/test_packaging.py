@@ -78,3 +78,49 @@ def test_python_m_tinygpt_is_the_console_script():
     done = subprocess.run([sys.executable, "-m", "tinygpt", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "train" in done.stdout and "serve" in done.stdout, done.stderr
+
+
+# imported only where their feature is asked for, each behind a message naming the package to install
+OPTIONAL_IMPORTS = {"llama_cpp": "llama-cpp extra", "lmms_eval": "lmms extra", "wandb": "run.wandb_project"}
+
+
+def _third_party_imports() -> dict[str, str]:
+    """top-level module -> one file of tinygpt/ or quantize/ that imports it (absolute imports outside the stdlib)."""
+    import ast
+    import sys
+
+    found: dict[str, str] = {}
+    for top in ("tinygpt", "quantize"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [node.module]
+                else:
+                    continue
+                for module in modules:
+                    name = module.split(".")[0]
+                    if name not in sys.stdlib_module_names and name not in ("tinygpt", "quantize", "__future__"):
+                        found.setdefault(name, path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A package the code imports but only gets through another one disappears when that one stops needing it."""
+    import importlib.metadata as metadata
+    import re
+
+    declared = {re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0].lower().replace("_", "-")
+                for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    distributions = metadata.packages_distributions()
+    imports = _third_party_imports()
+    assert {"torch", "yaml", "tokenizers", "starlette"} <= set(imports)  # the scan sees the code's imports
+    undeclared = []
+    for module, where in sorted(imports.items()):
+        if module in OPTIONAL_IMPORTS:
+            continue
+        names = {name.lower().replace("_", "-") for name in distributions.get(module, [])}
+        if not names & declared:
+            undeclared.append(f"{module} (imported by {where}; installed from {sorted(names) or 'nothing'})")
+    assert not undeclared, "declare in pyproject.toml and requirements.txt: " + "; ".join(undeclared)
