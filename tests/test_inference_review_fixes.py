@@ -63,10 +63,12 @@ def test_a_typed_region_with_huge_numbers_never_raises(tmp_path, first):
     half = h.pick(None, history, f"{first}, 1", _Click((10, 10)))  # a click after a typed corner
     assert isinstance(half, str)
 
-    box, shown = h.add_message({"text": "", "files": []}, history, "identify", region)
     if first == HUGE:  # on the grid the box is clamped to the image: it is sent
+        box, shown = h.add_message({"text": "", "files": []}, history, "identify", region)
         assert shown[-1]["role"] == "user"
-    else:  # a notice in the chat, not a traceback
+    else:  # a notice in the chat and a gr.Warning (outside an event: a UserWarning), not a traceback
+        with pytest.warns(UserWarning, match="too large"):
+            box, shown = h.add_message({"text": "", "files": []}, history, "identify", region)
         assert shown[-1]["metadata"]["title"] == "⚠️ Not sent"
         assert "too large" in shown[-1]["content"]
 
@@ -104,7 +106,8 @@ def test_a_follow_up_after_the_image_file_is_gone_is_sent_not_raised(tmp_path):
 
     _, shown = h.add_message({"text": "and its colour?", "files": []}, history, "vqa", "")
     assert shown[-1] == {"role": "user", "content": ["[vqa] and its colour?"]}
-    _, shown = h.add_message({"text": "", "files": []}, history, "identify", "1, 1, 5, 5")
+    with pytest.warns(UserWarning, match="attach an image"):  # gr.Warning, outside an event
+        _, shown = h.add_message({"text": "", "files": []}, history, "identify", "1, 1, 5, 5")
     assert shown[-1]["metadata"]["title"] == "⚠️ Not sent"  # nothing to mark the region on: a notice
 
 
@@ -115,7 +118,8 @@ def test_an_identify_region_outside_the_image_is_a_notice(tmp_path, region):
     image_path = tmp_path / "scene.png"
     Image.new("RGB", (64, 48)).save(image_path)
     h = Handlers(_NoEngine(), _demo_config(), drawn_dir=tmp_path)
-    _, shown = h.add_message({"text": "", "files": [str(image_path)]}, [], "identify", region)
+    with pytest.warns(UserWarning, match="outside the 64x48 image"):  # gr.Warning, outside an event
+        _, shown = h.add_message({"text": "", "files": [str(image_path)]}, [], "identify", region)
     assert shown[-1]["metadata"]["title"] == "⚠️ Not sent"
     assert "outside the 64x48 image" in shown[-1]["content"]
     _, shown = h.add_message({"text": "", "files": [str(image_path)]}, [], "identify", "-5, -5, 30, 30")
