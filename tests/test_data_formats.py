@@ -125,6 +125,49 @@ def test_webdataset_resampled_is_endless_and_seeded(tmp_path):
     assert first(1) == first(1)
 
 
+
+def test_shard_patterns_expand_with_zero_padding_and_refuse_what_they_cannot_expand():
+    from tinygpt.data.formats.webdataset_pairs import expand_braces
+    from tinygpt.errors import UserError
+    assert expand_braces("/d/{000..002}.tar") == ["/d/000.tar", "/d/001.tar", "/d/002.tar"]
+    assert expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
+    assert expand_braces("s{9..11}") == ["s9", "s10", "s11"]
+    assert expand_braces("/d/plain.tar") == ["/d/plain.tar"]
+    assert expand_braces("/d\\x/{a,b}.tar") == ["/d\\x/a.tar", "/d\\x/b.tar"]  # a backslash stays as it is
+    for pattern, group in (("/d/{abc}.tar", "{abc}"), ("/d/{0..2}-{}.tar", "{}")):
+        with pytest.raises(UserError, match=f"shard pattern '{pattern}': cannot expand {group}") as raised:
+            expand_braces(pattern)
+        assert "use {000..123} or {a,b}" in str(raised.value)
+    with pytest.raises(UserError, match=r"shard pattern '/d/\{000\.\.002\.tar': unbalanced braces"):
+        expand_braces("/d/{000..002.tar")
+
+
+def test_tar_members_group_by_key_with_folders_lower_case_extensions_and_are_streamed(tmp_path, monkeypatch):
+    """Directories, names without a dot or starting with one are skipped; a key keeps its folders; the tar is read
+    as a stream (mode r|*), never opened for random access."""
+    from tinygpt.data.bad_records import BadRecordCounter
+    from tinygpt.data.formats.webdataset_pairs import iter_tar_samples
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        info = tarfile.TarInfo("a.b")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name in ("a.b/0001.JPG", "a.b/0001.Json", "README", ".hidden.jpg", "x/.seen.jpg", "a.b/c",
+                     "0002.tar.gz", "0003.jpg", "0004.jpg", "0003.json"):
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    modes = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *args, **kwargs: modes.append(kwargs.get("mode")) or real_open(
+        *args, **kwargs))
+    counter = BadRecordCounter("s.tar")
+    samples = list(iter_tar_samples(tmp_path / "s.tar", counter))
+    assert samples == [("a.b/0001", {"jpg": b"a.b/0001.JPG", "json": b"a.b/0001.Json"}),
+                       ("0002", {"tar.gz": b"0002.tar.gz"}), ("0003", {"jpg": b"0003.jpg"}),
+                       ("0004", {"jpg": b"0004.jpg"}), ("0003", {"json": b"0003.json"})]  # a key split up: twice
+    assert modes == ["r|*"] and counter.bad == 0
+
+
 # --- stage 3: cc_sbu_align ------------------------------------------------------------------------------------------
 
 def test_cc_sbu_align(tmp_path):

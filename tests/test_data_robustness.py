@@ -258,6 +258,47 @@ def test_webdataset_bad_samples_and_truncated_shard(tmp_path, caplog):
     assert f"{tmp_path / 's1.tar'}: skipped bad record: unreadable tar" in text
 
 
+
+@pytest.mark.parametrize("cut_in,kept", [("00002.jpg", ["caption 0", "caption 1"]), ("00001.json", ["caption 0"])])
+def test_webdataset_truncated_shard_keeps_the_samples_before_the_damage(tmp_path, caplog, cut_in, kept):
+    """A shard cut inside a member: the complete samples before it are kept, the group it cuts is dropped, one bad
+    record names the shard, and the pass goes on with the next shard."""
+    import tarfile
+
+    from tinygpt.data.formats.webdataset_pairs import WebDatasetPairs
+    full = write_shard(tmp_path / "s0.tar", [pair(f"{i:05d}", f"caption {i}") for i in range(3)])
+    with tarfile.open(full) as tar:
+        offset = tar.getmember(cut_in).offset_data
+    full.write_bytes(full.read_bytes()[: offset + 5])
+    write_shard(tmp_path / "s1.tar", [pair("00009", "caption 9")])
+    with caplog.at_level(logging.WARNING, logger="tinygpt.data"):
+        dataset = WebDatasetPairs(str(tmp_path / "s{0,1}.tar"), image_size=S, seed=0, resampled=False,
+                                  bad_records=BadRecordPolicy(max_bad_fraction=1.0))
+        samples = list(dataset)
+    assert sorted(s["turns"][0]["assistant"] for s in samples) == kept + ["caption 9"]
+    assert dataset.counter.bad == 1
+    assert (f"{tmp_path / 's0.tar'}: skipped bad record: unreadable tar after key '{len(kept) - 1:05d}' "
+            "(ReadError: unexpected end of data") in caplog.text
+
+
+def test_webdataset_duplicate_member_keeps_the_first_and_is_counted(tmp_path, caplog):
+    import io
+    import tarfile
+
+    from tinygpt.data.bad_records import BadRecordCounter
+    from tinygpt.data.formats.webdataset_pairs import iter_tar_samples
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in (("0001.jpg", b"first"), ("0001.JPG", b"second"), ("0001.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    counter = BadRecordCounter("s.tar", BadRecordPolicy(max_bad_fraction=1.0))
+    with caplog.at_level(logging.WARNING, logger="tinygpt.data"):
+        assert list(iter_tar_samples(tmp_path / "s.tar", counter)) == [("0001", {"jpg": b"first", "json": b"{}"})]
+    assert counter.bad == 1
+    assert f"{tmp_path / 's.tar'}: skipped bad record: member skipped, the first is kept (0001.JPG: " in caplog.text
+
+
 def test_webdataset_without_any_shard_is_a_user_error(tmp_path):
     from tinygpt.data.formats.webdataset_pairs import WebDatasetPairs
     with pytest.raises(UserError, match=r"no shard file exists"):

@@ -124,3 +124,20 @@ def test_every_third_party_import_is_a_declared_dependency():
         if not names & declared:
             undeclared.append(f"{module} (imported by {where}; installed from {sorted(names) or 'nothing'})")
     assert not undeclared, "declare in pyproject.toml and requirements.txt: " + "; ".join(undeclared)
+
+
+# declared, used without an import statement of ours: TensorBoard through torch.utils.tensorboard (run.tensorboard)
+USED_WITHOUT_IMPORT = {"tensorboard"}
+
+
+def test_every_declared_dependency_is_imported():
+    """A declared package nothing imports is an install cost for nothing (webdataset was one until the shard reader
+    used it)."""
+    import importlib.metadata as metadata
+    import re
+
+    declared = {re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0].lower().replace("_", "-")
+                for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    imported = {name.lower().replace("_", "-") for module, names in metadata.packages_distributions().items()
+                if module in _third_party_imports() for name in names}
+    assert not declared - imported - USED_WITHOUT_IMPORT, "declared but never imported"

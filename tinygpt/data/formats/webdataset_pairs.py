@@ -12,6 +12,11 @@ several training processes (``set_process``), a finite pass is split by shard to
 fewer shards than processes each process reads them all (one warning).
 Missing shards are skipped with one warning (partial LAION downloads are common); a truncated tar or a bad sample
 is counted as a bad record naming shard and key.
+
+The library does the generic parts: ``braceexpand`` expands the pattern, webdataset's ``tar_file_iterator`` reads a
+shard as a stream and ``group_by_keys`` groups its members into samples. Ours are the rest: the seeded shard order and
+its split by process and worker, the seeded shuffle buffer, the member naming rule (``split_member_name``), bad
+records and the UserErrors.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from braceexpand import UnbalancedBracesError, braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
 from tinygpt.data.formats.base import check_placeholders
@@ -37,56 +44,70 @@ from tinygpt.tasks import IMAGE_PLACEHOLDER
 logger = logging.getLogger("tinygpt.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_BRACE = re.compile(r"\{([^{}]*)\}")
+_BRACE = re.compile(r"\{[^{}]*\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``"a{00..02}b{x,y}"`` -> a00bx, a00by, a01bx, ... (numeric ranges keep the zero padding of the first bound)."""
-    match = _BRACE.search(pattern)
-    if not match:
-        return [pattern]
-    body = match.group(1)
-    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if range_match:
-        start, end = range_match.groups()
-        width = len(start) if start.startswith("0") else 0
-        low, high = int(start), int(end)
-        step = 1 if high >= low else -1
-        options = [str(n).zfill(width) for n in range(low, high + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise UserError(f"shard pattern {pattern!r}: cannot expand {{{body}}}; use {{000..123}} or {{a,b}}")
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+    """``"a{00..02}b{x,y}"`` -> a00bx, a00by, a01bx, ... (``braceexpand``, bash's rules: a numeric range keeps the
+    zero padding of its bounds); a brace group it leaves as it is (``{abc}``) or unbalanced braces are a UserError."""
+    hint = "use {000..123} or {a,b}"
+    try:
+        names = list(braceexpand(pattern, escape=False))  # escape=False: a backslash in a path stays as it is
+    except UnbalancedBracesError:
+        raise UserError(f"shard pattern {pattern!r}: unbalanced braces; {hint}") from None
+    for name in names:
+        left = _BRACE.search(name)  # braceexpand keeps a group it cannot expand as it is
+        if left:
+            raise UserError(f"shard pattern {pattern!r}: cannot expand {left.group(0)}; {hint}")
+    return names
+
+
+def split_member_name(name: str) -> tuple[Optional[str], Optional[str]]:
+    """``"dir/0001.jpg"`` -> ("dir/0001", "jpg"): the key keeps the folders, the extension is all after the file
+    name's first dot; (None, None) (skipped) for a file name without a dot or starting with one."""
+    folder, slash, file_name = name.rpartition("/")
+    if "." not in file_name or file_name.startswith("."):
+        return None, None
+    stem, extension = file_name.split(".", 1)
+    return folder + slash + stem, extension
 
 
 def iter_tar_samples(shard: Path, counter: BadRecordCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of one tar shard, read as a stream; a broken tar ends the shard."""
-    current_key: Optional[str] = None
-    parts: dict[str, bytes] = {}
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                if "." not in name or name.startswith("."):
-                    continue
-                key, extension = name.split(".", 1)
-                key = member.name[: len(member.name) - len(name)] + key
-                if key != current_key:
-                    if current_key is not None:
-                        yield current_key, parts
-                    current_key, parts = key, {}
-                handle = tar.extractfile(member)
-                parts[extension.lower()] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        counter.skip(f"{shard}", f"unreadable tar after key {current_key!r} ({type(exc).__name__}: {exc})")
+    """(key, {extension: bytes}) per sample of one tar shard, read as a stream (webdataset's ``tar_file_iterator``,
+    mode ``r|*``) and grouped by key (``group_by_keys``, extensions lower-cased). A broken tar ends the shard: one bad
+    record naming it; the samples read before the damage are kept, the group it broke is dropped."""
+    reading, failure = "", None  # the member tar_file_iterator reads now; why it stopped early
+
+    def select(name: str) -> bool:  # asked before a member's data is read
+        nonlocal reading
+        reading = name
+        return split_member_name(name)[0] is not None
+
+    def stop(exn: Exception) -> bool:  # a member's data could not be read: the shard ends here
+        nonlocal failure
+        failure = exn
+        return False
+
+    def duplicate(exn: Exception) -> bool:  # group_by_keys: a second member with one key and extension
+        counter.skip(f"{shard}", f"member skipped, the first is kept ({exn.args[0]})")
         counter.check_running()
-        return  # the incomplete group is dropped too
-    if current_key is not None:
-        yield current_key, parts
+        return True
+
+    last_key: Optional[str] = None
+    try:
+        with open(shard, "rb") as stream:
+            files = tar_file_iterator(stream, skip_meta=None, handler=stop, select_files=select)
+            named = ({**member, "__url__": str(shard)} for member in files)  # group_by_keys wants the shard's name
+            for sample in group_by_keys(named, keys=split_member_name, handler=duplicate):
+                if failure is not None and sample["__key__"] == split_member_name(reading)[0]:
+                    break  # the last group lost a member: dropped
+                last_key = sample["__key__"]
+                yield last_key, {ext: data for ext, data in sample.items() if ext not in ("__key__", "__url__")}
+    except (tarfile.TarError, OSError, EOFError) as exc:  # the archive or a header: the open group is dropped too
+        failure = exc
+    if failure is not None:
+        counter.skip(f"{shard}", f"unreadable tar after key {last_key!r} ({type(failure).__name__}: {failure})")
+        counter.check_running()
 
 
 class WebDatasetPairs(IterableDataset):
