@@ -326,7 +326,9 @@ class ChatSession:
                     text, stats.stopped_by = text[:cut], "stop string"
                     break
                 if len(generated) >= max_new:
-                    stats.stopped_by = "max_new_tokens" if max_new == self.sampling.max_new_tokens else "context full"
+                    # the context ended it whoever cut max_new (ChatEngine cuts sampling.max_new_tokens to the room)
+                    full = len(items) + len(generated) >= self.llm.n_ctx
+                    stats.stopped_by = "context full" if full else "max_new_tokens"
                     break
                 if on_text is not None and not text.endswith("\ufffd"):
                     safe = self.stop.safe_prefix_length(text)

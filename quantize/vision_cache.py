@@ -16,14 +16,18 @@ Contract:
     checked when it is read: a damaged array raises OSError (the caller rebuilds that layer) and removes the entry, so
     the next load writes it again (the check reads at ~4 GB/s: ~0.3 s of the full-size tower's 1.1 GB);
   * `Writer` streams a new entry (safetensors format) into a temporary file while the layers are built and renames it
-    into place when all are written (a crash never leaves a half-written entry under the real name); it keeps the
-    KEEP newest entries, and a failure (read-only or full disk) costs only a one-line notice;
+    into place when all are written (a crash never leaves a half-written entry under the real name); the temporary
+    is the writer's own (process id + a serial), so two writers of the same entry, in two processes or on two threads
+    of one, each commit a whole file (the last rename wins; both hold the same rows); temporaries over an hour old
+    (a process killed while writing) are removed; it keeps the KEEP newest entries, and a failure (read-only or full
+    disk) costs only a one-line notice;
   * TINYGPT_VISION_CACHE=0 turns the cache off; it lives in vision-int8/ under the tinygpt cache root
     (tinygpt.paths.cache_root: TINYGPT_CACHE, default ~/.cache/tinygpt).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -45,6 +49,8 @@ ENV = "TINYGPT_VISION_CACHE"
 KEEP = 2  # cache entries kept (each about the size of vision.gguf)
 FORMAT = "2"  # bump when what is stored changes (2: a CRC-32 per array)
 
+
+_SERIAL = itertools.count()  # the writers of this process, for their temporary files' names (next() is atomic)
 
 CRC_KEY = "__metadata__"  # safetensors' string-to-string metadata: array name -> its CRC-32, 8 hex digits
 
@@ -141,7 +147,9 @@ class Writer:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, int]]):
         self.path, self._fd, self._lock = path, None, threading.Lock()
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # a temporary of this writer's own: another process (pid) or another writer of the same entry in this process
+        # (two threads loading the same file: the serial) never truncates, renames or removes it
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_SERIAL)}.tmp")
         header, self._offsets, offset = {}, {}, 0
         for name, (rows, cols) in shapes.items():
             for key, dtype, shape, size in ((f"{name}.weight", "I8", [rows, cols], rows * cols),

@@ -121,7 +121,10 @@ def encoded_turns(turns: Sequence[ChatTurn], handles: Sequence[Any]) -> list[Enc
 @dataclass(frozen=True)
 class GenerationStats:
     """What one generation did: positions in its prompt (image vectors included), tokens generated (the end token
-    included) and why it stopped: "eos", "stop string", "max_new_tokens", "context full" or "cancelled"."""
+    included) and why it stopped: "eos", "stop string", "max_new_tokens", "context full" or "cancelled".
+    "context full": the answer ran until the prompt and it filled the context window (also when the caller's budget
+    ended at that same position, and whoever cut the budget to the room left: ChatEngine does), so the conversation
+    cannot go on; "max_new_tokens": the caller's budget ended it with room left in the context."""
 
     prompt_tokens: int
     generated_tokens: int

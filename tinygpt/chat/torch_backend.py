@@ -177,25 +177,28 @@ class TorchBackend:
         return max(1, min(settings.max_new_tokens, self.context_length - length))
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def _stopped_by(self, ids: list[int], max_new: int, settings: GenerationSettings, stops: Sequence[str],
+    def _stopped_by(self, ids: list[int], max_new: int, width: int, stops: Sequence[str],
                     padded: bool = False) -> str:
-        """Why the generation of `ids` (the row's own tokens) stopped; `padded`: the batch padded the row after it
-        ended (with pad == eos the end token is then among the padding)."""
+        """Why the generation of `ids` (the row's own tokens, after a prompt `width` positions wide) stopped;
+        `padded`: the batch padded the row after it ended (with pad == eos the end token is then among the padding).
+        A generation that ran to its budget and filled the context is "context full" whoever cut the budget (the
+        engine cuts `settings.max_new_tokens` to the room the prompt leaves before the backend sees it)."""
         if StopMatcher(stops).find(self.tokenizer.decode(ids, skip_special_tokens=True)) >= 0:
             return "stop string"
         if padded or (ids and ids[-1] in self._eos):
             return "eos"
         if len(ids) >= max_new:
-            return "max_new_tokens" if max_new >= settings.max_new_tokens else "context full"
+            return "context full" if width + len(ids) >= self.context_length else "max_new_tokens"
         return "cancelled"
 
-    def _row_stats(self, row: list[int], prompt: int, max_new: int, settings: GenerationSettings,
+    def _row_stats(self, row: list[int], prompt: int, max_new: int, width: int,
                    stops: Sequence[str]) -> GenerationStats:
-        """The stats of one row of a batch: after a row ends, `generate` pads it to the batch's width."""
+        """The stats of one row of a batch (`prompt` its own positions, `width` the batch's): after a row ends,
+        `generate` pads it to the batch's width."""
         n = len(row)
         while n and row[n - 1] == self._pad:
             n -= 1
-        why = self._stopped_by(row[:n], max_new, settings, stops, padded=n < len(row))
+        why = self._stopped_by(row[:n], max_new, width, stops, padded=n < len(row))
         if why == "eos" and n < len(row) and self._pad in self._eos:
             n += 1  # pad == eos: the first padding id is the end token the row generated
         return GenerationStats(prompt, n, why)
@@ -235,7 +238,7 @@ class TorchBackend:
         if cancel is not None:
             kw["stopping_criteria"] = StoppingCriteriaList([_EventStop(cancel)])
         ids = run(**kw).tolist()
-        self.last_batch_stats = [self._row_stats(row, n, max_new, settings, kw["stop_strings"])
+        self.last_batch_stats = [self._row_stats(row, n, max_new, width, kw["stop_strings"])
                                  for row, n in zip(ids, prompts)]
         self.last_stats = self.last_batch_stats[-1]
         cutter = AnswerCutter(self.prompt, settings.stop, continuation)
@@ -300,7 +303,7 @@ class TorchBackend:
             halt.set()  # the queue is unbounded, so the worker never blocks on it
             worker.join()
             if not failure:
-                why = self._stopped_by(tokens.ids, max_new, settings, kw["stop_strings"])
+                why = self._stopped_by(tokens.ids, max_new, prompt, kw["stop_strings"])
                 self.last_stats = GenerationStats(prompt, len(tokens.ids), why)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
