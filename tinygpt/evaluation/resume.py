@@ -1,5 +1,6 @@
 """The predictions file of an evaluation run and what guards it: one run at a time per out_dir, and a file made by
-another run (another benchmark, split, data, model path, model content, backend or prompt) refused.
+another run (another benchmark, split, data path, data content, model path, model content, backend or prompt)
+refused.
 
     with run_lock(out_dir, who):                 # UserError: another evaluation holds <out_dir>/run.lock
         done = read_predictions(path, fingerprint(cfg))
@@ -9,6 +10,14 @@ retrained stage, a new export) is refused rather than silently reusing the old a
 it is the size and mtime (ns) of config.json and every ``*.safetensors`` of each directory of its ``base_model`` chain
 (no file is read but config.json); for a GGUF directory those of every ``*.gguf``. A copy of the directory (new
 mtimes) counts as another model: rerun with --restart.
+
+``data_id`` (in the fingerprint): the content id of the benchmark's annotation files, so annotations written again at
+the same root (a new version, other questions or answers) are refused rather than reused. It is the sha256 of the
+bytes of every file the benchmark's ``load`` reads for the split (benchmarks.data_files: the questions / annotations
+JSON, JSONL or pickle, whatever the limit), so it does not change when nothing did (a touch, or the same bytes
+written again, keep it). The images are left out: an image folder (COCO: tens of thousands of files) would cost a
+listing and a stat of every file on every run, and an official image does not change under its name. Predictions saved
+before data_id existed have none: they are refused the same way (rerun with --restart).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from ..errors import UserError
 from ..io_utils import exclusive_lock
 from ..model.checkpoint_io import model_chain
 from .benchmark import Prediction
+from .benchmarks import data_files
 from .config import EvalConfig
 
 PREDICTIONS = "predictions.jsonl"
@@ -66,12 +76,30 @@ def model_id(path: str | os.PathLike, backend: str) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+def data_id(files: list[Path], root: str | os.PathLike) -> str:
+    """The content id of the benchmark files (see the module docstring): 16 hex digits of the sha256 of each file's
+    name (relative to ``root`` where it is under it) and the sha256 of its bytes (``missing`` for a file not there)."""
+    root = Path(root).resolve()
+    entries = []
+    for path in files:
+        path = Path(path).resolve()
+        name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        try:
+            with open(path, "rb") as f:
+                entries.append([name, hashlib.file_digest(f, "sha256").hexdigest()])
+        except OSError:
+            entries.append([name, "missing"])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 def fingerprint(cfg: EvalConfig) -> dict:
     """What decides the answers (so a file with another fingerprint cannot be resumed); not the scoring, not the
     limit (a rerun with a larger limit continues)."""
-    model = cfg.launch.model
-    return {"benchmark": cfg.benchmark.name, "split": cfg.benchmark.split,
-            "root": str(Path(cfg.benchmark.root).resolve()), "model": str(Path(model.path).resolve()),
+    model, bench = cfg.launch.model, cfg.benchmark
+    files = data_files(bench.name, Path(bench.root), bench.split, bench.options)
+    return {"benchmark": bench.name, "split": bench.split,
+            "root": str(Path(bench.root).resolve()), "data_id": data_id(files, bench.root),
+            "model": str(Path(model.path).resolve()),
             "model_id": model_id(model.path, model.backend),
             "backend": {"name": model.backend, "bits": model.bits, "qtype": model.qtype},
             "options": {k: v for k, v in sorted(cfg.benchmark.options.items()) if k != "limit"}}
@@ -90,6 +118,8 @@ def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
         return {}
     try:
         header = json.loads(lines[0])["fingerprint"]
+        if not isinstance(header, dict):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path}: line 1 is not a predictions header (not written by tinygpt evaluate?); move it "
                         "away or rerun with --restart") from None
@@ -98,6 +128,12 @@ def read_predictions(path: Path, expected: dict) -> dict[str, Prediction]:
                   if header.get(key) != expected[key]]
         if "model_id" in header and header.get("model_id") != expected["model_id"]:
             differ.append("the model files changed since these predictions were made")
+        if "data_id" not in header:
+            differ.append("these predictions were made before tinygpt recorded the benchmark files' content, so "
+                          "they cannot be checked against the files now")
+        elif header["data_id"] != expected["data_id"] and all(
+                header.get(key) == expected[key] for key in ("benchmark", "split", "root")):
+            differ.append("the benchmark files changed since these predictions were made")
         raise UserError(f"{path}: predictions of another run ({'; '.join(differ)}); rerun with --restart to move "
                         "them aside, or choose another run.out_dir")
     done = {}

@@ -3,8 +3,9 @@
     summary = run_evaluation(load_eval_config("eval_configs/gqa.yaml"))
 
 Contract:
-* ``<out_dir>/predictions.jsonl``: the first line is ``{"fingerprint": {...}}`` (benchmark, split, root, model path,
-  model_id, backend, the load options but the limit: what decides the answers, not how they are scored; resume.py),
+* ``<out_dir>/predictions.jsonl``: the first line is ``{"fingerprint": {...}}`` (benchmark, split, root, data_id (the
+  annotation files' content), model path, model_id, backend, the load options but the limit: what decides the answers,
+  not how they are scored; resume.py),
   then one `Prediction` per line (``{"id", "text", "scores"}``), appended and flushed as soon as each is known;
 * one run at a time per out_dir: an flock on ``<out_dir>/run.lock`` is held for the whole run (resume.run_lock);
 * a rerun reads it (saying ``resuming: N of M predictions from PATH`` on stderr), keeps the predictions of the

@@ -39,10 +39,15 @@ SPLITS = ("testdev_balanced", "val_balanced", "testdev_all", "val_all")
 MAX_NEW_TOKENS = 10
 
 
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The questions file `load` reads (it holds the answers too)."""
+    return [Path(root) / f"{split}_questions.json"]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
     root = Path(root)
-    path = root / f"{split}_questions.json"
+    (path,) = data_files(root, split, options)
     prompt = template(opts, VQA_PROMPT, VQA_PROMPT, ("question",))
     questions = read_json(path, "GQA questions file")
     if not isinstance(questions, dict):

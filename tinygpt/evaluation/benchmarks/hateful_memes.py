@@ -44,12 +44,18 @@ CHOICES = ("yes", "no")
 MAX_NEW_TOKENS = 10
 
 
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The memes file `load` reads."""
+    return [Path(root) / f"{split}.jsonl"]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
     root = Path(root)
     prompt = template(opts, PROMPT, TINYGPT_V_PROMPT, ("text", "question"))
     tokens = opts.max_new_tokens(MAX_NEW_TOKENS)
-    records = read_jsonl(root / f"{split}.jsonl")
+    (path,) = data_files(root, split, options)
+    records = read_jsonl(path)
 
     def samples() -> Iterator[Sample]:
         for where, record in records:

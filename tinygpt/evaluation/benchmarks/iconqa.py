@@ -69,17 +69,36 @@ def _problems(root: Path, split: str) -> Iterator[tuple[str, str, dict]]:
         return
     if not folder.is_dir():
         raise UserError(f"{problems_path}: file does not exist (nor the problem folders {folder})")
-    pids = sorted((p.name for p in folder.iterdir() if p.is_dir()), key=lambda n: (len(n), n))
-    for pid in pids:
+    for pid in _pids(folder):
         path = folder / pid / "data.json"
         yield pid, str(path), read_json(path, "IconQA problem file")
 
 
+def _root(root: Path) -> Path:
+    """``root``, or ``root/iconqa_data`` (the official archive's folder) when the problems are there."""
+    root = Path(root)
+    return root / "iconqa_data" if not (root / "problems.json").is_file() and (root / "iconqa_data").is_dir() else root
+
+
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The files `load` reads: problems.json and pid_splits.json, else the data.json of every problem folder of the
+    split (all of them, whatever the limit)."""
+    root = _root(root)
+    if (root / "problems.json").is_file():
+        return [root / "problems.json", root / "pid_splits.json"]
+    folder = root / "iconqa" / split / TASK
+    if not folder.is_dir():
+        return [root / "problems.json"]
+    return [folder / pid / "data.json" for pid in _pids(folder)]
+
+
+def _pids(folder: Path) -> list[str]:
+    return sorted((p.name for p in folder.iterdir() if p.is_dir()), key=lambda n: (len(n), n))
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
-    root = Path(root)
-    if not (root / "problems.json").is_file() and (root / "iconqa_data").is_dir():
-        root = root / "iconqa_data"
+    root = _root(root)
     prompt = template(opts, PROMPT, TINYGPT_V_PROMPT, ("question", "choices"), needs=("question",))
     tokens = opts.max_new_tokens(MAX_NEW_TOKENS)
     images = opts.images or root / "iconqa" / split / TASK

@@ -81,6 +81,11 @@ def _sample(root: Path, record: dict) -> Sample:
                   meta={"family": family, "question": question})
 
 
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The questions file `load` reads."""
+    return [Path(root) / QUESTIONS]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     """One sample per record of ``root/questions.json`` (see the module docstring)."""
     if split not in BENCHMARK.splits:

@@ -45,12 +45,21 @@ ALL_FIGURES = FIGURES + tuple(STRICT + name for name in FIGURES)
 MAX_NEW_TOKENS = 10
 
 
+def _categories(split: str) -> tuple[str, ...]:
+    return CATEGORIES if split == "all" else (split,)
+
+
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The question files `load` reads: one per category of the split."""
+    return [Path(root) / f"coco_pope_{category}.json" for category in _categories(split)]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
     root = Path(root)
     prompt = template(opts, VQA_PROMPT, VQA_PROMPT, ("question",))
-    categories = CATEGORIES if split == "all" else (split,)
-    files = [(category, read_jsonl(root / f"coco_pope_{category}.json")) for category in categories]
+    files = [(category, read_jsonl(path))
+             for category, path in zip(_categories(split), data_files(root, split, options))]
     images = image_dir(root, opts, "val2014")
 
     def samples() -> Iterator[Sample]:

@@ -53,12 +53,21 @@ def _index(path: Path, content, key: str, where_key: str = "id") -> dict:
     return {need(entry, where_key, f"{path} {key}[{i}]", int): entry for i, entry in enumerate(content[key])}
 
 
+def _data_files(name: str, split_by: str):
+    def data_files(root: Path, split: str, options: dict) -> list[Path]:
+        """The refs pickle and the instances file `load` reads (in ``root/<name>/`` when the refs are there)."""
+        root = Path(root)
+        folder = root / name if (root / name / f"refs({split_by}).p").is_file() else root
+        return [folder / f"refs({split_by}).p", folder / "instances.json"]
+
+    return data_files
+
+
 def _loader(name: str, split_by: str):
     def load(root: Path, split: str, options: dict) -> list[Sample]:
         opts = parse_options(name, options)
         root = Path(root)
-        folder = root / name if (root / name / f"refs({split_by}).p").is_file() else root
-        refs_path, instances_path = folder / f"refs({split_by}).p", folder / "instances.json"
+        refs_path, instances_path = _data_files(name, split_by)(root, split, options)
         prompt = template(opts, PROMPT, PROMPT, ("sentence", "question"))
         refs = load_plain_pickle(refs_path)
         if not isinstance(refs, list):
@@ -122,12 +131,14 @@ _LAYOUT = ('root/{refs} [{{"ref_id": 0, "ann_id": 1719310, "image_id": 581857, "
            '"file_name": "COCO_train2014_000000581857.jpg", "width": 640, "height": 427}}], "annotations": '
            '[{{"id": 1719310, "bbox": [103.9, 300.0, 238.2, 77.6]}}]}} + COCO train2014 images (options.images)')
 
+VARIANTS = (  # name, title, how the refs were split, splits
+    ("refcoco", "RefCOCO (unc)", "unc", ("val", "testA", "testB")),
+    ("refcoco+", "RefCOCO+ (unc)", "unc", ("val", "testA", "testB")),
+    ("refcocog", "RefCOCOg (umd)", "umd", ("val", "test")),
+)
 BENCHMARKS = {
     name: Benchmark(name=name, title=title, splits=splits, metric="acc@0.5", load=_loader(name, split_by),
                     score=score, layout=_LAYOUT.format(refs=f"refs({split_by}).p"), paper=published(name))
-    for name, title, split_by, splits in (
-        ("refcoco", "RefCOCO (unc)", "unc", ("val", "testA", "testB")),
-        ("refcoco+", "RefCOCO+ (unc)", "unc", ("val", "testA", "testB")),
-        ("refcocog", "RefCOCOg (umd)", "umd", ("val", "test")),
-    )
+    for name, title, split_by, splits in VARIANTS
 }
+DATA_FILES = {name: _data_files(name, split_by) for name, _, split_by, _ in VARIANTS}

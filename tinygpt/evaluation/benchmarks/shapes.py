@@ -107,6 +107,11 @@ def _sample(root: Path, task: str, index: int, record: dict, caption_prompt: str
                         "box_text": record["box_text"]}, **common)
 
 
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The three record files `load` reads (whatever the limit: it reads each whole)."""
+    return [Path(root) / name for name in FILES.values()]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     """The captions, the questions and the phrases of the split under ``root`` (see the module docstring)."""
     if split not in BENCHMARK.splits:

@@ -41,10 +41,20 @@ PROMPT = ("[vqa] The question is '{question}' Based on the image, answer the que
 MAX_NEW_TOKENS = 10
 
 
+def _candidates(root: Path, split: str) -> list[Path]:
+    return [Path(root) / "Annotations" / f"{split}.json", Path(root) / f"{split}.json"]
+
+
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The annotation file `load` reads: the first of its candidates that exists (the first when none does)."""
+    candidates = _candidates(root, split)
+    return [next((path for path in candidates if path.is_file()), candidates[0])]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
     root = Path(root)
-    path = find_file([root / "Annotations" / f"{split}.json", root / f"{split}.json"])
+    path = find_file(_candidates(root, split))
     prompt = template(opts, PROMPT, PROMPT, ("question",))
     tokens = opts.max_new_tokens(MAX_NEW_TOKENS)
     records = read_json(path, "VizWiz annotation file")

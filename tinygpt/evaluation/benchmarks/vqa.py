@@ -48,14 +48,21 @@ def _list(path: Path, key: str) -> list:
     return content[key]
 
 
+def _data_files(name: str):
+    def data_files(root: Path, split: str, options: dict) -> list[Path]:
+        """The questions file and the annotations file `load` reads."""
+        return [Path(root) / pattern.format(split=split) for pattern in FILES[name]]
+
+    return data_files
+
+
 def _loader(name: str):
     def load(root: Path, split: str, options: dict) -> list[Sample]:
         opts = parse_options(name, options)
         root = Path(root)
-        questions_name, annotations_name = (pattern.format(split=split) for pattern in FILES[name])
+        questions_path, annotations_path = _data_files(name)(root, split, options)
         prompt = template(opts, VQA_PROMPT, VQA_PROMPT, ("question",))
-        questions = _list(root / questions_name, "questions")
-        annotations_path = root / annotations_name
+        questions = _list(questions_path, "questions")
         annotations = {}
         for index, record in enumerate(_list(annotations_path, "annotations")):
             annotations[need(record, "question_id", f"{annotations_path} annotation {index}", int)] = record
@@ -63,7 +70,7 @@ def _loader(name: str):
 
         def samples() -> Iterator[Sample]:
             for index, record in enumerate(questions):
-                where = f"{root / questions_name} question {index}"
+                where = f"{questions_path} question {index}"
                 qid = need(record, "question_id", where, int)
                 image_id = need(record, "image_id", where, int)
                 annotation = annotations.get(qid)
@@ -103,3 +110,4 @@ BENCHMARKS = {
         paper=published(name))
     for name, title in (("okvqa", "OK-VQA (val)"), ("vqav2", "VQAv2 (val)"))
 }
+DATA_FILES = {name: _data_files(name) for name in BENCHMARKS}

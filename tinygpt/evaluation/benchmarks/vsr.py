@@ -39,10 +39,15 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes"), ("false", "no")
 MAX_NEW_TOKENS = 10
 
 
+def data_files(root: Path, split: str, options: dict) -> list[Path]:
+    """The statements file `load` reads."""
+    return [Path(root) / f"{split}.jsonl"]
+
+
 def load(root: Path, split: str, options: dict) -> list[Sample]:
     opts = parse_options(NAME, options)
     root = Path(root)
-    path = root / f"{split}.jsonl"
+    (path,) = data_files(root, split, options)
     prompt = template(opts, PROMPT, PROMPT, ("caption", "question"))
     tokens = opts.max_new_tokens(MAX_NEW_TOKENS)
     records = read_jsonl(path)
