@@ -154,3 +154,23 @@ def test_gguf_a_raw_prompt_cut_by_the_context(scripted_gguf):
     assert (backend.last_stats.stopped_by, backend.last_stats.generated_tokens) == ("context full", room)
     engine.complete(prompt, GenerationSettings(max_new_tokens=room - 1))
     assert backend.last_stats.stopped_by == "max_new_tokens"
+
+
+def test_the_terminal_chat_says_when_the_context_cut_the_answer(torch_engine):
+    import io
+
+    from tinygpt.chat.cli import TerminalChat
+
+    engine = torch_engine
+    engine.settings = engine.settings.with_(max_new_tokens=ROOM - 2)  # room left: no note
+    out, err = io.StringIO(), io.StringIO()
+    chat = TerminalChat(engine, out, err)
+    try:
+        chat.ask(LONG[0]["content"])
+        assert err.getvalue() == ""
+        chat.reset()
+        engine.settings = engine.settings.with_(max_new_tokens=ROOM + 50)
+        chat.ask(LONG[0]["content"])
+        assert "cut where it filled the model's context" in err.getvalue() and "/reset" in err.getvalue()
+    finally:
+        chat.close()

@@ -65,8 +65,8 @@ def launch_config(args: argparse.Namespace) -> LaunchConfig:
 class TerminalChat:
     """One conversation: pending images go with the next question; answers stream to `out`."""
 
-    def __init__(self, engine: ChatEngine, out: TextIO | None = None):
-        self.engine, self.out = engine, out or sys.stdout
+    def __init__(self, engine: ChatEngine, out: TextIO | None = None, err: TextIO | None = None):
+        self.engine, self.out, self.err = engine, out or sys.stdout, err or sys.stderr
         self.messages: list[dict] = []
         self.pending: list = []
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="tinygpt-attach")
@@ -112,6 +112,10 @@ class TerminalChat:
             self.out.write(piece)
             self.out.flush()
         self.out.write("\n")
+        stats = getattr(self.engine.backend, "last_stats", None)  # optional in a backend (tinygpt.chat.backend)
+        if stats is not None and stats.stopped_by == "context full":
+            print(f"note: the answer was cut where it filled the model's context ({self.engine.context_length} "
+                  "positions); /reset starts a new conversation", file=self.err)
         answer = "".join(pieces)
         self.messages = [*messages, {"role": "assistant", "content": answer}]
         self.pending = []
