@@ -174,3 +174,17 @@ def test_the_terminal_chat_says_when_the_context_cut_the_answer(torch_engine):
         assert "cut where it filled the model's context" in err.getvalue() and "/reset" in err.getvalue()
     finally:
         chat.close()
+
+
+def test_the_demo_shows_a_notice_when_the_context_cut_the_answer(torch_engine, tmp_path):
+    from tinygpt.chat.launch import LaunchConfig, Limits, ModelChoice
+    from tinygpt.demo.handlers import Handlers
+
+    launch = LaunchConfig("test", ModelChoice(path="unused", backend="torch"), GenerationSettings(), Limits())
+    h = Handlers(torch_engine, launch, tmp_path)
+    history = [{"role": "user", "content": LONG[0]["content"]}]
+    *_, (room_left, _, _) = h.respond(history, ROOM - 2, 0.0, 0.9, 1.0, 0)
+    assert room_left[-1]["role"] == "assistant" and "metadata" not in room_left[-1]
+    *_, (cut, _, _) = h.respond(history, ROOM + 50, 0.0, 0.9, 1.0, 0)
+    assert cut[-2]["role"] == "assistant" and "metadata" not in cut[-2]  # the answer, then the notice
+    assert cut[-1]["metadata"]["title"] == "✂️ Answer cut" and "Clear starts a new one" in cut[-1]["content"]

@@ -115,7 +115,13 @@ class Handlers:
             return
         finally:
             pieces.close()
-        yield self._answered(history, answer)
+        shown_history, *views = self._answered(history, answer)
+        stats = getattr(getattr(self.engine, "backend", None), "last_stats", None)  # optional in a backend
+        if answer and stats is not None and stats.stopped_by == "context full":
+            text = (f"the conversation filled the model's context ({self.engine.context_length} positions); "
+                    "Clear starts a new one")
+            shown_history = shown_history + [notice("✂️ Answer cut", text)]
+        yield shown_history, *views
 
     def _refused(self, history: list[dict], exc: UserError) -> tuple:
         gr.Warning(str(exc))
