@@ -195,7 +195,7 @@ def test_nonfinite_loss_is_skipped_when_the_engine_steps_inside_backward(synthet
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(loop, "compute_loss", nan_on_second_call)
-    monkeypatch.setattr(stage, "make_accelerator", lambda run: SteppingInBackward(real_accelerator(run)))
+    monkeypatch.setattr(stage, "make_accelerator", lambda run, where="": SteppingInBackward(real_accelerator(run)))
     out = run(1, options(1, synthetic, tmp_path, steps=3, model__init_from=base_model))
     summary = json.loads((out / "train_summary.json").read_text())["summary"]
     assert summary["skipped_steps"] == 1 and len(calls) == 3

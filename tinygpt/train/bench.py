@@ -84,7 +84,7 @@ def bench(cfg, steps: int, random_weights: bool, text_tokens: Optional[int] = No
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
     if random_weights:
         cfg.model.init_from = None
-    accelerator = make_accelerator(cfg.run)
+    accelerator = make_accelerator(cfg.run, cfg.origin("run.grad_accum_steps"))
     note = precision_note(cfg, accelerator)
     if note:
         log.warning("%s", note)

@@ -26,6 +26,7 @@ from ..config.schema import RunConfig
 from ..data.bad_records import share_counts
 from ..errors import UserError
 from . import checkpoint as ckpt
+from .accelerate_config import accumulation_plugin, agree_deepspeed
 from .interrupt import StepReached
 from .run_guard import changed_settings, resume_line, run_fingerprint, stage_record
 from . import sharded
@@ -45,9 +46,10 @@ class TrainingStopped(UserError):
     """Too many non-finite losses in a row."""
 
 
-def make_accelerator(run):
+def make_accelerator(run, where: str = ""):
     """An Accelerator for ``run`` (the RunSection). In a single, non-launched process the global accelerate state
-    is reset first, so several stages can run in one process (the tiny recipe, tests)."""
+    is reset first, so several stages can run in one process (the tiny recipe, tests). Built with
+    ``run.grad_accum_steps`` (accelerate_config.py): ``accelerator.backward`` divides each micro-batch's loss by it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         AcceleratorState._reset_state(True)
     precision = MIXED[run.precision]
@@ -57,18 +59,25 @@ def make_accelerator(run):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # text-only batches leave proj1/proj2 unused
     cpu_fsdp = sharded.cpu_fsdp_launch(cuda)
     # cpu=True also when there is no GPU: only then does accelerate see a torchrun/mpirun launch as multi-CPU (gloo)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, kwargs_handlers=[ddp],
+                              gradient_accumulation_plugin=accumulation_plugin(run, where))
     return sharded.fsdp_on_cpu(accelerator) if cpu_fsdp else accelerator
 
 
 def check_deepspeed(cfg: RunConfig, accelerator) -> None:
     """UserError for ``run.grad_accum_steps`` > 1 under DeepSpeed: accelerate's DeepSpeed backward steps the engine at
     every micro-batch this loop does not mark as not the last (it marks none yet), so accumulation would silently be
-    one step per micro-batch (docs/training.md, DeepSpeed)."""
-    if accelerator.distributed_type.name == "DEEPSPEED" and cfg.run.grad_accum_steps > 1:
+    one step per micro-batch (docs/training.md, DeepSpeed). Then the DeepSpeed config must clip with
+    ``optim.max_grad_norm`` (accelerate_config.agree_deepspeed): said here, before any model loads."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        return
+    if cfg.run.grad_accum_steps > 1:
         raise UserError(f"{cfg.origin('run.grad_accum_steps')}: run.grad_accum_steps: {cfg.run.grad_accum_steps} "
                         "is not supported under DeepSpeed yet (it would step at every micro-batch); use 1 and a "
                         "larger batch_size, or run without DeepSpeed")
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is not None:
+        agree_deepspeed(cfg, plugin)
 
 
 def ran_precision(accelerator) -> str:
@@ -132,6 +141,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no DataLoader goes through prepare(), so DeepSpeed needs the micro-batch size here
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(e.batch_size for e in mixer.entries)
+        agree_deepspeed(cfg, plugin)  # the engine clips with optim.max_grad_norm (clip_grad_norm_ does not there)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # DeepSpeed's engine steps inside accelerator.backward (grad_accum_steps is 1 there, check_deepspeed): a
@@ -198,7 +208,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                         moe_load.add()
                     finite = finite and bool(torch.isfinite(loss.detach()).item())
                     if not (steps_in_backward and any_process_bad(accelerator, finite)):
-                        accelerator.backward(loss / r.grad_accum_steps)
+                        accelerator.backward(loss)  # divided by r.grad_accum_steps there (make_accelerator)
                 step_losses.append(float(loss.detach()))
             any_bad = any_process_bad(accelerator, finite)
             if accelerator.num_processes > 1:  # bad records: judged and summed up over all processes

@@ -171,7 +171,7 @@ def run_stage(cfg: RunConfig) -> Path:
     resume_from = check_resume(cfg)  # a checkpoint that cannot be resumed: said before the model loads
     reached = StepReached(checkpoint=resume_from)
     with interrupts_reported(cfg, reached):  # Ctrl-C / SIGTERM: one line saying where a rerun resumes
-        accelerator = make_accelerator(cfg.run)
+        accelerator = make_accelerator(cfg.run, cfg.origin("run.grad_accum_steps"))
         check_deepspeed(cfg, accelerator)
         reached.main = accelerator.is_main_process  # the one process that says it
         with run_lock(cfg, accelerator.is_main_process):
