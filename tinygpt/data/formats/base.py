@@ -35,10 +35,11 @@ class Record:
 
 
 def read_json(path: str | Path, what: str = "annotation file") -> Any:
-    """Parse a whole JSON file; a missing or malformed file is a UserError naming file, line and column."""
+    """Parse a whole JSON file (a leading byte-order mark is allowed); a missing or malformed file is a UserError
+    naming file, line and column."""
     path = Path(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:  # a byte-order mark is allowed, as in JSONL
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: {what} does not exist") from None
@@ -63,6 +64,18 @@ def iter_json_list(path: str | Path, key: Optional[str] = None) -> Iterator[tupl
         raise UserError(f"{path}: expected a JSON list of records, got {type(content).__name__}")
     for index, entry in enumerate(content):
         yield f"{path} record {index}", entry
+
+
+def looks_like_json_list(path: str | Path) -> bool:
+    """Whether the file starts (after a byte-order mark and blanks) with ``[``: a JSON list, not JSON lines."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file does not exist") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def iter_jsonl(path: str | Path, counter: BadRecordCounter) -> Iterator[tuple[str, Any]]:
@@ -171,14 +184,16 @@ def check_unicode(text: str, what: str) -> None:
 
 
 def check_placeholders(turns: list[dict], image_count: int) -> None:
-    """The data contract: >= 1 turn, texts that are Unicode, and as many ``<ImageHere>`` in all user texts as there are
-    images (a dataset text that itself contains the placeholder, or puts it in an answer, would break the model's
-    splice)."""
+    """The data contract: >= 1 turn, texts that are Unicode, no blank answer (nothing to learn), and as many
+    ``<ImageHere>`` in all user texts as there are images (a dataset text that itself contains the placeholder, or
+    puts it in an answer, would break the model's splice)."""
     if not turns:
         raise BadRecord("no conversation turn")
     for number, turn in enumerate(turns, start=1):
         for side in ("user", "assistant"):
             check_unicode(turn[side], f"turn {number}'s {side} text")
+        if not turn["assistant"].strip():  # e.g. an answer of only punctuation, which blip_caption strips
+            raise BadRecord(f"turn {number}'s answer is empty (after text processing)")
     placed = sum(turn["user"].count(IMAGE_PLACEHOLDER) for turn in turns)
     if placed != image_count or any(IMAGE_PLACEHOLDER in turn["assistant"] for turn in turns):
         raise BadRecord(f"text holds {placed} {IMAGE_PLACEHOLDER} placeholders in user turns for {image_count} images"

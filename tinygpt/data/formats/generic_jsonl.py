@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, check_unicode, iter_jsonl, require
+from tinygpt.data.formats.base import (Record, RecordDataset, check_box_text, check_unicode, iter_jsonl,
+                                       looks_like_json_list, require)
 from tinygpt.errors import UserError
 from tinygpt.io_utils import atomic_write_text
 from tinygpt.tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
@@ -65,6 +66,9 @@ class GenericJsonl(RecordDataset):
         path_obj = Path(path)
         super().__init__(name=name or path_obj.stem, source=path, root=image_root or path_obj.parent,
                          image_size=image_size, seed=seed, bad_records=bad_records)
+        if looks_like_json_list(path_obj):  # else every line of it would be a bad record
+            raise UserError(f"{path}: a JSON list, but generic_jsonl reads JSON lines, one object per line (write it "
+                            "with tinygpt.data.formats.generic_jsonl.write_generic_jsonl)")
         for where, entry in iter_jsonl(path_obj, self.record_counter):
             self.add(where, lambda entry=entry: Record(*parse_generic_record(entry)))
         self.finish()

@@ -24,7 +24,8 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 
 
 def parse_conversation(entry: dict) -> list[tuple[str, str]]:
-    """(question, answer) pairs of a LLaVA record; a trailing unanswered question is dropped."""
+    """(question, answer) pairs of a LLaVA record (roles alternating human, gpt; no blank value); a trailing
+    unanswered question is dropped."""
     turns = require(entry, "conversations", list)
     pairs = []
     for index in range(0, len(turns) - 1, 2):
@@ -32,6 +33,8 @@ def parse_conversation(entry: dict) -> list[tuple[str, str]]:
         for position, turn, roles in ((index, question, HUMAN_ROLES), (index + 1, answer, ASSISTANT_ROLES)):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
                 raise BadRecord(f"conversations[{position}] must be an object with a string 'value'")
+            if not turn["value"].strip():
+                raise BadRecord(f"conversations[{position}] has an empty 'value'")
             if turn.get("from") not in roles:
                 raise BadRecord(f"conversations[{position}] is from {turn.get('from')!r}, expected one of {roles}")
         pairs.append((question["value"], answer["value"]))
@@ -60,7 +63,8 @@ class LlavaDataset(RecordDataset):
 
     def _build(self, entry: dict, image_name: str) -> Record:
         pairs = parse_conversation(entry)
-        if not _clean_first_question(pairs[0][0]):
+        first_question = _clean_first_question(pairs[0][0])
+        if not (blip_caption(first_question) if self.process_text and not self.multi_turn else first_question):
             raise BadRecord("the first question is empty")
         if not self.multi_turn:
             pairs = pairs[:1]

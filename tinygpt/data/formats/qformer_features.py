@@ -31,6 +31,7 @@ from tinygpt.data.bad_records import BadRecordPolicy
 from tinygpt.errors import UserError
 
 MANIFEST = "manifest.json"
+REBUILD = "rebuild the cache with python -m tinygpt.train.features"
 REQUIRED = ("dataset", "samples", "shards", "model", "image_size", "num_query_tokens", "hidden_size")
 
 
@@ -51,6 +52,25 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def _read_samples(path: Path) -> list[dict]:
+    """The sample texts of one shard, one JSON object per line; a missing or damaged file is a UserError."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the feature cache's samples ({getattr(exc, 'strerror', None) or exc}); "
+                        f"{REBUILD}") from None
+    texts = []
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            text = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}:{line_no}: not valid JSON ({exc}); {REBUILD}") from None
+        if not isinstance(text, dict) or not isinstance(text.get("turns"), list):
+            raise UserError(f"{path}:{line_no}: expected an object with a 'turns' list; {REBUILD}")
+        texts.append(text)
+    return texts
+
+
 class FeatureDataset(Dataset):
     """Samples ``{"images": empty, "image_features": [N, Q, D], "turns", "dataset"}`` from a feature cache."""
 
@@ -61,10 +81,18 @@ class FeatureDataset(Dataset):
         self.name = name or self.manifest["dataset"]
         self.index: list[tuple[int, int]] = []       # (shard, row in shard) per sample
         self.texts: list[dict] = []
-        for shard, files in enumerate(self.manifest["shards"]):
-            lines = (self.root / files["samples"]).read_text().splitlines()
-            self.texts.extend(json.loads(line) for line in lines)
-            self.index.extend((shard, row) for row in range(len(lines)))
+        shards = self.manifest["shards"]
+        if not isinstance(shards, list) or not all(
+                isinstance(files, dict) and all(isinstance(files.get(k), str) for k in ("features", "samples"))
+                for files in shards):
+            raise UserError(f"{self.root / MANIFEST}: 'shards' must be a list of {{\"features\", \"samples\"}} file "
+                            f"names; {REBUILD}")
+        for shard, files in enumerate(shards):
+            texts = _read_samples(self.root / files["samples"])
+            if not (self.root / files["features"]).is_file():
+                raise UserError(f"{self.root / files['features']}: feature shard does not exist; {REBUILD}")
+            self.texts.extend(texts)
+            self.index.extend((shard, row) for row in range(len(texts)))
         self._open: tuple[int, dict] | None = None
         self.epoch = 0
 

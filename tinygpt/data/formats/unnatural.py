@@ -13,20 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from tinygpt.data.bad_records import BadRecord, BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, iter_json_list, iter_jsonl, require
+from tinygpt.data.formats.base import (Record, RecordDataset, iter_json_list, iter_jsonl, looks_like_json_list,
+                                       require)
 from tinygpt.data.text import blip_caption
-from tinygpt.errors import UserError
-
-
-def _looks_like_json_list(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file does not exist") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return head.startswith(b"[")
 
 
 def _constraints_text(constraints: object) -> str:
@@ -49,7 +38,7 @@ class UnnaturalInstructions(RecordDataset):
                          bad_records=bad_records)
         self.process_text = process_text
         path = Path(ann_path)
-        entries = iter_json_list(path) if _looks_like_json_list(path) else iter_jsonl(path, self.record_counter)
+        entries = iter_json_list(path) if looks_like_json_list(path) else iter_jsonl(path, self.record_counter)
         for where, entry in entries:
             self.add(where, lambda entry=entry: self._build(entry))
         self.finish()

@@ -87,9 +87,11 @@ class VQADataset(RecordDataset):
         if self.answer_field == "answer" and isinstance(entry.get("answer"), str):
             answers = [require(entry, "answer")]
         else:
-            answers = [a for a in require(entry, self.answer_field, list) if isinstance(a, str) and a.strip()]
-            if not answers:
-                raise BadRecord(f"field {self.answer_field!r} holds no answer text")
+            answers = [a for a in require(entry, self.answer_field, list) if isinstance(a, str)]
+        # an answer that text processing empties ("...") would be trained on as an empty answer
+        answers = [a for a in answers if (blip_caption(a) if self.process_text else a).strip()]
+        if not answers:
+            raise BadRecord(f"field {self.answer_field!r} holds no answer text")
         return Record([self._image_name(entry, by_basename)], (question, answer_weights(answers)))
 
     def make_turns(self, record, sizes, rng):
