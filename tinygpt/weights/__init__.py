@@ -4,9 +4,11 @@ Each ``load_*`` reads its file(s) lazily (one tensor in memory at a time), renam
 the ViT position embedding when the model's image size differs from the file's (224 -> 448 px), copies them with
 ``tinygpt.model.state.load_state`` and returns its ``LoadReport``. A load fails (``UserError`` naming the file) when
 nothing matched or a converted tensor has no place in the model (both checked from the names, before any tensor is
-read), or when a shape differs; what the file did not provide within the part it is responsible for is reported as
-missing (with ``required=True``, as the build uses it, that is an error unless the tensor may start fresh: TinyGPT-V's
-extra norms, LoRA, the projections), and tensors the importer does not use are reported as skipped.
+read), when two file tensors convert to the same model tensor (two layouts or prefixes), or when a shape differs, a
+tensor is not floating point (a quantized file) or a value would become inf in the model's dtype; what the file did not
+provide within the part it is responsible for is reported as missing (with ``required=True``, as the build uses it, that
+is an error unless the tensor may start fresh: TinyGPT-V's extra norms, LoRA, the projections), and tensors the importer
+does not use are reported as skipped.
 
     from tinygpt.weights import load_phi2, load_blip2, load_lavis, load_released, load_minigpt4_proj
 """
@@ -17,6 +19,7 @@ import logging
 import re
 from collections.abc import Callable
 
+import torch
 from tqdm import tqdm
 
 from ..errors import UserError
@@ -62,7 +65,7 @@ def load_weights(model, tensors: TensorSource, scope: Callable[[str], bool] | No
     if required and gaps:
         raise UserError(f"{tensors.origin}: lacks {len(gaps)} tensor(s) the model needs, first {gaps[0]} (renamed or "
                         "missing in the file, or a file for a smaller model)")
-    tensors = _resize_positions(model, tensors)
+    tensors = _checked_values(model, _resize_positions(model, tensors), targets)
     bar = _progress_bar(tensors) if progress else None
     try:
         report = load_state(model, _ticking(tensors, bar) if bar else tensors, tensors.origin)
@@ -119,12 +122,43 @@ def _resize_positions(model, tensors: TensorSource) -> TensorSource:
         return tensors
     pos = tensors[POSITIONS]
     want = model.vision_model.embeddings.position_embedding.shape
-    if tuple(pos.shape) == tuple(want) or pos.shape[-1] != want[-1]:
-        return tensors  # same grid, or a width mismatch that load_state reports
+    if tuple(pos.shape) == tuple(want) or pos.ndim != len(want) or pos.shape[-1] != want[-1]:
+        return tensors  # same grid, or a width or rank mismatch that load_state reports
     vision = model.config.vision_config
-    resized = resize_position_embedding(pos, int(vision.image_size), int(vision.patch_size))
+    try:
+        resized = resize_position_embedding(pos, int(vision.image_size), int(vision.patch_size))
+    except UserError as exc:
+        raise UserError(f"{tensors.origin}: tensor {POSITIONS} (shape {list(pos.shape)}): {exc}") from None
     note = f"resized the ViT position embedding {pos.shape[1]} -> {resized.shape[1]} positions (bicubic)"
     return tensors.derived({**tensors.loaders, POSITIONS: lambda: resized}, notes=[note])
+
+
+def _checked_values(model, tensors: TensorSource, targets: dict[str, str | None]) -> TensorSource:
+    """Each tensor checked as it is read, cast to its model tensor's dtype: an integer / bool / complex tensor (a
+    quantized or damaged file) is refused instead of being cast to a meaningless float, and so is a finite value that
+    the model's narrower dtype would turn into inf (fp32 / bf16 weights beyond fp16's range)."""
+    own = model.state_dict(keep_vars=True)
+
+    def checked(name, load):
+        def run():
+            value, param = load(), own.get(targets.get(name))
+            if param is None or not param.is_floating_point() or value.dtype == param.dtype:  # None: not loaded
+                return value
+            if not value.is_floating_point():
+                raise UserError(f"{tensors.origin}: tensor {name} is {str(value.dtype).removeprefix('torch.')}, "
+                                "not floating point (a quantized or damaged checkpoint?); expected fp32/fp16/bf16 "
+                                "weights")
+            cast = value.to(param.dtype)
+            narrower = torch.finfo(param.dtype).max < torch.finfo(value.dtype).max
+            if narrower and not torch.isfinite(cast).all() and torch.isfinite(value).all():
+                kind = str(param.dtype).removeprefix("torch.")
+                raise UserError(f"{tensors.origin}: tensor {name} holds values up to {value.abs().max().item():.4g}, "
+                                f"beyond the range of {kind} (they would become inf); load it in bf16 or fp32 "
+                                "(--dtype)")
+            return cast
+        return run
+
+    return tensors.derived({k: checked(k, f) for k, f in tensors.loaders.items()})
 
 
 def _progress_bar(tensors: TensorSource) -> tqdm:

@@ -9,14 +9,16 @@ The ViT and Q-Former sizes come from the directory's ``config.json``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from .phi2 import _field
 from .sources import read_config_json, read_model_dir, resolve_model_dir
-from .torch_file import TensorSource
+from .torch_file import TensorSource, claim
 
 _KEEP = re.compile(r"^(vision_model\.|qformer\.(layernorm|encoder)\.|query_tokens$)")
 _TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
@@ -33,18 +35,19 @@ def wanted(name: str) -> bool:
 
 
 def blip2_tensors(raw: TensorSource) -> TensorSource:
-    loaders, skipped, biases = {}, [], {}
+    loaders, skipped, biases, owners = {}, [], {}, {}
     for key in raw:
         if m := _SPLIT_BIAS.match(key):
             biases.setdefault(m.group(1), {})[m.group(2)] = key
         elif _KEEP.match(key) and not _TEXT_FFN.match(key):
-            loaders[key] = lambda k=key: raw[k]
+            loaders[claim(owners, key, key, raw.origin)] = lambda k=key: raw[k]
         else:
             skipped.append(key)
     for prefix, parts in biases.items():
         if set(parts) != {"q", "v"}:
             raise UserError(f"{raw.origin}: {prefix}: q_bias and v_bias must come together")
-        loaders[prefix + "qkv.bias"] = lambda p=parts: fuse_qv_bias(raw[p["q"]], raw[p["v"]])
+        loaders[claim(owners, prefix + "qkv.bias", parts["q"], raw.origin)] = lambda p=parts: fuse_qv_bias(
+            raw[p["q"]], raw[p["v"]])
     notes = []
     dropped_lm = sum(k.startswith(("language_model.", "language_projection.")) for k in skipped)
     if dropped_lm:
@@ -65,12 +68,36 @@ def blip2_config_overrides(config: dict, where: str) -> dict:
         raise UserError(f"{where}: model_type {config.get('model_type')!r} is not a BLIP-2 model")
     vision = config.get("vision_config") or {}
     qformer = config.get("qformer_config") or {}
+    for name, part in (("vision_config", vision), ("qformer_config", qformer)):
+        if not isinstance(part, dict):
+            raise UserError(f"{where}: field {name!r} is {json.dumps(part)[:60]}; expected an object")
     out = {
-        "vision": {k: vision[k] for k in VISION_FIELDS if k in vision},
-        "qformer": {k: qformer[k] for k in QFORMER_FIELDS if k in qformer},
+        "vision": _fields(vision, VISION_FIELDS, f"{where}: vision_config"),
+        "qformer": _fields(qformer, QFORMER_FIELDS, f"{where}: qformer_config"),
     }
     if "num_query_tokens" in config:
-        out["num_query_tokens"] = int(config["num_query_tokens"])
+        queries = config["num_query_tokens"]
+        if not isinstance(queries, int) or isinstance(queries, bool) or queries <= 0:
+            raise UserError(f"{where}: field 'num_query_tokens' is {json.dumps(queries)}; expected a positive integer")
+        out["num_query_tokens"] = queries
+    return out
+
+
+def _fields(part: dict, names: tuple[str, ...], where: str) -> dict:
+    """The sizes ``names`` of a vision / Q-Former config, checked (a missing or null field keeps the preset's)."""
+    kinds = {"hidden_act": str, "layer_norm_eps": float}
+    out = {}
+    for name in names:
+        if name in part and part[name] is None:
+            raise UserError(f"{where}: field {name!r} is null; give a value or leave the field out")
+        if name == "qkv_bias":
+            if part.get(name) is not None and not isinstance(part[name], bool):
+                raise UserError(f"{where}: field 'qkv_bias' is {json.dumps(part[name])}; expected true or false")
+            value = part.get(name)
+        else:
+            value = _field(part, name, where, None, kinds.get(name, int))
+        if value is not None:
+            out[name] = value
     return out
 
 

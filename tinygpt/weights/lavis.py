@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 
+from ..errors import UserError
 from .blip2_hf import fuse_qv_bias
-from .torch_file import TensorSource
+from .torch_file import TensorSource, claim
 
 VISION = "vision_model."
 _EVA_RENAMES = [
@@ -41,7 +42,7 @@ _QFORMER_KEEP = re.compile(r"^(attention|crossattention)\.(self|output)\.|^(inte
 
 def eva_tensors(raw: TensorSource, depth: int) -> TensorSource:
     """LAVIS EVA ViT-g keys (bare or ``visual_encoder.``-prefixed) -> ``vision_model.*``; blocks >= depth dropped."""
-    loaders, skipped, biases, dropped = {}, [], {}, set()
+    loaders, skipped, biases, dropped, owners = {}, [], {}, set(), {}
     for key in raw:
         name = key.removeprefix("visual_encoder.")
         block = _BLOCK.match(name)
@@ -49,17 +50,19 @@ def eva_tensors(raw: TensorSource, depth: int) -> TensorSource:
             dropped.add(int(block.group(1)))
             skipped.append(key)
         elif m := _EVA_BIAS.match(name):
+            claim(owners, name, key, raw.origin)  # blocks.N.attn.q_bias bare and under visual_encoder.
             biases.setdefault(int(m.group(1)), {})[m.group(2)] = key
         else:
             target = _rename(name, _EVA_RENAMES)
             if target is None:
                 skipped.append(key)
             else:
-                loaders[VISION + target] = lambda k=key: raw[k]
+                loaders[claim(owners, VISION + target, key, raw.origin)] = lambda k=key: raw[k]
     for index, parts in biases.items():
         if set(parts) == {"q", "v"}:
             target = f"{VISION}encoder.layers.{index}.self_attn.qkv.bias"
-            loaders[target] = lambda p=parts: fuse_qv_bias(raw[p["q"]], raw[p["v"]])
+            loaders[claim(owners, target, parts["q"], raw.origin)] = lambda p=parts: fuse_qv_bias(raw[p["q"]],
+                                                                                                   raw[p["v"]])
         else:
             skipped += list(parts.values())
     notes = []
@@ -109,20 +112,27 @@ def lavis_config_overrides(eva: TensorSource, qformer: TensorSource) -> dict:
     Depths and head counts stay the preset's: a file with fewer ViT blocks or Q-Former layers than that is reported as
     missing tensors when it is loaded (never a smaller model); extra ViT blocks are dropped with a note.
     """
-    def find(source: TensorSource, suffix: str):
+    def find(source: TensorSource, suffix: str, ndim: int):
+        """The tensor named ``suffix``, or None; a tensor of another rank is an error naming the file and the key."""
         key = next((k for k in source if k.removeprefix("visual_encoder.") == suffix), None)
-        return None if key is None else source[key]
+        if key is None:
+            return None
+        tensor = source[key]
+        if tensor.ndim != ndim or 0 in tensor.shape:
+            raise UserError(f"{source.origin}: tensor {key} has shape {list(tensor.shape)}; a LAVIS checkpoint "
+                            f"holds it with {ndim} non-empty dimensions")
+        return tensor
 
     vision, qf, out = {}, {}, {}
-    if (cls := find(eva, "cls_token")) is not None:
+    if (cls := find(eva, "cls_token", 3)) is not None:
         vision["hidden_size"] = int(cls.shape[-1])
-    if (fc1 := find(eva, "blocks.0.mlp.fc1.weight")) is not None:
+    if (fc1 := find(eva, "blocks.0.mlp.fc1.weight", 2)) is not None:
         vision["intermediate_size"] = int(fc1.shape[0])
-    if (patch := find(eva, "patch_embed.proj.weight")) is not None:
+    if (patch := find(eva, "patch_embed.proj.weight", 4)) is not None:
         vision["patch_size"] = int(patch.shape[-1])
-    if (queries := find(qformer, "query_tokens")) is not None:
+    if (queries := find(qformer, "query_tokens", 3)) is not None:
         qf["hidden_size"] = int(queries.shape[-1])
         out["num_query_tokens"] = int(queries.shape[1])
-    if (inter := find(qformer, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")) is not None:
+    if (inter := find(qformer, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", 2)) is not None:
         qf["intermediate_size"] = int(inter.shape[0])
     return {"vision": vision, "qformer": qf, **out}

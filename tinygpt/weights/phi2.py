@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UserError
 from .sources import read_config_json, read_model_dir, resolve_model_dir
-from .torch_file import TensorSource
+from .torch_file import TensorSource, claim
 
 PEFT_PREFIX = "base_model.model."
 _REQUIRED = object()
@@ -48,14 +48,16 @@ _MSFT_RENAMES = [
 ]
 
 
-def deinterleave_qkv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+def deinterleave_qkv(tensor: torch.Tensor, num_heads: int, where: str = "fused query_key_value") -> torch.Tensor:
     """Rows ordered ``(heads, 3, head_dim)`` (transformers <= 4.36 / TinyGPT-V) -> ``(3, heads, head_dim)`` = [q;k;v].
 
-    Works for the fused weight [3H, H], its bias [3H] and a LoRA B matrix [3H, r].
+    Works for the fused weight [3H, H], its bias [3H] and a LoRA B matrix [3H, r]. ``where`` (file: tensor) names the
+    tensor in the error for a row count that does not split into the heads.
     """
-    rows = tensor.shape[0]
-    if rows % (3 * num_heads):
-        raise UserError(f"fused query_key_value has {rows} rows, not divisible by 3 x {num_heads} heads")
+    rows = tensor.shape[0] if tensor.ndim else 0
+    if rows == 0 or rows % (3 * num_heads):
+        raise UserError(f"{where} has shape {list(tensor.shape)}: {rows} rows, not divisible by 3 x {num_heads} "
+                        "heads (a file for a model of another size?)")
     head_dim = rows // (3 * num_heads)
     rest = tuple(tensor.shape[1:])
     return tensor.reshape(num_heads, 3, head_dim, *rest).transpose(0, 1).reshape(rows, *rest).contiguous()
@@ -64,25 +66,27 @@ def deinterleave_qkv(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
 def phi2_tensors(raw: TensorSource, num_heads: int) -> TensorSource:
     """Rename/fuse a Phi checkpoint (any of the three layouts) into ``TinyGPTPhiForCausalLM`` names."""
     raw = _without_peft_prefix(raw)
-    loaders, skipped, split, notes = {}, [], {}, []
+    loaders, skipped, split, notes, owners = {}, [], {}, [], {}
     for key in raw:
         if m := _SPLIT_QKV.match(key):
             split.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = key
         elif m := _FUSED_QKV.match(key):
-            loaders[f"{m.group(1)}qkv.{m.group(2)}"] = lambda k=key: deinterleave_qkv(raw[k], num_heads)
+            target = claim(owners, f"{m.group(1)}qkv.{m.group(2)}", key, raw.origin)
+            loaders[target] = lambda k=key: deinterleave_qkv(raw[k], num_heads, f"{raw.origin}: tensor {k}")
         elif _PLAIN.match(key):
-            loaders[key] = lambda k=key: raw[k]
+            loaders[claim(owners, key, key, raw.origin)] = lambda k=key: raw[k]
         else:
             target = _msft_name(key)
             if target is None:
                 skipped.append(key)
             else:
-                loaders[target] = lambda k=key: raw[k]
+                loaders[claim(owners, target, key, raw.origin)] = lambda k=key: raw[k]
     for (prefix, kind), parts in split.items():
         if set(parts) != {"q", "k", "v"}:
             have = ", ".join(sorted(parts))
             raise UserError(f"{raw.origin}: {prefix}*_proj.{kind}: only {have} of q/k/v present")
-        loaders[f"{prefix}qkv.{kind}"] = lambda p=parts: torch.cat([raw[p["q"]], raw[p["k"]], raw[p["v"]]], 0)
+        target = claim(owners, f"{prefix}qkv.{kind}", parts["q"], raw.origin)
+        loaders[target] = lambda p=parts: torch.cat([raw[p["q"]], raw[p["k"]], raw[p["v"]]], 0)
     if split:
         notes.append(f"fused q_proj/k_proj/v_proj into qkv in {len(split) // 2} layers")
     return raw.derived(loaders, skipped=skipped, notes=notes)

@@ -20,7 +20,7 @@ import re
 
 from .lavis import eva_tensors, lavis_qformer_name
 from .phi2 import deinterleave_qkv
-from .torch_file import TensorSource
+from .torch_file import TensorSource, claim
 
 _LLM_PREFIXES = ("llama_model.base_model.model.", "llama_model.")
 _PROJ = {"llama_proj.": "proj1.", "llama_proj2.": "proj2."}
@@ -29,12 +29,12 @@ _LORA = re.compile(r"^(model\.layers\.\d+\.self_attn\.)(query_key_value|dense)\.
 
 
 def released_tensors(raw: TensorSource, num_heads: int, vit_depth: int) -> TensorSource:
-    loaders, skipped, vit_keys = {}, [], []
+    loaders, skipped, vit_keys, owners = {}, [], [], {}
     lora_layers = set()
     for key in raw:
         proj = next((p for p in _PROJ if key.startswith(p)), None)
         if proj is not None:
-            loaders[_PROJ[proj] + key.removeprefix(proj)] = lambda k=key: raw[k]
+            loaders[claim(owners, _PROJ[proj] + key.removeprefix(proj), key, raw.origin)] = lambda k=key: raw[k]
             continue
         llm_prefix = next((p for p in _LLM_PREFIXES if key.startswith(p)), None)
         if llm_prefix is not None:
@@ -44,11 +44,13 @@ def released_tensors(raw: TensorSource, num_heads: int, vit_depth: int) -> Tenso
                 target = f"{m.group(1)}{module}.{m.group(3)}.default.weight"
                 reorder = module == "qkv" and m.group(3) == "lora_B"
                 lora_layers.add(m.group(1))
-                loaders["language_model." + target] = _loader(raw, key, num_heads if reorder else None)
+                loaders[claim(owners, "language_model." + target, key, raw.origin)] = _loader(
+                    raw, key, num_heads if reorder else None)
             elif m := _QKV.match(name):
-                loaders[f"language_model.{m.group(1)}qkv.{m.group(2)}"] = _loader(raw, key, num_heads)
+                target = claim(owners, f"language_model.{m.group(1)}qkv.{m.group(2)}", key, raw.origin)
+                loaders[target] = _loader(raw, key, num_heads)
             else:
-                loaders["language_model." + name] = _loader(raw, key, None)
+                loaders[claim(owners, "language_model." + name, key, raw.origin)] = _loader(raw, key, None)
             continue
         if key.startswith("visual_encoder."):
             vit_keys.append(key)
@@ -57,7 +59,7 @@ def released_tensors(raw: TensorSource, num_heads: int, vit_depth: int) -> Tenso
         if target is None:
             skipped.append(key)
         else:
-            loaders[target] = _loader(raw, key, None)
+            loaders[claim(owners, target, key, raw.origin)] = _loader(raw, key, None)
     notes = [f"LoRA on {len(lora_layers)} attention layers (query_key_value rows re-ordered to [q; k; v])"] \
         if lora_layers else []
     if any(k.startswith("Qformer.") for k in raw):
@@ -72,7 +74,7 @@ def released_tensors(raw: TensorSource, num_heads: int, vit_depth: int) -> Tenso
 def _loader(raw: TensorSource, key: str, reorder_heads: int | None):
     if reorder_heads is None:
         return lambda: raw[key]
-    return lambda: deinterleave_qkv(raw[key], reorder_heads)
+    return lambda: deinterleave_qkv(raw[key], reorder_heads, f"{raw.origin}: tensor {key}")
 
 
 def released_lora_rank(raw: TensorSource) -> int | None:

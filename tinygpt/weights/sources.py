@@ -82,6 +82,9 @@ def _shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> set
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"{index}: not a valid weight index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise UserError(f"{index}: not a valid weight index (\"weight_map\" must map tensor names to shard file "
+                        "names)")
     shards = {shard for name, shard in weight_map.items() if wanted is None or wanted(name)}
     if not shards:
         raise UserError(f"{index}: none of the tensors this import needs is listed in the index")

@@ -83,9 +83,19 @@ class TensorSource(Mapping):
         return TensorSource(loaders, origin, skipped, notes, list(file_keys))
 
 
+def claim(owners: dict[str, str], target: str, key: str, origin: str) -> str:
+    """``target``, recorded as filled by the file's ``key``; a second key for the same target (two copies of a tensor
+    under two layouts or prefixes) is an error naming both, never one of them silently chosen."""
+    if owners.setdefault(target, key) != key:
+        raise UserError(f"{origin}: {owners[target]} and {key} are both {target}; keep one copy of each tensor")
+    return target
+
+
 def read_checkpoint(path: str | Path) -> TensorSource:
     """Open a ``.safetensors`` file or a torch pickle (``.pth``/``.bin``/``.pt``); tensors are read on access."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a checkpoint file (.pth, .bin or .safetensors)")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file does not exist")
     if path.suffix == ".safetensors":
@@ -118,6 +128,9 @@ def read_torch_pickle(path: str | Path) -> TensorSource:
     path = Path(path)
     obj = _torch_load(path)
     state = unwrap_state_dict(obj, path)
+    if bad := next((k for k in state if not isinstance(k, str)), None):
+        raise UserError(f"{path}: key {bad!r} ({type(bad).__name__}) is not a string; a state dict maps tensor "
+                        "names to tensors")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     others = sorted(str(k) for k in state if not isinstance(state[k], torch.Tensor))
     if not tensors:
