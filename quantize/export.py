@@ -9,7 +9,8 @@ an F32 export keeps every weight F32 (the exact reference: ggml's F16 matmuls ro
 The pair is one transaction: both files and `export.json` are written tensor by tensor to temporary names and
 renamed only when all three are complete, so a failed (re-)export leaves the previous pair as it was. Both files
 carry the same `model_id`, a sha256 of the exported model's content (not its shapes), which the runtime checks.
-The output directory is checked before any work; a write failure is one UserError naming the directory, and a
+The output directory is checked before any work, and so are config.json's settings the runtimes would refuse (MoE
+layers, a prompt template with two `{}`); a write failure is one UserError naming the directory, and a
 directory the export created is removed again. A SIGTERM is handled as an error (temporaries removed); temporaries
 left by an export that was killed outright are removed by the next export into the directory. In the same transaction,
 every other `llm-*.gguf` there that is not of this model (it cannot pair with the new vision.gguf) is removed; a
@@ -39,7 +40,7 @@ from tinygpt.io_utils import (
     waiting_lock,
     writing,
 )
-from tinygpt.model.checkpoint_io import load_vlm
+from tinygpt.model.checkpoint_io import load_vlm, read_config
 from tinygpt.model.lora import has_lora, merge_lora
 
 from . import gguf_names as names
@@ -268,6 +269,15 @@ def model_path(model_dir: str | Path) -> Path:
     return Path(model_dir)
 
 
+def check_model_config(config, config_file: Path) -> None:
+    """UserError naming config_file and the field for settings the runtimes refuse in the exported files."""
+    text = config.text_config
+    check_moe_config(getattr(text, "moe", None), int(text.num_hidden_layers), str(config_file))
+    if str(config.prompt_template).count("{}") > 1:
+        raise UserError(f"--model: {config_file} field prompt_template {config.prompt_template!r} holds more than one "
+                        "'{}' (the place of the user text); the runtimes take one")
+
+
 def load_model_dir(model_dir: str | Path):
     """A TinyGPTVForConditionalGeneration (LoRA merged, tokenizer attached) from a saved model directory."""
     path = model_path(model_dir)
@@ -277,11 +287,14 @@ def load_model_dir(model_dir: str | Path):
     if not config_file.is_file():
         raise UserError(f"--model: {path} has no config.json, so it is not a saved tinygpt model")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"--model: {config_file} is not valid JSON ({exc})") from None
-    if model_type != "tinygptv":
-        raise UserError(f"--model: {config_file} field model_type is {model_type!r}, expected 'tinygptv'")
+    if not isinstance(raw, dict):
+        raise UserError(f"--model: {config_file} holds a JSON {type(raw).__name__}, not a model config object")
+    if raw.get("model_type") != "tinygptv":
+        raise UserError(f"--model: {config_file} field model_type is {raw.get('model_type')!r}, expected 'tinygptv'")
+    check_model_config(read_config(path), config_file)  # before the weights: building the model would trip on them
     model = load_vlm(path)  # follows base_model chains, attaches the tokenizer saved with the model
     if has_lora(model):
         model = merge_lora(model)
@@ -296,8 +309,6 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
     check_out_dir(out_dir)
     model = load_model_dir(model_dir)
     config = model.config
-    check_moe_config(getattr(config.text_config, "moe", None), int(config.text_config.num_hidden_layers),
-                     str(Path(model_dir) / "config.json"))
     llm_hyper = LLMHyper.from_config(config.text_config)
     vision_hyper = VisionHyper.from_config(config)
     text = config.text_config

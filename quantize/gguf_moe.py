@@ -33,8 +33,9 @@ def check_moe_config(moe: Mapping[str, Any] | None, num_layers: int, where: str)
     if not isinstance(top_k, int) or not 1 <= top_k <= experts:
         raise UserError(f"{field}.top_k is {top_k!r}, expected 1..num_experts ({experts})")
     if not isinstance(layers, list) or not layers or any(not isinstance(i, int) or not 0 <= i < num_layers
-                                                         for i in layers):
-        raise UserError(f"{field}.layers is {layers!r}, expected a non-empty list of layer indices 0..{num_layers - 1}")
+                                                         for i in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"{field}.layers is {layers!r}, expected a non-empty list of distinct layer indices "
+                        f"0..{num_layers - 1}")
 
 
 def expert_groups(torch_names: Sequence[str], moe_layers: Sequence[int], num_experts: int,
