@@ -62,6 +62,10 @@ def test_vlm_generate_takes_a_single_stop_string(tiny_vlm):
          "text_config: hidden_size 256 is not divisible by num_attention_heads 3"),
         (lambda raw: {**raw, "text_config": {**raw["text_config"], "attention": "flash"}},
          "text_config: attention: 'flash' is not one of"),
+        (lambda raw: {**raw, "text_config": {**raw["text_config"], "hidden_size": "abc"}},
+         "text_config: hidden_size must be a positive integer, got 'abc'"),
+        (lambda raw: {**raw, "text_config": {**raw["text_config"], "num_attention_heads": 0}},
+         "text_config: num_attention_heads must be a positive integer, got 0"),
     ],
 )
 def test_a_damaged_config_json_is_one_user_error_naming_the_file(tiny_vlm, tmp_path, edit, message):

@@ -52,7 +52,14 @@ class TinyGPTPhiConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "rotary_dim", "max_position_embeddings")
+
     def validate_shapes(self) -> None:
+        for name in self.SIZES:  # a hand-edited config.json: "abc", 2.5 or true would fail below as a raw TypeError
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
