@@ -320,6 +320,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, qtype: str = "q4_k"
 
     state = model.state_dict()
     where = f"--model {model_dir}"
+    broken = next((n for n, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:  # a diverged fine-tune: every answer of the export would be garbage
+        raise UserError(f"{where}: tensor {broken} holds NaN or infinite values (did the training diverge?); "
+                        "export an earlier checkpoint")
     experts = expert_groups(list(state), llm_hyper.moe_layers, llm_hyper.num_experts, where)  # MoE: stacked
     stacked = {t for group in experts.values() for t in group}
     llm_map, vision_map = split_state_names([n for n in state if n not in stacked], where=where)

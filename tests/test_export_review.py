@@ -123,3 +123,17 @@ def test_lora_stage_with_non_default_alpha_and_r_is_merged_once_scaled_alpha_ove
                                                      layer.lora_B["default"].weight))
         assert np.abs(8.0 * b @ a).max() > 1e-2  # the delta shows
         np.testing.assert_allclose(np.asarray(tensors[f"blk.2.{gguf}.weight"].data), weight + 8.0 * b @ a, atol=1e-6)
+
+
+def test_a_model_with_nan_weights_is_refused_not_exported(tmp_path):
+    """A diverged fine-tune exported silently at every qtype: a file that answers garbage."""
+    from tinygpt.model.checkpoint_io import save_vlm
+
+    model = _save_tiny(tmp_path / "model", text_overrides=SMALL_VOCAB)
+    with torch.no_grad():
+        model.language_model.model.layers[0].mlp.fc1.weight[3, 5] = float("nan")
+    save_vlm(model, tmp_path / "diverged")
+    with pytest.raises(UserError, match=r"--model .*diverged: tensor .*layers\.0\.mlp\.fc1\.weight holds NaN or "
+                                        r"infinite values \(did the training diverge\?\)"):
+        export_model(tmp_path / "diverged", tmp_path / "out", "q4_k", progress=False)
+    assert not (tmp_path / "out").exists()
