@@ -8,6 +8,7 @@ setting no file sets reported as base.yaml's interpolation error, and an empty T
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,15 @@ def test_a_missing_base_names_the_file_that_extends_it(tmp_path):
                               "(bases are relative to this file)")
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("run:\n  seed: 1\n  seed: 2\n", "found duplicate key seed (line 4, column 3)"),
-    ("run:\n\tseed: 1\n", "found character that cannot start any token (line 3, column 1)"),
+@pytest.mark.parametrize("text, problem", [  # regular expressions of PyYAML's words
+    ("run:\n  seed: 1\n  seed: 2\n", r"found duplicate key seed \(line 4, column 3\)"),
+    # PyYAML 6.0.1 names the character ("found character '\\t' that cannot ..."), 6.0.4 does not
+    ("run:\n\tseed: 1\n", r"found character (?:'\\t' )?that cannot start any token \(line 3, column 1\)"),
 ])
 def test_yaml_errors_say_what_and_where(tmp_path, text, problem):
     bad = extending_stage3(tmp_path, text)
-    assert error_of(bad) == f"{bad}: not valid YAML ({problem})"  # the line after extends: is line 2
+    error = error_of(bad)  # the line after extends: is line 2
+    assert re.fullmatch(re.escape(f"{bad}: not valid YAML (") + problem + r"\)", error), error
 
 
 def test_an_interpolation_typo_blames_its_own_key_not_base_yaml(tmp_path):
