@@ -10,19 +10,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from tinygpt.data.bad_records import BadRecordPolicy
 from tinygpt.errors import UserError
 
-S = 16
-LENIENT = BadRecordPolicy(max_bad_fraction=1.0)
-
-
-def make_image(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
-    return path
+from test_data_format_checks import LENIENT, S, make_image  # the same small images and bad-record policy
 
 
 def write_json(path: Path, content, prefix: str = "") -> Path:
