@@ -63,20 +63,6 @@ def torch_engine(tiny_vlm):
     return engine
 
 
-def test_torch_an_answer_the_context_cut_is_context_full(torch_engine):
-    engine = torch_engine
-    for budget in (ROOM + 50, ROOM):  # far beyond the room, and exactly the room: either way the context is full
-        settings = GenerationSettings(max_new_tokens=budget)
-        assert _reasons(engine, LONG, settings) == [("context full", ROOM)] * 2
-        assert engine.backend.last_stats.finish_reason == "length"
-
-
-def test_torch_a_budget_stop_with_room_left_is_max_new_tokens(torch_engine):
-    settings = GenerationSettings(max_new_tokens=ROOM - 2)
-    assert _reasons(torch_engine, LONG, settings) == [("max_new_tokens", ROOM - 2)] * 2
-    assert torch_engine.backend.last_stats.finish_reason == "length"
-
-
 def test_torch_batch_rows_cut_by_the_context(torch_engine):
     engine, backend = torch_engine, torch_engine.backend
     room_short = backend.context_length - _prompt_length(engine, SHORT)
@@ -85,18 +71,6 @@ def test_torch_batch_rows_cut_by_the_context(torch_engine):
     assert [(s.stopped_by, s.generated_tokens) for s in backend.last_batch_stats] == [("context full", ROOM)]
     engine.chat_batch([SHORT, LONG], GenerationSettings(max_new_tokens=ROOM - 1))  # one group, room left for both
     assert [s.stopped_by for s in backend.last_batch_stats] == ["max_new_tokens"] * 2
-
-
-def test_torch_a_raw_prompt_cut_by_the_context(torch_engine):
-    engine, backend = torch_engine, torch_engine.backend
-    prompt = "Once upon a time"
-    room = backend.context_length - backend.text_length(prompt)
-    engine.complete(prompt, GenerationSettings(max_new_tokens=room + 20))
-    assert (backend.last_stats.stopped_by, backend.last_stats.generated_tokens) == ("context full", room)
-    "".join(engine.complete_stream(prompt, GenerationSettings(max_new_tokens=room + 20)))
-    assert (backend.last_stats.stopped_by, backend.last_stats.generated_tokens) == ("context full", room)
-    engine.complete(prompt, GenerationSettings(max_new_tokens=room - 1))
-    assert backend.last_stats.stopped_by == "max_new_tokens"
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
@@ -132,25 +106,34 @@ def scripted_gguf(gguf_engine, monkeypatch):
     return gguf_engine
 
 
-def test_gguf_an_answer_the_context_cut_is_context_full(scripted_gguf):
-    engine = scripted_gguf
+# ------------------------------------------------------------------------------------------------ both backends
+@pytest.fixture(params=["torch_engine", "scripted_gguf"])
+def any_engine(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_an_answer_the_context_cut_is_context_full(any_engine):
+    engine = any_engine
     assert engine.context_length == _prompt_length(engine, LONG) + ROOM
-    for budget in (ROOM + 50, ROOM):
+    for budget in (ROOM + 50, ROOM):  # far beyond the room, and exactly the room: either way the context is full
         settings = GenerationSettings(max_new_tokens=budget)
         assert _reasons(engine, LONG, settings) == [("context full", ROOM)] * 2
         assert engine.backend.last_stats.finish_reason == "length"
 
 
-def test_gguf_a_budget_stop_with_room_left_is_max_new_tokens(scripted_gguf):
+def test_a_budget_stop_with_room_left_is_max_new_tokens(any_engine):
     settings = GenerationSettings(max_new_tokens=ROOM - 2)
-    assert _reasons(scripted_gguf, LONG, settings) == [("max_new_tokens", ROOM - 2)] * 2
+    assert _reasons(any_engine, LONG, settings) == [("max_new_tokens", ROOM - 2)] * 2
+    assert any_engine.backend.last_stats.finish_reason == "length"
 
 
-def test_gguf_a_raw_prompt_cut_by_the_context(scripted_gguf):
-    engine, backend = scripted_gguf, scripted_gguf.backend
+def test_a_raw_prompt_cut_by_the_context(any_engine):
+    engine, backend = any_engine, any_engine.backend
     prompt = "Once upon a time"
     room = engine.context_length - backend.text_length(prompt)
     engine.complete(prompt, GenerationSettings(max_new_tokens=room + 20))
+    assert (backend.last_stats.stopped_by, backend.last_stats.generated_tokens) == ("context full", room)
+    "".join(engine.complete_stream(prompt, GenerationSettings(max_new_tokens=room + 20)))
     assert (backend.last_stats.stopped_by, backend.last_stats.generated_tokens) == ("context full", room)
     engine.complete(prompt, GenerationSettings(max_new_tokens=room - 1))
     assert backend.last_stats.stopped_by == "max_new_tokens"
