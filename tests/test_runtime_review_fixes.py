@@ -1,7 +1,6 @@
 """CPU runtime: regressions found in review (quantize/ session, backends, files)."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import struct
@@ -87,7 +86,9 @@ def test_ctrl_c_while_waiting_for_an_attached_image_keeps_waiting_for_it_next_ti
     try:
         attached.add(["a.png"])
         assert session.started.wait(10)
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        # to the waiting thread itself: a signal sent to the process may land on another thread, which leaves this
+        # one blocked in its lock until the prefill ends (the canary saw that on a loaded machine)
+        threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             attached.take()
         threading.Timer(0.2, session.release.set).start()
