@@ -83,17 +83,21 @@ def test_ctrl_c_while_waiting_for_an_attached_image_keeps_waiting_for_it_next_ti
 
     session = _SlowPrepare()
     attached = Attachments(session)
+    # Python's own Ctrl-C handler, as `python -m quantize chat` has it: another test in this worker process may have
+    # left its own (gradio's server installs one), and then no KeyboardInterrupt comes
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         attached.add(["a.png"])
         assert session.started.wait(10)
         # to the waiting thread itself: a signal sent to the process may land on another thread, which leaves this
-        # one blocked in its lock until the prefill ends (the canary saw that on a loaded machine)
+        # one blocked in its lock until the prefill ends
         threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             attached.take()
         threading.Timer(0.2, session.release.set).start()
         assert attached.take() == [0] and session.done  # the next question waits for the prefill
     finally:
+        signal.signal(signal.SIGINT, previous)
         session.release.set()
         attached.close()
 
