@@ -285,6 +285,9 @@ def load_model_dir(model_dir: str | Path):
         raise UserError(f"--model: {path} is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
+        if (path / "trainable.safetensors").is_file():  # a step_N folder of run.checkpoint_dir (tinygpt.train)
+            raise UserError(f"--model: {path} is a training checkpoint (the state a run resumes from), not a saved "
+                            "model; export the stage's run.output_dir, which holds config.json and model.safetensors")
         raise UserError(f"--model: {path} has no config.json, so it is not a saved tinygpt model")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))

@@ -137,3 +137,15 @@ def test_a_model_with_nan_weights_is_refused_not_exported(tmp_path):
                                         r"infinite values \(did the training diverge\?\)"):
         export_model(tmp_path / "diverged", tmp_path / "out", "q4_k", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_checkpoint_given_as_the_model_says_what_to_export_instead(tmp_path):
+    """A step_N folder of run.checkpoint_dir was 'not a saved tinygpt model' with no hint of what to give."""
+    step = tmp_path / "stage4-checkpoints" / "step_100"
+    step.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.pt", "rng_0.pt"):
+        (step / name).write_bytes(b"x")
+    with pytest.raises(UserError, match=r"--model: .*step_100 is a training checkpoint \(the state a run resumes "
+                                        r"from\), not a saved model; export the stage's run.output_dir"):
+        export_model(step, tmp_path / "out", "q4_k", progress=False)
+    assert not (tmp_path / "out").exists()
