@@ -72,6 +72,17 @@ def test_index_whose_weight_map_is_not_names_to_files_is_a_user_error(tmp_path, 
         weight_files(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/x.safetensors", "sub/x.safetensors", ".."])
+def test_index_naming_a_shard_outside_its_folder_is_a_user_error(tmp_path, shard):
+    """A shard name is a file of the model folder; '../x' read a file next to it (or fetched a path of the hub)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(UserError, match=r"not a valid weight index \(shard '.*' is not a file name in its folder\)"):
+        weight_files(folder)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(num_query_tokens=None), "field 'num_query_tokens' is null"),
     (lambda c: c.update(num_query_tokens="32"), "field 'num_query_tokens' is \"32\""),

@@ -85,6 +85,9 @@ def _shards_from_index(index: Path, wanted: Callable[[str], bool] | None) -> set
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
         raise UserError(f"{index}: not a valid weight index (\"weight_map\" must map tensor names to shard file "
                         "names)")
+    outside = next((v for v in weight_map.values() if "/" in v or "\\" in v or v in (".", "..")), None)
+    if outside is not None:  # a shard is a file of this folder: "../x" would read (or fetch) a file elsewhere
+        raise UserError(f"{index}: not a valid weight index (shard {outside!r} is not a file name in its folder)")
     shards = {shard for name, shard in weight_map.items() if wanted is None or wanted(name)}
     if not shards:
         raise UserError(f"{index}: none of the tensors this import needs is listed in the index")
