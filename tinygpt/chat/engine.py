@@ -207,10 +207,9 @@ class ChatEngine:
         UserError names ``conversations[i]``); the images of all are encoded together, each content once. Backends
         with `generate_batch` answer a group of conversations at once (those whose max_new_tokens the context cuts
         form groups of their own), others one by one. With sampling, a batch is one draw (seeded once)."""
-        if isinstance(conversations, (str, dict, Conversation)):
-            raise UserError("conversations: expected a list of conversations, each a list of messages")
-        conversations = list(conversations)  # a generator: the check below would use it up
-        if any(isinstance(c, dict) for c in conversations):
+        single = isinstance(conversations, (str, dict, Conversation))
+        conversations = [] if single else list(conversations)  # a generator: the check below would use it up
+        if single or any(isinstance(c, dict) for c in conversations):
             raise UserError("conversations: expected a list of conversations, each a list of messages")
         with self._lock:
             parsed = []

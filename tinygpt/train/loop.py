@@ -140,8 +140,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     optimizer = build_optimizer(model, cfg.optim, schedule.lr_at(0))
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # no DataLoader goes through prepare(), so DeepSpeed needs the micro-batch size here
+        # (clipping and accumulation were set in its config by check_deepspeed, before the model loaded)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = max(e.batch_size for e in mixer.entries)
-        agree_deepspeed(cfg, plugin)  # the engine clips with optim.max_grad_norm (clip_grad_norm_ does not there)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # DeepSpeed's engine steps inside accelerator.backward (grad_accum_steps is 1 there, check_deepspeed): a

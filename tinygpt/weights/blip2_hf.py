@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .phi2 import _field
+from .phi2 import config_field
 from .sources import read_config_json, read_model_dir, resolve_model_dir
 from .torch_file import TensorSource, claim
 
@@ -95,7 +95,7 @@ def _fields(part: dict, names: tuple[str, ...], where: str) -> dict:
                 raise UserError(f"{where}: field 'qkv_bias' is {json.dumps(part[name])}; expected true or false")
             value = part.get(name)
         else:
-            value = _field(part, name, where, None, kinds.get(name, int))
+            value = config_field(part, name, where, None, kinds.get(name, int))
         if value is not None:
             out[name] = value
     return out

@@ -122,43 +122,45 @@ def phi_text_overrides(config: dict, where: str) -> dict:
         return {}
     model_type = config.get("model_type")
     if model_type == "phi":
-        rope = _field(config, "rope_parameters", where, {}, dict)
-        heads = _field(config, "num_attention_heads", where)
-        kv_heads = _field(config, "num_key_value_heads", where, heads)
+        rope = config_field(config, "rope_parameters", where, {}, dict)
+        heads = config_field(config, "num_attention_heads", where)
+        kv_heads = config_field(config, "num_key_value_heads", where, heads)
         if kv_heads != heads:
             raise UserError(f"{where}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; "
                             "grouped-query attention is not supported")
-        hidden = _field(config, "hidden_size", where)
-        factor = _field(rope, "partial_rotary_factor", where,
-                        _field(config, "partial_rotary_factor", where, 0.5, float), float)
-        theta = _field(rope, "rope_theta", where, _field(config, "rope_theta", where, 10000.0, float), float)
+        hidden = config_field(config, "hidden_size", where)
+        factor = config_field(rope, "partial_rotary_factor", where,
+                              config_field(config, "partial_rotary_factor", where, 0.5, float), float)
+        theta = config_field(rope, "rope_theta", where,
+                             config_field(config, "rope_theta", where, 10000.0, float), float)
         out = dict(
-            vocab_size=_field(config, "vocab_size", where), hidden_size=hidden,
-            intermediate_size=_field(config, "intermediate_size", where),
-            num_hidden_layers=_field(config, "num_hidden_layers", where),
+            vocab_size=config_field(config, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=config_field(config, "intermediate_size", where),
+            num_hidden_layers=config_field(config, "num_hidden_layers", where),
             num_attention_heads=heads, rotary_dim=int(hidden // heads * float(factor)), rope_base=float(theta),
-            max_position_embeddings=_field(config, "max_position_embeddings", where, 2048),
-            layer_norm_eps=_field(config, "layer_norm_eps", where, 1e-5, float),
-            hidden_act=_field(config, "hidden_act", where, "gelu_new", str),
+            max_position_embeddings=config_field(config, "max_position_embeddings", where, 2048),
+            layer_norm_eps=config_field(config, "layer_norm_eps", where, 1e-5, float),
+            hidden_act=config_field(config, "hidden_act", where, "gelu_new", str),
         )
         if config.get("qk_layernorm"):
             out["qk_layernorm"] = True
         return out
     if model_type in ("phi-msft", "mixformer-sequential"):
-        hidden = _field(config, "n_embd", where)
+        hidden = config_field(config, "n_embd", where)
         return dict(
-            vocab_size=_field(config, "vocab_size", where), hidden_size=hidden,
-            intermediate_size=_field(config, "n_inner", where, 4 * hidden),
-            num_hidden_layers=_field(config, "n_layer", where), num_attention_heads=_field(config, "n_head", where),
-            rotary_dim=_field(config, "rotary_dim", where),
-            max_position_embeddings=_field(config, "n_positions", where, 2048),
-            layer_norm_eps=_field(config, "layer_norm_epsilon", where, 1e-5, float),
-            hidden_act=_field(config, "activation_function", where, "gelu_new", str),
+            vocab_size=config_field(config, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=config_field(config, "n_inner", where, 4 * hidden),
+            num_hidden_layers=config_field(config, "n_layer", where),
+            num_attention_heads=config_field(config, "n_head", where),
+            rotary_dim=config_field(config, "rotary_dim", where),
+            max_position_embeddings=config_field(config, "n_positions", where, 2048),
+            layer_norm_eps=config_field(config, "layer_norm_epsilon", where, 1e-5, float),
+            hidden_act=config_field(config, "activation_function", where, "gelu_new", str),
         )
     raise UserError(f"{where}: model_type {model_type!r} is not a Phi model (expected 'phi' or 'phi-msft')")
 
 
-def _field(config: dict, name: str, where: str, default=_REQUIRED, kind: type = int):
+def config_field(config: dict, name: str, where: str, default=_REQUIRED, kind: type = int):
     """``config[name]`` checked: a positive int (``kind`` int), a number, a string or an object; a missing or null
     field takes ``default``, or is an error naming ``where`` and the field when it is required."""
     value = config.get(name)
