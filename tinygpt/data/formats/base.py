@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tinygpt.data.bad_records import BadRecord, BadRecordCounter, BadRecordPolicy
 from tinygpt.data.image import ImageTransform, checked_path, load_image
 from tinygpt.errors import UserError
-from tinygpt.tasks import IMAGE_PLACEHOLDER, box_is_valid
+from tinygpt.tasks import DELIM, IMAGE_PLACEHOLDER, box_is_valid
 
 
 @dataclass
@@ -151,6 +151,7 @@ def image_file_name(pattern: str, entry: dict) -> str:
 _NUMBER_TAG = r"<\s*[-+]?(?=[\d.,\s]*\d)[\d.,\s]+>"
 _BOX_ATTEMPT = re.compile(rf"\{{?\s*(?:{_NUMBER_TAG}\s*){{2,}}\}}?|\{{\s*{_NUMBER_TAG}\s*\}}")
 _BOX_EXACT = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")
+_BOXES_ONLY = re.compile(rf"{_BOX_EXACT.pattern}(?:\s*{re.escape(DELIM)}\s*{_BOX_EXACT.pattern})*")
 
 
 def check_box_text(text: str, field: str, at_least_one: bool = False) -> int:
@@ -171,6 +172,14 @@ def check_box_text(text: str, field: str, at_least_one: bool = False) -> int:
     if at_least_one and not count:
         raise BadRecord(f"{field} holds no {{<x1><y1><x2><y2>}} box")
     return count
+
+
+def check_boxes_only(text: str, field: str) -> None:
+    """``text`` is one box or several joined by ``<delim>`` (each checked by :func:`check_box_text`), with nothing
+    else in it; anything else is a BadRecord naming ``field``."""
+    check_box_text(text, field, at_least_one=True)
+    if not _BOXES_ONLY.fullmatch(text.strip()):
+        raise BadRecord(f"{field} must hold only boxes, several joined by {DELIM}, got {text!r}")
 
 
 def check_unicode(text: str, what: str) -> None:

@@ -6,7 +6,8 @@
 * caption to phrase ``captiontobbox.json`` ``[{"image_id", "caption", "output"}]``: user
   ``"<Img><ImageHere></Img> [detection] {caption} "``, assistant ``output`` raw.
 * object to phrase  ``phrasetobbox.json`` ``[{"image_id", "phrase", "bbox": "{<x1><y1><x2><y2>}"}]``: user
-  ``"<Img><ImageHere></Img> [detection] {phrase} "``, assistant ``"<p>{phrase}</p> {bbox}"``.
+  ``"<Img><ImageHere></Img> [detection] {phrase} "``, assistant ``"<p>{phrase}</p> {bbox}"``; ``bbox`` holds boxes
+  only (several joined by ``<delim>``), any other text in it makes the record bad.
 Boxes are already text on the 0-100 grid; every one (not just the first of a phrase) must be written
 ``{<x1><y1><x2><y2>}`` with integers on 0..100, x1 <= x2, y1 <= y2, else the record is bad
 (:func:`tinygpt.data.formats.base.check_box_text`).
@@ -17,7 +18,8 @@ from __future__ import annotations
 from typing import Optional
 
 from tinygpt.data.bad_records import BadRecordPolicy
-from tinygpt.data.formats.base import Record, RecordDataset, check_box_text, image_file_name, iter_json_list, require
+from tinygpt.data.formats.base import (Record, RecordDataset, check_box_text, check_boxes_only, image_file_name,
+                                       iter_json_list, require)
 from tinygpt.errors import UserError
 from tinygpt.tasks import DETECTION_PROMPTS, GROUNDING_PROMPTS, format_phrase_box, wrap_instruction
 
@@ -49,7 +51,7 @@ class FlickrGrounding(RecordDataset):
             data = (require(entry, "caption"), output)
         else:
             box = require(entry, "bbox")
-            check_box_text(box, "field 'bbox'", at_least_one=True)
+            check_boxes_only(box, "field 'bbox'")  # the answer is "<p>phrase</p> {bbox}": no other text may ride
             data = (require(entry, "phrase"), box)
         return Record([image_file_name(image_name, entry)], data)
 

@@ -46,8 +46,9 @@ def parse_generic_record(entry: object) -> tuple[list[str], list[dict]]:
         if not isinstance(turn, dict) or set(turn) != {"user", "assistant"} or not all(
                 isinstance(turn[k], str) for k in ("user", "assistant")):
             raise BadRecord(f"conversations[{number}] must be {{\"user\": str, \"assistant\": str}}")
-        if not turn["assistant"].strip():
-            raise BadRecord(f"conversations[{number}].assistant is empty")
+        for key in ("user", "assistant"):  # an empty question teaches an answer to nothing, as LLaVA's check says
+            if not turn[key].strip():
+                raise BadRecord(f"conversations[{number}].{key} is empty")
         for key in ("user", "assistant"):
             check_unicode(turn[key], f"conversations[{number}].{key}")
             if IMAGE_PLACEHOLDER in turn[key] or (key == "assistant" and IMAGE_TOKEN in turn[key]):

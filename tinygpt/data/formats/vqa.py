@@ -87,7 +87,10 @@ class VQADataset(RecordDataset):
         if self.answer_field == "answer" and isinstance(entry.get("answer"), str):
             answers = [require(entry, "answer")]
         else:
-            answers = [a for a in require(entry, self.answer_field, list) if isinstance(a, str)]
+            answers = require(entry, self.answer_field, list)
+            for number, answer in enumerate(answers):  # a number or an object among them would shift the weights
+                if not isinstance(answer, str):
+                    raise BadRecord(f"field {self.answer_field!r}[{number}] is {type(answer).__name__}, not a string")
         # an answer that text processing empties ("...") would be trained on as an empty answer
         answers = [a for a in answers if (blip_caption(a) if self.process_text else a).strip()]
         if not answers:
