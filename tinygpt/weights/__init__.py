@@ -6,9 +6,12 @@ the ViT position embedding when the model's image size differs from the file's (
 nothing matched or a converted tensor has no place in the model (both checked from the names, before any tensor is
 read), when two file tensors convert to the same model tensor (two layouts or prefixes), or when a shape differs, a
 tensor is not floating point (a quantized file) or a value would become inf in the model's dtype; what the file did not
-provide within the part it is responsible for is reported as missing (with ``required=True``, as the build uses it, that
-is an error unless the tensor may start fresh: TinyGPT-V's extra norms, LoRA, the projections), and tensors the importer
-does not use are reported as skipped.
+provide within the part it is responsible for is reported as missing (with ``required=True``, as the build uses it for
+Phi-2 and the vision sources, that is an error unless the tensor may start fresh: TinyGPT-V's extra norms, LoRA, the
+projections; with ``required="all"``, for a file whose whole content is its part, a released TinyGPT-V stage or
+MiniGPT-4's projection, it is an error for every tensor), and tensors the importer does not use are reported as skipped.
+``load_released`` and ``load_minigpt4_proj`` load with ``required="all"``: a file lacking part of what it must hold is
+an error, never a model with that part left fresh (random) or from the base model.
 
     from tinygpt.weights import load_phi2, load_blip2, load_lavis, load_released, load_minigpt4_proj
 """
@@ -38,33 +41,20 @@ log = logging.getLogger("tinygpt.weights")
 POSITIONS = "vision_model.embeddings.position_embedding"
 
 __all__ = [
-    "TensorSource", "load_blip2", "load_lavis", "load_minigpt4_proj", "load_phi2", "load_released",
+    "TensorSource", "check_source", "load_blip2", "load_lavis", "load_minigpt4_proj", "load_phi2", "load_released",
     "load_weights", "read_checkpoint",
 ]
 
 
 def load_weights(model, tensors: TensorSource, scope: Callable[[str], bool] | None = None,
-                 progress: bool = False, required: bool = False) -> LoadReport:
+                 progress: bool = False, required: bool | str = False) -> LoadReport:
     """Copy converted ``tensors`` into ``model``; log notes, skipped and (within ``scope``) missing keys.
 
-    Before any tensor is read: a source with no tensor for the model, or with tensors that have no place in it, is an
-    error; with ``required``, so is one that lacks a tensor within ``scope`` that cannot start fresh.
+    Before any tensor is read, ``check_source``: a source with no tensor for the model, or with tensors that have no
+    place in it, is an error; with ``required``, so is one that lacks a tensor within ``scope`` that cannot start
+    fresh, and with ``required="all"`` one that lacks any tensor within ``scope``.
     """
-    own = list(model.state_dict())
-    targets = match_names(own, tensors)
-    wanted = [k for k in own if scope is None or scope(k)]
-    if not any(targets.values()):
-        raise nothing_matched(tensors.origin, tensors.file_keys, wanted)
-    unexpected = [k for k, target in targets.items() if target is None]
-    if unexpected:
-        raise UserError(f"{tensors.origin}: {len(unexpected)} tensors have no place in this model "
-                        f"({', '.join(unexpected[:3])}); was the model built with the same options "
-                        "(extra norms, LoRA, depth)?")
-    provided = set(targets.values())
-    gaps = [k for k in wanted if k not in provided and not starts_fresh(k)]
-    if required and gaps:
-        raise UserError(f"{tensors.origin}: lacks {len(gaps)} tensor(s) the model needs, first {gaps[0]} (renamed or "
-                        "missing in the file, or a file for a smaller model)")
+    targets = check_source(model, tensors, scope, required)
     tensors = _checked_values(model, _resize_positions(model, tensors), targets)
     bar = _progress_bar(tensors) if progress else None
     try:
@@ -79,6 +69,34 @@ def load_weights(model, tensors: TensorSource, scope: Callable[[str], bool] | No
         log.info("%s: %s", tensors.origin, note)
     log.info(_summary(report))
     return report
+
+
+def check_source(model, tensors: TensorSource, scope: Callable[[str], bool] | None = None,
+                 required: bool | str = False) -> dict[str, str | None]:
+    """The model tensor each of ``tensors`` fills, checked from the names alone (nothing is read): see
+    ``load_weights``. ``required``: False, True (every tensor within ``scope`` but those that may start fresh) or
+    "all" (every tensor within ``scope``)."""
+    if required not in (False, True, "all"):
+        raise ValueError(f"required={required!r}: expected False, True or 'all'")
+    own = list(model.state_dict())
+    targets = match_names(own, tensors)
+    wanted = [k for k in own if scope is None or scope(k)]
+    if not any(targets.values()):
+        raise nothing_matched(tensors.origin, tensors.file_keys, wanted)
+    unexpected = [k for k, target in targets.items() if target is None]
+    if unexpected:
+        raise UserError(f"{tensors.origin}: {len(unexpected)} tensors have no place in this model "
+                        f"({', '.join(unexpected[:3])}); was the model built with the same options "
+                        "(extra norms, LoRA, depth)?")
+    provided = set(targets.values())
+    gaps = [k for k in wanted if k not in provided and (required == "all" or not starts_fresh(k))]
+    if required and gaps:
+        why = ("a partial checkpoint, or one of another kind" if required == "all"
+               else "or a file for a smaller model")
+        first = ", ".join(gaps[:3]) + (" ..." if len(gaps) > 3 else "")
+        raise UserError(f"{tensors.origin}: lacks {len(gaps)} tensor(s) the model needs, first {first} (renamed or "
+                        f"missing in the file{': ' if required == 'all' else ', '}{why})")
+    return targets
 
 
 def _summary(report: LoadReport) -> str:
@@ -224,13 +242,24 @@ def load_released(model, path: str, progress: bool = False) -> LoadReport:
                  settings["alpha"])
     text = model.config.text_config
     tensors = released_tensors(raw, text.num_attention_heads, model.config.vision_config.num_hidden_layers)
+    return load_weights(model, tensors, released_scope(rank), progress, required="all")
+
+
+def released_scope(rank: int | None) -> Callable[[str], bool]:
+    """What a released file must hold, all of it: the trainable set of its stage (stage 1: the projections and the
+    norm weights; a file with LoRA, stages 2-4: also every LoRA A/B)."""
     trainable_set = "lora" if rank is not None else "stage1"
-    return load_weights(model, tensors, lambda k: is_trainable(k, trainable_set), progress)
+    return lambda k: is_trainable(k, trainable_set)
 
 
 def load_minigpt4_proj(model, path: str) -> LoadReport:
-    """``llama_proj`` of a MiniGPT-4 (Vicuna-7B) checkpoint as ``proj1``."""
-    return load_weights(model, minigpt4_proj_tensors(read_checkpoint(path)), lambda k: k.startswith("proj1."))
+    """``llama_proj`` of a MiniGPT-4 (Vicuna-7B) checkpoint as ``proj1`` (weight and bias, both required)."""
+    return load_weights(model, minigpt4_proj_tensors(read_checkpoint(path)), proj1_scope, required="all")
+
+
+def proj1_scope(name: str) -> bool:
+    """What MiniGPT-4's ``llama_proj`` provides: ``proj1``."""
+    return name.startswith("proj1.")
 
 
 def vision_scope(name: str) -> bool:

@@ -9,11 +9,13 @@ Sizes come from the sources' ``config.json`` files (``--preset`` gives the defau
 config, the widths come from the tensors and the depths and head counts from the preset). ``--tokenizer`` is resolved
 before any weight file is opened, and every source is located (LAVIS, MiniGPT-4 and released files opened) before the
 model is built; each source must provide every tensor of its part of the model, which is checked before its tensors
-are read (one error naming the source and the first missing tensor). The model is built on the meta device and
-materialised once in the target dtype, then filled tensor by tensor from memory-mapped files, so peak memory is about
-the size of the output model. What no file provides (the q/k LayerNorms and the post-attention RMSNorm that TinyGPT-V
-adds, the projections, LoRA) starts fresh: norms at weight 1 / bias 0, Linear layers with PyTorch's default init,
-LoRA A kaiming-uniform and B zero. Any other tensor left unfilled is an error.
+are read (one error naming the source and the first missing tensors; the MiniGPT-4 and released files, which hold
+nothing but their part, are checked right after the model is built, before any weights are read, and may leave
+nothing of their part fresh). The model is built on the meta device and materialised once in the target dtype,
+then filled tensor by tensor from memory-mapped files, so peak memory is about the size of the output model. What no
+file provides (the q/k LayerNorms and the post-attention RMSNorm that TinyGPT-V adds, the projections, LoRA) starts
+fresh: norms at weight 1 / bias 0, Linear layers with PyTorch's default init, LoRA A kaiming-uniform and B zero. Any
+other tensor left unfilled is an error.
 The result is a ``tinygpt.model.save_vlm`` directory (config.json + model.safetensors + tokenizer files).
 """
 
@@ -36,10 +38,10 @@ from ..model import TinyGPTVConfig, TinyGPTVForConditionalGeneration, build_conf
 from ..model.checkpoint_io import check_model_out
 from ..model.lora import lora_settings, merge_lora
 from ..model.presets import PRESETS
-from ..model.trainable import is_trainable
 from ..model.vision import check_image_size
 from ..tokenizer import load_tokenizer
-from . import eva_scope, is_extra_norm, lavis_qformer_scope, load_weights, vision_scope
+from . import (check_source, eva_scope, is_extra_norm, lavis_qformer_scope, load_weights, proj1_scope, released_scope,
+               vision_scope)
 from .blip2_hf import open_blip2, read_blip2
 from .lavis import eva_tensors, lavis_config_overrides, lavis_qformer_tensors
 from .minigpt4 import minigpt4_proj_tensors
@@ -193,6 +195,11 @@ def build(args: argparse.Namespace):
           f"ViT {v.hidden_size}x{v.num_hidden_layers} at {v.image_size}px, LoRA {lora_text})")
     model = materialise(config, dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    if proj is not None:  # these files hold nothing but their part: what they lack would start fresh (random)
+        check_source(model, proj, proj1_scope, required="all")
+    if released is not None:
+        released = released_tensors(released, t.num_attention_heads, v.num_hidden_layers)
+        check_source(model, released, released_scope(rank), required="all")
 
     steps("loading the language model")
     llm = read_phi2(llm_dir, t.num_attention_heads).with_prefix("language_model.")
@@ -207,11 +214,9 @@ def build(args: argparse.Namespace):
         loaded |= set(load_weights(model, qformer_part, lavis_qformer_scope, True, required=True).loaded)
     steps("projections, released stage weights, fresh init of the rest")
     if proj is not None:
-        loaded |= set(load_weights(model, proj, lambda k: k.startswith("proj1.")).loaded)
+        loaded |= set(load_weights(model, proj, proj1_scope, required="all").loaded)
     if released is not None:
-        tensors = released_tensors(released, t.num_attention_heads, v.num_hidden_layers)
-        scope = lambda k: is_trainable(k, "lora" if rank is not None else "stage1")  # noqa: E731
-        loaded |= set(load_weights(model, tensors, scope, progress=True).loaded)
+        loaded |= set(load_weights(model, released, released_scope(rank), progress=True, required="all").loaded)
     fresh = [name for name, _ in model.named_parameters() if name not in loaded]
     initialise_fresh(model, fresh)
     print(f"[build] fresh (not in any file): {len(fresh)} tensors, "

@@ -3,6 +3,11 @@
 * Pickles load with ``torch.load(weights_only=True, mmap=True)``: a pickle that carries code (anything but tensors,
   containers and numbers) is refused, and the tensors stay on disk until used. Files in the legacy (non-zip) torch
   format cannot be memory-mapped and are read whole.
+* A zip-format torch file (what ``torch.save`` writes) has its members' CRC-32 checked first, in one streaming read:
+  ``torch.load`` does not check them, so a byte flipped inside a tensor's data (a bad copy or download) would load as
+  a wrong value without a word. The read also fills the page cache the memory-mapped tensors are then read from.
+  Members saved without a CRC (``torch.serialization.set_crc32_options(False)`` writes 0) are not checked; legacy
+  files and ``.safetensors`` carry no checksum.
 * ``{"model": ...}``, ``{"state_dict": ...}`` and ``{"module": ...}`` wrappers are unwrapped (LAVIS and TinyGPT-V save
   ``{"model": state_dict, "optimizer": ..., ...}``).
 * Every failure is one ``UserError`` line naming the file.
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from ..errors import UserError
 
 WRAPPER_KEYS = ("model", "state_dict", "module")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+CRC_CHUNK = 8 << 20  # bytes per read of the CRC check
 
 
 class TensorSource(Mapping):
@@ -141,6 +149,8 @@ def read_torch_pickle(path: str | Path) -> TensorSource:
 
 def _torch_load(path: Path):
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    if mmap:
+        check_zip_crc(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says what matters
@@ -155,6 +165,48 @@ def _torch_load(path: Path):
                         f"({_weights_only_reason(exc)})") from None
     except Exception as exc:  # the weights-only unpickler raises anything (IndexError, KeyError...) on garbage
         raise UserError(f"{path}: not a PyTorch checkpoint or truncated ({_one_line(exc)})") from None
+
+
+def check_zip_crc(path: str | Path) -> None:
+    """Every member of the zip ``path`` read once and checked against its CRC-32; a mismatch, or a member whose bytes
+    cannot be found, is a ``UserError`` naming the file and the member (``archive/data/N``: a tensor's storage)."""
+    path, member = Path(path), None
+    view = memoryview(bytearray(CRC_CHUNK))
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            for info in archive.infolist():
+                member = info.filename
+                if info.CRC == 0 and info.file_size:
+                    continue  # saved without CRCs (torch writes 0); an empty member's CRC is 0 anyway
+                if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes; zipfile checks the CRC itself
+                    with archive.open(info) as stream:
+                        while stream.read(CRC_CHUNK):
+                            pass
+                elif _stored_crc(raw, info, view) != info.CRC:
+                    raise UserError(f"{path}: damaged: the bytes of member {member} do not match its CRC-32 (the "
+                                    "file changed after it was saved: a bad copy, download or disk); fetch it again")
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        where = f"member {member}" if member else "the zip directory"
+        raise UserError(f"{path}: damaged: {where} cannot be read back intact ({_one_line(exc)}); fetch the file "
+                        "again") from None
+
+
+def _stored_crc(raw, info: zipfile.ZipInfo, view: memoryview) -> int:
+    """CRC-32 of an uncompressed member's bytes, read in ``len(view)`` chunks into one buffer."""
+    raw.seek(info.header_offset)
+    header = raw.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("no local file header where the zip directory points")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    raw.seek(info.header_offset + 30 + name_len + extra_len)
+    crc, left = 0, info.file_size
+    while left:
+        got = raw.readinto(view[:min(left, len(view))])
+        if not got:
+            raise EOFError(f"{left} of its {info.file_size} bytes are missing")
+        crc = zlib.crc32(view[:got], crc)
+        left -= got
+    return crc
 
 
 def unwrap_state_dict(obj, path: Path) -> dict:
