@@ -154,14 +154,14 @@ def test_loglikelihood_equals_score_and_is_greedy_is_measured(engine, answers):
                 FakeRequest((question, lambda doc: other, _visual, i, "t", "test")),  # doc_to_target
                 FakeRequest((question, " ", _visual, i, "t", "test")),
                 FakeRequest(("", "yes"))]  # lmms-eval's unconditional request: no image, empty context
-    got = plugin.loglikelihood(requests)
+    got = plugin.loglikelihood(requests)  # (loss = minus the score, is_greedy): lmms-eval takes the lowest loss
     want = engine.score(request_messages(question, [DOCS[i]["image"]]), [greedy, other])
-    assert got[0] == (pytest.approx(want[0]), True)
-    assert got[1] == (pytest.approx(want[1]), False)
+    assert got[0] == (pytest.approx(-want[0]), True)
+    assert got[1] == (pytest.approx(-want[1]), False)
     assert got[2] == got[1]
     assert got[3] == (0.0, True)
-    assert got[4][0] == pytest.approx(engine.score(request_messages(""), ["yes"])[0])
-    assert all(score <= 0 for score, _ in got)
+    assert got[4][0] == pytest.approx(-engine.score(request_messages(""), ["yes"])[0])
+    assert all(loss >= 0 for loss, _ in got)
 
 
 def test_gguf_directory_and_launch_config_open(chat_model, tmp_path):
@@ -282,5 +282,5 @@ def test_lmms_eval_registry_builds_the_model_and_answers_its_instances(chat_mode
     lls = [instance("loglikelihood", (QUESTIONS[0], f" {c}", _visual, 0, "t", "test"), k)
            for k, c in enumerate(["yes", "no"])]
     scores = plugin.engine.score(request_messages(QUESTIONS[0], [DOCS[0]["image"]]), ["yes", "no"])
-    assert [s for s, _ in plugin.loglikelihood(lls)] == pytest.approx(scores)
+    assert [s for s, _ in plugin.loglikelihood(lls)] == pytest.approx([-s for s in scores])  # losses
     assert parse_float_sequence_within(refcoco_answer("{<10><20><55><90>}")) == [0.10, 0.20, 0.55, 0.90]

@@ -5,7 +5,8 @@ Evaluates the model a config names on its benchmark (tinygpt.evaluation.runner):
 over), ``summary.json``, and a table beside the paper's figures (tinygpt.evaluation.report). A user error prints one
 ``error:`` line and exits 2 (tinygpt.errors); results that look like a broken model print a ``WARNING`` line and are
 marked in summary.json (exit 0: they are written for inspection). A config whose benchmark.root is the default
-synthetic location (data/synthetic/benchmarks/<name>) that is missing gets those files written first.
+synthetic location (data/synthetic/benchmarks/<name>) that is missing gets those files written first, once the config
+and run.out_dir are known to be good; a training config (train_configs/*.yaml) as --cfg-path is named as one.
 docs/evaluation.md is the manual.
 """
 
@@ -40,13 +41,39 @@ def _run(args: argparse.Namespace) -> int:
     from tinygpt.evaluation.config import load_eval_config
     from tinygpt.evaluation.report import format_run
     from tinygpt.evaluation.runner import SUMMARY, run_evaluation
+    from tinygpt.io_utils import check_output_dir
 
+    _refuse_training_config(args.cfg_path)
     cfg = load_eval_config(args.cfg_path, args.options)
+    check_output_dir(cfg.run.out_dir, cfg.blame("run.out_dir"), "evaluation results")  # before anything is written
     _write_synthetic_files(cfg)
     summary = run_evaluation(cfg, restart=args.restart, quiet=args.quiet)
     print(format_run(summary))
     print(f"results: {cfg.run.out_dir}/{SUMMARY}")
     return 0
+
+
+TRAINING_KEYS = ("extends", "data", "optim", "schedule")  # train.py's configs; no evaluation config has them
+
+
+def _refuse_training_config(cfg_path: str) -> None:
+    """A training config (train_configs/*.yaml) given as --cfg-path is named as one; read as an evaluation config it
+    failed on its first ${vars...} interpolation, as "not valid YAML"."""
+    import yaml
+
+    from tinygpt.chat.launch import find_launch_config
+    from tinygpt.errors import UserError
+
+    path = find_launch_config(cfg_path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # the config loader names what is wrong with it
+    found = [key for key in TRAINING_KEYS if key in tree] if isinstance(tree, dict) else []
+    if found and "benchmark" not in tree:
+        raise UserError(f"{path}: a training config for train.py (it has {', '.join(found)}), not an evaluation "
+                        "config; give one of eval_configs/<benchmark>.yaml, with --options model.path=<the trained "
+                        "stage's output directory>")
 
 
 def _write_synthetic_files(cfg) -> None:

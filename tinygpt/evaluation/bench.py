@@ -5,23 +5,27 @@
 Each backend is loaded once; each measurement runs `predict` (the evaluation path of tinygpt.evaluation.runner) over
 the same samples (the loader's ``--limit``) on a fresh engine over that backend (an empty image cache: every image is
 encoded in every pass), ``--repeat`` times, and keeps the best pass. ``same answers`` counts the samples whose
-prediction equals the one-at-a-time prediction of the same backend. A benchmark to read, not a timed test.
+prediction equals the one-at-a-time prediction of the same backend. A benchmark to read, not a timed test. Answers
+that look like garbage (`runner.garbage_problems` of their official score: a broken model is fast too) print a
+``WARNING`` line under the table and on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from ..chat.engine import ChatEngine
 from ..errors import UserError, report_errors
-from .benchmark import Prediction, Sample
+from .benchmark import Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark, names
 from .config import default_root
 from .report import text_table
-from .runner import engine_load_options
+from .runner import engine_load_options, garbage_problems
 
 
 def measure(engine: ChatEngine, samples: Sequence[Sample], batch_size: int,
@@ -40,19 +44,35 @@ def measure(engine: ChatEngine, samples: Sequence[Sample], batch_size: int,
     return best, predictions
 
 
-def bench_rows(engines: dict[str, ChatEngine], samples_of, batch_size: int, repeat: int = 2) -> list[list[str]]:
+def bench_rows(engines: dict[str, ChatEngine], samples_of, batch_size: int, repeat: int = 2,
+               check: Optional[Callable[[str, list, list], None]] = None) -> list[list[str]]:
     """Table rows: per backend, the batched pass then the one-at-a-time pass. ``samples_of(engine)`` gives the
-    samples (their prompts may depend on the model's template)."""
+    samples (their prompts may depend on the model's template); ``check(label, samples, predictions)`` sees each
+    backend's one-at-a-time predictions (`garbage_check`)."""
     rows = [["backend", "batch", "samples", "seconds", "samples/s", "speed-up", "same answers"]]
     for label, engine in engines.items():
         samples = samples_of(engine)
         results = {size: measure(engine, samples, size, repeat) for size in dict.fromkeys((batch_size, 1))}
         single_seconds, single = results[1]
+        if check is not None:
+            check(label, samples, single)
         for size, (seconds, predictions) in results.items():
             same = sum(int(a == b) for a, b in zip(predictions, single))
             rows.append([label, str(size), str(len(samples)), f"{seconds:.2f}", f"{len(samples) / seconds:.2f}",
                          f"{single_seconds / seconds:.2f}x", f"{same}/{len(samples)}"])
     return rows
+
+
+def garbage_check(bench: Benchmark, warnings: list[str]) -> Callable[[str, list, list], None]:
+    """A `bench_rows` check: the official score of a backend's answers and `runner.garbage_problems`, one line in
+    ``warnings`` per backend whose answers look like garbage (a fast broken model is no result)."""
+    def check(label: str, samples: list, predictions: list) -> None:
+        scores = bench.score(samples, predictions, "official")
+        problems = garbage_problems(scores, samples, predictions)
+        if problems:
+            warnings.append(f"WARNING: {label}: these answers look like garbage, not a model to time: "
+                            f"{'; '.join(problems)}")
+    return check
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tinygpt.evaluation.bench") -> argparse.Namespace:
@@ -77,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     if min(args.limit, args.batch_size, args.repeat) < 1:
         raise UserError(f"--limit, --batch-size and --repeat must be >= 1, got {args.limit}, {args.batch_size} and "
                         f"{args.repeat}")
+    if args.model and not (args.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", args.device)):
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
     bench = get_benchmark(args.benchmark)
     split = args.split or bench.splits[0]
     if split not in bench.splits:
@@ -98,7 +120,11 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"{bench.title}, split {split}, {root}: limit {args.limit}, batch {args.batch_size} against 1, best of "
           f"{args.repeat}")
-    print("\n".join(text_table(bench_rows(engines, samples_of, args.batch_size, args.repeat))))
+    warnings: list[str] = []
+    rows = bench_rows(engines, samples_of, args.batch_size, args.repeat, garbage_check(bench, warnings))
+    print("\n".join(text_table(rows) + warnings))
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
     return 0
 
 

@@ -20,14 +20,20 @@ Model args (``--model_args k=v,...``; lmms-eval adds ``batch_size`` and ``device
 Contract of the three request kinds:
 * ``generate_until`` -> ``ChatEngine.chat`` of one user message (the doc's images first, then the context, the
   training wording); ``gen_kwargs`` -> `GenerationSettings` (`generation_settings`): ``until`` adds stop strings,
-  ``max_new_tokens``, ``num_beams``, ``repetition_penalty``; ``do_sample: false`` or ``temperature: 0`` is greedy,
-  ``temperature`` / ``top_p`` apply when sampling; other keys (``image_aspect_ratio`` ...) mean nothing here and are
-  ignored. Defaults come from the launch config's ``generation`` section.
-* ``loglikelihood`` -> ``(ChatEngine.score of the continuation, is_greedy)``. The continuation is stripped: our
-  answers are tokenized alone after the template's own separator, so lmms-eval's leading ``" "`` is not part of
-  it. ``is_greedy`` is measured, not assumed: one greedy answer per distinct context (temperature 0, as many tokens
-  as the longest continuation has UTF-8 bytes, plus 2) and the continuation is greedy when that answer begins with
-  its text. An empty continuation is ``(0.0, True)``.
+  ``max_new_tokens``, ``num_beams``, ``repetition_penalty``; ``do_sample: false``, ``temperature: 0`` or ``top_k: 1``
+  is greedy, ``temperature`` / ``top_p`` apply when sampling; other keys (``image_aspect_ratio``, another ``top_k``
+  ...) mean nothing here and are ignored. Defaults come from the launch config's ``generation`` section. With
+  sampling, the k-th copy of a request (lmms-eval's ``repeats``, ``--repeats``: the same Instance k times) is drawn
+  with seed ``seed + k``, so the copies are separate draws and not one answer k times.
+* ``loglikelihood`` -> ``(loss, is_greedy)``: the loss is minus ``ChatEngine.score`` of the continuation (its
+  summed negative log-likelihood, >= 0: lower is likelier). lmms-eval's tasks read the first element as a loss, the
+  way its own models return it (``float(loss.item())``): ``multiple_choice`` picks ``np.argmin`` of them
+  (``lmms_eval/api/task.py``), so a log-probability there would pick the least likely choice. The continuation is
+  stripped: our answers are tokenized alone after the template's own separator, so lmms-eval's leading ``" "`` is
+  not part of it. ``is_greedy`` is measured, not assumed: one greedy answer per distinct context (temperature 0, as
+  many tokens as the longest continuation has UTF-8 bytes, plus 2); the continuation is greedy when that answer
+  begins with its tokens (`greedy_begins_with`: its text, ending at a token boundary of the answer: "no" is not
+  the greedy "not sure"). An empty continuation is ``(0.0, True)``.
 * ``generate_until_multi_round`` is not supported (NotImplementedError); no task tinygpt targets needs it.
 
 RefCOCO (``refcoco*_bbox_rec_*`` tasks): the task asks for ``[x1, y1, x2, y2]`` as floats in [0, 1] of the image;
@@ -36,13 +42,18 @@ tinygpt answers ``{<x1><y1><x2><y2>}`` on the 0-100 grid. The first valid box of
 With ``refer_prompt`` (default) the question is asked in the training wording, ``[refer] <the phrase>``, instead of
 the task's English instruction, which the model was never trained on (as MiniGPT-v2's own RefCOCO script asks).
 
+No silent garbage: 10 or more generated answers that are all the same text, or NaN scores, print a ``WARNING``
+line on stderr (lmms-eval prints its table whatever the answers are).
+
 The core (`generation_settings`, `request_messages`, `refcoco_answer`, `TinyGPTLmms`'s methods) does not import
 lmms_eval: without it `TinyGPTLmms` is a plain class that answers any objects with ``.args`` (the tests' fakes).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,7 +62,9 @@ from tqdm import tqdm
 
 from ..chat import ChatEngine, GenerationSettings, answer_boxes, task_prompt
 from ..chat.launch import load_launch_config, open_engine
+from ..chat.settings import MAX_SEED
 from ..errors import UserError, did_you_mean
+from .runner import ALL_SAME_MIN
 
 try:  # the optional extra tinygpt[lmms]
     from lmms_eval.api.model import lmms as _LmmsBase
@@ -86,10 +99,10 @@ def generation_settings(gen_kwargs: dict | None, base: GenerationSettings) -> Ge
         if kw.get(key) is not None:
             changes[key] = kw[key]
     do_sample, temperature = kw.get("do_sample"), kw.get("temperature")
-    if do_sample is False:
+    if do_sample is False or kw.get("top_k") == 1:  # top_k 1 keeps only the likeliest token: greedy
         temperature = 0.0
-    elif do_sample is True and not temperature:
-        temperature = 1.0  # sampling asked for without a temperature: transformers' default
+    elif do_sample is True and temperature is None:
+        temperature = 1.0  # sampling asked for without a temperature: transformers' default (temperature 0: greedy)
     if temperature is not None:
         changes["temperature"] = float(temperature)
     sampling = changes.get("temperature", base.temperature) > 0
@@ -132,9 +145,43 @@ def refcoco_answer(text: str) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in boxes[0][1]) + "]"
 
 
+def greedy_begins_with(answer: str, continuation: str, length: Callable[[str], int] | None = None) -> bool:
+    """Whether the greedy `answer` begins with the tokens of `continuation`: its text, ending where a token of the
+    answer ends. ``length``: the backend's ``text_length`` (BOS + tokens); the continuation's tokens and the rest's
+    then add up to the answer's ("no" + "t sure" do not make "not sure": "no" is not greedy there). Without it, at
+    a word boundary ("1" is not the greedy "12", "yes" is the greedy "yes.")."""
+    if not answer.startswith(continuation):
+        return False
+    rest = answer[len(continuation):]
+    if not rest or not continuation:
+        return True
+    if length is not None:
+        return length(continuation) + length(rest) == length(answer) + 1
+    return not (continuation[-1].isalnum() and rest[0].isalnum())
+
+
+def garbage_warning(answers: Sequence[str] = (), scores: Sequence[float] = ()) -> str | None:
+    """Why these answers look like a broken model (10+ answers all one text; NaN scores), or None."""
+    problems = []
+    texts = {" ".join(a.lower().split()) for a in answers}
+    if len(answers) >= ALL_SAME_MIN and len(texts) == 1:
+        problems.append(f"all {len(answers)} generated answers are {next(iter(texts))[:40]!r}")
+    nan = sum(1 for s in scores if math.isnan(s))
+    if nan:
+        problems.append(f"{nan} of {len(scores)} log-likelihoods are NaN")
+    return "; ".join(problems) or None
+
+
+def _warn(problem: str | None, where: str) -> None:
+    if problem:
+        print(f"WARNING: tinygpt {where}: these answers look like garbage, not a measurement: {problem}",
+              file=sys.stderr, flush=True)
+
+
 # ---- opening the model -------------------------------------------------------------------------------------------
-def _check_device(device: str) -> str:
-    if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+def _check_device(device: Any) -> str:
+    # lmms-eval reads a number in --model_args as one (device=0 arrives as the int 0)
+    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         return device
     raise UserError(f"--model_args device: expected auto, cpu, cuda or cuda:N, got {device!r}")
 
@@ -171,7 +218,7 @@ def open_pretrained(pretrained: Any, backend: str | None = None, device: str | N
             "config.json (a saved model) or llm-*.gguf (a GGUF export)"
         raise UserError(f"--model_args pretrained={pretrained}: holds no {want}")
     if backend == "torch":
-        return ChatEngine.from_model_dir(path, device=_check_device(device or "auto"))
+        return ChatEngine.from_model_dir(path, device=_check_device("auto" if device is None else device))
     return ChatEngine.from_gguf(path, {"n_threads": threads or 2})
 
 
@@ -224,7 +271,13 @@ class TinyGPTLmms(_LmmsBase):  # type: ignore[misc, valid-type]
 
     def generate_until(self, requests) -> list[str]:
         """One answer per request, in request order (see the module docstring)."""
-        asked = [self._conversation(r.args) for r in requests]
+        asked, copies = [], {}
+        for r in requests:
+            messages, settings, refcoco = self._conversation(r.args)
+            k = copies[id(r)] = copies.get(id(r), -1) + 1  # lmms-eval's repeats: the same Instance k times
+            if k and not settings.greedy and settings.seed is not None:
+                settings = settings.with_(seed=(settings.seed + k) % (MAX_SEED + 1))
+            asked.append((messages, settings, refcoco))
         answers: list[str | None] = [None] * len(asked)
         batch = getattr(self.engine, "chat_batch", None) if self.batch_size > 1 else None
         groups: dict[GenerationSettings, list[int]] = {}
@@ -242,6 +295,7 @@ class TinyGPTLmms(_LmmsBase):  # type: ignore[misc, valid-type]
                     for i, text in zip(chunk, texts):
                         answers[i] = refcoco_answer(text) if asked[i][2] else text
                     bar.update(len(chunk))
+        _warn(garbage_warning(answers), "generate_until")  # type: ignore[arg-type]
         return answers  # type: ignore[return-value]
 
     # ---- loglikelihood -------------------------------------------------------------------------------------------
@@ -258,12 +312,14 @@ class TinyGPTLmms(_LmmsBase):  # type: ignore[misc, valid-type]
         return key, request_messages(context, self._visuals(doc_to_visual, task, split, doc_id)), target.strip()
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """(summed log-probability of the continuation, whether greedy decoding writes it) per request."""
+        """(loss: minus the summed log-probability of the continuation, whether greedy decoding writes it) per
+        request; lmms-eval's tasks take the lowest loss as the likeliest (see the module docstring)."""
         groups: dict[tuple, tuple[list[dict], list[tuple[int, str]]]] = {}
         for i, request in enumerate(requests):
             key, messages, continuation = self._scored(request.args)
             groups.setdefault(key, (messages, []))[1].append((i, continuation))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        length = getattr(getattr(self.engine, "backend", None), "text_length", None)
         for messages, items in tqdm(groups.values(), desc="tinygpt loglikelihood", disable=len(groups) < 2):
             wanted = [c for _, c in items if c]
             scores = dict(zip(wanted, self.engine.score(messages, wanted))) if wanted else {}
@@ -272,7 +328,9 @@ class TinyGPTLmms(_LmmsBase):  # type: ignore[misc, valid-type]
                 longest = max(len(c.encode("utf-8")) for c in wanted) + 2
                 greedy = self.engine.chat(messages, GenerationSettings(max_new_tokens=longest, temperature=0.0))
             for i, continuation in items:
-                results[i] = (scores[continuation], greedy.startswith(continuation)) if continuation else (0.0, True)
+                results[i] = (0.0, True) if not continuation else (
+                    -scores[continuation], greedy_begins_with(greedy, continuation, length))
+        _warn(garbage_warning(scores=[loss for loss, _ in results]), "loglikelihood")  # type: ignore[misc]
         return results  # type: ignore[return-value]
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -9,6 +9,9 @@
   scoring's where it differs (``* vsr: the compat column is substring_accuracy``).
 
 A summary.json that does not parse, or parses into another shape, is one ``error: FILE: ...`` line (exit 2).
+Garbage says so in both: the summary's ``warning``, or for a summary without one (written before a rule was added)
+the runner's rules applied again to its saved figures (`garbage`): ``WARNING: ...`` under the run, `` WARNING``
+after its backend in the table.
 
 Figures are percentages with one decimal. The published figures were each scored by their own paper's scorer: the
 TinyGPT-V ones by the lenient scorers that tinygpt-v-compat reproduces, so compare them with the compat column.
@@ -125,9 +128,23 @@ def format_run(summary: dict) -> str:
                      "compat one)")
     if summary.get("synthetic") and summary.get("paper"):
         lines.append("  (synthetic files for the tiny model: the published figures are for the real benchmark)")
-    if summary.get("warning"):
-        lines.append(f"  WARNING: {summary['warning']}")
+    warning = garbage(summary)
+    if warning:
+        lines.append(f"  WARNING: {warning}")
     return "\n".join(lines)
+
+
+def garbage(summary: dict) -> Optional[str]:
+    """The summary's garbage warning; for one without (written before a rule was added), the runner's rules
+    (`runner.run_garbage`) applied again to its saved figures (the answers' own checks need predictions.jsonl)."""
+    if summary.get("warning"):
+        return str(summary["warning"])
+    scores, headline = summary.get("scores") or {}, summary.get("scoring", OFFICIAL)
+    if not isinstance(scores.get(OFFICIAL), dict) or not isinstance(scores.get(headline), dict):
+        return None
+    from .runner import run_garbage  # torch comes with it: only for a summary that has no warning
+
+    return "; ".join(run_garbage(scores, headline, [], [])) or None
 
 
 def _figure(value: Any) -> str:
@@ -149,7 +166,7 @@ def format_table(summaries: Sequence[dict], runs: Optional[Sequence[str]] = None
                      (_metric(s, OFFICIAL) or "-") + (" *" if other else ""), str(s.get("n")),
                      percent(_value(s, OFFICIAL)), percent(_value(s, COMPAT)), _gap(s),
                      _figure(paper_figure(s.get("paper") or {})),
-                     str(s.get("backend")) + (" WARNING" if s.get("warning") else "")])
+                     str(s.get("backend")) + (" WARNING" if garbage(s) else "")])
     table = text_table(rows, right_from=4, right_to=9)
     return "\n".join(table + notes + ["(paper: TinyGPT-V's published figure, scored like the compat column)"])
 
