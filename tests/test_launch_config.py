@@ -57,6 +57,23 @@ def test_missing_models_name_the_command_that_makes_them(tmp_path):
         assert hint in str(raised.value)
 
 
+@pytest.mark.parametrize("files, message", [
+    ((), "is not a saved model directory (no config.json); train it first"),
+    (("trainable.safetensors", "optimizer.pt"), "is a training checkpoint (the state a run resumes from), not a saved "
+                                                "model; give the stage's run.output_dir"),
+])
+def test_a_folder_without_a_model_says_what_it_is(tmp_path, files, message):
+    step = tmp_path / "checkpoints" / "step_100"  # a training checkpoint was "no config.json; train it first"
+    step.mkdir(parents=True)
+    for name in files:
+        (step / name).write_bytes(b"x")
+    path = tmp_path / "torch.yaml"
+    path.write_text(f"model: {{backend: torch, path: {step}}}\n")
+    with pytest.raises(UserError, match="step_100") as raised:
+        load_launch_config(path)
+    assert message in str(raised.value)
+
+
 def test_the_config_sets_the_engines_defaults(chat_model, tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(f"model: {{backend: gguf, path: {chat_model[1]}}}\ngeneration: {{max_new_tokens: 7, stop: END}}\n"

@@ -192,6 +192,10 @@ def check_model_path(cfg: LaunchConfig) -> None:
                 "train_configs/stageN.yaml`; the quick start's `python train.py` makes outputs/tiny/stage4)")
         raise UserError(f"{cfg.source}: model.path {where} does not exist; {make}")
     if cfg.model.backend == "torch" and not (where / "config.json").is_file():
+        if (where / "trainable.safetensors").is_file():  # a step_N folder of run.checkpoint_dir (tinygpt.train)
+            raise UserError(f"{cfg.source}: model.path {where} is a training checkpoint (the state a run resumes "
+                            "from), not a saved model; give the stage's run.output_dir, which holds config.json and "
+                            "model.safetensors")
         raise UserError(f"{cfg.source}: model.path {where} is not a saved model directory (no config.json); "
                         "train it first (`python train.py --cfg-path train_configs/stageN.yaml`; the quick start's "
                         "`python train.py` makes outputs/tiny/stage4)")
