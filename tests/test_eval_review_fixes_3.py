@@ -14,7 +14,8 @@ import pytest
 
 from test_eval_report_and_errors import _summary, _write
 from test_evaluate import ROOT, shapes_split  # noqa: F401, F811 (a fixture)
-from test_lmms_model import DOCS, GREEDY, QUESTIONS, FakeRequest, StubEngine, _gen, _plugin, _visual
+from test_lmms_model import (DOCS, GREEDY, QUESTIONS, FakeRequest, StubEngine, _gen, _plugin, _visual,
+                             evaluator_view)
 from tinygpt.chat import ChatEngine, GenerationSettings
 from tinygpt.evaluation import lmms_model
 from tinygpt.evaluation.benchmark import Prediction
@@ -38,7 +39,8 @@ class ScoringStub(StubEngine):
 
 def _choices(plugin, choices, question="Is there a cat?"):
     """lmms-eval's multiple_choice requests of one document: (ctx, target_delimiter + choice, ...) per choice."""
-    return plugin.loglikelihood([FakeRequest((question, f" {c}", _visual, 0, "t", "test")) for c in choices])
+    return evaluator_view(plugin.loglikelihood([FakeRequest((question, f" {c}", _visual, 0, "t", "test"))
+                                                for c in choices]))
 
 
 # ------------------------------------------------------------------------------------------------ loglikelihood

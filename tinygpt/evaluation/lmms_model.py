@@ -172,6 +172,21 @@ def garbage_warning(answers: Sequence[str] = (), scores: Sequence[float] = ()) -
     return "; ".join(problems) or None
 
 
+def evaluator_pairs(pairs: list[tuple[float, bool]]) -> list:
+    """The (loss, is_greedy) pairs as lmms-eval's evaluator must get them. lmms-eval 0.7.3 passes every model output
+    through ``unwrap_generation_output``, which keeps strings and ``GenerationResult`` objects and turns anything else
+    into its ``str()``: a pair reached ``multiple_choice`` scoring as the text ``"(1.2, False)"`` and the task stopped
+    ("too many values to unpack"), whatever the model. In a ``GenerationResult`` the pair passes through unchanged.
+    Without lmms-eval, or with a version that keeps tuples, the pairs as they are."""
+    try:
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+    except ImportError:
+        return pairs
+    if unwrap_generation_output((0.0, True))[0] == (0.0, True):
+        return pairs
+    return [GenerationResult(text=pair) for pair in pairs]  # type: ignore[arg-type]
+
+
 def _warn(problem: str | None, where: str) -> None:
     if problem:
         print(f"WARNING: tinygpt {where}: these answers look like garbage, not a measurement: {problem}",
@@ -331,7 +346,7 @@ class TinyGPTLmms(_LmmsBase):  # type: ignore[misc, valid-type]
                 results[i] = (0.0, True) if not continuation else (
                     -scores[continuation], greedy_begins_with(greedy, continuation, length))
         _warn(garbage_warning(scores=[loss for loss, _ in results]), "loglikelihood")  # type: ignore[misc]
-        return results  # type: ignore[return-value]
+        return evaluator_pairs(results)  # type: ignore[arg-type]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("tinygpt: generate_until_multi_round (multi-round tasks) is not supported")
