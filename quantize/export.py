@@ -1,6 +1,6 @@
 """Export a trained tinygpt model directory to two GGUF files: `llm-<qtype>.gguf` and `vision.gguf`.
 
-    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16]
+    python -m quantize export --model DIR --out DIR [--qtype q4_k|q4_0|q8_0|f16|f32]
 
 LoRA is merged first. LLM: 2-D weights in the chosen type (rows that do not fill whole blocks widen as llama.cpp
 does), norms and biases F32. Vision: Linear weights Q8_0 (F16 when rows do not divide by 32), the rest F32; an F16

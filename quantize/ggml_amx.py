@@ -23,6 +23,8 @@ from pathlib import Path
 
 import ggml
 
+from tinygpt.paths import cache_root
+
 from .ggml_weights import extra_buffer_types
 
 ENV = "TINYGPT_GGML_AMX"
@@ -76,8 +78,7 @@ def _library_key() -> str:
 
 
 def _cache_file() -> Path:
-    root = Path(os.environ.get("TINYGPT_CACHE", Path.home() / ".cache" / "tinygpt"))
-    return root / "ggml-amx-probe.json"
+    return cache_root() / "ggml-amx-probe.json"  # the tinygpt cache, as the vision cache's (~ expanded)
 
 
 def probe_amx_tiles(timeout: float = 120.0) -> tuple[bool, str]:

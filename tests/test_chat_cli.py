@@ -56,12 +56,15 @@ def test_interactive_commands_and_mistakes_keep_the_conversation(engine, image, 
     text_file.write_text("not an image")
     out, err = io.StringIO(), io.StringIO()
     chat = TerminalChat(engine, out)
-    lines = io.StringIO(f"/image {image}\nWhat is it?\n/image {text_file}\n/image\n/fly\nAnd now?\n/reset\n"
-                        f"/quit\nnever asked\n")
+    lines = io.StringIO(f"/image {image}\nWhat is it?\n/image {text_file}\n/image\n/fly\n/image {tmp_path}/no.png\n"
+                        f"And now?\n/reset\n/quit\nnever asked\n")
     interact(chat, lines, err)
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
-    assert len(errors) == 3 and "notes.png" in errors[0] and "/image needs a path" in errors[1]
-    assert "unknown command '/fly'" in errors[2]
+    assert len(errors) == 4 and "/image needs a path" in errors[1] and "unknown command '/fly'" in errors[2]
+    # the path once, and not "this server" (it was "error: X: image: not a readable image (... this server knows ...")
+    assert errors[0] == (f"error: {text_file}: not a readable image (not an image format tinygpt knows: PNG, JPEG, "
+                         "WebP, GIF or BMP)")
+    assert errors[3] == f"error: {tmp_path}/no.png: image file not found"
     answers = out.getvalue().splitlines()
     assert len(answers) == 2 and answers[0] == _ask(engine, image, "What is it?")
     assert chat.messages == []  # /reset, and nothing after /quit

@@ -53,6 +53,14 @@ def test_the_answer_is_cached_per_library_and_the_environment_overrides_it(monke
     assert ggml_amx.amx_tiles_work() is False  # no AMX buffer in this build: nothing to force
 
 
+
+@pytest.mark.parametrize("value, where", [("~/probe-cache", "home/probe-cache"), ("", "home/.cache/tinygpt")])
+def test_the_probe_is_cached_in_the_tinygpt_cache(tmp_path, monkeypatch, value, where):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~" was kept as a folder name, "" wrote to the cwd
+    monkeypatch.setenv("TINYGPT_CACHE", value)
+    assert ggml_amx._cache_file() == tmp_path / where / "ggml-amx-probe.json"
+
+
 @pytest.fixture(scope="module")
 def tiny_q4_0(tmp_path_factory):
     from quantize.gguf_file import find_llm_file, open_gguf

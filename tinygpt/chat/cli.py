@@ -75,11 +75,8 @@ class TerminalChat:
     def attach(self, path: str) -> None:
         """Check the image now and prepare it (ChatEngine.prepare: encode, prefill) on a worker thread while the
         question is typed."""
-        try:
-            ref = image_ref(path)
-            ref.open()  # a bad path or a file that is not an image fails here, before the question
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
+        ref = image_ref(Path(path).expanduser(), where=path)  # errors name the path once, as typed
+        ref.open()  # a bad path or a file that is not an image fails here, before the question
         self.pending.append(ref)
         content = [{"type": "image", "image": r} for r in self.pending]
         self._preparing = self._worker.submit(self.engine.prepare,

@@ -86,7 +86,7 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def format_refusal(head: bytes, where: str, what: str = "this server") -> str:
+def format_refusal(head: bytes, where: str, what: str = "tinygpt") -> str:
     """The message for bytes that do not open as one of `IMAGE_FORMATS`, naming their format when it is known."""
     found = sniff_format(head)
     if found is not None and found not in IMAGE_FORMATS:
@@ -152,8 +152,8 @@ def image_from_bytes(data: bytes, where: str) -> ImageRef:
 
 def image_from_path(path: str | os.PathLike, where: str) -> ImageRef:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{where}: image file not found: {path}")
+    if not path.is_file():  # where may be the path itself (the terminal chat): not named twice
+        raise UserError(f"{where}: image file not found" + ("" if where == str(path) else f": {path}"))
     return image_from_bytes(path.read_bytes(), where)
 
 

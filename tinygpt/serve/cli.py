@@ -30,8 +30,8 @@ MAX_PORT = 65535
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tinygpt.serve") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description="An OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) over "
-                               "the model a launch config names (docs/serving.md).")
+        prog=prog, description="An OpenAI-compatible chat server (/v1/chat/completions, /v1/completions, /v1/models, "
+                               "/health) over the model a launch config names (docs/serving.md).")
     parser.add_argument("--cfg-path", required=True, help="launch config, e.g. eval_configs/tiny.yaml")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
