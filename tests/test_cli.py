@@ -93,7 +93,7 @@ def test_train_quiet_turns_the_progress_bar_off(monkeypatch):
 
     seen = []
     monkeypatch.setattr(stage, "check_outputs", lambda cfg: None)
-    monkeypatch.setattr(backbones, "resolve_builtin", lambda cfg: None)
+    monkeypatch.setattr(backbones, "resolve_builtin", lambda cfg, build=True: None)
     monkeypatch.setattr(stage, "run_stage", lambda cfg: seen.append(cfg.run.progress) or "out")
     config = str(Path(__file__).resolve().parents[1] / "train_configs" / "tiny" / "stage1.yaml")
     assert main(["train", "--cfg-path", config]) == 0 and main(["train", "--cfg-path", config, "--quiet"]) == 0

@@ -66,6 +66,26 @@ def test_a_finished_run_is_not_trained_again(trained, synthetic, base_model, tmp
                               "datasets": ["cc_sbu", "laion"]}  # written before the copy: the same config passes
 
 
+def test_a_finished_builtin_tiny_run_is_complete_for_check_too(trained, synthetic, base_model, tmp_path,  # noqa: F811
+                                                                monkeypatch, capsys):
+    """The checkpoint records the resolved backbones' directory: --check compared it with 'builtin:tiny' and refused
+    a finished run as 'made with other settings'; the run itself missed its early finished-run check."""
+    import tinygpt.tiny.backbones as backbones
+    from tinygpt.train import stage
+
+    root = copy_run(trained, tmp_path / "run")
+    # built already, where the session's run started; nothing may be built
+    monkeypatch.setattr(backbones, "ensure_tiny_backbones", lambda build=True: no_model() if build else base_model)
+    monkeypatch.setattr(stage, "build_model", no_model)
+    opts = stage_options(synthetic, root, "builtin:tiny", 3, run__save_every=1, run__keep_last=2, run__resume="auto")
+    done = f"already complete: {root / 'stage1'} (step 3 of 3); run.resume=false retrains it"
+    capsys.readouterr()
+    assert check_main(opts) == 0
+    assert capsys.readouterr().out.splitlines() == [done, f"{STAGE1}: ok"]
+    assert train_main(opts) == 0
+    assert capsys.readouterr().out.splitlines() == [done]
+
+
 def test_a_finished_run_whose_output_was_damaged_writes_it_again(trained, synthetic, base_model,  # noqa: F811
                                                                  tmp_path, caplog):
     """A finished run whose output weights were cut short or deleted afterwards is not 'already complete': it resumes

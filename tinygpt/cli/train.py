@@ -68,6 +68,9 @@ def _run(args: argparse.Namespace) -> int:
     from tinygpt.config import check_paths, load_config
 
     cfg = load_config(args.cfg_path, args.options + (["run.progress=false"] if args.quiet else []))
+    from tinygpt.tiny.backbones import resolve_builtin
+
+    resolve_builtin(cfg, build=False)  # when built: the directory a finished run recorded (nothing is built here)
     if args.check:
         check_paths(cfg)
         from tinygpt.train.run_guard import already_complete, check_resume, resume_line
@@ -82,7 +85,6 @@ def _run(args: argparse.Namespace) -> int:
             print(where)
         print(f"{args.cfg_path}: ok")
         return 0
-    from tinygpt.tiny.backbones import resolve_builtin
     from tinygpt.train.run_guard import already_complete
     from tinygpt.train.stage import check_outputs, run_stage
 
@@ -91,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if complete:
         print(complete)
         return 0
-    resolve_builtin(cfg)
+    resolve_builtin(cfg)  # still builtin:tiny when the backbones are not built: built now, the first time
     out = run_stage(cfg)
     print(f"stage output: {out}")
     return 0

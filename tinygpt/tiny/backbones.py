@@ -75,12 +75,16 @@ def ensure_tiny_backbones(
     llm: LLMPretrainSettings = LLMPretrainSettings(),
     vision: VisionPretrainSettings = VisionPretrainSettings(),
     progress: bool = True,
-) -> Path:
-    """Path of the cached tiny backbone model directory; builds it the first time (about 6 minutes on 2 cores)."""
+    build: bool = True,
+) -> Path | None:
+    """Path of the cached tiny backbone model directory; builds it the first time (about 6 minutes on 2 cores).
+    ``build=False``: None when it is not built."""
     root = cache_root(cache_dir)
     target = root / backbones_key(llm, vision)
     if is_complete(target):
         return target
+    if not build:
+        return None
     try:
         with waiting_lock(root / f"{target.name}.lock"):
             if is_complete(target):  # another process built it while we waited
@@ -238,8 +242,13 @@ def current_ceiling(directory: Path, progress: bool = True) -> dict | None:
     return ceiling
 
 
-def resolve_builtin(cfg) -> None:
+def resolve_builtin(cfg, build: bool = True) -> None:
     """Replace ``model.init_from: builtin:tiny`` in a loaded stage config by the cached tiny backbones (built once);
-    the entry points call this before ``run_stage``, so training never imports the twin."""
-    if cfg.model.init_from == "builtin:tiny":
-        cfg.model.init_from = str(ensure_tiny_backbones())
+    the entry points call this before ``run_stage``, so training never imports the twin. ``build=False``: only when
+    they are built already (what a finished run's checkpoint recorded: ``--check`` and the finished-run check compare
+    with it, and build nothing)."""
+    if cfg.model.init_from != "builtin:tiny":
+        return
+    built = ensure_tiny_backbones(build=build)
+    if built is not None:
+        cfg.model.init_from = str(built)
