@@ -7,12 +7,14 @@ Contract:
 * layout: a messages-format gr.Chatbot, a gr.MultimodalTextbox (several images per message), Stop / Regenerate /
   Clear; on the side the task selector, the image view (answers' boxes; two clicks mark the [identify] region), the
   region text, the generation settings; examples below;
+* while an answer is written the textbox and Regenerate are locked (Stop and Clear end the answer and unlock them);
 * named API endpoints (gradio_client): ``/add_message`` (message, history, task, region) -> (textbox, history) and
   ``/respond`` (history, max_new_tokens, temperature, top_p, repetition_penalty, seed) -> (history, view),
-  streamed; ``/regenerate`` (history) -> (history, textbox);
+  streamed; ``/regenerate`` (history) -> (history, textbox), the textbox locked (nothing to regenerate: a warning,
+  no change);
 * generation events share one concurrency slot (``concurrency_id="engine"``, limit 1), the queue holds at most
   ``limits.queue_size`` waiting events (one more is refused with gradio's "queue is full" message); UI-only events
-  skip the queue;
+  skip the queue; typing queues nothing that waits for the engine (only newly attached images queue `prepare`);
 * `launch` never makes a public link unless ``share`` is True, caps uploads at ``limits.max_upload_bytes`` and lets
   gradio serve the shipped example images.
 """
@@ -28,7 +30,7 @@ from .examples import EXAMPLES_DIR, example_rows
 from .handlers import EMPTY_MESSAGE, Handlers
 
 TITLE = "TinyGPT-V demo"
-UNLOCKED = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), api_visibility="private", queue=False)
+UI_ONLY = dict(api_visibility="private", queue=False)
 
 
 def _header(engine: ChatEngine, cfg: LaunchConfig) -> str:
@@ -57,6 +59,7 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(_header(engine, cfg))
         current = gr.State(None)  # path of the image the view shows
+        attached = gr.State(None)  # the images attached to the textbox and the history length they were prepared at
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
@@ -86,23 +89,39 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
                          concurrency_id="engine", concurrency_limit=1)
         sent = box.submit(h.add_message, [box, chatbot, task, region], [box, chatbot], api_name="add_message",
                           concurrency_limit=None, show_progress="hidden")
+        # while an answer is written Regenerate is locked with the textbox (Stop first): clicked then, it let that
+        # answer run to its end, whose unlocking freed the textbox while the new answer still waited for the engine
+        locked = dict(fn=lambda: gr.Button(interactive=False), outputs=[regenerate], **UI_ONLY)
+        unlocked = dict(fn=lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=True)),
+                        outputs=[box, regenerate], **UI_ONLY)
+        box.submit(**locked)  # at once, beside add_message (after it, a click could slip in before the lock)
         answered = sent.success(**answer_io, api_name="respond")
-        answered.then(**UNLOCKED, outputs=[box])
-        again = regenerate.click(h.regenerate, [chatbot], [chatbot, box], api_name="regenerate", queue=False)
+        answered.then(**unlocked)
+        sent.failure(**unlocked)
+        # queued (no engine slot), so that "nothing to regenerate" is a gr.Warning toast: unqueued events show none
+        again = regenerate.click(h.regenerate, [chatbot], [chatbot, box], api_name="regenerate", concurrency_limit=None,
+                                 show_progress="hidden")
+        regenerate.click(**locked)
+        again.failure(**unlocked)
         again_answered = again.success(**answer_io, api_visibility="undocumented")
-        again_answered.then(**UNLOCKED, outputs=[box])
-        stop.click(**UNLOCKED, outputs=[box], cancels=[answered, again_answered])
+        again_answered.then(**unlocked)
+        stop.click(**unlocked, cancels=[answered, again_answered])
         for cleared in (clear.click, chatbot.clear):  # the button and the chat's own bin
-            cleared(lambda: ([], gr.MultimodalTextbox(value=EMPTY_MESSAGE, interactive=True), None, "", None),
-                    outputs=[chatbot, box, view, region, current], cancels=[answered, again_answered],
-                    api_visibility="private", queue=False)
+            cleared(lambda: ([], gr.MultimodalTextbox(value=EMPTY_MESSAGE, interactive=True), None, "", None,
+                             gr.Button(interactive=True)),
+                    outputs=[chatbot, box, view, region, current, regenerate], cancels=[answered, again_answered],
+                    **UI_ONLY)
 
-        view_io = dict(api_visibility="private", queue=False)
-        box.change(h.follow, [box, chatbot, region, current], [view, current], **view_io)
-        box.change(h.prepare, [box, chatbot], None, concurrency_id="engine", concurrency_limit=1,
-                   trigger_mode="always_last", show_progress="hidden", api_visibility="private")
-        region.change(h.redraw, [box, chatbot, region], [view], **view_io)
-        view.select(h.pick, [box, chatbot, region], [region], **view_io)
+        box.change(h.follow, [box, chatbot, region, current], [view, current], **UI_ONLY)
+        # the engine's head start only when new images are attached: a prepare queued on every keystroke held a
+        # place in the bounded queue while another answer was written, so that sending was refused as "queue full"
+        # (queued, without waiting for a slot: gradio reports a State's change only from queued events)
+        box.change(h.attached, [box, chatbot], [attached], concurrency_limit=None, show_progress="hidden",
+                   api_visibility="private")
+        attached.change(h.prepare, [box, chatbot], None, concurrency_id="engine", concurrency_limit=1,
+                        trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+        region.change(h.redraw, [box, chatbot, region], [view], **UI_ONLY)
+        view.select(h.pick, [box, chatbot, region], [region], **UI_ONLY)
     return demo
 
 

@@ -6,18 +6,21 @@
 
 Contract:
 * `add_message` checks the attached files (tinygpt.demo.uploads), writes the task tag (conversation.tagged_text),
-  appends the user message and empties and locks the textbox; a refusal appends a notice saying why (and shows it
-  as a gr.Warning) and leaves the textbox as it was, to be fixed; `respond` then has nothing to answer and changes
-  nothing;
+  checks the text as the engine will (no ``<ImageHere>``, no lone UTF-16 surrogate), appends the user message and
+  empties and locks the textbox (after a notice for a question stopped before its answer began, which is then not
+  sent again, merged into the new one); a refusal appends a notice saying why (and shows it as a gr.Warning) and
+  leaves the textbox as it was, to be fixed; `respond` then has nothing to answer and changes nothing;
 * `respond` streams the answer to the last user message into the history (one engine generation: the engine's
   lock makes concurrent ones wait); a refusal by the engine (e.g. a conversation longer than the context) or an
   empty answer becomes a notice in the chat plus a gr.Warning, never an exception; closing the generator (the Stop
   button) closes the engine's stream, which ends the generation and frees the engine. When the answer holds boxes,
   the last yield draws them (pixels of the conversation's newest image) in the chat and on the view;
-* `regenerate` drops the last answer; `follow`, `redraw` and `pick` keep the image view on the newest image (the
-  one attached, else the conversation's) with the identify region marked;
-* `prepare` runs when the textbox changes: newly attached images are encoded and the prompt evaluated up to them
-  while the question is typed (one engine call; refusals are left to `add_message` and `respond`).
+* `regenerate` drops the last answer (nothing to drop: a gr.Warning, nothing changes); `follow`, `redraw` and `pick`
+  keep the image view on the newest image (the one attached, else the conversation's) with the identify region
+  marked; an image over ``limits.max_image_pixels`` is never decoded for the view;
+* `prepare` runs when `attached` changes (images attached to the textbox, not keystrokes): they are encoded and the
+  prompt evaluated up to them while the question is typed (one engine call; refusals are left to `add_message` and
+  `respond`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from PIL import Image
 
 from ..chat import ChatEngine, answer_boxes
 from ..chat.launch import LaunchConfig
-from ..chat.messages import IMAGE_FORMATS
+from ..chat.messages import IMAGE_FORMATS, check_unicode
 from ..errors import UserError
-from ..tasks import split_task_tag
+from ..tasks import IMAGE_PLACEHOLDER, split_task_tag
 from .conversation import (
     images, last_question, notice, shown, tagged_text, to_openai, user_message, without_last_answer,
 )
@@ -58,14 +61,18 @@ def newest_image(message: dict | None, history: list[dict] | None) -> str | None
     return paths[-1] if paths else None
 
 
-def _open(path: str | None) -> Image.Image | None:
+def _open(path: str | None, max_pixels: int) -> Image.Image | None:
+    """The image at `path` (RGB), or None: no path, not an image, or more than `max_pixels` pixels (never decoded;
+    beyond PIL's own guard Image.open raises DecompressionBombError): add_message says why when it is sent."""
     if not path:
         return None
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:  # no EPS to Ghostscript before the upload check
+            if image.width * image.height > max_pixels:
+                return None
             return image.convert("RGB")
-    except (OSError, ValueError):
-        return None  # not an image: add_message says so when it is sent
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 class Handlers:
@@ -74,20 +81,29 @@ class Handlers:
         self.drawn_dir = Path(drawn_dir or tempfile.mkdtemp(prefix="tinygpt-demo-"))
         self._prepared: tuple = ()  # (files, history length) of the last prepare: typing repeats no work
 
+    def _open(self, path: str | None) -> Image.Image | None:
+        return _open(path, self.limits.max_image_pixels)
+
     # ---- one turn --------------------------------------------------------------------------------------------
     def add_message(self, message: dict | None, history: list[dict] | None, task: str | None, region: str | None):
         history, files = list(history or []), _files(message)
         try:
             sizes = check_message_files(files, self.limits)
             newest = files[-1] if files else newest_image(None, history)
-            opened = None if files else _open(newest)  # None: no image, or its file is gone or unreadable
+            opened = None if files else self._open(newest)  # None: no image, or its file is gone or unreadable
             size = sizes[-1] if files else (opened.size if opened else None)
             text = tagged_text(task, (message or {}).get("text") or "", region, size)
             if not text and not files:
                 raise UserError("type a question or attach an image first")
+            if IMAGE_PLACEHOLDER in text:  # the engine refuses it too, but only after the textbox was emptied
+                raise UserError(f"the text may not contain {IMAGE_PLACEHOLDER} (the model's image slot); attach "
+                                "images with the clip")
+            check_unicode(text, "message")  # a lone UTF-16 surrogate (half an emoji), which no tokenizer takes
         except UserError as exc:  # the textbox keeps the message, to be fixed
             gr.Warning(str(exc))
             return gr.skip(), history + [notice("⚠️ Not sent", str(exc))]
+        if history and history[-1].get("role") == "user":  # Stop before the answer's first piece: say so, and leave
+            history.append(notice("⏹️ Stopped", "no answer: stopped before it began"))  # it out (else merged)
         return gr.MultimodalTextbox(value=EMPTY_MESSAGE, interactive=False), history + [user_message(text, files)]
 
     def respond(self, history: list[dict] | None, max_new_tokens: float, temperature: float, top_p: float,
@@ -129,7 +145,7 @@ class Handlers:
 
     def _answered(self, history: list[dict], answer: str) -> tuple:
         path = newest_image(None, history)
-        image = _open(path)
+        image = self._open(path)
         if not answer:
             return history + [notice("No answer", "the model ended its answer at once")], gr.skip(), gr.skip()
         boxes = answer_boxes(answer, *image.size) if image else []
@@ -145,16 +161,26 @@ class Handlers:
         """The drawn view as a PNG file the chat can show (named by its content)."""
         buffer = io.BytesIO()
         view.save(buffer, format="PNG")
+        self.drawn_dir.mkdir(parents=True, exist_ok=True)  # a temporary folder may be cleaned while the demo runs
         path = self.drawn_dir / f"boxes-{hashlib.sha256(buffer.getvalue()).hexdigest()[:16]}.png"
         path.write_bytes(buffer.getvalue())
         return str(path)
 
     def regenerate(self, history: list[dict] | None) -> tuple:
-        """(the history without its last answer, the textbox locked until the new answer is done)."""
+        """(the history without its last answer, the textbox locked until the new answer is done); with nothing to
+        regenerate, a gr.Warning saying so and no change (a gr.Error put red "Error" badges on the chat and the
+        textbox, without its message, and a traceback on the console)."""
         try:
             return without_last_answer(list(history or [])), gr.MultimodalTextbox(interactive=False)
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip()
+
+    def attached(self, message: dict | None, history: list[dict] | None):
+        """What `prepare` would work on (the attached files, the history length), or gr.skip() when no image is
+        attached: the UI queues `prepare` only when this changes, not on every keystroke."""
+        files = _files(message)
+        return [*files, len(history or [])] if files else gr.skip()
 
     def prepare(self, message: dict | None, history: list[dict] | None) -> None:
         """While the question is typed: the attached images encoded and the prompt evaluated up to them
@@ -179,18 +205,18 @@ class Handlers:
     def follow(self, message: dict | None, history: list[dict] | None, region: str | None, current: str | None):
         """(view, current) when the newest image changed (textbox edits that keep it change nothing)."""
         newest = newest_image(message, history)
-        image = _open(newest)
+        image = self._open(newest)
         if newest == current or image is None:  # an unreadable file: add_message will say so
             return gr.skip(), gr.skip()
         return render_view(image, *region_marks(region)), newest
 
     def redraw(self, message: dict | None, history: list[dict] | None, region: str | None):
-        image = _open(newest_image(message, history))
+        image = self._open(newest_image(message, history))
         return render_view(image, *region_marks(region)) if image else None
 
     def pick(self, message: dict | None, history: list[dict] | None, region: str | None, evt: gr.SelectData):
         """The region after a click on the view (evt.index: view pixels)."""
-        image = _open(newest_image(message, history))
+        image = self._open(newest_image(message, history))
         if image is None or evt.index is None:
             return gr.skip()
         return click_region(region, evt.index, view_scale(image.size))

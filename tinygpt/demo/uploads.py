@@ -47,6 +47,10 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
                 raise UserError(f"{name}: {width}x{height} pixels is over this demo's limit of "
                                 f"{limits.max_image_pixels:,} pixels per image")
             image.load()
+    except Image.DecompressionBombError:  # Image.open's own guard, before the size can be read: "damaged" misled
+        most = min(limits.max_image_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0) or limits.max_image_pixels)
+        raise UserError(f"{name}: the image has more pixels than this demo's limit of {most:,} pixels per "
+                        "image") from None
     except UnidentifiedImageError:
         try:
             with open(path, "rb") as file:
@@ -56,7 +60,7 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
         if found is not None and found not in IMAGE_FORMATS:
             raise UserError(f"{name}: {found} images are not accepted; {ATTACH}") from None
         raise UserError(f"{name}: not a readable image (not an image format this demo knows); {ATTACH}") from None
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
         raise UserError(f"{name}: not a readable image (it is truncated or damaged); {ATTACH}") from None
     return width, height
 
