@@ -49,6 +49,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..pixels import to_rgb
 from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -121,7 +122,7 @@ class ImageRef:
             raise UnreadableImage(f"{self.where}: not a readable image (not an image format PIL knows)") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise UnreadableImage(f"{self.where}: not a readable image: it is truncated or damaged ({exc})") from None
-        return image.convert("RGB")
+        return to_rgb(image)  # 16-bit grayscale scaled, as the training loader does
 
 
 @dataclass(frozen=True)

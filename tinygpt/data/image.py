@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tinygpt.data.bad_records import BadRecord
+from tinygpt.pixels import to_rgb
 
 _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")  # C:\x and C:x (drive-relative) alike; UNC paths start with a backslash
 _COMPONENTS = re.compile(r"[\\/]")  # POSIX and Windows separators: a '..' between either kind is refused
@@ -79,7 +80,7 @@ def _decode(opener, label: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with opener() as image:
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(image)
     except FileNotFoundError:
         raise BadRecord(f"image {label} does not exist") from None
     except IsADirectoryError:

@@ -39,6 +39,7 @@ from ..chat import ChatEngine, answer_boxes
 from ..chat.launch import LaunchConfig
 from ..chat.messages import IMAGE_FORMATS, check_unicode
 from ..errors import UserError
+from ..pixels import to_rgb
 from ..tasks import IMAGE_PLACEHOLDER, split_task_tag
 from .conversation import (
     images, last_question, notice, shown, tagged_text, to_openai, user_message, without_last_answer,
@@ -70,7 +71,7 @@ def _open(path: str | None, max_pixels: int) -> Image.Image | None:
         with Image.open(path, formats=IMAGE_FORMATS) as image:  # no EPS to Ghostscript before the upload check
             if image.width * image.height > max_pixels:
                 return None
-            return image.convert("RGB")
+            return to_rgb(image)  # the pixels the model sees (16-bit grayscale scaled, not clipped to white)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
