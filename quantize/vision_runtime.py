@@ -25,7 +25,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
 from tinygpt.errors import UserError
-from tinygpt.pixels import to_rgb
+from tinygpt.pixels import to_rgb, upright
 
 from . import gguf_names as names
 from . import vision_cache
@@ -42,7 +42,7 @@ def load_image(path: str | os.PathLike, image_size: int, mean, std) -> torch.Ten
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning past the limit, an error at 2x
             with Image.open(path) as img:
-                img = to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
+                img = to_rgb(upright(img)).resize((image_size, image_size), Image.BICUBIC)  # as a viewer shows it
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"

@@ -75,7 +75,7 @@ class TerminalChat:
     def attach(self, path: str) -> None:
         """Check the image now and prepare it (ChatEngine.prepare: encode, prefill) on a worker thread while the
         question is typed."""
-        ref = image_ref(Path(path).expanduser(), where=path)  # errors name the path once, as typed
+        ref = image_ref(Path(path).expanduser(), where=path, turn=True)  # as a photo viewer shows it (EXIF)
         ref.open()  # a bad path or a file that is not an image fails here, before the question
         self.pending.append(ref)
         content = [{"type": "image", "image": r} for r in self.pending]

@@ -49,7 +49,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
-from ..pixels import to_rgb
+from ..pixels import to_rgb, upright
 from ..tasks import IMAGE_PLACEHOLDER, IMAGE_TAG
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -147,33 +147,38 @@ class Conversation:
         return [{"user": t.user, "assistant": t.assistant} for t in self.turns]
 
 
-def image_from_bytes(data: bytes, where: str) -> ImageRef:
-    return ImageRef(hashlib.sha256(data).hexdigest(), where, lambda: open_image(data, where))
+def image_from_bytes(data: bytes, where: str, turn: bool = False) -> ImageRef:
+    """``turn``: a user's image, turned as its EXIF orientation says (`tinygpt.pixels.upright`)."""
+    key = hashlib.sha256(data).hexdigest()
+    if turn:
+        return ImageRef(f"upright:{key}", where, lambda: upright(open_image(data, where)))
+    return ImageRef(key, where, lambda: open_image(data, where))
 
 
-def image_from_path(path: str | os.PathLike, where: str) -> ImageRef:
+def image_from_path(path: str | os.PathLike, where: str, turn: bool = False) -> ImageRef:
     path = Path(path)
     if not path.is_file():  # where may be the path itself (the terminal chat): not named twice
         raise UserError(f"{where}: image file not found" + ("" if where == str(path) else f": {path}"))
-    return image_from_bytes(path.read_bytes(), where)
+    return image_from_bytes(path.read_bytes(), where, turn)
 
 
 def image_from_pil(image: Image.Image, where: str = "image") -> ImageRef:
-    rgb = image.convert("RGB")
+    rgb = to_rgb(image)
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
     return ImageRef(digest, where, lambda: rgb)
 
 
-def image_ref(value: Any, where: str = "image") -> ImageRef:
-    """An ImageRef from a PIL image, a path, a data URI / file URL string, or an ImageRef."""
+def image_ref(value: Any, where: str = "image", turn: bool = False) -> ImageRef:
+    """An ImageRef from a PIL image, a path, a data URI / file URL string, or an ImageRef (``turn``: files and
+    URIs turned upright as their EXIF orientation says; a PIL image or an ImageRef is taken as it is)."""
     if isinstance(value, ImageRef):
         return value
     if isinstance(value, Image.Image):
         return image_from_pil(value, where)
     if isinstance(value, os.PathLike):
-        return image_from_path(value, where)
+        return image_from_path(value, where, turn)
     if isinstance(value, str):
-        return _image_from_url(value, where)
+        return _image_from_url(value, where, turn)
     raise UserError(f"{where}: expected a PIL image, a path or a data URI, got {type(value).__name__}")
 
 
@@ -207,15 +212,15 @@ def decode_data_uri(url: str, where: str) -> bytes:
         raise UserError(f"{where}: the data URI is not valid base64") from None
 
 
-def _image_from_url(url: str, where: str) -> ImageRef:
+def _image_from_url(url: str, where: str, turn: bool = False) -> ImageRef:
     if is_data_uri(url):
-        return image_from_bytes(decode_data_uri(url, where), where)
+        return image_from_bytes(decode_data_uri(url, where), where, turn)
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https", "ftp"):
         raise UserError(f"{where}: remote image URLs are not fetched; send the image as a data: URI")
     if scheme == "file":
-        return image_from_path(unquote(urlparse(url).path), where)
-    return image_from_path(url, where)
+        return image_from_path(unquote(urlparse(url).path), where, turn)
+    return image_from_path(url, where, turn)
 
 
 def _check_text(text: Any, where: str) -> str:

@@ -37,9 +37,9 @@ from PIL import Image
 
 from ..chat import ChatEngine, answer_boxes
 from ..chat.launch import LaunchConfig
-from ..chat.messages import IMAGE_FORMATS, check_unicode
+from ..chat.messages import IMAGE_FORMATS, check_unicode, image_ref
 from ..errors import UserError
-from ..pixels import to_rgb
+from ..pixels import to_rgb, upright
 from ..tasks import IMAGE_PLACEHOLDER, split_task_tag
 from .conversation import (
     images, last_question, notice, shown, tagged_text, to_openai, user_message, without_last_answer,
@@ -71,9 +71,21 @@ def _open(path: str | None, max_pixels: int) -> Image.Image | None:
         with Image.open(path, formats=IMAGE_FORMATS) as image:  # no EPS to Ghostscript before the upload check
             if image.width * image.height > max_pixels:
                 return None
-            return to_rgb(image)  # the pixels the model sees (16-bit grayscale scaled, not clipped to white)
+            return to_rgb(upright(image))  # the pixels the model sees (turned as EXIF says, 16-bit scaled)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def turned(messages: list[dict]) -> list[dict]:
+    """The messages with each image file an ImageRef turned upright as its EXIF orientation says (a phone photo as
+    the chat's thumbnail and the view show it; errors name the file)."""
+    def part(p):
+        if not (isinstance(p, dict) and p.get("type") == "image" and isinstance(p.get("image"), str)):
+            return p
+        return {"type": "image", "image": image_ref(Path(p["image"]), Path(p["image"]).name, turn=True)}
+
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+            for m in messages]
 
 
 class Handlers:
@@ -118,6 +130,7 @@ class Handlers:
             if not messages or messages[-1]["role"] != "user":  # e.g. add_message refused the message
                 yield gr.skip(), gr.skip(), gr.skip()
                 return
+            messages = turned(messages)
             pieces = self.engine.stream(messages, settings)
         except UserError as exc:
             yield self._refused(history, exc)
@@ -193,8 +206,8 @@ class Handlers:
             return
         try:
             check_message_files(files, self.limits)
-            self.engine.prepare([*to_openai(list(history or [])),
-                                 {"role": "user", "content": [{"type": "image", "image": f} for f in files]}])
+            self.engine.prepare(turned([*to_openai(list(history or [])),
+                                        {"role": "user", "content": [{"type": "image", "image": f} for f in files]}]))
         except UserError:
             return
         except Exception:  # only a head start: the answer's own call meets (and reports) the same failure

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from ..chat.launch import Limits
 from ..chat.messages import IMAGE_FORMAT_NAMES, IMAGE_FORMATS, sniff_format
 from ..errors import UserError
+from ..pixels import upright_size
 
 ATTACH = f"attach a {IMAGE_FORMAT_NAMES} picture"  # the formats uploads open as (IMAGE_FORMATS)
 
@@ -30,7 +31,7 @@ def _megabytes(n: int) -> str:
 
 
 def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]:
-    """(width, height) of an acceptable image file, else UserError."""
+    """(width, height) of an acceptable image file, upright (tinygpt.pixels.upright_size), else UserError."""
     path = Path(path)
     name = path.name
     try:
@@ -47,6 +48,7 @@ def check_image_file(path: str | os.PathLike, limits: Limits) -> tuple[int, int]
                 raise UserError(f"{name}: {width}x{height} pixels is over this demo's limit of "
                                 f"{limits.max_image_pixels:,} pixels per image")
             image.load()
+            width, height = upright_size(image)  # as the model sees it: turned as its EXIF orientation says
     except Image.DecompressionBombError:  # Image.open's own guard, before the size can be read: "damaged" misled
         most = min(limits.max_image_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0) or limits.max_image_pixels)
         raise UserError(f"{name}: the image has more pixels than this demo's limit of {most:,} pixels per "

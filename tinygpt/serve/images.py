@@ -37,6 +37,7 @@ from ..chat.launch import Limits
 from ..chat.messages import (
     IMAGE_FORMATS, ImageRef, data_uri_payload, decode_data_uri, format_refusal, image_from_bytes, is_data_uri,
 )
+from ..pixels import upright_size
 from .errors import APIError
 
 IMAGE_TYPES = ("image_url", "image")
@@ -134,7 +135,7 @@ def image_size(data: bytes, field: str, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the image's header, refused when larger than `max_pixels`; nothing is decoded."""
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # never EPS (Ghostscript), TIFF ...
-            width, height = image.size
+            width, height = upright_size(image)  # turned as its EXIF orientation says, as the model sees it
     except Image.DecompressionBombError:
         raise APIError(413, f"{field}: the image has more pixels than this server decodes (at most {max_pixels}, "
                             "limits.max_image_pixels)", field, "image_too_large") from None
@@ -157,6 +158,6 @@ def read_images(messages: Any, found: list[ImagePart], limits: Limits,
     def read(part: ImagePart) -> ImageRef:
         data = image_bytes(part.url, part.field, limits, allow_local)
         sizes.append(image_size(data, part.field, limits.max_image_pixels))
-        return image_from_bytes(data, part.field)
+        return image_from_bytes(data, part.field, turn=True)  # a client's photo, as its viewer shows it
 
     return with_images(messages, found, read), sizes
