@@ -266,3 +266,46 @@ def test_typing_holds_no_place_in_the_queue(tmp_path):
         second.locator("#message textarea").press_sequentially("what is it?", delay=30)
         second.wait_for_timeout(500)
         assert len(slow.prepared) == 1 and slow.prepared[0][-1]["content"][0]["image"].where == "shapes_1.png"
+
+
+
+def test_the_demo_sends_no_telemetry(engine, tmp_path, monkeypatch):  # noqa: F811
+    """gradio's analytics were on (the suite turns them off in conftest, a user's shell does not): its launch posted
+    to api.gradio.app, from a demo documented as local-only."""
+    from tinygpt.demo.app import build_demo
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    cfg = demo_config()
+    assert build_demo(engine, cfg, Handlers(engine, cfg, tmp_path)).analytics_enabled is False
+
+
+@pytest.mark.slow  # ~15 s: a demo process starts (gradio, the tiny model) and is stopped
+def test_sigterm_stops_the_demo_as_ctrl_c_does(launch_configs):  # noqa: F811
+    """SIGTERM (systemd, docker stop, kill) killed the demo with status 143 and no word; the server already stopped
+    on it as on Ctrl-C. Now both close gradio's server and exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    repo = Path(__file__).resolve().parents[1]
+    demo = subprocess.Popen([sys.executable, str(repo / "demo.py"), "--cfg-path", str(launch_configs["torch"]),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as page:
+                    assert page.status == 200
+                break
+            except OSError:
+                assert demo.poll() is None and time.monotonic() < deadline, demo.stdout.read() if demo.poll() else ""
+                time.sleep(0.5)
+        demo.send_signal(signal.SIGTERM)
+        out, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]

@@ -23,7 +23,9 @@ makes the listening socket the server serves on, and lets the demo check its por
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -229,3 +231,15 @@ def listen(host: str, port: int) -> socket.socket:
         code = getattr(exc, "errno", None)  # "Address already in use", without create_server's "(while ...)" tail
         reason = os.strerror(code) if code else exc
         raise UserError(f"--host/--port: cannot listen on {host}:{port} ({reason})") from None
+
+
+def sigterm_as_interrupt(body):
+    """Run `body` with SIGTERM handled as SIGINT (a KeyboardInterrupt): the server (uvicorn) and the demo (gradio)
+    stop the same way on both, where SIGTERM would kill the process with status 143, mid-answer."""
+    if threading.current_thread() is not threading.main_thread():
+        return body()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return body()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -56,7 +56,7 @@ def _settings(cfg: LaunchConfig, engine: ChatEngine) -> list[gr.components.Compo
 
 def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None = None) -> gr.Blocks:
     h = handlers or Handlers(engine, cfg)
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:  # gradio's telemetry would post to gradio.app
         gr.Markdown(_header(engine, cfg))
         current = gr.State(None)  # path of the image the view shows
         attached = gr.State(None)  # the images attached to the textbox and the history length they were prepared at

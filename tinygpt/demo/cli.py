@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..chat.launch import eval_configs_dir, listen, load_launch_config, open_engine
+from ..chat.launch import eval_configs_dir, listen, load_launch_config, open_engine, sigterm_as_interrupt
 from ..errors import UserError, report_errors
 
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "demo.py") -> argparse
 
 def main(argv: list[str] | None = None, prog: str = "demo.py") -> int:
     args = parse_args(argv, prog)
-    return report_errors(lambda: _run(args))
+    return report_errors(lambda: sigterm_as_interrupt(lambda: _run(args)))  # SIGTERM stops it as Ctrl-C does
 
 
 def _run(args: argparse.Namespace) -> int:

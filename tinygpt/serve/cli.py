@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 from urllib.parse import urlparse
 
+from ..chat.launch import sigterm_as_interrupt
 from ..errors import UserError, report_errors
 
 API_KEY_ENV = "TINYGPT_API_KEY"
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.serve") -
     args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    return report_errors(lambda: _with_sigterm_as_interrupt(lambda: _run(args)))
+    return report_errors(lambda: sigterm_as_interrupt(lambda: _run(args)))
 
 
 def allowed_origins(values: list[str]) -> list[str]:
@@ -67,18 +66,6 @@ def allowed_origins(values: list[str]) -> list[str]:
             raise UserError(f"--allowed-origins: {origin!r} is not an origin (expected e.g. http://localhost:3000 "
                             "or https://example.com, or * for any)")
     return [o.rstrip("/") for o in origins]
-
-
-def _with_sigterm_as_interrupt(body):
-    """Run `body` with SIGTERM handled as SIGINT (a KeyboardInterrupt): uvicorn stops the same way on both, and
-    re-raises the signal afterwards, which would otherwise kill the process with status 143."""
-    if threading.current_thread() is not threading.main_thread():
-        return body()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        return body()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
