@@ -66,6 +66,26 @@ def test_a_different_model_disagrees_and_fails(chat_model, split, tmp_path, caps
     assert last.startswith("error: the backends agree on") and "below the required 99%" in last
 
 
+def test_the_unquantised_file_is_compared_and_a_quantised_one_is_named(chat_model, split, tmp_path, capsys):
+    """The README's export directory held the default Q4_K file: the check compared it, failed at 86%, and said
+    nothing of why. It now uses an F16 / F32 file in the directory when there is one, and says to export one."""
+    from quantize.export import export_model
+
+    model_dir, _ = chat_model
+    both = tmp_path / "both"
+    export_model(model_dir, both, qtype="q4_k", progress=False)
+    export_model(model_dir, both, qtype="f16", progress=False)  # the same model: llm-q4_k.gguf stays beside it
+    assert main(["--model", str(model_dir), "--gguf", str(both), "--split", str(split), "--limit", "2"]) == 0
+    capsys.readouterr()
+    other = save_decisive_tiny_model(tmp_path / "other", seed=1)
+    export_model(other, tmp_path / "q4k", qtype="q4_k", progress=False)
+    assert main(["--model", str(model_dir), "--gguf", str(tmp_path / "q4k"), "--split", str(split),
+                 "--limit", "2"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"this compared a quantised llm-*.gguf, whose answers differ by design: export with --qtype "
+                         f"f16 (or f32) into {tmp_path / 'q4k'} for the exact comparison")
+
+
 def test_bad_limit_and_split_are_user_errors(chat_model, tmp_path, capsys):
     model_dir, gguf_dir = chat_model
     assert main(["--model", str(model_dir), "--gguf", str(gguf_dir), "--limit", "0"]) == 2

@@ -88,6 +88,18 @@ def test_a_model_replaced_at_the_same_path_is_refused_and_a_resume_says_so(tmp_p
     assert fresh["timing"]["reused"] == 0 and fresh["model_id"] != first["model_id"]
 
 
+def test_another_models_predictions_name_the_model_not_a_change_of_its_files(tmp_path):
+    """A GGUF export evaluated into the PyTorch run's run.out_dir was told 'the model files changed since these
+    predictions were made', as if the model had been retrained: it is another model, and the message names it."""
+    first, other = _model(tmp_path / "stage4"), _model(tmp_path / "other")
+    _replace(other / "model.safetensors", b"o" * 70)
+    run_evaluation(load_eval_config(_config(tmp_path, first), check_model=False), engine=_Engine(), quiet=True)
+    with pytest.raises(UserError) as refused:
+        run_evaluation(load_eval_config(_config(tmp_path, other), check_model=False), engine=_Engine(), quiet=True)
+    assert f"model {str(first.resolve())!r} (now {str(other.resolve())!r})" in str(refused.value)
+    assert "the model files changed" not in str(refused.value)
+
+
 def test_a_change_in_the_base_model_of_a_trainable_only_directory_is_refused(tmp_path):
     base = _model(tmp_path / "stage3")
     model = _model(tmp_path / "stage4", base="../stage3")

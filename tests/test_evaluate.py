@@ -63,6 +63,10 @@ def _file(tmp_path: Path, text: str) -> Path:
     ("benchmark: {name: shapes}\nrun: {scorin: official}", "unknown key run.scorin (did you mean 'scoring'?)"),
     ("benchmrk: {name: shapes}", "unknown section 'benchmrk' (did you mean 'benchmark'?)"),
     ("run: {batch_size: 2}", "benchmark section is required"),
+    ("generation: {max_new_tokens: 9}",  # a launch config (eval_configs/gguf.yaml): what to give instead
+     "a launch config (for chat, the demo and the server), not an evaluation config; evaluate its model with a "
+     "benchmark's config, e.g. python evaluate.py --cfg-path eval_configs/gqa.yaml --options model.backend=torch "
+     "model.path=x run.out_dir=outputs/eval/gqa-torch"),
     ("benchmark: {name: shapes}\ngeneration: {temperature: -1}", "generation.temperature: must be >= 0"),
 ])
 def test_config_mistakes_name_the_file_and_the_key(tmp_path, text, message):

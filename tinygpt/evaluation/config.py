@@ -153,6 +153,12 @@ def eval_config_from_tree(path: Path, tree: dict, check_model: bool = True) -> E
             raise UserError(f"{path}: unknown section {key!r}{did_you_mean(str(key), SECTIONS)} "
                             f"(valid: {', '.join(SECTIONS)})")
     if tree.get("benchmark") is None:
+        if isinstance(tree.get("model"), dict) and tree.get("generation") is not None:  # eval_configs/gguf.yaml
+            backend, model = tree["model"].get("backend", "torch"), tree["model"].get("path")
+            raise UserError(f"{path}: a launch config (for chat, the demo and the server), not an evaluation config; "
+                            "evaluate its model with a benchmark's config, e.g. python evaluate.py --cfg-path "
+                            f"eval_configs/gqa.yaml --options model.backend={backend} model.path={model} "
+                            f"run.out_dir=outputs/eval/gqa-{backend}")
         raise UserError(f"{path}: benchmark section is required (benchmark: {{name: ...}}; names: "
                         f"{', '.join(names())})")
     bench = _benchmark(path, tree["benchmark"])

@@ -102,7 +102,8 @@ def report(result: Agreement, show: int = 5) -> str:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the trained model directory")
-    p.add_argument("--gguf", required=True, help="its GGUF export (F16 for an exact comparison)")
+    p.add_argument("--gguf", required=True, help="its GGUF export directory; its llm-f32.gguf or llm-f16.gguf is "
+                   "used when there is one (the exact comparison), else its default file")
     p.add_argument("--split", default=None, help="held-out synthetic split (default: the tiny data's eval/)")
     p.add_argument("--limit", type=int, default=100, help="images; three conversations each (default 100)")
     p.add_argument("--require", type=float, default=0.99, help="the least overall agreement (default 0.99)")
@@ -123,15 +124,26 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     split = Path(args.split) if args.split else tiny_data_dir() / "eval"
     torch_engine = ChatEngine(TorchBackend.load(args.model, device="cpu"))
+    qtype = unquantised_qtype(args.gguf)
     gguf_engine = ChatEngine(GGUFBackend.load(args.gguf, n_threads=args.threads, vision_int8=False,
-                                              kv_type=args.kv_type))
+                                              kv_type=args.kv_type, qtype=qtype))
     result = compare(torch_engine, gguf_engine, split, args.limit)
     print(report(result))
     if result.share < args.require:
+        hint = "" if qtype else ("; this compared a quantised llm-*.gguf, whose answers differ by design: export "
+                                 f"with --qtype f16 (or f32) into {args.gguf} for the exact comparison")
         print(f"error: the backends agree on {result.share:.1%} of {result.total} conversations, below the "
-              f"required {args.require:.0%} (first differences above)", file=sys.stderr)
+              f"required {args.require:.0%} (first differences above){hint}", file=sys.stderr)
         return 1
     return 0
+
+
+def unquantised_qtype(gguf_dir: str) -> str | None:
+    """f32 or f16 when the export directory holds that LLM file (the exact comparison), else None (its default)."""
+    from quantize.gguf_names import llm_file_name
+
+    folder = Path(gguf_dir)
+    return next((q for q in ("f32", "f16") if folder.is_dir() and (folder / llm_file_name(q)).is_file()), None)
 
 
 if __name__ == "__main__":
