@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     session = open_session(args.gguf, backend=args.backend, qtype=args.qtype, n_ctx=args.ctx, n_threads=args.threads,
                            sampling=sampling, with_vision=not args.no_vision, decode_graph=args.decode_graph,
                            repack=args.repack)
+    if args.verbose:  # which of several llm-<qtype>.gguf was chosen (Q4_0 on AMX CPUs, else Q4_K first)
+        print(f"[{session.llm_path} on {type(session.llm).__name__}]", file=sys.stderr, flush=True)
     if args.prompt is not None:
         _answer(session, args.prompt, list(args.image), args.verbose)
         return 0

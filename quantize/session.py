@@ -67,6 +67,7 @@ class ChatSession:
     image_vectors: list[np.ndarray] = field(default_factory=list)
     _cached: list = field(default_factory=list)  # items in the KV cache: token id (int) or (image index, row)
     last_stats: TurnStats = field(default_factory=TurnStats)
+    llm_path: str | None = None  # the llm-<qtype>.gguf open_session chose (of several in a directory)
 
     def __post_init__(self):
         self.sampler = Sampler(self.sampling)
@@ -391,7 +392,7 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
         llm = load_language_model(llm_file, backend=backend, n_ctx=n_ctx, n_threads=n_threads, quiet=quiet,
                                   decode_graph=decode_graph, repack=repack, kv_type=kv_type)
         session = ChatSession(llm=llm, tokenizer=load_tokenizer(llm_file), fmt=fmt,
-                              sampling=sampling or SamplingParams())
+                              sampling=sampling or SamplingParams(), llm_path=str(llm_file.path))
         session.warm_up()  # while the vision tower may still be building
         session.vision = vision_job.result() if vision_job is not None else None
     return session

@@ -389,6 +389,7 @@ def test_chat_cli_one_shot_and_interactive_survives_bad_input(exported_tiny, mon
                              "--max-new-tokens", "4", "--verbose"], capsys=capsys)
     # random weights may answer with ids that decode to nothing (Phi-2's unused ids): count tokens, not text
     assert rc == 0 and "first token" in err and _answered_tokens(err) in ([1], [2], [3], [4]), err
+    assert err.startswith(f"[{d / 'gguf'}/llm-"), err  # --verbose names the file chosen among several
     lines = "\n".join([f"/image {d / 'missing.png'}", f"/image {d / 'notes.txt'}", "x " * 1500, "/bogus",
                        f"/image {d / 'img.png'}", "hello there", "/stats", "/quit"]) + "\n"
     rc, out, err = _run_cli(["chat", "--gguf", g, "--max-new-tokens", "3"], stdin_text=lines,
