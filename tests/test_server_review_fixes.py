@@ -189,7 +189,7 @@ def test_the_demo_opens_uploads_with_the_same_allow_list(tmp_path, monkeypatch):
         check_image_file(tmp_path / "drawing.png", Limits())
     from tinygpt.demo.handlers import _open  # the image view opens an attached file before the upload check
 
-    assert _open(str(tmp_path / "drawing.png")) is None
+    assert _open(str(tmp_path / "drawing.png"), Limits().max_image_pixels) is None
     assert opened == []
     (tmp_path / "scene.gif").write_bytes(_encoded("GIF"))
     assert check_image_file(tmp_path / "scene.gif", Limits()) == (10, 12)
