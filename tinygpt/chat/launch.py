@@ -23,6 +23,7 @@ makes the listening socket the server serves on, and lets the demo check its por
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -243,3 +244,11 @@ def sigterm_as_interrupt(body):
         return body()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_device(device: Any, where: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, else a UserError naming ``where`` (a number is refused too:
+    lmms-eval reads ``device=0`` in --model_args as the int 0)."""
+    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        return device
+    raise UserError(f"{where}: expected auto, cpu, cuda or cuda:N, got {device!r}")

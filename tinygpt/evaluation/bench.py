@@ -13,13 +13,13 @@ that look like garbage (`runner.garbage_problems` of their official score: a bro
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..chat.engine import ChatEngine
+from ..chat.launch import check_device
 from ..errors import UserError, report_errors
 from .benchmark import Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark, names
@@ -97,8 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     if min(args.limit, args.batch_size, args.repeat) < 1:
         raise UserError(f"--limit, --batch-size and --repeat must be >= 1, got {args.limit}, {args.batch_size} and "
                         f"{args.repeat}")
-    if args.model and not (args.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", args.device)):
-        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.model:
+        check_device(args.device, "--device")
     bench = get_benchmark(args.benchmark)
     split = args.split or bench.splits[0]
     if split not in bench.splits:

@@ -61,7 +61,7 @@ from typing import Any, Callable, Sequence
 from tqdm import tqdm
 
 from ..chat import ChatEngine, GenerationSettings, answer_boxes, task_prompt
-from ..chat.launch import load_launch_config, open_engine
+from ..chat.launch import check_device, load_launch_config, open_engine
 from ..chat.settings import MAX_SEED
 from ..errors import UserError, did_you_mean
 from .runner import ALL_SAME_MIN
@@ -195,10 +195,7 @@ def _warn(problem: str | None, where: str) -> None:
 
 # ---- opening the model -------------------------------------------------------------------------------------------
 def _check_device(device: Any) -> str:
-    # lmms-eval reads a number in --model_args as one (device=0 arrives as the int 0)
-    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-        return device
-    raise UserError(f"--model_args device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    return check_device(device, "--model_args device")
 
 
 def open_pretrained(pretrained: Any, backend: str | None = None, device: str | None = None,
