@@ -80,6 +80,20 @@ def test_box_answers_are_drawn_after_the_temporary_folder_was_cleaned(tmp_path):
     assert Path(picture["path"]).is_file() and Path(picture["path"]).parent == drawn and current == SHAPES
 
 
+def test_an_image_deleted_from_disk_says_that_clear_starts_over(tmp_path):
+    """An uploaded file removed while the demo ran (gradio's upload folder cleaned) refused every later turn with
+    the engine's 'messages[0].content[0].image: image file not found: <path>', and nothing said what to do."""
+    image = shutil.copy(SHAPES, tmp_path / "cat.png")
+    h = Handlers(Scripted("a cat"), demo_config(), tmp_path / "drawn")  # type: ignore[arg-type]
+    _, history = h.add_message({"text": "what is it?", "files": [image]}, [], "none", "")
+    Path(image).unlink()
+    with pytest.warns(UserWarning, match="no longer on disk"):
+        *_, (final, *_views) = h.respond(history, 12, 0.0, 0.9, 1.0, 0)
+    assert final[-1]["metadata"]["title"] == "⚠️ Not answered"
+    assert final[-1]["content"] == "cat.png: this image of the conversation is no longer on disk; Clear starts a new " \
+                                   "conversation"
+
+
 @pytest.mark.parametrize("text, reason", [("what is <ImageHere>?", "may not contain <ImageHere>"),
                                           ("smile \ud83d", "unpaired UTF-16 surrogate")])
 def test_a_text_the_engine_refuses_stays_in_the_box(tmp_path, text, reason):

@@ -82,7 +82,11 @@ def turned(messages: list[dict]) -> list[dict]:
     def part(p):
         if not (isinstance(p, dict) and p.get("type") == "image" and isinstance(p.get("image"), str)):
             return p
-        return {"type": "image", "image": image_ref(Path(p["image"]), Path(p["image"]).name, turn=True)}
+        path = Path(p["image"])
+        if not path.is_file():  # e.g. gradio's upload folder cleaned: every later turn would fail the same way
+            raise UserError(f"{path.name}: this image of the conversation is no longer on disk; Clear starts a new "
+                            "conversation")
+        return {"type": "image", "image": image_ref(path, path.name, turn=True)}
 
     return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
             for m in messages]
