@@ -42,6 +42,7 @@ from tinygpt.io_utils import (
 )
 from tinygpt.model.checkpoint_io import load_vlm, read_config
 from tinygpt.model.lora import has_lora, merge_lora
+from tinygpt.paths import is_training_checkpoint
 
 from . import gguf_names as names
 from .gguf_file import open_gguf
@@ -285,7 +286,7 @@ def load_model_dir(model_dir: str | Path):
         raise UserError(f"--model: {path} is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        if (path / "trainable.safetensors").is_file():  # a step_N folder of run.checkpoint_dir (tinygpt.train)
+        if is_training_checkpoint(path):
             raise UserError(f"--model: {path} is a training checkpoint (the state a run resumes from), not a saved "
                             "model; export the stage's run.output_dir, which holds config.json and model.safetensors")
         raise UserError(f"--model: {path} has no config.json, so it is not a saved tinygpt model")

@@ -7,7 +7,9 @@
   tiny default from any directory;
 * the tiny default's data (``$TINYGPT_TINY_DATA``, else ``data/synthetic``) and outputs (``outputs/tiny``), relative to
   the working directory;
-* how a path is shown in logs and headers (:func:`display_path`): never a chain of ``..``.
+* how a path is shown in logs and headers (:func:`display_path`): never a chain of ``..``;
+* a training checkpoint (:func:`is_training_checkpoint`: a ``step_N`` folder of ``run.checkpoint_dir``, what a run
+  resumes from) told apart from a saved model directory, for the commands that are given one by mistake.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
+TRAINABLE_FILE = "trainable.safetensors"  # in every training checkpoint (tinygpt.train.checkpoint), in no model dir
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
@@ -57,3 +60,8 @@ def display_path(path: str | os.PathLike) -> str:
     except ValueError:  # outside the working directory: relative would start with ..
         return str(absolute)
     return relative if len(relative) < len(str(absolute)) else str(absolute)
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training checkpoint (``run.checkpoint_dir/step_N``), not a saved model directory."""
+    return (Path(path) / TRAINABLE_FILE).is_file()

@@ -37,7 +37,7 @@ from yaml import YAMLError
 
 from ..config.tree import merge, yaml_problem
 from ..errors import UserError, did_you_mean
-from ..paths import PACKAGE_ROOT, display_path, shipped_copy
+from ..paths import PACKAGE_ROOT, display_path, is_training_checkpoint, shipped_copy
 from .engine import ChatEngine
 from .settings import GenerationSettings
 
@@ -195,7 +195,7 @@ def check_model_path(cfg: LaunchConfig) -> None:
                 "train_configs/stageN.yaml`; the quick start's `python train.py` makes outputs/tiny/stage4)")
         raise UserError(f"{cfg.source}: model.path {where} does not exist; {make}")
     if cfg.model.backend == "torch" and not (where / "config.json").is_file():
-        if (where / "trainable.safetensors").is_file():  # a step_N folder of run.checkpoint_dir (tinygpt.train)
+        if is_training_checkpoint(where):
             raise UserError(f"{cfg.source}: model.path {where} is a training checkpoint (the state a run resumes "
                             "from), not a saved model; give the stage's run.output_dir, which holds config.json and "
                             "model.safetensors")

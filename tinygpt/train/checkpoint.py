@@ -40,12 +40,13 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io_utils import atomic_write_text, make_readable, writing
+from ..paths import TRAINABLE_FILE
 from . import sharded
 from .checkpoint_state import STEP_DIR, state_problem
 
 log = logging.getLogger("tinygpt.train")
 
-REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "rng_0.pt")  # in every manifest
+REQUIRED_FILES = (TRAINABLE_FILE, "optimizer.pt", "rng_0.pt")  # in every manifest
 
 
 def checkpoints_root(checkpoint_dir: str | Path) -> Path:
@@ -188,7 +189,7 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
             accelerator.wait_for_everyone()
             torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
             if main:
-                save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+                save_file(weights, str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
                 torch.save(optim_state, tmp / "optimizer.pt")
                 scaler = getattr(accelerator, "scaler", None)
                 if scaler is not None:
@@ -317,7 +318,7 @@ def read_checkpoint(path: Path, rank: int, with_scaler: bool) -> dict:
 
 def _read_files(path: Path, state: dict, rank: int, with_scaler: bool) -> dict:
     loaded = {"state": state, "scaler": None, "rng": None}
-    loaded["weights"] = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    loaded["weights"] = _read(path / TRAINABLE_FILE, lambda f: load_file(str(f)))
     optim = _read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
     if not isinstance(optim, dict) or not {"state", "param_groups"} <= set(optim):
         raise _damaged(path / "optimizer.pt", "not an optimizer state")
