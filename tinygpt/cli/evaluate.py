@@ -43,7 +43,6 @@ def _run(args: argparse.Namespace) -> int:
     from tinygpt.evaluation.runner import SUMMARY, run_evaluation
     from tinygpt.io_utils import check_output_dir
 
-    _refuse_training_config(args.cfg_path)
     cfg = load_eval_config(args.cfg_path, args.options)
     check_output_dir(cfg.run.out_dir, cfg.blame("run.out_dir"), "evaluation results")  # before anything is written
     _write_synthetic_files(cfg)
@@ -51,29 +50,6 @@ def _run(args: argparse.Namespace) -> int:
     print(format_run(summary))
     print(f"results: {cfg.run.out_dir}/{SUMMARY}")
     return 0
-
-
-TRAINING_KEYS = ("extends", "data", "optim", "schedule")  # train.py's configs; no evaluation config has them
-
-
-def _refuse_training_config(cfg_path: str) -> None:
-    """A training config (train_configs/*.yaml) given as --cfg-path is named as one; read as an evaluation config it
-    failed on its first ${vars...} interpolation, as "not valid YAML"."""
-    import yaml
-
-    from tinygpt.chat.launch import find_launch_config
-    from tinygpt.errors import UserError
-
-    path = find_launch_config(cfg_path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # the config loader names what is wrong with it
-    found = [key for key in TRAINING_KEYS if key in tree] if isinstance(tree, dict) else []
-    if found and "benchmark" not in tree:
-        raise UserError(f"{path}: a training config for train.py (it has {', '.join(found)}), not an evaluation "
-                        "config; give one of eval_configs/<benchmark>.yaml, with --options model.path=<the trained "
-                        "stage's output directory>")
 
 
 def _write_synthetic_files(cfg) -> None:

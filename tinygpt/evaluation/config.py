@@ -179,10 +179,30 @@ def _no_generation(path: Path, section) -> None:
                     "remove the generation section")
 
 
+TRAINING_KEYS = ("extends", "data", "optim", "schedule")  # train.py's configs; no evaluation config has them
+
+
+def _refuse_training_config(path: Path) -> None:
+    """A training config (train_configs/*.yaml) is named as one: read as an evaluation config it failed on its first
+    ${vars...} interpolation, as "not valid YAML" (so the raw YAML is looked at, before interpolation)."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # read_config_tree names what is wrong with it
+    found = [key for key in TRAINING_KEYS if key in tree] if isinstance(tree, dict) else []
+    if found and "benchmark" not in tree:
+        raise UserError(f"{path}: a training config for train.py (it has {', '.join(found)}), not an evaluation "
+                        "config; give one of eval_configs/<benchmark>.yaml, with --options model.path=<the trained "
+                        "stage's output directory>")
+
+
 def load_eval_config(path: str | os.PathLike, options: Iterable[str] = (), check_model: bool = True) -> EvalConfig:
     """Read and check an evaluation config with its ``--options`` overrides. ``check_model``: the model path must
     exist (off for tests of the parsing)."""
     path = find_launch_config(path)
+    _refuse_training_config(path)
     overrides, keys = parse_options(options, example="run.batch_size=16")
     try:
         cfg = eval_config_from_tree(path, read_config_tree(path, overrides), check_model)

@@ -194,10 +194,6 @@ def _warn(problem: str | None, where: str) -> None:
 
 
 # ---- opening the model -------------------------------------------------------------------------------------------
-def _check_device(device: Any) -> str:
-    return check_device(device, "--model_args device")
-
-
 def open_pretrained(pretrained: Any, backend: str | None = None, device: str | None = None,
                     threads: int | None = None) -> ChatEngine:
     """The engine ``pretrained`` names: a launch config (.yaml) or a model / GGUF directory."""
@@ -217,7 +213,7 @@ def open_pretrained(pretrained: Any, backend: str | None = None, device: str | N
                             "(leave backend out with a launch config)")
         model = cfg.model
         if device is not None:
-            model = replace(model, device=_check_device(device))
+            model = replace(model, device=check_device(device, "--model_args device"))
         if threads is not None:
             model = replace(model, threads=threads)
         return open_engine(replace(cfg, model=model))
@@ -230,7 +226,8 @@ def open_pretrained(pretrained: Any, backend: str | None = None, device: str | N
             "config.json (a saved model) or llm-*.gguf (a GGUF export)"
         raise UserError(f"--model_args pretrained={pretrained}: holds no {want}")
     if backend == "torch":
-        return ChatEngine.from_model_dir(path, device=_check_device("auto" if device is None else device))
+        device = check_device("auto" if device is None else device, "--model_args device")
+        return ChatEngine.from_model_dir(path, device=device)
     return ChatEngine.from_gguf(path, {"n_threads": threads or 2})
 
 
