@@ -35,7 +35,9 @@ prompt, --backend llama-cpp without llama-cpp-python) prints its one `error:` li
 A shared host's speed drifts by tens of percent within minutes, so one run of each engine can favour either. With
 --rounds N (and --plain-gguf) the decode comparison is repeated N times in alternating fresh processes (ours on the
 modified file, ours on the plain file, stock llama.cpp on the plain file when importable; LLM only) and the per-round
-ms/token with each decode's share and bandwidth, the medians and the ratios to the last engine are printed.
+ms/token with each decode's share and bandwidth, the medians and the ratios to the last engine are printed. Every row
+of ours times the file a session would load from --gguf (quantize.engine_choice.chosen_qtype: --qtype, else Q4_0
+on CPUs whose AMX buffer works when the directory has it, else Q4_K first).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from . import gguf_names as names
 from .bench_child import report_failures
 from .chat import add_ggml_switches
 from .cli_checks import check_ctx, check_image_file, check_threads
-from .engine_choice import BACKENDS
+from .engine_choice import BACKENDS, chosen_qtype
 from .gguf_file import find_llm_file, find_vision_file, llm_hyperparams, open_gguf
 
 
@@ -321,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image is not None:
         check_image_file(args.image)
     find_vision_file(args.gguf)  # fail fast on a wrong directory, a damaged LLM file or a --ctx past the model's
+    # the file a session would load (Q4_0 on AMX CPUs when exported): every row of ours times that one
+    args.qtype = chosen_qtype(args.gguf, args.qtype, args.backend, quiet=False)
     for gguf, qtype in [(args.gguf, args.qtype)] + ([(args.plain_gguf, None)] if args.plain_gguf else []):
         llm = open_gguf(find_llm_file(gguf, qtype), names.ARCH_LLM)
         check_ctx(args.ctx, llm.path, llm_hyperparams(llm).context_length)

@@ -1,5 +1,6 @@
 """Which engine runs the LLM file (`load_language_model`, `BACKENDS`) and which exported file it runs
-(`qtype_for_this_cpu`): the choices made before a session is built (quantize.session)."""
+(`chosen_qtype`): the choices made before a session is built (quantize.session), and before the bench and the
+profile start their children, so that every row of theirs runs the file a session would."""
 from __future__ import annotations
 
 import os
@@ -53,9 +54,12 @@ def load_language_model(llm: GGUFContents, backend: str = "auto", n_ctx: int | N
     return TorchLLM(llm, n_ctx=n_ctx, n_threads=n_threads, progress=not quiet)
 
 
-def qtype_for_this_cpu(gguf_dir: str | os.PathLike, quiet: bool) -> str | None:
-    """The LLM type to load from a directory when --qtype was not given (quantize.ggml_amx.preferred_qtype: Q4_0 on
-    CPUs whose AMX buffer works); None: find_llm_file's order."""
+def chosen_qtype(gguf_dir: str | os.PathLike, qtype: str | None, backend: str, quiet: bool) -> str | None:
+    """The LLM type a session loads from `gguf_dir`: `qtype` when given; else, for the ggml backend (auto or ggml),
+    the one fastest on this CPU (quantize.ggml_amx.preferred_qtype: Q4_0 where ggml's AMX buffer works); None:
+    find_llm_file's order (Q4_K first)."""
+    if qtype is not None or backend not in ("auto", "ggml"):
+        return qtype
     d = Path(gguf_dir)
     if not d.is_dir():
         return None

@@ -41,6 +41,7 @@ from . import bench_roofline as roof
 from . import gguf_names as names
 from .bench_child import failure, random_ids, report_failures, run_child
 from .cli_checks import check_threads
+from .engine_choice import chosen_qtype
 from .gguf_file import find_llm_file, open_gguf
 
 NO_OPS = {"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
@@ -327,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--positions and --prefill must be >= 0, --repeats >= 1")
     if args.child_timeout <= 0 or args.bandwidth_gb < 0:
         raise UserError("--child-timeout must be > 0 and --bandwidth-gb >= 0")
+    args.qtype = chosen_qtype(args.gguf, args.qtype, "ggml", quiet=False)  # the file a session would profile
     find_llm_file(args.gguf, args.qtype)  # fail fast on a wrong directory
     if args.plain_gguf:
         find_llm_file(args.plain_gguf)

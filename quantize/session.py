@@ -25,7 +25,7 @@ from . import gguf_names as names
 from .gguf_file import (ChatFormat, chat_format, check_pair, find_llm_file, find_vision_file,
                         llm_hyperparams, open_gguf, vision_values)
 from .cli_checks import check_ctx
-from .engine_choice import load_language_model, qtype_for_this_cpu
+from .engine_choice import chosen_qtype, load_language_model
 from .gguf_tokenizer import load_tokenizer
 from .llm_backend import LLMBackend
 from .sampler import Sampler, SamplingParams, StopMatcher
@@ -373,8 +373,7 @@ def open_session(gguf_dir: str | os.PathLike, backend: str = "auto", qtype: str 
 
     decode_graph / repack / kv_type: the ggml backend's switches (quantize.ggml_llm.GgmlLLM); ignored by the others
     (kv_type None: the backend's default)."""
-    if qtype is None and backend in ("auto", "ggml"):
-        qtype = qtype_for_this_cpu(gguf_dir, quiet)
+    qtype = chosen_qtype(gguf_dir, qtype, backend, quiet)
     llm_file = open_gguf(find_llm_file(gguf_dir, qtype), names.ARCH_LLM)
     hp = llm_hyperparams(llm_file)
     check_ctx(n_ctx, llm_file.path, hp.context_length)

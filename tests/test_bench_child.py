@@ -105,3 +105,30 @@ def test_cpu_flags_and_amx_come_from_cpuinfo(tmp_path):
     info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n")
     assert cpu_flags(str(info)) == ("Old CPU", ["avx2"]) and not cpu_has_amx(str(info))
     assert cpu_flags(str(tmp_path / "missing")) == ("unknown", []) and not cpu_has_amx(str(tmp_path / "missing"))
+
+
+def qtype_reporting_engine(args: dict, queue) -> None:
+    queue.put({"error": f"asked for qtype {args['qtype']}"})
+
+
+@pytest.mark.timeout(300)
+def test_every_row_of_ours_runs_the_file_a_session_would_load(tmp_path, capsys, monkeypatch):
+    # on a CPU whose AMX buffer works a session loads Q4_0 when the directory has it; the bench's first column chose
+    # it through open_session while its alternating rounds timed Q4_K, so the rounds' figures were another file's
+    from quantize import ggml_amx
+    from quantize.random_model import write_random_model
+
+    for qtype in ("q4_k", "q4_0"):
+        write_random_model(tmp_path / "pair", size="tiny", qtype=qtype, seed=5, progress=False)
+    write_random_model(tmp_path / "plain", size="tiny", qtype="q4_0", seed=5, extra_norms=False, progress=False)
+    monkeypatch.setattr(ggml_amx, "has_amx_buffer", lambda: True)
+    monkeypatch.setattr(ggml_amx, "amx_tiles_work", lambda: True)
+    monkeypatch.setattr(bench, "stock_available", lambda: False)
+    monkeypatch.setitem(bench_child.ENGINES, "ours", qtype_reporting_engine)
+    code = _bench_in_thread(["bench", "--gguf", str(tmp_path / "pair"), "--plain-gguf", str(tmp_path / "plain"),
+                             "--bandwidth-gb", "0", "--rounds", "1", "--child-timeout", "120"], 240)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: asked for qtype q4_0\n" in err  # the first column (with the image)
+    assert "error: decode round 1: asked for qtype q4_0\n" in err
+    assert "asked for qtype q4_k" not in err
