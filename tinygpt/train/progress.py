@@ -1,5 +1,7 @@
-"""Progress of a run: a tqdm bar (step, loss, lr, samples/s, ETA, peak memory), log lines, the end summary,
-and optional TensorBoard / Weights & Biases logging (never a network call unless ``run.wandb_project`` is set).
+"""Progress of a run: a tqdm bar (step, loss, lr, samples/s, ETA, peak memory), log lines, the end summary, the
+curve in ``<checkpoint_dir>/metrics.jsonl`` with its picture ``loss.png`` drawn when the run ends (train.metrics_log,
+train.loss_chart), and optional TensorBoard / Weights & Biases logging (never a network call unless
+``run.wandb_project`` is set).
 Only the main process shows and logs anything. While steps are skipped (non-finite loss) the bar and the log line say
 ``loss skipped: non-finite (N in a row)`` instead of the mean of the last finite losses.
 """
@@ -18,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from .loss_chart import draw_loss_chart
+from .metrics_log import CHART_FILE, MetricsLog, read_metrics
 
 log = logging.getLogger("tinygpt.train")
 
@@ -44,8 +48,12 @@ class Progress:
         self.bar = None
         self.tb = None
         self.wandb = None
+        self.curve = None
+        self.run_name = run_name
         if not enabled:
             return
+        if log_dir is not None:
+            self.curve = MetricsLog(log_dir, start_step)
         if show_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name or "train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
@@ -93,6 +101,9 @@ class Progress:
                        "train/skipped_steps": self.skipped_since_log, **(extra or {})}
             if not self.skipped_in_a_row:  # no stale loss while skipping
                 metrics["train/loss"] = mean_loss
+            if self.curve is not None:
+                self.curve.add({"step": done, "loss": metrics.get("train/loss"), "lr": lr, "samples_per_s": rate,
+                                  "peak_mem_gb": memory, "skipped": self.skipped_since_log, **(extra or {})})
             self.skipped_since_log = 0
             if self.tb is not None:
                 for key, value in metrics.items():
@@ -118,8 +129,18 @@ class Progress:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
     def close(self) -> None:
+        """Also on a failure or Ctrl-C (the loop's finally): the chart of what was logged, a warning if it fails."""
         if self.bar is not None:
             self.bar.close()
+        if self.curve is not None:
+            self.curve.close()
+            rows = read_metrics(self.curve.path)
+            if rows:
+                chart = self.curve.path.parent / CHART_FILE
+                try:
+                    draw_loss_chart(rows, chart, title=f"{self.run_name or 'train'}: steps 1..{rows[-1]['step']}")
+                except Exception as exc:  # never hides the run's own outcome
+                    log.warning("%s: the loss chart was not drawn (%s)", chart, exc)
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
