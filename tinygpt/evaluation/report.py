@@ -8,6 +8,8 @@
   run's out_dir); the metric column names the official scoring's metric, and a note under the table the compat
   scoring's where it differs (``* vsr: the compat column is substring_accuracy``).
 
+``--chart PNG`` draws the same runs as grouped bars (tinygpt.evaluation.report_chart).
+
 A summary.json that does not parse, or parses into another shape, is one ``error: FILE: ...`` line (exit 2).
 Garbage says so in both: the summary's ``warning``, or for a summary without one (written before a rule was added)
 the runner's rules applied again to its saved figures (`garbage`): ``WARNING: ...`` under the run, `` WARNING``
@@ -211,12 +213,19 @@ def _shape_problem(summary: dict) -> Optional[str]:
 def main(argv: list[str] | None = None, prog: str = "python -m tinygpt.evaluation.report") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Print evaluation runs (their summary.json) as a table.")
     parser.add_argument("summaries", nargs="+", help="summary.json files (e.g. outputs/eval/*/summary.json)")
+    parser.add_argument("--chart", metavar="PNG", default=None,
+                        help="also draw the runs as grouped bars (official, compat, paper) into this PNG")
     args = parser.parse_args(argv)
 
     def run() -> int:
         summaries = [read_summary(p) for p in args.summaries]
-        print(format_run(summaries[0]) if len(summaries) == 1 else
-              format_table(summaries, run_names(summaries, args.summaries)))
+        runs = run_names(summaries, args.summaries)
+        print(format_run(summaries[0]) if len(summaries) == 1 else format_table(summaries, runs))
+        if args.chart:
+            from .report_chart import draw_report_chart  # matplotlib only when asked for
+
+            draw_report_chart(summaries, runs, args.chart)
+            print(f"chart: {args.chart}")
         return 0
 
     return report_errors(run)
