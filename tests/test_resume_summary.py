@@ -19,19 +19,20 @@ def summary_of(out: Path) -> dict:
     return json.loads((out / "stage1" / "train_summary.json").read_text())["summary"]
 
 
-def interrupted_in_step_3(opts: list[str], monkeypatch) -> None:
-    """The run stopped by Ctrl-C in its third step, after the checkpoints of steps 1 and 2."""
+def interrupted_in_step(opts: list[str], monkeypatch, step: int = 3) -> None:
+    """The run stopped by Ctrl-C in its third step (or `step`; one micro-batch per step), after the checkpoints of
+    steps 1 and 2."""
     from tinygpt.train import loop
 
     real, calls = loop.compute_loss, []
 
-    def ctrl_c_in_step_3(model, batch, model_cfg):
+    def ctrl_c_in_that_step(model, batch, model_cfg):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == step:
             raise KeyboardInterrupt
         return real(model, batch, model_cfg)
 
-    monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_step_3)
+    monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_that_step)
     with pytest.raises(TrainingInterrupted):
         run_stage1(opts)
     monkeypatch.setattr(loop, "compute_loss", real)
@@ -52,7 +53,7 @@ def test_a_resumed_run_s_summary_covers_the_whole_run(tmp_path, base_model, monk
     images = straight["bad_records"]["mine"][1]
     assert images["what"] == "images" and images["bad"] > 0
 
-    interrupted_in_step_3(opts("resumed"), monkeypatch)
+    interrupted_in_step(opts("resumed"), monkeypatch)
     old = tmp_path / "old" / "out" / "stage1-checkpoints"
     shutil.copytree(tmp_path / "resumed" / "out" / "stage1-checkpoints", old)
     run_stage1(opts("resumed", "run.resume=auto"))

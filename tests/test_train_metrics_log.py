@@ -10,8 +10,8 @@ import math
 import pytest
 from PIL import Image
 
+from test_resume_summary import interrupted_in_step
 from test_train_messages import fresh_accelerate_state, run_stage1, stage_options, write_jsonl  # noqa: F401
-from tinygpt.train.interrupt import TrainingInterrupted
 from tinygpt.train.loss_chart import main as chart_main
 from tinygpt.train.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 
@@ -61,8 +61,6 @@ def _run_opts(tmp_path, base_model, data, name: str, *extra: str) -> list[str]:
 def test_a_run_logs_every_step_and_draws_its_curve_and_a_resumed_run_continues_it(tmp_path, base_model, monkeypatch):
     """4 steps logged at every step: straight, and stopped by Ctrl-C in step 4 (after the checkpoint of step 2, with
     step 3 logged) then resumed: the resumed file holds steps 1..4 once each, with the straight run's losses."""
-    from tinygpt.train import loop
-
     data = write_jsonl(tmp_path / "data", 24)
     run_stage1(_run_opts(tmp_path, base_model, data, "straight"))
     checkpoints = tmp_path / "straight" / "out" / "stage1-checkpoints"
@@ -74,18 +72,7 @@ def test_a_run_logs_every_step_and_draws_its_curve_and_a_resumed_run_continues_i
     with Image.open(checkpoints / "loss.png") as image:
         assert image.format == "PNG"
 
-    real, calls = loop.compute_loss, []
-
-    def ctrl_c_in_step_4(model, batch, model_cfg):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(model, batch, model_cfg)
-
-    monkeypatch.setattr(loop, "compute_loss", ctrl_c_in_step_4)
-    with pytest.raises(TrainingInterrupted):
-        run_stage1(_run_opts(tmp_path, base_model, data, "resumed"))
-    monkeypatch.setattr(loop, "compute_loss", real)
+    interrupted_in_step(_run_opts(tmp_path, base_model, data, "resumed"), monkeypatch, step=4)
     checkpoints = tmp_path / "resumed" / "out" / "stage1-checkpoints"
     assert [r["step"] for r in read_metrics(checkpoints / METRICS_FILE)] == [1, 2, 3]
     assert (checkpoints / "loss.png").is_file()  # drawn by the stopped run too
