@@ -12,7 +12,9 @@ come from ``doc_to_visual(self.task_dict[task][split][doc_id])`` (PIL images).
 Model args (``--model_args k=v,...``; lmms-eval adds ``batch_size`` and ``device`` from its own flags):
 * ``pretrained`` (required): a launch config (``eval_configs/*.yaml``: backend, path, device, threads and the
   generation defaults) or a directory: a saved model (``config.json``: the PyTorch backend) or a GGUF export
-  (``llm-*.gguf``: the GGUF CPU runtime);
+  (``llm-*.gguf``: the GGUF CPU runtime). lmms-eval turns a value that looks like a number or true / false into
+  one: a directory ``123`` (an int) still opens; ``1e3``, ``1.50``, ``true``, or ``0123`` beside ``123``, are
+  refused with a hint to write ``pretrained=./1e3`` (`pretrained_text`);
 * ``backend``: torch | gguf (a directory only; a launch config names its own), ``device``: auto | cpu | cuda[:N]
   (PyTorch), ``threads``: GGUF threads, ``batch_size``: answers generated together (``ChatEngine.chat_batch``, when
   the engine has it; one at a time otherwise), ``refer_prompt``: see RefCOCO below (default true).
@@ -52,6 +54,7 @@ lmms_eval: without it `TinyGPTLmms` is a plain class that answers any objects wi
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import replace
@@ -194,9 +197,54 @@ def _warn(problem: str | None, where: str) -> None:
 
 
 # ---- opening the model -------------------------------------------------------------------------------------------
+def lmms_eval_reads(text: str) -> Any:
+    """What lmms-eval's ``--model_args`` parser makes of one value (``lmms_eval/utils.py``, ``handle_arg_string``):
+    true / false in any case a bool, ``str.isnumeric()`` text an int, else a float where ``float()`` takes it (1e3,
+    1.50, -5, nan, inf, 1_000), else the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.isnumeric():
+        try:
+            return int(text)
+        except ValueError:  # a numeric character int() does not take ("½"): lmms-eval itself stops there
+            return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+
+
+def pretrained_text(value: Any) -> Any:
+    """``pretrained`` as it was typed, where lmms-eval's parser turned it into a number or a bool
+    (`lmms_eval_reads`). An int is its digits, unless a name in the current folder spells the same number otherwise
+    (``0123``); a float or a bool has lost its spelling (``1e3`` is 1000.0, ``true`` is True): a UserError saying
+    to write it as a path (``pretrained=./1e3``). Anything else is returned as it is."""
+    if not isinstance(value, (int, float)):
+        return value
+    try:
+        here = os.listdir(".")
+    except OSError:
+        here = []
+    spellings = sorted(name for name in here if _same(lmms_eval_reads(name), value))
+    if type(value) is int and set(spellings) <= {str(value)}:
+        return str(value)
+    example = " or pretrained=./".join(spellings) or (str(value).lower() if isinstance(value, bool) else "1e3")
+    found = f", and {' and '.join(spellings)} here all read so:" if len(spellings) > 1 else ", so"
+    raise UserError(f"--model_args pretrained: lmms-eval's --model_args parser read the value as the "
+                    f"{type(value).__name__} {value!r} (it makes true / false a bool, digits an int and what float() "
+                    f"takes a float){found} the name as typed is lost; write it as a path, which stays text, e.g. "
+                    f"pretrained=./{example}")
+
+
 def open_pretrained(pretrained: Any, backend: str | None = None, device: str | None = None,
                     threads: int | None = None) -> ChatEngine:
-    """The engine ``pretrained`` names: a launch config (.yaml) or a model / GGUF directory."""
+    """The engine ``pretrained`` names: a launch config (.yaml) or a model / GGUF directory (a name lmms-eval read
+    as a number: `pretrained_text`)."""
+    pretrained = pretrained_text(pretrained)
     if not isinstance(pretrained, str) or not pretrained:
         raise UserError("--model_args pretrained: required (a launch config eval_configs/*.yaml, a saved model "
                         "directory or a GGUF export directory)")

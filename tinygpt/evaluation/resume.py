@@ -2,7 +2,7 @@
 another run (another benchmark, split, data path, data content, model path, model content, backend or prompt)
 refused.
 
-    with run_lock(out_dir, who):                 # UserError: another evaluation holds <out_dir>/run.lock
+    with run_lock(out_dir, where):               # UserError: another evaluation holds <out_dir>/run.lock
         done = read_predictions(path, fingerprint(cfg))
 
 ``model_id`` (in the fingerprint): a cheap content id of the model files, so a model replaced at the same path (a
@@ -167,11 +167,91 @@ def move_aside(out_dir: Path) -> list[Path]:
     return moved
 
 
+def _missing_dirs(out_dir: Path) -> list[Path]:
+    """The folders up to ``out_dir`` that do not exist yet, deepest first (the ones a run would make)."""
+    missing, folder = [], Path(out_dir).absolute()
+    while not folder.exists() and not folder.is_symlink():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _has_predictions(path: Path) -> bool:
+    """Whether a predictions file holds a prediction (a line after the header); an unreadable one counts as yes."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.endswith(b"\n")) > 1
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def _remove_unused(out_dir: Path, made: list[Path], had_predictions: bool) -> None:
+    """After a failed run (the lock still held): a predictions file it made without a prediction goes, and so do
+    run.lock and the folders it made when nothing else is in them. What was there before is never touched."""
+    predictions = out_dir / PREDICTIONS
+    if not had_predictions and predictions.is_file() and not _has_predictions(predictions):
+        with contextlib.suppress(OSError):
+            predictions.unlink()
+    if not made:
+        return
+    try:
+        if os.listdir(out_dir) != [LOCK]:
+            return
+        (out_dir / LOCK).unlink()
+    except OSError:
+        return
+    for folder in made:  # deepest first; one another process wrote into stays
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is still the lock file this process holds (a failed run removes its own; one that opened it
+    just before then holds a file nobody else sees)."""
+    try:
+        return path.read_text(errors="replace").split()[:1] == [str(os.getpid())]
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
+def run_lock(out_dir: Path, where: str = "run.out_dir") -> Iterator[None]:
     """An flock on ``<out_dir>/run.lock`` held for the block (the kernel drops it when the process ends, however it
-    ends: a killed run leaves no stale lock); another live evaluation holding it is a UserError, at once."""
-    with exclusive_lock(out_dir / LOCK, lambda holder: (
-            f"{out_dir} is in use by another evaluation (process {holder}); wait for it, or give this run another "
-            "run.out_dir")):
-        yield
+    ends: a killed run leaves no stale lock); another live evaluation holding it is a UserError, at once, and so is a
+    lock file that cannot be opened (``where``: who set run.out_dir). A block that fails before any prediction is
+    written removes what the run made: the predictions file (its header only) and, when the run made ``out_dir``,
+    run.lock and the folders it made; an ``out_dir`` that was there keeps all it held."""
+    out_dir = Path(out_dir)
+    path, made, had_predictions = out_dir / LOCK, _missing_dirs(out_dir), (out_dir / PREDICTIONS).exists()
+
+    def busy(holder: str) -> str:
+        return (f"{out_dir} is in use by another evaluation (process {holder}); wait for it, or give this run "
+                "another run.out_dir")
+
+    try:
+        with contextlib.ExitStack() as held:
+            for _ in range(3):
+                try:
+                    held.enter_context(exclusive_lock(path, busy))
+                except OSError as error:
+                    raise UserError(f"{where}: cannot use {path} as the run's lock file ({error.strerror or error}); "
+                                    "move it away or choose another run.out_dir") from None
+                if _ours(path):
+                    break
+                held.close()  # a run that failed removed this lock file: take a new one
+            else:
+                raise UserError(busy("?"))
+            try:
+                yield
+            except BaseException:
+                _remove_unused(out_dir, made, had_predictions)
+                raise
+    except BaseException:
+        for folder in made:  # the lock could not be taken: the folders made for it go again
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise

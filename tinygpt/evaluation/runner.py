@@ -8,6 +8,9 @@ Contract:
   not how they are scored; resume.py),
   then one `Prediction` per line (``{"id", "text", "scores"}``), appended and flushed as soon as each is known;
 * one run at a time per out_dir: an flock on ``<out_dir>/run.lock`` is held for the whole run (resume.run_lock);
+  run.lock, predictions.jsonl or summary.json that is a folder is refused before the model loads; a run that fails
+  before writing any prediction removes what it made (the header-only predictions file, and an out_dir it made with
+  its run.lock), never what was there;
 * a rerun reads it (saying ``resuming: N of M predictions from PATH`` on stderr), keeps the predictions of the
   loaded samples, and predicts only the rest; a last line cut off by a kill is dropped (and redone); a file
   made by another benchmark / split / data / model / backend / prompt is refused with a UserError, or moved aside
@@ -22,6 +25,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from .benchmark import SCORINGS, Benchmark, Prediction, Sample
 from .benchmarks import get_benchmark
 from .config import EvalConfig, default_root
 from .metrics import has_nan
-from .resume import PREDICTIONS, SUMMARY, fingerprint, move_aside, read_predictions, run_lock
+from .resume import LOCK, PREDICTIONS, SUMMARY, fingerprint, move_aside, read_predictions, run_lock
 
 __all__ = ["PREDICTIONS", "SUMMARY", "fingerprint", "garbage_problems", "read_predictions", "run_evaluation"]
 
@@ -223,6 +227,17 @@ def engine_load_options(name: str, engine) -> dict:
     return {"caption_prompt": caption_prompt_for(engine)}
 
 
+def _check_run_files(out_dir: Path, where: str) -> None:
+    """run.lock, predictions.jsonl and summary.json, where they exist, are files this run can write: a folder (or a
+    read-only file) in their place is a UserError before the model loads, not after the run."""
+    for name in (LOCK, PREDICTIONS, SUMMARY):
+        path = out_dir / name
+        if path.is_dir():
+            raise UserError(f"{where}: {path} is a directory, not a file; move it away or choose another run.out_dir")
+        if name != SUMMARY and path.exists() and not os.access(path, os.W_OK):  # summary.json is replaced, not written
+            raise UserError(f"{where}: {path} is not writable; move it away or choose another run.out_dir")
+
+
 def _blamed(cfg: EvalConfig, error: UserError, prefix: str, key: str | None = None) -> UserError:
     """A message that starts with ``prefix`` (a benchmark's ``benchmark.options.limit: ...``, the backend's
     ``device cuda: ...``) rewritten to name who set the key (``--options benchmark.options.limit: ...``, or the
@@ -266,9 +281,10 @@ def run_evaluation(cfg: EvalConfig, restart: bool = False, engine=None, quiet: b
     returns the summary written to ``<out_dir>/summary.json``. One run at a time per out_dir (``run.lock``)."""
     bench = get_benchmark(cfg.benchmark.name)
     out_dir = check_output_dir(cfg.run.out_dir, cfg.blame("run.out_dir"), "evaluation results")
+    _check_run_files(out_dir, cfg.blame("run.out_dir"))
     _check_root(cfg)
     samples = _load(bench, cfg, {})  # the files are checked before the model loads
-    with run_lock(out_dir):
+    with run_lock(out_dir, cfg.blame("run.out_dir")):  # a failure before any prediction removes what the run made
         return _run(cfg, bench, out_dir, samples, restart, engine, quiet)
 
 
