@@ -264,9 +264,9 @@ def test_regenerate_is_locked_while_an_answer_is_written(slow_page):
 def test_typing_holds_no_place_in_the_queue(tmp_path):
     """Every keystroke queued a `prepare` for the engine's slot; while another user's answer was written it waited
     there, holding a place in the bounded queue, so that a user typing and sending alone was refused ("queue is
-    full", an "Error" badge, the message not sent) with limits.queue_size 2. Now only attaching images queues it.
-    (The step that notices attached images is queued too, without waiting for the engine: under a loaded test host
-    it could still hold a queue of 1 for an instant, so the test gives 2, which the old demo filled as well.)"""
+    full", an "Error" badge, the message not sent) with limits.queue_size 2, which the old demo filled. Now neither
+    typing nor attaching takes a place (attaching starts `prepare` in a background thread;
+    test_demo_leftovers.py checks a queue of 1)."""
     with _slow_demo_pages(tmp_path, pages=2, queue_size=2) as ((first, second), slow):
         first.locator("#message textarea").fill("hi")
         first.locator("#message textarea").press("Enter")

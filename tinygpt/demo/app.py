@@ -10,11 +10,13 @@ Contract:
 * while an answer is written the textbox and Regenerate are locked (Stop and Clear end the answer and unlock them);
 * named API endpoints (gradio_client): ``/add_message`` (message, history, task, region) -> (textbox, history) and
   ``/respond`` (history, max_new_tokens, temperature, top_p, repetition_penalty, seed) -> (history, view),
-  streamed; ``/regenerate`` (history) -> (history, textbox), the textbox locked (nothing to regenerate: a warning,
-  no change);
+  streamed (settings are checked by the handler against the sliders' ranges: a value outside is a notice, not
+  gradio's traceback); ``/regenerate`` (history) -> (history, textbox), the textbox locked (nothing to regenerate:
+  a warning, no change, and the UI unlocked at once);
 * generation events share one concurrency slot (``concurrency_id="engine"``, limit 1), the queue holds at most
   ``limits.queue_size`` waiting events (one more is refused with gradio's "queue is full" message); UI-only events
-  skip the queue; typing queues nothing that waits for the engine (only newly attached images queue `prepare`);
+  skip the queue; neither typing nor attaching images takes a place in it (newly attached images start the
+  engine's head start, `prepare`, in a background thread that waits for the engine's lock);
 * `launch` never makes a public link unless ``share`` is True, caps uploads at ``limits.max_upload_bytes`` and lets
   gradio serve the shipped example images.
 """
@@ -41,17 +43,26 @@ def _header(engine: ChatEngine, cfg: LaunchConfig) -> str:
             "For `[identify]`, click two opposite corners of a region on the image.")
 
 
-def _settings(cfg: LaunchConfig, engine: ChatEngine) -> list[gr.components.Component]:
-    gen = cfg.generation
-    return [
-        gr.Slider(1, max(gen.max_new_tokens, min(1024, engine.context_length)), value=gen.max_new_tokens, step=1,
-                  label="Max new tokens"),
-        gr.Slider(0.0, max(2.0, gen.temperature), value=gen.temperature, step=0.05, label="Temperature (0: greedy)"),
-        gr.Slider(0.05, 1.0, value=gen.top_p, step=0.05, label="Top-p (sampling only)"),
-        gr.Slider(min(0.5, gen.repetition_penalty), max(2.0, gen.repetition_penalty), value=gen.repetition_penalty,
-                  step=0.05, label="Repetition penalty (1: none)"),
+def _as_sent(component: gr.components.Component) -> gr.components.Component:
+    """The component, its value handed to the handler as sent, unchecked: gradio's own checks (Slider.preprocess:
+    the range, raising gr.Error; Number.preprocess: rounding, which NaN, Infinity or a string break) failed a value
+    sent through the API with a traceback on the console, before Handlers.respond could answer it with a notice.
+    The browser's controls keep their ranges. (An instance attribute: a subclass of a gradio component makes gradio
+    write a .pyi stub beside this file.)"""
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
+def _settings(cfg: LaunchConfig, h: Handlers) -> list[gr.components.Component]:
+    gen, ranges = cfg.generation, h.ranges
+    return [_as_sent(c) for c in (
+        gr.Slider(*ranges["max_new_tokens"], value=gen.max_new_tokens, step=1, label="Max new tokens"),
+        gr.Slider(*ranges["temperature"], value=gen.temperature, step=0.05, label="Temperature (0: greedy)"),
+        gr.Slider(*ranges["top_p"], value=gen.top_p, step=0.05, label="Top-p (sampling only)"),
+        gr.Slider(*ranges["repetition_penalty"], value=gen.repetition_penalty, step=0.05,
+                  label="Repetition penalty (1: none)"),
         gr.Number(value=gen.seed, precision=0, label="Seed (sampling only; empty: a new one each time)"),
-    ]
+    )]
 
 
 def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None = None) -> gr.Blocks:
@@ -59,7 +70,7 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:  # gradio's telemetry would post to gradio.app
         gr.Markdown(_header(engine, cfg))
         current = gr.State(None)  # path of the image the view shows
-        attached = gr.State(None)  # the images attached to the textbox and the history length they were prepared at
+        attached = gr.State(None)  # the images attached to the textbox and the history length prepare was asked at
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
@@ -81,7 +92,7 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
                 region = gr.Textbox(label="Region for [identify]: x1, y1, x2, y2 in pixels", elem_id="region",
                                     placeholder="click two corners on the image, or type them")
                 with gr.Accordion("Generation", open=False):
-                    settings = _settings(cfg, engine)
+                    settings = _settings(cfg, h)
         gr.Examples(example_rows(), inputs=[box, task, region], label="Examples (synthetic shapes: the tiny "
                                                                      "model's world)")
 
@@ -103,7 +114,11 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
                                  show_progress="hidden")
         regenerate.click(**locked)
         again.failure(**unlocked)
-        again_answered = again.success(**answer_io, api_visibility="undocumented")
+        # nothing to regenerate ends the chain here (a quiet error): the answer step would wait for the engine's slot
+        # behind another session's answer, keeping Regenerate locked that long
+        checked = again.success(h.regenerable, [chatbot], None, show_progress="hidden", **UI_ONLY)
+        checked.failure(**unlocked)
+        again_answered = checked.success(**answer_io, api_visibility="undocumented")
         again_answered.then(**unlocked)
         stop.click(**unlocked, cancels=[answered, again_answered])
         for cleared in (clear.click, chatbot.clear):  # the button and the chat's own bin
@@ -113,13 +128,11 @@ def build_demo(engine: ChatEngine, cfg: LaunchConfig, handlers: Handlers | None 
                     **UI_ONLY)
 
         box.change(h.follow, [box, chatbot, region, current], [view, current], **UI_ONLY)
-        # the engine's head start only when new images are attached: a prepare queued on every keystroke held a
-        # place in the bounded queue while another answer was written, so that sending was refused as "queue full"
-        # (queued, without waiting for a slot: gradio reports a State's change only from queued events)
-        box.change(h.attached, [box, chatbot], [attached], concurrency_limit=None, show_progress="hidden",
-                   api_visibility="private")
-        attached.change(h.prepare, [box, chatbot], None, concurrency_id="engine", concurrency_limit=1,
-                        trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+        # the engine's head start only when new images are attached, started by h.attached in a background thread:
+        # a prepare queued on every keystroke held a place in the bounded queue while another answer was written,
+        # so that sending was refused as "queue full"; queued only on attaching, it still held the place for the
+        # whole of that answer (and the queued step that noticed the images took one too)
+        box.change(h.attached, [box, chatbot, attached], [attached], **UI_ONLY)
         region.change(h.redraw, [box, chatbot, region], [view], **UI_ONLY)
         view.select(h.pick, [box, chatbot, region], [region], **UI_ONLY)
     return demo

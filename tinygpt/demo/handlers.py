@@ -10,17 +10,21 @@ Contract:
   empties and locks the textbox (after a notice for a question stopped before its answer began, which is then not
   sent again, merged into the new one); a refusal appends a notice saying why (and shows it as a gr.Warning) and
   leaves the textbox as it was, to be fixed; `respond` then has nothing to answer and changes nothing;
-* `respond` streams the answer to the last user message into the history (one engine generation: the engine's
+* `respond` first checks the generation settings against the sliders' ranges (`setting_ranges`; the API can send
+  any JSON): a value outside, not a number or not finite is refused as below, naming the setting and its range;
+  it then streams the answer to the last user message into the history (one engine generation: the engine's
   lock makes concurrent ones wait); a refusal by the engine (e.g. a conversation longer than the context) or an
   empty answer becomes a notice in the chat plus a gr.Warning, never an exception; closing the generator (the Stop
   button) closes the engine's stream, which ends the generation and frees the engine. When the answer holds boxes,
   the last yield draws them (pixels of the conversation's newest image) in the chat and on the view;
-* `regenerate` drops the last answer (nothing to drop: a gr.Warning, nothing changes); `follow`, `redraw` and `pick`
-  keep the image view on the newest image (the one attached, else the conversation's) with the identify region
-  marked; an image over ``limits.max_image_pixels`` is never decoded for the view;
-* `prepare` runs when `attached` changes (images attached to the textbox, not keystrokes): they are encoded and the
-  prompt evaluated up to them while the question is typed (one engine call; refusals are left to `add_message` and
-  `respond`).
+* `regenerate` drops the last answer (nothing to drop: a gr.Warning, nothing changes; `regenerable` then ends the
+  UI's chain before the answer step, which would wait for the engine); `follow`, `redraw` and `pick` keep the view
+  on the newest image (the one attached, else the conversation's) with the identify region marked; an image over
+  ``limits.max_image_pixels`` is never decoded for the view;
+* `attached` (every change of the textbox, unqueued) starts `prepare` in a background thread when the images attached
+  differ from the session's last ones (not on keystrokes; a newer request replaces one not yet started): they are
+  encoded and the prompt evaluated up to them while the question is typed (one engine call, waiting for the
+  engine's lock, never for a place in gradio's queue; refusals are left to `add_message` and `respond`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +44,7 @@ from PIL import Image
 from ..chat import ChatEngine, answer_boxes
 from ..chat.launch import LaunchConfig
 from ..chat.messages import IMAGE_FORMATS, check_unicode, image_ref
+from ..chat.settings import MAX_SEED, GenerationSettings
 from ..errors import UserError
 from ..pixels import to_rgb, upright
 from ..tasks import IMAGE_PLACEHOLDER, split_task_tag
@@ -92,11 +99,45 @@ def turned(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
+def setting_ranges(gen: GenerationSettings, context_length: int | None) -> dict[str, tuple[float, float]]:
+    """The generation sliders' ranges (the UI's, and what `respond` takes from the API): the config's value always
+    inside; max new tokens up to the context (at most 1024)."""
+    return {"max_new_tokens": (1, max(gen.max_new_tokens, min(1024, context_length or 1024))),
+            "temperature": (0.0, max(2.0, gen.temperature)),
+            "top_p": (0.05, 1.0),
+            "repetition_penalty": (min(0.5, gen.repetition_penalty), max(2.0, gen.repetition_penalty))}
+
+
+def _shown_value(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN: not in
+        raise UserError(f"{name}: expected a number from {low:g} to {high:g}, got {_shown_value(value)}")
+    return value
+
+
+def _seed(value) -> int | None:
+    if value is None or value == "":
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 <= round(value) <= MAX_SEED):
+        raise UserError(f"seed: expected a whole number from 0 to {MAX_SEED}, or empty (a new one each time), got "
+                        f"{_shown_value(value)}")
+    return int(round(value))
+
+
 class Handlers:
     def __init__(self, engine: ChatEngine, cfg: LaunchConfig, drawn_dir: str | Path | None = None):
         self.engine, self.limits, self.settings = engine, cfg.limits, cfg.generation
+        self.ranges = setting_ranges(cfg.generation, getattr(engine, "context_length", None))
         self.drawn_dir = Path(drawn_dir or tempfile.mkdtemp(prefix="tinygpt-demo-"))
         self._prepared: tuple = ()  # (files, history length) of the last prepare: typing repeats no work
+        self._pending: tuple | None = None  # the newest prepare asked for and not yet started
+        self._preparing = False  # a background thread is working through `_pending`
+        self._pending_lock = threading.Lock()
 
     def _open(self, path: str | None) -> Image.Image | None:
         return _open(path, self.limits.max_image_pixels)
@@ -127,9 +168,7 @@ class Handlers:
                 repetition_penalty: float, seed: float | None) -> Iterator[tuple]:
         history = list(history or [])
         try:
-            settings = self.settings.with_(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                           top_p=float(top_p), repetition_penalty=float(repetition_penalty),
-                                           seed=None if seed is None else int(seed))
+            settings = self.generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
             messages = to_openai(history)
             if not messages or messages[-1]["role"] != "user":  # e.g. add_message refused the message
                 yield gr.skip(), gr.skip(), gr.skip()
@@ -156,6 +195,16 @@ class Handlers:
                     "Clear starts a new one")
             shown_history = shown_history + [notice("✂️ Answer cut", text)]
         yield shown_history, *views
+
+    def generation_settings(self, max_new_tokens, temperature, top_p, repetition_penalty, seed) -> GenerationSettings:
+        """The settings as the sliders and the seed box send them, checked against `self.ranges` (the sliders let
+        gradio pass any value, so that this check, not gradio's traceback, answers one sent through the API)."""
+        values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      repetition_penalty=repetition_penalty)
+        checked = {name: _number(name, values[name], *self.ranges[name]) for name in self.ranges}
+        return self.settings.with_(max_new_tokens=int(checked["max_new_tokens"]),
+                                   temperature=float(checked["temperature"]), top_p=float(checked["top_p"]),
+                                   repetition_penalty=float(checked["repetition_penalty"]), seed=_seed(seed))
 
     def _refused(self, history: list[dict], exc: UserError) -> tuple:
         gr.Warning(str(exc))
@@ -194,16 +243,46 @@ class Handlers:
             gr.Warning(str(exc))
             return gr.skip(), gr.skip()
 
-    def attached(self, message: dict | None, history: list[dict] | None):
-        """What `prepare` would work on (the attached files, the history length), or gr.skip() when no image is
-        attached: the UI queues `prepare` only when this changes, not on every keystroke."""
+    def regenerable(self, history: list[dict] | None) -> None:
+        """Between `regenerate` and the answer step: with nothing to regenerate (the toast already said so), a quiet
+        gr.Error (no toast, no traceback, no outputs to mark) ends the chain, so the UI unlocks at once instead of
+        after an answer step that waited for the engine's slot behind another session's answer."""
+        try:
+            without_last_answer(list(history or []))
+        except UserError as exc:
+            raise gr.Error(str(exc), visible=False, print_exception=False) from None
+
+    def attached(self, message: dict | None, history: list[dict] | None, last: list | None):
+        """On every change of the textbox (unqueued: it takes no place in gradio's bounded queue): when the images
+        attached and the history length differ from `last` (the session's previous ones), `prepare` is started in
+        the background; returns the new key for the session's state, or gr.skip() (no image, or typing)."""
         files = _files(message)
-        return [*files, len(history or [])] if files else gr.skip()
+        key = [*files, len(history or [])]
+        if not files or key == list(last or []):
+            return gr.skip()
+        with self._pending_lock:
+            self._pending = (message, list(history or []))
+            start, self._preparing = not self._preparing, True
+        if start:
+            threading.Thread(target=self._prepare_pending, name="tinygpt-demo-prepare", daemon=True).start()
+        return key
+
+    def _prepare_pending(self) -> None:
+        while True:
+            with self._pending_lock:
+                job, self._pending = self._pending, None
+                if job is None:
+                    self._preparing = False
+                    return
+            try:
+                self.prepare(*job)
+            except Exception:  # prepare reports its own failures; nothing may stop the next head start
+                log.warning("preparing the attached images failed", exc_info=True)
 
     def prepare(self, message: dict | None, history: list[dict] | None) -> None:
-        """While the question is typed: the attached images encoded and the prompt evaluated up to them
-        (ChatEngine.prepare), so the answer's first token waits only for the question. Files that add_message would
-        refuse, and anything the engine refuses, are left for add_message and respond to report."""
+        """While the question is typed (started by `attached`): the attached images encoded and the prompt evaluated up
+        to them (ChatEngine.prepare), so the answer's first token waits only for the question. Files that add_message
+        would refuse, and anything the engine refuses, are left for add_message and respond to report."""
         files = _files(message)
         key = (tuple(files), len(history or []))
         if not files or key == self._prepared:
