@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the likeliest tokens up to this "
                                                             "probability (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (with "
+                                                         "--temperature > 0; 0: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.05, help="> 1 makes repeating a token less likely")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampler (-1: a fresh one each run)")
     p.add_argument("--no-vision", action="store_true", help="text only: do not load vision.gguf")
@@ -179,7 +181,7 @@ def _loop(session: ChatSession, attached: Attachments, verbose: bool, stdin) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                               seed=args.seed).validate()
     check_threads(args.threads)

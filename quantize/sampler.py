@@ -1,4 +1,5 @@
-"""Next-token choice from a logits vector: greedy or temperature + top-p, with repetition penalty; seeded.
+"""Next-token choice from a logits vector: greedy or temperature + top-k + top-p (in transformers' order), with
+repetition penalty; seeded.
 
 Stop strings are matched on the decoded text (a stop string may span several tokens), see StopMatcher.
 """
@@ -23,10 +24,12 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 @dataclass
 class SamplingParams:
     """temperature 0 (or under GREEDY_BELOW) means greedy. Defaults follow the original demo (top-p 0.9, repetition
-    penalty 1.05). seed None (or -1, as llama.cpp spells it): a fresh random seed."""
+    penalty 1.05). top_k 0: off (every token may be drawn), else only the k likeliest. seed None (or -1, as llama.cpp
+    spells it): a fresh random seed."""
 
     temperature: float = 0.0
     top_p: float = 0.9
+    top_k: int = 0
     repetition_penalty: float = 1.05
     max_new_tokens: int = 300
     seed: int | None = 0
@@ -39,6 +42,8 @@ class SamplingParams:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"--top-k must be an integer >= 0 (0: off), got {self.top_k!r}")
         low, high = REPETITION_PENALTY_RANGE
         if not low <= self.repetition_penalty <= high:
             raise UserError(f"--repetition-penalty must be in {low} .. {high} (1: none), got {self.repetition_penalty}")
@@ -70,6 +75,8 @@ class Sampler:
         if p.temperature < GREEDY_BELOW:
             return int(np.argmax(logits))
         logits /= p.temperature
+        if 0 < p.top_k < logits.size:  # the k likeliest (ties at the k-th all kept, as transformers' TopK does)
+            logits[logits < np.partition(logits, -p.top_k)[-p.top_k]] = -np.inf
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         if p.top_p < 1.0:

@@ -26,7 +26,7 @@ from .launch import LaunchConfig, ModelChoice, check_model_path, load_launch_con
 from .messages import image_ref
 from .settings import GenerationSettings
 
-SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+SETTING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -42,6 +42,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only (0: off)")
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     return p

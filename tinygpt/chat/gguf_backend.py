@@ -118,7 +118,7 @@ class GGUFBackend:
     def _configure(self, settings: GenerationSettings, continuation: bool = False) -> list[str]:
         if settings.num_beams > 1:
             raise UserError("num_beams: beam search is available with the PyTorch backend only")
-        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                                 repetition_penalty=settings.repetition_penalty,
                                 max_new_tokens=settings.max_new_tokens, seed=settings.seed)
         stops = ([] if continuation else list(self.prompt.stop_strings)) + list(settings.stop)

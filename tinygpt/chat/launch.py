@@ -8,7 +8,7 @@ A launch config has three sections; every key is optional except `model.backend`
     model:       backend: torch | gguf       path: a saved model directory (torch) or an exported GGUF directory (gguf)
                  device: auto | cpu | cuda   bits: null | 8 | 4   (torch; 8/4-bit through bitsandbytes, GPU or CPU)
                  threads: 2   qtype: null (gguf: which llm-<qtype>.gguf when the directory holds several)
-    generation:  the GenerationSettings defaults (max_new_tokens, temperature, top_p, num_beams,
+    generation:  the GenerationSettings defaults (max_new_tokens, temperature, top_p, top_k, num_beams,
                  repetition_penalty, stop, seed)
     limits:      max_images (per request / message), max_image_pixels, max_upload_bytes, queue_size,
                  image_cache_size

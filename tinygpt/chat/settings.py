@@ -9,6 +9,7 @@ temperature 0.6-1.0, repetition penalty 1.05), which users can ask for. `stop` a
 The repetition penalty is applied over the generated tokens by the PyTorch backend (transformers' rule for
 `inputs_embeds` prompts) and over the conversation's text tokens plus the generated ones by the GGUF runtime, so
 the two agree only at 1.0 (the default); it lies in 0.01 .. 100 (further out the logits overflow and sampling fails).
+`top_k` 0 (the default) is off on both backends: transformers' own default of 50 is not applied.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class GenerationSettings:
     max_new_tokens: int = 300
     temperature: float = 0.0
     top_p: float = 0.9
+    top_k: int = 0  # 0: off; k: sample among the k likeliest tokens only (with top_p after it, transformers' order)
     num_beams: int = 1
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
@@ -55,6 +57,8 @@ class GenerationSettings:
             raise UserError(f"temperature: must be a finite number, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k: must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise UserError(f"num_beams: must be an integer >= 1, got {self.num_beams!r}")
         if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:

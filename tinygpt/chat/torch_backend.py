@@ -168,7 +168,8 @@ class TorchBackend:
         if settings.greedy:
             kw["do_sample"] = False
         else:
-            kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+            # top_k always given: left out, transformers applies its default of 50, which the GGUF sampler does not
+            kw.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
         return kw

@@ -23,8 +23,8 @@ Contract of the three request kinds:
 * ``generate_until`` -> ``ChatEngine.chat`` of one user message (the doc's images first, then the context, the
   training wording); ``gen_kwargs`` -> `GenerationSettings` (`generation_settings`): ``until`` adds stop strings,
   ``max_new_tokens``, ``num_beams``, ``repetition_penalty``; ``do_sample: false``, ``temperature: 0`` or ``top_k: 1``
-  is greedy, ``temperature`` / ``top_p`` apply when sampling; other keys (``image_aspect_ratio``, another ``top_k``
-  ...) mean nothing here and are ignored. Defaults come from the launch config's ``generation`` section. With
+  is greedy, ``temperature`` / ``top_p`` / ``top_k`` apply when sampling; other keys (``image_aspect_ratio`` ...)
+  mean nothing here and are ignored. Defaults come from the launch config's ``generation`` section. With
   sampling, the k-th copy of a request (lmms-eval's ``repeats``, ``--repeats``: the same Instance k times) is drawn
   with seed ``seed + k``, so the copies are separate draws and not one answer k times.
 * ``loglikelihood`` -> ``(loss, is_greedy)``: the loss is minus ``ChatEngine.score`` of the continuation (its
@@ -111,6 +111,8 @@ def generation_settings(gen_kwargs: dict | None, base: GenerationSettings) -> Ge
     sampling = changes.get("temperature", base.temperature) > 0
     if sampling and kw.get("top_p") is not None:  # tasks write top_p: 0 next to greedy settings; it means nothing
         changes["top_p"] = float(kw["top_p"])
+    if sampling and kw.get("top_k") is not None:
+        changes["top_k"] = kw["top_k"]
     try:
         return base.with_(**changes)
     except (UserError, TypeError, ValueError) as exc:

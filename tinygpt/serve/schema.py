@@ -4,8 +4,9 @@
 Contract:
 * the fields OpenAI's APIs define that this server honours: ``model``, ``stream``, ``stream_options.include_usage``,
   ``max_tokens``, ``temperature``, ``top_p``, ``stop`` (a string or a list), ``seed``, ``n`` (only 1); plus
-  ``repetition_penalty`` (an extension, vLLM's name); chat adds ``messages`` and ``max_completion_tokens`` (which
-  wins over ``max_tokens``), text completion ``prompt`` (a string, or a list holding exactly one string);
+  ``repetition_penalty`` and ``top_k`` (extensions, vLLM's and llama.cpp's names; ``top_k`` 0 or -1 is off); chat
+  adds ``messages`` and ``max_completion_tokens`` (which wins over ``max_tokens``), text completion ``prompt`` (a
+  string, or a list holding exactly one string);
 * a wrong type or a value out of range is a validation error (a 400 naming the field, tinygpt.serve.errors); the
   types are strict: ``"10"`` or ``true`` is not an integer, ``"yes"`` is not a boolean, ``Infinity`` / ``NaN`` are
   not numbers (what the `openai` client sends, ints for floats and null for what is optional, is accepted);
@@ -60,6 +61,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float | None = Field(None, ge=0, strict=True, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, strict=True)  # an extension (vLLM's, llama.cpp's): 0 or -1 off
     stop: Any = None  # a string or a list of strings (checked in settings(): one message for both shapes)
     seed: int | None = Field(None, strict=True)  # its range: GenerationSettings (one check for every front end)
     n: int | None = Field(1, strict=True)
@@ -100,6 +102,8 @@ class _Request(BaseModel):
         for name in ("temperature", "top_p", "seed", "repetition_penalty"):
             if getattr(self, name) is not None:
                 changes[name] = getattr(self, name)
+        if self.top_k is not None:
+            changes["top_k"] = max(0, self.top_k)  # vLLM's -1 is off, as 0 is
         if self.stop is not None:
             changes["stop"] = self._stop()
         settings = defaults.with_(**changes)
