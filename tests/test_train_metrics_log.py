@@ -92,3 +92,12 @@ def test_a_killed_writers_temporaries_are_swept_when_the_next_run_opens_the_log(
     other.write_text("not ours")
     MetricsLog(tmp_path, start_step=0).close()
     assert not any(p.exists() for p in left) and other.exists()
+
+
+def test_the_smoothed_line_follows_the_loss_without_lag():
+    from tinygpt.train.loss_chart import _smoothed
+
+    falling = [100.0 - i for i in range(80)]  # a centred window: the interior of a straight line is unchanged
+    assert _smoothed(falling)[2:-2] == pytest.approx(falling[2:-2])
+    noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(80)]
+    assert max(abs(v - 1.0) for v in _smoothed(noisy)[2:-2]) <= 0.1

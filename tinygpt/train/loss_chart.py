@@ -4,8 +4,8 @@
     draw_loss_chart(rows, path, title)                                    # what a run calls when it ends
 
 Contract:
-* two panels over the steps: the loss (each row's mean since the one before; a red tick at the bottom where steps
-  were skipped for a non-finite loss) and the learning rate;
+* two panels over the steps: the loss (each row's mean since the one before; from 20 rows on faint, with a moving
+  average over it; a red tick at the bottom where steps were skipped for a non-finite loss) and the learning rate;
 * drawn with matplotlib's object API on the Agg canvas (pyplot's global backend is never touched, so a notebook that
   trains keeps its own), written in one rename;
 * a run draws it when it ends (done, stopped or killed by Ctrl-C/SIGTERM); the command draws it at any time from the
@@ -23,6 +23,17 @@ from ..io_utils import atomic_path, writing
 from .metrics_log import CHART_FILE, METRICS_FILE, read_metrics
 
 
+SMOOTH_FROM = 20  # log points from which a smoothed line is drawn over the raw ones
+
+
+def _smoothed(values: list[float]) -> list[float]:
+    """A centred moving average (no lag behind a falling loss) over a window of about a twentieth of the points (at
+    least five); the window shrinks at the ends."""
+    half = max(2, len(values) // 40)
+    return [sum(values[max(0, i - half): i + half + 1]) / len(values[max(0, i - half): i + half + 1])
+            for i in range(len(values))]
+
+
 def draw_loss_chart(rows: list[dict], path: str | Path, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only when a chart is drawn
     from matplotlib.figure import Figure
@@ -31,8 +42,13 @@ def draw_loss_chart(rows: list[dict], path: str | Path, title: str = "") -> None
     FigureCanvasAgg(figure)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     losses = [(row["step"], row["loss"]) for row in rows if isinstance(row.get("loss"), (int, float))]
-    if losses:
-        top.plot(*zip(*losses), color="C0", linewidth=1.2, marker="." if len(losses) < 40 else None)
+    if len(losses) >= SMOOTH_FROM:  # the rows as they are, faint, and their moving average over them
+        top.plot(*zip(*losses), color="C0", linewidth=0.8, alpha=0.35, label="each log point")
+        top.plot([step for step, _ in losses], _smoothed([loss for _, loss in losses]), color="C0", linewidth=1.6,
+                 label="smoothed")
+        top.legend(loc="upper right", fontsize=8, frameon=False)
+    elif losses:
+        top.plot(*zip(*losses), color="C0", linewidth=1.2, marker=".")
     skipped = [row["step"] for row in rows if row.get("skipped")]
     if skipped:
         top.plot(skipped, [0] * len(skipped), "|", color="C3", markersize=10, transform=top.get_xaxis_transform(),
