@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from test_demo import SHAPES, Scripted, demo_config, free_port
+from test_demo_review import demo_pages
 from tinygpt.demo.examples import example_path
 from tinygpt.demo.handlers import Handlers
 
@@ -156,29 +157,13 @@ class Gated:
 def _gated_demo(tmp_path: Path, pages: int, **limits):
     """(url, pages of the demo over `Gated` in headless Chromium (one session each), the engine); skipped like
     tests/test_demo_browser.py. The gate is opened on the way out."""
-    if not Path("/usr/bin/chromium").is_file():
-        pytest.skip("/usr/bin/chromium is absent (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
-    from tinygpt.demo.app import build_demo, launch
-
-    gated, cfg = Gated(), demo_config(**limits)
-    demo = build_demo(gated, cfg, Handlers(gated, cfg, tmp_path))  # type: ignore[arg-type]
-    port = free_port()
-    launch(demo, cfg, port=port, prevent_thread_lock=True, quiet=True)
+    gated = Gated()
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
-            opened = [browser.new_page() for _ in range(pages)]
-            for page in opened:
-                page.set_default_timeout(60_000)
-                page.goto(f"http://127.0.0.1:{port}/")
-                page.wait_for_selector("#message textarea")
-            yield f"http://127.0.0.1:{port}/", opened, gated
-            gated.gate.set()
-            browser.close()
+        with demo_pages(tmp_path, gated, pages, **limits) as (url, opened):
+            yield url, opened, gated
+            gated.gate.set()  # before the browser closes: an answer still waiting would hold the demo's close
     finally:
         gated.gate.set()
-        demo.close()
 
 
 UNLOCKED = "!document.querySelector('#message textarea').disabled && !document.querySelector('#regenerate').disabled"

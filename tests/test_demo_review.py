@@ -192,15 +192,16 @@ class Slow:
 
 
 @contextmanager
-def _slow_demo_pages(tmp_path: Path, pages: int = 1, **limits):
-    """(pages of the demo over `Slow` in headless Chromium, the engine); skipped like tests/test_demo_browser.py."""
+def demo_pages(tmp_path: Path, chat_engine, pages: int = 1, **limits):
+    """(url, pages of the demo over `chat_engine` in headless Chromium, one session each); skipped like
+    tests/test_demo_browser.py."""
     if not Path("/usr/bin/chromium").is_file():
         pytest.skip("/usr/bin/chromium is absent (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
     from tinygpt.demo.app import build_demo, launch
 
-    slow, cfg = Slow(), demo_config(**limits)
-    demo = build_demo(slow, cfg, Handlers(slow, cfg, tmp_path))  # type: ignore[arg-type]
+    cfg = demo_config(**limits)
+    demo = build_demo(chat_engine, cfg, Handlers(chat_engine, cfg, tmp_path))  # type: ignore[arg-type]
     port = free_port()
     launch(demo, cfg, port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -211,10 +212,18 @@ def _slow_demo_pages(tmp_path: Path, pages: int = 1, **limits):
                 page.set_default_timeout(60_000)
                 page.goto(f"http://127.0.0.1:{port}/")
                 page.wait_for_selector("#message textarea")
-            yield opened, slow
+            yield f"http://127.0.0.1:{port}/", opened
             browser.close()
     finally:
         demo.close()
+
+
+@contextmanager
+def _slow_demo_pages(tmp_path: Path, pages: int = 1, **limits):
+    """(pages of the demo over `Slow` in headless Chromium, the engine)."""
+    slow = Slow()
+    with demo_pages(tmp_path, slow, pages, **limits) as (_, opened):
+        yield opened, slow
 
 
 @pytest.fixture

@@ -101,6 +101,22 @@ def test_lmms_eval_gen_kwargs_top_k_applies_when_sampling():
     assert generation_settings({"temperature": 0.7, "top_k": 5}, base) == GenerationSettings(temperature=0.7, top_k=5)
     assert generation_settings({"top_k": 5}, base) == base  # greedy: top_k means nothing
     assert generation_settings({"do_sample": True, "top_k": 1}, base) == base  # top_k 1 is greedy
+    hot = GenerationSettings(temperature=0.7)
+    assert generation_settings({"temperature": 0.7, "top_k": -1}, base) == hot  # vLLM's "off"
+    assert generation_settings({"temperature": 0.7, "top_k": 50.0}, base) == hot.with_(top_k=50)
+    with pytest.raises(UserError, match=r"^gen_kwargs\.top_k: must be an integer >= 0"):
+        generation_settings({"temperature": 0.7, "top_k": 2.5}, base)
+
+
+def test_the_demo_takes_a_config_s_top_p_below_the_slider_s_usual_floor(tmp_path):
+    from test_demo import Scripted, demo_config
+    from tinygpt.demo.handlers import Handlers
+
+    cfg = demo_config()
+    cfg = type(cfg)(cfg.source, cfg.model, cfg.generation.with_(top_p=0.01), cfg.limits)
+    handlers = Handlers(Scripted("fine"), cfg, tmp_path)  # type: ignore[arg-type]
+    assert handlers.ranges["top_p"] == (0.01, 1.0)
+    assert handlers.generation_settings(10, 0.7, 0.01, 1.0, 0).top_p == 0.01  # the untouched slider's value
 
 
 def test_the_chat_commands_take_top_k():

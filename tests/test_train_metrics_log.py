@@ -13,7 +13,7 @@ from PIL import Image
 from test_resume_summary import interrupted_in_step
 from test_train_messages import fresh_accelerate_state, run_stage1, stage_options, write_jsonl  # noqa: F401
 from tinygpt.train.loss_chart import main as chart_main
-from tinygpt.train.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+from tinygpt.train.metrics_log import METRICS_FILE, PENDING_FILE, MetricsLog, read_metrics
 
 
 def test_a_fresh_run_starts_a_new_file_and_a_resumed_one_keeps_the_rows_up_to_its_checkpoint(tmp_path):
@@ -101,3 +101,76 @@ def test_the_smoothed_line_follows_the_loss_without_lag():
     assert _smoothed(falling)[2:-2] == pytest.approx(falling[2:-2])
     noisy = [1.0 + (0.5 if i % 2 else -0.5) for i in range(80)]
     assert max(abs(v - 1.0) for v in _smoothed(noisy)[2:-2]) == pytest.approx(0.1)  # ±0.5 over a window of 5
+
+
+def test_a_run_that_replaces_checkpoints_keeps_the_old_curve_until_its_first_checkpoint(tmp_path):
+    old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+    (tmp_path / METRICS_FILE).write_text(old)
+    log = MetricsLog(tmp_path, start_step=0, replacing=True)  # a fresh start over the old run's checkpoints
+    log.add({"step": 1, "loss": 9.0})
+    assert (tmp_path / METRICS_FILE).read_text() == old  # a stop now resumes the old run: its curve stays
+    log.close()
+    MetricsLog(tmp_path, start_step=2).close()  # ... as the next run, resuming the old run's step 2, finds it
+    assert [r["loss"] for r in read_metrics(tmp_path / METRICS_FILE)] == [1.0, 1.0]
+    assert not (tmp_path / PENDING_FILE).exists()  # the stopped run's pending rows are gone
+    log = MetricsLog(tmp_path, start_step=0, replacing=True)
+    log.add({"step": 1, "loss": 9.0})
+    log.commit()  # its first checkpoint replaced the old run's
+    log.add({"step": 2, "loss": 8.0})
+    log.close()
+    assert [r["loss"] for r in read_metrics(tmp_path / METRICS_FILE)] == [9.0, 8.0]
+    assert not (tmp_path / PENDING_FILE).exists()
+
+
+def test_closing_after_a_failed_write_raises_nothing_more(tmp_path):
+    import errno
+
+    from tinygpt.errors import UserError
+
+    class FullDisk:
+        closed = False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):  # a buffered file flushes again when closed: the same error
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = MetricsLog(tmp_path, start_step=0)
+    log._file.close()
+    log._file = FullDisk()
+    with pytest.raises(UserError, match=r"metrics.jsonl: could not write the training metrics log \(No space left"):
+        log.add({"step": 1, "loss": 1.0})
+    log.close()
+
+
+def test_a_row_s_loss_is_the_mean_since_the_row_before(tmp_path):
+    import torch
+
+    from tinygpt.train.progress import Progress
+
+    progress = Progress(total_steps=6, start_step=0, enabled=True, show_bar=False, device=torch.device("cpu"),
+                        log_every=2, log_dir=tmp_path)
+    for step, loss in enumerate([1.0, 1.0, None, 3.0, 5.0, 5.0]):  # None: a skipped step
+        progress.step(step, loss, 1e-3, 2, {})
+    progress.close()
+    rows = read_metrics(tmp_path / METRICS_FILE)
+    assert [(r["step"], r["loss"], r["skipped"]) for r in rows] == [(2, 1.0, 0), (4, 3.0, 1), (6, 5.0, 0)]
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_the_old_curve_to_resume(tmp_path, base_model,
+                                                                                          monkeypatch):
+    """The old run: stopped in step 4 after the checkpoint of step 2 (rows 1..3). A fresh run (run.resume=false) over
+    it, stopped in its first step, then run.resume=auto: the old run resumes from step 2 with its rows 1..2."""
+    data = write_jsonl(tmp_path / "data", 24)
+    interrupted_in_step(_run_opts(tmp_path, base_model, data, "run"), monkeypatch, step=4)
+    checkpoints = tmp_path / "run" / "out" / "stage1-checkpoints"
+    old = read_metrics(checkpoints / METRICS_FILE)
+    assert [r["step"] for r in old] == [1, 2, 3]
+    interrupted_in_step(_run_opts(tmp_path, base_model, data, "run"), monkeypatch, step=1)
+    assert read_metrics(checkpoints / METRICS_FILE) == old
+    run_stage1(_run_opts(tmp_path, base_model, data, "run", "run.resume=auto"))
+    resumed = read_metrics(checkpoints / METRICS_FILE)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[:2] == old[:2]
+    assert not (checkpoints / PENDING_FILE).exists()

@@ -104,7 +104,7 @@ def setting_ranges(gen: GenerationSettings, context_length: int | None) -> dict[
     inside; max new tokens up to the context (at most 1024)."""
     return {"max_new_tokens": (1, max(gen.max_new_tokens, min(1024, context_length or 1024))),
             "temperature": (0.0, max(2.0, gen.temperature)),
-            "top_p": (0.05, 1.0),
+            "top_p": (min(0.05, gen.top_p), 1.0),
             "repetition_penalty": (min(0.5, gen.repetition_penalty), max(2.0, gen.repetition_penalty))}
 
 

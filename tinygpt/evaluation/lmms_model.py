@@ -111,8 +111,11 @@ def generation_settings(gen_kwargs: dict | None, base: GenerationSettings) -> Ge
     sampling = changes.get("temperature", base.temperature) > 0
     if sampling and kw.get("top_p") is not None:  # tasks write top_p: 0 next to greedy settings; it means nothing
         changes["top_p"] = float(kw["top_p"])
-    if sampling and kw.get("top_k") is not None:
-        changes["top_k"] = kw["top_k"]
+    top_k = kw.get("top_k")
+    if sampling and top_k is not None:
+        if isinstance(top_k, float) and top_k.is_integer():  # a YAML 50.0 is 50
+            top_k = int(top_k)
+        changes["top_k"] = 0 if top_k == -1 and not isinstance(top_k, bool) else top_k  # -1: off (vLLM's), as 0
     try:
         return base.with_(**changes)
     except (UserError, TypeError, ValueError) as exc:

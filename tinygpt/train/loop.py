@@ -180,7 +180,8 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
     progress = Progress(total_steps=sched_cfg.total_steps, start_step=start_step, enabled=accelerator.is_main_process,
                         show_bar=r.progress, device=accelerator.device, log_every=r.log_every,
                         log_dir=Path(cfg.checkpoint_dir), tensorboard=r.tensorboard,
-                        wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")))
+                        wandb_project=r.wandb_project, run_name=os.path.basename(r.output_dir.rstrip("/")),
+                        replacing=bool(stale))
     started, samples_total = time.monotonic(), 0
     model_cfg = cfg.model
     datasets = {entry.name: entry.dataset for entry in mixer.entries}
@@ -258,6 +259,7 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 reached.checkpoint = ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir,
                                                           state, r.keep_last, replaces=stale)
                 reached.wrote, stale = True, ()  # the replaced run's checkpoints went with this one
+                progress.checkpointed()  # and so does its curve
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
     finally:

@@ -36,7 +36,10 @@ def peak_memory_gb(device: torch.device) -> float:
 class Progress:
     def __init__(self, *, total_steps: int, start_step: int, enabled: bool, show_bar: bool, device: torch.device,
                  log_every: int, log_dir: Optional[Path] = None, tensorboard: bool = False,
-                 wandb_project: Optional[str] = None, run_name: str = "", config: Optional[dict] = None):
+                 wandb_project: Optional[str] = None, run_name: str = "", config: Optional[dict] = None,
+                 replacing: bool = False):
+        """``replacing``: the run still keeps checkpoints it will replace (train.metrics_log: its curve stays pending
+        until `checkpointed`)."""
         self.enabled, self.device, self.log_every = enabled, device, log_every
         self.total, self.start_step = total_steps, start_step
         self.started = time.monotonic()
@@ -45,6 +48,7 @@ class Progress:
         self.losses: deque = deque(maxlen=log_every)  # the last finite losses (a skipped step adds none)
         self.skipped_in_a_row = 0                     # steps skipped since the last finite loss
         self.skipped_since_log = 0                    # steps skipped since the last log line
+        self.losses_since_log: list = []              # the finite losses since the last log point (its row's mean)
         self.bar = None
         self.tb = None
         self.wandb = None
@@ -52,8 +56,6 @@ class Progress:
         self.run_name = run_name
         if not enabled:
             return
-        if log_dir is not None:
-            self.curve = MetricsLog(log_dir, start_step)
         if show_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name or "train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
@@ -69,6 +71,8 @@ class Progress:
             except ImportError:
                 raise UserError("run.wandb_project: needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {})
+        if log_dir is not None:  # last: a failure above leaves the curve as it was
+            self.curve = MetricsLog(log_dir, start_step, replacing)
 
     def step(self, step: int, loss: Optional[float], lr: float, samples: int, counts: dict,
              extra: Optional[dict] = None) -> None:
@@ -84,6 +88,7 @@ class Progress:
         else:
             self.skipped_in_a_row = 0
             self.losses.append(loss)
+            self.losses_since_log.append(loss)
         rate = self.rate()
         memory = peak_memory_gb(self.device)
         mean_loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
@@ -101,10 +106,13 @@ class Progress:
                        "train/skipped_steps": self.skipped_since_log, **(extra or {})}
             if not self.skipped_in_a_row:  # no stale loss while skipping
                 metrics["train/loss"] = mean_loss
+            since = self.losses_since_log
             if self.curve is not None:
-                self.curve.add({"step": done, "loss": metrics.get("train/loss"), "lr": lr, "samples_per_s": rate,
-                                  "peak_mem_gb": memory, "skipped": self.skipped_since_log, **(extra or {})})
+                self.curve.add({"step": done, "loss": sum(since) / len(since) if since else None, "lr": lr,
+                                "samples_per_s": rate, "peak_mem_gb": memory, "skipped": self.skipped_since_log,
+                                **(extra or {})})
             self.skipped_since_log = 0
+            self.losses_since_log = []
             if self.tb is not None:
                 for key, value in metrics.items():
                     self.tb.add_scalar(key, value, done)
@@ -128,23 +136,38 @@ class Progress:
         (t0, s0), (t1, s1) = self.recent[0], self.recent[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def close(self) -> None:
-        """Also on a failure or Ctrl-C (the loop's finally): the chart of what was logged, a warning if it fails."""
-        if self.bar is not None:
-            self.bar.close()
+    def checkpointed(self) -> None:
+        """A checkpoint was written (the first replaces the old run's): the run's curve is the one to keep."""
         if self.curve is not None:
-            self.curve.close()
-            rows = read_metrics(self.curve.path)
-            if rows:
-                chart = self.curve.path.parent / CHART_FILE
-                try:
-                    draw_loss_chart(rows, chart, title=f"{self.run_name or 'train'}: steps 1..{rows[-1]['step']}")
-                except Exception as exc:  # never hides the run's own outcome
-                    log.warning("%s: the loss chart was not drawn (%s)", chart, exc)
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+            self.curve.commit()
+
+    def close(self) -> None:
+        """Also on a failure or Ctrl-C (the loop's finally): each part closed even when another fails, and the chart
+        of the committed curve drawn (a warning if it fails; none while the curve is pending: the old run's stays)."""
+        try:
+            if self.bar is not None:
+                self.bar.close()
+            if self.curve is not None:
+                self.curve.close()
+                if not self.curve.pending:
+                    self._draw_chart()
+        finally:
+            try:
+                if self.tb is not None:
+                    self.tb.close()
+            finally:
+                if self.wandb is not None:
+                    self.wandb.finish()
+
+    def _draw_chart(self) -> None:
+        rows = read_metrics(self.curve.path)
+        if not rows:
+            return
+        chart = self.curve.path.parent / CHART_FILE
+        try:
+            draw_loss_chart(rows, chart, title=f"{self.run_name or 'train'}: steps 1..{rows[-1]['step']}")
+        except Exception as exc:  # never hides the run's own outcome
+            log.warning("%s: the loss chart was not drawn (%s)", chart, exc)
 
 
 def format_summary(summary: dict) -> str:
