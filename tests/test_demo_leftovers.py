@@ -231,3 +231,23 @@ def test_attaching_an_image_takes_no_place_in_the_queue(tmp_path):
         gated.gate.set()
         assert writing.result(timeout=60)[0][-1]["content"][0]["text"] == "w1 done"
         assert waiting.result(timeout=60)[0][-1]["content"][0]["text"] == "w2 done"
+
+
+def test_a_stop_that_comes_before_gradio_blocks_still_closes_the_demo_cleanly(tmp_path, monkeypatch):
+    """SIGTERM (handled as Ctrl-C) that arrived after the server answered but before gradio's block_thread took it
+    ended the demo with "interrupted" and status 130 instead of 0 (a flaky test_sigterm_stops_the_demo_as_ctrl_c_does
+    under load). Now launch closes the server and returns as gradio's block_thread does."""
+    import socket
+
+    from tinygpt.demo import app
+
+    def stopped_while_printing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    engine, cfg = Named("fine"), demo_config()
+    demo = app.build_demo(engine, cfg, Handlers(engine, cfg, tmp_path))  # type: ignore[arg-type]
+    monkeypatch.setattr(app, "serving_lines", stopped_while_printing)
+    port = free_port()
+    assert app.launch(demo, cfg, port=port) is None  # no KeyboardInterrupt escapes
+    with socket.socket() as probe:  # the server is closed: its port is free again
+        probe.bind(("127.0.0.1", port))

@@ -145,12 +145,19 @@ def launch(demo: gr.Blocks, cfg: LaunchConfig, host: str = "127.0.0.1", port: in
     lines are replaced by `serving_lines` (gradio's advise ``share=True`` in ``launch()``, which a user of the
     command cannot set; `share_hint` is the flag that does it)."""
     demo.queue(max_size=cfg.limits.queue_size, default_concurrency_limit=1)
-    started = demo.launch(server_name=host, server_port=port, share=share, max_file_size=cfg.limits.max_upload_bytes,
-                          allowed_paths=[str(EXAMPLES_DIR)], quiet=True, prevent_thread_lock=True, **options)
-    if not quiet:
-        print("\n".join(serving_lines(demo.local_url, demo.share_url, share, share_hint)), flush=True)
-    if not prevent_thread_lock:
-        demo.block_thread()
+    try:
+        started = demo.launch(server_name=host, server_port=port, share=share,
+                              max_file_size=cfg.limits.max_upload_bytes, allowed_paths=[str(EXAMPLES_DIR)], quiet=True,
+                              prevent_thread_lock=True, **options)
+        if not quiet:
+            print("\n".join(serving_lines(demo.local_url, demo.share_url, share, share_hint)), flush=True)
+        if not prevent_thread_lock:
+            demo.block_thread()  # gradio's: Ctrl-C (SIGTERM too, tinygpt.chat.launch) closes the server there
+    except KeyboardInterrupt:  # one that came before block_thread (the server up, gradio still starting): the same
+        if prevent_thread_lock:
+            raise
+        demo.close()
+        return None
     return started
 
 
