@@ -251,3 +251,48 @@ def test_a_stop_that_comes_before_gradio_blocks_still_closes_the_demo_cleanly(tm
     assert app.launch(demo, cfg, port=port) is None  # no KeyboardInterrupt escapes
     with socket.socket() as probe:  # the server is closed: its port is free again
         probe.bind(("127.0.0.1", port))
+
+
+class _Blocked(Scripted):
+    """prepare waits until released (the engine busy with another answer), recording what it was asked."""
+
+    def __init__(self):
+        super().__init__("fine")
+        self.release, self.prepared = threading.Event(), []
+
+    def prepare(self, messages):
+        self.release.wait(60)
+        self.prepared.append([part["image"].where for part in messages[-1]["content"]])  # ImageRef: the file name
+
+
+class _Session:
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def test_each_session_keeps_its_head_start_and_a_sent_message_drops_its_own(tmp_path):
+    """The background head start held one pending request for every session: two sessions attaching while the
+    engine was busy lost the first one's. Now each session keeps its newest, in the order they asked, and a session
+    that sends its message before its head start began drops it (the answer does that work itself)."""
+    engine, cfg = _Blocked(), demo_config()
+    h = Handlers(engine, cfg, tmp_path)  # type: ignore[arg-type]
+    a, b, c = _Session("a"), _Session("b"), _Session("c")
+    h.attached({"text": "", "files": [SHAPES]}, [], None, a)  # the thread starts on it and waits for the engine
+    assert _wait(lambda: h._pending == {})
+    h.attached({"text": "", "files": [OTHER]}, [], None, b)
+    h.attached({"text": "", "files": [SHAPES, OTHER]}, [], None, c)
+    h.add_message({"text": "which?", "files": [SHAPES, OTHER]}, [], "none", "", c)  # c sent first: dropped
+    engine.release.set()
+    assert _wait(lambda: len(engine.prepared) == 2 and not h._preparing)
+    assert engine.prepared == [[Path(SHAPES).name], [Path(OTHER).name]]
+
+
+def _wait(condition, seconds: float = 30) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -22,9 +22,10 @@ Contract:
   on the newest image (the one attached, else the conversation's) with the identify region marked; an image over
   ``limits.max_image_pixels`` is never decoded for the view;
 * `attached` (every change of the textbox, unqueued) starts `prepare` in a background thread when the images attached
-  differ from the session's last ones (not on keystrokes; a newer request replaces one not yet started): they are
-  encoded and the prompt evaluated up to them while the question is typed (one engine call, waiting for the
-  engine's lock, never for a place in gradio's queue; refusals are left to `add_message` and `respond`).
+  differ from the session's last ones (not on keystrokes; one pending request per session, a newer one replacing it,
+  dropped when the session sends its message first): they are encoded and the prompt evaluated up to them while the
+  question is typed (one engine call, waiting for the engine's lock, never for a place in gradio's queue; refusals
+  are left to `add_message` and `respond`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def turned(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
+def _session(request) -> str:
+    """The browser session an event came from (gradio's session hash; "" without a request: a direct call)."""
+    return getattr(request, "session_hash", None) or ""
+
+
 def setting_ranges(gen: GenerationSettings, context_length: int | None) -> dict[str, tuple[float, float]]:
     """The generation sliders' ranges (the UI's, and what `respond` takes from the API): the config's value always
     inside; max new tokens up to the context (at most 1024)."""
@@ -135,7 +141,7 @@ class Handlers:
         self.ranges = setting_ranges(cfg.generation, getattr(engine, "context_length", None))
         self.drawn_dir = Path(drawn_dir or tempfile.mkdtemp(prefix="tinygpt-demo-"))
         self._prepared: tuple = ()  # (files, history length) of the last prepare: typing repeats no work
-        self._pending: tuple | None = None  # the newest prepare asked for and not yet started
+        self._pending: dict = {}  # session -> the newest prepare it asked for, not yet started (oldest first)
         self._preparing = False  # a background thread is working through `_pending`
         self._pending_lock = threading.Lock()
 
@@ -143,8 +149,11 @@ class Handlers:
         return _open(path, self.limits.max_image_pixels)
 
     # ---- one turn --------------------------------------------------------------------------------------------
-    def add_message(self, message: dict | None, history: list[dict] | None, task: str | None, region: str | None):
+    def add_message(self, message: dict | None, history: list[dict] | None, task: str | None, region: str | None,
+                    request: gr.Request = None):
         history, files = list(history or []), _files(message)
+        with self._pending_lock:  # sent before its head start began: the answer does that work itself
+            self._pending.pop(_session(request), None)
         try:
             sizes = check_message_files(files, self.limits)
             newest = files[-1] if files else newest_image(None, history)
@@ -252,16 +261,20 @@ class Handlers:
         except UserError as exc:
             raise gr.Error(str(exc), visible=False, print_exception=False) from None
 
-    def attached(self, message: dict | None, history: list[dict] | None, last: list | None):
+    def attached(self, message: dict | None, history: list[dict] | None, last: list | None,
+                 request: gr.Request = None):
         """On every change of the textbox (unqueued: it takes no place in gradio's bounded queue): when the images
         attached and the history length differ from `last` (the session's previous ones), `prepare` is started in
-        the background; returns the new key for the session's state, or gr.skip() (no image, or typing)."""
+        the background, one pending request per session (a newer one replaces it; sessions in the order they asked);
+        returns the new key for the session's state, or gr.skip() (no image, or typing)."""
         files = _files(message)
         key = [*files, len(history or [])]
         if not files or key == list(last or []):
             return gr.skip()
+        session = _session(request)
         with self._pending_lock:
-            self._pending = (message, list(history or []))
+            self._pending.pop(session, None)  # re-inserted last: its turn comes after the sessions that asked before
+            self._pending[session] = (message, list(history or []))
             start, self._preparing = not self._preparing, True
         if start:
             threading.Thread(target=self._prepare_pending, name="tinygpt-demo-prepare", daemon=True).start()
@@ -270,10 +283,10 @@ class Handlers:
     def _prepare_pending(self) -> None:
         while True:
             with self._pending_lock:
-                job, self._pending = self._pending, None
-                if job is None:
+                if not self._pending:
                     self._preparing = False
                     return
+                job = self._pending.pop(next(iter(self._pending)))
             try:
                 self.prepare(*job)
             except Exception:  # prepare reports its own failures; nothing may stop the next head start
