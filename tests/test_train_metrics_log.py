@@ -174,3 +174,69 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_leaves_the_old_curve_to
     resumed = read_metrics(checkpoints / METRICS_FILE)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[:2] == old[:2]
     assert not (checkpoints / PENDING_FILE).exists()
+
+
+def test_a_stop_while_the_replaced_checkpoints_are_deleted_keeps_the_new_run_s_curve(tmp_path, base_model,
+                                                                                    monkeypatch):
+    """The curve was committed only after save_checkpoint returned: a stop while it deleted the replaced run's
+    checkpoints (an rmtree of seconds at full size) left the new step_N to resume from with the old run's curve. Now
+    it is committed as soon as step_N is in place."""
+    from tinygpt.train import checkpoint as ckpt
+    from tinygpt.train.interrupt import TrainingInterrupted
+
+    data = write_jsonl(tmp_path / "data", 24)
+    interrupted_in_step(_run_opts(tmp_path, base_model, data, "run", "run.save_every=1"), monkeypatch, step=4)
+    checkpoints = tmp_path / "run" / "out" / "stage1-checkpoints"
+
+    def stopped_while_deleting(path):
+        ckpt._move_aside(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "discard", stopped_while_deleting)
+    with pytest.raises(TrainingInterrupted):  # a fresh run: its step_2 is in place, the old run's step_3 going
+        run_stage1(_run_opts(tmp_path, base_model, data, "run"))
+    monkeypatch.undo()
+    new = read_metrics(checkpoints / METRICS_FILE)
+    assert [r["step"] for r in new] == [1, 2] and not (checkpoints / PENDING_FILE).exists()
+    run_stage1(_run_opts(tmp_path, base_model, data, "run", "run.resume=auto"))  # resumes the new run's step_2
+    assert read_metrics(checkpoints / METRICS_FILE)[:2] == new
+
+
+def test_the_chart_command_draws_a_running_job_s_pending_rows(tmp_path, capsys):
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 1.0}\n')  # the earlier run's
+    log = MetricsLog(tmp_path, start_step=0, replacing=True)
+    for step in range(1, 4):
+        log.add({"step": step, "loss": 2.0, "lr": 1e-3})
+    assert chart_main([str(tmp_path)]) == 0
+    assert "3 points, steps 1..3 (a running job's pending rows" in capsys.readouterr().out
+    log.close()
+
+
+def test_a_progress_that_fails_to_open_its_curve_closes_what_it_opened(tmp_path):
+    import torch
+
+    from tinygpt.errors import UserError
+    from tinygpt.train.progress import Progress
+
+    (tmp_path / METRICS_FILE).mkdir()  # the log cannot be written
+    opened = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            opened.append(self)
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    import tinygpt.train.progress as progress_module
+
+    real = progress_module.tqdm
+    progress_module.tqdm = Bar
+    try:
+        with pytest.raises(UserError, match="could not write the training metrics log"):
+            Progress(total_steps=4, start_step=0, enabled=True, show_bar=True, device=torch.device("cpu"),
+                     log_every=1, log_dir=tmp_path)
+    finally:
+        progress_module.tqdm = real
+    assert len(opened) == 1 and opened[0].closed

@@ -156,6 +156,7 @@ def launch(demo: gr.Blocks, cfg: LaunchConfig, host: str = "127.0.0.1", port: in
     except KeyboardInterrupt:  # one that came before block_thread (the server up, gradio still starting): the same
         if prevent_thread_lock:
             raise
+        print("Keyboard interruption (or SIGTERM): closing the demo.", flush=True)
         demo.close()
         return None
     return started

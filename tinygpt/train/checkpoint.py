@@ -166,10 +166,12 @@ def _digest(path: Path) -> dict:
 
 
 def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: str | Path, state: dict,
-                    keep_last: int, replaces: tuple[Path, ...] = ()) -> Path:
+                    keep_last: int, replaces: tuple[Path, ...] = (), on_placed=None) -> Path:
     """Write ``step_N`` (all processes call this: each writes its RNG state); returns its path. ``replaces``: the
     checkpoints of the run this one replaces (``replaced_by``, kept until now), discarded once ``step_N`` is in place
-    and before ``keep_last`` counts (one of step N was moved aside and replaced as any same-step one).
+    and before ``keep_last`` counts (one of step N was moved aside and replaced as any same-step one). ``on_placed``
+    (main process): called as soon as ``step_N`` is in place, before anything is discarded (the training curve
+    follows the checkpoints a stop would resume from, train.metrics_log).
 
     A write failure (full disk, permissions) raises one ``UserError`` naming the checkpoint; the partial
     ``step_N.tmp`` is removed and the earlier checkpoints stay as they were."""
@@ -206,6 +208,8 @@ def save_checkpoint(accelerator, model, optimizer, step: int, checkpoint_dir: st
                 # a checkpoint of the same step is never deleted in place: a kill then would leave a partial step_N
                 replaced = _move_aside(final) if final.exists() else None
                 tmp.rename(final)
+                if on_placed is not None:
+                    on_placed()
                 if replaced is not None:
                     shutil.rmtree(replaced, ignore_errors=True)
                 for stale in replaces:  # never step_N itself: one of the same step was moved aside above

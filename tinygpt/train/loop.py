@@ -257,9 +257,9 @@ def train(cfg: RunConfig, accelerator, model, mixer: DataMixer, trainable_count:
                 if moe_load:
                     state["moe_load"] = moe_load.state()  # the main process's counts (it writes state.json)
                 reached.checkpoint = ckpt.save_checkpoint(accelerator, model, optimizer, done, cfg.checkpoint_dir,
-                                                          state, r.keep_last, replaces=stale)
+                                                          state, r.keep_last, replaces=stale,
+                                                          on_placed=progress.checkpointed)  # the curve follows it
                 reached.wrote, stale = True, ()  # the replaced run's checkpoints went with this one
-                progress.checkpointed()  # and so does its curve
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         raise compile_failed(cfg, exc) from exc
     finally:

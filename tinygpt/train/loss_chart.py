@@ -9,7 +9,8 @@ Contract:
 * drawn with matplotlib's object API on the Agg canvas (pyplot's global backend is never touched, so a notebook that
   trains keeps its own), written in one rename;
 * a run draws it when it ends (done, stopped or killed by Ctrl-C/SIGTERM); the command draws it at any time from the
-  file a running job is writing; a directory without rows is one ``error:`` line (exit 2).
+  file a running job is writing (its metrics.jsonl.pending first, where there is one); a directory without rows is
+  one ``error:`` line (exit 2).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io_utils import atomic_path, writing
-from .metrics_log import CHART_FILE, METRICS_FILE, read_metrics
+from .metrics_log import CHART_FILE, METRICS_FILE, PENDING_FILE, read_metrics
 
 
 SMOOTH_FROM = 20  # log points from which a smoothed line is drawn over the raw ones
@@ -70,12 +71,16 @@ def draw_loss_chart(rows: list[dict], path: str | Path, title: str = "") -> None
 
 
 def metrics_file(where: str | Path) -> Path:
-    """The metrics.jsonl that `where` names: the file, a checkpoint directory, or a stage's output directory (its
-    ``<output_dir>-checkpoints`` holds the log by default)."""
+    """The metrics file that `where` names: the file, a checkpoint directory, or a stage's output directory (its
+    ``<output_dir>-checkpoints`` holds the log by default). In a directory, a running job's metrics.jsonl.pending
+    (a run that has not yet replaced an earlier run's checkpoints, train.metrics_log) comes before metrics.jsonl."""
     where = Path(where)
-    for candidate in (where, where / METRICS_FILE, Path(f"{str(where).rstrip('/')}-checkpoints") / METRICS_FILE):
-        if candidate.is_file():
-            return candidate
+    if where.is_file():
+        return where
+    for folder in (where, Path(f"{str(where).rstrip('/')}-checkpoints")):
+        for name in (PENDING_FILE, METRICS_FILE):
+            if (folder / name).is_file():
+                return folder / name
     raise UserError(f"{where}: no {METRICS_FILE} here nor in {where}-checkpoints/ (a run writes it into its "
                     "run.checkpoint_dir at every run.log_every steps)")
 
@@ -97,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{out}: {len(rows)} points, steps {rows[0]['step']}..{rows[-1]['step']}")
+    pending = " (a running job's pending rows: it has not yet replaced the earlier run's checkpoints)" \
+        if source.name == PENDING_FILE else ""
+    print(f"{out}: {len(rows)} points, steps {rows[0]['step']}..{rows[-1]['step']}{pending}")
     return 0
 
 

@@ -56,8 +56,17 @@ class Progress:
         self.run_name = run_name
         if not enabled:
             return
+        try:
+            self._open(show_bar, log_dir, tensorboard, wandb_project, config, replacing)
+        except BaseException:  # what opened before the failure is closed again (threads, event files, a W&B run)
+            self.close()
+            raise
+
+    def _open(self, show_bar: bool, log_dir: Optional[Path], tensorboard: bool, wandb_project: Optional[str],
+              config: Optional[dict], replacing: bool) -> None:
+        run_name = self.run_name
         if show_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name or "train", unit="step",
+            self.bar = tqdm(total=self.total, initial=self.start_step, desc=run_name or "train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
         if tensorboard:
             try:  # lazy: only runs that ask for it need tensorboard
@@ -72,7 +81,7 @@ class Progress:
                 raise UserError("run.wandb_project: needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config or {})
         if log_dir is not None:  # last: a failure above leaves the curve as it was
-            self.curve = MetricsLog(log_dir, start_step, replacing)
+            self.curve = MetricsLog(log_dir, self.start_step, replacing)
 
     def step(self, step: int, loss: Optional[float], lr: float, samples: int, counts: dict,
              extra: Optional[dict] = None) -> None:
@@ -137,9 +146,13 @@ class Progress:
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
     def checkpointed(self) -> None:
-        """A checkpoint was written (the first replaces the old run's): the run's curve is the one to keep."""
+        """A checkpoint is in place (the first replaces the old run's): the run's curve is the one to keep. A failure
+        here is a warning: the checkpoint is written, only its curve stays in metrics.jsonl.pending."""
         if self.curve is not None:
-            self.curve.commit()
+            try:
+                self.curve.commit()
+            except UserError as exc:
+                log.warning("%s", exc)
 
     def close(self) -> None:
         """Also on a failure or Ctrl-C (the loop's finally): each part closed even when another fails, and the chart
