@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from test_demo import SHAPES, Scripted, demo_config, free_port
+from server_fixtures import wait_for
 from test_demo_review import demo_pages
 from tinygpt.demo.examples import example_path
 from tinygpt.demo.handlers import Handlers
@@ -278,21 +279,11 @@ def test_each_session_keeps_its_head_start_and_a_sent_message_drops_its_own(tmp_
     h = Handlers(engine, cfg, tmp_path)  # type: ignore[arg-type]
     a, b, c = _Session("a"), _Session("b"), _Session("c")
     h.attached({"text": "", "files": [SHAPES]}, [], None, a)  # the thread starts on it and waits for the engine
-    assert _wait(lambda: h._pending == {})
+    assert wait_for(lambda: h._pending == {}, 30)
     h.attached({"text": "", "files": [OTHER]}, [], None, b)
     h.attached({"text": "", "files": [SHAPES, OTHER]}, [], None, c)
     h.add_message({"text": "which?", "files": [SHAPES, OTHER]}, [], "none", "", c)  # c sent first: dropped
     engine.release.set()
-    assert _wait(lambda: len(engine.prepared) == 2 and not h._preparing)
+    assert wait_for(lambda: len(engine.prepared) == 2 and not h._preparing, 30)
     assert engine.prepared == [[Path(SHAPES).name], [Path(OTHER).name]]
 
-
-def _wait(condition, seconds: float = 30) -> bool:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
