@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..io_utils import exclusive_lock
+from ..io_utils import dirs_removed_on_failure, exclusive_lock
 from ..model.checkpoint_io import model_chain
 from .benchmark import Prediction
 from .benchmarks import data_files
@@ -167,15 +167,6 @@ def move_aside(out_dir: Path) -> list[Path]:
     return moved
 
 
-def _missing_dirs(out_dir: Path) -> list[Path]:
-    """The folders up to ``out_dir`` that do not exist yet, deepest first (the ones a run would make)."""
-    missing, folder = [], Path(out_dir).absolute()
-    while not folder.exists() and not folder.is_symlink():
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
 def _has_predictions(path: Path) -> bool:
     """Whether a predictions file holds a prediction (a line after the header); an unreadable one counts as yes."""
     try:
@@ -187,26 +178,18 @@ def _has_predictions(path: Path) -> bool:
         return True
 
 
-def _remove_unused(out_dir: Path, made: list[Path], had_predictions: bool) -> None:
-    """After a failed run (the lock still held): a predictions file it made without a prediction goes, and so do
-    run.lock and the folders it made when nothing else is in them. What was there before is never touched."""
+def _remove_unused(out_dir: Path, made: bool, had_predictions: bool) -> None:
+    """After a failed run (the lock still held): a predictions file it made without a prediction goes, and so does
+    run.lock when the run made ``out_dir`` and nothing else is in it (its folders then go with
+    io_utils.dirs_removed_on_failure). What was there before is never touched."""
     predictions = out_dir / PREDICTIONS
     if not had_predictions and predictions.is_file() and not _has_predictions(predictions):
         with contextlib.suppress(OSError):
             predictions.unlink()
-    if not made:
-        return
-    try:
-        if os.listdir(out_dir) != [LOCK]:
-            return
-        (out_dir / LOCK).unlink()
-    except OSError:
-        return
-    for folder in made:  # deepest first; one another process wrote into stays
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+    if made:
+        with contextlib.suppress(OSError):
+            if os.listdir(out_dir) == [LOCK]:
+                (out_dir / LOCK).unlink()
 
 
 def _ours(path: Path) -> bool:
@@ -226,32 +209,28 @@ def run_lock(out_dir: Path, where: str = "run.out_dir") -> Iterator[None]:
     written removes what the run made: the predictions file (its header only) and, when the run made ``out_dir``,
     run.lock and the folders it made; an ``out_dir`` that was there keeps all it held."""
     out_dir = Path(out_dir)
-    path, made, had_predictions = out_dir / LOCK, _missing_dirs(out_dir), (out_dir / PREDICTIONS).exists()
+    path, made, had_predictions = out_dir / LOCK, not out_dir.exists(), (out_dir / PREDICTIONS).exists()
 
     def busy(holder: str) -> str:
         return (f"{out_dir} is in use by another evaluation (process {holder}); wait for it, or give this run "
                 "another run.out_dir")
 
-    try:
-        with contextlib.ExitStack() as held:
-            for _ in range(3):
-                try:
-                    held.enter_context(exclusive_lock(path, busy))
-                except OSError as error:
-                    raise UserError(f"{where}: cannot use {path} as the run's lock file ({error.strerror or error}); "
-                                    "move it away or choose another run.out_dir") from None
-                if _ours(path):
-                    break
-                held.close()  # a run that failed removed this lock file: take a new one
-            else:
-                raise UserError(busy("?"))
+    # the folders made for the run go again when it fails (empty: run.lock removed by _remove_unused, the lock
+    # released first: the ExitStack closes before them)
+    with dirs_removed_on_failure(out_dir), contextlib.ExitStack() as held:
+        for _ in range(3):
             try:
-                yield
-            except BaseException:
-                _remove_unused(out_dir, made, had_predictions)
-                raise
-    except BaseException:
-        for folder in made:  # the lock could not be taken: the folders made for it go again
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+                held.enter_context(exclusive_lock(path, busy))
+            except OSError as error:
+                raise UserError(f"{where}: cannot use {path} as the run's lock file ({error.strerror or error}); "
+                                "move it away or choose another run.out_dir") from None
+            if _ours(path):
+                break
+            held.close()  # a run that failed removed this lock file: take a new one
+        else:
+            raise UserError(busy("?"))
+        try:
+            yield
+        except BaseException:
+            _remove_unused(out_dir, made, had_predictions)
+            raise
